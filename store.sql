@@ -1,0 +1,153 @@
+-- Kasparro store: the only DDL of the project, applied by etl.py.
+--
+-- Every statement is idempotent, so applying this file to an existing store
+-- of the same version changes nothing. `PRAGMA user_version` records the
+-- schema version; etl.py migrates an older store in place and refuses a newer
+-- one. Times are RFC 3339 UTC text ('2026-11-25T12:00:00Z'), so text order is
+-- time order.
+
+PRAGMA journal_mode = WAL;
+
+-- One row per canonical asset: the unified record the API serves.
+CREATE TABLE IF NOT EXISTS asset (
+    asset_id        TEXT PRIMARY KEY,           -- stable slug, never reused
+    symbol          TEXT NOT NULL,              -- upper-case ticker
+    name            TEXT NOT NULL,
+    rank            INTEGER,
+    price_usd       REAL,
+    market_cap_usd  REAL,
+    volume_24h_usd  REAL,
+    change_24h_pct  REAL,
+    status          TEXT NOT NULL CHECK (status IN ('active', 'inactive')),
+    sources         TEXT NOT NULL,              -- JSON array of source names, sorted
+    updated_at      TEXT NOT NULL               -- newest observation of any source
+) WITHOUT ROWID;
+
+-- Sort orders of /data. In a WITHOUT ROWID table each index entry ends with
+-- the primary key, so (column, asset_id) order — the API's tie-break — is
+-- an index scan in either direction.
+CREATE INDEX IF NOT EXISTS asset_rank ON asset (rank);
+CREATE INDEX IF NOT EXISTS asset_price ON asset (price_usd);
+CREATE INDEX IF NOT EXISTS asset_market_cap ON asset (market_cap_usd);
+CREATE INDEX IF NOT EXISTS asset_volume ON asset (volume_24h_usd);
+CREATE INDEX IF NOT EXISTS asset_change ON asset (change_24h_pct);
+CREATE INDEX IF NOT EXISTS asset_symbol ON asset (symbol);
+CREATE INDEX IF NOT EXISTS asset_name ON asset (name COLLATE NOCASE);
+CREATE INDEX IF NOT EXISTS asset_updated ON asset (updated_at);
+
+-- One row per listing of an asset in a source: which asset the source's own
+-- id is (identity), and that listing's latest observation (its quote).
+-- A mapping pinned by hand (pinned = 1, quote columns null) is honoured by
+-- every later run: the ETL matches on (source, source_id) first.
+CREATE TABLE IF NOT EXISTS source_map (
+    source          TEXT NOT NULL,              -- 'coingecko', 'coinpaprika', 'csv:sample'
+    source_id       TEXT NOT NULL,              -- the source's own id of the coin
+    asset_id        TEXT NOT NULL REFERENCES asset (asset_id) DEFERRABLE INITIALLY DEFERRED,
+    pinned          INTEGER NOT NULL DEFAULT 0,
+    symbol          TEXT,
+    name            TEXT,
+    name_key        TEXT,                       -- normalised name, for matching
+    rank            INTEGER,
+    price_usd       REAL,
+    market_cap_usd  REAL,
+    volume_24h_usd  REAL,
+    change_24h_pct  REAL,
+    status          TEXT,
+    observed_at     TEXT,
+    PRIMARY KEY (source, source_id)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS source_map_asset ON source_map (asset_id, source);
+CREATE INDEX IF NOT EXISTS source_map_identity ON source_map (symbol, name_key);
+
+-- Every observation ever loaded: the history. The key makes a reload of the
+-- same observation a no-op.
+CREATE TABLE IF NOT EXISTS observation (
+    source          TEXT NOT NULL,
+    source_id       TEXT NOT NULL,
+    observed_at     TEXT NOT NULL,
+    symbol          TEXT NOT NULL,
+    name            TEXT NOT NULL,
+    rank            INTEGER,
+    price_usd       REAL,
+    market_cap_usd  REAL,
+    volume_24h_usd  REAL,
+    change_24h_pct  REAL,
+    status          TEXT NOT NULL,
+    run_id          INTEGER NOT NULL,
+    PRIMARY KEY (source, source_id, observed_at),
+    FOREIGN KEY (source, source_id) REFERENCES source_map (source, source_id)
+        DEFERRABLE INITIALLY DEFERRED
+) WITHOUT ROWID;
+
+-- One row per ETL run, written when it starts and again when it ends.
+CREATE TABLE IF NOT EXISTS etl_run (
+    run_id          INTEGER PRIMARY KEY,
+    started_at      TEXT NOT NULL,
+    ended_at        TEXT,
+    status          TEXT NOT NULL
+                    CHECK (status IN ('running', 'success', 'partial', 'failed')),
+    sources         TEXT NOT NULL,              -- JSON array of the sources asked for
+    rows_read       INTEGER NOT NULL DEFAULT 0,
+    rows_loaded     INTEGER NOT NULL DEFAULT 0, -- new observations stored
+    rows_rejected   INTEGER NOT NULL DEFAULT 0,
+    duration_ms     INTEGER,
+    error           TEXT,
+    pid             INTEGER NOT NULL,
+    host            TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS etl_run_status ON etl_run (status, run_id);
+
+-- Each source's part of a run: its own outcome, counts and schema drift.
+CREATE TABLE IF NOT EXISTS run_source (
+    run_id          INTEGER NOT NULL REFERENCES etl_run (run_id),
+    source          TEXT NOT NULL,
+    started_at      TEXT NOT NULL,
+    ended_at        TEXT,
+    status          TEXT NOT NULL
+                    CHECK (status IN ('running', 'success', 'partial', 'failed')),
+    rows_read       INTEGER NOT NULL DEFAULT 0,
+    rows_loaded     INTEGER NOT NULL DEFAULT 0,
+    rows_rejected   INTEGER NOT NULL DEFAULT 0,
+    duration_ms     INTEGER,
+    detail          TEXT,                       -- e.g. 'unchanged since run 3'
+    error           TEXT,
+    drift           TEXT,                       -- JSON object: field -> count
+    PRIMARY KEY (run_id, source)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS run_source_source ON run_source (source, run_id);
+
+-- How far each source has been loaded. Written in the same transaction as
+-- the rows it covers, so a killed run resumes exactly where it committed.
+CREATE TABLE IF NOT EXISTS checkpoint (
+    source          TEXT PRIMARY KEY,
+    fingerprint     TEXT NOT NULL,              -- what `position` refers to (file hash)
+    position        INTEGER NOT NULL,           -- byte offset reached
+    line            INTEGER NOT NULL,           -- physical line reached
+    complete        INTEGER NOT NULL,           -- 1 once the whole input is loaded
+    run_id          INTEGER NOT NULL,
+    updated_at      TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Rows that failed validation, with where they were and why.
+CREATE TABLE IF NOT EXISTS reject (
+    run_id          INTEGER NOT NULL REFERENCES etl_run (run_id),
+    source          TEXT NOT NULL,
+    line            INTEGER NOT NULL,           -- CSV line, or record index of a response
+    reason          TEXT NOT NULL,
+    raw             TEXT NOT NULL,              -- the row as read, cut to 1 kB
+    PRIMARY KEY (run_id, source, line)
+) WITHOUT ROWID;
+
+-- A single row: the version of the data, moved by every commit that
+-- changes it. The API derives data_version and ETags from it.
+CREATE TABLE IF NOT EXISTS store_meta (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    store_id        TEXT NOT NULL,              -- random, made once per store
+    generation      INTEGER NOT NULL,
+    committed_at    TEXT NOT NULL
+);
+
+PRAGMA user_version = 1;
