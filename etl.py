@@ -1,0 +1,982 @@
+"""Kasparro ETL: load market snapshots into the SQLite store, crash-safe and idempotent."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import errno
+import fcntl
+import functools
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sqlite3
+import sys
+import time
+import unicodedata
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import structlog
+from msgspec import Meta
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_PATH = HERE / "store.sql"
+SCHEMA_VERSION = 1
+SAMPLE_CSV = HERE / "data" / "sample.csv"
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
+BATCH_ROWS = 10_000
+RAW_REJECT_CHARS = 1_000
+BUSY_TIMEOUT_MS = 15_000
+
+log = structlog.get_logger("kasparro.etl")
+
+
+# --- config ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EtlConfig:
+    """Settings of one ETL invocation, read from the environment in one place."""
+
+    db: Path = Path("kasparro.db")
+    sources: tuple[str, ...] = ()
+    log_level: str = "info"
+    env: str = "development"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> EtlConfig:
+        """Build the config from KASPARRO_* variables, with the defaults of SPEC.md."""
+        sources = tuple(s.strip() for s in environ.get("KASPARRO_SOURCES", "").split(",") if s.strip())
+        return cls(
+            db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
+            sources=sources or (f"csv:{SAMPLE_CSV}",),
+            log_level=environ.get("LOG_LEVEL", "info").lower(),
+            env=environ.get("ENV", "development"),
+        )
+
+
+class UsageError(Exception):
+    """The command line or configuration cannot be carried out (exit 2)."""
+
+
+class SourceError(Exception):
+    """A source cannot be read at all; the source fails, the run goes on."""
+
+
+class Interrupted(Exception):
+    """The process was asked to stop (SIGTERM); the open batch rolls back."""
+
+
+# --- logging --------------------------------------------------------------
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stdout, or readable console lines on a TTY, bound to contextvars."""
+    tty = sys.stdout.isatty()
+    renderer = structlog.dev.ConsoleRenderer() if tty else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+# --- sources --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CsvSource:
+    """A CSV snapshot file; its name is 'csv:' and the file's stem."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return f"csv:{self.path.stem}"
+
+
+Source = CsvSource
+
+
+def parse_source(spec: str) -> Source:
+    """Turn a SOURCE argument of the CLI into a source, or raise UsageError."""
+    kind, sep, rest = spec.partition(":")
+    if kind == "csv" and sep and rest:
+        return CsvSource(Path(rest))
+    raise UsageError(f"unknown source {spec!r}: expected csv:PATH")
+
+
+# The canonical field names of a CSV row, and the header names taken for each
+# (compared after header_key()).
+CSV_ALIASES: dict[str, tuple[str, ...]] = {
+    "symbol": ("symbol", "ticker", "sym"),
+    "name": ("name", "asset_name", "coin", "coin_name"),
+    "source_id": ("id", "source_id", "asset_id", "coin_id", "slug"),
+    "rank": ("rank", "market_cap_rank", "cmc_rank"),
+    "price_usd": ("price_usd", "price", "current_price", "price_in_usd", "usd"),
+    "market_cap_usd": ("market_cap_usd", "market_cap", "mcap", "marketcap", "mkt_cap"),
+    "volume_24h_usd": ("volume_24h_usd", "volume_24h", "volume", "total_volume", "vol_24h", "24h_volume"),
+    "change_24h_pct": (
+        "change_24h_pct",
+        "change_24h",
+        "percent_change_24h",
+        "price_change_percentage_24h",
+        "pct_change_24h",
+    ),
+    "status": ("status", "state", "is_active", "active"),
+    "observed_at": ("last_updated", "updated_at", "observed_at", "timestamp", "time", "date", "as_of"),
+}
+HEADER_TO_FIELD = {alias: name for name, aliases in CSV_ALIASES.items() for alias in aliases}
+REQUIRED_COLUMNS = ("symbol", "name")
+
+
+def header_key(header: str) -> str:
+    """'Market Cap (USD)' -> 'market_cap_usd': how header names are compared."""
+    return re.sub(r"[^0-9a-z]+", "_", header.strip().lstrip("\ufeff").casefold()).strip("_")
+
+
+@dataclass
+class CsvLayout:
+    """Where each canonical field sits in the file's rows."""
+
+    width: int
+    columns: tuple[int | None, ...]  # per canonical field: column index or None
+    ignored: tuple[str, ...]  # header names that map to no field (schema drift)
+
+
+def csv_layout(header: Sequence[str]) -> CsvLayout:
+    """Map a header row onto the canonical fields, or raise SourceError."""
+    found: dict[str, int] = {}
+    ignored = []
+    for index, raw in enumerate(header):
+        target = HEADER_TO_FIELD.get(header_key(raw))
+        if target is None:
+            ignored.append(raw)
+        elif target in found:
+            raise SourceError(f"columns {header[found[target]]!r} and {raw!r} both give {target}")
+        else:
+            found[target] = index
+    missing = [name for name in REQUIRED_COLUMNS if name not in found]
+    if missing:
+        raise SourceError(f"header has no {' or '.join(missing)} column (header: {list(header)!r})")
+    return CsvLayout(len(header), tuple(found.get(name) for name in CSV_ALIASES), tuple(ignored))
+
+
+@dataclass
+class ReadPosition:
+    """Byte offset and physical line reached by a reader; checkpoints copy it."""
+
+    offset: int = 0
+    line: int = 0
+    undecodable_line: int = 0
+
+
+def decoded_lines(stream: io.BufferedReader, position: ReadPosition) -> Iterator[str]:
+    """Yield the stream's lines as text, keeping `position` at the end of the last one."""
+    for raw in stream:
+        position.offset += len(raw)
+        position.line += 1
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            position.undecodable_line = position.line
+            yield raw.decode("utf-8", "replace")
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of the file's bytes: a checkpoint applies only to the same content."""
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+# --- normalise ------------------------------------------------------------
+
+Symbol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+SourceId = Annotated[str, Meta(min_length=1, max_length=200)]
+Rank = Annotated[int, Meta(ge=1, le=100_000_000)]
+Usd = Annotated[float, Meta(ge=0, le=1e18)]
+Pct = Annotated[float, Meta(ge=-100, le=1e9)]
+
+STATUS_WORDS = {
+    "active": "active", "true": "active", "yes": "active", "1": "active", "listed": "active",
+    "inactive": "inactive", "false": "inactive", "no": "inactive", "0": "inactive",
+    "delisted": "inactive", "dead": "inactive",
+}  # fmt: skip
+EARLIEST = datetime(2009, 1, 3, tzinfo=UTC)  # the genesis block
+NOT_ALNUM = re.compile(r"[\W_]+")
+NOT_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+class CsvRow(msgspec.Struct, array_like=True):
+    """One row in canonical field order; msgspec checks and converts its text cells."""
+
+    symbol: Symbol
+    name: Name
+    source_id: SourceId | None = None
+    rank: Rank | None = None
+    price_usd: Usd | None = None
+    market_cap_usd: Usd | None = None
+    volume_24h_usd: Usd | None = None
+    change_24h_pct: Pct | None = None
+    status: str | None = None
+    observed_at: str | None = None
+
+
+ROW_FIELDS = CsvRow.__struct_fields__
+assert tuple(CSV_ALIASES) == ROW_FIELDS, "CSV_ALIASES must list the fields of CsvRow in order"
+
+
+class Observation(msgspec.Struct, frozen=True):
+    """A normalised observation of one coin by one source, ready to load."""
+
+    source_id: str
+    symbol: str
+    name: str
+    name_key: str
+    rank: int | None
+    price_usd: float | None
+    market_cap_usd: float | None
+    volume_24h_usd: float | None
+    change_24h_pct: float | None
+    status: str
+    observed_at: str
+
+
+class Rejected(Exception):
+    """A row failed validation; the message is the reason stored with it."""
+
+
+def fold_text(text: str) -> str:
+    """NFKC with whitespace runs collapsed: the one text form stored."""
+    return " ".join((text if text.isascii() else unicodedata.normalize("NFKC", text)).split())
+
+
+def normalise_symbol(text: str) -> str:
+    """Upper-case NFKC ticker, repeated to a fixed point so it stays idempotent."""
+    if text.isascii():
+        return text.upper()
+    for _ in range(4):
+        folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).upper()).strip()
+        if folded == text:
+            break
+        text = folded
+    return text
+
+
+def name_key(name: str) -> str:
+    """'USD Coin' and 'usd-coin' both -> 'usdcoin': names compared for identity."""
+    return NOT_ALNUM.sub("", unicodedata.normalize("NFKC", name).casefold())
+
+
+def slugify(text: str) -> str:
+    """ASCII slug of a name: 'Wrapped SOL' -> 'wrapped-sol'."""
+    if not text.isascii():
+        spaced = "".join(ch if ch.isalnum() else " " for ch in unicodedata.normalize("NFKD", text))
+        text = spaced.encode("ascii", "ignore").decode()
+    return NOT_SLUG.sub("-", text.lower()).strip("-")[:64].strip("-")
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC to the second: the store's one time format."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@functools.lru_cache(maxsize=4096)  # snapshot rows share a few timestamps
+def parse_time(text: str) -> str:
+    """An ISO 8601 / RFC 3339 time or Unix seconds, as the store's time format."""
+    try:
+        if re.fullmatch(r"\d{9,11}(\.\d+)?", text):
+            moment = datetime.fromtimestamp(float(text), UTC)
+        else:
+            moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except (ValueError, OverflowError, OSError):
+        raise Rejected(f"observed_at: not an RFC 3339 time: {text[:40]!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if moment < EARLIEST:
+        raise Rejected(f"observed_at: {text[:40]!r} is before 2009")
+    return format_time(moment)
+
+
+def validation_reason(error: msgspec.ValidationError) -> str:
+    """msgspec's message with `$[3]` replaced by the field's name."""
+    message = str(error)
+    match = re.search(r" - at `\$\[(\d+)\]`$", message)
+    if match:
+        return f"{ROW_FIELDS[int(match.group(1))]}: {message[: match.start()]}"
+    return message
+
+
+def normalise_cells(cells: Sequence[str | None], default_time: str) -> Observation:
+    """Validate one row's cells (canonical order, None where absent) into an Observation."""
+    text = [cell.strip() or None if cell is not None else None for cell in cells]
+    symbol, name = text[0], text[1]
+    text[0] = normalise_symbol(symbol) if symbol else None
+    text[1] = fold_text(name) if name else None
+    try:
+        row = msgspec.convert(text, CsvRow, strict=False)
+    except msgspec.ValidationError as error:
+        raise Rejected(validation_reason(error)) from None
+    status = "active"
+    if row.status is not None:
+        status = STATUS_WORDS.get(row.status.casefold(), "")
+        if not status:
+            raise Rejected(f"status: expected active or inactive, got {row.status[:40]!r}")
+    key = name_key(row.name)
+    if not key:
+        raise Rejected(f"name: has no letters or digits: {row.name[:40]!r}")
+    return Observation(
+        source_id=fold_text(row.source_id) if row.source_id else f"{slugify(row.name) or key}-{row.symbol.lower()}",
+        symbol=row.symbol,
+        name=row.name,
+        name_key=key,
+        rank=row.rank,
+        price_usd=row.price_usd,
+        market_cap_usd=row.market_cap_usd,
+        volume_24h_usd=row.volume_24h_usd,
+        change_24h_pct=row.change_24h_pct,
+        status=status,
+        observed_at=parse_time(row.observed_at) if row.observed_at else default_time,
+    )
+
+
+def observation_cells(observation: Observation) -> list[str | None]:
+    """The observation written back as CSV cells in canonical order (the inverse of normalise)."""
+    values = msgspec.structs.asdict(observation)
+    return [None if values[name] is None else str(values[name]) for name in ROW_FIELDS]
+
+
+# --- load -----------------------------------------------------------------
+
+STAGING_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS staging (
+    line INTEGER PRIMARY KEY, source_id TEXT, symbol TEXT, name TEXT, name_key TEXT,
+    rank INTEGER, price_usd REAL, market_cap_usd REAL, volume_24h_usd REAL,
+    change_24h_pct REAL, status TEXT, observed_at TEXT, asset_id TEXT, fresh INTEGER NOT NULL DEFAULT 0
+);
+CREATE TEMP TABLE IF NOT EXISTS new_asset (
+    symbol TEXT, name_key TEXT, asset_id TEXT, PRIMARY KEY (symbol, name_key)
+);
+"""
+
+INSERT_STAGING = """
+INSERT INTO temp.staging (line, source_id, symbol, name, name_key, rank, price_usd, market_cap_usd,
+                          volume_24h_usd, change_24h_pct, status, observed_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+# Identity, step 1: the source's own id, through the mapping table.
+MATCH_BY_SOURCE_ID = """
+UPDATE temp.staging SET asset_id = (
+    SELECT m.asset_id FROM source_map m WHERE m.source = ?1 AND m.source_id = staging.source_id)
+"""
+
+# Identity, step 2: the same symbol and normalised name in any source.
+MATCH_BY_SYMBOL_AND_NAME = """
+UPDATE temp.staging SET asset_id = (
+    SELECT min(m.asset_id) FROM source_map m
+    WHERE m.symbol = staging.symbol AND m.name_key = staging.name_key)
+WHERE asset_id IS NULL
+"""
+
+UNMATCHED = """
+SELECT symbol, name_key, name FROM temp.staging WHERE asset_id IS NULL
+GROUP BY symbol, name_key ORDER BY min(line)
+"""
+
+ASSIGN_NEW = """
+UPDATE temp.staging SET fresh = 1, asset_id = (
+    SELECT n.asset_id FROM temp.new_asset n
+    WHERE n.symbol = staging.symbol AND n.name_key = staging.name_key)
+WHERE asset_id IS NULL
+"""
+
+TAKEN_IDS = "SELECT asset_id FROM asset WHERE asset_id IN (SELECT value FROM json_each(?1))"
+
+# The listing's quote moves only forward in time; its asset never changes here.
+UPSERT_LISTINGS = """
+INSERT INTO source_map (source, source_id, asset_id, symbol, name, name_key, rank, price_usd,
+                        market_cap_usd, volume_24h_usd, change_24h_pct, status, observed_at)
+SELECT ?1, source_id, asset_id, symbol, name, name_key, rank, price_usd,
+       market_cap_usd, volume_24h_usd, change_24h_pct, status, observed_at
+FROM temp.staging WHERE true ORDER BY line
+ON CONFLICT (source, source_id) DO UPDATE SET
+    symbol = excluded.symbol, name = excluded.name, name_key = excluded.name_key,
+    rank = excluded.rank, price_usd = excluded.price_usd, market_cap_usd = excluded.market_cap_usd,
+    volume_24h_usd = excluded.volume_24h_usd, change_24h_pct = excluded.change_24h_pct,
+    status = excluded.status, observed_at = excluded.observed_at
+WHERE source_map.observed_at IS NULL OR excluded.observed_at > source_map.observed_at
+"""
+
+INSERT_OBSERVATIONS = """
+INSERT OR IGNORE INTO observation (source, source_id, observed_at, symbol, name, rank, price_usd,
+                                   market_cap_usd, volume_24h_usd, change_24h_pct, status, run_id)
+SELECT ?1, source_id, observed_at, symbol, name, rank, price_usd,
+       market_cap_usd, volume_24h_usd, change_24h_pct, status, ?2
+FROM temp.staging ORDER BY line
+"""
+
+
+UNIFIED_COLUMNS = ("symbol", "name", "rank", "price_usd", "market_cap_usd", "volume_24h_usd",
+                   "change_24h_pct", "status", "sources", "updated_at")  # fmt: skip
+
+# A coin first seen in this batch, in one row: its unified record is that row.
+INSERT_FRESH_ASSETS = """
+INSERT INTO asset (asset_id, symbol, name, rank, price_usd, market_cap_usd, volume_24h_usd,
+                   change_24h_pct, status, sources, updated_at)
+SELECT asset_id, symbol, name, rank, price_usd, market_cap_usd, volume_24h_usd,
+       change_24h_pct, status, json_array(?1), observed_at
+FROM temp.staging WHERE fresh GROUP BY asset_id HAVING count(*) = 1
+"""
+
+# Every other asset of the batch is unified from all its listings, newest first.
+TOUCHED_LISTINGS = """
+SELECT m.asset_id, m.source, m.symbol, m.name, m.rank, m.price_usd, m.market_cap_usd,
+       m.volume_24h_usd, m.change_24h_pct, m.status, m.observed_at, m.pinned
+FROM source_map m
+WHERE m.asset_id IN (SELECT asset_id FROM temp.staging WHERE NOT fresh
+                     UNION ALL
+                     SELECT asset_id FROM temp.staging WHERE fresh GROUP BY asset_id HAVING count(*) > 1)
+  AND m.observed_at IS NOT NULL
+ORDER BY m.asset_id, m.observed_at DESC, m.source, m.source_id
+"""
+
+# Unchanged rows are not rewritten, so their index entries stay put.
+UPSERT_ASSET = f"""
+INSERT INTO asset (asset_id, {", ".join(UNIFIED_COLUMNS)}) VALUES ({", ".join("?" * 11)})
+ON CONFLICT (asset_id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in UNIFIED_COLUMNS)}
+WHERE ({", ".join(f"asset.{c}" for c in UNIFIED_COLUMNS)})
+      IS NOT ({", ".join(f"excluded.{c}" for c in UNIFIED_COLUMNS)})
+"""
+
+ASSET_INDEXES = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'asset' AND sql IS NOT NULL"
+
+
+@functools.cache
+def sort_indexes() -> dict[str, str]:
+    """The CREATE INDEX statements of store.sql for table asset, by index name."""
+    pattern = re.compile(r"^CREATE INDEX IF NOT EXISTS (\w+) ON asset .*?;", re.M | re.S)
+    return {match.group(1): match.group(0) for match in pattern.finditer(SCHEMA_PATH.read_text())}
+
+
+def unify(listings: Sequence[Sequence]) -> tuple:
+    """One asset's unified record from its listings, newest first.
+
+    Symbol, name and status come from the newest listing not pinned by hand
+    (a pin says which asset a listing is, not what the asset is called); each
+    number from the newest listing that has one; `sources` lists every source.
+    """
+    newest = next((row for row in listings if not row[11]), listings[0])
+    numbers = [next((row[i] for row in listings if row[i] is not None), None) for i in range(4, 9)]
+    sources = json.dumps(sorted({row[1] for row in listings}), separators=(",", ":"))
+    return (newest[0], newest[2], newest[3], *numbers, newest[9], sources, listings[0][10])
+
+
+@dataclass
+class Tally:
+    """Rows read, loaded (new observations) and rejected."""
+
+    read: int = 0
+    loaded: int = 0
+    rejected: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.read += other.read
+        self.loaded += other.loaded
+        self.rejected += other.rejected
+
+
+@dataclass
+class Batch:
+    """Rows and rejects of one transaction, with the position they reach."""
+
+    observations: list[tuple] = field(default_factory=list)
+    rejects: list[tuple[int, str, str]] = field(default_factory=list)
+    read: int = 0
+
+    def __len__(self) -> int:
+        return self.read
+
+
+def connect(db: Path) -> sqlite3.Connection:
+    """A writer connection in autocommit mode; transactions are explicit."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA temp_store = MEMORY")
+    conn.execute("PRAGMA cache_size = -32768")
+    return conn
+
+
+def apply_schema(conn: sqlite3.Connection) -> None:
+    """Create the store, or check that an existing one has a version this ETL knows."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise UsageError(f"store schema version {version} is newer than this etl.py ({SCHEMA_VERSION})")
+    if version < SCHEMA_VERSION:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA_PATH.read_text()}\nCOMMIT;")
+    conn.execute(
+        "INSERT OR IGNORE INTO store_meta (id, store_id, generation, committed_at) VALUES (1, ?, 0, ?)",
+        (uuid.uuid4().hex[:12], now()),
+    )
+    conn.executescript(STAGING_DDL)
+
+
+def now() -> str:
+    return format_time(datetime.now(UTC))
+
+
+class Loader:
+    """Writes batches of one source: identity, listings, history, unified assets, checkpoint."""
+
+    def __init__(self, conn: sqlite3.Connection, run_id: int, source: str) -> None:
+        self.conn = conn
+        self.run_id = run_id
+        self.source = source
+        # Into an empty store (or finishing such a load that was killed), the
+        # sort indexes are dropped and built once at the end: random inserts
+        # into eight indexes would otherwise rewrite most of their pages at
+        # every commit. Nothing is served from an empty store meanwhile.
+        indexes = {row[0] for row in conn.execute(ASSET_INDEXES)}
+        self.bulk = not conn.execute("SELECT 1 FROM asset LIMIT 1").fetchone() or indexes != set(sort_indexes())
+
+    def commit(self, batch: Batch, fingerprint: str, position: ReadPosition, complete: bool) -> int:
+        """Apply one batch and its checkpoint in one transaction; return new observations."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self.bulk:
+                for (name,) in conn.execute(ASSET_INDEXES).fetchall():
+                    conn.execute(f'DROP INDEX "{name}"')
+            loaded = self._load(batch.observations) if batch.observations else 0
+            if self.bulk and complete:
+                for statement in sort_indexes().values():
+                    conn.execute(statement)
+            conn.executemany(
+                "INSERT OR IGNORE INTO reject (run_id, source, line, reason, raw) VALUES (?, ?, ?, ?, ?)",
+                [(self.run_id, self.source, line, reason, raw) for line, reason, raw in batch.rejects],
+            )
+            conn.execute(
+                "INSERT INTO checkpoint (source, fingerprint, position, line, complete, run_id, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
+                " fingerprint = excluded.fingerprint, position = excluded.position, line = excluded.line,"
+                " complete = excluded.complete, run_id = excluded.run_id, updated_at = excluded.updated_at",
+                (self.source, fingerprint, position.offset, position.line, int(complete), self.run_id, now()),
+            )
+            counts = (batch.read, loaded, len(batch.rejects))
+            conn.execute(
+                "UPDATE etl_run SET rows_read = rows_read + ?, rows_loaded = rows_loaded + ?,"
+                " rows_rejected = rows_rejected + ? WHERE run_id = ?",
+                (*counts, self.run_id),
+            )
+            conn.execute(
+                "UPDATE run_source SET rows_read = rows_read + ?, rows_loaded = rows_loaded + ?,"
+                " rows_rejected = rows_rejected + ? WHERE run_id = ? AND source = ?",
+                (*counts, self.run_id, self.source),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return loaded
+
+    def _load(self, observations: list[tuple]) -> int:
+        conn = self.conn
+        conn.execute("DELETE FROM temp.staging")
+        conn.execute("DELETE FROM temp.new_asset")
+        conn.executemany(INSERT_STAGING, observations)
+        conn.execute(MATCH_BY_SOURCE_ID, (self.source,))
+        conn.execute(MATCH_BY_SYMBOL_AND_NAME)
+        unmatched = conn.execute(UNMATCHED).fetchall()
+        if unmatched:
+            conn.executemany("INSERT INTO temp.new_asset VALUES (?, ?, ?)", self._new_asset_ids(unmatched))
+            conn.execute(ASSIGN_NEW)
+        conn.execute(UPSERT_LISTINGS, (self.source,))
+        loaded = conn.execute(INSERT_OBSERVATIONS, (self.source, self.run_id)).rowcount
+        changed = conn.execute(INSERT_FRESH_ASSETS, (self.source,)).rowcount
+        listings = conn.execute(TOUCHED_LISTINGS).fetchall()
+        if listings:
+            unified = [unify(list(group)) for _, group in itertools.groupby(listings, key=lambda row: row[0])]
+            changed += conn.executemany(UPSERT_ASSET, unified).rowcount
+        if loaded or changed:
+            conn.execute("UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1", (now(),))
+        return loaded
+
+    def _new_asset_ids(self, unmatched: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """Give each new coin a stable slug that no other asset has."""
+        bases = [slugify(name) or slugify(symbol) or f"asset-{key[:16]}" for symbol, key, name in unmatched]
+        taken = {row[0] for row in self.conn.execute(TAKEN_IDS, (json.dumps(bases),))}
+        assigned = []
+        for (symbol, key, _name), base in zip(unmatched, bases, strict=True):
+            candidate = base
+            if candidate in taken:
+                candidate = f"{base}-{slugify(symbol) or 'x'}"
+                suffix = 2
+                while candidate in taken or self._exists(candidate):
+                    candidate = f"{base}-{suffix}"
+                    suffix += 1
+            taken.add(candidate)
+            assigned.append((symbol, key, candidate))
+        return assigned
+
+    def _exists(self, asset_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM asset WHERE asset_id = ?", (asset_id,)).fetchone() is not None
+
+
+class Progress:
+    """A one-line progress display on a TTY; silent otherwise."""
+
+    def __init__(self, label: str, total_bytes: int) -> None:
+        self.label = label
+        self.total = max(total_bytes, 1)
+        self.enabled = sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def show(self, position: ReadPosition, tally: Tally) -> None:
+        if self.enabled:
+            rate = tally.read / max(time.monotonic() - self.started, 1e-9)
+            sys.stderr.write(
+                f"\r{self.label}: {position.offset / self.total:6.1%}  {tally.read:,} rows"
+                f"  {tally.rejected:,} rejected  {rate:,.0f} rows/s "
+            )
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource) -> tuple[Tally, str | None, dict[str, int]]:
+    """Stream a CSV into the store in batches; return the tally, a detail note and the drift."""
+    path = source.path
+    try:
+        fingerprint = file_fingerprint(path)
+        size = path.stat().st_size
+        default_time = format_time(datetime.fromtimestamp(path.stat().st_mtime, UTC))
+    except OSError as error:
+        raise SourceError(f"cannot read {path}: {error.strerror or error}") from None
+    checkpoint = conn.execute(
+        "SELECT fingerprint, position, line, complete, run_id FROM checkpoint WHERE source = ?", (source.name,)
+    ).fetchone()
+    if checkpoint and checkpoint[0] == fingerprint and checkpoint[3]:
+        return Tally(), f"unchanged since run {checkpoint[4]}", {}
+    resume = checkpoint is not None and checkpoint[0] == fingerprint and checkpoint[1] > 0
+    loader = Loader(conn, run_id, source.name)
+    tally = Tally()
+    progress = Progress(source.name, size)
+    with path.open("rb") as stream:
+        position = ReadPosition()
+        lines = decoded_lines(stream, position)
+        reader = csv.reader(lines, strict=True)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise SourceError(f"{path} is empty: no header row") from None
+        except csv.Error as error:
+            raise SourceError(f"{path}: unreadable header: {error}") from None
+        layout = csv_layout(header)
+        drift = {f"unknown column {name!r}": 1 for name in layout.ignored}
+        if drift:
+            log.warning("schema drift", source=source.name, ignored_columns=list(layout.ignored))
+        if resume:
+            stream.seek(checkpoint[1])
+            position.offset, position.line = checkpoint[1], checkpoint[2]
+            log.info("resuming", source=source.name, line=position.line, offset=position.offset)
+        batch = Batch()
+        for batch_done, batch in csv_batches(reader, position, layout, default_time):
+            committed = loader.commit(batch, fingerprint, position, complete=batch_done)
+            tally.add(Tally(batch.read, committed, len(batch.rejects)))
+            log.debug("batch committed", source=source.name, line=position.line, rows=batch.read, loaded=committed)
+            progress.show(position, tally)
+    progress.done()
+    return tally, f"resumed from line {checkpoint[2]}" if resume else None, drift
+
+
+def csv_batches(
+    reader: Iterator[list[str]], position: ReadPosition, layout: CsvLayout, default_time: str
+) -> Iterator[tuple[bool, Batch]]:
+    """Group parsed rows into batches; the last one is flagged so it completes the checkpoint."""
+    batch = Batch()
+    columns = layout.columns
+    while True:
+        first_line = position.line + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            batch.read += 1
+            batch.rejects.append((first_line, f"malformed CSV: {error}", ""))
+            continue
+        if not cells or cells == [""]:
+            continue
+        batch.read += 1
+        try:
+            if position.undecodable_line >= first_line:
+                raise Rejected("not valid UTF-8")
+            if len(cells) != layout.width:
+                raise Rejected(f"expected {layout.width} fields, got {len(cells)}")
+            observation = normalise_cells([None if c is None else cells[c] for c in columns], default_time)
+        except Rejected as reason:
+            batch.rejects.append((first_line, str(reason), raw_row(cells)))
+        else:
+            batch.observations.append((first_line, *msgspec.structs.astuple(observation)))
+        if batch.read >= BATCH_ROWS:
+            yield False, batch
+            batch = Batch()
+    yield True, batch
+
+
+def raw_row(cells: Sequence[str]) -> str:
+    """A rejected row as CSV text, cut so a hostile row cannot bloat the store."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(cells)
+    return out.getvalue()[:RAW_REJECT_CHARS]
+
+
+# --- run records ----------------------------------------------------------
+
+
+def start_run(conn: sqlite3.Connection, sources: Sequence[Source]) -> int:
+    """Close runs whose process died, then record this run as running."""
+    started = now()
+    conn.execute("BEGIN IMMEDIATE")
+    dead = [row[0] for row in conn.execute("SELECT run_id FROM etl_run WHERE status = 'running'")]
+    conn.execute(
+        "INSERT INTO etl_run (started_at, status, sources, pid, host) VALUES (?, 'running', ?, ?, ?)",
+        (started, json.dumps([s.name for s in sources]), os.getpid(), socket.gethostname()),
+    )
+    run_id = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+    if dead:
+        reason = f"the run's process died before it ended; found by run {run_id}"
+        marks = ",".join("?" * len(dead))
+        conn.execute(
+            f"UPDATE etl_run SET status = 'failed', ended_at = ?, error = ? WHERE run_id IN ({marks})",
+            (started, reason, *dead),
+        )
+        conn.execute(
+            f"UPDATE run_source SET status = 'failed', ended_at = ?, error = ?"
+            f" WHERE status = 'running' AND run_id IN ({marks})",
+            (started, reason, *dead),
+        )
+    conn.executemany(
+        "INSERT INTO run_source (run_id, source, started_at, status) VALUES (?, ?, ?, 'running')",
+        [(run_id, s.name, started) for s in sources],
+    )
+    conn.execute("COMMIT")
+    if dead:
+        log.warning("found dead runs", run_ids=dead)
+    return run_id
+
+
+@dataclass
+class SourceOutcome:
+    """How one source's part of a run ended."""
+
+    source: str
+    status: str
+    tally: Tally
+    duration_ms: int
+    detail: str | None = None
+    error: str | None = None
+    drift: dict[str, int] = field(default_factory=dict)
+
+
+def end_source(conn: sqlite3.Connection, run_id: int, outcome: SourceOutcome) -> None:
+    conn.execute(
+        "UPDATE run_source SET status = ?, ended_at = ?, duration_ms = ?, detail = ?, error = ?, drift = ?"
+        " WHERE run_id = ? AND source = ?",
+        (
+            outcome.status,
+            now(),
+            outcome.duration_ms,
+            outcome.detail,
+            outcome.error,
+            json.dumps(outcome.drift) if outcome.drift else None,
+            run_id,
+            outcome.source,
+        ),
+    )
+
+
+def end_run(conn: sqlite3.Connection, run_id: int, status: str, duration_ms: int, error: str | None) -> None:
+    conn.execute(
+        "UPDATE etl_run SET status = ?, ended_at = ?, duration_ms = ?, error = ? WHERE run_id = ?",
+        (status, now(), duration_ms, error, run_id),
+    )
+
+
+def run_source(conn: sqlite3.Connection, run_id: int, source: Source) -> SourceOutcome:
+    """Load one source; its failure is recorded, never raised."""
+    started = time.monotonic()
+    structlog.contextvars.bind_contextvars(source=source.name)
+    try:
+        tally, detail, drift = load_csv(conn, run_id, source)
+        status = "partial" if tally.rejected else "success"
+        outcome = SourceOutcome(source.name, status, tally, elapsed_ms(started), detail, None, drift)
+    except (SourceError, sqlite3.Error, OSError) as error:
+        message = f"{type(error).__name__}: {error}" if not isinstance(error, SourceError) else str(error)
+        log.error("source failed", error=message)
+        outcome = SourceOutcome(source.name, "failed", Tally(), elapsed_ms(started), None, message)
+    finally:
+        structlog.contextvars.unbind_contextvars("source")
+    end_source(conn, run_id, outcome)
+    log.info(
+        "source finished",
+        source=source.name,
+        status=outcome.status,
+        rows_read=outcome.tally.read,
+        rows_loaded=outcome.tally.loaded,
+        rows_rejected=outcome.tally.rejected,
+        duration_ms=outcome.duration_ms,
+        detail=outcome.detail,
+    )
+    return outcome
+
+
+def run_status(outcomes: Sequence[SourceOutcome]) -> str:
+    """success when all sources loaded cleanly, failed when none loaded, else partial."""
+    statuses = {o.status for o in outcomes}
+    if statuses == {"success"}:
+        return "success"
+    if statuses == {"failed"}:
+        return "failed"
+    return "partial"
+
+
+def elapsed_ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
+
+
+# --- CLI ------------------------------------------------------------------
+
+
+def acquire_lock(db: Path) -> int:
+    """Take the store's single-writer lock, or raise BlockingIOError with the holder's pid.
+
+    A POSIX record lock (not flock): the kernel drops it when the process dies,
+    and the API can test for it with F_GETLK without ever taking it.
+    """
+    lock_path = db.with_name(db.name + ".etl-lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise BlockingIOError(f"another ETL run (pid {holder}) is writing to {db}; try again when it ends") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="etl.py",
+        description="Load market snapshots into the Kasparro store.",
+        epilog="SOURCE: csv:PATH. Default: $KASPARRO_SOURCES, else the shipped sample CSV.",
+    )
+    parser.add_argument("--db", type=Path, help="path of the SQLite store (default: $KASPARRO_DB or kasparro.db)")
+    parser.add_argument("sources", nargs="*", metavar="SOURCE", help="where to load from")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> int:
+    """Run the ETL once; return the exit code of SPEC.md."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    config = config or EtlConfig.from_env()
+    configure_logging(config.log_level)
+    db = args.db or config.db
+    try:
+        sources = [parse_source(spec) for spec in (args.sources or config.sources)]
+        if not db.parent.is_dir():
+            raise UsageError(f"directory of the store does not exist: {db.parent}")
+        lock = acquire_lock(db)
+    except UsageError as error:
+        print(f"etl.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except BlockingIOError as error:
+        print(f"etl.py: {error}", file=sys.stderr)
+        return EXIT_LOCKED
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return run(db, sources)
+    except UsageError as error:
+        print(f"etl.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        os.close(lock)
+
+
+def run(db: Path, sources: Sequence[Source]) -> int:
+    """One recorded run over the given sources, holding the writer lock."""
+    started = time.monotonic()
+    conn = connect(db)
+    try:
+        apply_schema(conn)
+        run_id = start_run(conn, sources)
+        structlog.contextvars.bind_contextvars(run_id=run_id)
+        log.info("run started", db=str(db), sources=[s.name for s in sources])
+        outcomes: list[SourceOutcome] = []
+        try:
+            outcomes = [run_source(conn, run_id, source) for source in sources]
+        except (Interrupted, KeyboardInterrupt) as stop:
+            reason = str(stop) or "interrupted"
+            end_run(conn, run_id, "failed", elapsed_ms(started), reason)
+            log.error("run interrupted", reason=reason)
+            return EXIT_FAILED
+        status = run_status(outcomes)
+        errors = [f"{o.source}: {o.error}" for o in outcomes if o.error]
+        end_run(conn, run_id, status, elapsed_ms(started), "; ".join(errors) or None)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        total = Tally()
+        for outcome in outcomes:
+            total.add(outcome.tally)
+        log.info(
+            "run finished",
+            status=status,
+            rows_read=total.read,
+            rows_loaded=total.loaded,
+            rows_rejected=total.rejected,
+            duration_ms=elapsed_ms(started),
+            sources={o.source: o.status for o in outcomes},
+        )
+        return EXIT_FAILED if status == "failed" else EXIT_OK
+    finally:
+        structlog.contextvars.clear_contextvars()
+        conn.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Run the real etl.py and read a store's content, for the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ETL = ROOT / "etl.py"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gen_csv import write_csv  # noqa: E402
+
+__all__ = ["ROOT", "etl_env", "query", "run_etl", "start_etl", "store_content", "write_csv", "writer_lock_held"]
+
+
+def etl_env(**extra: str) -> dict[str, str]:
+    """The environment of an etl.py subprocess: no inherited KASPARRO_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KASPARRO_")}
+    env.update({"LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}, **extra)
+    return env
+
+
+def run_etl(db: Path, *sources: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run etl.py to the end and return its exit code and output."""
+    return subprocess.run(
+        [sys.executable, str(ETL), "--db", str(db), *sources],
+        cwd=ROOT,
+        env=etl_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def start_etl(db: Path, *sources: str, **env: str) -> subprocess.Popen[str]:
+    """Start etl.py with its JSON log lines readable on stdout."""
+    return subprocess.Popen(
+        [sys.executable, str(ETL), "--db", str(db), *sources],
+        cwd=ROOT,
+        env=etl_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Read rows from a store through a read-only connection."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def store_content(db: Path) -> dict[str, Any]:
+    """Everything a run is meant to produce, independent of run ids and timing."""
+    return {
+        "assets": query(db, "SELECT * FROM asset ORDER BY asset_id"),
+        "listings": query(db, "SELECT * FROM source_map ORDER BY source, source_id"),
+        "observations": query(
+            db,
+            "SELECT source, source_id, observed_at, symbol, name, rank, price_usd, market_cap_usd,"
+            " volume_24h_usd, change_24h_pct, status FROM observation ORDER BY source, source_id, observed_at",
+        ),
+        "rejects": query(db, "SELECT source, line, reason, raw FROM reject ORDER BY source, line"),
+        "checkpoints": query(db, "SELECT source, fingerprint, position, line, complete FROM checkpoint"),
+        "indexes": query(db, "SELECT name, sql FROM sqlite_master WHERE type = 'index' ORDER BY name"),
+    }
+
+
+def last_run(db: Path) -> dict[str, Any] | None:
+    """The newest etl_run row as a dict."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        row = conn.execute("SELECT * FROM etl_run ORDER BY run_id DESC LIMIT 1").fetchone()
+        return dict(row) if row else None
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def writer_lock_held(db: Path) -> Iterator[int]:
+    """Another process holds the ETL's writer lock on `db` (POSIX locks are per process)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import etl, sys; etl.acquire_lock(etl.Path({str(db)!r})); print('held', flush=True);"
+         " sys.stdin.read()"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.communicate("")
