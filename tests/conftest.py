@@ -1,0 +1,100 @@
+"""Shared fixtures: a sample store built by the real etl.py, and API clients over it."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Self
+
+import falcon.testing
+import pytest
+from falcon.util import async_to_sync
+
+from etl_support import ROOT, run_etl, write_csv
+from kasparro import Config, create_app
+
+__all__ = ["ROOT", "run_etl", "write_csv"]
+
+
+class SyncConductor:
+    """An ASGIConductor driven from plain test functions: one app lifespan around many requests."""
+
+    def __init__(self, app: Any) -> None:
+        self.conductor = falcon.testing.ASGIConductor(app)
+
+    def __enter__(self) -> Self:
+        async_to_sync(self.conductor.__aenter__)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        async_to_sync(self.conductor.__aexit__, None, None, None)
+
+    def get(self, path: str, **kwargs: Any) -> falcon.testing.Result:
+        return async_to_sync(self.conductor.simulate_get, path, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> falcon.testing.Result:
+        return async_to_sync(self.conductor.simulate_request, method, path, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def sample_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped sample loaded by the real etl.py, once per session (do not write to it)."""
+    db = tmp_path_factory.mktemp("sample") / "kasparro.db"
+    result = run_etl(db)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return db
+
+
+@pytest.fixture
+def store_path(sample_store: Path, tmp_path: Path) -> Path:
+    """A private copy of the sample store (the ETL checkpointed its WAL when it ended)."""
+    db = tmp_path / "kasparro.db"
+    shutil.copyfile(sample_store, db)
+    return db
+
+
+@pytest.fixture
+def make_client() -> Iterator[Any]:
+    """Factory: a started client over create_app(config); every client is shut down after the test."""
+    started: list[SyncConductor] = []
+
+    def make(config: Config, app: Any = None) -> SyncConductor:
+        client = SyncConductor(app if app is not None else create_app(config)).__enter__()
+        started.append(client)
+        return client
+
+    yield make
+    for client in started:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Any, store_path: Path) -> SyncConductor:
+    """A client over a private copy of the sample store."""
+    return make_client(Config(db=store_path, reopen_interval=0, log_level="warning"))
+
+
+@pytest.fixture(scope="session")
+def shared_client(sample_store: Path) -> Iterator[SyncConductor]:
+    """A read-only client over the session's sample store, for property tests."""
+    with SyncConductor(create_app(Config(db=sample_store, log_level="warning"))) as conductor:
+        yield conductor
+
+
+@pytest.fixture(scope="session")
+def sample_assets(sample_store: Path) -> list[dict[str, Any]]:
+    """Every asset of the sample store with its listed sources, read directly for checking answers."""
+    conn = sqlite3.connect(f"file:{sample_store}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        assets = [dict(row) for row in conn.execute("SELECT * FROM asset")]
+        listed: dict[str, set[str]] = {}
+        for asset_id, source in conn.execute("SELECT asset_id, source FROM source_map WHERE observed_at IS NOT NULL"):
+            listed.setdefault(asset_id, set()).add(source)
+    finally:
+        conn.close()
+    for asset in assets:
+        asset["listed"] = listed.get(asset["asset_id"], set())
+    return assets
