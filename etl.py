@@ -3,29 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
+import email.utils
 import errno
 import fcntl
 import functools
+import gzip
 import hashlib
+import http.client
 import io
 import itertools
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import time
 import unicodedata
+import urllib.parse
 import uuid
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import msgspec
 import structlog
@@ -33,7 +41,7 @@ from msgspec import Meta
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "store.sql"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SAMPLE_CSV = HERE / "data" / "sample.csv"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
@@ -46,6 +54,26 @@ log = structlog.get_logger("kasparro.etl")
 
 # --- config ---------------------------------------------------------------
 
+COINGECKO_URL = "https://api.coingecko.com"
+COINGECKO_PRO_URL = "https://pro-api.coingecko.com"
+COINPAPRIKA_URL = "https://api.coinpaprika.com"
+COINPAPRIKA_PRO_URL = "https://api-pro.coinpaprika.com"
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """How carefully an HTTP source talks to its upstream: timeouts, retries, budget."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    attempts: int = 5  # per request, the first included
+    backoff: float = 1.0  # seconds; the n-th retry waits up to backoff * 2**n, fully jittered
+    backoff_cap: float = 30.0
+    retry_after_cap: float = 120.0  # a longer Retry-After fails the source instead
+    max_requests: int = 40  # per source and run
+    budget: float = 300.0  # wall seconds per source and run
+    max_body: int = 64 * 1024 * 1024  # bytes after decompression
+
 
 @dataclass(frozen=True)
 class EtlConfig:
@@ -55,17 +83,47 @@ class EtlConfig:
     sources: tuple[str, ...] = ()
     log_level: str = "info"
     env: str = "development"
+    coingecko_url: str = COINGECKO_URL
+    coingecko_key: str | None = field(default=None, repr=False)
+    coingecko_plan: str = "demo"  # demo or pro: which header and default URL the key takes
+    coingecko_max_pages: int = 20
+    coinpaprika_url: str = COINPAPRIKA_URL
+    coinpaprika_key: str | None = field(default=None, repr=False)
+    raw_keep_runs: int = 48
+    http: HttpPolicy = HttpPolicy()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> EtlConfig:
-        """Build the config from KASPARRO_* variables, with the defaults of SPEC.md."""
+        """Build the config from the variables of SPEC.md (and a few HTTP knobs), with defaults."""
         sources = tuple(s.strip() for s in environ.get("KASPARRO_SOURCES", "").split(",") if s.strip())
-        return cls(
-            db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
-            sources=sources or (f"csv:{SAMPLE_CSV}",),
-            log_level=environ.get("LOG_LEVEL", "info").lower(),
-            env=environ.get("ENV", "development"),
-        )
+        plan = environ.get("KASPARRO_COINGECKO_PLAN", "demo").strip().lower()
+        paprika_key = environ.get("COINPAPRIKA_API_KEY") or None
+        try:
+            http = HttpPolicy(
+                read_timeout=float(environ.get("KASPARRO_HTTP_TIMEOUT", HttpPolicy.read_timeout)),
+                connect_timeout=float(environ.get("KASPARRO_HTTP_TIMEOUT", HttpPolicy.connect_timeout)),
+                budget=float(environ.get("KASPARRO_HTTP_BUDGET", HttpPolicy.budget)),
+                max_requests=int(environ.get("KASPARRO_HTTP_MAX_REQUESTS", HttpPolicy.max_requests)),
+                backoff=float(environ.get("KASPARRO_HTTP_BACKOFF", HttpPolicy.backoff)),
+            )
+            return cls(
+                db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
+                sources=sources or (f"csv:{SAMPLE_CSV}",),
+                log_level=environ.get("LOG_LEVEL", "info").lower(),
+                env=environ.get("ENV", "development"),
+                coingecko_url=environ.get("KASPARRO_COINGECKO_URL")
+                or (COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL),
+                coingecko_key=environ.get("COINGECKO_API_KEY") or None,
+                coingecko_plan=plan,
+                coingecko_max_pages=int(environ.get("KASPARRO_COINGECKO_MAX_PAGES", "20")),
+                coinpaprika_url=environ.get("KASPARRO_COINPAPRIKA_URL")
+                or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
+                coinpaprika_key=paprika_key,
+                raw_keep_runs=int(environ.get("KASPARRO_RAW_KEEP_RUNS", "48")),
+                http=http,
+            )
+        except ValueError as error:
+            raise UsageError(f"bad number in the environment: {error}") from None
 
 
 class UsageError(Exception):
@@ -99,7 +157,7 @@ def configure_logging(level: str) -> None:
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # structlog.testing.capture_logs must see every line
     )
 
 
@@ -117,15 +175,321 @@ class CsvSource:
         return f"csv:{self.path.stem}"
 
 
-Source = CsvSource
+@dataclass(frozen=True)
+class Field:
+    """A field of an upstream record: where it is, and whether a record is void without it."""
+
+    path: tuple[str, ...]
+    required: bool = False
+
+    @property
+    def label(self) -> str:
+        return ".".join(self.path)
 
 
-def parse_source(spec: str) -> Source:
+class HttpSource:
+    """An upstream JSON API: its requests, and the schema its records are checked against.
+
+    `fields` maps each canonical field to where the upstream record holds it;
+    `known` lists every other field the upstream is known to send. Anything
+    else is schema drift: counted, logged once per run and stored with it.
+    """
+
+    name: str
+    fields: ClassVar[dict[str, Field]]
+    known: ClassVar[frozenset[str]]
+    known_nested: ClassVar[dict[str, frozenset[str]]] = {}
+
+    def __init__(self, base_url: str, headers: dict[str, str], policy: HttpPolicy) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = headers
+        self.policy = policy
+
+    def requests(self) -> Iterator[tuple[str, int | None]]:
+        """The URLs to fetch in order, each with the record count of a full page (None: no paging)."""
+        raise NotImplementedError
+
+    def status(self, record: dict) -> str:
+        return "active"
+
+
+PAPRIKA_USD_KNOWN = frozenset(
+    [
+        "price",
+        "volume_24h",
+        "volume_24h_change_24h",
+        "market_cap",
+        "market_cap_change_24h",
+        "percent_change_15m",
+        "percent_change_30m",
+        "percent_change_1h",
+        "percent_change_6h",
+        "percent_change_12h",
+        "percent_change_24h",
+        "percent_change_7d",
+        "percent_change_30d",
+        "percent_change_1y",
+        "ath_price",
+        "ath_date",
+        "percent_from_price_ath",
+    ]
+)
+
+
+class CoinPaprika(HttpSource):
+    """CoinPaprika `GET /v1/tickers`: every coin in one response."""
+
+    name = "coinpaprika"
+    fields: ClassVar[dict[str, Field]] = {
+        "symbol": Field(("symbol",), required=True),
+        "name": Field(("name",), required=True),
+        "source_id": Field(("id",), required=True),
+        "rank": Field(("rank",)),
+        "price_usd": Field(("quotes", "USD", "price")),
+        "market_cap_usd": Field(("quotes", "USD", "market_cap")),
+        "volume_24h_usd": Field(("quotes", "USD", "volume_24h")),
+        "change_24h_pct": Field(("quotes", "USD", "percent_change_24h")),
+        "observed_at": Field(("last_updated",)),
+    }
+    known = frozenset(
+        [
+            "id",
+            "name",
+            "symbol",
+            "rank",
+            "circulating_supply",
+            "total_supply",
+            "max_supply",
+            "beta_value",
+            "first_data_at",
+            "last_updated",
+            "quotes",
+        ]
+    )
+    known_nested: ClassVar[dict[str, frozenset[str]]] = {"quotes.USD": PAPRIKA_USD_KNOWN}
+
+    def requests(self) -> Iterator[tuple[str, int | None]]:
+        yield f"{self.base_url}/v1/tickers", None
+
+    def status(self, record: dict) -> str:
+        # /v1/tickers lists active coins only; an explicit flag wins where sent.
+        return "inactive" if record.get("is_active") is False else "active"
+
+
+class CoinGecko(HttpSource):
+    """CoinGecko `GET /api/v3/coins/markets`, paged by market cap until a short page."""
+
+    name = "coingecko"
+    per_page = 250
+    fields: ClassVar[dict[str, Field]] = {
+        "symbol": Field(("symbol",), required=True),
+        "name": Field(("name",), required=True),
+        "source_id": Field(("id",), required=True),
+        "rank": Field(("market_cap_rank",)),
+        "price_usd": Field(("current_price",)),
+        "market_cap_usd": Field(("market_cap",)),
+        "volume_24h_usd": Field(("total_volume",)),
+        "change_24h_pct": Field(("price_change_percentage_24h",)),
+        "observed_at": Field(("last_updated",)),
+    }
+    known = frozenset(
+        [
+            "id",
+            "symbol",
+            "name",
+            "image",
+            "current_price",
+            "market_cap",
+            "market_cap_rank",
+            "fully_diluted_valuation",
+            "total_volume",
+            "high_24h",
+            "low_24h",
+            "price_change_24h",
+            "price_change_percentage_24h",
+            "market_cap_change_24h",
+            "market_cap_change_percentage_24h",
+            "circulating_supply",
+            "total_supply",
+            "max_supply",
+            "ath",
+            "ath_change_percentage",
+            "ath_date",
+            "atl",
+            "atl_change_percentage",
+            "atl_date",
+            "roi",
+            "last_updated",
+        ]
+    )
+
+    def __init__(self, base_url: str, headers: dict[str, str], policy: HttpPolicy, max_pages: int) -> None:
+        super().__init__(base_url, headers, policy)
+        self.max_pages = max_pages
+
+    def requests(self) -> Iterator[tuple[str, int | None]]:
+        for page in range(1, self.max_pages + 1):
+            query = urllib.parse.urlencode(
+                {"vs_currency": "usd", "order": "market_cap_desc", "per_page": self.per_page, "page": page}
+            )
+            yield f"{self.base_url}/api/v3/coins/markets?{query}", self.per_page
+
+
+@dataclass(frozen=True)
+class ReplaySource:
+    """The raw payloads a past run stored, normalised again without refetching."""
+
+    run_id: int
+    upstream: HttpSource
+
+    @property
+    def name(self) -> str:
+        return self.upstream.name
+
+
+Source = CsvSource | HttpSource | ReplaySource
+
+
+def parse_source(spec: str, config: EtlConfig) -> Source:
     """Turn a SOURCE argument of the CLI into a source, or raise UsageError."""
     kind, sep, rest = spec.partition(":")
     if kind == "csv" and sep and rest:
         return CsvSource(Path(rest))
-    raise UsageError(f"unknown source {spec!r}: expected csv:PATH")
+    if spec == "coinpaprika":
+        headers = {"Authorization": config.coinpaprika_key} if config.coinpaprika_key else {}
+        return CoinPaprika(config.coinpaprika_url, headers, config.http)
+    if spec == "coingecko":
+        headers = {}
+        if config.coingecko_key:
+            headers["x-cg-pro-api-key" if config.coingecko_plan == "pro" else "x-cg-demo-api-key"] = (
+                config.coingecko_key
+            )
+        return CoinGecko(config.coingecko_url, headers, config.http, config.coingecko_max_pages)
+    if kind == "replay" and sep:
+        name, _, run = rest.rpartition("@")
+        if name in ("coinpaprika", "coingecko") and run.isdigit():
+            return ReplaySource(int(run), parse_source(name, config))  # type: ignore[arg-type]
+    raise UsageError(f"unknown source {spec!r}: expected csv:PATH, coinpaprika, coingecko or replay:NAME@RUN_ID")
+
+
+class HttpClient:
+    """GETs of one source's run: timeouts, retries with jittered backoff, Retry-After, a budget."""
+
+    def __init__(self, source: HttpSource) -> None:
+        self.source = source
+        self.policy = source.policy
+        self.deadline = time.monotonic() + self.policy.budget
+        self.requests = 0
+        self.ssl = ssl.create_default_context()
+
+    def get(self, url: str) -> bytes:
+        """The body of a 200 answer to GET url (decompressed), or SourceError saying why not."""
+        policy = self.policy
+        for attempt in range(1, policy.attempts + 1):
+            retry_after = None
+            try:
+                status, headers, body = self._fetch(url)
+            except TimeoutError:
+                problem = f"no answer within {policy.read_timeout:g} s"
+            except (OSError, http.client.HTTPException, zlib.error) as error:
+                problem = f"{type(error).__name__}: {error}"
+            else:
+                if status == 200:
+                    return body
+                problem = f"HTTP {status}"
+                if status != 429 and status < 500:
+                    raise SourceError(f"{safe_url(url)} answered HTTP {status}: {printable(body[:200])}")
+                retry_after = parse_retry_after(headers.get("retry-after"))
+            if attempt == policy.attempts:
+                break
+            if retry_after is not None and retry_after > policy.retry_after_cap:
+                raise SourceError(f"{safe_url(url)}: {problem} with Retry-After {retry_after:g} s, over the cap")
+            jitter = random.uniform(0, min(policy.backoff_cap, policy.backoff * 2**attempt))  # noqa: S311 - not a secret
+            delay = retry_after if retry_after is not None else jitter
+            if time.monotonic() + delay >= self.deadline:
+                raise SourceError(f"{safe_url(url)}: {problem}; time budget of {policy.budget:g} s spent")
+            log.warning("retrying", url=safe_url(url), attempt=attempt, problem=problem, wait_s=round(delay, 3))
+            time.sleep(delay)
+        raise SourceError(f"{safe_url(url)}: {problem} after {policy.attempts} attempts")
+
+    def _fetch(self, url: str) -> tuple[int, dict[str, str], bytes]:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise SourceError(f"{safe_url(url)}: time budget of {self.policy.budget:g} s spent")
+        if self.requests >= self.policy.max_requests:
+            raise SourceError(f"{safe_url(url)}: request budget of {self.policy.max_requests} spent")
+        self.requests += 1
+        parts = urllib.parse.urlsplit(url)
+        timeout = min(self.policy.connect_timeout, remaining)
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=self.ssl)
+        elif parts.scheme == "http":
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        else:
+            raise SourceError(f"unsupported URL scheme in {safe_url(url)}")
+        try:
+            conn.connect()
+            conn.sock.settimeout(min(self.policy.read_timeout, remaining))
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            conn.request("GET", target or "/", headers=self._headers())
+            response = conn.getresponse()
+            headers = {k.lower(): v for k, v in response.getheaders()}
+            body = self._read(response)
+        finally:
+            conn.close()
+        if headers.get("content-encoding", "identity").lower() == "gzip":
+            inflate = zlib.decompressobj(wbits=31)
+            body = inflate.decompress(body, self.policy.max_body)
+            if inflate.unconsumed_tail:
+                raise SourceError(f"{safe_url(url)}: body over {self.policy.max_body} bytes when decompressed")
+        return response.status, headers, body
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        chunks, size = [], 0
+        while chunk := response.read(65536):
+            size += len(chunk)
+            if size > self.policy.max_body:
+                raise SourceError(f"response over {self.policy.max_body} bytes")
+            if time.monotonic() > self.deadline:
+                raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip",
+            "User-Agent": "kasparro-etl/1",
+            **self.source.headers,
+        }
+
+
+def safe_url(url: str) -> str:
+    """A URL fit for logs: no user info, no query values that could be keys."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query)
+    shown = "&".join(f"{k}={'***' if 'key' in k.lower() else v}" for k, v in query)
+    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, shown, ""))
+
+
+def printable(data: bytes) -> str:
+    return re.sub(r"[^\x20-\x7e]", "?", data.decode("utf-8", "replace"))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds, from delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 # The canonical field names of a CSV row, and the header names taken for each
@@ -330,12 +694,17 @@ def validation_reason(error: msgspec.ValidationError) -> str:
     return message
 
 
-def normalise_cells(cells: Sequence[str | None], default_time: str) -> Observation:
-    """Validate one row's cells (canonical order, None where absent) into an Observation."""
-    text = [cell.strip() or None if cell is not None else None for cell in cells]
+def normalise_cells(cells: Sequence[object], default_time: str) -> Observation:
+    """Validate one row's cells (canonical order, None where absent) into an Observation.
+
+    Cells are CSV text or JSON values; msgspec converts and checks both the same way.
+    """
+    text = [(cell.strip() or None) if isinstance(cell, str) else cell for cell in cells]
     symbol, name = text[0], text[1]
-    text[0] = normalise_symbol(symbol) if symbol else None
-    text[1] = fold_text(name) if name else None
+    if isinstance(symbol, str):
+        text[0] = normalise_symbol(symbol)
+    if isinstance(name, str):
+        text[1] = fold_text(name)
     try:
         row = msgspec.convert(text, CsvRow, strict=False)
     except msgspec.ValidationError as error:
@@ -527,7 +896,6 @@ def connect(db: Path) -> sqlite3.Connection:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA temp_store = MEMORY")
     conn.execute("PRAGMA cache_size = -32768")
     return conn
 
@@ -565,8 +933,10 @@ class Loader:
         indexes = {row[0] for row in conn.execute(ASSET_INDEXES)}
         self.bulk = not conn.execute("SELECT 1 FROM asset LIMIT 1").fetchone() or indexes != set(sort_indexes())
 
-    def commit(self, batch: Batch, fingerprint: str, position: ReadPosition, complete: bool) -> int:
-        """Apply one batch and its checkpoint in one transaction; return new observations."""
+    def commit(
+        self, batch: Batch, fingerprint: str, position: ReadPosition, complete: bool, raw: RawPage | None = None
+    ) -> int:
+        """Apply one batch, its checkpoint and raw payload in one transaction; return new observations."""
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -581,6 +951,12 @@ class Loader:
                 "INSERT OR IGNORE INTO reject (run_id, source, line, reason, raw) VALUES (?, ?, ?, ?, ?)",
                 [(self.run_id, self.source, line, reason, raw) for line, reason, raw in batch.rejects],
             )
+            if raw is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO raw_payload (run_id, source, page, fetched_at, url, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (self.run_id, self.source, raw.page, raw.fetched_at, raw.url, gzip.compress(raw.body, 6)),
+                )
             conn.execute(
                 "INSERT INTO checkpoint (source, fingerprint, position, line, complete, run_id, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
@@ -759,6 +1135,141 @@ def raw_row(cells: Sequence[str]) -> str:
     return out.getvalue()[:RAW_REJECT_CHARS]
 
 
+@dataclass(frozen=True)
+class RawPage:
+    """One upstream response as received, and where it came from."""
+
+    page: int
+    fetched_at: str
+    url: str
+    body: bytes
+
+
+MISSING = object()
+
+
+def dig(record: object, path: Sequence[str]) -> object:
+    """The value at `path` in nested JSON objects, or MISSING where a key is absent."""
+    for key in path:
+        if not isinstance(record, dict) or key not in record:
+            return MISSING
+        record = record[key]
+    return record
+
+
+def record_cells(source: HttpSource, record: object, drift: collections.Counter[str]) -> list[object]:
+    """One upstream record as canonical cells, counting schema drift; Rejected when it is void."""
+    if not isinstance(record, dict):
+        raise Rejected(f"expected a JSON object, got {type(record).__name__}")
+    for key in record.keys() - source.known:
+        drift[f"unknown field {key[:60]!r}"] += 1
+    for label, known in source.known_nested.items():
+        nested = dig(record, label.split("."))
+        if isinstance(nested, dict):
+            for key in nested.keys() - known:
+                drift[f"unknown field {label + '.' + key[:60]!r}"] += 1
+    cells: list[object] = []
+    for name in ROW_FIELDS:
+        spec = source.fields.get(name)
+        if spec is None:
+            cells.append(source.status(record) if name == "status" else None)
+            continue
+        value = dig(record, spec.path)
+        if value is MISSING:
+            if spec.required:
+                raise Rejected(f"missing required field {spec.label!r}")
+            drift[f"missing field {spec.label!r}"] += 1
+            value = None
+        cells.append(value)
+    return cells
+
+
+def decode_records(body: bytes, where: str) -> list[object]:
+    """The JSON array of records in a response body, or SourceError saying what came instead."""
+    try:
+        records = msgspec.json.decode(body)
+    except msgspec.DecodeError as error:
+        raise SourceError(f"{where}: not valid JSON ({error}) in {len(body)} bytes") from None
+    if not isinstance(records, list):
+        raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
+    return records
+
+
+# A page to load: the response, the record count of a full page (fewer ends
+# the paging), and whether it is the last page in any case.
+Page = tuple[RawPage, int | None, bool]
+
+
+def fetched_pages(source: HttpSource) -> Iterator[Page]:
+    """Fetch the source's requests in order."""
+    client = HttpClient(source)
+    for page, (url, full_page) in enumerate(source.requests(), start=1):
+        fetched_at = now()
+        yield RawPage(page, fetched_at, safe_url(url), client.get(url)), full_page, full_page is None
+
+
+def stored_pages(conn: sqlite3.Connection, source: ReplaySource) -> Iterator[Page]:
+    """The raw pages a past run stored, in the order they were fetched."""
+    rows = conn.execute(
+        "SELECT page, fetched_at, url FROM raw_payload WHERE source = ? AND run_id = ? ORDER BY page",
+        (source.name, source.run_id),
+    ).fetchall()
+    if not rows:
+        raise SourceError(f"no raw payload of {source.name} kept for run {source.run_id}")
+    for page, fetched_at, url in rows:
+        (body,) = conn.execute(
+            "SELECT body FROM raw_payload WHERE source = ? AND run_id = ? AND page = ?",
+            (source.name, source.run_id, page),
+        ).fetchone()
+        yield RawPage(page, fetched_at, url, gzip.decompress(body)), None, page == rows[-1][0]
+
+
+def load_pages(
+    conn: sqlite3.Connection,
+    run_id: int,
+    upstream: HttpSource,
+    pages: Iterator[Page],
+    keep_raw: bool,
+) -> tuple[Tally, str | None, dict[str, int]]:
+    """Normalise and load upstream pages, each committed with its checkpoint (and raw payload)."""
+    loader = Loader(conn, run_id, upstream.name)
+    drift: collections.Counter[str] = collections.Counter()
+    tally, index = Tally(), 0
+    for raw, full_page, final in pages:
+        records = decode_records(raw.body, raw.url)
+        if not records and raw.page == 1:
+            raise SourceError(f"{raw.url} returned no records")
+        batch = Batch()
+        for record in records:
+            index += 1
+            batch.read += 1
+            try:
+                observation = normalise_cells(record_cells(upstream, record, drift), raw.fetched_at)
+            except Rejected as reason:
+                batch.rejects.append((index, str(reason), msgspec.json.encode(record)[:RAW_REJECT_CHARS].decode()))
+            else:
+                batch.observations.append((index, *msgspec.structs.astuple(observation)))
+        last = final or (full_page is not None and len(records) < full_page)
+        position = ReadPosition(offset=raw.page, line=index)
+        loaded = loader.commit(batch, f"run {run_id}", position, complete=last, raw=raw if keep_raw else None)
+        tally.add(Tally(batch.read, loaded, len(batch.rejects)))
+        log.info("page loaded", url=raw.url, page=raw.page, records=len(records), loaded=loaded)
+        if last:
+            break
+    if drift:
+        log.warning("schema drift", source=upstream.name, drift=dict(drift))
+    return tally, None, dict(drift)
+
+
+def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:
+    """Keep the raw payloads of the newest `keep_runs` runs of a source."""
+    conn.execute(
+        "DELETE FROM raw_payload WHERE source = ?1 AND run_id NOT IN ("
+        " SELECT DISTINCT run_id FROM raw_payload WHERE source = ?1 ORDER BY run_id DESC LIMIT ?2)",
+        (source, keep_runs),
+    )
+
+
 # --- run records ----------------------------------------------------------
 
 
@@ -831,12 +1342,26 @@ def end_run(conn: sqlite3.Connection, run_id: int, status: str, duration_ms: int
     )
 
 
-def run_source(conn: sqlite3.Connection, run_id: int, source: Source) -> SourceOutcome:
+def load_source(
+    conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig
+) -> tuple[Tally, str | None, dict[str, int]]:
+    """Load one source of any kind."""
+    if isinstance(source, CsvSource):
+        return load_csv(conn, run_id, source)
+    if isinstance(source, ReplaySource):
+        return load_pages(conn, run_id, source.upstream, stored_pages(conn, source), keep_raw=False)
+    try:
+        return load_pages(conn, run_id, source, fetched_pages(source), keep_raw=True)
+    finally:
+        prune_raw(conn, source.name, config.raw_keep_runs)
+
+
+def run_source(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> SourceOutcome:
     """Load one source; its failure is recorded, never raised."""
     started = time.monotonic()
     structlog.contextvars.bind_contextvars(source=source.name)
     try:
-        tally, detail, drift = load_csv(conn, run_id, source)
+        tally, detail, drift = load_source(conn, run_id, source, config)
         status = "partial" if tally.rejected else "success"
         outcome = SourceOutcome(source.name, status, tally, elapsed_ms(started), detail, None, drift)
     except (SourceError, sqlite3.Error, OSError) as error:
@@ -846,6 +1371,13 @@ def run_source(conn: sqlite3.Connection, run_id: int, source: Source) -> SourceO
     finally:
         structlog.contextvars.unbind_contextvars("source")
     end_source(conn, run_id, outcome)
+    # The committed batches counted themselves; a source that failed midway keeps what it loaded.
+    outcome.tally = Tally(
+        *conn.execute(
+            "SELECT rows_read, rows_loaded, rows_rejected FROM run_source WHERE run_id = ? AND source = ?",
+            (run_id, source.name),
+        ).fetchone()
+    )
     log.info(
         "source finished",
         source=source.name,
@@ -905,7 +1437,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="etl.py",
         description="Load market snapshots into the Kasparro store.",
-        epilog="SOURCE: csv:PATH. Default: $KASPARRO_SOURCES, else the shipped sample CSV.",
+        epilog=(
+            "SOURCE: csv:PATH, coinpaprika, coingecko, or replay:NAME@RUN_ID (re-normalise the raw"
+            " payloads a past run kept). Default: $KASPARRO_SOURCES, else the shipped sample CSV."
+            " Exit codes: 0 success or partial, 1 failed, 2 usage error, 75 another run holds the lock."
+        ),
     )
     parser.add_argument("--db", type=Path, help="path of the SQLite store (default: $KASPARRO_DB or kasparro.db)")
     parser.add_argument("sources", nargs="*", metavar="SOURCE", help="where to load from")
@@ -915,11 +1451,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> int:
     """Run the ETL once; return the exit code of SPEC.md."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    config = config or EtlConfig.from_env()
-    configure_logging(config.log_level)
-    db = args.db or config.db
     try:
-        sources = [parse_source(spec) for spec in (args.sources or config.sources)]
+        config = config or EtlConfig.from_env()
+        configure_logging(config.log_level)
+        db = args.db or config.db
+        sources = [parse_source(spec, config) for spec in (args.sources or config.sources)]
         if not db.parent.is_dir():
             raise UsageError(f"directory of the store does not exist: {db.parent}")
         lock = acquire_lock(db)
@@ -931,7 +1467,7 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         return EXIT_LOCKED
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        return run(db, sources)
+        return run(db, sources, config)
     except UsageError as error:
         print(f"etl.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -939,7 +1475,7 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         os.close(lock)
 
 
-def run(db: Path, sources: Sequence[Source]) -> int:
+def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
     """One recorded run over the given sources, holding the writer lock."""
     started = time.monotonic()
     conn = connect(db)
@@ -950,9 +1486,14 @@ def run(db: Path, sources: Sequence[Source]) -> int:
         log.info("run started", db=str(db), sources=[s.name for s in sources])
         outcomes: list[SourceOutcome] = []
         try:
-            outcomes = [run_source(conn, run_id, source) for source in sources]
+            outcomes = [run_source(conn, run_id, source, config) for source in sources]
         except (Interrupted, KeyboardInterrupt) as stop:
             reason = str(stop) or "interrupted"
+            conn.execute(
+                "UPDATE run_source SET status = 'failed', ended_at = ?, error = ?"
+                " WHERE run_id = ? AND status = 'running'",
+                (now(), reason, run_id),
+            )
             end_run(conn, run_id, "failed", elapsed_ms(started), reason)
             log.error("run interrupted", reason=reason)
             return EXIT_FAILED
@@ -970,7 +1511,19 @@ def run(db: Path, sources: Sequence[Source]) -> int:
             rows_loaded=total.loaded,
             rows_rejected=total.rejected,
             duration_ms=elapsed_ms(started),
-            sources={o.source: o.status for o in outcomes},
+            sources={
+                o.source: {
+                    "status": o.status,
+                    "rows_read": o.tally.read,
+                    "rows_loaded": o.tally.loaded,
+                    "rows_rejected": o.tally.rejected,
+                    "duration_ms": o.duration_ms,
+                    **({"error": o.error} if o.error else {}),
+                    **({"detail": o.detail} if o.detail else {}),
+                    **({"drift": o.drift} if o.drift else {}),
+                }
+                for o in outcomes
+            },
         )
         return EXIT_FAILED if status == "failed" else EXIT_OK
     finally:

@@ -1,9 +1,9 @@
 -- Kasparro store: the only DDL of the project, applied by etl.py.
 --
 -- Every statement is idempotent, so applying this file to an existing store
--- of the same version changes nothing. `PRAGMA user_version` records the
--- schema version; etl.py migrates an older store in place and refuses a newer
--- one. Times are RFC 3339 UTC text ('2026-11-25T12:00:00Z'), so text order is
+-- changes nothing but what is missing: that is how etl.py migrates an older
+-- store in place (version 1 -> 2 added raw_payload). `PRAGMA user_version`
+-- records the schema version; etl.py refuses a store newer than it knows. Times are RFC 3339 UTC text ('2026-11-25T12:00:00Z'), so text order is
 -- time order.
 
 PRAGMA journal_mode = WAL;
@@ -141,6 +141,20 @@ CREATE TABLE IF NOT EXISTS reject (
     PRIMARY KEY (run_id, source, line)
 ) WITHOUT ROWID;
 
+-- The raw upstream responses of recent runs, gzip-compressed as received, so
+-- a changed normaliser can re-derive the store without refetching
+-- (`python etl.py replay:RUN_ID`). etl.py keeps those of the last
+-- KASPARRO_RAW_KEEP_RUNS runs of each source (default 48) and deletes older ones.
+CREATE TABLE IF NOT EXISTS raw_payload (
+    run_id          INTEGER NOT NULL REFERENCES etl_run (run_id),
+    source          TEXT NOT NULL,
+    page            INTEGER NOT NULL,           -- 1-based request of that run
+    fetched_at      TEXT NOT NULL,
+    url             TEXT NOT NULL,              -- never holds a key: keys travel in headers
+    body            BLOB NOT NULL,              -- gzip of the JSON body
+    PRIMARY KEY (source, run_id, page)
+) WITHOUT ROWID;
+
 -- A single row: the version of the data, moved by every commit that
 -- changes it. The API derives data_version and ETags from it.
 CREATE TABLE IF NOT EXISTS store_meta (
@@ -150,4 +164,4 @@ CREATE TABLE IF NOT EXISTS store_meta (
     committed_at    TEXT NOT NULL
 );
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

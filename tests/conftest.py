@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
+import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,24 @@ from etl_support import ROOT, run_etl, write_csv
 from kasparro import Config, create_app
 
 __all__ = ["ROOT", "run_etl", "write_csv"]
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test talks to anything but this machine's loopback (subprocesses get loopback URLs)."""
+    real_connect = socket.socket.connect
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                loopback = ipaddress.ip_address(address[0]).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise AssertionError(f"a test tried to connect to {address!r}, outside 127.0.0.1")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
 
 
 class SyncConductor:

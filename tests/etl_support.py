@@ -22,8 +22,19 @@ __all__ = ["ROOT", "etl_env", "query", "run_etl", "start_etl", "store_content", 
 
 def etl_env(**extra: str) -> dict[str, str]:
     """The environment of an etl.py subprocess: no inherited KASPARRO_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KASPARRO_")}
-    env.update({"LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}, **extra)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KASPARRO_") and not k.endswith("_API_KEY")}
+    # A test that forgets to point an upstream at its fake gets a refused
+    # connection on loopback, never the internet.
+    env.update(
+        {
+            "LOG_LEVEL": "info",
+            "PYTHONUNBUFFERED": "1",
+            "KASPARRO_COINGECKO_URL": "http://127.0.0.1:9",
+            "KASPARRO_COINPAPRIKA_URL": "http://127.0.0.1:9",
+            "KASPARRO_HTTP_BACKOFF": "0.01",
+        },
+        **extra,
+    )
     return env
 
 

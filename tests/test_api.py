@@ -11,11 +11,11 @@ from typing import Any
 
 import falcon
 import pytest
-from conftest import run_etl, write_csv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import etl
+from conftest import run_etl, write_csv
 from etl_support import writer_lock_held
 from kasparro import Config, Store, create_app
 
