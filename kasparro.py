@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import hashlib
 import hmac
+import importlib.util
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import struct
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -30,6 +31,9 @@ import falcon.asgi
 import msgspec
 import structlog
 from msgspec import Meta
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 __version__ = "0.3.0"
 
@@ -50,6 +54,12 @@ class Config:
     env: str = "development"
     readers: int = 4  # read-only connections, each with its own thread
     reopen_interval: float = 1.0  # seconds between attempts to open a missing store
+    # PROMETHEUS_MULTIPROC_DIR: where uvicorn's worker processes share their request metrics. It must
+    # be an empty directory made fresh for each start of the service, writable by it, and the variable
+    # must be set before uvicorn starts (prometheus-client reads it when first imported): in the
+    # container, e.g. `PROMETHEUS_MULTIPROC_DIR=$(mktemp -d /tmp/kasparro-metrics.XXXXXX)`, as /tmp is
+    # a tmpfs there. Unset: one process, metrics kept in memory.
+    metrics_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Config:
@@ -61,26 +71,57 @@ class Config:
             api_keys=keys,
             log_level=environ.get("LOG_LEVEL", "info").lower(),
             env=environ.get("ENV", "development"),
+            metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"]) if environ.get("PROMETHEUS_MULTIPROC_DIR") else None,
         )
 
 
+LOG_HANDLER = "kasparro"
+
+
 def configure_logging(level: str) -> None:
-    """JSON lines on stdout, or readable console lines on a TTY, bound to contextvars."""
+    """JSON lines on stdout, or readable console lines on a TTY, for structlog and stdlib (uvicorn) alike.
+
+    The app's own events take structlog's short path to stdout; records of
+    stdlib loggers (uvicorn, uvicorn.error) reach the root handler, whose
+    ProcessorFormatter runs them through the same processors and renderer.
+    """
+    threshold = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     renderer = structlog.dev.ConsoleRenderer() if sys.stdout.isatty() else structlog.processors.JSONRenderer()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.set_name(LOG_HANDLER)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if h.get_name() == LOG_HANDLER]:
+        root.removeHandler(previous)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+        uvicorn_logger.setLevel(threshold)
+    # The app logs one line per request itself; uvicorn's access line would repeat it.
+    logging.getLogger("uvicorn.access").setLevel(max(threshold, logging.WARNING))
 
 
 # --- wire types -----------------------------------------------------------
@@ -151,7 +192,7 @@ class AssetPage(Wire, frozen=True):
     request_id: RequestId
     api_latency_ms: LatencyMs
     data: list[Asset]
-    page: Annotated[int | None, Meta(ge=1, description="page number; null when a cursor was used")]
+    page: Annotated[Annotated[int, Meta(ge=1)] | None, Meta(description="page number; null when a cursor was used")]
     page_size: PageSize
     total_items: Annotated[int, Meta(ge=0, description="assets matching filter_by")]
     total_pages: Count
@@ -469,6 +510,21 @@ NULLABLE_SORTS = frozenset(NUMBER_FIELDS)
 SORT_EXPRESSIONS = {field: field for field in SORT_FIELDS} | {"name": "name COLLATE NOCASE"}
 STATUSES = ("active", "inactive")
 DATA_PARAMS = ("page", "page_size", "filter_by", "sort", "cursor")
+SORTS = tuple(prefix + field for field in SORT_FIELDS for prefix in ("", "-"))
+MAX_PAGE = 999_999_999
+CURSOR = re.compile(r"[A-Za-z0-9_-]{12,512}")
+
+# The syntax of filter_by, in the dialect shared by Python and JSON Schema (ECMA-262): the parser's
+# words, lower-case, with plain spaces. The API refuses what it does not match, so the pattern that
+# the OpenAPI document publishes is exactly as strict as the API.
+CONDITION_SYNTAX = (
+    f"(?:{'|'.join(STATUSES)}"
+    f"|(?:{'|'.join(TEXT_FIELDS)}) *[:~][^,]*[^ ,][^,]*"
+    f"|(?:{'|'.join(NUMBER_FIELDS + TIME_FIELDS)}) *(?::|[<>]=?)[^,]*[^ ,][^,]*)"
+)
+FILTER_SYNTAX = f" *(?:{CONDITION_SYNTAX} *(?:, *{CONDITION_SYNTAX} *)*)?"
+CONDITION_PART = re.compile(f" *{CONDITION_SYNTAX} *")
+FILTER = re.compile(FILTER_SYNTAX)
 
 OPERATOR = re.compile(r">=|<=|[:~<>]")
 NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
@@ -539,42 +595,44 @@ def parse_asset_query(params: Mapping[str, str]) -> AssetQuery:
     if unknown:
         raise InvalidQuery(f"unknown parameter {unknown[0]!r}; known: {', '.join(DATA_PARAMS)}")
     cursor = params.get("cursor") or None
+    page = parse_int("page", params.get("page", "1"), 1, MAX_PAGE)  # checked even when a cursor overrides it
     return AssetQuery(
         conditions=parse_filter(params.get("filter_by", "")),
-        sort=parse_sort(params.get("sort", "")),
-        page=1 if cursor else parse_int("page", params.get("page", "1"), 1, None),
+        sort=parse_sort(params.get("sort")),
+        page=1 if cursor else page,
         page_size=parse_int("page_size", params.get("page_size", "10"), 1, 100),
         cursor=cursor,
     )
 
 
-def parse_int(name: str, text: str, low: int, high: int | None) -> int:
-    """A bounded integer parameter, or InvalidQuery naming it."""
-    bounds = f"from {low} to {high}" if high is not None else f"{low} or more"
-    if not re.fullmatch(r"\+?\d{1,9}", text.strip()):
-        raise InvalidQuery(f"{name}: expected an integer {bounds}, got {text[:40]!r}")
+def parse_int(name: str, text: str, low: int, high: int) -> int:
+    """A bounded integer parameter in plain decimal digits, or InvalidQuery naming it."""
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise InvalidQuery(f"{name}: expected an integer from {low} to {high}, got {text[:40]!r}")
     value = int(text)
-    if value < low or (high is not None and value > high):
-        raise InvalidQuery(f"{name}: must be {bounds}, got {value}")
+    if not low <= value <= high:
+        raise InvalidQuery(f"{name}: must be from {low} to {high}, got {value}")
     return value
 
 
-def parse_sort(text: str) -> Sort:
-    text = text.strip()
-    if not text:
+def parse_sort(text: str | None) -> Sort:
+    """A sortable field, '-' first for descending; absent means rank."""
+    if text is None:
         return Sort()
-    descending = text.startswith("-")
-    field = text.removeprefix("-").strip().lower()
-    if field not in SORT_FIELDS:
-        raise InvalidQuery(f"sort: unknown field {text[:40]!r}; sortable: {', '.join(SORT_FIELDS)}")
-    return Sort(field, descending)
+    if text not in SORTS:
+        raise InvalidQuery(f"sort: unknown field {text[:40]!r}; sortable: {', '.join(SORT_FIELDS)}, '-' for descending")
+    return Sort(text.removeprefix("-"), text.startswith("-"))
 
 
 def parse_filter(text: str) -> tuple[Condition, ...]:
     """filter_by: comma-separated conditions, normalised, deduplicated and ordered."""
-    if not text.strip():
-        return ()
-    conditions = {parse_condition(part.strip()) for part in text.split(",")}
+    conditions = {parse_condition(part.strip()) for part in text.split(",")} if text.strip() else set()
+    if not FILTER.fullmatch(text):
+        part = next((part for part in text.split(",") if not CONDITION_PART.fullmatch(part)), text)
+        raise InvalidQuery(
+            f"filter_by: {part[:60]!r} is not field, operator, value: fields and statuses are lower-case,"
+            " and only plain spaces may surround them"
+        )
     return tuple(sorted(conditions, key=str))
 
 
@@ -711,7 +769,10 @@ def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
     text = query.cursor or ""
     if not re.fullmatch(r"[A-Za-z0-9_-]{12,512}", text):
         raise InvalidQuery("cursor: not a token given by next_cursor")
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:  # a length no base64 text has (4n + 1)
+        raise InvalidQuery("cursor: not a token given by next_cursor") from None
     payload, tag = raw[:-8], raw[-8:]
     expected = hashlib.blake2b(payload, key=cursor_key(version), digest_size=8).digest()
     if not hmac.compare_digest(tag, expected):
@@ -770,7 +831,8 @@ def not_modified(req: falcon.asgi.Request, resp: falcon.asgi.Response, tag: str)
 class IndexResource:
     """GET /: what the service is and where its endpoints are."""
 
-    ENDPOINTS = ("GET /", "GET /data", "GET /data/{asset_id}", "GET /health", "GET /stats")
+    ENDPOINTS = ("GET /", "GET /data", "GET /data/{asset_id}", "GET /health", "GET /stats", "GET /metrics",
+                 "GET /openapi.json", "GET /docs")  # fmt: skip
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         send(resp, Index(message="Kasparro Backend Service", version=__version__, endpoints=list(self.ENDPOINTS)))
@@ -959,16 +1021,523 @@ class StatsResource:
         )
 
 
+# --- metrics --------------------------------------------------------------
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+UNMATCHED_ROUTE = "unmatched"  # the one label of every URL that matches no route
+
+
+class HttpMetrics:
+    """Requests answered, their latency and those in flight, by route template and status."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("route", "status")
+        self.requests = Counter("kasparro_http_requests", "HTTP requests answered", labels, registry=registry)
+        self.latency = Histogram(
+            "kasparro_http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        in_flight = Gauge(
+            "kasparro_http_requests_in_flight",
+            "HTTP requests being answered",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.begin, self.end = in_flight.inc, in_flight.dec
+        # Each (route, status) series resolved once: routes are the app's templates, statuses its own.
+        self._series: dict[tuple[str | None, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
+
+    def observe(self, route: str | None, status: int, seconds: float) -> None:
+        series = self._series.get((route, status))
+        if series is None:
+            labels = (route or UNMATCHED_ROUTE, str(status))
+            series = (self.requests.labels(*labels).inc, self.latency.labels(*labels).observe)
+            self._series[route, status] = series
+        count, record = series
+        count()
+        record(seconds)
+
+
+@dataclass(frozen=True)
+class MetricFamilies:
+    """Metric families read at scrape time, in the shape prometheus-client's exposition expects."""
+
+    families: Sequence[Metric]
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+# Each source's latest finished run, and when it last succeeded.
+LATEST_SOURCE_RUNS_SQL = """
+SELECT source, rows_read, rows_loaded, rows_rejected, last_success_at FROM (
+    SELECT source, rows_read, rows_loaded, rows_rejected,
+           max(ended_at) FILTER (WHERE status IN ('success', 'partial')) OVER per_source AS last_success_at,
+           row_number() OVER (per_source ORDER BY run_id DESC) AS recency
+    FROM run_source WHERE status != 'running'
+    WINDOW per_source AS (PARTITION BY source)
+) WHERE recency = 1 ORDER BY source
+"""
+
+
+async def store_gauges(snapshot: Snapshot) -> list[Metric]:
+    """ETL freshness and rows, assets and data age, as the snapshot sees them."""
+    freshness = GaugeMetricFamily(
+        "kasparro_etl_last_success_age_seconds", "Seconds since the source's last successful ETL run", labels=["source"]
+    )
+    rows = GaugeMetricFamily(
+        "kasparro_etl_last_run_rows", "Rows of the source's latest finished ETL run", labels=["source", "outcome"]
+    )
+    for run in await snapshot.all(LATEST_SOURCE_RUNS_SQL):
+        if run["last_success_at"]:
+            freshness.add_metric([run["source"]], age_seconds(run["last_success_at"]))
+        for outcome in ("read", "loaded", "rejected"):
+            rows.add_metric([run["source"], outcome], run[f"rows_{outcome}"])
+    families: list[Metric] = [freshness, rows]
+    overall = await snapshot.one("SELECT max(ended_at) AS ended_at FROM etl_run WHERE status IN ('success', 'partial')")
+    if overall and overall["ended_at"]:
+        families.append(
+            GaugeMetricFamily(
+                "kasparro_etl_run_last_success_age_seconds",
+                "Seconds since the last successful ETL run",
+                value=age_seconds(overall["ended_at"]),
+            )
+        )
+    assets = GaugeMetricFamily("kasparro_assets", "Assets in the store, by status", labels=["status"])
+    counted = {
+        row["status"]: row["n"] for row in await snapshot.all("SELECT status, count(*) AS n FROM asset GROUP BY status")
+    }
+    for status in STATUSES:
+        assets.add_metric([status], counted.get(status, 0))
+    families.append(assets)
+    meta = await snapshot.one("SELECT committed_at FROM store_meta WHERE id = 1")
+    if meta is not None:
+        families.append(
+            GaugeMetricFamily(
+                "kasparro_data_version_age_seconds",
+                "Seconds since the ETL last committed new data",
+                value=age_seconds(meta["committed_at"]),
+            )
+        )
+    return families
+
+
+class MetricsResource:
+    """GET /metrics: request metrics of every worker, and store gauges read at scrape time."""
+
+    def __init__(self, store: Store, registry: CollectorRegistry) -> None:
+        self.store = store
+        self.registry = registry
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        try:
+            async with self.store.snapshot() as snapshot:
+                families = await store_gauges(snapshot)
+            readable = True
+        except StoreUnavailable:
+            families, readable = [], False
+        up = GaugeMetricFamily("kasparro_store_up", "1 when the store can be read", value=float(readable))
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = generate_latest(self.registry) + generate_latest(MetricFamilies([up, *families]))
+
+
+def metrics_registry(config: Config) -> tuple[CollectorRegistry, CollectorRegistry]:
+    """Where request metrics are recorded, and what a scrape reads them from (all workers' files)."""
+    recorded = CollectorRegistry()
+    if config.metrics_dir is None:
+        return recorded, recorded
+    scraped = CollectorRegistry()
+    MultiProcessCollector(scraped, path=str(config.metrics_dir))
+    return recorded, scraped
+
+
+# --- OpenAPI document and docs --------------------------------------------
+
+SCHEMA_REF = "#/components/schemas/{name}"
+FILTER_GRAMMAR_TEXT = f"""Comma-separated conditions; all must hold.
+
+    filter_by  = [condition *("," condition)]
+    condition  = status | field op value
+    status     = "active" | "inactive"          (shorthand for status:word)
+    op         = ":" | "~" | ">" | ">=" | "<" | "<="
+
+- `field:value` equals; on text it ignores case, and `a|b` means either.
+- `field~text` contains, ignoring case (text fields only).
+- `>`, `>=`, `<`, `<=` compare numbers and `updated_at` (an RFC 3339 time or date).
+- Text fields: {", ".join(TEXT_FIELDS)}. Number fields: {", ".join(NUMBER_FIELDS)}. Time: updated_at.
+- Field names and bare statuses are lower-case; plain spaces may surround conditions.
+
+Anything else (unknown field, bad number or time, empty condition) is a 400 problem naming it."""
+
+EXAMPLE_ASSET = Asset(
+    asset_id="bitcoin",
+    symbol="BTC",
+    name="Bitcoin",
+    rank=1,
+    price_usd=95240.12,
+    market_cap_usd=1898218475025.0,
+    volume_24h_usd=76139295205.0,
+    change_24h_pct=-3.22,
+    status="active",
+    sources=["csv:sample"],
+    updated_at="2026-11-25T12:00:00Z",
+)
+EXAMPLE_REQUEST_ID = "0b7e9c1e-4a8f-4d2b-9a57-2f1c3d5e6a70"
+
+
+def examples() -> dict[str, msgspec.Struct]:
+    """A body of each response, from the shipped sample."""
+    quote_fields = {k: v for k, v in msgspec.structs.asdict(EXAMPLE_ASSET).items() if k in Quote.__struct_fields__}
+    totals = dict(
+        runs=1,
+        successes=1,
+        partials=0,
+        failures=0,
+        rows_read=255,
+        rows_loaded=255,
+        rows_rejected=0,
+        last_success_at="2026-11-25T12:00:03Z",
+        last_failure_at=None,
+        last_error=None,
+        avg_duration_ms=412.0,
+    )
+    run = dict(
+        status="success",
+        started_at="2026-11-25T12:00:02Z",
+        ended_at="2026-11-25T12:00:03Z",
+        rows_read=255,
+        rows_loaded=255,
+        rows_rejected=0,
+        duration_ms=412,
+        error=None,
+    )
+    outcome = RunSourceOutcome(source="csv:sample", detail=None, drift={}, **run)
+    return {
+        "index": Index(
+            message="Kasparro Backend Service", version=__version__, endpoints=list(IndexResource.ENDPOINTS)
+        ),
+        "page": AssetPage(
+            request_id=EXAMPLE_REQUEST_ID,
+            api_latency_ms=0.42,
+            data=[EXAMPLE_ASSET],
+            page=1,
+            page_size=1,
+            total_items=255,
+            total_pages=255,
+            next_cursor="kpJTzBmZWM0YTg2N2I4NGQ5MDbCy3_d",
+            data_version="5f0c2a-1",
+        ),
+        "detail": AssetDetail(
+            **msgspec.structs.asdict(EXAMPLE_ASSET),
+            quotes=[
+                Quote(source="csv:sample", source_id="bitcoin", observed_at="2026-11-25T12:00:00Z", **quote_fields)
+            ],
+        ),
+        "health": Health(
+            status="healthy", db_connected=True, etl_last_run="2026-11-25T12:00:03Z", etl_status="success"
+        ),
+        "unhealthy": Health(status="unhealthy", db_connected=False, etl_last_run=None, etl_status=None),
+        "stats": Stats(
+            data_version="5f0c2a-1",
+            overall=RunTotals(**totals),
+            sources=[SourceTotals(source="csv:sample", **totals)],
+            recent_runs=[Run(run_id=1, sources=["csv:sample"], pid=4242, host="kasparro-1", outcomes=[outcome], **run)],
+        ),
+        "problem": Problem(
+            type="about:blank",
+            title="Bad Request",
+            status=400,
+            request_id=EXAMPLE_REQUEST_ID,
+            api_latency_ms=0.08,
+            detail="filter_by: unknown field 'colour' in 'colour:red'; fields: asset_id, symbol, name, status, ...",
+        ),
+    }
+
+
+def openapi_document(config: Config) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the API, its bodies' schemas generated from the wire Structs."""
+    refs, schemas = msgspec.json.schema_components(
+        (Index, AssetPage, AssetDetail, Health, Stats, Problem), ref_template=SCHEMA_REF
+    )
+    index, page, detail, health, stats, problem = refs
+    example = {name: msgspec.to_builtins(body) for name, body in examples().items()}
+    string = {"type": "string"}
+    request_id = {
+        "X-Request-ID": {
+            "description": "the request's id (a sane X-Request-ID sent is echoed)",
+            "required": True,
+            "schema": string,
+        }
+    }
+    etag = {
+        "ETag": {
+            "description": "weak tag of data_version and the query; send it in If-None-Match",
+            "required": True,
+            "schema": {"type": "string", "pattern": '^W/"[0-9a-f]{24}"$'},
+        }
+    }
+
+    def body(description: str, schema: dict, sample: Any, media: str = falcon.MEDIA_JSON, **headers: Any) -> dict:
+        return {
+            "description": description,
+            "headers": {**request_id, **headers},
+            "content": {media: {"schema": schema, "example": sample}},
+        }
+
+    def refer(name: str) -> dict:
+        return {"$ref": f"#/components/responses/{name}"}
+
+    problems = {
+        "BadRequest": (400, "a query parameter cannot be understood; detail names it", {}),
+        "Unauthorized": (
+            401,
+            "an API key is configured and none (or a wrong one) was sent",
+            {"WWW-Authenticate": {"required": True, "schema": string}},
+        ),
+        "NotFound": (404, "no such asset, or no such path", {}),
+        "MethodNotAllowed": (
+            405,
+            "the path does not answer this method",
+            {"Allow": {"required": True, "schema": string}},
+        ),
+        "ServiceUnavailable": (
+            503,
+            "the store is not readable yet; retry shortly",
+            {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}},
+        ),
+        "InternalServerError": (500, "an unexpected error; quote the request_id", {}),
+    }
+    responses = {
+        name: body(
+            description,
+            problem,
+            {**example["problem"], "status": status, "title": HTTPStatus(status).phrase},
+            MEDIA_PROBLEM,
+            **headers,
+        )
+        for name, (status, description, headers) in problems.items()
+    }
+    responses["NotModified"] = {
+        "description": "the client's copy (If-None-Match) is current",
+        "headers": {**request_id, **etag},
+    }
+    guarded = ("400", "401", "503") if config.api_keys else ("400", "503")
+
+    def operation(summary: str, ok: dict, *errors: str, parameters: Sequence[dict] = (), **more: dict) -> dict:
+        names = {
+            "304": "NotModified",
+            "400": "BadRequest",
+            "401": "Unauthorized",
+            "404": "NotFound",
+            "503": "ServiceUnavailable",
+        }
+        answers = {"200": ok, **more, **{status: refer(names[status]) for status in errors}}
+        answers["500"] = refer("InternalServerError")
+        spec: dict[str, Any] = {
+            "summary": summary,
+            "operationId": summary.split()[0].lower().strip(":"),
+            "responses": answers,
+        }
+        if parameters:
+            spec["parameters"] = list(parameters)
+        return {"get": spec}
+
+    if_none_match = {
+        "name": "If-None-Match",
+        "in": "header",
+        "schema": string,
+        "description": "an ETag of an earlier answer: 304 when it is still current",
+    }
+    data_parameters = [
+        {
+            "name": "page",
+            "in": "query",
+            "description": "page number (ignored when cursor is given)",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 1},
+        },
+        {
+            "name": "page_size",
+            "in": "query",
+            "description": "assets per page",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+        },
+        {
+            "name": "filter_by",
+            "in": "query",
+            "description": FILTER_GRAMMAR_TEXT,
+            "schema": {"type": "string", "pattern": f"^{FILTER_SYNTAX}$", "default": ""},
+            "examples": {
+                "active top ten": {"value": "active,rank<=10"},
+                "either symbol": {"value": "symbol:btc|eth"},
+                "name contains": {"value": "name~coin"},
+                "listed by a source": {"value": "source:csv:sample"},
+            },
+        },
+        {
+            "name": "sort",
+            "in": "query",
+            "schema": {"type": "string", "enum": list(SORTS), "default": "rank"},
+            "description": "a sortable field, '-' first for descending; nulls last, ties by asset_id",
+        },
+        {
+            "name": "cursor",
+            "in": "query",
+            "schema": {"type": "string", "pattern": f"^(?:{CURSOR.pattern})?$"},
+            "description": "next_cursor of the previous page, for the same filter_by and sort; page is then ignored",
+        },
+        if_none_match,
+    ]
+    asset_id = {
+        "name": "asset_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1},
+        "description": "the asset's stable slug",
+        "example": "bitcoin",
+    }
+    text = {
+        "description": "Prometheus text exposition",
+        "headers": request_id,
+        "content": {"text/plain": {"schema": string}},
+    }
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Kasparro",
+            "version": __version__,
+            "description": "Unified crypto-asset market data, loaded by the ETL and served read-only.",
+        },
+        "paths": {
+            "/": operation("Index: the service and its endpoints", body("the service", index, example["index"])),
+            "/data": operation(
+                "Assets: a page of unified records",
+                body("a page of assets", page, example["page"], **etag),
+                *guarded,
+                parameters=data_parameters,
+                **{"304": refer("NotModified")},
+            ),
+            "/data/{asset_id}": operation(
+                "Asset: one unified record with its quotes",
+                body("the asset with the latest quote of each source", detail, example["detail"], **etag),
+                *guarded[1:],
+                "404",
+                parameters=[asset_id, if_none_match],
+                **{"304": refer("NotModified")},
+            ),
+            "/health": operation(
+                "Health: store readable, ETL fresh",
+                body("healthy or degraded", health, example["health"]),
+                **{"503": body("unhealthy: the store cannot be read", health, example["unhealthy"])},
+            ),
+            "/stats": operation("Stats: ETL outcomes", body("ETL runs summed", stats, example["stats"]), *guarded[1:]),
+            "/metrics": operation("Metrics: Prometheus exposition", text),
+            "/openapi.json": operation(
+                "OpenAPI: this document",
+                body("OpenAPI 3.1", {"type": "object"}, {"openapi": "3.1.0"}),
+            ),
+            "/docs": operation(
+                "Docs: interactive documentation (Swagger UI)",
+                {
+                    "description": "an HTML page",
+                    "headers": request_id,
+                    "content": {"text/html": {"schema": string}},
+                },
+            ),
+        },
+        "components": {"schemas": schemas, "responses": responses},
+    }
+    if config.api_keys:
+        document["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        for path in ("/data", "/data/{asset_id}", "/stats"):
+            document["paths"][path]["get"]["security"] = [{"bearer": []}, {"apiKey": []}]
+    return document
+
+
+# Swagger UI's files, served by the app itself from the swagger-ui-py package, so the docs need no internet.
+SWAGGER_UI_FILES = {
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+}
+DOCS_INIT_JS = b"""window.onload = () => {
+  window.ui = SwaggerUIBundle({
+    url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true, validatorUrl: null,
+    presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout",
+  });
+};
+"""
+DOCS_HTML = b"""<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>Kasparro API</title>
+  <link rel="icon" type="image/png" href="/docs/favicon-32x32.png">
+  <link rel="stylesheet" href="/docs/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/swagger-ui-bundle.js"></script>
+  <script src="/docs/init.js"></script>
+</body>
+</html>
+"""
+
+
+def swagger_ui_dir() -> Path:
+    """The static folder of the swagger-ui-py package, found without importing it (it would pull jinja2)."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-py is not installed: pip install -r requirements.txt")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+class DocsResource:
+    """GET /docs (Swagger UI over /openapi.json), its files, and GET /openapi.json, all held in memory."""
+
+    CACHE = "public, max-age=3600"
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.openapi = encode(document)
+        folder = swagger_ui_dir()
+        self.files = {name: ((folder / name).read_bytes(), media) for name, media in SWAGGER_UI_FILES.items()}
+        self.files["init.js"] = (DOCS_INIT_JS, "text/javascript; charset=utf-8")
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.data = DOCS_HTML
+
+    async def on_get_file(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
+        if name not in self.files:
+            raise falcon.HTTPNotFound(description=f"no docs file {name[:100]!r}")
+        resp.data, resp.content_type = self.files[name]
+        resp.cache_control = [self.CACHE]
+
+    async def on_get_openapi(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.openapi
+
+
 # --- middleware and errors ------------------------------------------------
 
 SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class RequestContext:
-    """Request id, timing and the one log line per request."""
+    """Request id, timing, metrics and the one log line per request."""
+
+    def __init__(self, metrics: HttpMetrics) -> None:
+        self.metrics = metrics
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.started = time.perf_counter()
+        self.metrics.begin()
         offered = req.get_header("X-Request-ID") or ""
         req.context.request_id = offered if SANE_REQUEST_ID.fullmatch(offered) else str(uuid.uuid4())
         structlog.contextvars.clear_contextvars()
@@ -977,13 +1546,16 @@ class RequestContext:
     async def process_response(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, req_succeeded: bool
     ) -> None:
+        seconds = time.perf_counter() - req.context.started
+        self.metrics.end()
+        self.metrics.observe(req.uri_template, resp.status_code, seconds)
         resp.set_header("X-Request-ID", req.context.request_id)
         log.info(
             "request",
             method=req.method,
             route=req.uri_template or "(no route)",
             status=resp.status_code,
-            duration_ms=latency_ms(req),
+            duration_ms=round(seconds * 1000, 3),
         )
 
 
@@ -1009,16 +1581,19 @@ class ApiKeyAuth:
 
 
 class Lifespan:
-    """Open the store when the server starts and close it when it stops."""
+    """Open the store when the server starts; close it, and retire this worker's live gauges, when it stops."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics_dir: Path | None) -> None:
         self.store = store
+        self.metrics_dir = metrics_dir
 
     async def process_startup(self, scope: dict, event: dict) -> None:
         await self.store.open()
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
         await self.store.close()
+        if self.metrics_dir is not None:
+            mark_process_dead(os.getpid(), str(self.metrics_dir))
 
 
 def serialize_problem(req: falcon.asgi.Request, resp: falcon.asgi.Response, error: falcon.HTTPError) -> None:
@@ -1064,7 +1639,14 @@ def create_app(config: Config) -> falcon.asgi.App:
     """The API over the store at config.db."""
     configure_logging(config.log_level)
     store = Store(config.db, config.readers, config.reopen_interval)
-    app = falcon.asgi.App(middleware=[RequestContext(), ApiKeyAuth(config.api_keys), Lifespan(store)])
+    recorded, scraped = metrics_registry(config)
+    app = falcon.asgi.App(
+        middleware=[
+            RequestContext(HttpMetrics(recorded)),
+            ApiKeyAuth(config.api_keys),
+            Lifespan(store, config.metrics_dir),
+        ]
+    )
     app.req_options.keep_blank_qs_values = True
     app.resp_options.secure_cookies_by_default = config.env == "production"
     app.set_error_serializer(serialize_problem)
@@ -1077,6 +1659,11 @@ def create_app(config: Config) -> falcon.asgi.App:
     app.add_route("/data/{asset_id}", assets, suffix="asset")
     app.add_route("/health", HealthResource(store, config.etl_max_age))
     app.add_route("/stats", StatsResource(store))
+    app.add_route("/metrics", MetricsResource(store, scraped))
+    docs = DocsResource(openapi_document(config))
+    app.add_route("/openapi.json", docs, suffix="openapi")
+    app.add_route("/docs", docs)
+    app.add_route("/docs/{name}", docs, suffix="file")
     return app
 
 

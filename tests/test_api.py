@@ -274,7 +274,7 @@ def test_health_is_degraded_after_a_failed_run(client: Any, store_path: Path, tm
 
 
 def test_health_tells_a_live_run_from_a_dead_one(client: Any, store_path: Path) -> None:
-    conn = etl.connect(store_path)
+    conn = etl.connect(store_path, busy_timeout=5)
     try:
         etl.start_run(conn, [etl.CsvSource(Path("never-read.csv"))])
     finally:

@@ -1,0 +1,173 @@
+"""GET /metrics (one process and several uvicorn workers), GET /docs offline, and uvicorn's logs in our pipeline."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kasparro import Config
+
+REQUESTS = "kasparro_http_requests_total"
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of an exposition, keyed by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def count(scraped: dict[tuple[str, frozenset], float], route: str, status: str = "200") -> float:
+    return scraped.get((REQUESTS, frozenset({("route", route), ("status", status)})), 0.0)
+
+
+def label_values(scraped: dict[tuple[str, frozenset], float], name: str, label: str) -> set[str]:
+    return {dict(labels)[label] for sample, labels in scraped if sample == name and label in dict(labels)}
+
+
+# --- GET /metrics in one process -----------------------------------------
+
+
+def test_requests_are_counted_by_route_template_and_status(client: Any) -> None:
+    for path in ("/data/bitcoin", "/data/ethereum", "/data/no-such-coin", "/health", "/health"):
+        client.get(path)
+    client.get("/data", params={"page_size": "0"})
+    result = client.get("/metrics")
+    assert result.status_code == 200
+    assert result.headers["content-type"].startswith("text/plain; version=")
+    scraped = samples(result.text)
+    assert count(scraped, "/data/{asset_id}") == 2
+    assert count(scraped, "/data/{asset_id}", "404") == 1
+    assert count(scraped, "/health") == 2
+    assert count(scraped, "/data", "400") == 1
+    latency = frozenset({("route", "/health"), ("status", "200"), ("le", "+Inf")})
+    assert scraped[("kasparro_http_request_duration_seconds_bucket", latency)] == 2
+    assert scraped[("kasparro_http_requests_in_flight", frozenset())] == 1  # the scrape itself
+
+
+def test_unknown_urls_share_one_label(client: Any) -> None:
+    for _ in range(5):
+        client.get(f"/{uuid.uuid4()}/{uuid.uuid4()}?x=<script>")
+    client.request("PATCH", f"/{uuid.uuid4()}")
+    scraped = samples(client.get("/metrics").text)
+    routes = label_values(scraped, REQUESTS, "route")
+    assert routes == {"unmatched"}
+    assert count(scraped, "unmatched", "404") == 6
+    assert all(not re.search(r"[0-9a-f]{8}-", key) for key in routes)
+
+
+def test_store_gauges_are_read_at_scrape_time(client: Any) -> None:
+    scraped = samples(client.get("/metrics").text)
+    assert scraped[("kasparro_store_up", frozenset())] == 1
+    by_status = {
+        status: scraped[("kasparro_assets", frozenset({("status", status)}))] for status in ("active", "inactive")
+    }
+    assert sum(by_status.values()) == 255 and by_status["active"] > 0
+    source = frozenset({("source", "csv:sample")})
+    assert 0 <= scraped[("kasparro_etl_last_success_age_seconds", source)] < 3600
+    assert 0 <= scraped[("kasparro_etl_run_last_success_age_seconds", frozenset())] < 3600
+    assert 0 <= scraped[("kasparro_data_version_age_seconds", frozenset())] < 3600
+    rows = {outcome: scraped[("kasparro_etl_last_run_rows", source | {("outcome", outcome)})]
+            for outcome in ("read", "loaded", "rejected")}  # fmt: skip
+    assert rows == {"read": 255, "loaded": 255, "rejected": 0}
+
+
+def test_metrics_answer_without_a_store(make_client: Any, tmp_path: Path) -> None:
+    client = make_client(Config(db=tmp_path / "absent.db", log_level="warning"))
+    client.get("/data")
+    result = client.get("/metrics")
+    assert result.status_code == 200
+    scraped = samples(result.text)
+    assert scraped[("kasparro_store_up", frozenset())] == 0
+    assert count(scraped, "/data", "503") == 1
+
+
+# --- GET /metrics with two uvicorn workers -------------------------------
+
+
+def test_two_workers_count_every_request_exactly_once(live_server: Any, store_path: Path, tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    server = live_server(store_path, "--workers", "2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), LOG_LEVEL="info")
+    before = count(samples(server.get("/metrics")[2].decode()), "/data/{asset_id}")
+    n = 120
+    for i in range(n):  # a new connection each: the kernel spreads them over both workers
+        assert server.get(f"/data/{('bitcoin', 'ethereum', 'tether')[i % 3]}")[0] == 200
+    server.get(f"/{uuid.uuid4()}")
+    scrapes = [samples(server.get("/metrics")[2].decode()) for _ in range(6)]
+    for scraped in scrapes:
+        assert count(scraped, "/data/{asset_id}") - before == n
+        assert count(scraped, "unmatched", "404") == 1
+        assert "unmatched" in label_values(scraped, REQUESTS, "route")
+        assert not any(route.startswith("/") and "-" in route for route in label_values(scraped, REQUESTS, "route"))
+    pids = {re.sub(r"\D", "", path.name) for path in metrics_dir.glob("counter_*.db")}
+    assert len(pids) == 2, f"both workers answered requests: {sorted(p.name for p in metrics_dir.iterdir())}"
+
+    lines = server.output.read_text().splitlines()
+    # The supervisor never imports the app, so its few lines keep uvicorn's format; the workers' are JSON.
+    supervisor = [line for line in lines if not line.startswith("{")]
+    assert all(re.match(r"INFO: +(Uvicorn running|Started parent process)", line) for line in supervisor), supervisor
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    uvicorn_events = [r["event"] for r in records if r.get("logger", "").startswith("uvicorn")]
+    assert any("Started server process" in event for event in uvicorn_events), uvicorn_events
+    assert not [r for r in records if r.get("logger") == "uvicorn.access"]
+    requests = [r for r in records if r["event"] == "request" and r["route"] == "/data/{asset_id}"]
+    assert len(requests) == n  # one line per request, from the app only
+    assert all({"request_id", "timestamp", "level", "status", "duration_ms"} <= set(r) for r in requests)
+
+
+def test_log_level_quiets_uvicorn_too(live_server: Any, store_path: Path) -> None:
+    server = live_server(store_path, LOG_LEVEL="warning")
+    server.get("/health")
+    server.process.terminate()
+    server.process.wait(timeout=10)
+    records = [json.loads(line) for line in server.output.read_text().splitlines()]
+    assert all(r["level"] in ("warning", "error", "critical") for r in records), records
+
+
+# --- GET /docs -----------------------------------------------------------
+
+
+class References(HTMLParser):
+    """The src and href values of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [value for name, value in attrs if name in ("src", "href") and value]
+
+
+def test_docs_page_and_its_files_are_served_offline(client: Any) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    parser = References()
+    parser.feed(page.text)
+    kinds = {".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
+    assert {Path(url).suffix for url in parser.urls} == set(kinds)
+    for url in parser.urls:
+        assert url.startswith("/docs/"), url
+        result = client.get(url)
+        assert result.status_code == 200, url
+        assert result.headers["content-type"].startswith(kinds[Path(url).suffix]), url
+        assert len(result.content) > 100
+        if url.endswith("init.js"):
+            assert "/openapi.json" in result.text and "validatorUrl: null" in result.text
+            assert not re.search(r"https?://", result.text)
+    assert not re.search(r"https?://", page.text)
+    assert client.get("/docs/../kasparro.py").status_code == 404
+    assert client.get("/docs/swagger-editor-bundle.js").status_code == 404
+
+
+def test_index_lists_the_new_endpoints(client: Any) -> None:
+    endpoints = client.get("/").json["endpoints"]
+    assert {"GET /metrics", "GET /openapi.json", "GET /docs"} <= set(endpoints)
