@@ -47,7 +47,6 @@ SAMPLE_CSV = HERE / "data" / "sample.csv"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
 BATCH_ROWS = 10_000
 RAW_REJECT_CHARS = 1_000
-BUSY_TIMEOUT_MS = 15_000
 
 log = structlog.get_logger("kasparro.etl")
 
@@ -90,6 +89,7 @@ class EtlConfig:
     coinpaprika_url: str = COINPAPRIKA_URL
     coinpaprika_key: str | None = field(default=None, repr=False)
     raw_keep_runs: int = 48
+    busy_timeout: float = 15.0  # seconds to wait for another writer's transaction
     http: HttpPolicy = HttpPolicy()
 
     @classmethod
@@ -120,6 +120,7 @@ class EtlConfig:
                 or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
                 coinpaprika_key=paprika_key,
                 raw_keep_runs=int(environ.get("KASPARRO_RAW_KEEP_RUNS", "48")),
+                busy_timeout=float(environ.get("KASPARRO_BUSY_TIMEOUT", "15")),
                 http=http,
             )
         except ValueError as error:
@@ -578,8 +579,8 @@ def file_fingerprint(path: Path) -> str:
 # --- normalise ------------------------------------------------------------
 
 Symbol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
-Name = Annotated[str, Meta(min_length=1, max_length=200)]
-SourceId = Annotated[str, Meta(min_length=1, max_length=200)]
+Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+SourceId = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Rank = Annotated[int, Meta(ge=1, le=100_000_000)]
 Usd = Annotated[float, Meta(ge=0, le=1e18)]
 Pct = Annotated[float, Meta(ge=-100, le=1e9)]
@@ -890,13 +891,20 @@ class Batch:
         return self.read
 
 
-def connect(db: Path) -> sqlite3.Connection:
-    """A writer connection in autocommit mode; transactions are explicit."""
-    conn = sqlite3.connect(db, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+def connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
+    """A writer connection in autocommit mode; transactions are explicit.
+
+    Another process's write transaction is waited for up to `busy_timeout`
+    seconds, then the statement fails with "database is locked": the run
+    fails clearly instead of hanging.
+    """
+    conn = sqlite3.connect(db, isolation_level=None, timeout=busy_timeout)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA cache_size = -32768")
+    # Checkpoints shrink the WAL back to this size, however long readers held it.
+    conn.execute("PRAGMA journal_size_limit = 67108864")
     return conn
 
 
@@ -1184,12 +1192,19 @@ def record_cells(source: HttpSource, record: object, drift: collections.Counter[
     return cells
 
 
+# float_hook=float: an out-of-range number (1e400) becomes inf, which rejects
+# only its own record, instead of failing the whole response.
+decode_json = msgspec.json.Decoder(float_hook=float).decode
+
+
 def decode_records(body: bytes, where: str) -> list[object]:
     """The JSON array of records in a response body, or SourceError saying what came instead."""
     try:
-        records = msgspec.json.decode(body)
+        records = decode_json(body)
     except msgspec.DecodeError as error:
         raise SourceError(f"{where}: not valid JSON ({error}) in {len(body)} bytes") from None
+    except RecursionError:
+        raise SourceError(f"{where}: JSON nested too deeply") from None
     if not isinstance(records, list):
         raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
     return records
@@ -1284,7 +1299,7 @@ def start_run(conn: sqlite3.Connection, sources: Sequence[Source]) -> int:
     )
     run_id = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
     if dead:
-        reason = f"the run's process died before it ended; found by run {run_id}"
+        reason = f"the run's process died or could not record its end; found by run {run_id}"
         marks = ",".join("?" * len(dead))
         conn.execute(
             f"UPDATE etl_run SET status = 'failed', ended_at = ?, error = ? WHERE run_id IN ({marks})",
@@ -1465,12 +1480,20 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
     except BlockingIOError as error:
         print(f"etl.py: {error}", file=sys.stderr)
         return EXIT_LOCKED
+    except OSError as error:
+        print(f"etl.py: error: cannot take the writer lock next to {db}: {error.strerror}", file=sys.stderr)
+        return EXIT_FAILED
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(db, sources, config)
     except UsageError as error:
         print(f"etl.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except sqlite3.Error as error:
+        # Unreadable store, or another process's transaction outlasted the busy timeout.
+        log.error("store unusable", db=str(db), error=f"{type(error).__name__}: {error}")
+        print(f"etl.py: error: store {db}: {error}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         os.close(lock)
 
@@ -1478,7 +1501,7 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
 def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
     """One recorded run over the given sources, holding the writer lock."""
     started = time.monotonic()
-    conn = connect(db)
+    conn = connect(db, config.busy_timeout)
     try:
         apply_schema(conn)
         run_id = start_run(conn, sources)

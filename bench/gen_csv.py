@@ -12,7 +12,7 @@ SYLLABLES = ("ka", "spa", "ro", "li", "ne", "to", "mi", "zu", "vor", "tex", "qua
 
 def write_csv(path: Path, rows: int, seed: int = 7, bad_every: int = 0) -> Path:
     """Write `rows` assets (every `bad_every`-th row invalid when set) and return the path."""
-    rng = random.Random(seed)  # noqa: S311 - reproducible test data, not secrets
+    rng = random.Random(seed)
     with path.open("w", encoding="utf-8", newline="") as out:
         out.write(HEADER)
         for n in range(1, rows + 1):

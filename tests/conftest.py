@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -56,6 +64,21 @@ class SyncConductor:
 
     def request(self, method: str, path: str, **kwargs: Any) -> falcon.testing.Result:
         return async_to_sync(self.conductor.simulate_request, method, path, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def big_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200k generated rows, every 997th invalid."""
+    return write_csv(tmp_path_factory.mktemp("big") / "big.csv", 200_000, bad_every=997)
+
+
+@pytest.fixture(scope="session")
+def big_clean(tmp_path_factory: pytest.TempPathFactory, big_csv: Path) -> Path:
+    """The store one uninterrupted run makes of big_csv (do not write to it)."""
+    db = tmp_path_factory.mktemp("clean") / "clean.db"
+    result = run_etl(db, f"csv:{big_csv}")
+    assert result.returncode == 0, result.stderr
+    return db
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +141,59 @@ def sample_assets(sample_store: Path) -> list[dict[str, Any]]:
     for asset in assets:
         asset["listed"] = listed.get(asset["asset_id"], set())
     return assets
+
+
+@dataclass
+class LiveServer:
+    """A running `uvicorn kasparro:app` on 127.0.0.1, with its output collected in a file."""
+
+    base: str
+    process: subprocess.Popen[bytes]
+    output: Path
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """GET without raising on HTTP errors: (status, lower-cased headers, body)."""
+        request = urllib.request.Request(self.base + path, headers=headers or {})  # noqa: S310 - 127.0.0.1
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[Any]:
+    """Factory: start uvicorn over a store with extra arguments and environment; ready once /health answers."""
+    started: list[LiveServer] = []
+
+    def start(db: Path, *args: str, ready_within: float = 30.0, **env: str) -> LiveServer:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        output = tmp_path / f"server-{port}.log"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("KASPARRO_", "PROMETHEUS_"))}
+        with output.open("wb") as sink:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "kasparro:app", "--host", "127.0.0.1", "--port", str(port), *args],
+                cwd=ROOT, env={**environ, "KASPARRO_DB": str(db), **env}, stdout=sink, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        server = LiveServer(f"http://127.0.0.1:{port}", process, output)
+        started.append(server)
+        deadline = time.monotonic() + ready_within
+        while True:
+            assert process.poll() is None, output.read_text()
+            assert time.monotonic() < deadline, f"server not ready in {ready_within} s\n{output.read_text()}"
+            try:
+                if server.get("/health")[0] == 200:
+                    return server
+            except OSError:
+                threading.Event().wait(0.05)  # poll interval while the port opens
+
+    yield start
+    for server in started:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(timeout=10)

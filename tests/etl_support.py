@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -17,7 +18,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gen_csv import write_csv  # noqa: E402
 
-__all__ = ["ROOT", "etl_env", "query", "run_etl", "start_etl", "store_content", "write_csv", "writer_lock_held"]
+__all__ = [
+    "ROOT",
+    "etl_env",
+    "query",
+    "run_etl",
+    "start_etl",
+    "store_content",
+    "wait_for_event",
+    "write_csv",
+    "writer_lock_held",
+]
 
 
 def etl_env(**extra: str) -> dict[str, str]:
@@ -111,3 +122,15 @@ def writer_lock_held(db: Path) -> Iterator[int]:
         yield holder.pid
     finally:
         holder.communicate("")
+
+
+def wait_for_event(proc: subprocess.Popen[str], event: str, count: int = 1) -> dict[str, Any]:
+    """Read an ETL's JSON log lines until `event` has been seen `count` times; return that line."""
+    seen = 0
+    for line in proc.stdout:
+        record = json.loads(line)
+        if record["event"] == event:
+            seen += 1
+            if seen == count:
+                return record
+    raise AssertionError(f"etl.py ended before {event!r} #{count}: {proc.stderr.read()}")

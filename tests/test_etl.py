@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
+import pty
 import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,40 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import etl
-from etl_support import ROOT, last_run, query, run_etl, start_etl, store_content, write_csv
+from etl_support import ROOT, etl_env, last_run, query, run_etl, start_etl, store_content, wait_for_event, write_csv
 
 SAMPLE = ROOT / "data" / "sample.csv"
 HEADER = "id,symbol,name,rank,price_usd,market_cap_usd,volume_24h_usd,change_24h_pct,status,last_updated\n"
 
 
-def wait_for_event(proc, event: str, count: int = 1) -> None:
-    """Read the ETL's JSON log lines until `event` has been seen `count` times."""
-    seen = 0
-    for line in proc.stdout:
-        if json.loads(line)["event"] == event:
-            seen += 1
-            if seen == count:
-                return
-    raise AssertionError(f"etl.py ended before {event!r} #{count}: {proc.stderr.read()}")
-
-
 def integrity(db: Path) -> str:
     return query(db, "PRAGMA integrity_check")[0][0]
-
-
-@pytest.fixture(scope="module")
-def big_csv(tmp_path_factory) -> Path:
-    """200k generated rows, every 997th invalid."""
-    return write_csv(tmp_path_factory.mktemp("big") / "big.csv", 200_000, bad_every=997)
-
-
-@pytest.fixture(scope="module")
-def big_clean(tmp_path_factory, big_csv) -> Path:
-    """The store one uninterrupted run makes of big_csv."""
-    db = tmp_path_factory.mktemp("clean") / "clean.db"
-    result = run_etl(db, f"csv:{big_csv}")
-    assert result.returncode == 0, result.stderr
-    return db
 
 
 # --- idempotence ------------------------------------------------------------
@@ -340,3 +318,24 @@ def test_any_header_is_mapped_or_refused(header):
         assert str(error)
     else:
         assert layout.columns[0] is not None and layout.columns[1] is not None
+
+
+def test_a_tty_shows_a_progress_line(tmp_path):
+    feed = write_csv(tmp_path / "feed.csv", 25_000)
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "etl.py"), "--db", str(tmp_path / "store.db"), f"csv:{feed}"],
+        cwd=ROOT,
+        env=etl_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+        while chunk := os.read(primary, 4096):
+            shown += chunk
+    os.close(primary)
+    assert proc.wait() == 0
+    lines = shown.decode().split("\r")
+    assert any("csv:feed:" in line and "25,000 rows" in line and "100.0%" in line for line in lines)

@@ -286,6 +286,7 @@ def test_keys_are_absent_from_captured_log_events(upstream, tmp_path):
         KASPARRO_COINPAPRIKA_URL=upstream.base_url, COINPAPRIKA_API_KEY="paprika-secret-5678", LOG_LEVEL="debug"
     )
     config = etl.EtlConfig.from_env(env)
+    etl.configure_logging("debug")  # as main() does; other tests may have set a stricter level
     with capture_logs() as logs:
         assert etl.run(tmp_path / "store.db", [etl.parse_source("coinpaprika", config)], config) == 0
     assert {e["event"] for e in logs} >= {"run started", "retrying", "page loaded", "run finished"}

@@ -1,0 +1,251 @@
+"""Faults and hostile input on the ETL side: kills, a stuck writer, WAL growth, poisoned data."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import etl
+from etl_support import ROOT, last_run, query, run_etl, start_etl, store_content, wait_for_event
+from kasparro import Config
+from upstream import COINGECKO_MARKETS, FakeUpstream, Reply, load_fixture
+
+GECKO_PAGES = [load_fixture("coingecko_markets_page1.json"), load_fixture("coingecko_markets_page2.json")]
+
+
+def integrity(db: Path) -> str:
+    return query(db, "PRAGMA integrity_check")[0][0]
+
+
+def served_content(db: Path) -> dict[str, Any]:
+    """What a run produces, less what differs by run (ids, raw payload bookkeeping)."""
+    content = store_content(db)
+    del content["checkpoints"]
+    return content
+
+
+# --- kills --------------------------------------------------------------------------
+
+
+def test_kills_at_20_random_instants_converge_to_one_clean_run(tmp_path, big_csv, big_clean, make_client):
+    """SIGKILL after 0 or 1 committed batches plus a random pause (the instant), 20 times."""
+    chooser = random.Random(20261126)
+    db = tmp_path / "killed.db"
+    for kill in range(20):
+        proc = start_etl(db, f"csv:{big_csv}", LOG_LEVEL="debug")
+        wait_for_event(proc, "run started")
+        if chooser.random() < 0.5:
+            wait_for_event(proc, "batch committed")
+        time.sleep(chooser.uniform(0, 0.15))  # where in the batch the kill lands; not a synchronisation
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, f"kill {kill}: the run ended before it"
+        assert integrity(db) == "ok"
+        if kill in (0, 19):
+            health = make_client(Config(db=db, reopen_interval=0, log_level="warning")).get("/health").json
+            assert (health["status"], health["etl_status"]) == ("degraded", "failed")
+    assert run_etl(db, f"csv:{big_csv}").returncode == 0
+    assert integrity(db) == "ok"
+    assert store_content(db) == store_content(big_clean)
+    statuses = [status for (status,) in query(db, "SELECT status FROM etl_run ORDER BY run_id")]
+    assert statuses == ["failed"] * 20 + ["partial"]
+
+
+def test_a_kill_during_an_http_run_converges_to_one_clean_run(tmp_path):
+    with FakeUpstream() as clean_upstream, FakeUpstream() as stuck_upstream:
+        for server in (clean_upstream, stuck_upstream):
+            server.route(COINGECKO_MARKETS, Reply(body=GECKO_PAGES[0]), match=lambda q: q.get("page") == ["1"])
+        clean_upstream.route(COINGECKO_MARKETS, Reply(body=GECKO_PAGES[1]), match=lambda q: q.get("page") == ["2"])
+        # Page 2 never comes on the first try: the run is killed while it waits.
+        stuck_upstream.route(
+            COINGECKO_MARKETS,
+            Reply(body=GECKO_PAGES[1], delay=60),
+            Reply(body=GECKO_PAGES[1]),
+            match=lambda q: q.get("page") == ["2"],
+        )
+        clean = tmp_path / "clean.db"
+        assert run_etl(clean, "coingecko", KASPARRO_COINGECKO_URL=clean_upstream.base_url).returncode == 0
+
+        db = tmp_path / "killed.db"
+        proc = start_etl(db, "coingecko", KASPARRO_COINGECKO_URL=stuck_upstream.base_url)
+        assert wait_for_event(proc, "page loaded")["page"] == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert integrity(db) == "ok"
+        assert query(db, "SELECT count(*) FROM source_map") == [(250,)]
+        assert run_etl(db, "coingecko", KASPARRO_COINGECKO_URL=stuck_upstream.base_url).returncode == 0
+    assert served_content(db) == served_content(clean)
+    assert [s for (s,) in query(db, "SELECT status FROM etl_run ORDER BY run_id")] == ["failed", "success"]
+
+
+# --- a stuck writer and the WAL --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def write_transaction_held(db: Path) -> Iterator[None]:
+    """Another process holds an open write transaction on `db`."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys\n"
+            f"conn = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+            "conn.execute('BEGIN IMMEDIATE')\n"
+            "conn.execute('UPDATE store_meta SET committed_at = committed_at')\n"
+            "print('holding', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        yield
+    finally:
+        holder.communicate("")
+
+
+def test_a_stuck_writer_makes_the_etl_fail_clearly_within_its_busy_timeout(tmp_path, sample_store):
+    db = tmp_path / "store.db"
+    with sqlite3.connect(sample_store) as source, sqlite3.connect(db) as target:
+        source.backup(target)
+    with write_transaction_held(db):
+        started = time.monotonic()
+        result = run_etl(db, f"csv:{ROOT / 'data' / 'sample.csv'}", KASPARRO_BUSY_TIMEOUT="1")
+        waited = time.monotonic() - started
+        assert result.returncode == etl.EXIT_FAILED
+        assert "database is locked" in result.stderr
+        assert waited < 20, "the ETL must give up after its busy timeout, not hang"
+        # Readers are not blocked by the writer (WAL).
+        assert query(db, "SELECT count(*) FROM asset") == [(255,)]
+    assert run_etl(db, f"csv:{ROOT / 'data' / 'sample.csv'}").returncode == 0
+
+
+def test_the_wal_is_small_after_a_run_under_read_load(tmp_path):
+    db = tmp_path / "store.db"
+    assert run_etl(db).returncode == 0
+    feed = tmp_path / "feed.csv"
+    from etl_support import write_csv
+
+    write_csv(feed, 100_000)
+    stop = threading.Event()
+    reads = [0]
+
+    def read_constantly() -> None:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        while not stop.is_set():
+            conn.execute("SELECT count(*) FROM asset WHERE status = 'active'").fetchone()
+            reads[0] += 1
+        conn.close()
+
+    readers = [threading.Thread(target=read_constantly) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        result = run_etl(db, f"csv:{feed}")
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert result.returncode == 0
+    assert reads[0] > 100
+    wal = db.with_name(db.name + "-wal")
+    assert wal.stat().st_size < 4 * 1024 * 1024, f"WAL left at {wal.stat().st_size} bytes"
+
+
+# --- hostile input -------------------------------------------------------------------
+
+
+def test_hostile_csv_rows_are_rejected_or_stored_inertly(tmp_path):
+    header = "id,symbol,name,price_usd,market_cap_usd\n"
+    rows = [
+        "formula,CALC,\"=cmd|' /C calc'!A0\",1,1",  # stored as text, never evaluated
+        "plus,PLS,+SUM(A1:A9),1,1",
+        "huge,HUG," + "x" * 1_000_000 + ",1,1",  # a 1 MB field
+        "inf,INF,Infinity Coin,1e400,1",
+        "nan,NAN,Not A Number,nan,1",
+        "neg,NEG,Negative Cap,1,-1e20",
+        "nul,NUL,Nul\x00Coin,1,1",
+        "ctl,CTL,Bell\x07Coin,1,1",
+        "sql,SQL,Robert'); DROP TABLE asset;--,1,1",
+        "emoji,MOON,🚀 Moon Coin,0.1,1",
+        "bidi,BIDI,\u202eevil\u202c coin,1,1",
+    ]
+    feed = tmp_path / "hostile.csv"
+    feed.write_text(header + "\n".join(rows) + "\n", encoding="utf-8")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0
+    names = dict(query(db, "SELECT symbol, name FROM asset"))
+    assert names["CALC"] == "=cmd|' /C calc'!A0"
+    assert names["PLS"] == "+SUM(A1:A9)"
+    assert names["SQL"] == "Robert'); DROP TABLE asset;--"
+    assert names["MOON"] == "🚀 Moon Coin"
+    assert "BIDI" in names
+    rejects = dict(query(db, "SELECT line, reason FROM reject"))
+    assert set(rejects) == {4, 5, 6, 7, 8, 9}
+    assert "field larger than field limit" in rejects[4]
+    assert rejects[5].startswith("price_usd:") and rejects[6].startswith("price_usd:")
+    assert rejects[7].startswith("market_cap_usd:")
+    assert rejects[8].startswith("name:") and rejects[9].startswith("name:")
+    assert max(len(raw) for (raw,) in query(db, "SELECT raw FROM reject")) <= etl.RAW_REJECT_CHARS
+    assert integrity(db) == "ok"
+
+
+def test_hostile_upstream_json_is_rejected_or_stored_inertly(tmp_path):
+    good = GECKO_PAGES[1][0]
+    records = [
+        {**good, "id": "inf-coin", "name": "Inf Coin", "current_price": "__INF__"},
+        {**good, "id": "nested", "name": "Nested", "symbol": {"a": [[[[1]]]]}},
+        {**good, "id": "formula", "name": '=HYPERLINK("http://x")', "symbol": "frm"},
+        {**good, "id": "bool", "name": "Bool Coin", "symbol": "bol", "current_price": True},
+        {**good, "id": "big-int", "name": "Big Int", "symbol": "bgi", "market_cap": 10**40},
+        {**good, "id": "ok-coin", "name": "Ok Coin", "symbol": "okc"},
+    ]
+    body = json.dumps(records).replace('"__INF__"', "1e400").encode()
+    with FakeUpstream() as upstream:
+        upstream.route(COINGECKO_MARKETS, Reply(body=body))
+        db = tmp_path / "store.db"
+        result = run_etl(db, "coingecko", KASPARRO_COINGECKO_URL=upstream.base_url)
+    assert result.returncode == 0, result.stdout
+    assert sorted(query(db, "SELECT source_id FROM source_map")) == [("formula",), ("ok-coin",)]
+    assert query(db, "SELECT name FROM asset WHERE symbol = 'FRM'") == [('=HYPERLINK("http://x")',)]
+    reasons = dict(query(db, "SELECT line, reason FROM reject"))
+    assert reasons[1].startswith("price_usd:")
+    assert reasons[2].startswith("symbol:")
+    assert reasons[4].startswith("price_usd:")
+    assert reasons[5].startswith("market_cap_usd:")
+    assert last_run(db)["status"] == "partial"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply"),
+        (b"\x00\xff garbage", "not valid JSON"),
+    ],
+    ids=["deep-arrays", "deep-objects", "garbage"],
+)
+def test_hostile_upstream_documents_fail_the_source_clearly(tmp_path, body, reason):
+    with FakeUpstream() as upstream:
+        upstream.route(COINGECKO_MARKETS, Reply(body=body))
+        db = tmp_path / "store.db"
+        result = run_etl(db, "coingecko", KASPARRO_COINGECKO_URL=upstream.base_url)
+    assert result.returncode == etl.EXIT_FAILED
+    (error,) = query(db, "SELECT error FROM run_source WHERE source = 'coingecko'")[0]
+    assert reason in error
+    assert integrity(db) == "ok"
