@@ -40,6 +40,22 @@ lint:
 bench-etl rows="1000000":
     {{py}} bench/etl_bench.py --rows {{rows}}
 
+# load-test the API with wrk on 1,000,000 generated assets, against a bare ASGI ceiling
+bench *args:
+    {{py}} bench/api_bench.py {{args}}
+
+# fuzz the running service ($KASPARRO_PORT) against its OpenAPI document, as tests/test_contract.py does
+schemathesis:
+    {{py}} -m schemathesis.cli run http://127.0.0.1:{{port}}/openapi.json --checks all --exclude-checks positive_data_acceptance --max-examples 150
+
+# soak: wrk on /data while three ETL runs commit, then 20 ETL kills watched by the live API
+soak *args:
+    {{py}} bench/soak.py {{args}}
+
+# audit the pinned runtime requirements for known vulnerabilities (needs PyPI's JSON API)
+audit:
+    {{py}} -m pip_audit --strict --no-deps --disable-pip -r requirements.txt
+
 # build the image on a locally made base
 container-build:
     bash .ci/container-test --build-only

@@ -14,11 +14,13 @@ import math
 import os
 import re
 import sqlite3
+import stat
 import struct
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -50,10 +52,13 @@ class Config:
     db: Path = Path("kasparro.db")
     etl_max_age: int = 21_600  # seconds after the last good run before /health says degraded
     api_keys: tuple[str, ...] = ()  # empty: the API is open
+    rate_limit: float = 0.0  # requests a second per API key or client address, in each worker process; 0: off
     log_level: str = "info"
     env: str = "development"
     readers: int = 4  # read-only connections, each with its own thread
-    reopen_interval: float = 1.0  # seconds between attempts to open a missing store
+    # Seconds between attempts to open a missing store, and between checks that the open store is still
+    # the file at `db` (not deleted, renamed over or overwritten): the longest a replaced store is served.
+    reopen_interval: float = 1.0
     # PROMETHEUS_MULTIPROC_DIR: where uvicorn's worker processes share their request metrics. It must
     # be an empty directory made fresh for each start of the service, writable by it, and the variable
     # must be set before uvicorn starts (prometheus-client reads it when first imported): in the
@@ -69,6 +74,7 @@ class Config:
             db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
             etl_max_age=int(environ.get("KASPARRO_ETL_MAX_AGE", "21600")),
             api_keys=keys,
+            rate_limit=float(environ.get("KASPARRO_RATE_LIMIT", "0")),
             log_level=environ.get("LOG_LEVEL", "info").lower(),
             env=environ.get("ENV", "development"),
             metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"]) if environ.get("PROMETHEUS_MULTIPROC_DIR") else None,
@@ -355,7 +361,37 @@ class ReaderPool:
 
     idle: asyncio.Queue[aiosqlite.Connection]
     connections: list[aiosqlite.Connection]
+    stamp: StoreStamp  # of the file when the connections opened it
     broken: bool = False
+
+
+# What a reader's statements may do: read, call functions, begin and end its transaction. Anything else
+# (a write, a PRAGMA, ATTACH, which could create a file) is refused when the statement is prepared.
+READ_ACTIONS = frozenset(
+    {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE,
+     sqlite3.SQLITE_TRANSACTION}
+)  # fmt: skip
+
+
+def authorize_read(action: int, *names: str | None) -> int:
+    """SQLite authorizer of the API's connections: reads only."""
+    return sqlite3.SQLITE_OK if action in READ_ACTIONS else sqlite3.SQLITE_DENY
+
+
+StoreStamp = tuple[int, int, int, int]
+
+
+def store_stamp(path: Path) -> StoreStamp | None:
+    """(device, inode, size, mtime) of the regular file at path, else None; it moves when the file is replaced.
+
+    Only stat, never open: closing any descriptor of the store file would drop every POSIX lock this
+    process holds on it, SQLite's included, and let the ETL reset the WAL under live readers.
+    """
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
 
 
 class Store:
@@ -371,6 +407,7 @@ class Store:
         self._pool: ReaderPool | None = None
         self._opening: asyncio.Lock | None = None
         self._next_attempt = 0.0
+        self._next_check = 0.0
         self._counts: dict[tuple[str, tuple], int] = {}
         self._counts_version: DataVersion | None = None
 
@@ -392,8 +429,9 @@ class Store:
                 await conn.close()
 
     async def _ready_pool(self) -> ReaderPool:
-        if self._pool is not None:
-            return self._pool
+        pool = self._pool
+        if pool is not None and (time.monotonic() < self._next_check or await self._still_current(pool)):
+            return pool
         if self._opening is None:
             self._opening = asyncio.Lock()
         async with self._opening:
@@ -401,8 +439,11 @@ class Store:
                 return self._pool
             if time.monotonic() < self._next_attempt:
                 raise StoreUnavailable(f"store {self.path} is not readable; retrying shortly")
+            stamp = store_stamp(self.path)
             connections: list[aiosqlite.Connection] = []
             try:
+                if stamp is None:
+                    raise OSError(f"no file at {self.path}")
                 for _ in range(self.readers):
                     connections.append(await self._connect())
             except (sqlite3.Error, OSError) as error:
@@ -413,7 +454,8 @@ class Store:
             idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
             for conn in connections:
                 idle.put_nowait(conn)
-            self._pool = ReaderPool(idle, connections)
+            self._pool = ReaderPool(idle, connections, stamp)
+            self._next_check = time.monotonic() + self.reopen_interval
             log.info("store opened", db=str(self.path), readers=self.readers)
             return self._pool
 
@@ -425,17 +467,39 @@ class Store:
         try:
             await conn.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
             await conn.execute("PRAGMA query_only = 1")
+            await conn.set_authorizer(authorize_read)
         except sqlite3.Error:
             await conn.close()
             raise
         conn.row_factory = row_as_dict
         return conn
 
-    async def _discard(self, pool: ReaderPool) -> None:
-        """Drop a pool whose store broke; the next request opens a new one."""
+    async def _still_current(self, pool: ReaderPool) -> bool:
+        """Whether the file at path is unchanged; if not, drop the pool, and open what is there now at once.
+
+        A file deleted, replaced or rewritten in place (garbage over it) is noticed here; fresh connections
+        then read it from disk, not from their caches. An ETL checkpoint also moves the stamp: a cheap reopen.
+        """
+        self._next_check = time.monotonic() + self.reopen_interval
+        stamp = store_stamp(self.path)
+        if stamp == pool.stamp:
+            return True
+        if stamp is None or stamp[:2] != pool.stamp[:2]:
+            log.warning("store file changed", db=str(self.path), present=stamp is not None)
+        await self._discard(pool, retry_in=None if stamp is None else 0)
+        return False
+
+    async def fail(self, error: sqlite3.Error) -> None:
+        """A query found the store broken (corrupt, truncated, I/O error): reopen it later."""
+        log.warning("store unreadable", db=str(self.path), reason=str(error))
+        if self._pool is not None:
+            await self._discard(self._pool)
+
+    async def _discard(self, pool: ReaderPool, retry_in: float | None = None) -> None:
+        """Drop a pool whose store broke or changed; a request after `retry_in` seconds opens a new one."""
         if self._pool is pool:
             self._pool = None
-            self._next_attempt = time.monotonic() + self.reopen_interval
+            self._next_attempt = time.monotonic() + (self.reopen_interval if retry_in is None else retry_in)
         pool.broken = True
         while not pool.idle.empty():
             await pool.idle.get_nowait().close()
@@ -928,8 +992,11 @@ class HealthResource:
                 runs = await snapshot.all(
                     "SELECT status, started_at, ended_at FROM etl_run ORDER BY run_id DESC LIMIT 2"
                 )
-        except StoreUnavailable as error:
-            log.warning("store unavailable", reason=str(error))
+        except (StoreUnavailable, sqlite3.DatabaseError) as error:
+            if isinstance(error, sqlite3.DatabaseError):
+                await self.store.fail(error)
+            else:
+                log.warning("store unavailable", reason=str(error))
             send(resp, Health(status="unhealthy", db_connected=False, etl_last_run=None, etl_status=None),
                  falcon.HTTP_503)  # fmt: skip
             return
@@ -1137,7 +1204,7 @@ class MetricsResource:
             async with self.store.snapshot() as snapshot:
                 families = await store_gauges(snapshot)
             readable = True
-        except StoreUnavailable:
+        except (StoreUnavailable, sqlite3.DatabaseError):
             families, readable = [], False
         up = GaugeMetricFamily("kasparro_store_up", "1 when the store can be read", value=float(readable))
         resp.content_type = CONTENT_TYPE_LATEST
@@ -1559,6 +1626,12 @@ class RequestContext:
         )
 
 
+def offered_api_key(req: falcon.asgi.Request) -> str:
+    """The API key a request offers (Authorization: Bearer, else X-API-Key), or '' when none."""
+    scheme, _, credentials = (req.get_header("Authorization") or "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else req.get_header("X-API-Key") or ""
+
+
 class ApiKeyAuth:
     """When keys are configured, protected resources need one (Bearer or X-API-Key)."""
 
@@ -1570,14 +1643,70 @@ class ApiKeyAuth:
     ) -> None:
         if not self.keys or not getattr(resource, "protected", False):
             return
-        scheme, _, credentials = (req.get_header("Authorization") or "").partition(" ")
-        offered = credentials.strip() if scheme.lower() == "bearer" else req.get_header("X-API-Key") or ""
+        offered = offered_api_key(req)
         matches = [hmac.compare_digest(offered.encode(), key) for key in self.keys]
         if not offered or not any(matches):
             raise falcon.HTTPUnauthorized(
                 description="this endpoint needs an API key: Authorization: Bearer <key> or X-API-Key",
                 challenges=['Bearer realm="kasparro"'],
             )
+
+
+class RateLimit:
+    """Token buckets per API key, or per client address when no valid key is offered (KASPARRO_RATE_LIMIT).
+
+    Each bucket refills at `rate` requests a second up to a burst of max(1, 2 * rate). The buckets live in
+    each worker process, unshared: with N uvicorn workers a client gets up to N times the rate. The table
+    keeps the most recently seen MAX_BUCKETS clients; evicting the least recent one forgets at most its
+    debt (an idle bucket is full anyway), so random client addresses cannot exhaust memory. An invalid key
+    counts against the client's address, so guessing keys is limited too. Headers follow the IETF draft
+    (RateLimit-Limit, -Remaining, and -Reset: seconds until the bucket is full again).
+    """
+
+    EXEMPT = frozenset({"/health", "/metrics"})
+    MAX_BUCKETS = 10_000
+
+    def __init__(
+        self, rate: float, keys: Sequence[str], clock: Callable[[], float], max_buckets: int = MAX_BUCKETS
+    ) -> None:
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"KASPARRO_RATE_LIMIT: expected requests a second > 0, got {rate}")
+        self.rate = rate
+        self.burst = max(1.0, 2 * rate)
+        self.clock = clock
+        self.max_buckets = max_buckets
+        self.clients = {hashlib.sha256(key.encode()).digest(): f"key {n}" for n, key in enumerate(keys)}
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, when)
+
+    def client(self, req: falcon.asgi.Request) -> str:
+        offered = offered_api_key(req)
+        known = self.clients.get(hashlib.sha256(offered.encode()).digest()) if offered else None
+        return known or f"address {req.remote_addr}"
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if req.path in self.EXEMPT:
+            return
+        client, now = self.client(req), self.clock()
+        tokens, then = self.buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - then) * self.rate)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        self.buckets[client] = (tokens, now)
+        if len(self.buckets) > self.max_buckets:
+            self.buckets.popitem(last=False)
+        headers = {
+            "RateLimit-Limit": str(int(self.burst)),
+            "RateLimit-Remaining": str(int(tokens)),
+            "RateLimit-Reset": str(math.ceil((self.burst - tokens) / self.rate)),
+        }
+        if not allowed:
+            raise falcon.HTTPTooManyRequests(
+                description=f"more than {self.rate:g} requests a second; retry after the Retry-After seconds",
+                headers=headers,
+                retry_after=max(1, math.ceil((1 - tokens) / self.rate)),
+            )
+        resp.set_headers(headers)
 
 
 class Lifespan:
@@ -1632,17 +1761,41 @@ async def handle_unexpected(
     raise falcon.HTTPInternalServerError(description="an unexpected error occurred; quote the request_id")
 
 
+# SQLite's primary result codes that mean the store itself is broken or busy, not the query.
+STORE_FAULTS = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_CANTOPEN,
+     sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB}
+)  # fmt: skip
+
+
+def store_fault_handler(store: Store) -> Callable[..., Awaitable[None]]:
+    """SQLite errors: a broken store (corrupt, truncated, I/O) is a 503 and is reopened later; others a 500."""
+
+    async def handle_store_fault(
+        req: falcon.asgi.Request, resp: falcon.asgi.Response, error: Exception, params: dict
+    ) -> None:
+        if (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF not in STORE_FAULTS:
+            await handle_unexpected(req, resp, error, params)
+        await store.fail(error)
+        raise falcon.HTTPServiceUnavailable(description="the store is not readable yet; retry shortly", retry_after=1)
+
+    return handle_store_fault
+
+
 # --- create_app -----------------------------------------------------------
 
 
-def create_app(config: Config) -> falcon.asgi.App:
-    """The API over the store at config.db."""
+def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> falcon.asgi.App:
+    """The API over the store at config.db; `clock` drives the rate limit (tests pass their own)."""
     configure_logging(config.log_level)
     store = Store(config.db, config.readers, config.reopen_interval)
     recorded, scraped = metrics_registry(config)
+    # Without a rate limit there is no RateLimit middleware at all: nothing to pay per request.
+    limit = [RateLimit(config.rate_limit, config.api_keys, clock)] if config.rate_limit else []
     app = falcon.asgi.App(
         middleware=[
             RequestContext(HttpMetrics(recorded)),
+            *limit,
             ApiKeyAuth(config.api_keys),
             Lifespan(store, config.metrics_dir),
         ]
@@ -1653,6 +1806,7 @@ def create_app(config: Config) -> falcon.asgi.App:
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(InvalidQuery, handle_invalid_query)
     app.add_error_handler(StoreUnavailable, handle_store_unavailable)
+    app.add_error_handler(sqlite3.DatabaseError, store_fault_handler(store))
     assets = AssetResource(store)
     app.add_route("/", IndexResource())
     app.add_route("/data", assets)
