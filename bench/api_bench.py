@@ -1,0 +1,533 @@
+"""Load-test the API with wrk on a generated store, against a bare ASGI app as the machine's ceiling."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import http.client
+import math
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from urllib.parse import quote
+
+import msgspec
+from profile_summary import summarise
+
+from gen_csv import write_csv
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"
+RESULTS = BENCH / "results.md"
+
+HOST = "127.0.0.1"  # the only address this benchmark ever talks to
+THREADS, CONNECTIONS = 1, 32
+SAMPLE_IDS = 10_000  # asset ids the /data/{asset_id} scenario picks from
+RANDOM_PAGES = 10_000  # random pages are drawn from 1..this (fewer on a small store)
+PAGE_SIZE = 100
+READY_TIMEOUT = 60.0  # seconds a server may take to answer its first request
+MIN_RESPONSES = 1_000  # fewer in a measured run are shown next to the figures
+SETTLE_TIMEOUT = 300.0  # seconds a server may stay busy after wrk has stopped
+WRK_TIMEOUT = 10  # seconds; slower responses count as socket errors and leave wrk's percentiles
+RSS_LIMIT_MB = 100
+
+
+# --- scenarios and targets ------------------------------------------------
+
+
+@dataclass
+class Measure:
+    """What one scenario measured: throughput, latency and failures."""
+
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+    seconds: float | None = None  # wall time of a finite walk
+    note: str = ""
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+@dataclass(frozen=True)
+class Target:
+    """Issue 7's bar for a scenario; None where it sets none."""
+
+    min_ratio: float | None = None  # of the ceiling's requests/s
+    max_p99_ms: float | None = None
+    max_seconds: float | None = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.min_ratio is not None:
+            parts.append(f">= {self.min_ratio:.0%} of ceiling")
+        if self.max_p99_ms is not None:
+            parts.append(f"p99 <= {self.max_p99_ms:g} ms")
+        if self.max_seconds is not None:
+            parts.append(f"<= {self.max_seconds:g} s")
+        return ", ".join([*parts, "0 errors"])
+
+    def met(self, measure: Measure, ceiling: float) -> bool:
+        ratio_ok = self.min_ratio is None or measure.requests_per_s >= self.min_ratio * ceiling
+        p99_ok = self.max_p99_ms is None or measure.p99_ms <= self.max_p99_ms  # False when nan
+        time_ok = self.max_seconds is None or (measure.seconds is not None and measure.seconds <= self.max_seconds)
+        return ratio_ok and p99_ok and time_ok and measure.errors == 0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named load: a path (or a wrk Lua script) against the API or the ceiling, and its target."""
+
+    name: str
+    title: str
+    path: str = "/"
+    script: str | None = None
+    target: Target | None = None
+    on_ceiling: bool = False
+    walk: bool = False  # a keyset walk by a Python client instead of wrk
+
+
+SCENARIOS = (
+    Scenario("ceiling", "ceiling: bare ASGI, constant JSON", on_ceiling=True),
+    Scenario("health", "GET /health", "/health", target=Target(min_ratio=0.60)),
+    Scenario("first-page", "GET /data?page_size=100", "/data?page_size=100", target=Target(min_ratio=0.50)),
+    Scenario(
+        "filtered-sorted",
+        "GET /data?filter_by=active&page_size=100&sort=-market_cap_usd",
+        "/data?filter_by=active&page_size=100&sort=-market_cap_usd",
+        target=Target(min_ratio=0.50),
+    ),
+    Scenario(
+        "random-page",
+        "GET /data?page={1..PAGES}&page_size=100, uniform",
+        script="random_page.lua",
+        target=Target(min_ratio=0.05, max_p99_ms=20),
+    ),
+    Scenario("asset", "GET /data/{asset_id}, random ids", script="random_asset.lua", target=Target(min_ratio=0.30)),
+    Scenario("keyset", "keyset walk, all assets by next_cursor", walk=True, target=Target(max_seconds=30)),
+)
+BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
+
+
+# --- the store ------------------------------------------------------------
+
+
+def etl_source(rev: str | None) -> Path:
+    """The folder of the etl.py (and its store.sql) that builds the store: the work tree, or a commit's."""
+    if rev is None:
+        return ROOT
+    sha = git("rev-parse", "--verify", f"{rev}^{{commit}}").strip()
+    folder = OUT / f"etl-at-{sha[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("etl.py", "store.sql"):
+        (folder / name).write_text(git("show", f"{sha}:{name}"))
+    return folder
+
+
+def store_key(rows: int, etl_dir: Path) -> str:
+    """What the store depends on: the row count and the code that builds it."""
+    digest = hashlib.blake2b(digest_size=6)
+    for path in (etl_dir / "etl.py", etl_dir / "store.sql", BENCH / "gen_csv.py"):
+        digest.update(path.read_bytes())
+    return f"{rows}-{digest.hexdigest()}"
+
+
+def remove_store(db: Path) -> None:
+    """Delete a store with its WAL, lock and id sample."""
+    for path in [*db.parent.glob(db.name + "*"), db.with_suffix(".ids")]:
+        path.unlink(missing_ok=True)
+
+
+def build_store(rows: int, etl_dir: Path) -> tuple[Path, str]:
+    """A store of `rows` generated assets loaded by the real etl.py, reused while etl.py is unchanged."""
+    key = store_key(rows, etl_dir)
+    db = OUT / f"api-{key}.db"
+    if db.exists():
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            (ms,) = conn.execute("SELECT duration_ms FROM etl_run ORDER BY run_id DESC LIMIT 1").fetchone()
+        return db, f"reused {db.name} (etl.py took {ms / 1000:.1f} s when it was built)"
+    for stale in OUT.glob(f"api-{rows}-*.db"):
+        remove_store(stale)
+    csv = OUT / f"etl-{rows}.csv"  # the same file bench/etl_bench.py makes and reuses
+    if not csv.exists():
+        print(f"generating {csv.name} ...", flush=True)
+        write_csv(csv, rows)
+    building = OUT / f"api-{key}.building.db"
+    remove_store(building)
+    print(f"loading {rows:,} assets with etl.py ...", flush=True)
+    started = time.perf_counter()
+    etl = subprocess.run(
+        [sys.executable, str(etl_dir / "etl.py"), "--db", str(building), f"csv:{csv}"],
+        cwd=ROOT,
+        env={**os.environ, "LOG_LEVEL": "warning"},
+        stdout=subprocess.DEVNULL,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    if etl.returncode != 0:
+        sys.exit(f"etl.py failed with exit code {etl.returncode}")
+    for suffix in ("-wal", "-shm", ".etl-lock"):  # the WAL is checkpointed and empty once etl.py has ended
+        building.with_name(building.name + suffix).unlink(missing_ok=True)
+    building.rename(db)
+    return db, f"built {db.name}: etl.py took {seconds:.1f} s"
+
+
+def sample_ids(db: Path, count: int) -> Path:
+    """A file of `count` real asset ids, drawn reproducibly, for random_asset.lua."""
+    path = db.with_suffix(".ids")
+    if not path.exists():
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            ids = [row[0] for row in conn.execute("SELECT asset_id FROM asset")]
+        chosen = random.Random(7).sample(ids, min(count, len(ids)))
+        path.write_text("".join(quote(asset_id, safe="") + "\n" for asset_id in chosen))
+    return path
+
+
+# --- servers --------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A uvicorn process serving one app on HOST."""
+
+    name: str
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu_ticks(self) -> int:
+        """User + system clock ticks the server has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])
+
+    def settle(self) -> float:
+        """Wait until the server is idle (requests left over by wrk are done); return the seconds waited."""
+        started = time.monotonic()
+        quiet, ticks = 0, self.cpu_ticks()
+        while quiet < 2 and time.monotonic() - started < SETTLE_TIMEOUT:
+            time.sleep(0.25)
+            previous, ticks = ticks, self.cpu_ticks()
+            quiet = quiet + 1 if ticks - previous <= 2 else 0
+        return time.monotonic() - started
+
+    def memory_mb(self) -> tuple[float, float]:
+        """VmRSS and VmHWM (peak RSS) of the server, in MB."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        kb = {key: int(value.split()[0]) for key, value in re.findall(r"^(VmRSS|VmHWM):\s+(.*)$", status, re.M)}
+        return kb["VmRSS"] / 1024, kb["VmHWM"] / 1024
+
+
+@contextlib.contextmanager
+def serve(name: str, app: str, env: dict[str, str], ready_path: str) -> Iterator[Server]:
+    """Run `uvicorn app` on a free port until the block ends; it answers ready_path before we yield."""
+    port = free_port()
+    log = OUT / f"{name}.log"
+    argv = [
+        sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port),
+        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            argv, cwd=ROOT, env={**os.environ, "LOG_LEVEL": "warning", **env}, stdout=output, stderr=output
+        )
+    server = Server(name, process, port)
+    try:
+        wait_ready(server, ready_path, log)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_ready(server: Server, path: str, log: Path) -> None:
+    """Poll until the server answers 200, it dies, or READY_TIMEOUT passes."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            sys.exit(f"{server.name} exited with code {server.process.returncode}; see {log}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            conn = http.client.HTTPConnection(HOST, server.port, timeout=5)
+            try:
+                conn.request("GET", path)
+                if conn.getresponse().status == 200:
+                    return
+            finally:
+                conn.close()
+        time.sleep(0.05)
+    sys.exit(f"{server.name} did not answer {path} within {READY_TIMEOUT:g} s; see {log}")
+
+
+# --- load -----------------------------------------------------------------
+
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def wrk_ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)([a-z]+)", text).groups()
+    return float(number) * UNITS_MS[unit]
+
+
+def parse_wrk(output: str) -> Measure:
+    """Requests/s, p50, p99 and failures from wrk --latency output."""
+    done = re.search(r"^\s+(\d+) requests in ", output, re.M)
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
+    if not (done and rate and p50 and p99):
+        sys.exit(f"cannot read wrk's output:\n{output}")
+    answered = int(done.group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return Measure(
+        requests_per_s=float(rate.group(1)),
+        p50_ms=wrk_ms(p50.group(1)) if answered else math.nan,
+        p99_ms=wrk_ms(p99.group(1)) if answered else math.nan,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(map(int, sockets.groups())) if sockets else 0,
+        note=f"{answered:,} responses" if answered < MIN_RESPONSES else "",
+    )
+
+
+def wrk(server: Server, scenario: Scenario, seconds: float, env: dict[str, str], label: str) -> Measure:
+    """One wrk run; its output is kept as bench/out/wrk-<scenario>-<label>.txt."""
+    argv = ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{seconds:g}s", f"--timeout={WRK_TIMEOUT}s", "--latency"]
+    if scenario.script:
+        argv += ["-s", str(BENCH / scenario.script)]
+    argv.append(f"http://{HOST}:{server.port}{scenario.path}")
+    done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"wrk failed ({done.returncode}):\n{done.stderr}")
+    (OUT / f"wrk-{scenario.name}-{label}.txt").write_text(done.stdout)
+    return parse_wrk(done.stdout)
+
+
+def profile_path(scenario: Scenario) -> Path:
+    return OUT / f"profile-{scenario.name}.txt"
+
+
+def profiled(server: Server, scenario: Scenario, seconds: float) -> subprocess.Popen:
+    """py-spy sampling the server for `seconds`, writing collapsed stacks under bench/out."""
+    profile_path(scenario).unlink(missing_ok=True)
+    return subprocess.Popen(
+        ["py-spy", "record", "--pid", str(server.pid), "--duration", str(round(seconds)), "--rate", "200",
+         "--threads", "--format", "raw", "--output", str(profile_path(scenario))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+class WalkPage(msgspec.Struct):
+    """The part of a GET /data page the keyset walk reads."""
+
+    data: list[dict[str, object]]
+    next_cursor: str | None
+
+
+decode_page = msgspec.json.Decoder(WalkPage).decode
+
+
+def keyset_walk(server: Server, expected: int) -> Measure:
+    """Follow next_cursor over every asset on one keep-alive connection; check each is seen once."""
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=30)
+    seen: set[object] = set()
+    latencies: list[float] = []
+    failures, pages = 0, 0
+    path: str | None = f"/data?page_size={PAGE_SIZE}"
+    started = time.perf_counter()
+    while path is not None:
+        sent = time.perf_counter()
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        latencies.append(time.perf_counter() - sent)
+        pages += 1
+        if response.status != 200:
+            failures += 1
+            print(f"keyset walk: {path} -> {response.status}: {body[:200]!r}", file=sys.stderr)
+            break
+        page = decode_page(body)
+        seen.update(asset["asset_id"] for asset in page.data)
+        path = f"/data?page_size={PAGE_SIZE}&cursor={quote(page.next_cursor)}" if page.next_cursor else None
+    seconds = time.perf_counter() - started
+    conn.close()
+    latencies.sort()
+    complete = len(seen) == expected
+    return Measure(
+        requests_per_s=pages / seconds,
+        p50_ms=latencies[len(latencies) // 2] * 1000,
+        p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        non_2xx=failures + (0 if complete else 1),
+        socket_errors=0,
+        seconds=seconds,
+        note=f"{len(seen):,} distinct ids in {pages:,} pages" + ("" if complete else f", expected {expected:,}"),
+    )
+
+
+# --- report ---------------------------------------------------------------
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def commit_id() -> str:
+    return git("rev-parse", "--short", "HEAD").strip() + ("+dirty" if git("status", "--porcelain").strip() else "")
+
+
+def table(results: list[tuple[Scenario, Measure]], memory: tuple[float, float] | None, pages: int) -> list[str]:
+    ceiling = next((m.requests_per_s for s, m in results if s.on_ceiling), math.inf)
+    lines = [
+        "| scenario | req/s | p50 | p99 | vs ceiling | non-2xx + socket errors | target | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for scenario, measure in results:
+        ratio = f"{measure.requests_per_s / ceiling:.1%}"
+        if scenario.walk:
+            ratio = f"{measure.seconds:.1f} s total"
+        target = str(scenario.target) if scenario.target else ""
+        verdict = ("PASS" if scenario.target.met(measure, ceiling) else "FAIL") if scenario.target else ""
+        title = scenario.title.replace("PAGES", str(pages))
+        title = f"{title} ({measure.note})" if measure.note else title
+        cells = [
+            title,
+            f"{measure.requests_per_s:,.0f}" if measure.requests_per_s >= 100 else f"{measure.requests_per_s:.2g}",
+            "n/a" if math.isnan(measure.p50_ms) else f"{measure.p50_ms:.2f} ms",
+            "n/a" if math.isnan(measure.p99_ms) else f"{measure.p99_ms:.2f} ms",
+            ratio,
+            f"{measure.non_2xx} + {measure.socket_errors}",
+            target,
+            verdict,
+        ]
+        lines.append(f"| {' | '.join(cells)} |")
+    if memory is not None:
+        rss, peak = memory
+        verdict = "PASS" if rss <= RSS_LIMIT_MB else "FAIL"
+        cells = ["API memory after the scenarios above", "", f"RSS {rss:.0f} MB", f"peak {peak:.0f} MB", "", ""]
+        cells += [f"RSS <= {RSS_LIMIT_MB} MB", verdict]
+        lines.append(f"| {' | '.join(cells)} |")
+    return lines
+
+
+# --- CLI ------------------------------------------------------------------
+
+
+def stop_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(f"stopped by {signal.Signals(signum).name}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="assets in the generated store")
+    parser.add_argument("--duration", type=float, default=15, help="seconds of each measured wrk run")
+    parser.add_argument("--warmup", type=float, default=5, help="seconds of the wrk run before each measured one")
+    parser.add_argument(
+        "--scenario", action="append", choices=list(BY_NAME), help="run only these (repeatable; default: all)"
+    )
+    parser.add_argument("--etl-rev", help="build the store with etl.py as of this commit (default: the work tree)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the API during each measured run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    chosen = [BY_NAME[name] for name in args.scenario] if args.scenario else list(SCENARIOS)
+    if any(s.target and s.target.min_ratio for s in chosen) and BY_NAME["ceiling"] not in chosen:
+        chosen.insert(0, BY_NAME["ceiling"])  # ratios need the ceiling of this run
+    chosen.sort(key=SCENARIOS.index)
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    db, etl_note = build_store(args.rows, etl_source(args.etl_rev))
+    if args.etl_rev:
+        etl_note += f" (etl.py as of {args.etl_rev})"
+    print(etl_note, flush=True)
+    pages = max(1, min(RANDOM_PAGES, args.rows // PAGE_SIZE))
+    env = {
+        "BENCH_PAGES": str(pages),
+        "BENCH_IDS": str(sample_ids(db, SAMPLE_IDS)),
+    }
+    results: list[tuple[Scenario, Measure]] = []
+    memory = None
+
+    def run(server: Server, scenario: Scenario) -> None:
+        print(f"{scenario.name} ...", flush=True)
+        if scenario.walk:
+            measure = keyset_walk(server, args.rows)
+        else:
+            wrk(server, scenario, args.warmup, env, "warmup")
+            server.settle()
+            profiler = profiled(server, scenario, args.duration) if args.profile else None
+            measure = wrk(server, scenario, args.duration, env, "measured")
+            if profiler is not None:
+                profiler.wait()
+            busy = server.settle()
+            if busy >= 1:  # requests wrk gave up on, still being served
+                measure.note = ", ".join(filter(None, [measure.note, f"server busy {busy:.0f} s after wrk ended"]))
+        results.append((scenario, measure))
+
+    ceiling_runs = [s for s in chosen if s.on_ceiling]
+    api_runs = [s for s in chosen if not s.on_ceiling]
+    if ceiling_runs:
+        with serve("ceiling", "bench.ceiling:app", {}, "/") as ceiling:
+            for scenario in ceiling_runs:
+                run(ceiling, scenario)
+    if api_runs:
+        api_env = {"KASPARRO_DB": str(db), "KASPARRO_ETL_MAX_AGE": str(10 * 365 * 86_400)}
+        with serve("api", "kasparro:app", api_env, "/health") as api:
+            for scenario in api_runs:
+                run(api, scenario)
+            memory = api.memory_mb()
+
+    when = f"{datetime.now(UTC):%Y-%m-%d %H:%M}Z"
+    header = f"### bench-api, {args.rows:,} rows, commit {commit_id()}, {when}"
+    setup = (
+        f"wrk -t{THREADS} -c{CONNECTIONS} --timeout {WRK_TIMEOUT}s, warm-up {args.warmup:g} s, measured"
+        f" {args.duration:g} s, server idle before each;"
+        f" uvicorn 1 worker, uvloop + httptools; {os.cpu_count()} CPUs shared by wrk and server; {etl_note}"
+    )
+    lines = [header, "", setup, "", *table(results, memory, pages)]
+    print("\n" + "\n".join(lines))
+    if args.profile:
+        for scenario, _ in results:
+            if profile_path(scenario).exists() and not scenario.walk:
+                print("", *summarise(profile_path(scenario)), sep="\n")
+        print(f"\nprofiled run: figures perturbed by py-spy, so not appended to {RESULTS.name}")
+        return
+    with RESULTS.open("a") as out:
+        out.write("\n".join(["", *lines, ""]))
+
+
+if __name__ == "__main__":
+    main()
