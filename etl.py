@@ -41,7 +41,7 @@ from msgspec import Meta
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "store.sql"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SAMPLE_CSV = HERE / "data" / "sample.csv"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
@@ -848,7 +848,7 @@ ASSET_INDEXES = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_nam
 @functools.cache
 def sort_indexes() -> dict[str, str]:
     """The CREATE INDEX statements of store.sql for table asset, by index name."""
-    pattern = re.compile(r"^CREATE INDEX IF NOT EXISTS (\w+) ON asset .*?;", re.M | re.S)
+    pattern = re.compile(r"^CREATE INDEX IF NOT EXISTS (\w+) ON asset \(.*?\);", re.M | re.S)
     return {match.group(1): match.group(0) for match in pattern.finditer(SCHEMA_PATH.read_text())}
 
 
@@ -1416,6 +1416,21 @@ def run_status(outcomes: Sequence[SourceOutcome]) -> str:
     return "partial"
 
 
+def truncate_wal(conn: sqlite3.Connection, attempts: int = 20) -> None:
+    """Copy the WAL into the store and truncate it, so it cannot grow without bound under steady reads.
+
+    A reader still on an older snapshot makes the checkpoint report busy; it is
+    retried a few times, then left to the next run (the data is safe either way).
+    """
+    for attempt in range(attempts):
+        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:
+            log.debug("wal truncated", frames=frames, attempts=attempt + 1)
+            return
+        time.sleep(0.05)
+    log.warning("wal not truncated: readers kept it busy", frames=frames, copied=copied)
+
+
 def elapsed_ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
 
@@ -1523,7 +1538,7 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
         status = run_status(outcomes)
         errors = [f"{o.source}: {o.error}" for o in outcomes if o.error]
         end_run(conn, run_id, status, elapsed_ms(started), "; ".join(errors) or None)
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        truncate_wal(conn)
         total = Tally()
         for outcome in outcomes:
             total.add(outcome.tally)

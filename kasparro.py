@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -473,7 +473,6 @@ class Store:
     """Lazy, self-healing access to the store through a pool of read-only connections."""
 
     BUSY_TIMEOUT_MS = 5_000
-    COUNT_CACHE_SIZE = 4_096
 
     def __init__(self, path: Path, readers: int = 4, reopen_interval: float = 1.0) -> None:
         self.path = path
@@ -483,8 +482,6 @@ class Store:
         self._opening: asyncio.Lock | None = None
         self._next_attempt = 0.0
         self._next_check = 0.0
-        self._counts: dict[tuple[str, tuple], int] = {}
-        self._counts_version: DataVersion | None = None
         # The watcher: a read-only connection used from the event loop thread
         # itself, for what takes microseconds (PRAGMA data_version, a point
         # lookup) and would cost more in a thread hop than in the query.
@@ -677,17 +674,6 @@ class Store:
             raise StoreUnavailable(f"store {self.path} has no data yet")
         return DataVersion(row["store_id"], row["generation"])
 
-    async def count(self, snapshot: Snapshot, where: str, params: tuple) -> int:
-        """Assets matching a WHERE clause, cached until the data version moves."""
-        if self._counts_version != snapshot.version or len(self._counts) >= self.COUNT_CACHE_SIZE:
-            self._counts = {}
-            self._counts_version = snapshot.version
-        key = (where, params)
-        if key not in self._counts:
-            row = await snapshot.one(f"SELECT count(*) AS n FROM asset WHERE {where}", params)
-            self._counts[key] = row["n"]
-        return self._counts[key]
-
     async def per_commit_read(self, key: str, read: Callable[[sqlite3.Connection, DataVersion], T]) -> T:
         """An inline read remembered until the next commit of any kind."""
         await self.watch()
@@ -721,6 +707,7 @@ TIME_FIELDS = ("updated_at",)
 FILTER_FIELDS = TEXT_FIELDS + NUMBER_FIELDS + TIME_FIELDS
 SORT_FIELDS = (*NUMBER_FIELDS, "symbol", "name", "updated_at")
 NULLABLE_SORTS = frozenset(NUMBER_FIELDS)
+COVERED_SORTS = frozenset({"rank"})  # their index holds every column (store.sql): OFFSET stays in the index
 # How each sort field is ordered in SQL: the expression of its index.
 SORT_EXPRESSIONS = {field: field for field in SORT_FIELDS} | {"name": "name COLLATE NOCASE"}
 STATUSES = ("active", "inactive")
@@ -963,8 +950,9 @@ def segment_sql(
             keys = [after.value, after.value, after.asset_id]
         order = f"{column} {direction}, asset_id {direction}"
     condition = " AND ".join([where, *clauses])
-    if not offset:
-        return f"SELECT {ASSET_COLUMNS} FROM asset WHERE {condition} ORDER BY {order} LIMIT ?", (*params, *keys, limit)
+    if not offset or sort.field in COVERED_SORTS:
+        sql = f"SELECT {ASSET_COLUMNS} FROM asset WHERE {condition} ORDER BY {order} LIMIT ? OFFSET ?"
+        return sql, (*params, *keys, limit, offset)
     # Rows skipped by OFFSET are stepped over in the (column, asset_id) index
     # alone; only the page's own rows are read from the table.
     keys_sql = f"SELECT asset_id FROM asset WHERE {condition} ORDER BY {order} LIMIT ? OFFSET ?"
@@ -1136,21 +1124,66 @@ class Bookmarks:
 
     marks: list[CursorToken] = field(default_factory=list)
     complete: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+# A plan is a generator that yields the (sql, params) it needs read and is
+# sent the rows; the same logic then runs inline on the loop thread's
+# connection (run_plan) or in a reader thread's snapshot (run_plan_async).
+Plan = Generator[tuple[str, Sequence[Any]], list[tuple], T]
+
+
+def run_plan(plan: Plan[T], conn: sqlite3.Connection) -> T:
+    try:
+        request = next(plan)
+        while True:
+            request = plan.send(conn.execute(*request).fetchall())
+    except StopIteration as done:
+        return done.value
+
+
+async def run_plan_async(plan: Plan[T], snapshot: Snapshot) -> T:
+    try:
+        request = next(plan)
+        while True:
+            request = plan.send(await snapshot.tuples(*request))
+    except StopIteration as done:
+        return done.value
+
+
+def rows_plan(query: AssetQuery, after: CursorToken | None, skip: int, limit: int) -> Plan[list[tuple]]:
+    """`limit` rows after position `after` (the start when None), passing `skip` rows first.
+
+    Nulls sort last: the rows with a sort value, then those without.
+    """
+    if after is not None and after.in_nulls:
+        return (yield segment_sql(query, True, after, limit, skip))
+    rows = yield segment_sql(query, False, after, limit, skip)
+    if len(rows) < limit and query.sort.nullable:
+        null_skip = 0
+        if skip and not rows:  # the skip reaches past the valued rows: continue it among the nulls
+            sql, params = segment_sql(query, False, after, skip, 0)
+            keys = sql.replace(f"SELECT {ASSET_COLUMNS} FROM", "SELECT 1 FROM", 1)
+            ((valued,),) = yield f"SELECT count(*) FROM ({keys})", params
+            null_skip = skip - valued
+        rows = rows + (yield segment_sql(query, True, None, limit - len(rows), null_skip))
+    return rows
 
 
 class AssetResource:
     """GET /data (pages of unified records) and GET /data/{asset_id} (one, with quotes)."""
 
     protected = True
-    PAGE_CACHE_BYTES = 24 * 1024 * 1024
+    PAGE_CACHE_BYTES = 16 * 1024 * 1024
     DETAIL_CACHE_SIZE = 4_096
     BOOKMARK_SETS = 64
+    COUNT_CACHE_SIZE = 4_096
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.pages = PageCache(self.PAGE_CACHE_BYTES)
         self.bookmarks: collections.OrderedDict[tuple[DataVersion, str], Bookmarks] = collections.OrderedDict()
+        self._counts: dict[str, int] = {}
+        self._counts_version: DataVersion | None = None
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         version = await self.store.watch()
@@ -1178,16 +1211,24 @@ class AssetResource:
         )
 
     async def _render(self, query: AssetQuery) -> CachedPage:
-        """Read and encode one page in a snapshot."""
+        """Read and encode one page: inline when the query is bounded by an index, else in a reader thread.
+
+        Without conditions every read is an index range of at most ~1,100
+        entries (bookmarks bound the skip), cheaper than the thread hops it
+        would take; a filter may have to scan, so it runs off the loop.
+        """
+        if not query.conditions:
+            return await self.store.inline(lambda conn, version: run_plan(self._page_plan(query, version), conn))
         async with self.store.snapshot() as snapshot:
-            version = snapshot.version
-            after = read_cursor(query, version) if query.cursor else None
-            where, params = where_sql(query.conditions)
-            total = await self.store.count(snapshot, where, params)
-            skip = 0
-            if after is None:
-                after, skip = await self._bookmark(snapshot, query, (query.page - 1) * query.page_size)
-            rows = await self._rows(snapshot, query, after, skip, query.page_size + 1)
+            return await run_plan_async(self._page_plan(query, snapshot.version), snapshot)
+
+    def _page_plan(self, query: AssetQuery, version: DataVersion) -> Plan[CachedPage]:
+        after = read_cursor(query, version) if query.cursor else None
+        total = yield from self._count_plan(version, query)
+        skip = 0
+        if after is None:
+            after, skip = yield from self._bookmark_plan(version, query, (query.page - 1) * query.page_size)
+        rows = yield from rows_plan(query, after, skip, query.page_size + 1)
         page_size = query.page_size
         assets = [asset_row(row) for row in rows[:page_size]]
         return CachedPage(
@@ -1200,53 +1241,43 @@ class AssetResource:
             next_cursor=make_cursor(query, assets[-1], version) if len(rows) > page_size else None,
         )
 
-    async def _bookmark(self, snapshot: Snapshot, query: AssetQuery, offset: int) -> tuple[CursorToken | None, int]:
+    def _count_plan(self, version: DataVersion, query: AssetQuery) -> Plan[int]:
+        """Assets matching the query's filter, counted once per data version."""
+        if self._counts_version != version or len(self._counts) >= self.COUNT_CACHE_SIZE:
+            self._counts, self._counts_version = {}, version
+        key = query.filter_text
+        if key not in self._counts:
+            where, params = where_sql(query.conditions)
+            ((self._counts[key],),) = yield f"SELECT count(*) FROM asset WHERE {where}", params
+        return self._counts[key]
+
+    def _bookmark_plan(
+        self, version: DataVersion, query: AssetQuery, offset: int
+    ) -> Plan[tuple[CursorToken | None, int]]:
         """The nearest bookmark at or before `offset`, and how many rows lie between them."""
         wanted = offset // BOOKMARK_EVERY
         if not wanted:
             return None, offset
-        key = (snapshot.version, query.digest)
+        key = (version, query.digest)
         marks = self.bookmarks.get(key)
         if marks is None:
             marks = self.bookmarks[key] = Bookmarks()
             while len(self.bookmarks) > self.BOOKMARK_SETS:
                 self.bookmarks.popitem(last=False)
-        async with marks.lock:
-            while len(marks.marks) < wanted and not marks.complete:
-                previous = marks.marks[-1] if marks.marks else None
-                row = await self._rows(snapshot, query, previous, BOOKMARK_EVERY - 1, 1)
-                if row:
-                    marks.marks.append(position_of(query, row[0]))
-                else:
-                    marks.complete = True
+        while len(marks.marks) < wanted and not marks.complete:
+            known = len(marks.marks)
+            previous = marks.marks[-1] if known else None
+            row = yield from rows_plan(query, previous, BOOKMARK_EVERY - 1, 1)
+            if len(marks.marks) != known:  # a plan in another reader thread got there first
+                continue
+            if row:
+                marks.marks.append(position_of(query, row[0]))
+            else:
+                marks.complete = True
         found = min(wanted, len(marks.marks))
         if not found:
             return None, offset
         return marks.marks[found - 1], offset - found * BOOKMARK_EVERY
-
-    async def _rows(
-        self, snapshot: Snapshot, query: AssetQuery, after: CursorToken | None, skip: int, limit: int
-    ) -> list[tuple]:
-        """`limit` rows after position `after` (the start when None), passing `skip` rows first.
-
-        Nulls sort last: the rows with a sort value, then those without.
-        """
-        if after is not None and after.in_nulls:
-            return await snapshot.tuples(*segment_sql(query, True, after, limit, skip))
-        rows = await snapshot.tuples(*segment_sql(query, False, after, limit, skip))
-        if len(rows) < limit and query.sort.nullable:
-            null_skip = 0
-            if skip and not rows:  # the skip reaches past the valued rows: continue it among the nulls
-                null_skip = skip - await self._valued_after(snapshot, query, after, skip)
-            rows += await snapshot.tuples(*segment_sql(query, True, None, limit - len(rows), null_skip))
-        return rows
-
-    async def _valued_after(self, snapshot: Snapshot, query: AssetQuery, after: CursorToken | None, most: int) -> int:
-        """How many rows with a sort value follow `after`, counting no further than `most`."""
-        sql, params = segment_sql(query, False, after, most, 0)
-        keys = sql.replace(f"SELECT {ASSET_COLUMNS} FROM", "SELECT 1 FROM", 1)
-        row = await snapshot.tuples(f"SELECT count(*) FROM ({keys})", params)
-        return row[0][0]
 
     async def on_get_asset(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, asset_id: str) -> None:
         version = await self.store.watch()

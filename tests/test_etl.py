@@ -218,6 +218,22 @@ def test_usage_errors_exit_2(tmp_path, args, message):
     assert not (tmp_path / "x.db").exists()
 
 
+def test_an_older_store_is_migrated_in_place(tmp_path):
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{SAMPLE}").returncode == 0
+    before = query(db, "SELECT * FROM asset ORDER BY asset_id")
+    with sqlite3.connect(db) as conn:  # make it a version 2 store: the old rank index, no covering one
+        conn.execute("DROP INDEX asset_rank_covering")
+        conn.execute("CREATE INDEX asset_rank ON asset (rank)")
+        conn.execute("PRAGMA user_version = 2")
+    assert run_etl(db, f"csv:{SAMPLE}").returncode == 0
+    assert query(db, "PRAGMA user_version") == [(etl.SCHEMA_VERSION,)]
+    indexes = {name for (name,) in query(db, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "asset_rank_covering" in indexes and "asset_rank" not in indexes
+    assert query(db, "SELECT * FROM asset ORDER BY asset_id") == before
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
 def test_a_store_from_a_newer_schema_is_refused(tmp_path):
     db = tmp_path / "store.db"
     sqlite3.connect(db).execute("PRAGMA user_version = 99").connection.close()
