@@ -961,11 +961,17 @@ def segment_sql(
 
 
 def cursor_key(version: DataVersion) -> bytes:
+    """The key of cursor tags: per store, so a token of another store (or a rebuilt one) is refused.
+
+    The tag catches damaged, truncated and cross-store tokens. It is not a
+    secret: a token someone built by hand only selects a page after a key of
+    their choosing, through bound parameters and type checks, like any query.
+    """
     return hashlib.blake2b(version.store_id.encode(), digest_size=32, person=b"kasparro-cursor").digest()
 
 
 def make_cursor(query: AssetQuery, asset: Asset, version: DataVersion) -> str:
-    """A keyset token after `asset`, tagged so a tampered token is refused."""
+    """A keyset token after `asset`, tagged so a damaged or foreign token is refused."""
     value = getattr(asset, query.sort.field)
     token = CursorToken(query.digest, value is None, value, asset.asset_id)
     payload = encode_cursor(token)
@@ -1494,43 +1500,62 @@ SELECT source, rows_read, rows_loaded, rows_rejected, last_success_at FROM (
 """
 
 
-async def store_gauges(snapshot: Snapshot) -> list[Metric]:
-    """ETL freshness and rows, assets and data age, as the snapshot sees them."""
+@dataclass(frozen=True)
+class StoreFacts:
+    """What the store gauges are made of, read once per commit (counting 1M assets takes a while)."""
+
+    source_runs: list[dict[str, Any]]
+    last_success_at: str | None
+    assets: dict[str, int]
+    committed_at: str | None
+
+
+async def read_store_facts(snapshot: Snapshot) -> StoreFacts:
+    overall = await snapshot.one("SELECT max(ended_at) AS ended_at FROM etl_run WHERE status IN ('success', 'partial')")
+    meta = await snapshot.one("SELECT committed_at FROM store_meta WHERE id = 1")
+    return StoreFacts(
+        source_runs=await snapshot.all(LATEST_SOURCE_RUNS_SQL),
+        last_success_at=overall["ended_at"] if overall else None,
+        assets={row["status"]: row["n"] for row in await snapshot.all(ASSETS_BY_STATUS_SQL)},
+        committed_at=meta["committed_at"] if meta else None,
+    )
+
+
+ASSETS_BY_STATUS_SQL = "SELECT status, count(*) AS n FROM asset GROUP BY status"
+
+
+def store_gauges(facts: StoreFacts) -> list[Metric]:
+    """ETL freshness and rows, assets and data age; ages as of now."""
     freshness = GaugeMetricFamily(
         "kasparro_etl_last_success_age_seconds", "Seconds since the source's last successful ETL run", labels=["source"]
     )
     rows = GaugeMetricFamily(
         "kasparro_etl_last_run_rows", "Rows of the source's latest finished ETL run", labels=["source", "outcome"]
     )
-    for run in await snapshot.all(LATEST_SOURCE_RUNS_SQL):
+    for run in facts.source_runs:
         if run["last_success_at"]:
             freshness.add_metric([run["source"]], age_seconds(run["last_success_at"]))
         for outcome in ("read", "loaded", "rejected"):
             rows.add_metric([run["source"], outcome], run[f"rows_{outcome}"])
     families: list[Metric] = [freshness, rows]
-    overall = await snapshot.one("SELECT max(ended_at) AS ended_at FROM etl_run WHERE status IN ('success', 'partial')")
-    if overall and overall["ended_at"]:
+    if facts.last_success_at:
         families.append(
             GaugeMetricFamily(
                 "kasparro_etl_run_last_success_age_seconds",
                 "Seconds since the last successful ETL run",
-                value=age_seconds(overall["ended_at"]),
+                value=age_seconds(facts.last_success_at),
             )
         )
     assets = GaugeMetricFamily("kasparro_assets", "Assets in the store, by status", labels=["status"])
-    counted = {
-        row["status"]: row["n"] for row in await snapshot.all("SELECT status, count(*) AS n FROM asset GROUP BY status")
-    }
     for status in STATUSES:
-        assets.add_metric([status], counted.get(status, 0))
+        assets.add_metric([status], facts.assets.get(status, 0))
     families.append(assets)
-    meta = await snapshot.one("SELECT committed_at FROM store_meta WHERE id = 1")
-    if meta is not None:
+    if facts.committed_at:
         families.append(
             GaugeMetricFamily(
                 "kasparro_data_version_age_seconds",
                 "Seconds since the ETL last committed new data",
-                value=age_seconds(meta["committed_at"]),
+                value=age_seconds(facts.committed_at),
             )
         )
     return families
@@ -1545,9 +1570,12 @@ class MetricsResource:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         try:
-            async with self.store.snapshot() as snapshot:
-                families = await store_gauges(snapshot)
-            readable = True
+            await self.store.watch()  # forgets the facts at every commit
+            facts = self.store.per_commit.get("metrics")
+            if facts is None:
+                async with self.store.snapshot() as snapshot:
+                    facts = self.store.per_commit["metrics"] = await read_store_facts(snapshot)
+            families, readable = store_gauges(facts), True
         except (StoreUnavailable, sqlite3.DatabaseError):
             families, readable = [], False
         up = GaugeMetricFamily("kasparro_store_up", "1 when the store can be read", value=float(readable))
