@@ -93,7 +93,7 @@ def test_killed_runs_converge_to_one_clean_run(tmp_path, big_csv, big_clean):
     db = tmp_path / "killed.db"
     # Kill right after the run starts, then after 1, 3, 2 and 5 more batches.
     for batches in (0, 1, 3, 2, 5):
-        proc = start_etl(db, f"csv:{big_csv}", LOG_LEVEL="debug")
+        proc = start_etl(db, f"csv:{big_csv}", LOG_LEVEL="debug", KASPARRO_BATCH_ROWS="10000")
         wait_for_event(proc, "batch committed", batches) if batches else wait_for_event(proc, "run started")
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -110,7 +110,7 @@ def test_killed_runs_converge_to_one_clean_run(tmp_path, big_csv, big_clean):
 
 def test_sigterm_rolls_back_the_batch_and_records_the_run_failed(tmp_path, big_csv):
     db = tmp_path / "store.db"
-    proc = start_etl(db, f"csv:{big_csv}", LOG_LEVEL="debug")
+    proc = start_etl(db, f"csv:{big_csv}", LOG_LEVEL="debug", KASPARRO_BATCH_ROWS="10000")
     wait_for_event(proc, "batch committed", 2)
     proc.send_signal(signal.SIGTERM)
     proc.communicate()

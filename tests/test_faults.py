@@ -44,7 +44,7 @@ def test_kills_at_20_random_instants_converge_to_one_clean_run(tmp_path, big_csv
     chooser = random.Random(20261126)
     db = tmp_path / "killed.db"
     for kill in range(20):
-        proc = start_etl(db, f"csv:{big_csv}", LOG_LEVEL="debug")
+        proc = start_etl(db, f"csv:{big_csv}", LOG_LEVEL="debug", KASPARRO_BATCH_ROWS="10000")
         wait_for_event(proc, "run started")
         if chooser.random() < 0.5:
             wait_for_event(proc, "batch committed")
