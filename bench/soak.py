@@ -213,8 +213,9 @@ def kill_loop(work: Path, rows: int, kills: int) -> None:
         while killed < kills:
             proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "etl.py"), "--db", str(db), f"csv:{feed}"],
-                cwd=ROOT, env=etl_env() | {"LOG_LEVEL": "debug"}, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True,
+                # 10,000-row batches, as in the tests: more commit points to land kills between.
+                cwd=ROOT, env=etl_env() | {"LOG_LEVEL": "debug", "KASPARRO_BATCH_ROWS": "10000"},
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             )  # fmt: skip
             started = time.monotonic()
             wait_for_event(proc, "run started")
