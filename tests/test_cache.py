@@ -1,0 +1,102 @@
+"""Cached answers are the fresh answers: byte for byte, before and after an ETL commit."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import run_etl, write_csv
+from kasparro import BOOKMARK_EVERY, Config
+
+PER_REQUEST = re.compile(rb'"request_id":"[^"]*","api_latency_ms":[0-9.e+-]+,')
+
+QUERIES = [
+    "/data",
+    "/data?page_size=100",
+    "/data?filter_by=active&page_size=100&sort=-market_cap_usd",
+    "/data?page=350&page_size=10",  # past several bookmarks of the default order
+    "/data?page=301&page_size=10&sort=-price_usd",  # bookmarks of a nullable sort
+    "/data?page=120&page_size=25&sort=name&filter_by=active",  # bookmarks of a filtered sort (off the loop)
+    "/data?page=999&page_size=100",  # beyond the end: an empty page
+    "/data?filter_by=symbol:usdc",
+    "/data/bitcoin",
+    "/data/usdc",
+]
+
+
+def data_of(result: Any) -> bytes:
+    """The body without the fields that belong to one request."""
+    assert result.status_code == 200, result.text
+    return PER_REQUEST.sub(b"", result.content)
+
+
+@pytest.fixture
+def big_store(tmp_path: Path) -> Path:
+    """The sample plus 4,000 generated assets: enough rows for deep pages to use bookmarks."""
+    db = tmp_path / "kasparro.db"
+    assert run_etl(db).returncode == 0
+    assert run_etl(db, f"csv:{write_csv(tmp_path / 'more.csv', 4_000, seed=3)}").returncode == 0
+    return db
+
+
+def test_cached_answers_equal_fresh_ones_across_an_etl_commit(make_client: Any, big_store: Path, tmp_path: Path):
+    config = Config(db=big_store, reopen_interval=0, log_level="warning")
+    warm = make_client(config)
+    first = {path: data_of(warm.get(path)) for path in QUERIES}
+    assert {path: data_of(warm.get(path)) for path in QUERIES} == first  # served from the caches
+    assert {path: data_of(make_client(config).get(path)) for path in QUERIES} == first  # a cold app agrees
+    assert b'"data":[]' in first["/data?page=999&page_size=100"]
+    assert max(350 * 10, 301 * 10) > 3 * BOOKMARK_EVERY  # the deep pages above start from bookmarks
+
+    # New prices for every generated coin (same ids, later time) and 50 new coins: one commit.
+    changed = tmp_path / "more.csv"
+    changed.write_text(changed.read_text().replace("2026-11-25T12:00:", "2026-11-25T13:00:"))
+    assert run_etl(big_store, f"csv:{changed}", f"csv:{write_csv(tmp_path / 'new.csv', 50, seed=4)}").returncode == 0
+
+    after = {path: data_of(warm.get(path)) for path in QUERIES}
+    assert after == {path: data_of(make_client(config).get(path)) for path in QUERIES}
+    assert after["/data"] != first["/data"]  # the data version moved with the commit
+    assert after["/data?page=350&page_size=10"] != first["/data?page=350&page_size=10"]
+
+
+@pytest.mark.parametrize(
+    ("sort", "filter_by", "sql_order", "sql_where"),
+    [
+        ("rank", "", "rank IS NULL, rank, asset_id", "1"),
+        ("-price_usd", "", "price_usd IS NULL, price_usd DESC, asset_id DESC", "1"),
+        ("change_24h_pct", "active", "change_24h_pct IS NULL, change_24h_pct, asset_id", "status = 'active'"),
+        ("-name", "", "name COLLATE NOCASE DESC, asset_id DESC", "1"),
+        (
+            "-volume_24h_usd",
+            "inactive",
+            "volume_24h_usd IS NULL, volume_24h_usd DESC, asset_id DESC",
+            "status = 'inactive'",
+        ),
+    ],
+)
+def test_deep_pages_from_bookmarks_match_plain_sql(
+    make_client: Any, big_store: Path, sort, filter_by, sql_order, sql_where
+):
+
+    client = make_client(Config(db=big_store, reopen_interval=0, log_level="warning"))
+    conn = sqlite3.connect(f"file:{big_store}?mode=ro", uri=True)
+    total = conn.execute(f"SELECT count(*) FROM asset WHERE {sql_where}").fetchone()[0]
+    for page, size in ((1, 10), (101, 10), (150, 20), (int(total / 7) + 1, 7), (total // 3 + 1, 3), (total + 1, 1)):
+        expected = [
+            row[0]
+            for row in conn.execute(
+                f"SELECT asset_id FROM asset WHERE {sql_where} ORDER BY {sql_order} LIMIT ? OFFSET ?",
+                (size, (page - 1) * size),
+            )
+        ]
+        params = {"sort": sort, "page": str(page), "page_size": str(size)} | (
+            {"filter_by": filter_by} if filter_by else {}
+        )
+        body = client.get("/data", params=params).json
+        assert [a["asset_id"] for a in body["data"]] == expected, (sort, filter_by, page, size)
+        assert body["total_items"] == total
+    conn.close()
