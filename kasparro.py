@@ -73,6 +73,13 @@ class Config:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Config:
         """Build the config from the variables of SPEC.md, with its defaults."""
         keys = tuple(k.strip() for k in environ.get("KASPARRO_API_KEYS", "").split(",") if k.strip())
+        try:
+            return cls._read(environ, keys)
+        except ValueError as error:
+            raise SystemExit(f"kasparro: bad number in the environment: {error}") from None
+
+    @classmethod
+    def _read(cls, environ: Mapping[str, str], keys: tuple[str, ...]) -> Config:
         return cls(
             db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
             etl_max_age=int(environ.get("KASPARRO_ETL_MAX_AGE", "21600")),

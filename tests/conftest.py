@@ -25,7 +25,7 @@ from falcon.util import async_to_sync
 from etl_support import ROOT, run_etl, write_csv
 from kasparro import Config, create_app
 
-__all__ = ["ROOT", "run_etl", "write_csv"]
+__all__ = ["ROOT", "http_get", "run_etl", "write_csv"]
 
 
 @pytest.fixture(autouse=True)
@@ -153,12 +153,17 @@ class LiveServer:
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         """GET without raising on HTTP errors: (status, lower-cased headers, body)."""
-        request = urllib.request.Request(self.base + path, headers=headers or {})  # noqa: S310 - 127.0.0.1
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+        return http_get(self.base, path, headers)
+
+
+def http_get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET without raising on HTTP errors: (status, lower-cased headers, body)."""
+    request = urllib.request.Request(base + path, headers=headers or {})  # noqa: S310 - http to 127.0.0.1
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
 
 
 @pytest.fixture

@@ -499,3 +499,8 @@ def test_pages_and_cursors_visit_every_match_once_in_order(
         body = shared_client.get("/data", params={**params, "cursor": body["next_cursor"]}).json
         assert body["page"] is None
     assert by_cursor == expected
+
+
+def test_a_bad_number_in_the_environment_is_a_clear_exit() -> None:
+    with pytest.raises(SystemExit, match="bad number in the environment"):
+        Config.from_env({"KASPARRO_ETL_MAX_AGE": "six hours"})

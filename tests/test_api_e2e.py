@@ -10,14 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_csv
+from conftest import ROOT, http_get, write_csv
 
 READY_WITHIN_S = 30.0
 
@@ -30,12 +28,7 @@ def free_port() -> int:
 
 def fetch(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """GET without raising on HTTP errors: (status, lower-cased headers, body)."""
-    request = urllib.request.Request(base + path, headers=headers or {})  # noqa: S310 - http to 127.0.0.1
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+    return http_get(base, path, headers)
 
 
 @pytest.fixture
