@@ -893,9 +893,6 @@ class Batch:
     end: ReadPosition = field(default_factory=ReadPosition)  # where the input stands after this batch
     final: bool = False  # the input ends here
 
-    def __len__(self) -> int:
-        return self.read
-
 
 def connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
     """A writer connection in autocommit mode; transactions are explicit.
@@ -1068,8 +1065,9 @@ def load_csv(
     path = source.path
     try:
         fingerprint = file_fingerprint(path)
-        size = path.stat().st_size
-        default_time = format_time(datetime.fromtimestamp(path.stat().st_mtime, UTC))
+        stat = path.stat()
+        size = stat.st_size
+        default_time = format_time(datetime.fromtimestamp(stat.st_mtime, UTC))
     except OSError as error:
         raise SourceError(f"cannot read {path}: {error.strerror or error}") from None
     checkpoint = conn.execute(

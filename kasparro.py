@@ -604,10 +604,13 @@ class Store:
         return self._version
 
     async def inline(self, read: Callable[[sqlite3.Connection, DataVersion], T]) -> T:
-        """Run a read of a few microseconds in one transaction on the loop thread's connection."""
-        await self.watch()
+        """Run a read of a few microseconds in one transaction on the loop thread's connection.
+
+        Call it right after watch(), which opened the store and checked it is still the file at path.
+        """
         watcher = self._watcher
-        assert watcher is not None
+        if watcher is None:
+            raise StoreUnavailable(f"store {self.path} is not open")
         try:
             watcher.execute("BEGIN")
             try:
@@ -989,7 +992,7 @@ def make_cursor(query: AssetQuery, asset: Asset, version: DataVersion) -> str:
 def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
     """The token of query.cursor, checked against its tag and the query, or InvalidQuery."""
     text = query.cursor or ""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{12,512}", text):
+    if not CURSOR.fullmatch(text):
         raise InvalidQuery("cursor: not a token given by next_cursor")
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
