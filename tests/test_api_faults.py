@@ -402,6 +402,13 @@ def test_the_live_server_never_logs_keys(live_server: Any, store_path: Path) -> 
 # --- doors: the rate limit --------------------------------------------------------------------
 
 
+def test_a_cached_answer_still_needs_a_key(guarded: Any) -> None:
+    for path in ("/data", "/data/bitcoin"):
+        assert guarded.get(path, headers={"X-API-Key": "k1-public-test-key"}).status_code == 200
+        assert guarded.get(path, headers={"X-API-Key": "k1-public-test-key"}).status_code == 200
+        problem(guarded.get(path), 401)
+
+
 class FakeClock:
     """A monotonic clock the test moves by hand."""
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import kasparro
 from conftest import run_etl, write_csv
 from kasparro import BOOKMARK_EVERY, Config
 
@@ -85,7 +86,9 @@ def test_deep_pages_from_bookmarks_match_plain_sql(
     client = make_client(Config(db=big_store, reopen_interval=0, log_level="warning"))
     conn = sqlite3.connect(f"file:{big_store}?mode=ro", uri=True)
     total = conn.execute(f"SELECT count(*) FROM asset WHERE {sql_where}").fetchone()[0]
-    for page, size in ((1, 10), (101, 10), (150, 20), (int(total / 7) + 1, 7), (total // 3 + 1, 3), (total + 1, 1)):
+    # (102, 10) and (151, 20) start where the page before them ended: from its last row, skipping nothing.
+    deep = ((1, 10), (101, 10), (102, 10), (150, 20), (151, 20), (int(total / 7) + 1, 7), (total // 3 + 1, 3))
+    for page, size in (*deep, (total + 1, 1)):
         expected = [
             row[0]
             for row in conn.execute(
@@ -100,3 +103,38 @@ def test_deep_pages_from_bookmarks_match_plain_sql(
         assert [a["asset_id"] for a in body["data"]] == expected, (sort, filter_by, page, size)
         assert body["total_items"] == total
     conn.close()
+
+
+def test_the_front_door_answers_as_falcon_does(monkeypatch: pytest.MonkeyPatch, make_client: Any, big_store: Path):
+    """A repeated GET is answered before Falcon: same status, headers and data as Falcon's first answer."""
+    through_falcon: list[str] = []
+    for resource, responder in ((kasparro.AssetResource, "on_get"), (kasparro.AssetResource, "on_get_asset"),
+                                (kasparro.HealthResource, "on_get")):  # fmt: skip
+        original = getattr(resource, responder)
+
+        async def spy(self: Any, req: Any, resp: Any, *args: Any, _original: Any = original, **kw: Any) -> None:
+            through_falcon.append(req.relative_uri)
+            await _original(self, req, resp, *args, **kw)
+
+        monkeypatch.setattr(resource, responder, spy)
+    client = make_client(Config(db=big_store, reopen_interval=0, log_level="warning"))
+    for path in (*QUERIES, "/health"):
+        first = client.get(path)
+        tag = first.headers.get("etag")
+        seen = len(through_falcon)
+        again = client.get(path, headers={"X-Request-ID": "front-door-test"})
+        assert len(through_falcon) == seen, f"{path} went through Falcon again"
+        assert again.status_code == first.status_code == 200
+        per_request = {"x-request-id": "", "content-length": ""}  # the id echoed is shorter than a UUID
+        assert {**again.headers, **per_request} == {**first.headers, **per_request}
+        assert int(again.headers["content-length"]) == len(again.content)
+        assert again.headers["x-request-id"] == "front-door-test"
+        assert data_of(again) == data_of(first)
+        if path.startswith("/data?"):
+            assert again.json["request_id"] == "front-door-test"
+        if tag is not None:
+            current = client.get(path, headers={"If-None-Match": f'"x", {tag}'})
+            assert len(through_falcon) == seen
+            assert (current.status_code, current.content, current.headers["etag"]) == (304, b"", tag)
+    assert client.get("/data?page_size=0").status_code == 400  # not an answer: Falcon's, every time
+    assert client.get("/data?page_size=0").status_code == 400

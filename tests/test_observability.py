@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from html.parser import HTMLParser
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kasparro import Config
+from kasparro import Config, HttpMetrics
 
 REQUESTS = "kasparro_http_requests_total"
 
@@ -102,6 +103,13 @@ def test_two_workers_count_every_request_exactly_once(live_server: Any, store_pa
     for i in range(n):  # a new connection each: the kernel spreads them over both workers
         assert server.get(f"/data/{('bitcoin', 'ethereum', 'tether')[i % 3]}")[0] == 200
     server.get(f"/{uuid.uuid4()}")
+    # Each worker adds its counts to the shared files at most FLUSH_EVERY seconds later (at once when it
+    # answers the scrape itself): scrape until both have, then every later scrape must agree.
+    deadline = time.monotonic() + 10 * HttpMetrics.FLUSH_EVERY
+    while count(samples(server.get("/metrics")[2].decode()), "unmatched", "404") < 1 or (
+        count(samples(server.get("/metrics")[2].decode()), "/data/{asset_id}") - before < n
+    ):
+        assert time.monotonic() < deadline, "the workers' counts never reached the shared files"
     scrapes = [samples(server.get("/metrics")[2].decode()) for _ in range(6)]
     for scraped in scrapes:
         assert count(scraped, "/data/{asset_id}") - before == n
