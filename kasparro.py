@@ -1063,10 +1063,6 @@ def asset_from_row(row: dict[str, Any]) -> Asset:
     )
 
 
-def latency_ms(req: falcon.asgi.Request) -> float:
-    return round((time.perf_counter() - req.scope[STARTED]) * 1000, 3)
-
-
 def send(resp: falcon.asgi.Response, body: msgspec.Struct, status: str = falcon.HTTP_200) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
@@ -1140,11 +1136,12 @@ class CachedPage:
     def fresh(self, store: Store) -> bool:
         return self.version == store.version
 
-    def body(self, request_id: str, latency_ms: float) -> bytes:
+    def body(self, request_id: str, started: float) -> bytes:
+        """The page for one request, which started at `started` (time.perf_counter())."""
         return encode(
             AssetPageOut(
                 request_id=request_id,
-                api_latency_ms=latency_ms,
+                api_latency_ms=round((time.perf_counter() - started) * 1000, 3),
                 data=self.data,
                 page=self.page,
                 page_size=self.page_size,
@@ -1166,7 +1163,7 @@ class CachedBody:
     def size(self) -> int:
         return len(self.encoded) + 256
 
-    def body(self, request_id: str, latency_ms: float) -> bytes:
+    def body(self, request_id: str, started: float) -> bytes:
         return self.encoded
 
 
@@ -1333,7 +1330,7 @@ class AssetResource:
         if not_modified(req, resp, page.etag):
             return
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = page.body(req.scope[REQUEST_ID_KEY], latency_ms(req))
+        resp.data = page.body(req.scope[REQUEST_ID_KEY], req.scope[STARTED])
 
     async def _render(self, query: AssetQuery) -> CachedPage:
         """Read and encode one page: inline when the query is bounded by an index, else in a reader thread.
@@ -1580,14 +1577,15 @@ UNMATCHED_ROUTE = "unmatched"  # the one label of every URL that matches no rout
 class HttpMetrics:
     """Requests answered, their latency and those in flight, by route template and status.
 
-    A request is counted in plain Python (a dict, a bisect: under a microsecond), and the counts are
-    added to prometheus-client's values every FLUSH_EVERY seconds and before every scrape. Its own
+    A request answered is appended to a list; every FLUSH_EVERY seconds, before every scrape, and
+    every MAX_PENDING requests, the list is summed into prometheus-client's values. Its own
     per-observation path (locks, a loop over the buckets, files shared between workers) cost ~8 µs a
-    request under load. A scrape thus sees its own worker's requests at once and other workers'
-    within FLUSH_EVERY seconds.
+    request under load, and even summing per request ~5 µs. A scrape thus sees its own worker's
+    requests at once and other workers' within FLUSH_EVERY seconds.
     """
 
     FLUSH_EVERY = 1.0
+    MAX_PENDING = 100_000
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ("route", "status")
@@ -1606,22 +1604,27 @@ class HttpMetrics:
             registry=registry,
         )
         self.in_flight = 0
-        # (route, status) -> [requests, seconds in all, requests per latency bucket (the last is +Inf)]
-        self._pending: dict[tuple[str | None, int], list[Any]] = {}
+        self._answered: list[tuple[str | None, int, float]] = []  # (route, status, seconds) since the flush
         self._timer: asyncio.TimerHandle | None = None
 
     def observe(self, route: str | None, status: int, seconds: float) -> None:
-        series = self._pending.get((route, status))
-        if series is None:
-            series = self._pending[route, status] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
-        series[0] += 1
-        series[1] += seconds
-        series[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bucket with seconds <= le
+        self._answered.append((route, status, seconds))
+        if len(self._answered) >= self.MAX_PENDING:
+            self.flush()
 
     def flush(self) -> None:
-        """Add the counts since the last flush to the exported values."""
-        pending, self._pending = self._pending, {}
+        """Add the requests answered since the last flush to the exported values."""
+        answered, self._answered = self._answered, []
         self.in_flight_gauge.set(self.in_flight)
+        # (route, status) -> [requests, seconds in all, requests per latency bucket (the last is +Inf)]
+        pending: dict[tuple[str | None, int], list[Any]] = {}
+        for route, status, seconds in answered:
+            series = pending.get((route, status))
+            if series is None:
+                series = pending[route, status] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
+            series[0] += 1
+            series[1] += seconds
+            series[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bucket with seconds <= le
         for (route, status), (requests, seconds, buckets) in pending.items():
             labels = (route or UNMATCHED_ROUTE, str(status))
             self.requests.labels(*labels).inc(requests)
@@ -2137,26 +2140,28 @@ SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class RequestIds:
-    """Random UUID4s in canonical text form, cut from os.urandom read BATCH ids at a time.
+    """Random UUID4s in canonical text form, made BATCH at a time from one os.urandom read.
 
-    One getrandom() call per request was a tenth of the cost of a cached answer under load: system
-    calls are dear on virtual machines. The bytes are the kernel's CSPRNG all the same.
+    One getrandom() call and the formatting of one id per request cost a tenth of a cached answer
+    under load (system calls are dear on virtual machines); in a batch they cost a fraction of it.
+    The bytes are the kernel's CSPRNG all the same.
     """
 
     BATCH = 256
 
     def __init__(self) -> None:
-        self._random = b""
-        self._offset = 0
+        self._ready: list[str] = []
 
     def __call__(self) -> str:
-        if self._offset >= len(self._random):
-            self._random, self._offset = os.urandom(16 * self.BATCH), 0
-        raw = bytearray(self._random[self._offset : self._offset + 16])
-        self._offset += 16
-        raw[6] = raw[6] & 0x0F | 0x40  # version 4
-        raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
-        text = raw.hex()
+        if not self._ready:
+            random = os.urandom(16 * self.BATCH)
+            self._ready = [self._format(random[start : start + 16]) for start in range(0, len(random), 16)]
+        return self._ready.pop()
+
+    @staticmethod
+    def _format(raw: bytes) -> str:
+        uuid4 = raw[:6] + bytes((raw[6] & 0x0F | 0x40, raw[7], raw[8] & 0x3F | 0x80)) + raw[9:]
+        text = uuid4.hex()  # version 4, RFC 4122 variant
         return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
@@ -2229,8 +2234,9 @@ class Api(falcon.asgi.App):
             return 0  # Falcon's path says why
         if not answer.fresh(self.store):
             return 0  # Falcon's path reads it again, and replaces it
-        with contextlib.suppress(KeyError):  # pushed out while the store was being reopened
-            self.answers.entries.move_to_end((scope["path"], scope["query_string"]))
+        key, entries = (scope["path"], scope["query_string"]), self.answers.entries
+        if key in entries:  # unless pushed out while the store was being reopened
+            entries.move_to_end(key)
         request_id = scope[REQUEST_ID_KEY]
         headers = [(b"x-request-id", request_id.encode())]
         if answer.etag is not None:
@@ -2239,7 +2245,7 @@ class Api(falcon.asgi.App):
                 await send({"type": "http.response.start", "status": 304, "headers": headers})
                 await send({"type": "http.response.body", "body": b""})
                 return 304
-        body = answer.body(request_id, round((time.perf_counter() - scope[STARTED]) * 1000, 3))
+        body = answer.body(request_id, scope[STARTED])
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
