@@ -1197,8 +1197,8 @@ Answer = CachedPage | CachedDetail | CachedHealth
 AnswerKey = tuple[str, bytes]  # the request's path and raw query string, as the ASGI scope gives them
 
 
-def answer_key(req: falcon.asgi.Request) -> AnswerKey:
-    return req.scope["path"], req.scope["query_string"]
+def answer_key(scope: dict[str, Any]) -> AnswerKey:
+    return scope["path"], scope["query_string"]
 
 
 class Answers:
@@ -1211,25 +1211,29 @@ class Answers:
     dropped when next asked for, or pushed out by newer ones.
     """
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, store: Store, budget_bytes: int) -> None:
+        self.store = store
         self.budget = budget_bytes
         self.entries: OrderedDict[AnswerKey, Answer] = OrderedDict()
         self.size = 0
 
-    def get(self, key: AnswerKey, store: Store) -> Answer | None:
-        """The fresh answer to key; call it right after store.watch()."""
+    def get(self, key: AnswerKey) -> Answer | None:
+        """The answer to key if it is fresh; call it right after store.watch(), which reads the version.
+
+        Not a coroutine awaiting watch() itself: the front door's path stays one coroutine frame shorter.
+        """
         answer = self.entries.get(key)
         if answer is None:
             return None
-        if not answer.fresh(store):
+        if not answer.fresh(self.store):
             self.size -= self.entries.pop(key).size
             return None
         self.entries.move_to_end(key)
         return answer
 
-    def put(self, key: AnswerKey, answer: Answer, store: Store) -> None:
+    def put(self, key: AnswerKey, answer: Answer) -> None:
         """Keep an answer read in the store's current state (one read in an older state is not kept)."""
-        if not answer.fresh(store):
+        if not answer.fresh(self.store):
             return
         previous = self.entries.pop(key, None)
         if previous is not None:
@@ -1319,13 +1323,13 @@ class AssetResource:
         self._counts_version: DataVersion | None = None
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        key = answer_key(req.scope)
         await self.store.watch()
-        key = answer_key(req)
-        page = self.answers.get(key, self.store)
+        page = self.answers.get(key)
         if page is None:
             query = parse_asset_query({name: req.get_param(name) or "" for name in req.params})
             page = await self._render(query)
-            self.answers.put(key, page, self.store)
+            self.answers.put(key, page)
         assert isinstance(page, CachedPage)
         if not_modified(req, resp, page.etag):
             return
@@ -1347,16 +1351,14 @@ class AssetResource:
     def _page_plan(self, query: AssetQuery, version: DataVersion) -> Plan[CachedPage]:
         after = read_cursor(query, version) if query.cursor else None
         total = yield from self._count_plan(version, query)
-        skip, page_size = 0, query.page_size
+        page_size, skip, marks = query.page_size, 0, None
+        offset = (query.page - 1) * page_size
         if after is None:
             marks = self._bookmarks(version, query)
-            offset = (query.page - 1) * page_size
             after, skip = yield from self._bookmark_plan(marks, query, offset)
-            rows = yield from rows_plan(query, after, skip, page_size + 1)
-            if len(rows) > page_size:
-                marks.page_served(offset + page_size, position_of(query, rows[page_size - 1]))
-        else:
-            rows = yield from rows_plan(query, after, skip, page_size + 1)
+        rows = yield from rows_plan(query, after, skip, page_size + 1)
+        if marks is not None and len(rows) > page_size:
+            marks.page_served(offset + page_size, position_of(query, rows[page_size - 1]))
         assets = [asset_row(row) for row in rows[:page_size]]
         return CachedPage(
             version=version,
@@ -1411,14 +1413,14 @@ class AssetResource:
         return marks.marks[found - 1], offset - found * BOOKMARK_EVERY
 
     async def on_get_asset(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, asset_id: str) -> None:
+        key = answer_key(req.scope)
         await self.store.watch()
-        key = answer_key(req)
-        detail = self.answers.get(key, self.store)
+        detail = self.answers.get(key)
         if detail is None:
             detail = await self.store.inline(lambda conn, version: read_detail(conn, version, asset_id))
             if detail is None:
                 raise falcon.HTTPNotFound(description=f"no asset with asset_id {asset_id[:100]!r}")
-            self.answers.put(key, detail, self.store)
+            self.answers.put(key, detail)
         assert isinstance(detail, CachedDetail)
         if not_modified(req, resp, detail.etag):
             return
@@ -1447,17 +1449,17 @@ class HealthResource:
         self.answers = answers
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        key = answer_key(req)
+        key = answer_key(req.scope)
         try:
             await self.store.watch()
-            answer = self.answers.get(key, self.store)
+            answer = self.answers.get(key)
             if answer is None:
                 runs = await self.store.per_commit_read("health", read_latest_runs)
                 health = self.judge(runs)
                 answer = CachedHealth(
                     commit=self.store.commit, until=self.holds_until(runs, health), encoded=encode(health)
                 )
-                self.answers.put(key, answer, self.store)
+                self.answers.put(key, answer)
         except StoreUnavailable as error:
             log.warning("store unavailable", reason=str(error))
             send(resp, Health(status="unhealthy", db_connected=False, etl_last_run=None, etl_status=None),
@@ -2214,29 +2216,28 @@ class Api(falcon.asgi.App):
         scope[REQUEST_ID_KEY], scope[STARTED] = request_id, started
         self.metrics.in_flight += 1
         try:
-            answer = self.answers.entries.get((scope["path"], scope["query_string"]))
-            if answer is not None and scope["method"] == "GET" and answer.route in self.front_routes:
-                status = await self._answer(answer, scope, send, if_none_match)
+            key = answer_key(scope)
+            kept = self.answers.entries.get(key)  # a look only: a miss does not pay for reading the data version
+            if kept is not None and scope["method"] == "GET" and kept.route in self.front_routes:
+                status = await self._answer(key, scope, send, if_none_match)
                 if status:
-                    return self._done(scope, answer.route, status, started)
+                    return self._done(scope, kept.route, status, started)
             status = await self._through_falcon(scope, receive, send)
             return self._done(scope, scope.get(ROUTE), status, started)
         finally:
             self.metrics.in_flight -= 1
 
     async def _answer(
-        self, answer: Answer, scope: dict[str, Any], send: Callable[..., Any], if_none_match: str | None
+        self, key: AnswerKey, scope: dict[str, Any], send: Callable[..., Any], if_none_match: str | None
     ) -> int:
-        """Send a fresh answer and return its status; 0 (nothing sent) when it is not fresh."""
+        """Send the fresh answer to key and return its status; 0 (nothing sent) when there is none."""
         try:
             await self.store.watch()
         except StoreUnavailable:
             return 0  # Falcon's path says why
-        if not answer.fresh(self.store):
-            return 0  # Falcon's path reads it again, and replaces it
-        key, entries = (scope["path"], scope["query_string"]), self.answers.entries
-        if key in entries:  # unless pushed out while the store was being reopened
-            entries.move_to_end(key)
+        answer = self.answers.get(key)
+        if answer is None:
+            return 0  # Falcon's path reads it again, and keeps it
         request_id = scope[REQUEST_ID_KEY]
         headers = [(b"x-request-id", request_id.encode())]
         if answer.etag is not None:
@@ -2459,7 +2460,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     store = Store(config.db, config.readers, config.reopen_interval)
     recorded, scraped = metrics_registry(config)
     metrics = HttpMetrics(recorded)
-    answers = Answers(ANSWERS_BYTES)
+    answers = Answers(store, ANSWERS_BYTES)
     # Without a rate limit there is no RateLimit middleware at all: nothing to pay per request.
     limit = [RateLimit(config.rate_limit, config.api_keys, clock)] if config.rate_limit else []
     # The front door answers a route only where no per-client check applies (/health is never guarded).

@@ -106,9 +106,10 @@ def test_two_workers_count_every_request_exactly_once(live_server: Any, store_pa
     # Each worker adds its counts to the shared files at most FLUSH_EVERY seconds later (at once when it
     # answers the scrape itself): scrape until both have, then every later scrape must agree.
     deadline = time.monotonic() + 10 * HttpMetrics.FLUSH_EVERY
-    while count(samples(server.get("/metrics")[2].decode()), "unmatched", "404") < 1 or (
-        count(samples(server.get("/metrics")[2].decode()), "/data/{asset_id}") - before < n
-    ):
+    while True:
+        scraped = samples(server.get("/metrics")[2].decode())
+        if count(scraped, "unmatched", "404") >= 1 and count(scraped, "/data/{asset_id}") - before >= n:
+            break
         assert time.monotonic() < deadline, "the workers' counts never reached the shared files"
     scrapes = [samples(server.get("/metrics")[2].decode()) for _ in range(6)]
     for scraped in scrapes:
