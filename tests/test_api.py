@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import etl
 from conftest import run_etl, write_csv
 from etl_support import writer_lock_held
-from kasparro import Config, Store, create_app
+from kasparro import Config, RequestIds, Store, create_app, new_request_id
 
 PROBLEM = "application/problem+json"
 PROPERTY_SETTINGS = settings(
@@ -381,7 +381,8 @@ def test_sane_request_id_is_echoed(client: Any) -> None:
 def test_insane_request_id_is_replaced(client: Any, offered: str) -> None:
     result = client.get("/health", headers={"X-Request-ID": offered})
     assert result.headers["x-request-id"] != offered
-    assert uuid.UUID(result.headers["x-request-id"]).version == 4
+    made = uuid.UUID(result.headers["x-request-id"])
+    assert (made.version, made.variant, str(made)) == (4, uuid.RFC_4122, result.headers["x-request-id"])
 
 
 def test_api_keys_guard_data_and_stats(make_client: Any, store_path: Path) -> None:
@@ -504,3 +505,11 @@ def test_pages_and_cursors_visit_every_match_once_in_order(
 def test_a_bad_number_in_the_environment_is_a_clear_exit() -> None:
     with pytest.raises(SystemExit, match="bad number in the environment"):
         Config.from_env({"KASPARRO_ETL_MAX_AGE": "six hours"})
+
+
+def test_request_ids_made_in_batches_are_distinct_canonical_uuid4s() -> None:
+    ids = [new_request_id() for _ in range(3 * RequestIds.BATCH)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        made = uuid.UUID(text)
+        assert (made.version, made.variant, str(made)) == (4, uuid.RFC_4122, text)

@@ -138,3 +138,22 @@ def test_the_front_door_answers_as_falcon_does(monkeypatch: pytest.MonkeyPatch, 
             assert (current.status_code, current.content, current.headers["etag"]) == (304, b"", tag)
     assert client.get("/data?page_size=0").status_code == 400  # not an answer: Falcon's, every time
     assert client.get("/data?page_size=0").status_code == 400
+
+
+@pytest.mark.parametrize("request_id", ["0b0e3b6c-4a2f-4c55-9d1e-2f6a1c9b7e10", 'a"quote\\and-backslash'])
+@pytest.mark.parametrize(("page", "next_cursor"), [(3, "abc"), (None, None)])
+def test_a_page_spliced_from_its_kept_tail_is_the_whole_encoding(
+    request_id: str, page: int | None, next_cursor: str | None
+) -> None:
+    data = kasparro.msgspec.Raw(b'[{"asset_id":"bitcoin","price_usd":0.1}]')
+    cached = kasparro.CachedPage(
+        version=kasparro.DataVersion("s1", 7), etag="t", data=data, page=page, page_size=10, total_items=21,
+        next_cursor=next_cursor,
+    )  # fmt: skip
+    body = cached.body(request_id, started=kasparro.time.perf_counter())
+    latency = kasparro.msgspec.json.decode(body)["api_latency_ms"]
+    whole = kasparro.AssetPageOut(
+        request_id=request_id, api_latency_ms=latency, data=data, page=page, page_size=10, total_items=21,
+        total_pages=3, next_cursor=next_cursor, data_version="s1-7",
+    )  # fmt: skip
+    assert body == kasparro.encode(whole)
