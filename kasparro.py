@@ -365,11 +365,11 @@ class AssetRow(msgspec.Struct, frozen=True, gc=False):
 
 
 class AssetPageOut(msgspec.Struct, frozen=True, kw_only=True):
-    """AssetPage with its data already encoded."""
+    """AssetPage with its rows as AssetRow, straight from the table."""
 
     request_id: str
     api_latency_ms: float
-    data: msgspec.Raw
+    data: list[AssetRow]
     page: int | None
     page_size: int
     total_items: int
@@ -1122,22 +1122,28 @@ def position_of(query: AssetQuery, row: tuple) -> CursorToken:
     return CursorToken(query.digest, value is None, value, row[0])
 
 
+BLANK_HEAD = b'{"request_id":"","api_latency_ms":0.0'  # how an AssetPageOut with no per-request fields begins
+
+
 @dataclass(frozen=True)
 class CachedPage:
-    """A page of GET /data with everything but the per-request fields encoded."""
+    """A page of GET /data, encoded once with blank per-request fields; each request splices its own in."""
 
     route: ClassVar[str] = "/data"
     version: DataVersion
     etag: str
-    data: msgspec.Raw
-    page: int | None
-    page_size: int
-    total_items: int
-    next_cursor: str | None
+    blank: bytes  # the page encoded with request_id "" and api_latency_ms 0.0
+
+    @classmethod
+    def of(cls, version: DataVersion, etag: str, page: AssetPageOut) -> CachedPage:
+        """Keep `page`, made with request_id "" and api_latency_ms 0.0, encoded."""
+        blank = encode(page)
+        assert blank.startswith(BLANK_HEAD), "not a blank page, or AssetPageOut no longer leads with these fields"
+        return cls(version=version, etag=etag, blank=blank)
 
     @property
     def size(self) -> int:
-        return 2 * len(self.data) + 256  # data, and again in tail
+        return len(self.blank) + 256
 
     def fresh(self, store: Store) -> bool:
         return self.version == store.version
@@ -1147,30 +1153,15 @@ class CachedPage:
         return f'W/"{self.etag}"'.encode()
 
     @functools.cached_property
-    def tail(self) -> bytes:
-        """The encoded page after its per-request fields, which lead (AssetPageOut): ',"data":[...],...}'."""
-        blank = encode(
-            AssetPageOut(
-                request_id="",
-                api_latency_ms=0.0,
-                data=self.data,
-                page=self.page,
-                page_size=self.page_size,
-                total_items=self.total_items,
-                total_pages=-(-self.total_items // self.page_size),
-                next_cursor=self.next_cursor,
-                data_version=str(self.version),
-            )
-        )
-        head = b'{"request_id":"","api_latency_ms":0.0'
-        assert blank.startswith(head), "AssetPageOut no longer leads with its per-request fields"
-        return blank[len(head) :]
+    def tail(self) -> memoryview:
+        """The page after its per-request fields: ',"data":[...],...}'."""
+        return memoryview(self.blank)[len(BLANK_HEAD) :]
 
     def body(self, request_id: str, started: float) -> bytes:
         """The page for one request, which started at `started` (time.perf_counter()).
 
         The per-request fields are encoded and joined to the kept tail: the same bytes as encoding the
-        whole AssetPageOut (a test compares them), without walking its fields for every request.
+        whole AssetPageOut (a test compares them), without walking its rows for every request.
         """
         latency = round((time.perf_counter() - started) * 1000, 3)
         return b"".join((b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency), self.tail))
@@ -1387,15 +1378,18 @@ class AssetResource:
         if marks is not None and len(rows) > page_size:
             marks.page_served(offset + page_size, position_of(query, rows[page_size - 1]))
         assets = [asset_row(row) for row in rows[:page_size]]
-        return CachedPage(
-            version=version,
-            etag=query.etag(version),
-            data=msgspec.Raw(encode(assets)),
+        page = AssetPageOut(
+            request_id="",
+            api_latency_ms=0.0,
+            data=assets,
             page=None if query.cursor else query.page,
             page_size=page_size,
             total_items=total,
+            total_pages=-(-total // page_size),
             next_cursor=make_cursor(query, assets[-1], version) if len(rows) > page_size else None,
+            data_version=str(version),
         )
+        return CachedPage.of(version, query.etag(version), page)
 
     def _count_plan(self, version: DataVersion, query: AssetQuery) -> Plan[int]:
         """Assets matching the query's filter, counted once per data version."""

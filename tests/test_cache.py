@@ -145,15 +145,14 @@ def test_the_front_door_answers_as_falcon_does(monkeypatch: pytest.MonkeyPatch, 
 def test_a_page_spliced_from_its_kept_tail_is_the_whole_encoding(
     request_id: str, page: int | None, next_cursor: str | None
 ) -> None:
-    data = kasparro.msgspec.Raw(b'[{"asset_id":"bitcoin","price_usd":0.1}]')
-    cached = kasparro.CachedPage(
-        version=kasparro.DataVersion("s1", 7), etag="t", data=data, page=page, page_size=10, total_items=21,
-        next_cursor=next_cursor,
+    row = kasparro.AssetRow(
+        "bitcoin", "BTC", "Bitcoin", 1, 0.1, None, 3e20, -1.5, "active", kasparro.msgspec.Raw(b'["csv:sample"]'),
+        "2026-11-25T12:00:00Z",
     )  # fmt: skip
+    fields = dict(data=[row], page=page, page_size=10, total_items=21, total_pages=3, next_cursor=next_cursor,
+                  data_version="s1-7")  # fmt: skip
+    blank = kasparro.AssetPageOut(request_id="", api_latency_ms=0.0, **fields)
+    cached = kasparro.CachedPage.of(kasparro.DataVersion("s1", 7), "t", blank)
     body = cached.body(request_id, started=kasparro.time.perf_counter())
     latency = kasparro.msgspec.json.decode(body)["api_latency_ms"]
-    whole = kasparro.AssetPageOut(
-        request_id=request_id, api_latency_ms=latency, data=data, page=page, page_size=10, total_items=21,
-        total_pages=3, next_cursor=next_cursor, data_version="s1-7",
-    )  # fmt: skip
-    assert body == kasparro.encode(whole)
+    assert body == kasparro.encode(kasparro.AssetPageOut(request_id=request_id, api_latency_ms=latency, **fields))
