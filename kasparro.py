@@ -482,6 +482,9 @@ def store_stamp(path: Path) -> StoreStamp | None:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
 
 
+INLINE_SLICE = 0.004  # seconds of inline reads run back to back before the loop takes in new requests
+
+
 class Store:
     """Lazy, self-healing access to the store through a pool of read-only connections."""
 
@@ -503,6 +506,11 @@ class Store:
         self._version: DataVersion | None = None
         self._seen_this_turn = False  # the version was read in this turn of the event loop
         self.per_commit: dict[Any, Any] = {}  # answers valid until the next commit of any kind
+        # Inline reads waiting for the task that runs them (_run_reads): (result, request's context, read).
+        self._reads: collections.deque[tuple[asyncio.Future[Any], contextvars.Context, Callable[..., Any]]] = (
+            collections.deque()
+        )
+        self._reader: asyncio.Task[None] | None = None
 
     @property
     def version(self) -> DataVersion | None:
@@ -640,23 +648,54 @@ class Store:
         self._seen_this_turn = False
 
     async def inline(self, read: Callable[[sqlite3.Connection, DataVersion], T]) -> T:
-        """Run a read of a few microseconds in one transaction on the loop thread's connection.
+        """Run a read of at most a few hundred microseconds in one transaction on the loop thread's connection.
 
         Call it right after watch(), which opened the store and checked it is still the file at path.
+
+        The reads of all requests queue here and one task runs them in the order asked for, back to
+        back, letting the loop take in new requests every INLINE_SLICE seconds. When each request ran
+        its own read, the loop ran every request that had arrived before looking for more: one whose
+        bytes came just after it looked waited for all of them, then for its place among the next, so
+        under load the slowest 1 % took twice the median. Now no request waits more than a slice
+        beyond those ahead of it, a cached answer waits at most a slice behind a queue of pages, and
+        reads run back to back (their code and pages stay in the CPU's caches), which is also faster.
         """
-        watcher = self._watcher
-        if watcher is None:
-            raise StoreUnavailable(f"store {self.path} is not open")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._reads.append((future, contextvars.copy_context(), read))  # its log lines keep the request's id
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._run_reads())
         try:
-            watcher.execute("BEGIN")
-            try:
-                row = watcher.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
-                return read(watcher, DataVersion(row[0], row[1]))
-            finally:
-                watcher.execute("ROLLBACK")
+            return await future
         except sqlite3.Error as error:
             await self.fail(error)
             raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
+
+    async def _run_reads(self) -> None:
+        try:
+            slice_ends = time.perf_counter() + INLINE_SLICE
+            while self._reads:
+                future, context, read = self._reads.popleft()
+                if not future.done():  # else its request was cancelled
+                    try:
+                        future.set_result(context.run(self._read_now, read))
+                    except Exception as error:  # the request's own task raises it
+                        future.set_exception(error)
+                if self._reads and time.perf_counter() >= slice_ends:
+                    await asyncio.sleep(0)  # the loop looks for new requests, and runs what they are ready to do
+                    slice_ends = time.perf_counter() + INLINE_SLICE
+        finally:
+            self._reader = None
+
+    def _read_now(self, read: Callable[[sqlite3.Connection, DataVersion], T]) -> T:
+        watcher = self._watcher
+        if watcher is None:
+            raise StoreUnavailable(f"store {self.path} is not open")
+        watcher.execute("BEGIN")
+        try:
+            row = watcher.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
+            return read(watcher, DataVersion(row[0], row[1]))
+        finally:
+            watcher.execute("ROLLBACK")
 
     async def _still_current(self, pool: ReaderPool) -> bool:
         """Whether the file at path is unchanged; if not, drop the pool, and open what is there now at once.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import shutil
 import sqlite3
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import etl
+import kasparro
 from conftest import run_etl, write_csv
 from etl_support import writer_lock_held
 from kasparro import Config, RequestIds, Store, create_app, new_request_id
@@ -513,3 +516,86 @@ def test_request_ids_made_in_batches_are_distinct_canonical_uuid4s() -> None:
     for text in ids:
         made = uuid.UUID(text)
         assert (made.version, made.variant, str(made)) == (4, uuid.RFC_4122, text)
+
+
+# --- inline reads: one queue, in the order asked for ------------------------
+
+
+def run_with_store(store_path: Path, body: Callable[[Store], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        store = Store(store_path, readers=1)
+        await store.open()
+        await store.watch()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def reading(order: list[str], name: str, also: Callable[[], None] = lambda: None) -> Callable[..., str]:
+    def read(conn: sqlite3.Connection, version: kasparro.DataVersion) -> str:
+        order.append(name)
+        also()
+        ((assets,),) = conn.execute("SELECT count(*) FROM asset").fetchall()
+        return f"{name}:{assets}:{kasparro.REQUEST_ID.get()}"
+
+    return read
+
+
+def test_inline_reads_run_in_the_order_asked_for_each_in_its_requests_context(store_path: Path) -> None:
+    async def body(store: Store) -> list[str]:
+        order: list[str] = []
+
+        async def request(name: str) -> str:
+            kasparro.REQUEST_ID.set(f"id-{name}")
+            return await store.inline(reading(order, name))
+
+        results = await asyncio.gather(*(request(str(n)) for n in range(6)))
+        assert order == [str(n) for n in range(6)]
+        return results
+
+    assert run_with_store(store_path, body) == [f"{n}:255:id-{n}" for n in range(6)]
+
+
+@pytest.mark.parametrize(
+    ("slice_seconds", "expected"), [(0.0, ["a", "other", "b", "c"]), (60.0, ["a", "b", "c", "other"])]
+)
+def test_inline_reads_let_the_loop_in_between_slices(
+    monkeypatch: pytest.MonkeyPatch, store_path: Path, slice_seconds: float, expected: list[str]
+) -> None:
+    """Past INLINE_SLICE of reads, what the loop has ready (a new request, say) runs before the next read."""
+    monkeypatch.setattr(kasparro, "INLINE_SLICE", slice_seconds)
+
+    async def body(store: Store) -> list[str]:
+        order: list[str] = []
+        loop = asyncio.get_running_loop()
+        first = reading(order, "a", also=lambda: loop.call_soon(order.append, "other"))
+        await asyncio.gather(*(store.inline(read) for read in (first, reading(order, "b"), reading(order, "c"))))
+        await asyncio.sleep(0)
+        return order
+
+    assert run_with_store(store_path, body) == expected
+
+
+def test_an_inline_read_that_fails_fails_its_request_alone(store_path: Path) -> None:
+    async def body(store: Store) -> list[Any]:
+        order: list[str] = []
+
+        def broken(conn: sqlite3.Connection, version: kasparro.DataVersion) -> str:
+            raise ValueError("a bug in one read")
+
+        async def cancelled() -> None:
+            task = asyncio.ensure_future(store.inline(reading(order, "never")))
+            await asyncio.sleep(0)
+            task.cancel()
+
+        reads = [store.inline(reading(order, "before")), store.inline(broken), cancelled()]
+        outcomes = await asyncio.gather(*reads, store.inline(reading(order, "after")), return_exceptions=True)
+        assert order == ["before", "after"]  # the cancelled request's read never ran
+        return outcomes
+
+    before, broken, cancelled, after = run_with_store(store_path, body)
+    assert (before.split(":")[:2], cancelled, after.split(":")[:2]) == (["before", "255"], None, ["after", "255"])
+    assert isinstance(broken, ValueError)
