@@ -1307,19 +1307,51 @@ class Bookmarks:
     """Where rows stand in one filter and sort's order.
 
     `marks`: every BOOKMARK_EVERY-th row, found as far as asked. `page_ends`:
-    the last row of pages served (so the first of the page after), by offset,
-    up to PAGE_ENDS of them: a page next to one already served skips nothing.
+    the last row of pages served (so the first of the page after), by offset:
+    a page next to one already served skips nothing.
     """
-
-    PAGE_ENDS = 20_000
 
     marks: list[CursorToken] = field(default_factory=list)
     complete: bool = False
     page_ends: dict[int, CursorToken] = field(default_factory=dict)
 
-    def page_served(self, offset: int, last: CursorToken) -> None:
-        if len(self.page_ends) < self.PAGE_ENDS:
-            self.page_ends[offset] = last
+
+class BookmarkSets:
+    """The Bookmarks of the filter and sort orders read lately, least recently used out first.
+
+    Memory stays bounded whatever clients page through: at most SETS sets,
+    and PAGE_ENDS page ends across all of them (~200 bytes each). A set of
+    an older generation of the store is dropped when one of a newer is made.
+    """
+
+    SETS = 64
+    PAGE_ENDS = 50_000
+
+    def __init__(self) -> None:
+        self.sets: collections.OrderedDict[tuple[DataVersion, str], Bookmarks] = collections.OrderedDict()
+        self.page_ends = 0  # across all sets
+
+    def get(self, version: DataVersion, digest: str) -> Bookmarks:
+        key = (version, digest)
+        marks = self.sets.get(key)
+        if marks is not None:
+            self.sets.move_to_end(key)
+            return marks
+        for old in [k for k in self.sets if k[0].store_id != version.store_id or k[0].generation < version.generation]:
+            self._drop(old)
+        while len(self.sets) >= self.SETS:
+            self._drop(next(iter(self.sets)))
+        marks = self.sets[key] = Bookmarks()
+        return marks
+
+    def page_served(self, marks: Bookmarks, offset: int, last: CursorToken) -> None:
+        """Remember where the page after the one served at `offset` starts, while the budget lasts."""
+        if offset not in marks.page_ends and self.page_ends < self.PAGE_ENDS:
+            marks.page_ends[offset] = last
+            self.page_ends += 1
+
+    def _drop(self, key: tuple[DataVersion, str]) -> None:
+        self.page_ends -= len(self.sets.pop(key).page_ends)
 
 
 # A plan is a generator that yields the (sql, params) it needs read and is
@@ -1369,13 +1401,12 @@ class AssetResource:
     """GET /data (pages of unified records) and GET /data/{asset_id} (one, with quotes)."""
 
     protected = True
-    BOOKMARK_SETS = 64
     COUNT_CACHE_SIZE = 4_096
 
     def __init__(self, store: Store, answers: Answers) -> None:
         self.store = store
         self.answers = answers
-        self.bookmarks: collections.OrderedDict[tuple[DataVersion, str], Bookmarks] = collections.OrderedDict()
+        self.bookmarks = BookmarkSets()
         self._counts: dict[str, int] = {}
         self._counts_version: DataVersion | None = None
 
@@ -1411,11 +1442,11 @@ class AssetResource:
         page_size, skip, marks = query.page_size, 0, None
         offset = (query.page - 1) * page_size
         if after is None:
-            marks = self._bookmarks(version, query)
+            marks = self.bookmarks.get(version, query.digest)
             after, skip = yield from self._bookmark_plan(marks, query, offset)
         rows = yield from rows_plan(query, after, skip, page_size + 1)
         if marks is not None and len(rows) > page_size:
-            marks.page_served(offset + page_size, position_of(query, rows[page_size - 1]))
+            self.bookmarks.page_served(marks, offset + page_size, position_of(query, rows[page_size - 1]))
         assets = [asset_row(row) for row in rows[:page_size]]
         page = AssetPageOut(
             request_id="",
@@ -1439,15 +1470,6 @@ class AssetResource:
             where, params = where_sql(query.conditions)
             ((self._counts[key],),) = yield f"SELECT count(*) FROM asset WHERE {where}", params
         return self._counts[key]
-
-    def _bookmarks(self, version: DataVersion, query: AssetQuery) -> Bookmarks:
-        key = (version, query.digest)
-        marks = self.bookmarks.get(key)
-        if marks is None:
-            marks = self.bookmarks[key] = Bookmarks()
-            while len(self.bookmarks) > self.BOOKMARK_SETS:
-                self.bookmarks.popitem(last=False)
-        return marks
 
     def _bookmark_plan(self, marks: Bookmarks, query: AssetQuery, offset: int) -> Plan[tuple[CursorToken | None, int]]:
         """The nearest bookmark at or before `offset`, and how many rows lie between them."""

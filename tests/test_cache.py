@@ -156,3 +156,29 @@ def test_a_page_spliced_from_its_kept_tail_is_the_whole_encoding(
     body = cached.body(request_id, started=kasparro.time.perf_counter())
     latency = kasparro.msgspec.json.decode(body)["api_latency_ms"]
     assert body == kasparro.encode(kasparro.AssetPageOut(request_id=request_id, api_latency_ms=latency, **fields))
+
+
+def test_bookmark_sets_bound_their_page_ends_across_all_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kasparro.BookmarkSets, "SETS", 2)
+    monkeypatch.setattr(kasparro.BookmarkSets, "PAGE_ENDS", 5)
+    sets = kasparro.BookmarkSets()
+    v1, v2 = kasparro.DataVersion("s", 1), kasparro.DataVersion("s", 2)
+
+    def token(n: int) -> kasparro.CursorToken:
+        return kasparro.CursorToken("digest", False, n, f"asset-{n}")
+
+    def kept() -> int:
+        assert sets.page_ends == sum(len(marks.page_ends) for marks in sets.sets.values())
+        return sets.page_ends
+
+    rank, name = sets.get(v1, "rank"), sets.get(v1, "name")
+    for offset in (10, 20, 30, 30):  # a page served twice is kept once
+        sets.page_served(rank, offset, token(offset))
+    for offset in (10, 20, 30):
+        sets.page_served(name, offset, token(offset))
+    assert (kept(), len(rank.page_ends), len(name.page_ends)) == (5, 3, 2)  # the budget ran out
+    assert sets.get(v1, "rank") is rank  # and it is now the most recently used
+    sets.get(v1, "price")  # a third set pushes out the least recently used one
+    assert (list(sets.sets), kept()) == ([(v1, "rank"), (v1, "price")], 3)
+    sets.get(v2, "rank")  # a newer generation: the older one's sets are of no more use
+    assert (list(sets.sets), kept()) == ([(v2, "rank")], 0)
