@@ -2263,6 +2263,9 @@ STARTED = "kasparro.started"
 ROUTE = "kasparro.route"
 
 
+Response = tuple[int, list[tuple[bytes, bytes]], bytes] | tuple[()]  # status, headers, body; or () for none
+
+
 class Api(falcon.asgi.App):
     """The Falcon app behind a front door that every HTTP request passes.
 
@@ -2307,39 +2310,43 @@ class Api(falcon.asgi.App):
             key = answer_key(scope)
             kept = self.answers.entries.get(key)  # a look only: a miss does not pay for reading the data version
             if kept is not None and scope["method"] == "GET" and kept.route in self.front_routes:
-                status = await self._answer(key, scope, send, if_none_match)
-                if status:
+                if self.store.current:  # a request in this turn of the loop read the data version
+                    response = self._answer_now(key, scope, if_none_match)
+                else:
+                    response = await self._answer(key, scope, if_none_match)
+                if response:
+                    status, headers, body = response
+                    await send({"type": "http.response.start", "status": status, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
                     return self._done(scope, kept.route, status, started)
             status = await self._through_falcon(scope, receive, send)
             return self._done(scope, scope.get(ROUTE), status, started)
         finally:
             self.metrics.in_flight -= 1
 
-    async def _answer(
-        self, key: AnswerKey, scope: dict[str, Any], send: Callable[..., Any], if_none_match: str | None
-    ) -> int:
-        """Send the fresh answer to key and return its status; 0 (nothing sent) when there is none."""
-        if not self.store.current:  # else a request in this turn of the loop read the version
-            try:
-                await self.store.watch()
-            except StoreUnavailable:
-                return 0  # Falcon's path says why
+    async def _answer(self, key: AnswerKey, scope: dict[str, Any], if_none_match: str | None) -> Response | None:
+        """Read the data version, then as _answer_now; () when the store cannot be read (Falcon's path says why)."""
+        try:
+            await self.store.watch()
+        except StoreUnavailable:
+            return ()
+        return self._answer_now(key, scope, if_none_match)
+
+    def _answer_now(self, key: AnswerKey, scope: dict[str, Any], if_none_match: str | None) -> Response:
+        """The status, headers and body of the fresh answer to key; () when none is kept (Falcon's path reads
+        it again, and keeps it). Call it once the data version was read in this turn of the loop."""
         answer = self.answers.get(key)
         if answer is None:
-            return 0  # Falcon's path reads it again, and keeps it
+            return ()
         request_id = scope[REQUEST_ID_KEY]
         headers = [(b"x-request-id", request_id.encode())]
         if answer.etag is not None:
             headers.append((b"etag", answer.etag_header))
             if if_none_match is not None and current_copy(if_none_match, answer.etag):
-                await send({"type": "http.response.start", "status": 304, "headers": headers})
-                await send({"type": "http.response.body", "body": b""})
-                return 304
+                return 304, headers, b""
         body = answer.body(request_id, scope[STARTED])
         headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return 200
+        return 200, headers, body
 
     async def _through_falcon(
         self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
