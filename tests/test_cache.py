@@ -182,3 +182,36 @@ def test_bookmark_sets_bound_their_page_ends_across_all_sets(monkeypatch: pytest
     assert (list(sets.sets), kept()) == ([(v1, "rank"), (v1, "price")], 3)
     sets.get(v2, "rank")  # a newer generation: the older one's sets are of no more use
     assert (list(sets.sets), kept()) == ([(v2, "rank")], 0)
+
+
+def test_a_first_count_or_bookmark_walk_runs_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch, make_client: Any, big_store: Path
+) -> None:
+    """Pages that must count or walk bookmarks first read in a reader thread; short index ranges inline."""
+    where: list[str] = []
+    inline, snapshot = kasparro.Store.inline, kasparro.Store.snapshot
+
+    def on_loop(self: kasparro.Store, read: Any) -> Any:
+        where.append("loop")
+        return inline(self, read)
+
+    def in_thread(self: kasparro.Store) -> Any:
+        where.append("thread")
+        return snapshot(self)
+
+    monkeypatch.setattr(kasparro.Store, "inline", on_loop)
+    monkeypatch.setattr(kasparro.Store, "snapshot", in_thread)
+    client = make_client(Config(db=big_store, log_level="warning"))
+    deep = 3 * BOOKMARK_EVERY // 10 + 1  # page_size=10: past three bookmarks
+    expected = {
+        "/data?page_size=10": "thread",  # the first count of this data version
+        "/data?page=2&page_size=10": "loop",
+        f"/data?page={deep}&page_size=10": "thread",  # three bookmarks to find first
+        f"/data?page={deep + 5}&page_size=10": "loop",  # the same bookmarks
+        f"/data?page={deep}&page_size=10&sort=-price_usd": "thread",  # another order's bookmarks
+        "/data?page=2&page_size=10&filter_by=active": "thread",  # a filter may scan
+    }
+    for path, place in expected.items():
+        where.clear()
+        assert client.get(path).status_code == 200
+        assert where == [place], path
