@@ -1153,9 +1153,16 @@ ANSWERS_BYTES = 16 * 1024 * 1024  # encoded answers kept per worker (pages are ~
 BOOKMARK_EVERY = 1_000  # a deep page starts from the nearest bookmark, at most this many rows before it
 
 
-def asset_row(row: tuple) -> AssetRow:
-    """A row of ASSET_COLUMNS as its wire Struct; sources pass through as stored JSON."""
-    return AssetRow(*row[:9], msgspec.Raw(row[9]), row[10])
+def asset_rows(rows: Sequence[tuple]) -> list[AssetRow]:
+    """Rows of ASSET_COLUMNS as wire Structs; sources pass through as stored JSON.
+
+    Unpacked in the comprehension, not sliced and starred per row: half the time for a page.
+    """
+    raw = msgspec.Raw
+    return [
+        AssetRow(asset_id, symbol, name, rank, price, cap, volume, change, status, raw(sources), updated)
+        for asset_id, symbol, name, rank, price, cap, volume, change, status, sources, updated in rows
+    ]
 
 
 def position_of(query: AssetQuery, row: tuple) -> CursorToken:
@@ -1465,7 +1472,7 @@ class AssetResource:
         rows = yield from rows_plan(query, after, skip, page_size + 1)
         if marks is not None and len(rows) > page_size:
             self.bookmarks.page_served(marks, offset + page_size, position_of(query, rows[page_size - 1]))
-        assets = [asset_row(row) for row in rows[:page_size]]
+        assets = asset_rows(rows[:page_size])
         page = AssetPageOut(
             request_id="",
             api_latency_ms=0.0,
