@@ -675,30 +675,58 @@ class Store:
 
     async def _run_reads(self) -> None:
         try:
-            slice_ends = time.perf_counter() + INLINE_SLICE
             while self._reads:
-                future, context, read = self._reads.popleft()
-                if not future.done():  # else its request was cancelled
-                    try:
-                        future.set_result(context.run(self._read_now, read))
-                    except Exception as error:  # the request's own task raises it
-                        future.set_exception(error)
-                if self._reads and time.perf_counter() >= slice_ends:
+                self._run_slice(time.perf_counter() + INLINE_SLICE)
+                if self._reads:
                     await asyncio.sleep(0)  # the loop looks for new requests, and runs what they are ready to do
-                    slice_ends = time.perf_counter() + INLINE_SLICE
         finally:
             self._reader = None
 
-    def _read_now(self, read: Callable[[sqlite3.Connection, DataVersion], T]) -> T:
+    def _run_slice(self, ends: float) -> None:
+        """Run queued reads until `ends` (at least one), all in one read transaction.
+
+        Every read of a slice was asked for before the slice began (nothing joins the queue while it
+        runs), so one snapshot serves them all, and its BEGIN, data version and ROLLBACK (with their
+        file locks: system calls) are paid once per slice, not once per read.
+        """
         watcher = self._watcher
-        if watcher is None:
-            raise StoreUnavailable(f"store {self.path} is not open")
-        watcher.execute("BEGIN")
+        version: DataVersion | None = None
         try:
-            row = watcher.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
-            return read(watcher, DataVersion(row[0], row[1]))
+            while self._reads:
+                future, context, read = self._reads.popleft()
+                if future.done():  # its request was cancelled
+                    continue
+                try:
+                    if watcher is None:
+                        raise StoreUnavailable(f"store {self.path} is not open")
+                    if version is None:
+                        version = self._begin_inline(watcher)
+                    future.set_result(context.run(read, watcher, version))
+                except sqlite3.Error as error:  # the next read begins afresh, if the store still lets it
+                    future.set_exception(error)
+                    self._end_inline(watcher)
+                    version = None
+                except Exception as error:  # the request's own task raises it
+                    future.set_exception(error)
+                if time.perf_counter() >= ends:
+                    break
         finally:
-            watcher.execute("ROLLBACK")
+            if version is not None:
+                self._end_inline(watcher)
+
+    def _begin_inline(self, watcher: sqlite3.Connection) -> DataVersion:
+        watcher.execute("BEGIN")
+        row = watcher.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
+        if row is None:
+            self._end_inline(watcher)
+            raise StoreUnavailable(f"store {self.path} has no data yet")
+        return DataVersion(row[0], row[1])
+
+    @staticmethod
+    def _end_inline(watcher: sqlite3.Connection | None) -> None:
+        if watcher is not None and watcher.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                watcher.execute("ROLLBACK")
 
     async def _still_current(self, pool: ReaderPool) -> bool:
         """Whether the file at path is unchanged; if not, drop the pool, and open what is there now at once.

@@ -586,16 +586,39 @@ def test_an_inline_read_that_fails_fails_its_request_alone(store_path: Path) -> 
         def broken(conn: sqlite3.Connection, version: kasparro.DataVersion) -> str:
             raise ValueError("a bug in one read")
 
+        def failing(conn: sqlite3.Connection, version: kasparro.DataVersion) -> str:
+            conn.execute("SELECT * FROM no_such_table")
+            return "unreachable"
+
         async def cancelled() -> None:
             task = asyncio.ensure_future(store.inline(reading(order, "never")))
             await asyncio.sleep(0)
             task.cancel()
 
-        reads = [store.inline(reading(order, "before")), store.inline(broken), cancelled()]
+        reads = [store.inline(reading(order, "before")), store.inline(broken), store.inline(failing), cancelled()]
         outcomes = await asyncio.gather(*reads, store.inline(reading(order, "after")), return_exceptions=True)
         assert order == ["before", "after"]  # the cancelled request's read never ran
         return outcomes
 
-    before, broken, cancelled, after = run_with_store(store_path, body)
+    before, broken, failing, cancelled, after = run_with_store(store_path, body)
     assert (before.split(":")[:2], cancelled, after.split(":")[:2]) == (["before", "255"], None, ["after", "255"])
     assert isinstance(broken, ValueError)
+    assert isinstance(failing, kasparro.StoreUnavailable) and "no such table" in str(failing)
+
+
+@pytest.mark.parametrize(("slice_seconds", "snapshots"), [(0.0, 3), (60.0, 1)])
+def test_the_inline_reads_of_one_slice_share_one_read_transaction(
+    monkeypatch: pytest.MonkeyPatch, store_path: Path, slice_seconds: float, snapshots: int
+) -> None:
+    monkeypatch.setattr(kasparro, "INLINE_SLICE", slice_seconds)
+
+    def version_seen(conn: sqlite3.Connection, version: kasparro.DataVersion) -> Any:
+        assert conn.in_transaction
+        return version
+
+    async def body(store: Store) -> list[Any]:
+        return await asyncio.gather(*(store.inline(version_seen) for _ in range(3)))
+
+    versions = run_with_store(store_path, body)
+    assert len({id(version) for version in versions}) == snapshots  # each read transaction reads its version
+    assert len(set(versions)) == 1
