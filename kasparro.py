@@ -1178,6 +1178,7 @@ SELECT {", ".join(QUOTE_FIELDS)} FROM source_map
 WHERE asset_id = ? AND observed_at IS NOT NULL ORDER BY source, source_id
 """
 ANSWERS_BYTES = 16 * 1024 * 1024  # encoded answers kept per worker (pages are ~25 kB)
+ENTRY_OVERHEAD = 512  # bytes a kept answer costs beyond its body: key, node, object (tracemalloc)
 BOOKMARK_EVERY = 1_000  # a deep page starts from the nearest bookmark, at most this many rows before it
 
 
@@ -1220,7 +1221,7 @@ class CachedPage:
 
     @property
     def size(self) -> int:
-        return len(self.blank) + 256
+        return len(self.blank) + ENTRY_OVERHEAD
 
     def fresh(self, store: Store) -> bool:
         return self.version == store.version
@@ -1252,7 +1253,7 @@ class CachedBody:
 
     @property
     def size(self) -> int:
-        return len(self.encoded) + 256
+        return len(self.encoded) + ENTRY_OVERHEAD
 
     def body(self, request_id: str, started: float) -> bytes:
         return self.encoded
