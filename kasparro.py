@@ -651,7 +651,7 @@ class Store:
         self._seen_this_turn = False
 
     async def inline(self, read: Callable[[sqlite3.Connection, DataVersion], T]) -> T:
-        """Run a read of at most a few hundred microseconds in one transaction on the loop thread's connection.
+        """Run a read of at most a few hundred microseconds in a read transaction on the loop thread's connection.
 
         Call it right after watch(), which opened the store and checked it is still the file at path.
 
@@ -1383,6 +1383,10 @@ class BookmarkSets:
         marks = self.sets[key] = Bookmarks()
         return marks
 
+    def peek(self, version: DataVersion, digest: str) -> Bookmarks | None:
+        """The set if there is one, without counting it as used."""
+        return self.sets.get((version, digest))
+
     def page_served(self, marks: Bookmarks, offset: int, last: CursorToken) -> None:
         """Remember where the page after the one served at `offset` starts, while the budget lasts."""
         if offset not in marks.page_ends and self.page_ends < self.PAGE_ENDS:
@@ -1487,7 +1491,7 @@ class AssetResource:
         wanted = offset // BOOKMARK_EVERY
         if query.cursor or not wanted:
             return True
-        marks = self.bookmarks.sets.get((version, query.digest))  # a look: it does not count as a use
+        marks = self.bookmarks.peek(version, query.digest)
         return marks is not None and (offset in marks.page_ends or len(marks.marks) >= wanted or marks.complete)
 
     def _page_plan(self, query: AssetQuery, version: DataVersion) -> Plan[CachedPage]:
