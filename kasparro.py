@@ -1305,13 +1305,22 @@ class Answers:
     look here first and put what they read; the front door (Api) answers
     from here without entering Falcon. An answer that is no longer fresh is
     dropped when next asked for, or pushed out by newer ones.
+
+    An answer is kept the second time it is read within the last SEEN_ONCE
+    requests that missed, not the first: a stream of requests that never
+    repeat (assets looked up across a million ids, say) would otherwise push
+    out the answers that are asked for again and again, and pay for keeping
+    what nobody asks for twice.
     """
+
+    SEEN_ONCE = 16_384
 
     def __init__(self, store: Store, budget_bytes: int) -> None:
         self.store = store
         self.budget = budget_bytes
         self.entries: OrderedDict[AnswerKey, Answer] = OrderedDict()
         self.size = 0
+        self._seen_once: dict[int, None] = {}  # hashes of the keys read once lately, oldest first
 
     def get(self, key: AnswerKey) -> Answer | None:
         """The answer to key if it is fresh; call it right after store.watch(), which reads the version.
@@ -1329,7 +1338,7 @@ class Answers:
 
     def put(self, key: AnswerKey, answer: Answer) -> None:
         """Keep an answer read in the store's current state (one read in an older state is not kept)."""
-        if not answer.fresh(self.store):
+        if not answer.fresh(self.store) or not self._seen_before(key):
             return
         previous = self.entries.pop(key, None)
         if previous is not None:
@@ -1339,6 +1348,18 @@ class Answers:
         while self.size > self.budget:
             _, evicted = self.entries.popitem(last=False)
             self.size -= evicted.size
+
+    def _seen_before(self, key: AnswerKey) -> bool:
+        """Whether key was read lately (or is kept); if not, remember that it was read once."""
+        if key in self.entries:
+            return True
+        seen = hash(key)  # a collision only keeps an answer one read early
+        if self._seen_once.pop(seen, False) is None:
+            return True
+        self._seen_once[seen] = None
+        if len(self._seen_once) > self.SEEN_ONCE:
+            del self._seen_once[next(iter(self._seen_once))]
+        return False
 
 
 @dataclass

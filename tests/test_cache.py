@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from pathlib import Path
@@ -119,7 +120,8 @@ def test_the_front_door_answers_as_falcon_does(monkeypatch: pytest.MonkeyPatch, 
         monkeypatch.setattr(resource, responder, spy)
     client = make_client(Config(db=big_store, reopen_interval=0, log_level="warning"))
     for path in (*QUERIES, "/health"):
-        first = client.get(path)
+        client.get(path)  # read once: not kept yet
+        first = client.get(path)  # read again: kept
         tag = first.headers.get("etag")
         seen = len(through_falcon)
         again = client.get(path, headers={"X-Request-ID": "front-door-test"})
@@ -215,3 +217,30 @@ def test_a_first_count_or_bookmark_walk_runs_off_the_loop(
         where.clear()
         assert client.get(path).status_code == 200
         assert where == [place], path
+
+
+def test_an_answer_is_kept_when_read_a_second_time(store_path: Path) -> None:
+    """A stream of requests that never repeat does not push out the answers asked for again."""
+
+    async def main() -> None:
+        store = kasparro.Store(store_path, readers=1)
+        await store.open()
+        version = await store.watch()
+        try:
+            answers = kasparro.Answers(store, budget_bytes=10 * (100 + kasparro.ENTRY_OVERHEAD))
+
+            def detail(n: int) -> kasparro.CachedDetail:
+                return kasparro.CachedDetail(version=version, etag=f"t{n}", encoded=b"x" * 100)
+
+            hot = ("/data/hot", b"")
+            answers.put(hot, detail(0))
+            assert answers.get(hot) is None  # read once
+            answers.put(hot, detail(0))
+            assert answers.get(hot) == detail(0)  # read twice: kept
+            for n in range(1, 1_000):  # each read once: none kept, and the hot one stays
+                answers.put((f"/data/cold-{n}", b""), detail(n))
+            assert (list(answers.entries), answers.get(hot)) == ([hot], detail(0))
+        finally:
+            await store.close()
+
+    asyncio.run(main())
