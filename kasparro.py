@@ -898,6 +898,11 @@ class AssetQuery:
         return ",".join(map(str, self.conditions))
 
     @property
+    def offset(self) -> int:
+        """Rows before the page (of `page`; a cursor's page starts after its key instead)."""
+        return (self.page - 1) * self.page_size
+
+    @property
     def digest(self) -> str:
         """Fingerprint of filter and sort: what a cursor is bound to."""
         return hashlib.blake2b(f"{self.filter_text}\n{self.sort}".encode(), digest_size=8).hexdigest()
@@ -1203,8 +1208,22 @@ def position_of(query: AssetQuery, row: tuple) -> CursorToken:
 BLANK_HEAD = b'{"request_id":"","api_latency_ms":0.0'  # how an AssetPageOut with no per-request fields begins
 
 
+class Versioned:
+    """An answer that holds for one data version, with a weak ETag: a page or an asset."""
+
+    version: DataVersion
+    etag: str
+
+    def fresh(self, store: Store) -> bool:
+        return self.version == store.version
+
+    @functools.cached_property
+    def etag_header(self) -> bytes:
+        return f'W/"{self.etag}"'.encode()
+
+
 @dataclass(frozen=True)
-class CachedPage:
+class CachedPage(Versioned):
     """A page of GET /data, encoded once with blank per-request fields; each request splices its own in."""
 
     route: ClassVar[str] = "/data"
@@ -1222,13 +1241,6 @@ class CachedPage:
     @property
     def size(self) -> int:
         return len(self.blank) + ENTRY_OVERHEAD
-
-    def fresh(self, store: Store) -> bool:
-        return self.version == store.version
-
-    @functools.cached_property
-    def etag_header(self) -> bytes:
-        return f'W/"{self.etag}"'.encode()
 
     @functools.cached_property
     def tail(self) -> memoryview:
@@ -1260,19 +1272,12 @@ class CachedBody:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CachedDetail(CachedBody):
+class CachedDetail(CachedBody, Versioned):
     """GET /data/{asset_id} of one asset, encoded."""
 
     route: ClassVar[str] = "/data/{asset_id}"
     version: DataVersion
     etag: str
-
-    def fresh(self, store: Store) -> bool:
-        return self.version == store.version
-
-    @functools.cached_property
-    def etag_header(self) -> bytes:
-        return f'W/"{self.etag}"'.encode()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1374,6 +1379,11 @@ class Bookmarks:
     marks: list[CursorToken] = field(default_factory=list)
     complete: bool = False
     page_ends: dict[int, CursorToken] = field(default_factory=dict)
+
+    def reaches(self, offset: int) -> bool:
+        """Whether the row at `offset` is found without walking: a served page ends there, or the
+        bookmarks before it are known."""
+        return offset in self.page_ends or self.complete or len(self.marks) >= offset // BOOKMARK_EVERY
 
 
 class BookmarkSets:
@@ -1508,18 +1518,15 @@ class AssetResource:
         version = self.store.version
         if query.conditions or self._counts_version != version or query.filter_text not in self._counts:
             return False
-        offset = (query.page - 1) * query.page_size
-        wanted = offset // BOOKMARK_EVERY
-        if query.cursor or not wanted:
+        if query.cursor or query.offset < BOOKMARK_EVERY:
             return True
         marks = self.bookmarks.peek(version, query.digest)
-        return marks is not None and (offset in marks.page_ends or len(marks.marks) >= wanted or marks.complete)
+        return marks is not None and marks.reaches(query.offset)
 
     def _page_plan(self, query: AssetQuery, version: DataVersion) -> Plan[CachedPage]:
         after = read_cursor(query, version) if query.cursor else None
         total = yield from self._count_plan(version, query)
-        page_size, skip, marks = query.page_size, 0, None
-        offset = (query.page - 1) * page_size
+        page_size, offset, skip, marks = query.page_size, query.offset, 0, None
         if after is None:
             marks = self.bookmarks.get(version, query.digest)
             after, skip = yield from self._bookmark_plan(marks, query, offset)
@@ -2403,7 +2410,7 @@ class Api(falcon.asgi.App):
         finally:
             self.metrics.in_flight -= 1
 
-    async def _answer(self, key: AnswerKey, scope: dict[str, Any], if_none_match: str | None) -> Response | None:
+    async def _answer(self, key: AnswerKey, scope: dict[str, Any], if_none_match: str | None) -> Response:
         """Read the data version, then as _answer_now; () when the store cannot be read (Falcon's path says why)."""
         try:
             await self.store.watch()
