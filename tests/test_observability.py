@@ -98,6 +98,11 @@ def test_two_workers_count_every_request_exactly_once(live_server: Any, store_pa
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     server = live_server(store_path, "--workers", "2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), LOG_LEVEL="info")
+    # The server answers once one worker is up; each worker writes its in-flight gauge when it starts.
+    deadline = time.monotonic() + 30
+    while len(list(metrics_dir.glob("gauge_livesum_*.db"))) < 2:
+        assert time.monotonic() < deadline, "the second worker never started"
+        server.get("/health")  # a round trip to a worker that is up, while the other starts
     before = count(samples(server.get("/metrics")[2].decode()), "/data/{asset_id}")
     n = 120
     for i in range(n):  # a new connection each: the kernel spreads them over both workers
