@@ -1325,7 +1325,7 @@ class Answers:
         self.budget = budget_bytes
         self.entries: OrderedDict[AnswerKey, Answer] = OrderedDict()
         self.size = 0
-        self._seen_once: dict[int, None] = {}  # hashes of the keys read once lately, oldest first
+        self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of keys read once lately, oldest first
 
     def get(self, key: AnswerKey) -> Answer | None:
         """The answer to key if it is fresh; call it right after store.watch(), which reads the version.
@@ -1363,7 +1363,7 @@ class Answers:
             return True
         self._seen_once[seen] = None
         if len(self._seen_once) > self.SEEN_ONCE:
-            del self._seen_once[next(iter(self._seen_once))]
+            self._seen_once.popitem(last=False)  # O(1); a dict's oldest key is a scan past its deleted slots
         return False
 
 
