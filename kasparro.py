@@ -378,13 +378,30 @@ class AssetPageOut(msgspec.Struct, frozen=True, kw_only=True):
     data_version: str
 
 
+class QuoteRow(msgspec.Struct, frozen=True, gc=False):
+    """Quote as encoded from a row of table source_map: made positionally, untracked by the collector."""
+
+    source: str
+    source_id: str
+    symbol: str | None
+    name: str | None
+    rank: int | None
+    price_usd: float | None
+    market_cap_usd: float | None
+    volume_24h_usd: float | None
+    change_24h_pct: float | None
+    status: str | None
+    observed_at: str
+
+
 class AssetDetailOut(AssetRow, frozen=True):
     """AssetDetail encoded from rows."""
 
-    quotes: list[Quote]
+    quotes: list[QuoteRow]
 
 
-for twin, documented in ((AssetRow, Asset), (AssetPageOut, AssetPage), (AssetDetailOut, AssetDetail)):
+TWINS = ((AssetRow, Asset), (AssetPageOut, AssetPage), (AssetDetailOut, AssetDetail), (QuoteRow, Quote))
+for twin, documented in TWINS:
     assert twin.__struct_fields__ == documented.__struct_fields__, f"{twin.__name__} drifted from {documented.__name__}"
 decode_sources = msgspec.json.Decoder(list[str]).decode
 decode_drift = msgspec.json.Decoder(dict[str, int]).decode
@@ -1177,7 +1194,7 @@ class IndexResource:
 
 ASSET_FIELDS = AssetRow.__struct_fields__
 SORT_VALUE = {field: ASSET_FIELDS.index(field) for field in SORT_FIELDS}
-QUOTE_FIELDS = Quote.__struct_fields__
+QUOTE_FIELDS = QuoteRow.__struct_fields__
 QUOTES_SQL = f"""
 SELECT {", ".join(QUOTE_FIELDS)} FROM source_map
 WHERE asset_id = ? AND observed_at IS NOT NULL ORDER BY source, source_id
@@ -1602,7 +1619,7 @@ def read_detail(conn: sqlite3.Connection, version: DataVersion, asset_id: str) -
     if row is None:
         return None
     tag = hashlib.blake2b(f"{version}\n{asset_id}".encode(), digest_size=12).hexdigest()
-    quotes = [Quote(**dict(zip(QUOTE_FIELDS, quote, strict=True))) for quote in conn.execute(QUOTES_SQL, (asset_id,))]
+    quotes = [QuoteRow(*quote) for quote in conn.execute(QUOTES_SQL, (asset_id,))]
     return CachedDetail(
         version=version, etag=tag, encoded=encode(AssetDetailOut(*row[:9], msgspec.Raw(row[9]), row[10], quotes))
     )
