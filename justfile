@@ -44,6 +44,10 @@ bench-etl rows="1000000":
 bench *args:
     {{py}} bench/api_bench.py {{args}}
 
+# /data/{asset_id} on ids of all 1,000,000 assets: the API beside bare apps that only read (the bounds)
+bench-detail *args:
+    {{py}} bench/detail_bounds.py {{args}}
+
 # fuzz the running service ($KASPARRO_PORT) against its OpenAPI document, as tests/test_contract.py does
 schemathesis:
     {{py}} -m schemathesis.cli run http://127.0.0.1:{{port}}/openapi.json --checks all --exclude-checks positive_data_acceptance --max-examples 150
