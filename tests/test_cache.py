@@ -142,6 +142,47 @@ def test_the_front_door_answers_as_falcon_does(monkeypatch: pytest.MonkeyPatch, 
     assert client.get("/data?page_size=0").status_code == 400
 
 
+def test_the_front_door_reads_an_uncached_asset_as_falcon_would(
+    monkeypatch: pytest.MonkeyPatch, make_client: Any, store_path: Path
+):
+    """A plain GET /data/{asset_id} not kept is read before Falcon: same answer as Falcon's for it."""
+    through_falcon: list[str] = []
+    original = kasparro.AssetResource.on_get_asset
+
+    async def spy(self: Any, req: Any, resp: Any, asset_id: str) -> None:
+        through_falcon.append(req.method + " " + req.path)
+        await original(self, req, resp, asset_id)
+
+    monkeypatch.setattr(kasparro.AssetResource, "on_get_asset", spy)
+    client = make_client(Config(db=store_path, log_level="warning"))
+    front = client.get("/data/bitcoin")
+    current = client.get("/data/ethereum", headers={"If-None-Match": client.get("/data/ethereum").headers["etag"]})
+    assert through_falcon == []
+    assert client.request("HEAD", "/data/bitcoin").status_code == 405  # not a GET: Falcon's answer
+    assert client.get("/data/no-such-coin").status_code == 404  # Falcon's 404, as problem+json
+    assert client.get("/data/bitcoin", params={"x": "1"}).status_code == 200  # a query string: Falcon's
+    assert through_falcon == ["GET /data/no-such-coin", "GET /data/bitcoin"]
+
+    monkeypatch.setattr(kasparro.Api, "_detail_id", lambda self, scope: "")  # Falcon reads every lookup
+    falcon_client = make_client(Config(db=store_path, log_level="warning"))
+    by_falcon = falcon_client.get("/data/bitcoin")
+    tag = falcon_client.get("/data/ethereum").headers["etag"]
+    current_by_falcon = falcon_client.get("/data/ethereum", headers={"If-None-Match": tag})
+    assert len(through_falcon) == 5
+    per_request = {"x-request-id": ""}
+    assert front.status_code == by_falcon.status_code == 200
+    assert {**front.headers, **per_request} == {**by_falcon.headers, **per_request}
+    assert front.content == by_falcon.content
+    assert (current.status_code, current.content) == (current_by_falcon.status_code, b"") == (304, b"")
+    assert {**current.headers, **per_request} == {**current_by_falcon.headers, **per_request}
+
+
+def test_an_uncached_asset_behind_api_keys_goes_through_falcon(make_client: Any, store_path: Path) -> None:
+    client = make_client(Config(db=store_path, api_keys=("k1",), log_level="warning"))
+    assert client.get("/data/bitcoin").status_code == 401
+    assert client.get("/data/bitcoin", headers={"X-API-Key": "k1"}).json["asset_id"] == "bitcoin"
+
+
 @pytest.mark.parametrize("request_id", ["0b0e3b6c-4a2f-4c55-9d1e-2f6a1c9b7e10", 'a"quote\\and-backslash'])
 @pytest.mark.parametrize(("page", "next_cursor"), [(3, "abc"), (None, None)])
 def test_a_page_spliced_from_its_kept_tail_is_the_whole_encoding(
