@@ -2421,17 +2421,21 @@ class Api(falcon.asgi.App):
         try:
             key = answer_key(scope)
             kept = self.answers.entries.get(key)  # a look only: a miss does not pay for reading the data version
+            response: Response = ()
             if kept is not None and scope["method"] == "GET" and kept.route in self.front_routes:
+                route = kept.route
                 if self.store.current:  # a request in this turn of the loop read the data version
                     response = self._answer_now(key, scope, if_none_match)
                 else:
                     response = await self._answer(key, scope, if_none_match)
-                if response:
-                    return await self._send(scope, send, kept.route, response, started)
             elif kept is None and (asset_id := self._detail_id(scope)):
+                route = CachedDetail.route
                 response = await self._read_detail(key, scope, asset_id, if_none_match)
-                if response:
-                    return await self._send(scope, send, CachedDetail.route, response, started)
+            if response:
+                status, headers, body = response
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return self._done(scope, route, status, started)
             status = await self._through_falcon(scope, receive, send)
             return self._done(scope, scope.get(ROUTE), status, started)
         finally:
@@ -2479,14 +2483,6 @@ class Api(falcon.asgi.App):
         body = answer.body(request_id, scope[STARTED])
         headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         return 200, headers, body
-
-    async def _send(
-        self, scope: dict[str, Any], send: Callable[..., Any], route: str, response: Response, started: float
-    ) -> None:
-        status, headers, body = response
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        self._done(scope, route, status, started)
 
     async def _through_falcon(
         self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
