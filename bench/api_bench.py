@@ -350,6 +350,22 @@ def wrk(server: Server, scenario: Scenario, seconds: float, env: dict[str, str],
     return parse_wrk(done.stdout)
 
 
+def load(
+    server: Server, scenario: Scenario, warmup: float, duration: float, env: dict[str, str], profile: bool = False
+) -> Measure:
+    """A wrk warm-up, then the measured wrk run, each started with the server idle."""
+    wrk(server, scenario, warmup, env, "warmup")
+    server.settle()
+    profiler = profiled(server, scenario, duration) if profile else None
+    measure = wrk(server, scenario, duration, env, "measured")
+    if profiler is not None:
+        profiler.wait()
+    busy = server.settle()
+    if busy >= 1:  # requests wrk gave up on, still being served
+        measure.note = ", ".join(filter(None, [measure.note, f"server busy {busy:.0f} s after wrk ended"]))
+    return measure
+
+
 def profile_path(scenario: Scenario) -> Path:
     return OUT / f"profile-{scenario.name}.txt"
 
@@ -516,16 +532,7 @@ def main(argv: list[str] | None = None) -> None:
         if scenario.walk:
             return keyset_walk(server, args.rows)
         scenario_env = {**env, "BENCH_IDS": str(ids_files[scenario.ids])}
-        wrk(server, scenario, args.warmup, scenario_env, "warmup")
-        server.settle()
-        profiler = profiled(server, scenario, args.duration) if args.profile else None
-        measure = wrk(server, scenario, args.duration, scenario_env, "measured")
-        if profiler is not None:
-            profiler.wait()
-        busy = server.settle()
-        if busy >= 1:  # requests wrk gave up on, still being served
-            measure.note = ", ".join(filter(None, [measure.note, f"server busy {busy:.0f} s after wrk ended"]))
-        return measure
+        return load(server, scenario, args.warmup, args.duration, scenario_env, args.profile)
 
     # The machine's speed drifts by up to ±10 % within minutes (other tenants), so the ceiling is
     # measured again right before each wrk scenario and the scenario's ratio is to that measurement.

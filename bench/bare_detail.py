@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kasparro
+from bench import ceiling
 
 READS_PER_TRANSACTION = 32
-PREFIX = len("/data/")
 MODE = os.environ.get("BARE_READ", "composed")
 DB = os.environ["BARE_BODIES"] if MODE == "body" else os.environ["KASPARRO_DB"]
 conn = sqlite3.connect(f"file:{DB}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
@@ -41,17 +41,14 @@ async def app(
     send: Callable[[dict[str, Any]], Awaitable[None]],
 ) -> None:
     global served
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
+    if scope["type"] != "http" or not scope["path"].startswith(kasparro.DETAIL_PREFIX):
+        return await ceiling.app(scope, receive, send)  # lifespan, and the ready check on /
     if served % READS_PER_TRANSACTION == 0:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         conn.execute("BEGIN")
     served += 1
-    body = read(scope["path"][PREFIX:]) if scope["path"].startswith("/data/") else b'{"status":"ok"}'
+    body = read(scope["path"][len(kasparro.DETAIL_PREFIX) :])
     status, body = (200, body) if body is not None else (404, b"{}")
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})

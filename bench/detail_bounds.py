@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import api_bench
-from api_bench import BY_NAME, CEILING, OUT, RESULTS, Result, Scenario, Server, serve, wrk
+from api_bench import BY_NAME, CEILING, OUT, RESULTS, Result, Scenario, Server, load, serve
 
 sys.path.insert(0, str(api_bench.ROOT))  # kasparro, for its read_detail
 import kasparro
@@ -60,11 +60,7 @@ def make_bodies(db: Path) -> tuple[Path, str]:
 
 def measure(server: Server, scenario: Scenario, args: argparse.Namespace, env: dict[str, str]) -> api_bench.Measure:
     print(f"{server.name}: {scenario.name} ...", flush=True)
-    wrk(server, scenario, args.warmup, env, "warmup")
-    server.settle()
-    result = wrk(server, scenario, args.duration, env, "measured")
-    server.settle()
-    return result
+    return load(server, scenario, args.warmup, args.duration, env)
 
 
 def main() -> None:
