@@ -400,8 +400,9 @@ class AssetDetailOut(AssetRow, frozen=True):
     quotes: list[QuoteRow]
 
 
-TWINS = ((AssetRow, Asset), (AssetPageOut, AssetPage), (AssetDetailOut, AssetDetail), (QuoteRow, Quote))
-for twin, documented in TWINS:
+for twin, documented in (
+    (AssetRow, Asset), (AssetPageOut, AssetPage), (AssetDetailOut, AssetDetail), (QuoteRow, Quote)
+):  # fmt: skip
     assert twin.__struct_fields__ == documented.__struct_fields__, f"{twin.__name__} drifted from {documented.__name__}"
 decode_sources = msgspec.json.Decoder(list[str]).decode
 decode_drift = msgspec.json.Decoder(dict[str, int]).decode
