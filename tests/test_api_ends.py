@@ -133,7 +133,6 @@ class Load:
     asset_ids: list[str]
     answers: list[tuple[str, int, str, str]] = field(default_factory=list)  # path, status, media type, Retry-After
     failures: list[str] = field(default_factory=list)  # requests unanswered: hangs, and resets before SIGTERM
-    refused: list[str] = field(default_factory=list)  # connections the stopping server closed
     sigterm: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -169,7 +168,8 @@ class Load:
                     self.failures.append(f"{path}: no answer in {ANSWER_WITHIN_S} s")
                     return
                 except (OSError, http.client.HTTPException) as error:
-                    (self.refused if self.sigterm.is_set() else self.failures).append(f"{path}: {error!r}")
+                    if not self.sigterm.is_set():  # after it, the stopping server closes connections: no fault
+                        self.failures.append(f"{path}: {error!r}")
                     return
                 self.answers.append((path, response.status, response.getheader("content-type", ""),
                                      response.getheader("retry-after", "")))  # fmt: skip
