@@ -1187,7 +1187,7 @@ class IndexResource:
     """GET /: what the service is and where its endpoints are."""
 
     ENDPOINTS = ("GET /", "GET /data", "GET /data/{asset_id}", "GET /health", "GET /stats", "GET /metrics",
-                 "GET /openapi.json", "GET /docs")  # fmt: skip
+                 "GET /openapi.json", "GET /docs", "GET /redoc")  # fmt: skip
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         send(resp, Index(message="Kasparro Backend Service", version=__version__, endpoints=list(self.ENDPOINTS)))
@@ -2205,6 +2205,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "description": "the asset's stable slug",
         "example": "bitcoin",
     }
+    page = {"description": "an HTML page", "headers": request_id, "content": {"text/html": {"schema": string}}}
     text = {
         "description": "Prometheus text exposition",
         "headers": request_id,
@@ -2217,7 +2218,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "version": __version__,
             "description": "Unified crypto-asset market data, loaded by the ETL and served read-only.\n\n"
             "Every GET path answers HEAD too: the same status and headers, no body. An empty query parameter"
-            " is an absent one; filter_by given twice means both; any other parameter given twice is a 400.",
+            " is an absent one; filter_by given twice means both; any other parameter given twice is a 400.\n\n"
+            "Read it as [interactive docs](/docs) (Swagger UI: try each request) or as a [reference](/redoc)"
+            " (ReDoc).",
         },
         "paths": {
             "/": operation("Index: the service and its endpoints", body("the service", index, example["index"])),
@@ -2247,14 +2250,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "OpenAPI: this document",
                 body("OpenAPI 3.1", {"type": "object"}, {"openapi": "3.1.0"}),
             ),
-            "/docs": operation(
-                "Docs: interactive documentation (Swagger UI)",
-                {
-                    "description": "an HTML page",
-                    "headers": request_id,
-                    "content": {"text/html": {"schema": string}},
-                },
-            ),
+            "/docs": operation("Docs: interactive documentation (Swagger UI)", page),
+            "/redoc": operation("Reference: documentation in three panels (ReDoc)", page),
         },
         "components": {"schemas": schemas, "responses": responses},
     }
@@ -2291,9 +2288,35 @@ DOCS_HTML = b"""<!doctype html>
   <link rel="stylesheet" href="/docs/swagger-ui.css">
 </head>
 <body>
+  <nav style="font: 14px sans-serif; padding: 8px 20px">Interactive docs &middot;
+    <a href="/redoc">the same API as a reference (ReDoc)</a></nav>
   <div id="swagger-ui"></div>
   <script src="/docs/swagger-ui-bundle.js"></script>
   <script src="/docs/init.js"></script>
+</body>
+</html>
+"""
+
+# ReDoc's standalone build, vendored from the npm package `redoc` at the version in vendor/redoc/VERSION
+# with its licences (`just vendor-redoc` fetches it again and checks vendor/redoc/SHA256SUMS).
+REDOC_DIR = Path(__file__).resolve().parent / "vendor" / "redoc" / "bundles"
+REDOC_FILES = {
+    "redoc.standalone.js": "text/javascript; charset=utf-8",
+    "redoc.standalone.js.LICENSE.txt": "text/plain; charset=utf-8",
+}
+REDOC_HTML = b"""<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>Kasparro API reference</title>
+  <link rel="icon" type="image/png" href="/docs/favicon-32x32.png">
+</head>
+<body style="margin: 0">
+  <nav style="font: 14px sans-serif; padding: 8px 20px">Reference &middot;
+    <a href="/docs">try the API in the interactive docs (Swagger UI)</a></nav>
+  <redoc spec-url="/openapi.json"></redoc>
+  <script src="/redoc/redoc.standalone.js"></script>
 </body>
 </html>
 """
@@ -2308,24 +2331,33 @@ def swagger_ui_dir() -> Path:
 
 
 class DocsResource:
-    """GET /docs (Swagger UI over /openapi.json), its files, and GET /openapi.json, all held in memory."""
+    """GET /docs (Swagger UI over /openapi.json), GET /redoc (ReDoc over it), their files by path, and
+    GET /openapi.json, all held in memory."""
 
     CACHE = "public, max-age=3600"
 
     def __init__(self, document: dict[str, Any]) -> None:
         self.openapi = encode(document)
-        folder = swagger_ui_dir()
-        self.files = {name: ((folder / name).read_bytes(), media) for name, media in SWAGGER_UI_FILES.items()}
-        self.files["init.js"] = (DOCS_INIT_JS, "text/javascript; charset=utf-8")
+        shipped = (("/docs", swagger_ui_dir(), SWAGGER_UI_FILES), ("/redoc", REDOC_DIR, REDOC_FILES))
+        self.files = {
+            f"{page}/{name}": ((folder / name).read_bytes(), media)
+            for page, folder, files in shipped
+            for name, media in files.items()
+        }
+        self.files["/docs/init.js"] = (DOCS_INIT_JS, "text/javascript; charset=utf-8")
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = falcon.MEDIA_HTML
         resp.data = DOCS_HTML
 
+    async def on_get_redoc(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.data = REDOC_HTML
+
     async def on_get_file(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        if name not in self.files:
+        if req.path not in self.files:
             raise falcon.HTTPNotFound(description=f"no docs file {name[:100]!r}")
-        resp.data, resp.content_type = self.files[name]
+        resp.data, resp.content_type = self.files[req.path]
         resp.cache_control = [self.CACHE]
 
     async def on_get_openapi(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
@@ -2776,6 +2808,8 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     app.add_route("/openapi.json", docs, suffix="openapi")
     app.add_route("/docs", docs)
     app.add_route("/docs/{name}", docs, suffix="file")
+    app.add_route("/redoc", docs, suffix="redoc")
+    app.add_route("/redoc/{name}", docs, suffix="file")
     return app
 
 

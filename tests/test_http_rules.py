@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kasparro
-from conftest import LiveServer
+from conftest import LiveServer, exchange, referenced_urls
 from kasparro import Config
 
 PROBLEM = "application/problem+json"
@@ -27,43 +25,6 @@ VALUES = {"page": "2", "page_size": "3", "filter_by": "active", "sort": "-rank"}
 PROPERTY_SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-def exchange(
-    base: str, method: str, target: str, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """One request on its own connection, read until the server closes it: (status, lower-cased headers,
-    every byte after the headers). A HEAD whose server sent a body shows it here."""
-    address = urlsplit(base)
-    assert address.hostname and address.port
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {address.netloc}", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    received = bytearray()
-    with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
-        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        while chunk := conn.recv(1 << 16):
-            received += chunk
-    head, _, body = bytes(received).partition(b"\r\n\r\n")
-    status_line, *fields = head.decode("latin-1").split("\r\n")
-    return int(status_line.split()[1]), {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}, body
-
-
-class References(HTMLParser):
-    """Every URL an HTML page makes the browser load: src of scripts, images and frames, href of links."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.urls: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        wanted = "href" if tag == "link" else "src"
-        self.urls += [value for name, value in attrs if name == wanted and value]
-
-
-def referenced_urls(html: bytes) -> list[str]:
-    parser = References()
-    parser.feed(html.decode())
-    return parser.urls
 
 
 def documented_routes(base: str) -> dict[str, list[str]]:
@@ -79,7 +40,8 @@ def documented_routes(base: str) -> dict[str, list[str]]:
             if "text/html" in operations["get"]["responses"]["200"].get("content", {}):
                 _, _, page = exchange(base, "GET", template)
                 routes.update((url, []) for url in referenced_urls(page))
-    assert {"/", "/data", "/data/bitcoin", "/health", "/stats", "/metrics", "/openapi.json", "/docs"} <= set(routes)
+    assert {"/", "/data", "/data/bitcoin", "/health", "/stats", "/metrics", "/openapi.json", "/docs",
+            "/redoc", "/redoc/redoc.standalone.js"} <= set(routes)  # fmt: skip
     assert any(url.endswith(".js") for url in routes)
     return routes
 
