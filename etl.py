@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -35,6 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, ClassVar
 
 import msgspec
@@ -1574,12 +1576,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--db", type=Path, help="path of the SQLite store (default: $KASPARRO_DB or kasparro.db)")
+    parser.add_argument(
+        "--every",
+        type=interval_seconds,
+        metavar="SECONDS",
+        help="run now and then at every slot of SECONDS, until SIGTERM or SIGINT (then exit 0)",
+    )
     parser.add_argument("sources", nargs="*", metavar="SOURCE", help="where to load from")
     return parser.parse_args(argv)
 
 
+def interval_seconds(text: str) -> float:
+    """--every's value: a positive finite number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return seconds
+
+
 def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> int:
-    """Run the ETL once; return the exit code of SPEC.md."""
+    """Run the ETL once, or on a schedule with --every; return the exit code of SPEC.md."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = config or EtlConfig.from_env()
@@ -1588,6 +1607,8 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         sources = [parse_source(spec, config) for spec in (args.sources or config.sources)]
         if not db.parent.is_dir():
             raise UsageError(f"directory of the store does not exist: {db.parent}")
+        if args.every is not None:
+            return every(args.every, db, sources, config)
         lock = acquire_lock(db)
     except UsageError as error:
         print(f"etl.py: error: {error}", file=sys.stderr)
@@ -1699,6 +1720,97 @@ def record_lost(run_id: int, cause: str, record_error: str) -> int:
         file=sys.stderr,
     )
     return EXIT_FAILED
+
+
+def every(seconds: float, db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
+    """Run now and at every slot of `seconds` after it, until SIGTERM or SIGINT; then return 0.
+
+    Slots are counted from the start, so runs do not drift; a slot that passes
+    during a run, or whose lock another run holds, is skipped with a log line.
+    """
+    stop = ScheduledStop()
+    started, slot = time.monotonic(), 0
+    try:
+        while stop.signal is None:
+            scheduled_run(db, sources, config)
+            if stop.signal is not None:
+                break
+            next_slot = math.floor((time.monotonic() - started) / seconds) + 1
+            if next_slot > slot + 1:
+                log.warning("run outlasted its slot", every_s=seconds, skipped_slots=next_slot - slot - 1)
+            slot = next_slot
+            delay = max(started + slot * seconds - time.monotonic(), 0.0)
+            log.info("waiting for the next run", every_s=seconds, wait_s=round(delay, 3))
+            stop.sleep(delay)
+    except Interrupted:
+        pass  # the signal came while waiting
+    finally:
+        stop.close()
+    log.info("schedule stopped", signal=stop.signal)
+    return EXIT_OK
+
+
+def scheduled_run(db: Path, sources: Sequence[Source], config: EtlConfig) -> None:
+    """One run of the schedule; a held lock or an unusable store is logged and the schedule goes on."""
+    try:
+        lock = acquire_lock(db)
+    except BlockingIOError as error:
+        log.warning("run skipped", reason=str(error))
+        return
+    except OSError as error:
+        log.error("run skipped", reason=f"cannot take the writer lock next to {db}: {error.strerror}")
+        return
+    try:
+        run(db, sources, config)
+    except sqlite3.Error as error:
+        log.error("store unusable", db=str(db), error=f"{type(error).__name__}: {error}")
+    finally:
+        os.close(lock)
+
+
+class ScheduledStop:
+    """SIGTERM or SIGINT under --every: stop at once while waiting; in a run, finish the batch in hand.
+
+    The signal interrupts the run's loading at the first instant outside a
+    batch's transaction (Loader.commit), so that batch commits with its
+    checkpoint and the run is recorded as stopped; the next run resumes after
+    it. Until the loading starts, or once it is over, the run goes on and the
+    schedule stops after it. Where the signal cannot act yet, it looks again
+    every POLL seconds (SIGALRM).
+    """
+
+    POLL = 0.05
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.waiting = False
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum != signal.SIGALRM:
+            self.signal = self.signal or signal.Signals(signum).name
+        if self.signal is None:
+            return
+        if self.waiting:
+            raise Interrupted(f"stopped by {self.signal}")
+        running = set()
+        while frame is not None:
+            running.add(frame.f_code)
+            frame = frame.f_back
+        if run_source.__code__ in running and Loader.commit.__code__ not in running:
+            raise Interrupted(f"stopped by {self.signal}")
+        signal.setitimer(signal.ITIMER_REAL, self.POLL)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds`, or until the stop signal (raised as Interrupted)."""
+        self.waiting = True
+        if self.signal is None:  # a signal that came just before `waiting` was set is not lost
+            time.sleep(seconds)
+        self.waiting = False
+
+    def close(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 if __name__ == "__main__":

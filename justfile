@@ -7,10 +7,14 @@ export DISABLE_HC_SYSTEMD := "true"
 py := justfile_directory() / ".venv/bin/python"
 image := "localhost/kasparro:latest"
 port := env_var_or_default("KASPARRO_PORT", "8000")
+# compose.yaml's stack, as project "kasparro" whatever the folder is called
+compose := "podman-compose -p kasparro"
+# curl that waits for the service to answer (refused or 503 while it starts), up to a minute
+curl := "curl -sS --retry 60 --retry-delay 1 --retry-max-time 60 --retry-connrefused"
 
 # list the recipes
 default:
-    @just --list --unsorted
+    @{{just_executable()}} --justfile {{quote(justfile())}} --list --unsorted
 
 # make .venv with the runtime and test dependencies
 install:
@@ -48,9 +52,9 @@ bench *args:
 bench-detail *args:
     {{py}} bench/detail_bounds.py {{args}}
 
-# fuzz the running service ($KASPARRO_PORT) against its OpenAPI document, as tests/test_contract.py does
+# fuzz the running service ($KASPARRO_PORT) against its OpenAPI document, as tests/test_contract.py does (its .schemathesis/ cache goes in a temporary folder)
 schemathesis:
-    {{py}} -m schemathesis.cli run http://127.0.0.1:{{port}}/openapi.json --checks all --exclude-checks positive_data_acceptance --max-examples 150
+    cd "$(mktemp -d)" && trap 'rm -rf "$PWD"' EXIT && {{py}} -m schemathesis.cli run http://127.0.0.1:{{port}}/openapi.json --checks all --exclude-checks positive_data_acceptance --max-examples 150
 
 # soak: wrk on /data while three ETL runs commit, then 20 ETL kills watched by the live API
 soak *args:
@@ -60,9 +64,9 @@ soak *args:
 vendor-redoc:
     tmp="$(mktemp -d)" && trap 'rm -rf "$tmp"' EXIT && cd "$tmp" && npm pack --silent "redoc@$(cat "{{justfile_directory()}}/vendor/redoc/VERSION")" >/dev/null && tar xzf redoc-*.tgz && cd package && sha256sum --strict -c "{{justfile_directory()}}/vendor/redoc/SHA256SUMS" && cp --parents LICENSE bundles/redoc.standalone.js bundles/redoc.standalone.js.LICENSE.txt "{{justfile_directory()}}/vendor/redoc/"
 
-# audit the pinned runtime requirements for known vulnerabilities (needs PyPI's JSON API)
+# audit the pinned runtime requirements for known vulnerabilities (needs PyPI's vulnerability data; fails when it could not check every package)
 audit:
-    {{py}} -m pip_audit --strict --no-deps --disable-pip -r requirements.txt
+    bash .ci/audit
 
 # build the image on a locally made base
 container-build:
@@ -76,38 +80,42 @@ container-run: container-build
 container-test:
     bash .ci/container-test
 
-# start the service container in the background
+# bring compose.yaml up as its own project, check it and take it down, as CI does
+compose-test:
+    bash .ci/compose-test
+
+# start compose.yaml in the background: the API on 127.0.0.1:$KASPARRO_PORT and the ETL every $KASPARRO_ETL_EVERY s (default 600), store on the kasparro-data volume
 up: container-build
-    podman run -d --replace --init --name kasparro --read-only --tmpfs /tmp -v kasparro-data:/data -p 127.0.0.1:{{port}}:8000 {{image}}
+    {{compose}} up -d
 
-# stop and remove the service container (the store volume stays)
+# stop and remove the stack's containers and network (the store volume stays)
 down:
-    podman rm -f -t 10 --ignore kasparro
+    bash .ci/stack-down
 
-# restart the service container
+# restart the API and the ETL
 restart:
-    podman restart -t 10 kasparro
+    {{compose}} restart
 
-# follow the service container's logs
+# follow the logs of the API and the ETL
 logs:
-    podman logs -f --tail 100 kasparro
+    {{compose}} logs -f -n --tail 100
 
-# show the service container
+# show the stack's containers
 ps:
-    podman ps -a --filter name='^kasparro$'
+    {{compose}} ps
 
-# open a shell in the service container
+# open a shell in the API's container
 shell:
-    podman exec -it kasparro sh
+    {{compose}} exec api sh
 
-# ask the running service for its health
+# ask the running service for its health, waiting up to a minute for it to answer
 health:
-    curl -sS http://127.0.0.1:{{port}}/health; echo
+    {{curl}} http://127.0.0.1:{{port}}/health; echo
 
-# ask the running service for the first page of data
+# ask the running service for a page of data: `just data 'page_size=2&sort=-rank'` or `just data page_size=2 sort=-rank`
 data *query:
-    curl -sS "http://127.0.0.1:{{port}}/data?{{query}}"; echo
+    {{curl}} {{quote("http://127.0.0.1:" + port + "/data?" + replace(query, " ", "&"))}}; echo
 
-# remove local stores, caches and the venv
-clean:
-    rm -rf .venv .pytest_cache .ruff_cache .hypothesis kasparro.db kasparro.db-* kasparro.db.etl-lock bench/out
+# remove what the recipes made: the stack with its store volume, local stores, caches, bench output and the venv; `just clean images` removes the images too
+clean *what:
+    bash .ci/stack-down --volumes {{ if what == "images" { "--images" } else { "" } }} && rm -rf .venv .pytest_cache .ruff_cache .hypothesis .schemathesis kasparro.db kasparro.db-* kasparro.db.etl-lock bench/out
