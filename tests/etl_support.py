@@ -43,6 +43,9 @@ def etl_env(**extra: str) -> dict[str, str]:
             "KASPARRO_COINGECKO_URL": "http://127.0.0.1:9",
             "KASPARRO_COINPAPRIKA_URL": "http://127.0.0.1:9",
             "KASPARRO_HTTP_BACKOFF": "0.01",
+            # Unpaced in effect: the pacing tests set their own rates.
+            "KASPARRO_COINGECKO_RATE": "600000",
+            "KASPARRO_COINPAPRIKA_RATE": "600000",
         },
         **extra,
     )
