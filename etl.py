@@ -38,10 +38,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO, ClassVar
+from typing import Annotated, BinaryIO, ClassVar
 
 import msgspec
 import structlog
+from msgspec import Meta
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "store.sql"
@@ -637,6 +638,8 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
             found[target] = index
     missing = [name for name in REQUIRED_COLUMNS if name not in found]
     if missing:
+        if any("\x00" in name for name in header):
+            raise SourceError("the header holds NUL bytes: is it UTF-16 without a byte-order mark? Save it as UTF-8")
         delimiter = next((d for d in DELIMITERS if len(header) == 1 and d in header[0]), None)
         if delimiter:
             raise SourceError(
@@ -718,7 +721,6 @@ CSV_PROBLEMS = {
     "new-line character seen in unquoted field": "a line break (CR) inside an unquoted field:"
     " old Mac line ends or a stray CR; line ends must be LF or CRLF",
     "unexpected end of data": "a quoted field is not closed before the end of the file",
-    "line contains NUL": "a NUL byte (a UTF-16 file without a byte-order mark?)",
     "field larger than field limit": f"a field longer than {csv.field_size_limit():,} characters",
     "expected after": "a quote inside a quoted field is not doubled, or text follows a closing quote",
 }
@@ -753,6 +755,10 @@ NUMBER_FIELDS: dict[str, tuple[type, float, float]] = {
 }
 # Cells that mean "no value" in every field; rank 0 and market cap 0 are the upstreams' "unknown" too.
 PLACEHOLDERS = frozenset(["", "n/a", "-", "\u2014", "\u2013", "?", "null", "none"])
+# Every spelling of each placeholder in any case: one set lookup per cell, no casefold().
+PLACEHOLDER_FORMS = frozenset(
+    "".join(letters) for word in PLACEHOLDERS for letters in itertools.product(*({c, c.upper()} for c in word))
+)
 ZERO_IS_UNKNOWN = frozenset(["rank", "market_cap_usd"])
 DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 FUTURE_SLACK = timedelta(minutes=5)  # clocks of upstreams and of this host disagree by a little
@@ -766,7 +772,36 @@ EARLIEST = datetime(2009, 1, 3, tzinfo=UTC)  # the genesis block
 NOT_ALNUM = re.compile(r"[\W_]+")
 NOT_SLUG = re.compile(r"[^a-z0-9]+")
 
-ROW_FIELDS = tuple(CSV_ALIASES)  # the canonical fields, in the order of a record's cells
+Symbol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
+Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+SourceId = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Rank = Annotated[int, Meta(ge=0, le=100_000_000)]
+Usd = Annotated[float, Meta(ge=0, le=1e18)]
+Pct = Annotated[float, Meta(ge=-100, le=1e9)]
+
+
+class PlainRow(msgspec.Struct, array_like=True):
+    """A record whose cells are all plainly valid, checked and converted by msgspec in one call.
+
+    The fast path of normalise_cells: the same limits as TEXT_LIMITS and NUMBER_FIELDS (rank and
+    market cap 0 allowed, made null after), and msgspec reads fewer number forms than read_number,
+    so a record it refuses is read field by field with the same result or a precise reason.
+    """
+
+    symbol: Symbol
+    name: Name
+    source_id: SourceId | None = None
+    rank: Rank | None = None
+    price_usd: Usd | None = None
+    market_cap_usd: Usd | None = None
+    volume_24h_usd: Usd | None = None
+    change_24h_pct: Pct | None = None
+    status: str | None = None
+    observed_at: str | None = None
+
+
+ROW_FIELDS = PlainRow.__struct_fields__  # the canonical fields, in the order of a record's cells
+assert tuple(CSV_ALIASES) == ROW_FIELDS, "CSV_ALIASES must list the fields of PlainRow in order"
 
 
 class Observation(msgspec.Struct, frozen=True):
@@ -913,10 +948,12 @@ def read_number(name: str, value: object) -> int | float | None:
     """
     kind, low, high = NUMBER_FIELDS[name]
     if isinstance(value, str):
-        if not DECIMAL.fullmatch(value):
-            finite = value.lstrip("+-").casefold() not in ("inf", "infinity", "nan")
-            raise ValueProblem("not a number" if finite else "not finite")
-        number = float(value)
+        try:
+            number = float(value)  # also reads inf and nan, refused below
+        except ValueError:
+            raise ValueProblem("not a number") from None
+        if "_" in value:  # float() reads 1_000; a spreadsheet does not
+            raise ValueProblem("not a number")
     elif isinstance(value, int | float) and not isinstance(value, bool):
         try:
             number = float(value)
@@ -1016,21 +1053,31 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
     Cells are CSV text or JSON values, read the same way; a placeholder is None. Rejected when
     the symbol, name or (for an upstream) id is missing or unusable, or as `intake` decides.
     """
-    values = [placeholder_free(cell) for cell in cells]
+    values = [(None if (text := cell.strip()) in PLACEHOLDER_FORMS else text) if isinstance(cell, str) else cell
+              for cell in cells]  # fmt: skip
     if isinstance(values[0], str):
         values[0] = normalise_symbol(values[0])
     if isinstance(values[1], str):
         values[1] = fold_text(values[1])
-    for index in (0, 1, 2) if intake.upstream else (0, 1):
-        if values[index] is None:
-            raise Rejected(f"{ROW_FIELDS[index]}: missing")
-    symbol, name = read_text("symbol", values[0]), read_text("name", values[1])
-    source_id = None if values[2] is None else read_text("source_id", values[2])
+    try:
+        row: PlainRow | None = msgspec.convert(values, PlainRow, strict=False)
+    except msgspec.ValidationError:
+        row = None
+    if row is not None and (row.source_id is not None or not intake.upstream):
+        symbol, name, source_id = row.symbol, row.name, row.source_id
+        numbers = [row.rank or None, row.price_usd, row.market_cap_usd or None, row.volume_24h_usd, row.change_24h_pct]
+    else:
+        for index in (0, 1, 2) if intake.upstream else (0, 1):
+            if values[index] is None:
+                given = cells[index].strip() if isinstance(cells[index], str) else ""
+                raise Rejected(f"{ROW_FIELDS[index]}: missing" + (f" (placeholder {given[:40]!r})" if given else ""))
+        symbol, name = read_text("symbol", values[0]), read_text("name", values[1])
+        source_id = None if values[2] is None else read_text("source_id", values[2])
+        numbers = [intake.optional(index, values[index]) for index in range(3, 8)]
     key = name_key(name)
     if not key:
         raise Rejected(f"name: has no letters or digits: {quoted(name)}")
-    optional = [intake.optional(index, values[index]) for index in range(3, len(ROW_FIELDS))]
-    rank, price, market_cap, volume, change, status, observed_at = optional
+    rank, price, market_cap, volume, change = numbers
     return Observation(
         source_id=fold_text(source_id) if source_id else f"{slugify(name) or key}-{symbol.lower()}",
         symbol=symbol,
@@ -1041,17 +1088,9 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
         market_cap_usd=market_cap,  # type: ignore[arg-type]
         volume_24h_usd=volume,  # type: ignore[arg-type]
         change_24h_pct=change,  # type: ignore[arg-type]
-        status=status or "active",  # type: ignore[arg-type]
-        observed_at=observed_at or default_time,  # type: ignore[arg-type]
+        status=intake.optional(8, values[8]) or "active",  # type: ignore[arg-type]
+        observed_at=intake.optional(9, values[9]) or default_time,  # type: ignore[arg-type]
     )
-
-
-def placeholder_free(cell: object) -> object:
-    """A cell with text stripped, and None for a placeholder."""
-    if not isinstance(cell, str):
-        return cell
-    text = cell.strip()
-    return None if text.casefold() in PLACEHOLDERS else text
 
 
 def observation_cells(observation: Observation) -> list[str | None]:
@@ -1311,7 +1350,7 @@ class Loader:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
-        if not self.bulk or (kind is not None and not issubclass(kind, Exception)):
+        if not self.bulk or (kind is not None and (kind is Interrupted or not issubclass(kind, Exception))):
             return  # SIGTERM or ^C: stop now; the next run builds them
         try:
             restore_indexes(self.conn)
@@ -1878,7 +1917,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="etl.py",
         description="Load market snapshots into the Kasparro store.",
         epilog=(
-            "SOURCE: csv:PATH, coinpaprika, coingecko, or replay:NAME@RUN_ID (re-normalise the raw"
+            "SOURCE: csv:PATH, csv:NAME=PATH, coinpaprika, coingecko, or replay:NAME@RUN_ID (re-normalise the raw"
             " payloads a past run kept). Default: $KASPARRO_SOURCES, else the shipped sample CSV."
             " Exit codes: 0 success or partial, 1 failed, 2 usage error, 75 another run holds the lock."
         ),

@@ -20,6 +20,7 @@ from gen_csv import write_csv  # noqa: E402
 
 __all__ = [
     "ROOT",
+    "etl_against",
     "etl_env",
     "query",
     "run_etl",
@@ -61,6 +62,17 @@ def run_etl(db: Path, *sources: str, **env: str) -> subprocess.CompletedProcess[
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def etl_against(upstream: Any, db: Path, *sources: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run etl.py with both upstream URLs pointing at a FakeUpstream."""
+    return run_etl(
+        db,
+        *sources,
+        KASPARRO_COINGECKO_URL=upstream.base_url,
+        KASPARRO_COINPAPRIKA_URL=upstream.base_url,
+        **env,
     )
 
 
