@@ -413,14 +413,14 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
 def parse_sources(specs: Sequence[str], config: EtlConfig) -> list[Source]:
     """The SOURCE arguments of one run; UsageError for a bad one, or for two that share a name."""
     sources = [parse_source(spec, config) for spec in specs]
-    named: dict[str, str] = {}
+    named: dict[str, str] = {}  # case-folded, as filter_by=source:… compares names
     for spec, source in zip(specs, sources, strict=True):
-        if source.name in named:
+        if source.name.casefold() in named:
             raise UsageError(
-                f"sources {named[source.name]!r} and {spec!r} are both named {source.name!r};"
+                f"sources {named[source.name.casefold()]!r} and {spec!r} are both named {source.name!r};"
                 " give a CSV source its own name with csv:NAME=PATH"
             )
-        named[source.name] = spec
+        named[source.name.casefold()] = spec
     return sources
 
 
@@ -606,14 +606,15 @@ class CsvLayout:
     width: int
     columns: tuple[int | None, ...]  # per canonical field: column index or None
     ignored: tuple[str, ...]  # header names that map to no field (schema drift)
-    header: tuple[str, ...] = ()  # the header's cells, without a byte-order mark
+    header: tuple[str, ...] = ()  # the header's names as header_key() compares them
+    first: str = ""  # the first name, stripped and case-folded
 
     def is_header(self, cells: Sequence[str]) -> bool:
-        """Whether a row repeats the header (files concatenated with theirs)."""
+        """Whether a row repeats the header, in any case or spacing (files concatenated with theirs)."""
         return (
             len(cells) == self.width
-            and cells[0].lstrip("\ufeff") == self.header[0]
-            and tuple(cells[1:]) == self.header[1:]
+            and cells[0].strip().lstrip("\ufeff").casefold() == self.first  # cheap: most rows stop here
+            and tuple(map(header_key, cells)) == self.header
         )
 
     def labels(self, header: Sequence[str]) -> tuple[str, ...]:
@@ -647,8 +648,9 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
                 f" {header[0][:120]!r}; only comma-separated files are read"
             )
         raise SourceError(f"header has no {' or '.join(missing)} column (header: {list(header)!r})")
-    cells = (header[0].lstrip("\ufeff"), *header[1:])
-    return CsvLayout(len(header), tuple(found.get(name) for name in CSV_ALIASES), tuple(ignored), cells)
+    columns = tuple(found.get(name) for name in CSV_ALIASES)
+    first = header[0].strip().lstrip("\ufeff").casefold()
+    return CsvLayout(len(header), columns, tuple(ignored), tuple(map(header_key, header)), first)
 
 
 @dataclass

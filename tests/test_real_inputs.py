@@ -306,7 +306,7 @@ def test_repeated_header_rows_are_skipped_and_counted(tmp_path):
     part = HEADER + "bitcoin,BTC,Bitcoin,1,95000,1,1,1,active,2026-11-25T12:00:00Z\n"
     second = HEADER + "ethereum,ETH,Ethereum,2,3500,1,1,1,active,2026-11-25T12:00:00Z\n"
     feed = tmp_path / "concatenated.csv"  # `cat a.csv b.csv c.csv`, the last saved with a BOM
-    third = HEADER + "solana,SOL,Solana,5,140,1,1,1,active,2026-11-25T12:00:00Z\n"
+    third = HEADER.upper().replace(",", ", ") + "solana,SOL,Solana,5,140,1,1,1,active,2026-11-25T12:00:00Z\n"
     feed.write_bytes(part.encode() + second.encode() + "\ufeff".encode() + third.encode())
     db = tmp_path / "store.db"
     result = run_etl(db, f"csv:{feed}")
@@ -334,6 +334,7 @@ def test_repeated_header_rows_are_skipped_and_counted(tmp_path):
         ("coingecko", "coingecko"),
         ("coingecko", "replay:coingecko@1"),
         ("csv:x={a}/markets.csv", "csv:x={b}/markets.csv"),
+        ("csv:{a}/markets.csv", "csv:Markets={b}/markets.csv"),
     ],
 )
 def test_two_sources_with_one_name_are_a_usage_error_naming_both(tmp_path, specs):
