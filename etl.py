@@ -705,7 +705,7 @@ def utf8_stream(path: Path) -> BinaryIO:
             while True:
                 state, chunk = decoder.getstate(), stream.read(1 << 20)
                 text = decoder.decode(chunk, final=not chunk)
-                transcoded.write(text.encode("utf-8", "surrogatepass"))
+                transcoded.write(text.encode("utf-8"))
                 lines += text.count("\n")
                 if not chunk:
                     break
