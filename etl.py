@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import collections
 import contextlib
 import csv
 import dataclasses
+import difflib
 import email.utils
 import errno
 import fcntl
@@ -27,17 +29,18 @@ import socket
 import sqlite3
 import ssl
 import sys
+import tempfile
 import time
 import unicodedata
 import urllib.parse
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, ClassVar
+from typing import Annotated, BinaryIO, ClassVar
 
 import msgspec
 import structlog
@@ -75,6 +78,7 @@ class HttpPolicy:
     max_requests: int = 40  # per source and run
     budget: float = 300.0  # wall seconds per source and run
     max_body: int = 64 * 1024 * 1024  # bytes after decompression
+    rate: float = 0.0  # requests a minute, evenly spaced; 0: unpaced
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ class EtlConfig:
     coingecko_key: str | None = field(default=None, repr=False)
     coingecko_plan: str = "demo"  # demo or pro: which header and default URL the key takes
     coingecko_max_pages: int = 20
+    # Requests a minute. CoinGecko documents 30 a minute for its public (demo) tier; CoinPaprika
+    # documents only a monthly quota for its free plan, and a run sends it one request (README).
+    coingecko_rate: float = 30.0
+    coinpaprika_rate: float = 60.0
     coinpaprika_url: str = COINPAPRIKA_URL
     coinpaprika_key: str | None = field(default=None, repr=False)
     raw_keep_runs: int = 48
@@ -123,6 +131,8 @@ class EtlConfig:
                 coingecko_key=environ.get("COINGECKO_API_KEY") or None,
                 coingecko_plan=plan,
                 coingecko_max_pages=int(environ.get("KASPARRO_COINGECKO_MAX_PAGES", "20")),
+                coingecko_rate=request_rate(environ, "KASPARRO_COINGECKO_RATE", cls.coingecko_rate),
+                coinpaprika_rate=request_rate(environ, "KASPARRO_COINPAPRIKA_RATE", cls.coinpaprika_rate),
                 coinpaprika_url=environ.get("KASPARRO_COINPAPRIKA_URL")
                 or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
                 coinpaprika_key=paprika_key,
@@ -133,6 +143,14 @@ class EtlConfig:
             )
         except ValueError as error:
             raise UsageError(f"bad number in the environment: {error}") from None
+
+
+def request_rate(environ: Mapping[str, str], name: str, default: float) -> float:
+    """A rate limit in requests a minute from the environment; UsageError unless a positive number."""
+    rate = float(environ.get(name) or default)
+    if not 0 < rate < math.inf:
+        raise UsageError(f"{name} must be a positive number of requests a minute, got {environ[name]!r}")
+    return rate
 
 
 class UsageError(Exception):
@@ -187,13 +205,17 @@ def configure_logging(level: str) -> None:
 
 @dataclass(frozen=True)
 class CsvSource:
-    """A CSV snapshot file; its name is 'csv:' and the file's stem."""
+    """A CSV snapshot file; its name is 'csv:' and the label given (csv:NAME=PATH), else the file's stem."""
 
     path: Path
+    label: str | None = None
 
     @property
     def name(self) -> str:
-        return f"csv:{self.path.stem}"
+        return f"csv:{self.label or self.path.stem}"
+
+
+CSV_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -375,31 +397,65 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
     """Turn a SOURCE argument of the CLI into a source, or raise UsageError."""
     kind, sep, rest = spec.partition(":")
     if kind == "csv" and sep and rest:
+        label, named, path = rest.partition("=")
+        if named and CSV_LABEL.fullmatch(label):
+            if not path:
+                raise UsageError(f"source {spec!r} names no file: expected csv:NAME=PATH")
+            return CsvSource(Path(path), label)
         return CsvSource(Path(rest))
     if spec == "coinpaprika":
         headers = {"Authorization": config.coinpaprika_key} if config.coinpaprika_key else {}
-        return CoinPaprika(config.coinpaprika_url, headers, config.http)
+        policy = dataclasses.replace(config.http, rate=config.coinpaprika_rate)
+        return CoinPaprika(config.coinpaprika_url, headers, policy)
     if spec == "coingecko":
         headers = {}
         if config.coingecko_key:
             headers["x-cg-pro-api-key" if config.coingecko_plan == "pro" else "x-cg-demo-api-key"] = (
                 config.coingecko_key
             )
-        return CoinGecko(config.coingecko_url, headers, config.http, config.coingecko_max_pages)
+        policy = dataclasses.replace(config.http, rate=config.coingecko_rate)
+        return CoinGecko(config.coingecko_url, headers, policy, config.coingecko_max_pages)
     if kind == "replay" and sep:
         name, _, run = rest.rpartition("@")
         if name in ("coinpaprika", "coingecko") and run.isdigit():
             return ReplaySource(int(run), parse_source(name, config))  # type: ignore[arg-type]
-    raise UsageError(f"unknown source {spec!r}: expected csv:PATH, coinpaprika, coingecko or replay:NAME@RUN_ID")
+    raise UsageError(
+        f"unknown source {spec!r}: expected csv:PATH, csv:NAME=PATH, coinpaprika, coingecko or replay:NAME@RUN_ID"
+    )
+
+
+def parse_sources(specs: Sequence[str], config: EtlConfig) -> list[Source]:
+    """The SOURCE arguments of one run; UsageError for a bad one, or for two that share a name."""
+    sources = [parse_source(spec, config) for spec in specs]
+    named: dict[str, str] = {}  # case-folded, as filter_by=source:… compares names
+    for spec, source in zip(specs, sources, strict=True):
+        if source.name.casefold() in named:
+            raise UsageError(
+                f"sources {named[source.name.casefold()]!r} and {spec!r} are both named {source.name!r};"
+                " give a CSV source its own name with csv:NAME=PATH"
+            )
+        named[source.name.casefold()] = spec
+    return sources
 
 
 class HttpClient:
-    """GETs of one source's run: timeouts, retries with jittered backoff, Retry-After, a budget."""
+    """GETs of one source's run: timeouts, retries with jittered backoff, Retry-After, a budget.
 
-    def __init__(self, source: HttpSource) -> None:
+    Requests start at least 60 / policy.rate seconds apart; waiting for that counts against the
+    time budget. `clock` and `sleep` are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        source: HttpSource,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.source = source
         self.policy = source.policy
-        self.deadline = time.monotonic() + self.policy.budget
+        self.clock, self.sleep = clock, sleep
+        self.deadline = clock() + self.policy.budget
+        self.next_start = clock()  # when the next request may start
         self.requests = 0
         self.ssl = ssl.create_default_context()
 
@@ -427,18 +483,33 @@ class HttpClient:
                 raise SourceError(f"{safe_url(url)}: {problem} with Retry-After {retry_after:g} s, over the cap")
             jitter = random.uniform(0, min(policy.backoff_cap, policy.backoff * 2**attempt))  # noqa: S311 - not a secret
             delay = retry_after if retry_after is not None else jitter
-            if time.monotonic() + delay >= self.deadline:
+            if self.clock() + delay >= self.deadline:
                 raise SourceError(f"{safe_url(url)}: {problem}; time budget of {policy.budget:g} s spent")
             log.warning("retrying", url=safe_url(url), attempt=attempt, problem=problem, wait_s=round(delay, 3))
-            time.sleep(delay)
+            self.sleep(delay)
         raise SourceError(f"{safe_url(url)}: {problem} after {policy.attempts} attempts")
 
+    def _pace(self, url: str) -> None:
+        """Wait until the rate limit lets the next request start, or SourceError if the budget ends first."""
+        wait = self.next_start - self.clock()
+        if wait > 0:
+            if self.clock() + wait >= self.deadline:
+                raise SourceError(
+                    f"{safe_url(url)}: time budget of {self.policy.budget:g} s spent waiting"
+                    f" for the rate limit of {self.policy.rate:g} requests a minute"
+                )
+            log.debug("pacing", url=safe_url(url), wait_s=round(wait, 3))
+            self.sleep(wait)
+        if self.policy.rate > 0:
+            self.next_start = self.clock() + 60 / self.policy.rate
+
     def _fetch(self, url: str) -> tuple[int, dict[str, str], bytes]:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise SourceError(f"{safe_url(url)}: time budget of {self.policy.budget:g} s spent")
         if self.requests >= self.policy.max_requests:
             raise SourceError(f"{safe_url(url)}: request budget of {self.policy.max_requests} spent")
+        self._pace(url)
+        remaining = self.deadline - self.clock()
+        if remaining <= 0:
+            raise SourceError(f"{safe_url(url)}: time budget of {self.policy.budget:g} s spent")
         self.requests += 1
         parts = urllib.parse.urlsplit(url)
         timeout = min(self.policy.connect_timeout, remaining)
@@ -471,7 +542,7 @@ class HttpClient:
             size += len(chunk)
             if size > self.policy.max_body:
                 raise SourceError(f"response over {self.policy.max_body} bytes")
-            if time.monotonic() > self.deadline:
+            if self.clock() > self.deadline:
                 raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading")
             chunks.append(chunk)
         return b"".join(chunks)
@@ -549,6 +620,23 @@ class CsvLayout:
     width: int
     columns: tuple[int | None, ...]  # per canonical field: column index or None
     ignored: tuple[str, ...]  # header names that map to no field (schema drift)
+    header: tuple[str, ...] = ()  # the header's names as header_key() compares them
+    first: str = ""  # the first name, stripped and case-folded
+
+    def is_header(self, cells: Sequence[str]) -> bool:
+        """Whether a row repeats the header, in any case or spacing (files concatenated with theirs)."""
+        return (
+            len(cells) == self.width
+            and cells[0].strip().lstrip("\ufeff").casefold() == self.first  # cheap: most rows stop here
+            and tuple(map(header_key, cells)) == self.header
+        )
+
+    def labels(self, header: Sequence[str]) -> tuple[str, ...]:
+        """Per canonical field, its column's name in the header (or the field's own name)."""
+        return tuple(name if at is None else header[at] for name, at in zip(ROW_FIELDS, self.columns, strict=True))
+
+
+DELIMITERS = {";": "semicolon (;)", "\t": "tab", "|": "pipe (|)"}
 
 
 def csv_layout(header: Sequence[str]) -> CsvLayout:
@@ -565,8 +653,18 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
             found[target] = index
     missing = [name for name in REQUIRED_COLUMNS if name not in found]
     if missing:
+        if any("\x00" in name for name in header):
+            raise SourceError("the header holds NUL bytes: is it UTF-16 without a byte-order mark? Save it as UTF-8")
+        delimiter = next((d for d in DELIMITERS if len(header) == 1 and d in header[0]), None)
+        if delimiter:
+            raise SourceError(
+                f"the file looks {DELIMITERS[delimiter]}-delimited: its header is one column"
+                f" {header[0][:120]!r}; only comma-separated files are read"
+            )
         raise SourceError(f"header has no {' or '.join(missing)} column (header: {list(header)!r})")
-    return CsvLayout(len(header), tuple(found.get(name) for name in CSV_ALIASES), tuple(ignored))
+    columns = tuple(found.get(name) for name in CSV_ALIASES)
+    first = header[0].strip().lstrip("\ufeff").casefold()
+    return CsvLayout(len(header), columns, tuple(ignored), tuple(map(header_key, header)), first)
 
 
 @dataclass
@@ -575,19 +673,78 @@ class ReadPosition:
 
     offset: int = 0
     line: int = 0
-    undecodable_line: int = 0
 
 
-def decoded_lines(stream: io.BufferedReader, position: ReadPosition) -> Iterator[str]:
-    """Yield the stream's lines as text, keeping `position` at the end of the last one."""
+def decoded_lines(stream: BinaryIO, position: ReadPosition) -> Iterator[str]:
+    """Yield the stream's lines as text, keeping `position` at the end of the last one.
+
+    SourceError at the first line that is not UTF-8, naming the line and the byte.
+    """
     for raw in stream:
         position.offset += len(raw)
         position.line += 1
         try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError:
-            position.undecodable_line = position.line
-            yield raw.decode("utf-8", "replace")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            byte = raw[error.start]
+            guess = " (Windows-1252 or Latin-1?)" if byte >= 0x80 else ""
+            raise SourceError(
+                f"line {position.line} is not UTF-8: byte 0x{byte:02x} at byte {error.start + 1} of the line{guess};"
+                " save the file as UTF-8, or UTF-16 with a byte-order mark"
+            ) from None
+        yield text
+
+
+# Byte-order marks of the encodings decoded besides UTF-8 (the longer UTF-32 ones first).
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
+def utf8_stream(path: Path) -> BinaryIO:
+    """The file as UTF-8 bytes: UTF-16 or UTF-32 with a byte-order mark is transcoded to a temporary file.
+
+    SourceError naming the line where the UTF-16 or UTF-32 text breaks.
+    """
+    stream = path.open("rb")
+    head = stream.read(4)
+    encoding = next((name for bom, name in BOMS if head.startswith(bom)), None)
+    stream.seek(0)
+    if encoding is None:
+        return stream
+    transcoded = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller, who closes it
+    decoder = codecs.getincrementaldecoder(encoding)()
+    lines = 1
+    with stream:
+        try:
+            while True:
+                state, chunk = decoder.getstate(), stream.read(1 << 20)
+                text = decoder.decode(chunk, final=not chunk)
+                transcoded.write(text.encode("utf-8"))
+                lines += text.count("\n")
+                if not chunk:
+                    break
+        except UnicodeDecodeError as error:
+            transcoded.close()
+            decoder.setstate((b"", state[1]))
+            lines += decoder.decode(error.object[: error.start]).count("\n")
+            raise SourceError(f"line {lines} is not valid {encoding.upper()}: {error.reason}") from None
+    transcoded.seek(0)
+    return transcoded
+
+
+# What the csv module's errors mean, in the words of someone fixing the file.
+CSV_PROBLEMS = {
+    "new-line character seen in unquoted field": "a line break (CR) inside an unquoted field:"
+    " old Mac line ends or a stray CR; line ends must be LF or CRLF",
+    "unexpected end of data": "a quoted field is not closed before the end of the file",
+    "field larger than field limit": f"a field longer than {csv.field_size_limit():,} characters",
+    "expected after": "a quote inside a quoted field is not doubled, or text follows a closing quote",
+}
+
+
+def csv_problem(error: csv.Error) -> str:
+    message = str(error)
+    return next((meaning for start, meaning in CSV_PROBLEMS.items() if start in message), message)
 
 
 def file_fingerprint(path: Path) -> str:
@@ -598,12 +755,29 @@ def file_fingerprint(path: Path) -> str:
 
 # --- normalise ------------------------------------------------------------
 
-Symbol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
-Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
-SourceId = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
-Rank = Annotated[int, Meta(ge=1, le=100_000_000)]
-Usd = Annotated[float, Meta(ge=0, le=1e18)]
-Pct = Annotated[float, Meta(ge=-100, le=1e9)]
+# The identity cells: a required field's longest length and the characters it must not hold.
+TEXT_LIMITS: dict[str, tuple[int, re.Pattern[str], str]] = {
+    "symbol": (32, re.compile(r"[\s\x00-\x1f\x7f]"), "a space or control character"),
+    "name": (200, re.compile(r"[\x00-\x1f\x7f]"), "a control character"),
+    "source_id": (200, re.compile(r"[\x00-\x1f\x7f]"), "a control character"),
+}
+# Each optional number: its type, and the range a plausible value lies in.
+NUMBER_FIELDS: dict[str, tuple[type, float, float]] = {
+    "rank": (int, 1, 100_000_000),
+    "price_usd": (float, 0, 1e18),
+    "market_cap_usd": (float, 0, 1e18),
+    "volume_24h_usd": (float, 0, 1e18),
+    "change_24h_pct": (float, -100, 1e9),
+}
+# Cells that mean "no value" in every field; rank 0 and market cap 0 are the upstreams' "unknown" too.
+PLACEHOLDERS = frozenset(["", "n/a", "-", "\u2014", "\u2013", "?", "null", "none"])
+# Every spelling of each placeholder in any case: one set lookup per cell, no casefold().
+PLACEHOLDER_FORMS = frozenset(
+    "".join(letters) for word in PLACEHOLDERS for letters in itertools.product(*({c, c.upper()} for c in word))
+)
+ZERO_IS_UNKNOWN = frozenset(["rank", "market_cap_usd"])
+DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+FUTURE_SLACK = timedelta(minutes=5)  # clocks of upstreams and of this host disagree by a little
 
 STATUS_WORDS = {
     "active": "active", "true": "active", "yes": "active", "1": "active", "listed": "active",
@@ -614,9 +788,21 @@ EARLIEST = datetime(2009, 1, 3, tzinfo=UTC)  # the genesis block
 NOT_ALNUM = re.compile(r"[\W_]+")
 NOT_SLUG = re.compile(r"[^a-z0-9]+")
 
+Symbol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
+Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+SourceId = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Rank = Annotated[int, Meta(ge=0, le=100_000_000)]
+Usd = Annotated[float, Meta(ge=0, le=1e18)]
+Pct = Annotated[float, Meta(ge=-100, le=1e9)]
 
-class CsvRow(msgspec.Struct, array_like=True):
-    """One row in canonical field order; msgspec checks and converts its text cells."""
+
+class PlainRow(msgspec.Struct, array_like=True):
+    """A record whose cells are all plainly valid, checked and converted by msgspec in one call.
+
+    The fast path of normalise_cells: the same limits as TEXT_LIMITS and NUMBER_FIELDS (rank and
+    market cap 0 allowed, made null after), and msgspec reads fewer number forms than read_number,
+    so a record it refuses is read field by field with the same result or a precise reason.
+    """
 
     symbol: Symbol
     name: Name
@@ -630,8 +816,8 @@ class CsvRow(msgspec.Struct, array_like=True):
     observed_at: str | None = None
 
 
-ROW_FIELDS = CsvRow.__struct_fields__
-assert tuple(CSV_ALIASES) == ROW_FIELDS, "CSV_ALIASES must list the fields of CsvRow in order"
+ROW_FIELDS = PlainRow.__struct_fields__  # the canonical fields, in the order of a record's cells
+assert tuple(CSV_ALIASES) == ROW_FIELDS, "CSV_ALIASES must list the fields of PlainRow in order"
 
 
 class Observation(msgspec.Struct, frozen=True):
@@ -652,6 +838,163 @@ class Observation(msgspec.Struct, frozen=True):
 
 class Rejected(Exception):
     """A row failed validation; the message is the reason stored with it."""
+
+
+class ValueProblem(Exception):
+    """An optional value that cannot be used; `unreadable` when it is not of its field's type at all."""
+
+    def __init__(self, problem: str, unreadable: bool = True) -> None:
+        super().__init__(problem)
+        self.unreadable = unreadable
+
+
+@dataclass
+class Intake:
+    """How one source's records are read in one run, and the drift counted while reading them.
+
+    A CSV row is rejected for a value that is not of its field's type; an upstream record never
+    is: such a value becomes null. Either way an out-of-bounds value becomes null. Each null made
+    so is counted in `drift` under the field's name in the source (`labels`) and the problem.
+    """
+
+    latest: str  # an observation after this is in the future: the run's start plus FUTURE_SLACK
+    upstream: bool
+    labels: Sequence[str]  # per canonical field, the name the source gives it
+    drift: collections.Counter[str] = field(default_factory=collections.Counter)  # values made null
+    unknown: collections.Counter[str] = field(default_factory=collections.Counter)  # fields or columns
+    missing: collections.Counter[str] = field(default_factory=collections.Counter)  # fields of records
+
+    def report(self, absent: Mapping[str, str]) -> dict[str, int]:
+        """The source's drift in this run: unknown and missing fields, likely renames, values made null.
+
+        `absent` maps each name the source could have given a field it did not send to that field.
+        """
+        word = "field" if self.upstream else "column"
+        report = collections.Counter({f"unknown {word} {name!r}": n for name, n in self.unknown.items()})
+        report.update({f"missing field {name!r}": n for name, n in self.missing.items()})
+        for known, unknown, score in likely_renames(absent, self.unknown):
+            report[f"likely rename {known!r} \u2192 {unknown!r} (similarity {score:.2f})"] = self.unknown[unknown]
+        report.update(self.drift)
+        return dict(report)
+
+    def optional(self, index: int, value: object) -> object:
+        """The value of canonical field `index` read as its type, or None (placeholder or bad value)."""
+        if value is None:
+            return None
+        name = ROW_FIELDS[index]
+        try:
+            if name in NUMBER_FIELDS:
+                return read_number(name, value)
+            if name == "status":
+                return read_status(value)
+            return self.read_time(value)
+        except ValueProblem as problem:
+            if problem.unreadable and not self.upstream:
+                raise Rejected(f"{name}: {problem}: {quoted(value)}") from None
+            self.drift[f"invalid field {self.labels[index]!r}: {problem}"] += 1
+            return None
+
+    def read_time(self, value: object) -> str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueProblem("not a time")
+        observed = parse_time(value if isinstance(value, str) else repr(value))
+        if observed > self.latest:
+            raise ValueProblem("in the future (later than the run's start + 5 min)")
+        return observed
+
+
+RENAME_CUTOFF = 0.7
+
+
+def name_similarity(known: str, unknown: str) -> float:
+    """0..1: the mean of difflib's ratio of two field names and of their words sorted.
+
+    Reordered words ('price_current' for 'current_price') score half way between the two ratios.
+    """
+    words = ["_".join(sorted(re.split(r"[_\W]+", name.casefold()))) for name in (known, unknown)]
+    by_letters = difflib.SequenceMatcher(None, known.casefold(), unknown.casefold()).ratio()
+    return (by_letters + difflib.SequenceMatcher(None, *words).ratio()) / 2
+
+
+def likely_renames(absent: Mapping[str, str], unknown: Iterable[str]) -> list[tuple[str, str, float]]:
+    """(known name, unknown name, similarity) for each unknown name that closely resembles an absent one.
+
+    `absent` maps names to the field they give; each field and each unknown name is paired once,
+    the most similar pairs first.
+    """
+    pairs = sorted(((name_similarity(k, u), k, u) for k in absent for u in unknown), reverse=True)
+    taken: set[str] = set()
+    renames = []
+    for score, known, name in pairs:
+        if score < RENAME_CUTOFF:
+            break
+        if absent[known] not in taken and name not in taken:
+            taken.update((absent[known], name))
+            renames.append((known, name, round(score, 2)))
+    return renames
+
+
+def quoted(value: object) -> str:
+    """A value as a reason quotes it: text in quotes, anything else as JSON, cut to 40 characters."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    try:
+        return msgspec.json.encode(value).decode()[:40]
+    except (TypeError, msgspec.EncodeError):
+        return type(value).__name__
+
+
+def read_text(name: str, value: object) -> str:
+    """A present symbol, name or source id as given, or Rejected saying why it cannot identify a coin."""
+    if not isinstance(value, str):
+        raise Rejected(f"{name}: not text: {quoted(value)}")
+    longest, forbidden, what = TEXT_LIMITS[name]
+    if len(value) > longest:
+        raise Rejected(f"{name}: longer than {longest} characters: {quoted(value)}")
+    if forbidden.search(value):
+        raise Rejected(f"{name}: contains {what}: {quoted(value)}")
+    return value
+
+
+def read_number(name: str, value: object) -> int | float | None:
+    """A number cell (text or JSON) as its field's type; None for the "unknown" zeros.
+
+    ValueProblem: not a number, not finite, negative, fractional rank (unreadable), or out of the
+    field's bounds (not unreadable).
+    """
+    kind, low, high = NUMBER_FIELDS[name]
+    if isinstance(value, str):
+        try:
+            number = float(value)  # also reads inf and nan, refused below
+        except ValueError:
+            raise ValueProblem("not a number") from None
+        if "_" in value:  # float() reads 1_000; a spreadsheet does not
+            raise ValueProblem("not a number")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+    else:
+        raise ValueProblem("not a number")
+    if not math.isfinite(number):
+        raise ValueProblem("not finite")
+    if number < 0 <= low:
+        raise ValueProblem("negative, expected >= 0")
+    if kind is int and not number.is_integer():
+        raise ValueProblem("not a whole number")
+    if number == 0 and name in ZERO_IS_UNKNOWN:
+        return None
+    if not low <= number <= high:
+        raise ValueProblem(f"out of bounds {low:g} to {high:g}", unreadable=False)
+    return int(number) if kind is int else number
+
+
+def read_status(value: object) -> str:
+    status = STATUS_WORDS.get(value.casefold(), "") if isinstance(value, str) else ""
+    if not status:
+        raise ValueProblem("expected active or inactive")
+    return status
 
 
 def fold_text(text: str) -> str:
@@ -689,67 +1032,80 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def time_after(stored: str, delta: timedelta) -> str:
+    """A time of the store's format moved by `delta`."""
+    return format_time(datetime.fromisoformat(stored) + delta)
+
+
 @functools.lru_cache(maxsize=4096)  # snapshot rows share a few timestamps
 def parse_time(text: str) -> str:
-    """An ISO 8601 / RFC 3339 time or Unix seconds, as the store's time format."""
-    try:
-        if re.fullmatch(r"\d{9,11}(\.\d+)?", text):
-            moment = datetime.fromtimestamp(float(text), UTC)
-        else:
+    """An RFC 3339 time, or Unix seconds or milliseconds, as the store's time format.
+
+    A bare number is a Unix time, never an ISO date: below 1e11 seconds, else below 1e14
+    milliseconds. ValueProblem for micro- or nanoseconds, unreadable text and times before 2009.
+    """
+    unit = ""
+    if DECIMAL.fullmatch(text):
+        number = float(text)
+        if abs(number) >= 1e14:
+            raise ValueProblem("a Unix time in micro- or nanoseconds, expected seconds or milliseconds")
+        unit = "seconds" if abs(number) < 1e11 else "milliseconds"
+        moment = datetime.fromtimestamp(number if unit == "seconds" else number / 1000, UTC)
+    else:
+        try:
             moment = datetime.fromisoformat(text.replace("z", "Z"))
-    except (ValueError, OverflowError, OSError):
-        raise Rejected(f"observed_at: not an RFC 3339 time: {text[:40]!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+        except ValueError:
+            raise ValueProblem("not an RFC 3339 time or Unix seconds or milliseconds") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
     if moment < EARLIEST:
-        raise Rejected(f"observed_at: {text[:40]!r} is before 2009")
+        raise ValueProblem(f"before 2009 (read as Unix {unit})" if unit else "before 2009")
     return format_time(moment)
 
 
-def validation_reason(error: msgspec.ValidationError) -> str:
-    """msgspec's message with `$[3]` replaced by the field's name."""
-    message = str(error)
-    match = re.search(r" - at `\$\[(\d+)\]`$", message)
-    if match:
-        return f"{ROW_FIELDS[int(match.group(1))]}: {message[: match.start()]}"
-    return message
+def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) -> Observation:
+    """Read one record's cells (canonical order, None where absent) into an Observation.
 
-
-def normalise_cells(cells: Sequence[object], default_time: str) -> Observation:
-    """Validate one row's cells (canonical order, None where absent) into an Observation.
-
-    Cells are CSV text or JSON values; msgspec converts and checks both the same way.
+    Cells are CSV text or JSON values, read the same way; a placeholder is None. Rejected when
+    the symbol, name or (for an upstream) id is missing or unusable, or as `intake` decides.
     """
-    text = [(cell.strip() or None) if isinstance(cell, str) else cell for cell in cells]
-    symbol, name = text[0], text[1]
-    if isinstance(symbol, str):
-        text[0] = normalise_symbol(symbol)
-    if isinstance(name, str):
-        text[1] = fold_text(name)
+    values = [(None if (text := cell.strip()) in PLACEHOLDER_FORMS else text) if isinstance(cell, str) else cell
+              for cell in cells]  # fmt: skip
+    if isinstance(values[0], str):
+        values[0] = normalise_symbol(values[0])
+    if isinstance(values[1], str):
+        values[1] = fold_text(values[1])
     try:
-        row = msgspec.convert(text, CsvRow, strict=False)
-    except msgspec.ValidationError as error:
-        raise Rejected(validation_reason(error)) from None
-    status = "active"
-    if row.status is not None:
-        status = STATUS_WORDS.get(row.status.casefold(), "")
-        if not status:
-            raise Rejected(f"status: expected active or inactive, got {row.status[:40]!r}")
-    key = name_key(row.name)
+        row: PlainRow | None = msgspec.convert(values, PlainRow, strict=False)
+    except msgspec.ValidationError:
+        row = None
+    if row is not None and (row.source_id is not None or not intake.upstream):
+        symbol, name, source_id = row.symbol, row.name, row.source_id
+        numbers = [row.rank or None, row.price_usd, row.market_cap_usd or None, row.volume_24h_usd, row.change_24h_pct]
+    else:
+        for index in (0, 1, 2) if intake.upstream else (0, 1):
+            if values[index] is None:
+                given = cells[index].strip() if isinstance(cells[index], str) else ""
+                raise Rejected(f"{ROW_FIELDS[index]}: missing" + (f" (placeholder {given[:40]!r})" if given else ""))
+        symbol, name = read_text("symbol", values[0]), read_text("name", values[1])
+        source_id = None if values[2] is None else read_text("source_id", values[2])
+        numbers = [intake.optional(index, values[index]) for index in range(3, 8)]
+    key = name_key(name)
     if not key:
-        raise Rejected(f"name: has no letters or digits: {row.name[:40]!r}")
+        raise Rejected(f"name: has no letters or digits: {quoted(name)}")
+    rank, price, market_cap, volume, change = numbers
     return Observation(
-        source_id=fold_text(row.source_id) if row.source_id else f"{slugify(row.name) or key}-{row.symbol.lower()}",
-        symbol=row.symbol,
-        name=row.name,
+        source_id=fold_text(source_id) if source_id else f"{slugify(name) or key}-{symbol.lower()}",
+        symbol=symbol,
+        name=name,
         name_key=key,
-        rank=row.rank,
-        price_usd=row.price_usd,
-        market_cap_usd=row.market_cap_usd,
-        volume_24h_usd=row.volume_24h_usd,
-        change_24h_pct=row.change_24h_pct,
-        status=status,
-        observed_at=parse_time(row.observed_at) if row.observed_at else default_time,
+        rank=rank,  # type: ignore[arg-type]
+        price_usd=price,  # type: ignore[arg-type]
+        market_cap_usd=market_cap,  # type: ignore[arg-type]
+        volume_24h_usd=volume,  # type: ignore[arg-type]
+        change_24h_pct=change,  # type: ignore[arg-type]
+        status=intake.optional(8, values[8]) or "active",  # type: ignore[arg-type]
+        observed_at=intake.optional(9, values[9]) or default_time,  # type: ignore[arg-type]
     )
 
 
@@ -767,9 +1123,7 @@ CREATE TEMP TABLE IF NOT EXISTS staging (
     rank INTEGER, price_usd REAL, market_cap_usd REAL, volume_24h_usd REAL,
     change_24h_pct REAL, status TEXT, observed_at TEXT, asset_id TEXT, fresh INTEGER NOT NULL DEFAULT 0
 );
-CREATE TEMP TABLE IF NOT EXISTS new_asset (
-    symbol TEXT, name_key TEXT, asset_id TEXT, PRIMARY KEY (symbol, name_key)
-);
+CREATE TEMP TABLE IF NOT EXISTS assigned (source_id TEXT PRIMARY KEY, asset_id TEXT NOT NULL);
 """
 
 INSERT_STAGING = """
@@ -784,29 +1138,36 @@ UPDATE temp.staging SET asset_id = (
     SELECT m.asset_id FROM source_map m WHERE m.source = ?1 AND m.source_id = staging.source_id)
 """
 
-# Identity, step 2: the same symbol and normalised name in any source.
-MATCH_BY_SYMBOL_AND_NAME = """
-UPDATE temp.staging SET asset_id = (
-    SELECT min(m.asset_id) FROM source_map m
-    WHERE m.symbol = staging.symbol AND m.name_key = staging.name_key)
-WHERE asset_id IS NULL
+# Identity, step 2: the same symbol and normalised name, on an asset with no listing of this
+# source yet (two ids of one source are two coins). Each unmatched source id, in the order of its
+# first line, with every such asset; a source id's symbol and name are those of its first line.
+JOIN_CANDIDATES = """
+SELECT s.source_id, m.asset_id
+FROM (SELECT source_id, symbol, name_key, min(line) AS first FROM temp.staging
+      WHERE asset_id IS NULL GROUP BY source_id) s
+JOIN source_map m ON m.symbol = s.symbol AND m.name_key = s.name_key
+WHERE NOT EXISTS (SELECT 1 FROM source_map o WHERE o.asset_id = m.asset_id AND o.source = ?1)
+GROUP BY s.source_id, m.asset_id
+ORDER BY min(s.first), m.asset_id
 """
 
+# Identity, step 3: each source id still unmatched is a new coin.
 UNMATCHED = """
-SELECT symbol, name_key, name FROM temp.staging WHERE asset_id IS NULL
-GROUP BY symbol, name_key ORDER BY min(line)
+SELECT source_id, symbol, name_key, name FROM temp.staging WHERE asset_id IS NULL
+GROUP BY source_id ORDER BY min(line)
 """
 
-ASSIGN_NEW = """
-UPDATE temp.staging SET fresh = 1, asset_id = (
-    SELECT n.asset_id FROM temp.new_asset n
-    WHERE n.symbol = staging.symbol AND n.name_key = staging.name_key)
+ASSIGN = """
+UPDATE temp.staging SET fresh = ?1, asset_id = (
+    SELECT a.asset_id FROM temp.assigned a WHERE a.source_id = staging.source_id)
 WHERE asset_id IS NULL
 """
 
 TAKEN_IDS = "SELECT asset_id FROM asset WHERE asset_id IN (SELECT value FROM json_each(?1))"
 
-# The listing's quote moves only forward in time; its asset never changes here.
+# The listing's quote moves only forward in time, except from a time in the future (?2: the run's
+# start + 5 min), which only a store loaded before such times were refused can hold; its asset
+# never changes here.
 UPSERT_LISTINGS = """
 INSERT INTO source_map (source, source_id, asset_id, symbol, name, name_key, rank, price_usd,
                         market_cap_usd, volume_24h_usd, change_24h_pct, status, observed_at)
@@ -819,6 +1180,7 @@ ON CONFLICT (source, source_id) DO UPDATE SET
     volume_24h_usd = excluded.volume_24h_usd, change_24h_pct = excluded.change_24h_pct,
     status = excluded.status, observed_at = excluded.observed_at
 WHERE source_map.observed_at IS NULL OR excluded.observed_at > source_map.observed_at
+   OR source_map.observed_at > ?2
 """
 
 INSERT_OBSERVATIONS = """
@@ -842,7 +1204,8 @@ SELECT asset_id, symbol, name, rank, price_usd, market_cap_usd, volume_24h_usd,
 FROM temp.staging WHERE fresh GROUP BY asset_id HAVING count(*) = 1
 """
 
-# Every other asset of the batch is unified from all its listings, newest first.
+# Every other asset of the batch is unified from all its listings, newest first; a listing dated
+# in the future (?1, as above) comes after every other, so current quotes win over it.
 TOUCHED_LISTINGS = """
 SELECT m.asset_id, m.source, m.symbol, m.name, m.rank, m.price_usd, m.market_cap_usd,
        m.volume_24h_usd, m.change_24h_pct, m.status, m.observed_at, m.pinned
@@ -851,7 +1214,7 @@ WHERE m.asset_id IN (SELECT asset_id FROM temp.staging WHERE NOT fresh
                      UNION ALL
                      SELECT asset_id FROM temp.staging WHERE fresh GROUP BY asset_id HAVING count(*) > 1)
   AND m.observed_at IS NOT NULL
-ORDER BY m.asset_id, m.observed_at DESC, m.source, m.source_id
+ORDER BY m.asset_id, m.observed_at > ?1, m.observed_at DESC, m.source, m.source_id
 """
 
 # Unchanged rows are not rewritten, so their index entries stay put.
@@ -866,10 +1229,42 @@ ASSET_INDEXES = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_nam
 
 
 @functools.cache
+def schema_indexes(table: str = r"\w+") -> dict[str, str]:
+    """The CREATE INDEX statements of store.sql (for one table, or all), by index name."""
+    pattern = re.compile(rf"^CREATE INDEX IF NOT EXISTS (\w+) ON {table} \(.*?\);", re.M | re.S)
+    return {match.group(1): match.group(0) for match in pattern.finditer(SCHEMA_PATH.read_text())}
+
+
 def sort_indexes() -> dict[str, str]:
     """The CREATE INDEX statements of store.sql for table asset, by index name."""
-    pattern = re.compile(r"^CREATE INDEX IF NOT EXISTS (\w+) ON asset \(.*?\);", re.M | re.S)
-    return {match.group(1): match.group(0) for match in pattern.finditer(SCHEMA_PATH.read_text())}
+    return schema_indexes("asset")
+
+
+def restore_indexes(conn: sqlite3.Connection) -> list[str]:
+    """Create every index of store.sql that the store lacks; return their names.
+
+    A load into an empty store drops the sort indexes and builds them when it ends; one that was
+    killed leaves them to the next run, which calls this first.
+    """
+    present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    missing = {name: sql for name, sql in schema_indexes().items() if name not in present}
+    if missing:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in missing.values():
+                conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("indexes restored", indexes=sorted(missing))
+    return sorted(missing)
+
+
+def future_limit(conn: sqlite3.Connection, run_id: int) -> str:
+    """The latest observation time a run accepts: its start plus FUTURE_SLACK."""
+    (started,) = conn.execute("SELECT started_at FROM etl_run WHERE run_id = ?", (run_id,)).fetchone()
+    return time_after(started, FUTURE_SLACK)
 
 
 def unify(listings: Sequence[Sequence]) -> tuple:
@@ -906,6 +1301,7 @@ class Batch:
     observations: list[tuple] = field(default_factory=list)
     rejects: list[tuple[int, str, str]] = field(default_factory=list)
     read: int = 0
+    headers: list[int] = field(default_factory=list)  # lines of repeated header rows, skipped
     end: ReadPosition = field(default_factory=ReadPosition)  # where the input stands after this batch
     final: bool = False  # the input ends here
 
@@ -1000,6 +1396,7 @@ def apply_schema(conn: sqlite3.Connection) -> None:
         "INSERT OR IGNORE INTO store_meta (id, store_id, generation, committed_at) VALUES (1, ?, 0, ?)",
         (uuid.uuid4().hex[:12], now()),
     )
+    restore_indexes(conn)
     conn.executescript(STAGING_DDL)
 
 
@@ -1008,18 +1405,37 @@ def now() -> str:
 
 
 class Loader:
-    """Writes batches of one source: identity, listings, history, unified assets, checkpoint."""
+    """Writes batches of one source: identity, listings, history, unified assets, checkpoint.
+
+    Used as a context manager: however the load ends, except by a signal, the indexes it dropped
+    are built again when it does (a killed load leaves them to the next run's restore_indexes).
+    """
 
     def __init__(self, conn: sqlite3.Connection, run_id: int, source: str) -> None:
         self.conn = conn
         self.run_id = run_id
         self.source = source
-        # Into an empty store (or finishing such a load that was killed), the
-        # sort indexes are dropped and built once at the end: random inserts
-        # into eight indexes would otherwise rewrite most of their pages at
-        # every commit. Nothing is served from an empty store meanwhile.
+        self.latest = future_limit(conn, run_id)
+        # Into an empty store, the sort indexes are dropped and built once at
+        # the end: random inserts into eight indexes would otherwise rewrite
+        # most of their pages at every commit. Nothing is served from an empty
+        # store meanwhile.
         indexes = {row[0] for row in conn.execute(ASSET_INDEXES)}
         self.bulk = not conn.execute("SELECT 1 FROM asset LIMIT 1").fetchone() or indexes != set(sort_indexes())
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
+        if not self.bulk or (kind is not None and (kind is Interrupted or not issubclass(kind, Exception))):
+            return  # SIGTERM or ^C: stop now; the next run builds them
+        try:
+            restore_indexes(self.conn)
+        except sqlite3.Error as failure:
+            if error is None:
+                raise
+            # The load's own error is the one to report; the next run builds the indexes.
+            log.warning("indexes not rebuilt", error=f"{type(failure).__name__}: {failure}")
 
     def commit(
         self, batch: Batch, fingerprint: str, position: ReadPosition, complete: bool, raw: RawPage | None = None
@@ -1032,9 +1448,6 @@ class Loader:
                 for (name,) in conn.execute(ASSET_INDEXES).fetchall():
                     conn.execute(f'DROP INDEX "{name}"')
             loaded = self._load(batch.observations) if batch.observations else 0
-            if self.bulk and complete:
-                for statement in sort_indexes().values():
-                    conn.execute(statement)
             conn.executemany(
                 "INSERT OR IGNORE INTO reject (run_id, source, line, reason, raw) VALUES (?, ?, ?, ?, ?)",
                 [(self.run_id, self.source, line, reason, raw) for line, reason, raw in batch.rejects],
@@ -1072,18 +1485,20 @@ class Loader:
     def _load(self, observations: list[tuple]) -> int:
         conn = self.conn
         conn.execute("DELETE FROM temp.staging")
-        conn.execute("DELETE FROM temp.new_asset")
         conn.executemany(INSERT_STAGING, observations)
         conn.execute(MATCH_BY_SOURCE_ID, (self.source,))
-        conn.execute(MATCH_BY_SYMBOL_AND_NAME)
+        joined, claimed = {}, set()
+        for source_id, asset_id in conn.execute(JOIN_CANDIDATES, (self.source,)).fetchall():
+            if source_id not in joined and asset_id not in claimed:
+                joined[source_id] = asset_id
+                claimed.add(asset_id)
+        self._assign(joined.items(), fresh=False)
         unmatched = conn.execute(UNMATCHED).fetchall()
-        if unmatched:
-            conn.executemany("INSERT INTO temp.new_asset VALUES (?, ?, ?)", self._new_asset_ids(unmatched))
-            conn.execute(ASSIGN_NEW)
-        conn.execute(UPSERT_LISTINGS, (self.source,))
+        self._assign(self._new_asset_ids(unmatched), fresh=True)
+        conn.execute(UPSERT_LISTINGS, (self.source, self.latest))
         loaded = conn.execute(INSERT_OBSERVATIONS, (self.source, self.run_id)).rowcount
         changed = conn.execute(INSERT_FRESH_ASSETS, (self.source,)).rowcount
-        listings = conn.execute(TOUCHED_LISTINGS).fetchall()
+        listings = conn.execute(TOUCHED_LISTINGS, (self.latest,)).fetchall()
         if listings:
             unified = [unify(list(group)) for _, group in itertools.groupby(listings, key=lambda row: row[0])]
             changed += conn.executemany(UPSERT_ASSET, unified).rowcount
@@ -1091,12 +1506,18 @@ class Loader:
             conn.execute("UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1", (now(),))
         return loaded
 
-    def _new_asset_ids(self, unmatched: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
-        """Give each new coin a stable slug that no other asset has."""
-        bases = [slugify(name) or slugify(symbol) or f"asset-{key[:16]}" for symbol, key, name in unmatched]
+    def _assign(self, assigned: Iterable[tuple[str, str]], fresh: bool) -> None:
+        """Give the staged rows of each source id its asset."""
+        self.conn.execute("DELETE FROM temp.assigned")
+        if self.conn.executemany("INSERT INTO temp.assigned VALUES (?, ?)", assigned).rowcount > 0:
+            self.conn.execute(ASSIGN, (int(fresh),))
+
+    def _new_asset_ids(self, unmatched: list[tuple[str, str, str, str]]) -> list[tuple[str, str]]:
+        """Give each new coin (source id, symbol, name key, name) a stable slug that no other asset has."""
+        bases = [slugify(name) or slugify(symbol) or f"asset-{key[:16]}" for _, symbol, key, name in unmatched]
         taken = {row[0] for row in self.conn.execute(TAKEN_IDS, (json.dumps(bases),))}
         assigned = []
-        for (symbol, key, _name), base in zip(unmatched, bases, strict=True):
+        for (source_id, symbol, _key, _name), base in zip(unmatched, bases, strict=True):
             candidate = base
             if candidate in taken:
                 candidate = f"{base}-{slugify(symbol) or 'x'}"
@@ -1105,7 +1526,7 @@ class Loader:
                     candidate = f"{base}-{suffix}"
                     suffix += 1
             taken.add(candidate)
-            assigned.append((symbol, key, candidate))
+            assigned.append((source_id, candidate))
         return assigned
 
     def _exists(self, asset_id: str) -> bool:
@@ -1143,7 +1564,6 @@ def load_csv(
     try:
         fingerprint = file_fingerprint(path)
         stat = path.stat()
-        size = stat.st_size
         default_time = format_time(datetime.fromtimestamp(stat.st_mtime, UTC))
     except OSError as error:
         raise SourceError(f"cannot read {path}: {error.strerror or error}") from None
@@ -1153,10 +1573,11 @@ def load_csv(
     if checkpoint and checkpoint[0] == fingerprint and checkpoint[3]:
         return Tally(), f"unchanged since run {checkpoint[4]}", {}
     resume = checkpoint is not None and checkpoint[0] == fingerprint and checkpoint[1] > 0
-    loader = Loader(conn, run_id, source.name)
     tally = Tally()
-    progress = Progress(source.name, size)
-    with path.open("rb") as stream:
+    headers: list[int] = []
+    with utf8_stream(path) as stream, Loader(conn, run_id, source.name) as loader:
+        progress = Progress(source.name, os.fstat(stream.fileno()).st_size)
+        default_time = min(default_time, loader.latest)
         position = ReadPosition()
         lines = decoded_lines(stream, position)
         reader = csv.reader(lines, strict=True)
@@ -1165,26 +1586,40 @@ def load_csv(
         except StopIteration:
             raise SourceError(f"{path} is empty: no header row") from None
         except csv.Error as error:
-            raise SourceError(f"{path}: unreadable header: {error}") from None
+            raise SourceError(f"{path}: unreadable header: {csv_problem(error)}") from None
         layout = csv_layout(header)
-        drift = {f"unknown column {name!r}": 1 for name in layout.ignored}
-        if drift:
-            log.warning("schema drift", source=source.name, ignored_columns=list(layout.ignored))
+        intake = Intake(loader.latest, upstream=False, labels=layout.labels(header))
+        intake.unknown.update(layout.ignored)
         if resume:
             stream.seek(checkpoint[1])
             position.offset, position.line = checkpoint[1], checkpoint[2]
             log.info("resuming", source=source.name, line=position.line, offset=position.offset)
-        for batch in csv_batches(reader, position, layout, default_time, batch_rows):
+        for batch in csv_batches(reader, position, layout, default_time, batch_rows, intake):
             committed = loader.commit(batch, fingerprint, batch.end, complete=batch.final)
             tally.add(Tally(batch.read, committed, len(batch.rejects)))
+            headers += batch.headers
             log.debug("batch committed", source=source.name, line=batch.end.line, rows=batch.read, loaded=committed)
             progress.show(batch.end, tally)
     progress.done()
-    return tally, f"resumed from line {checkpoint[2]}" if resume else None, drift
+    unmapped = [name for name, at in zip(ROW_FIELDS, layout.columns, strict=True) if at is None]
+    drift = intake.report({alias: name for name in unmapped for alias in CSV_ALIASES[name]})
+    if drift:
+        log.warning("schema drift", source=source.name, drift=drift)
+    notes = [f"resumed from line {checkpoint[2]}"] if resume else []
+    if headers:
+        lines_shown = ", ".join(map(str, headers[:5])) + (", ..." if len(headers) > 5 else "")
+        notes.append(f"skipped {len(headers)} repeated header row{'s' * (len(headers) > 1)} (line {lines_shown})")
+        log.warning("repeated header rows skipped", source=source.name, lines=headers[:100], count=len(headers))
+    return tally, "; ".join(notes) or None, drift
 
 
 def csv_batches(
-    reader: Iterator[list[str]], position: ReadPosition, layout: CsvLayout, default_time: str, batch_rows: int
+    reader: Iterator[list[str]],
+    position: ReadPosition,
+    layout: CsvLayout,
+    default_time: str,
+    batch_rows: int,
+    intake: Intake,
 ) -> Iterator[Batch]:
     """Group parsed rows into batches, each stamped with the position it ends at."""
     batch = Batch()
@@ -1197,17 +1632,18 @@ def csv_batches(
             break
         except csv.Error as error:
             batch.read += 1
-            batch.rejects.append((first_line, f"malformed CSV: {error}", ""))
+            batch.rejects.append((first_line, f"malformed CSV: {csv_problem(error)}", ""))
             continue
         if not cells or cells == [""]:
             continue
+        if layout.is_header(cells):
+            batch.headers.append(first_line)
+            continue
         batch.read += 1
         try:
-            if position.undecodable_line >= first_line:
-                raise Rejected("not valid UTF-8")
             if len(cells) != layout.width:
                 raise Rejected(f"expected {layout.width} fields, got {len(cells)}")
-            observation = normalise_cells([None if c is None else cells[c] for c in columns], default_time)
+            observation = normalise_cells([None if c is None else cells[c] for c in columns], default_time, intake)
         except Rejected as reason:
             batch.rejects.append((first_line, str(reason), raw_row(cells)))
         else:
@@ -1249,17 +1685,17 @@ def dig(record: object, path: Sequence[str]) -> object:
     return record
 
 
-def record_cells(source: HttpSource, record: object, drift: collections.Counter[str]) -> list[object]:
+def record_cells(source: HttpSource, record: object, intake: Intake) -> list[object]:
     """One upstream record as canonical cells, counting schema drift; Rejected when it is void."""
     if not isinstance(record, dict):
         raise Rejected(f"expected a JSON object, got {type(record).__name__}")
     for key in record.keys() - source.known:
-        drift[f"unknown field {key[:60]!r}"] += 1
+        intake.unknown[key[:60]] += 1
     for label, known in source.known_nested.items():
         nested = dig(record, label.split("."))
         if isinstance(nested, dict):
             for key in nested.keys() - known:
-                drift[f"unknown field {label + '.' + key[:60]!r}"] += 1
+                intake.unknown[label + "." + key[:60]] += 1
     cells: list[object] = []
     for name in ROW_FIELDS:
         spec = source.fields.get(name)
@@ -1270,7 +1706,7 @@ def record_cells(source: HttpSource, record: object, drift: collections.Counter[
         if value is MISSING:
             if spec.required:
                 raise Rejected(f"missing required field {spec.label!r}")
-            drift[f"missing field {spec.label!r}"] += 1
+            intake.missing[spec.label] += 1
             value = None
         cells.append(value)
     return cells
@@ -1303,8 +1739,8 @@ def fetched_pages(source: HttpSource) -> Iterator[Page]:
     """Fetch the source's requests in order."""
     client = HttpClient(source)
     for page, (url, full_page) in enumerate(source.requests(), start=1):
-        fetched_at = now()
-        yield RawPage(page, fetched_at, safe_url(url), client.get(url)), full_page, full_page is None
+        body = client.get(url)  # after any wait for the rate limit
+        yield RawPage(page, now(), safe_url(url), body), full_page, full_page is None
 
 
 def stored_pages(conn: sqlite3.Connection, source: ReplaySource) -> Iterator[Page]:
@@ -1331,33 +1767,39 @@ def load_pages(
     keep_raw: bool,
 ) -> tuple[Tally, str | None, dict[str, int]]:
     """Normalise and load upstream pages, each committed with its checkpoint (and raw payload)."""
-    loader = Loader(conn, run_id, upstream.name)
-    drift: collections.Counter[str] = collections.Counter()
+    labels = [spec.label if (spec := upstream.fields.get(name)) else name for name in ROW_FIELDS]
     tally, index = Tally(), 0
-    for raw, full_page, final in pages:
-        records = decode_records(raw.body, raw.url)
-        if not records and raw.page == 1:
-            raise SourceError(f"{raw.url} returned no records")
-        batch = Batch()
-        for record in records:
-            index += 1
-            batch.read += 1
-            try:
-                observation = normalise_cells(record_cells(upstream, record, drift), raw.fetched_at)
-            except Rejected as reason:
-                batch.rejects.append((index, str(reason), msgspec.json.encode(record)[:RAW_REJECT_CHARS].decode()))
-            else:
-                batch.observations.append((index, *msgspec.structs.astuple(observation)))
-        last = final or (full_page is not None and len(records) < full_page)
-        position = ReadPosition(offset=raw.page, line=index)
-        loaded = loader.commit(batch, f"run {run_id}", position, complete=last, raw=raw if keep_raw else None)
-        tally.add(Tally(batch.read, loaded, len(batch.rejects)))
-        log.info("page loaded", url=raw.url, page=raw.page, records=len(records), loaded=loaded)
-        if last:
-            break
+    with Loader(conn, run_id, upstream.name) as loader:
+        intake = Intake(loader.latest, upstream=True, labels=labels)
+        for raw, full_page, final in pages:
+            records = decode_records(raw.body, raw.url)
+            if not records and raw.page == 1:
+                raise SourceError(f"{raw.url} returned no records")
+            # A run can outlast its first five minutes; what was fetched then is not in the future.
+            intake.latest = max(loader.latest, time_after(raw.fetched_at, FUTURE_SLACK))
+            batch = Batch()
+            for record in records:
+                index += 1
+                batch.read += 1
+                try:
+                    observation = normalise_cells(record_cells(upstream, record, intake), raw.fetched_at, intake)
+                except Rejected as reason:
+                    raw_record = msgspec.json.encode(record)[:RAW_REJECT_CHARS].decode()
+                    batch.rejects.append((index, str(reason), raw_record))
+                else:
+                    batch.observations.append((index, *msgspec.structs.astuple(observation)))
+            last = final or (full_page is not None and len(records) < full_page)
+            position = ReadPosition(offset=raw.page, line=index)
+            loaded = loader.commit(batch, f"run {run_id}", position, complete=last, raw=raw if keep_raw else None)
+            tally.add(Tally(batch.read, loaded, len(batch.rejects)))
+            log.info("page loaded", url=raw.url, page=raw.page, records=len(records), loaded=loaded)
+            if last:
+                break
+    drift = intake.report({label: label for label in intake.missing})
     if drift:
-        log.warning("schema drift", source=upstream.name, drift=dict(drift))
-    return tally, None, dict(drift)
+        renames = [key for key in drift if key.startswith("likely rename")]
+        log.warning("schema drift", source=upstream.name, drift=drift, likely_renames=renames)
+    return tally, None, drift
 
 
 def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:
@@ -1570,7 +2012,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="etl.py",
         description="Load market snapshots into the Kasparro store.",
         epilog=(
-            "SOURCE: csv:PATH, coinpaprika, coingecko, or replay:NAME@RUN_ID (re-normalise the raw"
+            "SOURCE: csv:PATH, csv:NAME=PATH, coinpaprika, coingecko, or replay:NAME@RUN_ID (re-normalise the raw"
             " payloads a past run kept). Default: $KASPARRO_SOURCES, else the shipped sample CSV."
             " Exit codes: 0 success or partial, 1 failed, 2 usage error, 75 another run holds the lock."
         ),
@@ -1604,7 +2046,7 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         config = config or EtlConfig.from_env()
         configure_logging(config.log_level)
         db = args.db or config.db
-        sources = [parse_source(spec, config) for spec in (args.sources or config.sources)]
+        sources = parse_sources(args.sources or config.sources, config)
         if not db.parent.is_dir():
             raise UsageError(f"directory of the store does not exist: {db.parent}")
         if args.every is not None:

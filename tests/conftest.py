@@ -26,6 +26,7 @@ from falcon.util import async_to_sync
 
 from etl_support import ROOT, run_etl, write_csv
 from kasparro import Config, create_app
+from upstream import FakeUpstream
 
 __all__ = ["ROOT", "exchange", "http_get", "referenced_urls", "run_etl", "write_csv"]
 
@@ -66,6 +67,13 @@ class SyncConductor:
 
     def request(self, method: str, path: str, **kwargs: Any) -> falcon.testing.Result:
         return async_to_sync(self.conductor.simulate_request, method, path, **kwargs)
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    """A fake CoinPaprika and CoinGecko on 127.0.0.1, stopped after the test."""
+    with FakeUpstream() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

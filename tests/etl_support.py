@@ -20,6 +20,7 @@ from gen_csv import write_csv  # noqa: E402
 
 __all__ = [
     "ROOT",
+    "etl_against",
     "etl_env",
     "query",
     "run_etl",
@@ -43,6 +44,9 @@ def etl_env(**extra: str) -> dict[str, str]:
             "KASPARRO_COINGECKO_URL": "http://127.0.0.1:9",
             "KASPARRO_COINPAPRIKA_URL": "http://127.0.0.1:9",
             "KASPARRO_HTTP_BACKOFF": "0.01",
+            # Unpaced in effect: the pacing tests set their own rates.
+            "KASPARRO_COINGECKO_RATE": "600000",
+            "KASPARRO_COINPAPRIKA_RATE": "600000",
         },
         **extra,
     )
@@ -58,6 +62,17 @@ def run_etl(db: Path, *sources: str, **env: str) -> subprocess.CompletedProcess[
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def etl_against(upstream: Any, db: Path, *sources: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run etl.py with both upstream URLs pointing at a FakeUpstream."""
+    return run_etl(
+        db,
+        *sources,
+        KASPARRO_COINGECKO_URL=upstream.base_url,
+        KASPARRO_COINPAPRIKA_URL=upstream.base_url,
+        **env,
     )
 
 

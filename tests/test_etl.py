@@ -314,12 +314,13 @@ row_cells = st.tuples(
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(row_cells)
 def test_normalisation_is_total_and_idempotent(cells):
+    intake = etl.Intake("2026-11-25T12:05:00Z", upstream=False, labels=etl.ROW_FIELDS)
     try:
-        observation = etl.normalise_cells(list(cells), "2026-01-01T00:00:00Z")
+        observation = etl.normalise_cells(list(cells), "2026-01-01T00:00:00Z", intake)
     except etl.Rejected as reason:
         assert str(reason)
         return
-    again = etl.normalise_cells(etl.observation_cells(observation), "2026-01-01T00:00:00Z")
+    again = etl.normalise_cells(etl.observation_cells(observation), "2026-01-01T00:00:00Z", intake)
     assert again == observation
     assert observation.symbol == observation.symbol.upper()
     assert observation.name_key and observation.status in ("active", "inactive")

@@ -197,15 +197,18 @@ def test_hostile_csv_rows_are_rejected_or_stored_inertly(tmp_path):
     assert "BIDI" in names
     rejects = dict(query(db, "SELECT line, reason FROM reject"))
     assert set(rejects) == {4, 5, 6, 7, 8, 9}
-    assert "field larger than field limit" in rejects[4]
-    assert rejects[5].startswith("price_usd:") and rejects[6].startswith("price_usd:")
-    assert rejects[7].startswith("market_cap_usd:")
-    assert rejects[8].startswith("name:") and rejects[9].startswith("name:")
+    assert rejects[4] == "malformed CSV: a field longer than 131,072 characters"
+    assert rejects[5] == "price_usd: not finite: '1e400'"
+    assert rejects[6] == "price_usd: not finite: 'nan'"
+    assert rejects[7] == "market_cap_usd: negative, expected >= 0: '-1e20'"
+    assert rejects[8] == "name: contains a control character: 'Nul\\x00Coin'"
+    assert rejects[9] == "name: contains a control character: 'Bell\\x07Coin'"
     assert max(len(raw) for (raw,) in query(db, "SELECT raw FROM reject")) <= etl.RAW_REJECT_CHARS
     assert integrity(db) == "ok"
 
 
 def test_hostile_upstream_json_is_rejected_or_stored_inertly(tmp_path):
+    """A bad optional value of an upstream record becomes null (and drift); a bad symbol voids it."""
     good = GECKO_PAGES[1][0]
     records = [
         {**good, "id": "inf-coin", "name": "Inf Coin", "current_price": "__INF__"},
@@ -221,13 +224,22 @@ def test_hostile_upstream_json_is_rejected_or_stored_inertly(tmp_path):
         db = tmp_path / "store.db"
         result = run_etl(db, "coingecko", KASPARRO_COINGECKO_URL=upstream.base_url)
     assert result.returncode == 0, result.stdout
-    assert sorted(query(db, "SELECT source_id FROM source_map")) == [("formula",), ("ok-coin",)]
+    loaded = query(db, "SELECT source_id, price_usd, market_cap_usd FROM source_map ORDER BY source_id")
+    assert loaded == [
+        ("big-int", good["current_price"], None),
+        ("bool", None, good["market_cap"]),
+        ("formula", good["current_price"], good["market_cap"]),
+        ("inf-coin", None, good["market_cap"]),
+        ("ok-coin", good["current_price"], good["market_cap"]),
+    ]
     assert query(db, "SELECT name FROM asset WHERE symbol = 'FRM'") == [('=HYPERLINK("http://x")',)]
-    reasons = dict(query(db, "SELECT line, reason FROM reject"))
-    assert reasons[1].startswith("price_usd:")
-    assert reasons[2].startswith("symbol:")
-    assert reasons[4].startswith("price_usd:")
-    assert reasons[5].startswith("market_cap_usd:")
+    assert query(db, "SELECT line, reason FROM reject") == [(2, 'symbol: not text: {"a":[[[[1]]]]}')]
+    (drift,) = query(db, "SELECT drift FROM run_source")[0]
+    assert json.loads(drift) == {
+        "invalid field 'current_price': not finite": 1,
+        "invalid field 'current_price': not a number": 1,
+        "invalid field 'market_cap': out of bounds 0 to 1e+18": 1,
+    }
     assert last_run(db)["status"] == "partial"
 
 

@@ -7,7 +7,6 @@ import gzip
 import json
 import socket
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,10 @@ import pytest
 from structlog.testing import capture_logs
 
 import etl
-from etl_support import ROOT, etl_env, last_run, query, run_etl
+from etl_support import ROOT, etl_against, etl_env, last_run, query, run_etl
 from upstream import (
     COINGECKO_MARKETS,
     COINPAPRIKA_TICKERS,
-    FakeUpstream,
     Reply,
     coingecko_pages,
     load_fixture,
@@ -29,23 +27,6 @@ from upstream import (
 SAMPLE = ROOT / "data" / "sample.csv"
 PAPRIKA = load_fixture("coinpaprika_tickers.json")
 GECKO_PAGES = [load_fixture("coingecko_markets_page1.json"), load_fixture("coingecko_markets_page2.json")]
-
-
-@pytest.fixture
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as server:
-        yield server
-
-
-def etl_against(upstream: FakeUpstream, db: Path, *sources: str, **env: str):
-    """Run etl.py with both upstream URLs pointing at the fake server."""
-    return run_etl(
-        db,
-        *sources,
-        KASPARRO_COINGECKO_URL=upstream.base_url,
-        KASPARRO_COINPAPRIKA_URL=upstream.base_url,
-        **env,
-    )
 
 
 def events(result) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import gzip as gzip_codec
 import json
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class Seen:
     path: str
     query: Query
     headers: dict[str, str]
+    at: float = 0.0  # time.monotonic() when the request line and headers were read
 
 
 @dataclass
@@ -234,6 +236,7 @@ class FakeUpstream:
             path=url.path,
             query=parse_qs(url.query, keep_blank_values=True),
             headers={name.lower(): value for name, value in handler.headers.items()},
+            at=time.monotonic(),
         )
         with self._lock:
             self.requests.append(seen)
