@@ -12,9 +12,9 @@ port := env_var_or_default("KASPARRO_PORT", "8000")
 default:
     @just --list --unsorted
 
-# make .venv with the runtime and test dependencies
+# make .venv with the runtime and test dependencies, and Litestream for the replica tests
 install:
-    python3 -m venv .venv && .venv/bin/pip install -q -r requirements-dev.txt
+    python3 -m venv .venv && .venv/bin/pip install -q -r requirements-dev.txt && .venv/bin/pip install -q -r requirements-replica.txt
 
 # load the sources (default: the shipped sample) into the store
 etl *sources:
