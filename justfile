@@ -56,6 +56,10 @@ schemathesis:
 soak *args:
     {{py}} bench/soak.py {{args}}
 
+# read replicas: primary, SFTP store, two Litestream followers and haproxy in network namespaces (root); lag, load, recovery
+replicas *args:
+    {{py}} bench/replicas.py {{args}}
+
 # audit the pinned runtime requirements for known vulnerabilities (needs PyPI's JSON API)
 audit:
     {{py}} -m pip_audit --strict --no-deps --disable-pip -r requirements.txt
