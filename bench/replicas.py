@@ -393,28 +393,34 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def wrk(demo: Demo, seconds: float, during: list[tuple[float, str]] | None = None) -> tuple[Measure, dict]:
-    """wrk through haproxy at CONNECTIONS while the ETL commits every 2 s and `during` events happen."""
+    """wrk through haproxy at CONNECTIONS while the ETL commits every 2 s and `during` (seconds, action) happen."""
     before = demo.haproxy_stats()
     argv = ["ip", "netns", "exec", demo.lab.ns("lb"), "wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{seconds:g}s",
             "--timeout=5s", "--latency", "-s", str(ROOT / "bench" / "random_page.lua"),
             f"http://127.0.0.1:{BALANCER_PORT}"]  # fmt: skip
     load = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={**os.environ, "BENCH_PAGES": "50"})
     started = time.monotonic()
-    events = sorted(during or [])
-    while load.poll() is None:
-        if events and time.monotonic() - started >= events[0][0]:
-            act(demo, events.pop(0)[1])
-        elif time.monotonic() - started < seconds - 1:
-            demo.commit()
-            time.sleep(1.0)
-        else:
-            time.sleep(0.05)
-    for _, action in events:
+    stop = threading.Event()
+    committer = threading.Thread(target=commit_every, args=(demo, 2.0, stop))
+    committer.start()
+    for at, action in sorted(during or []):
+        time.sleep(max(0.0, at - (time.monotonic() - started)))
         act(demo, action)
+    load.wait()
+    stop.set()
+    committer.join()
     measure = parse_wrk(load.stdout.read())
     after = demo.haproxy_stats()
     delta = {server: {k: after[server][k] - before[server][k] for k in after[server]} for server in after}
     return measure, delta
+
+
+def commit_every(demo: Demo, interval: float, stop: threading.Event) -> None:
+    """ETL runs one after another, each starting `interval` seconds after the last began, until `stop`."""
+    while not stop.is_set():
+        began = time.monotonic()
+        demo.commit()
+        stop.wait(max(0.0, interval - (time.monotonic() - began)))
 
 
 def act(demo: Demo, action: str) -> None:
@@ -445,6 +451,20 @@ def same_pages(demo: Demo) -> tuple[bool, str]:
     pages = json.loads(in_balancer(demo.lab, "fetch", *targets))
     versions = {name: pages[name][COMPARED[0]][1].get("data_version") for name in pages}
     return pages["r1"] == pages["primary"] == pages["r2"], json.dumps(versions)
+
+
+def api_warnings(lab: Lab) -> dict[str, dict[str, int]]:
+    """Warnings and errors each API logged, counted by event and reason: what the 5xx above were."""
+    counts: dict[str, dict[str, int]] = {}
+    for log in sorted(lab.work.glob("api-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("level") in ("warning", "error"):
+                    key = f"{event.get('event')}: {event.get('reason', '')}"[:100]
+                    server = counts.setdefault(log.stem, {})
+                    server[key] = server.get(key, 0) + 1
+    return counts
 
 
 def show_load(label: str, measure: Measure, delta: dict) -> None:
@@ -496,6 +516,7 @@ def demo_run(runs: int) -> None:
         converge(demo)
         equal, versions = same_pages(demo)
         print(f"integrity_check: {integrity(demo)}; /data pages identical on primary, r1, r2: {equal} at {versions}")
+        print(f"warnings the APIs logged so far: {json.dumps(api_warnings(lab))}", flush=True)
 
         print("lost primary: store deleted, rebuilt with litestream restore, one more ETL run:", flush=True)
         restored = demo.rebuild_primary()
