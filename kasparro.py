@@ -427,6 +427,11 @@ class StoreUnavailable(Exception):
     """The store file is missing, unreadable, not SQLite, or has no schema yet."""
 
 
+def is_busy(error: sqlite3.Error) -> bool:
+    """Whether SQLite gave up waiting for another connection's lock (SQLITE_BUSY and its extended codes)."""
+    return (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_BUSY
+
+
 @dataclass(frozen=True)
 class DataVersion:
     """The store's identity and commit generation, read inside a snapshot."""
@@ -770,9 +775,13 @@ class Store:
         return False
 
     async def fail(self, error: sqlite3.Error) -> None:
-        """A query found the store broken (corrupt, truncated, I/O error): reopen it later."""
+        """A query found the store broken (corrupt, truncated, I/O error): reopen it later.
+
+        A busy store is not broken: a lock held past the busy timeout (Litestream applying a
+        commit to a replica's copy under load) fails that read only, and the pool stays.
+        """
         log.warning("store unreadable", db=str(self.path), reason=str(error))
-        if self._pool is not None:
+        if self._pool is not None and not is_busy(error):
             await self._discard(self._pool)
 
     async def _discard(self, pool: ReaderPool, retry_in: float | None = None) -> None:
@@ -809,7 +818,11 @@ class Store:
             cursor = await conn.execute("SELECT store_id, generation FROM store_meta WHERE id = 1")
             row = await cursor.fetchone()
         except sqlite3.Error as error:
-            await self._discard(pool)
+            if is_busy(error):  # this read fails; the pool stays (see fail)
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.execute("ROLLBACK")
+            else:
+                await self._discard(pool)
             raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
         if row is None:
             await conn.execute("ROLLBACK")

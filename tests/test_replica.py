@@ -21,7 +21,7 @@ import pytest
 
 import etl
 from etl_support import ROOT, query, run_etl, store_content
-from kasparro import Config, age_seconds
+from kasparro import Config, Store, age_seconds
 
 LITESTREAM = Path(sys.executable).parent / "litestream"
 FOLLOW = ROOT / "deploy" / "litestream" / "follow"
@@ -212,6 +212,29 @@ def test_only_a_replica_exports_its_lag(make_client: Any, store_path: Path) -> N
     assert len(lag) == 1
     assert abs(float(lag[0].split()[1]) - age_seconds(ended)) < 5
     assert "kasparro_replication_lag" not in primary.get("/metrics").text
+
+
+def test_a_busy_copy_fails_a_read_and_not_the_next(
+    make_client: Any, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Litestream applies a commit to the rollback-journal copy under an exclusive lock."""
+    conn = sqlite3.connect(store_path)
+    assert conn.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
+    conn.close()
+    monkeypatch.setattr(Store, "BUSY_TIMEOUT_MS", 50)
+    replica = make_client(Config(db=store_path, log_level="warning", role="replica"))
+    assert replica.get("/data?page=2&page_size=5").status_code == 200
+    applier = sqlite3.connect(store_path, isolation_level=None)
+    applier.execute("BEGIN EXCLUSIVE")
+    try:
+        busy = replica.get("/data?page=3&page_size=5")
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    finally:
+        applier.execute("ROLLBACK")
+        applier.close()
+    # The store was busy, not broken: its readers stay open, and the next request reads.
+    assert replica.get("/data?page=3&page_size=5").status_code == 200
+    assert replica.get("/data/bitcoin").status_code == 200
 
 
 def test_an_unknown_role_is_refused() -> None:
