@@ -474,7 +474,20 @@ def show_load(label: str, measure: Measure, delta: dict) -> None:
           f" haproxy: {json.dumps({s: c for s, c in retried.items() if c})}", flush=True)  # fmt: skip
 
 
+def check_machine() -> None:
+    """Exit with what is missing: root, the Debian tools, or Litestream in .venv."""
+    missing = [tool for tool in ("ip", "haproxy", "sshd", "ssh-keygen", "wrk")
+               if not shutil.which(tool, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")]  # fmt: skip
+    if not LITESTREAM.exists():
+        missing.append(f"{LITESTREAM} (pip install -r requirements-replica.txt)")
+    if missing:
+        raise SystemExit(f"just replicas needs: {', '.join(missing)} (Debian: haproxy openssh-server wrk iproute2)")
+    if os.geteuid() != 0:
+        raise SystemExit("just replicas makes network namespaces: run it as root")
+
+
 def demo_run(runs: int) -> None:
+    check_machine()
     tag = f"kr{os.getpid() % 100000}"
     lab = Lab(tag=tag, work=Path(tempfile.mkdtemp(prefix="kasparro-replicas-")))
     signal.signal(signal.SIGTERM, interrupted)
