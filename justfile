@@ -16,9 +16,9 @@ curl := "curl -sS --retry 60 --retry-delay 1 --retry-max-time 60 --retry-connref
 default:
     @{{just_executable()}} --justfile {{quote(justfile())}} --list --unsorted
 
-# make .venv with the runtime and test dependencies
+# make .venv with the runtime and test dependencies, and Litestream for the replica tests
 install:
-    python3 -m venv .venv && .venv/bin/pip install -q -r requirements-dev.txt
+    python3 -m venv .venv && .venv/bin/pip install -q -r requirements-dev.txt && .venv/bin/pip install -q -r requirements-replica.txt
 
 # load the sources (default: the shipped sample) into the store
 etl *sources:
@@ -63,6 +63,10 @@ soak *args:
 # fetch ReDoc's standalone build again from npm at vendor/redoc/VERSION, check it against vendor/redoc/SHA256SUMS, then copy it in
 vendor-redoc:
     tmp="$(mktemp -d)" && trap 'rm -rf "$tmp"' EXIT && cd "$tmp" && npm pack --silent "redoc@$(cat "{{justfile_directory()}}/vendor/redoc/VERSION")" >/dev/null && tar xzf redoc-*.tgz && cd package && sha256sum --strict -c "{{justfile_directory()}}/vendor/redoc/SHA256SUMS" && cp --parents LICENSE bundles/redoc.standalone.js bundles/redoc.standalone.js.LICENSE.txt "{{justfile_directory()}}/vendor/redoc/"
+
+# read replicas: primary, SFTP store, two Litestream followers and haproxy in network namespaces (root); lag, load, recovery
+replicas *args:
+    {{py}} bench/replicas.py {{args}}
 
 # audit the pinned runtime requirements for known vulnerabilities (needs PyPI's vulnerability data; fails when it could not check every package)
 audit:

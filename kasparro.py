@@ -70,11 +70,15 @@ class Config:
     # container, e.g. `PROMETHEUS_MULTIPROC_DIR=$(mktemp -d /tmp/kasparro-metrics.XXXXXX)`, as /tmp is
     # a tmpfs there. Unset: one process, metrics kept in memory.
     metrics_dir: Path | None = None
+    # replica: the store is a follower copy (Litestream) of a primary's store, whose ETL lock is out of sight.
+    role: str = "primary"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Config:
         """Build the config from the variables of SPEC.md, with its defaults."""
         keys = tuple(k.strip() for k in environ.get("KASPARRO_API_KEYS", "").split(",") if k.strip())
+        if environ.get("KASPARRO_ROLE", "primary") not in ROLES:
+            raise SystemExit(f"kasparro: KASPARRO_ROLE must be primary or replica, not {environ['KASPARRO_ROLE']!r}")
         try:
             return cls._read(environ, keys)
         except ValueError as error:
@@ -90,7 +94,11 @@ class Config:
             log_level=environ.get("LOG_LEVEL", "info").lower(),
             env=environ.get("ENV", "development"),
             metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"]) if environ.get("PROMETHEUS_MULTIPROC_DIR") else None,
+            role=environ.get("KASPARRO_ROLE", "primary"),
         )
+
+
+ROLES = ("primary", "replica")
 
 
 LOG_HANDLER = "kasparro"
@@ -421,6 +429,11 @@ class StoreUnavailable(Exception):
 
 class ReadersBusy(Exception):
     """No reader of the store came free within Store.READER_WAIT seconds: the store is fine, the API is loaded."""
+
+
+def is_busy(error: sqlite3.Error) -> bool:
+    """Whether SQLite gave up waiting for another connection's lock (SQLITE_BUSY and its extended codes)."""
+    return (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
 @dataclass(frozen=True)
@@ -808,9 +821,13 @@ class Store:
             conn.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
 
     async def fail(self, error: sqlite3.Error) -> None:
-        """A query found the store broken (corrupt, truncated, I/O error): reopen it later."""
+        """A query found the store broken (corrupt, truncated, I/O error): reopen it later.
+
+        A busy store is not broken: a lock held past the busy timeout (Litestream applying a
+        commit to a replica's copy under load) fails that read only, and the pool stays.
+        """
         log.warning("store unreadable", db=str(self.path), reason=str(error))
-        if self._pool is not None:
+        if self._pool is not None and not is_busy(error):
             await self._discard(self._pool)
 
     async def _discard(self, pool: ReaderPool, retry_in: float | None = None) -> None:
@@ -864,7 +881,11 @@ class Store:
             cursor = await conn.execute("SELECT store_id, generation FROM store_meta WHERE id = 1")
             row = await cursor.fetchone()
         except sqlite3.Error as error:
-            await self._discard(pool)
+            if is_busy(error):  # this read fails; the pool stays (see fail)
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.execute("ROLLBACK")
+            else:
+                await self._discard(pool)
             raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
         if row is None:
             await conn.execute("ROLLBACK")
@@ -1699,10 +1720,11 @@ def read_detail(conn: sqlite3.Connection, version: DataVersion, asset_id: str) -
 class HealthResource:
     """GET /health: is the store readable and the ETL fresh."""
 
-    def __init__(self, store: Store, max_age: int, answers: Answers) -> None:
+    def __init__(self, store: Store, max_age: int, answers: Answers, replica: bool = False) -> None:
         self.store = store
         self.max_age = max_age
         self.answers = answers
+        self.replica = replica
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         key = answer_key(req.scope)
@@ -1742,7 +1764,7 @@ class HealthResource:
         status, last_run = latest["status"], latest["ended_at"] or latest["started_at"]
         finished = latest
         if status == "running":
-            if self.store.etl_running():
+            if run_is_live(self.store, self.replica):
                 finished = runs[1] if len(runs) > 1 else None
             else:
                 status = "failed"
@@ -1750,6 +1772,15 @@ class HealthResource:
         fresh = good and age_seconds(finished["ended_at"]) <= self.max_age
         verdict = "healthy" if status != "failed" and fresh else "degraded"
         return Health(status=verdict, db_connected=True, etl_last_run=last_run, etl_status=status)
+
+
+def run_is_live(store: Store, replica: bool) -> bool:
+    """Whether the run the records say is running still runs.
+
+    A replica cannot see the primary's writer lock, so it takes the record's word: a run that
+    died there is marked failed by the primary's next run, and that record replicates too.
+    """
+    return replica or store.etl_running()
 
 
 def read_latest_runs(conn: sqlite3.Connection, version: DataVersion) -> list[dict[str, Any]]:
@@ -1790,8 +1821,9 @@ class StatsResource:
     protected = True
     RECENT_RUNS = 10
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, replica: bool = False) -> None:
         self.store = store
+        self.replica = replica
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         async with self.store.snapshot() as snapshot:
@@ -1808,7 +1840,7 @@ class StatsResource:
             run_id = row.pop("run_id")
             row["drift"] = decode_drift(row["drift"]) if row["drift"] else {}
             by_run.setdefault(run_id, []).append(RunSourceOutcome(**row))
-        dead = bool(runs) and runs[0]["status"] == "running" and not self.store.etl_running()
+        dead = bool(runs) and runs[0]["status"] == "running" and not run_is_live(self.store, self.replica)
         recent = []
         for index, row in enumerate(runs):
             row["sources"] = decode_sources(row["sources"])
@@ -1937,16 +1969,20 @@ class StoreFacts:
     last_success_at: str | None
     assets: dict[str, int]
     committed_at: str | None
+    last_commit_at: str | None  # the newest commit of any kind: new data, or a run's start or end
 
 
 async def read_store_facts(snapshot: Snapshot) -> StoreFacts:
     overall = await snapshot.one("SELECT max(ended_at) AS ended_at FROM etl_run WHERE status IN ('success', 'partial')")
     meta = await snapshot.one("SELECT committed_at FROM store_meta WHERE id = 1")
+    latest = await snapshot.one("SELECT started_at, ended_at FROM etl_run ORDER BY run_id DESC LIMIT 1")
+    commits = [meta and meta["committed_at"], latest and (latest["ended_at"] or latest["started_at"])]
     return StoreFacts(
         source_runs=await snapshot.all(LATEST_SOURCE_RUNS_SQL),
         last_success_at=overall["ended_at"] if overall else None,
         assets={row["status"]: row["n"] for row in await snapshot.all(ASSETS_BY_STATUS_SQL)},
         committed_at=meta["committed_at"] if meta else None,
+        last_commit_at=max((moment for moment in commits if moment), default=None),
     )
 
 
@@ -1990,13 +2026,30 @@ def store_gauges(facts: StoreFacts) -> list[Metric]:
     return families
 
 
+def replication_gauges(facts: StoreFacts) -> list[Metric]:
+    """A replica's lag: seconds from the newest commit it holds to now.
+
+    Right after a run it is the replication delay; between runs it also counts the time
+    since the run, so alert above the ETL's interval plus the delay allowed.
+    """
+    if not facts.last_commit_at:
+        return []
+    lag = GaugeMetricFamily(
+        "kasparro_replication_lag_seconds",
+        "Seconds since the newest commit this replica holds (a run's start or end, or new data)",
+        value=age_seconds(facts.last_commit_at),
+    )
+    return [lag]
+
+
 class MetricsResource:
     """GET /metrics: request metrics of every worker, and store gauges read at scrape time."""
 
-    def __init__(self, store: Store, registry: CollectorRegistry, metrics: HttpMetrics) -> None:
+    def __init__(self, store: Store, registry: CollectorRegistry, metrics: HttpMetrics, replica: bool = False) -> None:
         self.store = store
         self.registry = registry
         self.metrics = metrics
+        self.replica = replica
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         self.metrics.flush()  # this worker's requests so far; the others' are at most FLUSH_EVERY old
@@ -2007,6 +2060,8 @@ class MetricsResource:
                 async with self.store.snapshot() as snapshot:
                     facts = self.store.per_commit["metrics"] = await read_store_facts(snapshot)
             families, readable = store_gauges(facts), True
+            if self.replica:
+                families += replication_gauges(facts)
         except ReadersBusy:  # the request metrics matter most under such a load: they are sent without the facts
             families, readable = [], True
         except (StoreUnavailable, sqlite3.DatabaseError):
@@ -2876,9 +2931,10 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     app.add_route("/", IndexResource())
     app.add_route("/data", assets)
     app.add_route("/data/{asset_id}", assets, suffix="asset")
-    app.add_route("/health", HealthResource(store, config.etl_max_age, answers))
-    app.add_route("/stats", StatsResource(store))
-    app.add_route("/metrics", MetricsResource(store, scraped, metrics))
+    replica = config.role == "replica"
+    app.add_route("/health", HealthResource(store, config.etl_max_age, answers, replica))
+    app.add_route("/stats", StatsResource(store, replica))
+    app.add_route("/metrics", MetricsResource(store, scraped, metrics, replica))
     docs = DocsResource(openapi_document(config))
     app.add_route("/openapi.json", docs, suffix="openapi")
     app.add_route("/docs", docs)

@@ -1,0 +1,290 @@
+"""Read replicas: Litestream ships the primary's commits to a follower copy served with KASPARRO_ROLE=replica.
+
+Needs the litestream binary of requirements-replica.txt in this Python's bin directory (.ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import etl
+from etl_support import ROOT, query, run_etl, store_content
+from kasparro import Config, Store, age_seconds
+
+LITESTREAM = Path(sys.executable).parent / "litestream"
+FOLLOW = ROOT / "deploy" / "litestream" / "follow"
+PRIMARY_CONFIG = ROOT / "deploy" / "litestream" / "primary.yml"
+# Seconds from the end of an ETL run to the replica serving its commit. The configs aim at about
+# 1 s; this bound leaves room for a loaded CI machine (`just replicas` measures the percentiles).
+LAG_BOUND = 15.0
+# Pages compared between the primary's API and the replica's: answers made of the store alone.
+COMPARED = (
+    "/data?page_size=100",
+    "/data?sort=-price_usd&page_size=7&filter_by=active",
+    "/data/coin-7",
+    "/data/coin-7/history?interval=raw",
+)
+
+
+def write_market(path: Path, minute: int) -> Path:
+    """A snapshot of 40 assets observed at 12:MM on one day, their prices moving with the minute."""
+    rows = [
+        f"coin-{n},C{n},Coin {n},{n},{n * (1 + minute / 100):.4f},{n * 1000},{n * 10},{minute / 10},active,"
+        f"2026-11-25T12:{minute:02d}:00Z"
+        for n in range(1, 41)
+    ]
+    path.write_text("id,symbol,name,rank,price_usd,market_cap_usd,volume_24h_usd,change_24h_pct,status,last_updated\n"
+                    + "\n".join(rows) + "\n")  # fmt: skip
+    return path
+
+
+def poll(condition: Any, within: float, what: str) -> float:
+    """Seconds until condition() is true; fail after `within` seconds."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, f"{what} not within {within} s"
+        time.sleep(0.02)  # poll interval
+    return time.monotonic() - started
+
+
+def comparable(body: bytes) -> Any:
+    """An answer without what differs between two servers of the same data."""
+    answer = json.loads(body)
+    answer.pop("request_id", None)
+    answer.pop("api_latency_ms", None)
+    return answer
+
+
+@dataclass
+class Replication:
+    """A primary store shipped by `litestream replicate` to a file:// replica, and a follower copy of it."""
+
+    primary: Path
+    follower: Path
+    env: dict[str, str]
+    logs: Path
+    processes: list[subprocess.Popen[bytes]]
+
+    def start(self, name: str, *command: str, **env: str) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{name}.log").open("ab") as sink:
+            process = subprocess.Popen(command, env={**self.env, **env}, stdout=sink, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # fmt: skip
+        self.processes.append(process)
+        return process
+
+    def follow(self) -> subprocess.Popen[bytes]:
+        return self.start("follow", str(FOLLOW), "-follow-interval", "100ms", KASPARRO_DB=str(self.follower))
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()
+
+    def commit(self, market: Path, minute: int) -> None:
+        result = run_etl(self.primary, f"csv:{write_market(market, minute)}", KASPARRO_WAL_CHECKPOINT="passive")
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def replication(tmp_path: Path) -> Iterator[Replication]:
+    assert LITESTREAM.exists(), f"no {LITESTREAM}: pip install -r requirements-replica.txt"
+    (tmp_path / "primary").mkdir()
+    (tmp_path / "follower").mkdir()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("KASPARRO_", "LITESTREAM_"))}
+    setup = Replication(
+        primary=tmp_path / "primary" / "kasparro.db",
+        follower=tmp_path / "follower" / "kasparro.db",
+        env={**environ, "LITESTREAM": str(LITESTREAM), "LITESTREAM_REPLICA_URL": f"file://{tmp_path / 'replica'}"},
+        logs=tmp_path,
+        processes=[],
+    )
+    yield setup
+    for process in setup.processes:
+        process.send_signal(signal.SIGTERM)
+    for process in setup.processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_a_replica_serves_the_primarys_commits_within_the_bound(
+    replication: Replication, live_server: Any, tmp_path: Path
+) -> None:
+    market = tmp_path / "market.csv"
+    replication.commit(market, 0)
+    replication.start("replicate", str(LITESTREAM), "replicate", "-config", str(PRIMARY_CONFIG),
+                      KASPARRO_DB=str(replication.primary))  # fmt: skip
+    follower = replication.follow()
+    poll(replication.follower.exists, 60, "the follower's first restore")
+    primary_api = live_server(replication.primary)
+    replica_api = live_server(replication.follower, KASPARRO_ROLE="replica")
+
+    lags = []
+    for minute in range(1, 6):
+        if minute == 3:  # a follower that crashed starts again from a fresh copy
+            os.killpg(follower.pid, signal.SIGKILL)  # the script and its litestream
+            follower.wait(timeout=10)
+        replication.commit(market, minute)
+        if minute == 3:
+            follower = replication.follow()
+        version = json.loads(primary_api.get("/data")[2])["data_version"]
+        lags.append(poll(lambda: json.loads(replica_api.get("/data")[2]).get("data_version") == version,  # noqa: B023
+                         LAG_BOUND, f"commit {minute} on the replica"))  # fmt: skip
+        for path in COMPARED:
+            primary, replica = primary_api.get(path), replica_api.get(path)
+            assert (replica[0], comparable(replica[2])) == (primary[0], comparable(primary[2])), path
+
+    assert replication.log("follow").count("entering follow mode") == 2, replication.log("follow")
+    assert replication.log("follow").count("did not stop cleanly") == 1
+    assert max(lags) < LAG_BOUND
+    assert store_content(replication.follower) == store_content(replication.primary)
+    assert query(replication.follower, "PRAGMA integrity_check") == [("ok",)]
+    assert query(replication.follower, "PRAGMA journal_mode") == [("delete",)]
+    health = json.loads(replica_api.get("/health")[2])
+    assert health == json.loads(primary_api.get("/health")[2])
+    assert (health["status"], health["etl_status"]) == ("healthy", "success")
+    metrics = replica_api.get("/metrics")[2].decode()
+    lag = next(line for line in metrics.splitlines() if line.startswith("kasparro_replication_lag_seconds "))
+    assert 0 <= float(lag.split()[1]) < LAG_BOUND + 60, lag
+    follower.send_signal(signal.SIGTERM)  # a clean stop: the next start serves this copy while it restores
+    assert follower.wait(timeout=30) == 0
+    assert replication.follower.exists() and not Path(f"{replication.follower}-following").exists()
+
+
+def test_a_follower_starts_before_the_primary_ships_anything(replication: Replication, tmp_path: Path) -> None:
+    replication.follow()
+    poll(lambda: "nothing to restore" in replication.log("follow"), 30, "the follower's wait")
+    replication.commit(tmp_path / "market.csv", 0)
+    replication.start("replicate", str(LITESTREAM), "replicate", "-config", str(PRIMARY_CONFIG),
+                      KASPARRO_DB=str(replication.primary))  # fmt: skip
+    poll(replication.follower.exists, 60, "the follower's first restore")
+    assert store_content(replication.follower) == store_content(replication.primary)
+
+
+# --- the replica role -------------------------------------------------------
+
+
+def mark_running(db: Path) -> None:
+    """Record a run as started, as a run in progress on the primary (or one that died there) leaves it."""
+    conn = etl.connect(db, busy_timeout=5)
+    try:
+        etl.start_run(conn, [etl.CsvSource(Path("never-read.csv"))])
+    finally:
+        conn.close()
+
+
+def test_a_replica_takes_a_running_record_at_its_word(make_client: Any, store_path: Path) -> None:
+    mark_running(store_path)
+    primary = make_client(Config(db=store_path, reopen_interval=0, log_level="warning"))
+    replica = make_client(Config(db=store_path, reopen_interval=0, log_level="warning", role="replica"))
+    # No ETL holds the lock here: the primary sees a dead run; a replica cannot see the lock at all.
+    dead, running = primary.get("/health").json, replica.get("/health").json
+    assert (dead["status"], dead["etl_status"]) == ("degraded", "failed")
+    assert (running["status"], running["etl_status"]) == ("healthy", "running")
+    assert primary.get("/stats").json["recent_runs"][0]["status"] == "failed"
+    assert replica.get("/stats").json["recent_runs"][0]["status"] == "running"
+
+
+def test_a_replica_judges_a_running_record_by_the_run_before(make_client: Any, store_path: Path) -> None:
+    mark_running(store_path)
+    replica = make_client(Config(db=store_path, etl_max_age=-1, log_level="warning", role="replica"))
+    body = replica.get("/health").json
+    assert (body["status"], body["etl_status"]) == ("degraded", "running")
+
+
+def test_only_a_replica_exports_its_lag(make_client: Any, store_path: Path) -> None:
+    ended = query(store_path, "SELECT max(ended_at) FROM etl_run")[0][0]
+    replica = make_client(Config(db=store_path, log_level="warning", role="replica"))
+    primary = make_client(Config(db=store_path, log_level="warning"))
+    lag = [line for line in replica.get("/metrics").text.splitlines() if line.startswith("kasparro_replication_lag")]
+    assert len(lag) == 1
+    assert abs(float(lag[0].split()[1]) - age_seconds(ended)) < 5
+    assert "kasparro_replication_lag" not in primary.get("/metrics").text
+
+
+def test_a_busy_copy_fails_a_read_and_not_the_next(
+    make_client: Any, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Litestream applies a commit to the rollback-journal copy under an exclusive lock."""
+    conn = sqlite3.connect(store_path)
+    assert conn.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
+    conn.close()
+    monkeypatch.setattr(Store, "BUSY_TIMEOUT_MS", 50)
+    replica = make_client(Config(db=store_path, log_level="warning", role="replica"))
+    assert replica.get("/data?page=2&page_size=5").status_code == 200
+    applier = sqlite3.connect(store_path, isolation_level=None)
+    applier.execute("BEGIN EXCLUSIVE")
+    try:
+        busy = replica.get("/data?page=3&page_size=5")
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    finally:
+        applier.execute("ROLLBACK")
+        applier.close()
+    # The store was busy, not broken: its readers stay open, and the next request reads.
+    assert replica.get("/data?page=3&page_size=5").status_code == 200
+    assert replica.get("/data/bitcoin").status_code == 200
+
+
+def test_an_unknown_role_is_refused() -> None:
+    with pytest.raises(SystemExit, match="KASPARRO_ROLE must be primary or replica, not 'standby'"):
+        Config.from_env({"KASPARRO_ROLE": "standby"})
+    assert Config.from_env({"KASPARRO_ROLE": "replica"}).role == "replica"
+
+
+# --- how a run ends its WAL ---------------------------------------------------
+
+
+@pytest.fixture
+def reader(store_path: Path) -> Iterator[sqlite3.Connection]:
+    """A read transaction held open on the store, as Litestream holds one on the primary."""
+    conn = sqlite3.connect(store_path, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.execute("SELECT count(*) FROM asset").fetchone()
+    yield conn
+    conn.close()
+
+
+@pytest.mark.parametrize(("mode", "waits"), [("truncate", True), ("passive", False), ("off", False)])
+def test_a_run_waits_on_a_reader_only_to_truncate(
+    store_path: Path, reader: sqlite3.Connection, tmp_path: Path, mode: str, waits: bool
+) -> None:
+    market = write_market(tmp_path / "market.csv", 1)
+    result = run_etl(store_path, f"csv:{market}", KASPARRO_WAL_CHECKPOINT=mode, KASPARRO_BUSY_TIMEOUT="0.02")
+    assert result.returncode == 0, result.stderr
+    assert ("wal not truncated" in result.stdout) is waits
+    reader.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize(("mode", "truncated", "copied"), [("truncate", True, True), ("passive", False, True),
+                                                           ("off", False, False)])  # fmt: skip
+def test_a_run_ends_the_wal_as_its_mode_says(
+    store_path: Path, tmp_path: Path, mode: str, truncated: bool, copied: bool
+) -> None:
+    idle = sqlite3.connect(store_path)  # open, so the ETL's close is not the last one (which checkpoints)
+    idle.execute("SELECT count(*) FROM asset").fetchone()
+    runs = query(store_path, "SELECT count(*) FROM etl_run")[0][0]
+    result = run_etl(store_path, f"csv:{write_market(tmp_path / 'market.csv', 2)}", KASPARRO_WAL_CHECKPOINT=mode)
+    assert result.returncode == 0, result.stderr
+    assert (Path(f"{store_path}-wal").stat().st_size == 0) is truncated
+    main_file = tmp_path / "main-file-only.db"  # what the store file holds without its WAL
+    main_file.write_bytes(store_path.read_bytes())
+    assert (query(main_file, "SELECT count(*) FROM etl_run")[0][0] == runs + 1) is copied
+    idle.close()
+
+
+def test_an_unknown_checkpoint_mode_is_a_usage_error(store_path: Path) -> None:
+    result = run_etl(store_path, KASPARRO_WAL_CHECKPOINT="sometimes")
+    assert result.returncode == 2
+    assert "KASPARRO_WAL_CHECKPOINT must be one of truncate, passive, off, not 'sometimes'" in result.stderr
