@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import bisect
 import collections
@@ -21,6 +22,7 @@ import sqlite3
 import stat
 import struct
 import sys
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, BinaryIO, ClassVar, Literal, TypeVar
 
 import aiosqlite
 import falcon
@@ -93,6 +95,8 @@ class Config:
         )
 
 
+# --- logs -----------------------------------------------------------------
+
 LOG_HANDLER = "kasparro"
 
 
@@ -108,6 +112,104 @@ def add_request_id(logger: object, method: str, event: dict[str, Any]) -> dict[s
     return event
 
 
+class UtcTimestamp:
+    """structlog processor: `timestamp` as RFC 3339 UTC with microseconds, as TimeStamper(fmt="iso", utc=True)
+    writes it; the part up to the second is formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
+
+
+encode_log_event = msgspec.json.Encoder(enc_hook=str).encode  # a value JSON lacks (a Path, an error) as its str()
+
+
+format_exc_info = structlog.processors.format_exc_info
+
+
+def add_exception(logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: format_exc_info, only for the events that carry exc_info (a tenth of a line's cost)."""
+    return format_exc_info(logger, method, event) if "exc_info" in event else event
+
+
+def render_json(logger: object, method: str, event: dict[str, Any]) -> bytes:
+    """structlog renderer: the event as one line of JSON (bytes)."""
+    return encode_log_event(event)
+
+
+class LogLines:
+    """structlog's logger for the API: debug and info lines are held and written to a binary stream once per
+    turn of the event loop (at once outside one, or when MAX_HELD wait), in one write; a warning or worse,
+    and every stdlib record, is written at once with the lines held before it. flush() writes what waits."""
+
+    MAX_HELD = 512
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self._held: list[bytes] = []
+        self._due = False
+        self._lock = threading.Lock()  # reader threads log too
+
+    def msg(self, line: bytes | str) -> None:
+        with self._lock:
+            self._held.append(line.encode() if type(line) is str else line)
+            full = len(self._held) >= self.MAX_HELD
+            if self._due and not full:
+                return
+        if not full:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._due = True
+                return
+            except RuntimeError:  # not on the loop's thread
+                pass
+        self.flush()
+
+    def write_now(self, line: bytes | str) -> None:
+        with self._lock:
+            self._held.append(line.encode() if type(line) is str else line)
+        self.flush()
+
+    log = debug = info = msg
+    warning = warn = error = critical = fatal = exception = write_now
+
+    def flush(self) -> None:
+        with self._lock:
+            self._due = False
+            held, self._held = self._held, []
+            if held:
+                held.append(b"")
+                self.stream.write(b"\n".join(held))
+                self.stream.flush()
+
+
+class LogLinesHandler(logging.Handler):
+    """The stdlib (uvicorn) records, formatted by structlog's ProcessorFormatter, into the same LogLines, at once:
+    uvicorn's last lines come after the app's shutdown, and a signal may end the process right after them."""
+
+    def __init__(self, lines: LogLines) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.write_now(self.format(record))
+        except Exception:  # logging must never break a request; stdlib's own policy
+            self.handleError(record)
+
+
+log_lines = LogLines(sys.stdout.buffer)
+atexit.register(log_lines.flush)
+
+
 def log_level(name: str) -> int:
     """The stdlib level of a LOG_LEVEL name; info when the name is unknown."""
     return logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
@@ -116,25 +218,23 @@ def log_level(name: str) -> int:
 def configure_logging(level: str) -> None:
     """JSON lines on stdout, or readable console lines on a TTY, for structlog and stdlib (uvicorn) alike.
 
-    The app's own events take structlog's short path to stdout; records of
-    stdlib loggers (uvicorn, uvicorn.error) reach the root handler, whose
-    ProcessorFormatter runs them through the same processors and renderer.
+    The app's own events take structlog's short path to `log_lines`; records of stdlib loggers
+    (uvicorn, uvicorn.error) reach the root handler, whose ProcessorFormatter runs them through
+    the same processors and renderer into the same lines.
     """
     threshold = log_level(level)
-    renderer = structlog.dev.ConsoleRenderer() if sys.stdout.isatty() else structlog.processors.JSONRenderer()
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        add_request_id,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    tty = sys.stdout.isatty()
+    # The request id comes from REQUEST_ID, not structlog.contextvars: the API binds nothing there.
+    shared: list[Any] = [add_request_id, structlog.processors.add_log_level, UtcTimestamp()]
+    log_lines.flush()
+    log_lines.stream = sys.stdout.buffer
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, add_exception, structlog.dev.ConsoleRenderer() if tty else render_json],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=lambda *args: log_lines,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = LogLinesHandler(log_lines)
     handler.set_name(LOG_HANDLER)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -142,7 +242,7 @@ def configure_logging(level: str) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                renderer,
+                structlog.dev.ConsoleRenderer() if tty else structlog.processors.JSONRenderer(),
             ],
         )
     )
@@ -2401,6 +2501,8 @@ class Api(falcon.asgi.App):
         self.front_routes = front_routes
         self.metrics = metrics
         self.log_requests = log_requests  # False when LOG_LEVEL is above info: skip building the line
+        # Bound once, after configure_logging: the module's lazy proxy would build a logger on every line.
+        self.request_log = log.bind()
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
@@ -2506,7 +2608,7 @@ class Api(falcon.asgi.App):
         seconds = time.perf_counter() - started
         self.metrics.observe(route, status, seconds)
         if self.log_requests:
-            log.info(
+            self.request_log.info(
                 "request",
                 method=scope["method"],
                 route=route or "(no route)",
@@ -2625,6 +2727,7 @@ class Lifespan:
         await self.store.close()
         if self.metrics_dir is not None:
             mark_process_dead(os.getpid(), str(self.metrics_dir))
+        log_lines.flush()
 
 
 def serialize_problem(req: falcon.asgi.Request, resp: falcon.asgi.Response, error: falcon.HTTPError) -> None:
