@@ -1413,7 +1413,15 @@ class CachedHealth(CachedBody):
         return self.commit == store.commit and time.time() < self.until
 
 
-Answer = CachedPage | CachedDetail | CachedHealth
+@dataclass(frozen=True, kw_only=True)
+class CachedStats(CachedHealth):
+    """GET /stats, encoded: as /health, it holds until the next commit of any kind, and is not kept while
+    a run is marked running (its process may die without a commit)."""
+
+    route: ClassVar[str] = "/stats"
+
+
+Answer = CachedPage | CachedDetail | CachedHealth | CachedStats
 AnswerKey = tuple[str, bytes]  # the request's path and raw query string, as the ASGI scope gives them
 
 
@@ -1799,26 +1807,36 @@ def age_seconds(moment: str) -> float:
     return time.time() - datetime.fromisoformat(moment).timestamp()
 
 
-# ETL outcomes summed over runs; {table} is etl_run (overall) or run_source (per source).
+# ETL outcomes summed over finished runs (run_totals, kept by store.sql's triggers), and the runs still running:
+# two reads of a few rows each, however many runs the store holds.
 TOTALS_SQL = """
-SELECT {key} count(*) AS runs,
-       count(*) FILTER (WHERE status IN ('success', 'partial')) AS successes,
-       count(*) FILTER (WHERE status = 'partial') AS partials,
-       count(*) FILTER (WHERE status = 'failed') AS failures,
-       coalesce(sum(rows_read), 0) AS rows_read,
-       coalesce(sum(rows_loaded), 0) AS rows_loaded,
-       coalesce(sum(rows_rejected), 0) AS rows_rejected,
-       max(ended_at) FILTER (WHERE status IN ('success', 'partial')) AS last_success_at,
-       max(ended_at) FILTER (WHERE status = 'failed') AS last_failure_at,
-       (SELECT error FROM {table} e WHERE e.status = 'failed' {same_source}
-        ORDER BY e.run_id DESC LIMIT 1) AS last_error,
-       avg(duration_ms) AS avg_duration_ms
-FROM {table} t {group}
+SELECT scope, runs, successes, partials, failures, rows_read, rows_loaded, rows_rejected, last_success_at,
+       last_failure_at, last_error, iif(durations > 0, 1.0 * duration_ms_sum / durations, NULL) AS avg_duration_ms
+FROM run_totals ORDER BY scope
 """
-OVERALL_SQL = TOTALS_SQL.format(key="", table="etl_run", same_source="", group="")
-PER_SOURCE_SQL = TOTALS_SQL.format(
-    key="source,", table="run_source", same_source="AND e.source = t.source", group="GROUP BY source ORDER BY source"
-)
+RUNNING_SQL = """
+SELECT '' AS scope, count(*) AS runs, sum(rows_read) AS rows_read, sum(rows_loaded) AS rows_loaded,
+       sum(rows_rejected) AS rows_rejected
+FROM etl_run WHERE status = 'running'
+UNION ALL
+SELECT source, count(*), sum(rows_read), sum(rows_loaded), sum(rows_rejected) FROM run_source
+WHERE run_id IN (SELECT run_id FROM etl_run WHERE status = 'running') AND status = 'running' GROUP BY source
+"""
+COUNTS = ("runs", "rows_read", "rows_loaded", "rows_rejected")  # what a running run adds so far
+NO_RUNS = {
+    **dict.fromkeys(("runs", "successes", "partials", "failures", "rows_read", "rows_loaded", "rows_rejected"), 0),
+    **dict.fromkeys(("last_success_at", "last_failure_at", "last_error", "avg_duration_ms")),
+}
+
+
+def run_totals(finished: Sequence[dict[str, Any]], running: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Totals by scope ('' overall, else a source): the finished runs' sums, and what the running ones read so far."""
+    totals = {"": dict(NO_RUNS)} | {row.pop("scope"): row for row in finished}
+    for row in running:
+        scope = totals.setdefault(row["scope"], dict(NO_RUNS))
+        for count in COUNTS:
+            scope[count] += row[count] or 0
+    return totals
 
 
 class StatsResource:
@@ -1827,13 +1845,26 @@ class StatsResource:
     protected = True
     RECENT_RUNS = 10
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, answers: Answers) -> None:
         self.store = store
+        self.answers = answers
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        key = answer_key(req.scope)
+        await self.store.watch()
+        answer = self.answers.get(key)
+        if answer is None:
+            stats = await self.read()
+            running = bool(stats.recent_runs) and stats.recent_runs[0].status == "running"
+            answer = CachedStats(commit=self.store.commit, until=0.0 if running else math.inf, encoded=encode(stats))
+            self.answers.put(key, answer)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = answer.encoded
+
+    async def read(self) -> Stats:
+        """The stats as the store holds them now: a few rows, however many runs it records."""
         async with self.store.snapshot() as snapshot:
-            overall = await snapshot.one(OVERALL_SQL)
-            per_source = await snapshot.all(PER_SOURCE_SQL)
+            totals = run_totals(await snapshot.all(TOTALS_SQL), await snapshot.all(RUNNING_SQL))
             runs = await snapshot.all("SELECT * FROM etl_run ORDER BY run_id DESC LIMIT ?", (self.RECENT_RUNS,))
             outcomes = await snapshot.all(
                 "SELECT * FROM run_source WHERE run_id >= ? ORDER BY run_id, source",
@@ -1852,14 +1883,11 @@ class StatsResource:
             if index == 0 and dead:
                 row["status"] = "failed"
             recent.append(Run(**row, outcomes=by_run.get(row["run_id"], [])))
-        send(
-            resp,
-            Stats(
-                data_version=str(version),
-                overall=RunTotals(**overall),
-                sources=[SourceTotals(**row) for row in per_source],
-                recent_runs=recent,
-            ),
+        return Stats(
+            data_version=str(version),
+            overall=RunTotals(**totals.pop("")),
+            sources=[SourceTotals(source=source, **row) for source, row in sorted(totals.items())],
+            recent_runs=recent,
         )
 
 
@@ -2804,7 +2832,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     app = Api(
         store=store,
         answers=answers,
-        front_routes=frozenset({"/health"} if guarded else {"/health", "/data", "/data/{asset_id}"}),
+        front_routes=frozenset({"/health"} if guarded else {"/health", "/data", "/data/{asset_id}", "/stats"}),
         metrics=metrics,
         log_requests=log_level(config.log_level) <= logging.INFO,
         middleware=[
@@ -2827,7 +2855,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     app.add_route("/data", assets)
     app.add_route("/data/{asset_id}", assets, suffix="asset")
     app.add_route("/health", HealthResource(store, config.etl_max_age, answers))
-    app.add_route("/stats", StatsResource(store))
+    app.add_route("/stats", StatsResource(store, answers))
     app.add_route("/metrics", MetricsResource(store, scraped, metrics))
     docs = DocsResource(openapi_document(config))
     app.add_route("/openapi.json", docs, suffix="openapi")
