@@ -22,7 +22,7 @@ etl *sources:
 
 # serve the API on 127.0.0.1 ($KASPARRO_PORT, default 8000)
 serve:
-    {{py}} -m uvicorn kasparro:app --host 127.0.0.1 --port {{port}}
+    {{py}} -m uvicorn kasparro:app --host 127.0.0.1 --port {{port}} --timeout-graceful-shutdown 3
 
 # serve with auto-reload while editing
 dev:

@@ -519,6 +519,10 @@ class StoreUnavailable(Exception):
     """The store file is missing, unreadable, not SQLite, or has no schema yet."""
 
 
+class ReadersBusy(Exception):
+    """No reader of the store came free within Store.READER_WAIT seconds: the store is fine, the API is loaded."""
+
+
 @dataclass(frozen=True)
 class DataVersion:
     """The store's identity and commit generation, read inside a snapshot."""
@@ -564,11 +568,16 @@ def row_as_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
 
 @dataclass
 class ReaderPool:
-    """Read-only connections opened together; discarded together when the store breaks."""
+    """Read-only connections opened together; discarded together when the store breaks or is replaced.
 
-    idle: asyncio.Queue[aiosqlite.Connection]
+    A discarded pool's queue holds None: whoever waited for one of its connections takes it, puts it
+    back for the next waiter, and goes to the new pool.
+    """
+
+    idle: asyncio.Queue[aiosqlite.Connection | None]
     connections: list[aiosqlite.Connection]
-    stamp: StoreStamp  # of the file when the connections opened it
+    identity: StoreIdentity  # of the file the connections opened
+    written: tuple[int, int]  # its (size, mtime) when last read afresh
     broken: bool = False
 
 
@@ -587,11 +596,11 @@ def authorize_read(action: int, *names: str | None) -> int:
     return sqlite3.SQLITE_OK if action in READ_ACTIONS else sqlite3.SQLITE_DENY
 
 
-StoreStamp = tuple[int, int, int, int]
+StoreIdentity = tuple[int, int]  # (device, inode): it moves only when another file takes the path
 
 
-def store_stamp(path: Path) -> StoreStamp | None:
-    """(device, inode, size, mtime) of the regular file at path, else None; it moves when the file is replaced.
+def store_file(path: Path) -> os.stat_result | None:
+    """The stat of the regular file at path, else None.
 
     Only stat, never open: closing any descriptor of the store file would drop every POSIX lock this
     process holds on it, SQLite's included, and let the ETL reset the WAL under live readers.
@@ -600,7 +609,7 @@ def store_stamp(path: Path) -> StoreStamp | None:
         info = os.stat(path)
     except OSError:
         return None
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
+    return info if stat.S_ISREG(info.st_mode) else None
 
 
 INLINE_SLICE = 0.004  # seconds of inline reads run back to back before the loop takes in new requests
@@ -610,13 +619,15 @@ class Store:
     """Lazy, self-healing access to the store through a pool of read-only connections."""
 
     BUSY_TIMEOUT_MS = 5_000
+    READER_WAIT = 2.0  # seconds a request may wait for a free reader before it is answered 503
 
     def __init__(self, path: Path, readers: int = 4, reopen_interval: float = 1.0) -> None:
         self.path = path
         self.readers = readers
         self.reopen_interval = reopen_interval
         self._pool: ReaderPool | None = None
-        self._opening: asyncio.Lock | None = None
+        self._opening: asyncio.Task[ReaderPool] | None = None
+        self._closed = False  # the server is stopping: nothing opens the store again
         self._next_attempt = 0.0
         self._next_check = 0.0
         # The watcher: a read-only connection used from the event loop thread
@@ -654,10 +665,15 @@ class Store:
             await self._ready_pool()
 
     async def close(self) -> None:
+        """Close every reader; requests still waiting for one are answered 503."""
+        self._closed = True
+        if self._opening is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self._opening  # its connections are the pool's, closed below
         self._forget_watcher()
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.broken = True
+            await self._discard(pool)
             for conn in pool.connections:
                 await conn.close()
 
@@ -665,33 +681,43 @@ class Store:
         pool = self._pool
         if pool is not None and (time.monotonic() < self._next_check or await self._still_current(pool)):
             return pool
+        if self._pool is not None:  # another request opened the store again while this one dropped it
+            return self._pool
+        if self._closed:
+            raise StoreUnavailable(f"store {self.path} is closed: the server is stopping")
         if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            if self._pool is not None:
-                return self._pool
             if time.monotonic() < self._next_attempt:
                 raise StoreUnavailable(f"store {self.path} is not readable; retrying shortly")
-            stamp = store_stamp(self.path)
-            connections: list[aiosqlite.Connection] = []
-            try:
-                if stamp is None:
-                    raise OSError(f"no file at {self.path}")
-                for _ in range(self.readers):
-                    connections.append(await self._connect())
-                self._watcher = self._connect_watcher()
-            except (sqlite3.Error, OSError) as error:
-                for conn in connections:
-                    await conn.close()
-                self._next_attempt = time.monotonic() + self.reopen_interval
-                raise StoreUnavailable(f"cannot open store {self.path}: {error}") from None
-            idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+            self._opening = asyncio.get_running_loop().create_task(self._open_pool())
+        # Opened by a task of its own that every request asking meanwhile awaits: a request cancelled while
+        # it waits (client gone, server stopping) leaves no connection half open, whose thread would keep
+        # the process from exiting.
+        return await asyncio.shield(self._opening)
+
+    async def _open_pool(self) -> ReaderPool:
+        info = store_file(self.path)
+        connections: list[aiosqlite.Connection] = []
+        try:
+            if info is None:
+                raise OSError(f"no file at {self.path}")
+            for _ in range(self.readers):
+                connections.append(await self._connect())
+            watcher = self._connect_watcher()
+        except (sqlite3.Error, OSError) as error:
             for conn in connections:
-                idle.put_nowait(conn)
-            self._pool = ReaderPool(idle, connections, stamp)
-            self._next_check = time.monotonic() + self.reopen_interval
-            log.info("store opened", db=str(self.path), readers=self.readers)
-            return self._pool
+                await conn.close()
+            self._next_attempt = time.monotonic() + self.reopen_interval
+            raise StoreUnavailable(f"cannot open store {self.path}: {error}") from None
+        finally:
+            self._opening = None
+        idle: asyncio.Queue[aiosqlite.Connection | None] = asyncio.Queue()
+        for conn in connections:
+            idle.put_nowait(conn)
+        identity, written = (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns)
+        self._pool, self._watcher = ReaderPool(idle, connections, identity, written), watcher
+        self._next_check = time.monotonic() + self.reopen_interval
+        log.info("store opened", db=str(self.path), readers=self.readers)
+        return self._pool
 
     async def _connect(self) -> aiosqlite.Connection:
         if not self.path.is_file():
@@ -799,6 +825,10 @@ class Store:
                     await asyncio.sleep(0)  # the loop looks for new requests, and runs what they are ready to do
         finally:
             self._reader = None
+            while self._reads:  # left only when this task was cancelled (the loop closing): nobody waits on
+                future = self._reads.popleft()[0]
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"store {self.path} is closed: the server is stopping"))
 
     def _run_slice(self, ends: float) -> None:
         """Run queued reads until `ends` (at least one), all in one read transaction.
@@ -847,19 +877,35 @@ class Store:
                 watcher.execute("ROLLBACK")
 
     async def _still_current(self, pool: ReaderPool) -> bool:
-        """Whether the file at path is unchanged; if not, drop the pool, and open what is there now at once.
+        """Whether the file at path is still the one the pool opened; if not, drop the pool, and open what is
+        there now at once.
 
-        A file deleted, replaced or rewritten in place (garbage over it) is noticed here; fresh connections
-        then read it from disk, not from their caches. An ETL checkpoint also moves the stamp: a cheap reopen.
+        A file deleted or replaced (renamed over) has another (device, inode), or none. The ETL's commits
+        and checkpoints keep the file: the pool and its connections' caches stay. A file written since the
+        last look (a checkpoint, or garbage over it) is read afresh, past every cache, by a connection of
+        its own: a store overwritten in place fails that read, and the pool is dropped as on any read error.
         """
         self._next_check = time.monotonic() + self.reopen_interval
-        stamp = store_stamp(self.path)
-        if stamp == pool.stamp:
-            return True
-        if stamp is None or stamp[:2] != pool.stamp[:2]:
-            log.warning("store file changed", db=str(self.path), present=stamp is not None)
-        await self._discard(pool, retry_in=None if stamp is None else 0)
-        return False
+        info = store_file(self.path)
+        if info is None or (info.st_dev, info.st_ino) != pool.identity:
+            log.warning("store file changed", db=str(self.path), present=info is not None)
+            await self._discard(pool, retry_in=None if info is None else 0)
+            return False
+        written = (info.st_size, info.st_mtime_ns)
+        if written != pool.written:
+            pool.written = written
+            try:
+                await asyncio.to_thread(self._read_afresh)
+            except sqlite3.Error as error:
+                log.warning("store unreadable", db=str(self.path), reason=str(error))
+                await self._discard(pool)
+                return False
+        return True
+
+    def _read_afresh(self) -> None:
+        """Read the store's header, schema and data version through a new connection, which has no cache."""
+        with contextlib.closing(sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True)) as conn:
+            conn.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
 
     async def fail(self, error: sqlite3.Error) -> None:
         """A query found the store broken (corrupt, truncated, I/O error): reopen it later."""
@@ -875,24 +921,41 @@ class Store:
             self._next_attempt = time.monotonic() + (self.reopen_interval if retry_in is None else retry_in)
         pool.broken = True
         while not pool.idle.empty():
-            await pool.idle.get_nowait().close()
+            conn = pool.idle.get_nowait()
+            if conn is not None:
+                await conn.close()
+        pool.idle.put_nowait(None)  # wakes the requests waiting for a reader of it: they go to the new pool
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Snapshot]:
-        """A read transaction on a pooled connection, or StoreUnavailable."""
-        pool = await self._ready_pool()
-        conn = await pool.idle.get()
+        """A read transaction on a pooled connection; StoreUnavailable, or ReadersBusy after READER_WAIT s."""
+        pool, conn = await self._borrow()
         try:
             version = await self._begin(pool, conn)
             try:
                 yield Snapshot(conn, version)
             finally:
-                await conn.execute("ROLLBACK")
+                if not pool.broken:  # a dropped pool's connection is closed (close() may have done it): that ends it
+                    await conn.execute("ROLLBACK")
         finally:
             if pool.broken:
                 await conn.close()
             else:
                 pool.idle.put_nowait(conn)
+
+    async def _borrow(self) -> tuple[ReaderPool, aiosqlite.Connection]:
+        """A free reader of the current pool, waited for at most READER_WAIT seconds in all."""
+        deadline = asyncio.get_running_loop().time() + self.READER_WAIT
+        while True:
+            pool = await self._ready_pool()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    conn = await pool.idle.get()
+            except TimeoutError:
+                raise ReadersBusy(f"no reader of {self.path} came free in {self.READER_WAIT:g} s") from None
+            if conn is not None:
+                return pool, conn
+            pool.idle.put_nowait(None)  # the pool was dropped while this request waited: on to the next one
 
     async def _begin(self, pool: ReaderPool, conn: aiosqlite.Connection) -> DataVersion:
         """Start a read transaction and read the data version it sees."""
@@ -2072,6 +2135,8 @@ class MetricsResource:
                 async with self.store.snapshot() as snapshot:
                     facts = self.store.per_commit["metrics"] = await read_store_facts(snapshot)
             families, readable = store_gauges(facts), True
+        except ReadersBusy:  # the request metrics matter most under such a load: they are sent without the facts
+            families, readable = [], True
         except (StoreUnavailable, sqlite3.DatabaseError):
             families, readable = [], False
         up = GaugeMetricFamily("kasparro_store_up", "1 when the store can be read", value=float(readable))
@@ -2787,6 +2852,13 @@ async def handle_store_unavailable(
     raise falcon.HTTPServiceUnavailable(description="the store is not readable yet; retry shortly", retry_after=1)
 
 
+async def handle_readers_busy(
+    req: falcon.asgi.Request, resp: falcon.asgi.Response, error: Exception, params: dict
+) -> None:
+    log.warning("readers busy", reason=str(error))
+    raise falcon.HTTPServiceUnavailable(description="every reader of the store is busy; retry shortly", retry_after=1)
+
+
 async def handle_unexpected(
     req: falcon.asgi.Request, resp: falcon.asgi.Response, error: Exception, params: dict
 ) -> None:
@@ -2849,6 +2921,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(InvalidQuery, handle_invalid_query)
     app.add_error_handler(StoreUnavailable, handle_store_unavailable)
+    app.add_error_handler(ReadersBusy, handle_readers_busy)
     app.add_error_handler(sqlite3.DatabaseError, store_fault_handler(store))
     assets = AssetResource(store, answers)
     app.add_route("/", IndexResource())

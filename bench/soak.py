@@ -1,8 +1,11 @@
-"""Soak the API: wrk on /data while three ETL runs commit, then an ETL kill loop watched by the live API.
+"""Soak the API: wrk on /data, /stats and /health while three ETL runs commit, then an ETL kill loop.
 
-Phase 1 builds a store of generated rows, starts uvicorn on 127.0.0.1, and runs wrk (64 connections,
-30 s, a mix of /data URLs) while etl.py commits three more generated CSVs; it prints requests, req/s,
-socket errors, answers other than 2xx/3xx (must be 0), latency p50/p99, and each ETL run's duration.
+Phase 1 builds a store of generated rows, starts uvicorn on 127.0.0.1 as README does, and runs wrk
+(64 connections, 30 s, a mix of /data URLs, /stats and /health) while etl.py commits three more
+generated CSVs; it prints requests, req/s, socket errors, answers other than 2xx/3xx (must be 0),
+latency p50/p99, each ETL run's duration, the requests the server is still answering after the load
+(must be 0: wrk counts no error for a request still unanswered when it stops), and the seconds the
+server takes to exit on SIGTERM right after the load (must be under 5, SPEC).
 
 Phase 2 SIGKILLs etl.py at 20 random instants of a 200k-row load; after each kill it checks
 PRAGMA integrity_check and that /health on the live API says etl_status "failed"; a final run must
@@ -35,6 +38,9 @@ from gen_csv import write_csv
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0  # seconds uvicorn may take to answer its first request
 WRK_TIMEOUT = 10  # seconds; slower answers count as socket errors (timeouts)
+SERVE = ("--timeout-graceful-shutdown", "3")  # as README's command
+SETTLE = 5.0  # seconds after the load for requests still being answered to end (the API bounds its waits at 2 s)
+STOP_WITHIN = 5.0  # seconds from SIGTERM to exit, under any load (SPEC)
 
 # wrk: a mix of /data URLs (pages, filters, sorts, one asset) over ids read from $SOAK_IDS; done() prints JSON.
 WRK_SCRIPT = """
@@ -48,6 +54,8 @@ local queries = {
   function() return "/data?filter_by=rank<=" .. math.random(1, 5000) .. "&sort=-market_cap_usd" end,
   function() return "/data?filter_by=symbol:KAS" .. math.random(0, 6) .. "&page_size=25" end,
   function() return "/data/" .. ids[math.random(1, #ids)] end,
+  function() return "/stats" end,
+  function() return "/health" end,
 }
 math.randomseed(20261126)
 request = function() return wrk.format("GET", queries[math.random(1, #queries)]()) end
@@ -99,14 +107,44 @@ def get(base: str, path: str) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
+def in_flight(base: str) -> int:
+    """Requests the server is answering besides this scrape (kasparro_http_requests_in_flight of /metrics)."""
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as answer:  # noqa: S310 - 127.0.0.1
+        for line in answer.read().decode().splitlines():
+            if line.startswith("kasparro_http_requests_in_flight "):
+                return round(float(line.split()[1])) - 1
+    sys.exit("/metrics has no kasparro_http_requests_in_flight")
+
+
+def settle(base: str) -> int:
+    """Requests still being answered once they have had SETTLE seconds to end."""
+    deadline = time.monotonic() + SETTLE
+    left = in_flight(base)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = in_flight(base)
+    return left
+
+
+def stop(server: subprocess.Popen[bytes]) -> float:
+    """SIGTERM the server: seconds until it exited (inf when it had not after twice STOP_WITHIN)."""
+    started = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=2 * STOP_WITHIN)
+    except subprocess.TimeoutExpired:
+        return float("inf")
+    return time.monotonic() - started
+
+
 @contextlib.contextmanager
-def serve(db: Path, log: Path) -> Iterator[str]:
-    """uvicorn kasparro:app (one worker) on a free 127.0.0.1 port; its base URL."""
+def serve(db: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """uvicorn kasparro:app (one worker) on a free 127.0.0.1 port: its base URL and process."""
     port = free_port()
     env = etl_env() | {"KASPARRO_DB": str(db), "LOG_LEVEL": "warning"}
     with log.open("wb") as sink:
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "kasparro:app", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "uvicorn", "kasparro:app", "--host", "127.0.0.1", "--port", str(port), *SERVE],
             cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -119,12 +157,9 @@ def serve(db: Path, log: Path) -> Iterator[str]:
                 get(base, "/health")
                 break
             time.sleep(0.05)
-        yield base
+        yield base, server
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # still answering requests wrk gave up on
+        if server.poll() is None and stop(server) == float("inf"):
             server.kill()
             server.wait()
 
@@ -150,15 +185,18 @@ def load_during_writes(work: Path, rows: int, seconds: float, connections: int) 
             code, took = run_etl(db, feed)
             runs.append((code, took, query(db, "SELECT generation FROM store_meta")[0][0]))
 
-    with serve(db, work / "server.log") as base:
+    with serve(db, work / "server.log") as (base, server):
         writer = threading.Thread(target=write_while_loaded)
         env = os.environ | {"SOAK_IDS": str(ids), "SOAK_PAGES": str(max(1, rows // 100))}
         argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={WRK_TIMEOUT}s", "-s", str(script)]
         writer.start()
         done = subprocess.run([*argv, base], env=env, capture_output=True, text=True, check=False)
+        at_end = in_flight(base)
         writer.join()
         print(done.stdout, flush=True)
         health = get(base, "/health")[1]
+        left = settle(base)
+        stopped_in = stop(server)
     line = next((x for x in done.stdout.splitlines() if x.startswith("SOAK ")), None)
     if done.returncode != 0 or line is None:
         sys.exit(f"wrk failed:\n{done.stdout}\n{done.stderr}")
@@ -174,8 +212,12 @@ def load_during_writes(work: Path, rows: int, seconds: float, connections: int) 
     print(f"  ETL runs during the load: {len(committed)} of {len(runs)} committed, "
           + ", ".join(f"{took:.1f} s (generation {generation})" for _, took, generation in runs))  # fmt: skip
     print(f"  /health after: {health}")
+    print(f"  requests in flight when wrk ended: {at_end}; {SETTLE:g} s later: {left} (must be 0)")
+    print(f"  SIGTERM right after the load: the server exited in {stopped_in:.2f} s (must be < {STOP_WITHIN:g})")
     if wrk["status"] or len(committed) != 3:
         sys.exit("FAILED: errors under load, or an ETL run did not commit")
+    if left or stopped_in >= STOP_WITHIN:
+        sys.exit("FAILED: requests never answered, or the server did not stop in time")
 
 
 def wait_for_event(proc: subprocess.Popen[str], event: str) -> bool:
@@ -209,7 +251,7 @@ def kill_loop(work: Path, rows: int, kills: int) -> None:
     db = work / "killed.db"
     chooser = random.Random(20261126)
     killed, healthy_reports, instants = 0, 0, []
-    with serve(db, work / "kill-server.log") as base:
+    with serve(db, work / "kill-server.log") as (base, _):
         while killed < kills:
             proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "etl.py"), "--db", str(db), f"csv:{feed}"],
