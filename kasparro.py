@@ -1485,6 +1485,7 @@ class CachedStats(CachedHealth):
 
 
 Answer = CachedPage | CachedDetail | CachedHealth | CachedStats
+A = TypeVar("A", bound=Answer | None)
 AnswerKey = tuple[str, bytes]  # the request's path and raw query string, as the ASGI scope gives them
 
 
@@ -1506,6 +1507,10 @@ class Answers:
     repeat (assets looked up across a million ids, say) would otherwise push
     out the answers that are asked for again and again, and pay for keeping
     what nobody asks for twice.
+
+    Requests that miss the same key at the same commit share one read (read()):
+    right after a commit every answer is gone, and a dashboard's concurrent
+    requests would otherwise read the same page side by side.
     """
 
     SEEN_ONCE = 16_384
@@ -1516,6 +1521,36 @@ class Answers:
         self.entries: OrderedDict[AnswerKey, Answer] = OrderedDict()
         self.size = 0
         self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of keys read once lately, oldest first
+        self._reading: dict[AnswerKey, tuple[int | None, asyncio.Task[Any]]] = {}  # key: (commit, its read)
+
+    async def read(self, key: AnswerKey, read: Callable[[], Awaitable[A]]) -> A:
+        """The fresh answer to key: kept, else the one a request is reading for it at this commit, else read()'s
+        (then offered to put). Call it right after store.watch(). None (no such asset) is shared, not kept.
+
+        The read runs as a task of its own: a request that goes away (client gone, server stopping) does
+        not cancel it for the others waiting on it.
+        """
+        answer = self.get(key)
+        if answer is not None:
+            return answer  # type: ignore[return-value]
+        commit = self.store.commit
+        reading = self._reading.get(key)
+        if reading is None or reading[0] != commit:
+            reading = self._reading[key] = (commit, asyncio.get_running_loop().create_task(self._read(key, read)))
+            reading[1].add_done_callback(functools.partial(self._read_done, key))
+        return await asyncio.shield(reading[1])
+
+    def _read_done(self, key: AnswerKey, task: asyncio.Task[Any]) -> None:
+        if self._reading.get(key, (None, None))[1] is task:
+            del self._reading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every request waiting on it had it raised already, or went away
+
+    async def _read(self, key: AnswerKey, read: Callable[[], Awaitable[A]]) -> A:
+        answer = await read()
+        if answer is not None:
+            self.put(key, answer)
+        return answer
 
     def get(self, key: AnswerKey) -> Answer | None:
         """The answer to key if it is fresh; call it right after store.watch(), which reads the version.
@@ -1675,13 +1710,11 @@ class AssetResource:
         self._counts_version: DataVersion | None = None
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        key = answer_key(req.scope)
         await self.store.watch()
-        page = self.answers.get(key)
+        page = self.answers.get(key := answer_key(req.scope))
         if page is None:
             query = parse_asset_query({name: req.get_param(name) or "" for name in req.params})
-            page = await self._render(query)
-            self.answers.put(key, page)
+            page = await self.answers.read(key, lambda: self._render(query))
         assert isinstance(page, CachedPage)
         if not_modified(req, resp, page.etag):
             return
@@ -1783,11 +1816,7 @@ class AssetResource:
 async def find_detail(store: Store, answers: Answers, key: AnswerKey, asset_id: str) -> CachedDetail | None:
     """GET /data/{asset_id}'s answer: the kept one, else read (and kept on its second read); None: no such asset."""
     await store.watch()
-    detail = answers.get(key)
-    if detail is None:
-        detail = await store.inline(lambda conn, version: read_detail(conn, version, asset_id))
-        if detail is not None:
-            answers.put(key, detail)
+    detail = await answers.read(key, lambda: store.inline(lambda conn, version: read_detail(conn, version, asset_id)))
     assert detail is None or isinstance(detail, CachedDetail)
     return detail
 
@@ -1816,14 +1845,7 @@ class HealthResource:
         key = answer_key(req.scope)
         try:
             await self.store.watch()
-            answer = self.answers.get(key)
-            if answer is None:
-                runs = await self.store.per_commit_read("health", read_latest_runs)
-                health = self.judge(runs)
-                answer = CachedHealth(
-                    commit=self.store.commit, until=self.holds_until(runs, health), encoded=encode(health)
-                )
-                self.answers.put(key, answer)
+            answer = await self.answers.read(key, self.read)
         except StoreUnavailable as error:
             log.warning("store unavailable", reason=str(error))
             send(resp, Health(status="unhealthy", db_connected=False, etl_last_run=None, etl_status=None),
@@ -1832,6 +1854,11 @@ class HealthResource:
         assert isinstance(answer, CachedHealth)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = answer.encoded
+
+    async def read(self) -> CachedHealth:
+        runs = await self.store.per_commit_read("health", read_latest_runs)
+        health = self.judge(runs)
+        return CachedHealth(commit=self.store.commit, until=self.holds_until(runs, health), encoded=encode(health))
 
     def holds_until(self, runs: Sequence[dict[str, Any]], health: Health) -> float:
         """When a verdict can change without a commit: at once while a run is marked running
@@ -1913,16 +1940,15 @@ class StatsResource:
         self.answers = answers
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        key = answer_key(req.scope)
         await self.store.watch()
-        answer = self.answers.get(key)
-        if answer is None:
-            stats = await self.read()
-            running = bool(stats.recent_runs) and stats.recent_runs[0].status == "running"
-            answer = CachedStats(commit=self.store.commit, until=0.0 if running else math.inf, encoded=encode(stats))
-            self.answers.put(key, answer)
+        answer = await self.answers.read(answer_key(req.scope), self.answer)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = answer.encoded
+
+    async def answer(self) -> CachedStats:
+        stats = await self.read()
+        running = bool(stats.recent_runs) and stats.recent_runs[0].status == "running"
+        return CachedStats(commit=self.store.commit, until=0.0 if running else math.inf, encoded=encode(stats))
 
     async def read(self) -> Stats:
         """The stats as the store holds them now: a few rows, however many runs it records."""
