@@ -24,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import quote
 
+import mixed_load
 import msgspec
 from profile_summary import summarise
 
@@ -102,6 +103,7 @@ class Scenario:
     target: Target | None = None
     on_ceiling: bool = False
     walk: bool = False  # a keyset walk by a Python client instead of wrk
+    mixed: bool | None = None  # the dashboard load of bench/mixed_load.py on its own store; True: with ETL writes
     ids: str = "sample"  # the ids file random_asset.lua draws from: "sample" (SAMPLE_IDS), "all" or "zipf"
 
 
@@ -138,6 +140,13 @@ SCENARIOS = (
     # The same lookups within a working set small enough to stay in the answer cache (no target of its own).
     Scenario("asset-hot", "GET /data/{asset_id}, random ids of SAMPLE", script="random_asset.lua"),
     Scenario("keyset", "keyset walk, all assets by next_cursor", walk=True, target=Target(max_seconds=30)),
+    Scenario("mixed", "a dashboard's mix, 64 connections, 200,000 assets", mixed=False, target=Target(max_p99_ms=50)),
+    Scenario(
+        "mixed-writes",
+        "the same while 3 ETL runs commit 20,000 changed rows each",
+        mixed=True,
+        target=Target(max_p99_ms=100),
+    ),
 )
 BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 CEILING = SCENARIOS[0]
@@ -573,6 +582,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{scenario.name}{label} ...", flush=True)
         if scenario.walk:
             return keyset_walk(server, args.rows)
+        if scenario.mixed is not None:
+            return mixed_load.measure(2 * args.duration, writes=scenario.mixed)
         scenario_env = {**env, "BENCH_IDS": str(ids_files[scenario.ids])}
         return load(server, scenario, args.warmup, args.duration, scenario_env, args.profile)
 
@@ -590,11 +601,12 @@ def main(argv: list[str] | None = None) -> None:
             results.append(Result(CEILING, run(ceiling, CEILING)))
         for scenario in api_runs:
             assert api is not None
-            paired = None if ceiling is None or scenario.walk else run(ceiling, CEILING, f" (before {scenario.name})")
+            alone = scenario.walk or scenario.mixed is not None  # no ratio to the ceiling
+            paired = None if ceiling is None or alone else run(ceiling, CEILING, f" (before {scenario.name})")
             if paired is not None:
                 results.append(Result(CEILING, paired, before=scenario))
             measure = run(api, scenario)
-            quiet_measure = run(quiet, scenario, " (LOG_LEVEL=warning)") if quiet and not scenario.walk else None
+            quiet_measure = run(quiet, scenario, " (LOG_LEVEL=warning)") if quiet and not alone else None
             results.append(Result(scenario, measure, paired, quiet=quiet_measure))
         if api is not None:
             memory = api.memory_mb()
