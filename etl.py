@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
+import dataclasses
 import email.utils
 import errno
 import fcntl
@@ -141,6 +143,18 @@ class SourceError(Exception):
 
 class Interrupted(Exception):
     """The process was asked to stop (SIGTERM); the open batch rolls back."""
+
+
+class RecordLost(Exception):
+    """The run's end could not be written to its record; the next run records it as failed.
+
+    `cause` is the first thing that went wrong in the run, `record_error` why the record was not written.
+    """
+
+    def __init__(self, cause: str, record_error: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.record_error = record_error
 
 
 # --- logging --------------------------------------------------------------
@@ -911,6 +925,67 @@ def connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+# The system errors that mean the same as an SQLite result code, for files beside the store.
+OS_FAULTS = {errno.ENOSPC: sqlite3.SQLITE_FULL, errno.EDQUOT: sqlite3.SQLITE_FULL, errno.EROFS: sqlite3.SQLITE_READONLY,
+             errno.EACCES: sqlite3.SQLITE_READONLY, errno.EPERM: sqlite3.SQLITE_READONLY}  # fmt: skip
+
+
+def store_fault(error: sqlite3.Error | OSError, config: EtlConfig) -> str:
+    """An error of the store (or of a file beside it) in an operator's words, the original message beside it.
+
+    SQLite's result code (or errno) says the class: full, read-only, locked, corrupt; for an
+    I/O error the store's filesystem is asked whether it is full or read-only. An error of
+    no known class is given as its type and message.
+    """
+    if isinstance(error, OSError):
+        code, original = OS_FAULTS.get(error.errno or 0, 0), str(error)
+    else:  # an extended result code's low byte is its class
+        code, original = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF, f"SQLite: {error}"
+    if code == sqlite3.SQLITE_IOERR:
+        code = filesystem_fault(config.db) or code
+    db = config.db
+    causes = {
+        sqlite3.SQLITE_FULL: f"the disk holding {db} is full: free space, then run again",
+        sqlite3.SQLITE_READONLY: f"the store {db} is read-only: make it and its directory writable for the ETL",
+        sqlite3.SQLITE_BUSY: f"the store {db} is locked by another writer for longer than KASPARRO_BUSY_TIMEOUT"
+        f" ({config.busy_timeout:g} s): end that process, or raise the timeout",
+        sqlite3.SQLITE_CORRUPT: f"the store {db} is corrupt: restore it from a backup, or move it away to load anew",
+        sqlite3.SQLITE_IOERR: f"the disk holding {db} failed a read or write",
+        sqlite3.SQLITE_CANTOPEN: f"the store {db} cannot be opened: check that it and its directory exist",
+    }
+    causes[sqlite3.SQLITE_LOCKED] = causes[sqlite3.SQLITE_BUSY]
+    causes[sqlite3.SQLITE_NOTADB] = causes[sqlite3.SQLITE_CORRUPT]
+    cause = causes.get(code)
+    return f"{cause} ({original})" if cause else f"{type(error).__name__}: {error}"
+
+
+def filesystem_fault(db: Path) -> int | None:
+    """SQLITE_FULL or SQLITE_READONLY when the filesystem holding `db` is full or mounted read-only."""
+    try:
+        stats = os.statvfs(db.parent)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return sqlite3.SQLITE_READONLY
+    return sqlite3.SQLITE_FULL if stats.f_bavail == 0 else None
+
+
+@contextlib.contextmanager
+def cleanup(step: str) -> Iterator[None]:
+    """A step that tidies up after a failure: its own error is logged, never raised over the failure's."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as error:
+        log.warning("cleanup failed", step=step, error=f"{type(error).__name__}: {error}")
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Undo the open transaction, unless SQLite already has (it does on a full disk or an I/O error)."""
+    if conn.in_transaction:
+        with cleanup("rollback"):
+            conn.execute("ROLLBACK")
+
+
 def apply_schema(conn: sqlite3.Connection) -> None:
     """Create the store, or check that an existing one has a version this ETL knows."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -988,7 +1063,7 @@ class Loader:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
         return loaded
 
@@ -1299,6 +1374,18 @@ def start_run(conn: sqlite3.Connection, sources: Sequence[Source]) -> int:
     """Close runs whose process died, then record this run as running."""
     started = now()
     conn.execute("BEGIN IMMEDIATE")
+    try:
+        run_id, dead = record_start(conn, sources, started)
+    except BaseException:
+        rollback(conn)
+        raise
+    if dead:
+        log.warning("found dead runs", run_ids=dead)
+    return run_id
+
+
+def record_start(conn: sqlite3.Connection, sources: Sequence[Source], started: str) -> tuple[int, list[int]]:
+    """In start_run's transaction: the new run's rows, and the ids of dead runs now marked failed."""
     dead = [row[0] for row in conn.execute("SELECT run_id FROM etl_run WHERE status = 'running'")]
     conn.execute(
         "INSERT INTO etl_run (started_at, status, sources, pid, host) VALUES (?, 'running', ?, ?, ?)",
@@ -1322,9 +1409,7 @@ def start_run(conn: sqlite3.Connection, sources: Sequence[Source]) -> int:
         [(run_id, s.name, started) for s in sources],
     )
     conn.execute("COMMIT")
-    if dead:
-        log.warning("found dead runs", run_ids=dead)
-    return run_id
+    return run_id, dead
 
 
 @dataclass
@@ -1375,7 +1460,8 @@ def load_source(
     try:
         return load_pages(conn, run_id, source, fetched_pages(source), keep_raw=True)
     finally:
-        prune_raw(conn, source.name, config.raw_keep_runs)
+        with cleanup("raw payload pruning"):
+            prune_raw(conn, source.name, config.raw_keep_runs)
 
 
 def run_source(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> SourceOutcome:
@@ -1387,19 +1473,26 @@ def run_source(conn: sqlite3.Connection, run_id: int, source: Source, config: Et
         status = "partial" if tally.rejected else "success"
         outcome = SourceOutcome(source.name, status, tally, elapsed_ms(started), detail, None, drift)
     except (SourceError, sqlite3.Error, OSError) as error:
-        message = f"{type(error).__name__}: {error}" if not isinstance(error, SourceError) else str(error)
+        if isinstance(error, sqlite3.Error):
+            message = store_fault(error, config)
+        else:  # an OSError here is the source's (a CSV file), not the store's
+            message = str(error) if isinstance(error, SourceError) else f"{type(error).__name__}: {error}"
         log.error("source failed", error=message)
         outcome = SourceOutcome(source.name, "failed", Tally(), elapsed_ms(started), None, message)
     finally:
         structlog.contextvars.unbind_contextvars("source")
-    end_source(conn, run_id, outcome)
-    # The committed batches counted themselves; a source that failed midway keeps what it loaded.
-    outcome.tally = Tally(
-        *conn.execute(
-            "SELECT rows_read, rows_loaded, rows_rejected FROM run_source WHERE run_id = ? AND source = ?",
-            (run_id, source.name),
-        ).fetchone()
-    )
+    try:
+        end_source(conn, run_id, outcome)
+        # The committed batches counted themselves; a source that failed midway keeps what it loaded.
+        outcome.tally = Tally(
+            *conn.execute(
+                "SELECT rows_read, rows_loaded, rows_rejected FROM run_source WHERE run_id = ? AND source = ?",
+                (run_id, source.name),
+            ).fetchone()
+        )
+    except sqlite3.Error as error:
+        cause = store_fault(error, config)
+        raise RecordLost(f"{source.name}: {outcome.error}" if outcome.error else cause, cause) from error
     log.info(
         "source finished",
         source=source.name,
@@ -1502,27 +1595,33 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
     except BlockingIOError as error:
         print(f"etl.py: {error}", file=sys.stderr)
         return EXIT_LOCKED
-    except OSError as error:
-        print(f"etl.py: error: cannot take the writer lock next to {db}: {error.strerror}", file=sys.stderr)
-        return EXIT_FAILED
+    except OSError as error:  # the lock file sits beside the store: a read-only or full disk shows here first
+        return store_unusable(error, dataclasses.replace(config, db=db))
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(db, sources, config)
     except UsageError as error:
         print(f"etl.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except sqlite3.Error as error:
-        # Unreadable store, or another process's transaction outlasted the busy timeout.
-        log.error("store unusable", db=str(db), error=f"{type(error).__name__}: {error}")
-        print(f"etl.py: error: store {db}: {error}", file=sys.stderr)
-        return EXIT_FAILED
+    except sqlite3.Error as error:  # the run could not begin: an unreadable store, a full disk, a writer's lock
+        return store_unusable(error, dataclasses.replace(config, db=db))
     finally:
-        os.close(lock)
+        with cleanup("writer lock release"):
+            os.close(lock)
+
+
+def store_unusable(error: sqlite3.Error | OSError, config: EtlConfig) -> int:
+    """Report a store the run could not begin on; return exit code 1."""
+    cause = store_fault(error, config)
+    log.error("store unusable", db=str(config.db), error=cause)
+    print(f"etl.py: error: {cause}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
     """One recorded run over the given sources, holding the writer lock."""
     started = time.monotonic()
+    config = dataclasses.replace(config, db=db)
     conn = connect(db, config.busy_timeout)
     try:
         apply_schema(conn)
@@ -1534,18 +1633,28 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
             outcomes = [run_source(conn, run_id, source, config) for source in sources]
         except (Interrupted, KeyboardInterrupt) as stop:
             reason = str(stop) or "interrupted"
-            conn.execute(
-                "UPDATE run_source SET status = 'failed', ended_at = ?, error = ?"
-                " WHERE run_id = ? AND status = 'running'",
-                (now(), reason, run_id),
-            )
-            end_run(conn, run_id, "failed", elapsed_ms(started), reason)
             log.error("run interrupted", reason=reason)
+            try:
+                conn.execute(
+                    "UPDATE run_source SET status = 'failed', ended_at = ?, error = ?"
+                    " WHERE run_id = ? AND status = 'running'",
+                    (now(), reason, run_id),
+                )
+                end_run(conn, run_id, "failed", elapsed_ms(started), reason)
+            except sqlite3.Error as fault:
+                return record_lost(run_id, reason, store_fault(fault, config))
             return EXIT_FAILED
+        except RecordLost as lost:
+            return record_lost(run_id, lost.cause, lost.record_error)
         status = run_status(outcomes)
-        errors = [f"{o.source}: {o.error}" for o in outcomes if o.error]
-        end_run(conn, run_id, status, elapsed_ms(started), "; ".join(errors) or None)
-        truncate_wal(conn)
+        error = "; ".join(f"{o.source}: {o.error}" for o in outcomes if o.error) or None
+        try:
+            end_run(conn, run_id, status, elapsed_ms(started), error)
+        except sqlite3.Error as fault:
+            cause = store_fault(fault, config)
+            return record_lost(run_id, error or cause, cause)
+        with cleanup("wal truncation"):
+            truncate_wal(conn)
         total = Tally()
         for outcome in outcomes:
             total.add(outcome.tally)
@@ -1570,10 +1679,26 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
                 for o in outcomes
             },
         )
-        return EXIT_FAILED if status == "failed" else EXIT_OK
+        if status == "failed":
+            print(f"etl.py: error: run {run_id} failed: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
     finally:
         structlog.contextvars.clear_contextvars()
-        conn.close()
+        with cleanup("closing the store"):
+            conn.close()
+
+
+def record_lost(run_id: int, cause: str, record_error: str) -> int:
+    """Report a run whose end its record does not hold (the next run marks it failed); return exit code 1."""
+    log.error("run failed; its record was not written", cause=cause, record_error=record_error)
+    why = "for the same reason" if cause.endswith(record_error) else f"({record_error})"
+    print(
+        f"etl.py: error: run {run_id} failed: {cause}; its end could not be written to the run record {why},"
+        " so the next run will record it as failed",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -2892,10 +2892,12 @@ async def handle_unexpected(
     raise falcon.HTTPInternalServerError(description="an unexpected error occurred; quote the request_id")
 
 
-# SQLite's primary result codes that mean the store itself is broken or busy, not the query.
+# SQLite's primary result codes that mean the store or its machine is broken or busy, not the query:
+# a full disk (no room for a temporary file or the WAL index) or a read-only one (the WAL index
+# cannot be written) included.
 STORE_FAULTS = frozenset(
     {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_CANTOPEN,
-     sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB}
+     sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY}
 )  # fmt: skip
 
 
