@@ -64,6 +64,10 @@ schemathesis:
 soak *args:
     {{py}} bench/soak.py {{args}}
 
+# fetch ReDoc's standalone build again from npm at vendor/redoc/VERSION, check it against vendor/redoc/SHA256SUMS, then copy it in
+vendor-redoc:
+    tmp="$(mktemp -d)" && trap 'rm -rf "$tmp"' EXIT && cd "$tmp" && npm pack --silent "redoc@$(cat "{{justfile_directory()}}/vendor/redoc/VERSION")" >/dev/null && tar xzf redoc-*.tgz && cd package && sha256sum --strict -c "{{justfile_directory()}}/vendor/redoc/SHA256SUMS" && cp --parents LICENSE bundles/redoc.standalone.js bundles/redoc.standalone.js.LICENSE.txt "{{justfile_directory()}}/vendor/redoc/"
+
 # audit the pinned runtime requirements for known vulnerabilities (needs PyPI's JSON API)
 audit:
     {{py}} -m pip_audit --strict --no-deps --disable-pip -r requirements.txt

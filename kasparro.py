@@ -1350,7 +1350,7 @@ class IndexResource:
     """GET /: what the service is and where its endpoints are."""
 
     ENDPOINTS = ("GET /", "GET /data", "GET /data/{asset_id}", "GET /health", "GET /stats", "GET /metrics",
-                 "GET /openapi.json", "GET /docs")  # fmt: skip
+                 "GET /openapi.json", "GET /docs", "GET /redoc")  # fmt: skip
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         send(resp, Index(message="Kasparro Backend Service", version=__version__, endpoints=list(self.ENDPOINTS)))
@@ -1713,7 +1713,7 @@ class AssetResource:
         await self.store.watch()
         page = self.answers.get(key := answer_key(req.scope))
         if page is None:
-            query = parse_asset_query({name: req.get_param(name) or "" for name in req.params})
+            query = parse_asset_query(req.params)  # single values: QueryParameters saw to it
             page = await self.answers.read(key, lambda: self._render(query))
         assert isinstance(page, CachedPage)
         if not_modified(req, resp, page.etag):
@@ -2367,8 +2367,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "operationId": summary.split()[0].lower().strip(":"),
             "responses": answers,
         }
-        if parameters:
-            spec["parameters"] = list(parameters)
+        if parameters:  # an empty query parameter is an absent one
+            spec["parameters"] = [{**p, "allowEmptyValue": True} if p["in"] == "query" else p for p in parameters]
         return {"get": spec}
 
     if_none_match = {
@@ -2424,6 +2424,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "description": "the asset's stable slug",
         "example": "bitcoin",
     }
+    page = {"description": "an HTML page", "headers": request_id, "content": {"text/html": {"schema": string}}}
     text = {
         "description": "Prometheus text exposition",
         "headers": request_id,
@@ -2434,7 +2435,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "info": {
             "title": "Kasparro",
             "version": __version__,
-            "description": "Unified crypto-asset market data, loaded by the ETL and served read-only.",
+            "description": "Unified crypto-asset market data, loaded by the ETL and served read-only.\n\n"
+            "Every GET path answers HEAD too: the same status and headers, no body. An empty query parameter"
+            " is an absent one; filter_by given twice means both; any other parameter given twice is a 400.\n\n"
+            "Read it as [interactive docs](/docs) (Swagger UI: try each request) or as a [reference](/redoc)"
+            " (ReDoc).",
         },
         "paths": {
             "/": operation("Index: the service and its endpoints", body("the service", index, example["index"])),
@@ -2464,14 +2469,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "OpenAPI: this document",
                 body("OpenAPI 3.1", {"type": "object"}, {"openapi": "3.1.0"}),
             ),
-            "/docs": operation(
-                "Docs: interactive documentation (Swagger UI)",
-                {
-                    "description": "an HTML page",
-                    "headers": request_id,
-                    "content": {"text/html": {"schema": string}},
-                },
-            ),
+            "/docs": operation("Docs: interactive documentation (Swagger UI)", page),
+            "/redoc": operation("Reference: documentation in three panels (ReDoc)", page),
         },
         "components": {"schemas": schemas, "responses": responses},
     }
@@ -2508,9 +2507,35 @@ DOCS_HTML = b"""<!doctype html>
   <link rel="stylesheet" href="/docs/swagger-ui.css">
 </head>
 <body>
+  <nav style="font: 14px sans-serif; padding: 8px 20px">Interactive docs &middot;
+    <a href="/redoc">the same API as a reference (ReDoc)</a></nav>
   <div id="swagger-ui"></div>
   <script src="/docs/swagger-ui-bundle.js"></script>
   <script src="/docs/init.js"></script>
+</body>
+</html>
+"""
+
+# ReDoc's standalone build, vendored from the npm package `redoc` at the version in vendor/redoc/VERSION
+# with its licences (`just vendor-redoc` fetches it again and checks vendor/redoc/SHA256SUMS).
+REDOC_DIR = Path(__file__).resolve().parent / "vendor" / "redoc" / "bundles"
+REDOC_FILES = {
+    "redoc.standalone.js": "text/javascript; charset=utf-8",
+    "redoc.standalone.js.LICENSE.txt": "text/plain; charset=utf-8",
+}
+REDOC_HTML = b"""<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>Kasparro API reference</title>
+  <link rel="icon" type="image/png" href="/docs/favicon-32x32.png">
+</head>
+<body style="margin: 0">
+  <nav style="font: 14px sans-serif; padding: 8px 20px">Reference &middot;
+    <a href="/docs">try the API in the interactive docs (Swagger UI)</a></nav>
+  <redoc spec-url="/openapi.json"></redoc>
+  <script src="/redoc/redoc.standalone.js"></script>
 </body>
 </html>
 """
@@ -2525,24 +2550,33 @@ def swagger_ui_dir() -> Path:
 
 
 class DocsResource:
-    """GET /docs (Swagger UI over /openapi.json), its files, and GET /openapi.json, all held in memory."""
+    """GET /docs (Swagger UI over /openapi.json), GET /redoc (ReDoc over it), their files by path, and
+    GET /openapi.json, all held in memory."""
 
     CACHE = "public, max-age=3600"
 
     def __init__(self, document: dict[str, Any]) -> None:
         self.openapi = encode(document)
-        folder = swagger_ui_dir()
-        self.files = {name: ((folder / name).read_bytes(), media) for name, media in SWAGGER_UI_FILES.items()}
-        self.files["init.js"] = (DOCS_INIT_JS, "text/javascript; charset=utf-8")
+        shipped = (("/docs", swagger_ui_dir(), SWAGGER_UI_FILES), ("/redoc", REDOC_DIR, REDOC_FILES))
+        self.files = {
+            f"{page}/{name}": ((folder / name).read_bytes(), media)
+            for page, folder, files in shipped
+            for name, media in files.items()
+        }
+        self.files["/docs/init.js"] = (DOCS_INIT_JS, "text/javascript; charset=utf-8")
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = falcon.MEDIA_HTML
         resp.data = DOCS_HTML
 
+    async def on_get_redoc(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = falcon.MEDIA_HTML
+        resp.data = REDOC_HTML
+
     async def on_get_file(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        if name not in self.files:
+        if req.path not in self.files:
             raise falcon.HTTPNotFound(description=f"no docs file {name[:100]!r}")
-        resp.data, resp.content_type = self.files[name]
+        resp.data, resp.content_type = self.files[req.path]
         resp.cache_control = [self.CACHE]
 
     async def on_get_openapi(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
@@ -2594,6 +2628,21 @@ ROUTE = "kasparro.route"
 
 
 Response = tuple[int, list[tuple[bytes, bytes]], bytes] | tuple[()]  # status, headers, body; or () for none
+READS = frozenset({"GET", "HEAD"})  # a HEAD is answered as its GET, without the body (RFC 9110 9.3.2)
+
+
+class Router(falcon.routing.CompiledRouter):
+    """Falcon's router, with HEAD mapped to the GET responder of every route that has no on_head.
+
+    Falcon then sends GET's status and headers, Content-Length of its body included, and no body:
+    one rule for every route added, not an on_head per resource.
+    """
+
+    def map_http_methods(self, resource: object, **kwargs: Any) -> dict[str, Any]:
+        methods = super().map_http_methods(resource, **kwargs)
+        if "GET" in methods:
+            methods.setdefault("HEAD", methods["GET"])
+        return methods
 
 
 class Api(falcon.asgi.App):
@@ -2607,7 +2656,8 @@ class Api(falcon.asgi.App):
     on `front_routes`: the routes no per-client check (API keys, rate limit)
     guards in this configuration. A plain GET /data/{asset_id} not kept it
     also reads itself (one asset among many is rarely kept): Falcon's part was
-    a fifth of such a lookup. A missing asset is left to Falcon's 404.
+    a fifth of such a lookup. A missing asset is left to Falcon's 404. A HEAD
+    is served as its GET, with no body, on both paths (Router maps Falcon's).
     """
 
     def __init__(
@@ -2644,7 +2694,7 @@ class Api(falcon.asgi.App):
             key = answer_key(scope)
             kept = self.answers.entries.get(key)  # a look only: a miss does not pay for reading the data version
             response: Response = ()
-            if kept is not None and scope["method"] == "GET" and kept.route in self.front_routes:
+            if kept is not None and scope["method"] in READS and kept.route in self.front_routes:
                 route = kept.route
                 if self.store.current:  # a request in this turn of the loop read the data version
                     response = self._answer_now(key, scope, if_none_match)
@@ -2656,7 +2706,7 @@ class Api(falcon.asgi.App):
             if response:
                 status, headers, body = response
                 await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
                 return self._done(scope, route, status, started)
             status = await self._through_falcon(scope, receive, send)
             return self._done(scope, scope.get(ROUTE), status, started)
@@ -2678,9 +2728,9 @@ class Api(falcon.asgi.App):
         return () if answer is None else self._response(answer, scope, if_none_match)
 
     def _detail_id(self, scope: dict[str, Any]) -> str:
-        """The asset_id of a plain GET /data/{asset_id} the front door may answer, else ''."""
+        """The asset_id of a plain GET (or HEAD) /data/{asset_id} the front door may answer, else ''."""
         path = scope["path"]
-        if scope["method"] != "GET" or scope["query_string"] or not path.startswith(DETAIL_PREFIX):
+        if scope["method"] not in READS or scope["query_string"] or not path.startswith(DETAIL_PREFIX):
             return ""
         asset_id = path[len(DETAIL_PREFIX) :]
         return asset_id if "/" not in asset_id and CachedDetail.route in self.front_routes else ""
@@ -2769,6 +2819,32 @@ class ApiKeyAuth:
                 description="this endpoint needs an API key: Authorization: Bearer <key> or X-API-Key",
                 challenges=['Bearer realm="kasparro"'],
             )
+
+
+class QueryParameters:
+    """SPEC's rules for the query string of every route. An empty parameter (`page=`) is absent: Falcon
+    drops it (keep_blank_qs_values off). filter_by given twice means every condition of each, joined with
+    ','. Any other parameter given twice is a 400 naming it, never the last one silently winning.
+
+    A resource therefore reads one string per name. Runs after the guards, so a guarded route without a
+    key still answers 401; an answer kept by the front door was once read past these rules, under the
+    same raw query string.
+    """
+
+    JOINED: ClassVar[dict[str, str]] = {"filter_by": ","}
+
+    async def process_resource(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, params: dict
+    ) -> None:
+        for name, value in list(req.params.items()):
+            if type(value) is not list:
+                continue
+            if name not in self.JOINED:
+                raise InvalidQuery(
+                    f"{name[:40]}: given {len(value)} times; give it once (only filter_by may repeat: all its"
+                    " conditions must hold)"
+                )
+            req.params[name] = self.JOINED[name].join(value)
 
 
 class RateLimit:
@@ -2930,6 +3006,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     # The front door answers a route only where no per-client check applies (/health is never guarded).
     guarded = bool(config.api_keys or config.rate_limit)
     app = Api(
+        router=Router(),
         store=store,
         answers=answers,
         front_routes=frozenset({"/health"} if guarded else {"/health", "/data", "/data/{asset_id}", "/stats"}),
@@ -2940,10 +3017,11 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
             *limit,
             # Only a keyed API pays for the check on every request.
             *([ApiKeyAuth(config.api_keys)] if config.api_keys else []),
+            QueryParameters(),
             Lifespan(store, metrics, config.metrics_dir),
         ],
     )
-    app.req_options.keep_blank_qs_values = True
+    app.req_options.keep_blank_qs_values = False  # an empty parameter is an absent one (QueryParameters)
     app.resp_options.secure_cookies_by_default = config.env == "production"
     app.set_error_serializer(serialize_problem)
     app.add_error_handler(Exception, handle_unexpected)
@@ -2962,6 +3040,8 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     app.add_route("/openapi.json", docs, suffix="openapi")
     app.add_route("/docs", docs)
     app.add_route("/docs/{name}", docs, suffix="file")
+    app.add_route("/redoc", docs, suffix="redoc")
+    app.add_route("/redoc/{name}", docs, suffix="file")
     return app
 
 

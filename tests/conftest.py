@@ -15,8 +15,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import falcon.testing
 import pytest
@@ -25,7 +27,7 @@ from falcon.util import async_to_sync
 from etl_support import ROOT, run_etl, write_csv
 from kasparro import Config, create_app
 
-__all__ = ["ROOT", "http_get", "run_etl", "write_csv"]
+__all__ = ["ROOT", "exchange", "http_get", "referenced_urls", "run_etl", "write_csv"]
 
 
 @pytest.fixture(autouse=True)
@@ -164,6 +166,43 @@ def http_get(base: str, path: str, headers: dict[str, str] | None = None) -> tup
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
     except urllib.error.HTTPError as error:
         return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+
+def exchange(
+    base: str, method: str, target: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on its own connection, read until the server closes it: (status, lower-cased headers,
+    every byte after the headers). A HEAD whose server sent a body shows it here."""
+    address = urlsplit(base)
+    assert address.hostname and address.port
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {address.netloc}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    received = bytearray()
+    with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        while chunk := conn.recv(1 << 16):
+            received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    status_line, *fields = head.decode("latin-1").split("\r\n")
+    return int(status_line.split()[1]), {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}, body
+
+
+class References(HTMLParser):
+    """Every URL an HTML page makes the browser load: src of scripts, images and frames, href of links."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        wanted = "href" if tag == "link" else "src"
+        self.urls += [value for name, value in attrs if name == wanted and value]
+
+
+def referenced_urls(html: bytes) -> list[str]:
+    parser = References()
+    parser.feed(html.decode())
+    return parser.urls
 
 
 @pytest.fixture

@@ -332,7 +332,10 @@ def guarded(make_client: Any, store_path: Path) -> Any:
     return make_client(Config(db=store_path, api_keys=KEYS, log_level="warning"))
 
 
-@pytest.mark.parametrize("path", ["/", "/health", "/metrics", "/docs", "/openapi.json", "/docs/swagger-ui.css"])
+@pytest.mark.parametrize(
+    "path", ["/", "/health", "/metrics", "/docs", "/openapi.json", "/docs/swagger-ui.css", "/redoc",
+             "/redoc/redoc.standalone.js"]
+)  # fmt: skip
 def test_open_paths_need_no_key(guarded: Any, path: str) -> None:
     assert guarded.get(path).status_code == 200
 

@@ -74,9 +74,10 @@ def test_document_with_api_keys_declares_security(sample_store: Path) -> None:
 
 def test_every_path_and_parameter_is_documented(document: dict[str, Any]) -> None:
     assert set(document["paths"]) == {"/", "/data", "/data/{asset_id}", "/health", "/stats", "/metrics",
-                                      "/openapi.json", "/docs"}  # fmt: skip
+                                      "/openapi.json", "/docs", "/redoc"}  # fmt: skip
     data = {p["name"]: p for p in document["paths"]["/data"]["get"]["parameters"]}
     assert set(data) == {"page", "page_size", "filter_by", "sort", "cursor", "If-None-Match"}
+    assert all(p.get("allowEmptyValue", False) == (p["in"] == "query") for p in data.values())  # empty: absent
     assert data["page_size"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 100, "default": 10}
     assert set(data["sort"]["schema"]["enum"]) == set(SORTS)
     for word in ("field:value", "field~text", ">=", "a|b", "updated_at", "price_usd", "source"):
@@ -116,6 +117,7 @@ def test_examples_match_their_schemas(document: dict[str, Any]) -> None:
         ("/metrics", None, "/metrics", 200),
         ("/openapi.json", None, "/openapi.json", 200),
         ("/docs", None, "/docs", 200),
+        ("/redoc", None, "/redoc", 200),
         ("/nowhere", None, None, 404),
     ],
 )

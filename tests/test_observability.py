@@ -11,13 +11,12 @@ import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import http_get
+from conftest import http_get, referenced_urls
 from kasparro import Config, HttpMetrics, LogLines, LogLinesHandler
 
 REQUESTS = "kasparro_http_requests_total"
@@ -224,25 +223,13 @@ def test_stdlib_records_join_the_same_lines_in_order() -> None:
 # --- GET /docs -----------------------------------------------------------
 
 
-class References(HTMLParser):
-    """The src and href values of a page."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.urls: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.urls += [value for name, value in attrs if name in ("src", "href") and value]
-
-
 def test_docs_page_and_its_files_are_served_offline(client: Any) -> None:
     page = client.get("/docs")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    parser = References()
-    parser.feed(page.text)
+    urls = referenced_urls(page.content)
     kinds = {".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
-    assert {Path(url).suffix for url in parser.urls} == set(kinds)
-    for url in parser.urls:
+    assert {Path(url).suffix for url in urls} == set(kinds)
+    for url in urls:
         assert url.startswith("/docs/"), url
         result = client.get(url)
         assert result.status_code == 200, url
@@ -258,4 +245,4 @@ def test_docs_page_and_its_files_are_served_offline(client: Any) -> None:
 
 def test_index_lists_the_new_endpoints(client: Any) -> None:
     endpoints = client.get("/").json["endpoints"]
-    assert {"GET /metrics", "GET /openapi.json", "GET /docs"} <= set(endpoints)
+    assert {"GET /metrics", "GET /openapi.json", "GET /docs", "GET /redoc"} <= set(endpoints)
