@@ -48,6 +48,14 @@ bench-etl rows="1000000":
 bench *args:
     {{py}} bench/api_bench.py {{args}}
 
+# uncached GET /stats over a store recording a year of 10-minute runs (52,560)
+bench-stats *args:
+    {{py}} bench/stats_bench.py {{args}}
+
+# CPU microseconds of the API's per-request log line, in process, written to a pipe
+bench-log *args:
+    {{py}} bench/log_cost.py {{args}}
+
 # /data/{asset_id} on ids of all 1,000,000 assets: the API beside bare apps that only read (the bounds)
 bench-detail *args:
     {{py}} bench/detail_bounds.py {{args}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import bisect
 import collections
@@ -21,6 +22,7 @@ import sqlite3
 import stat
 import struct
 import sys
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, BinaryIO, ClassVar, Literal, TypeVar
 
 import aiosqlite
 import falcon
@@ -100,6 +102,7 @@ class Config:
 
 ROLES = ("primary", "replica")
 
+# --- logs -----------------------------------------------------------------
 
 LOG_HANDLER = "kasparro"
 
@@ -116,6 +119,104 @@ def add_request_id(logger: object, method: str, event: dict[str, Any]) -> dict[s
     return event
 
 
+class UtcTimestamp:
+    """structlog processor: `timestamp` as RFC 3339 UTC with microseconds, as TimeStamper(fmt="iso", utc=True)
+    writes it; the part up to the second is formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
+
+
+encode_log_event = msgspec.json.Encoder(enc_hook=str).encode  # a value JSON lacks (a Path, an error) as its str()
+
+
+format_exc_info = structlog.processors.format_exc_info
+
+
+def add_exception(logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: format_exc_info, only for the events that carry exc_info (a tenth of a line's cost)."""
+    return format_exc_info(logger, method, event) if "exc_info" in event else event
+
+
+def render_json(logger: object, method: str, event: dict[str, Any]) -> bytes:
+    """structlog renderer: the event as one line of JSON (bytes)."""
+    return encode_log_event(event)
+
+
+class LogLines:
+    """structlog's logger for the API: debug and info lines are held and written to a binary stream once per
+    turn of the event loop (at once outside one, or when MAX_HELD wait), in one write; a warning or worse,
+    and every stdlib record, is written at once with the lines held before it. flush() writes what waits."""
+
+    MAX_HELD = 512
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self._held: list[bytes] = []
+        self._due = False
+        self._lock = threading.Lock()  # reader threads log too
+
+    def msg(self, line: bytes | str) -> None:
+        with self._lock:
+            self._held.append(line.encode() if type(line) is str else line)
+            full = len(self._held) >= self.MAX_HELD
+            if self._due and not full:
+                return
+        if not full:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._due = True
+                return
+            except RuntimeError:  # not on the loop's thread
+                pass
+        self.flush()
+
+    def write_now(self, line: bytes | str) -> None:
+        with self._lock:
+            self._held.append(line.encode() if type(line) is str else line)
+        self.flush()
+
+    log = debug = info = msg
+    warning = warn = error = critical = fatal = exception = write_now
+
+    def flush(self) -> None:
+        with self._lock:
+            self._due = False
+            held, self._held = self._held, []
+            if held:
+                held.append(b"")
+                self.stream.write(b"\n".join(held))
+                self.stream.flush()
+
+
+class LogLinesHandler(logging.Handler):
+    """The stdlib (uvicorn) records, formatted by structlog's ProcessorFormatter, into the same LogLines, at once:
+    uvicorn's last lines come after the app's shutdown, and a signal may end the process right after them."""
+
+    def __init__(self, lines: LogLines) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.write_now(self.format(record))
+        except Exception:  # logging must never break a request; stdlib's own policy
+            self.handleError(record)
+
+
+log_lines = LogLines(sys.stdout.buffer)
+atexit.register(log_lines.flush)
+
+
 def log_level(name: str) -> int:
     """The stdlib level of a LOG_LEVEL name; info when the name is unknown."""
     return logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
@@ -124,25 +225,23 @@ def log_level(name: str) -> int:
 def configure_logging(level: str) -> None:
     """JSON lines on stdout, or readable console lines on a TTY, for structlog and stdlib (uvicorn) alike.
 
-    The app's own events take structlog's short path to stdout; records of
-    stdlib loggers (uvicorn, uvicorn.error) reach the root handler, whose
-    ProcessorFormatter runs them through the same processors and renderer.
+    The app's own events take structlog's short path to `log_lines`; records of stdlib loggers
+    (uvicorn, uvicorn.error) reach the root handler, whose ProcessorFormatter runs them through
+    the same processors and renderer into the same lines.
     """
     threshold = log_level(level)
-    renderer = structlog.dev.ConsoleRenderer() if sys.stdout.isatty() else structlog.processors.JSONRenderer()
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        add_request_id,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    tty = sys.stdout.isatty()
+    # The request id comes from REQUEST_ID, not structlog.contextvars: the API binds nothing there.
+    shared: list[Any] = [add_request_id, structlog.processors.add_log_level, UtcTimestamp()]
+    log_lines.flush()
+    log_lines.stream = sys.stdout.buffer
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, add_exception, structlog.dev.ConsoleRenderer() if tty else render_json],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=lambda *args: log_lines,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = LogLinesHandler(log_lines)
     handler.set_name(LOG_HANDLER)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -150,7 +249,7 @@ def configure_logging(level: str) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                renderer,
+                structlog.dev.ConsoleRenderer() if tty else structlog.processors.JSONRenderer(),
             ],
         )
     )
@@ -1397,7 +1496,16 @@ class CachedHealth(CachedBody):
         return self.commit == store.commit and time.time() < self.until
 
 
-Answer = CachedPage | CachedDetail | CachedHealth
+@dataclass(frozen=True, kw_only=True)
+class CachedStats(CachedHealth):
+    """GET /stats, encoded: as /health, it holds until the next commit of any kind, and is not kept while
+    a run is marked running (its process may die without a commit)."""
+
+    route: ClassVar[str] = "/stats"
+
+
+Answer = CachedPage | CachedDetail | CachedHealth | CachedStats
+A = TypeVar("A", bound=Answer | None)
 AnswerKey = tuple[str, bytes]  # the request's path and raw query string, as the ASGI scope gives them
 
 
@@ -1419,6 +1527,10 @@ class Answers:
     repeat (assets looked up across a million ids, say) would otherwise push
     out the answers that are asked for again and again, and pay for keeping
     what nobody asks for twice.
+
+    Requests that miss the same key at the same commit share one read (read()):
+    right after a commit every answer is gone, and a dashboard's concurrent
+    requests would otherwise read the same page side by side.
     """
 
     SEEN_ONCE = 16_384
@@ -1429,6 +1541,36 @@ class Answers:
         self.entries: OrderedDict[AnswerKey, Answer] = OrderedDict()
         self.size = 0
         self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of keys read once lately, oldest first
+        self._reading: dict[AnswerKey, tuple[int | None, asyncio.Task[Any]]] = {}  # key: (commit, its read)
+
+    async def read(self, key: AnswerKey, read: Callable[[], Awaitable[A]]) -> A:
+        """The fresh answer to key: kept, else the one a request is reading for it at this commit, else read()'s
+        (then offered to put). Call it right after store.watch(). None (no such asset) is shared, not kept.
+
+        The read runs as a task of its own: a request that goes away (client gone, server stopping) does
+        not cancel it for the others waiting on it.
+        """
+        answer = self.get(key)
+        if answer is not None:
+            return answer  # type: ignore[return-value]
+        commit = self.store.commit
+        reading = self._reading.get(key)
+        if reading is None or reading[0] != commit:
+            reading = self._reading[key] = (commit, asyncio.get_running_loop().create_task(self._read(key, read)))
+            reading[1].add_done_callback(functools.partial(self._read_done, key))
+        return await asyncio.shield(reading[1])
+
+    def _read_done(self, key: AnswerKey, task: asyncio.Task[Any]) -> None:
+        if self._reading.get(key, (None, None))[1] is task:
+            del self._reading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every request waiting on it had it raised already, or went away
+
+    async def _read(self, key: AnswerKey, read: Callable[[], Awaitable[A]]) -> A:
+        answer = await read()
+        if answer is not None:
+            self.put(key, answer)
+        return answer
 
     def get(self, key: AnswerKey) -> Answer | None:
         """The answer to key if it is fresh; call it right after store.watch(), which reads the version.
@@ -1588,13 +1730,11 @@ class AssetResource:
         self._counts_version: DataVersion | None = None
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        key = answer_key(req.scope)
         await self.store.watch()
-        page = self.answers.get(key)
+        page = self.answers.get(key := answer_key(req.scope))
         if page is None:
             query = parse_asset_query(req.params)  # single values: QueryParameters saw to it
-            page = await self._render(query)
-            self.answers.put(key, page)
+            page = await self.answers.read(key, lambda: self._render(query))
         assert isinstance(page, CachedPage)
         if not_modified(req, resp, page.etag):
             return
@@ -1696,11 +1836,7 @@ class AssetResource:
 async def find_detail(store: Store, answers: Answers, key: AnswerKey, asset_id: str) -> CachedDetail | None:
     """GET /data/{asset_id}'s answer: the kept one, else read (and kept on its second read); None: no such asset."""
     await store.watch()
-    detail = answers.get(key)
-    if detail is None:
-        detail = await store.inline(lambda conn, version: read_detail(conn, version, asset_id))
-        if detail is not None:
-            answers.put(key, detail)
+    detail = await answers.read(key, lambda: store.inline(lambda conn, version: read_detail(conn, version, asset_id)))
     assert detail is None or isinstance(detail, CachedDetail)
     return detail
 
@@ -1730,14 +1866,7 @@ class HealthResource:
         key = answer_key(req.scope)
         try:
             await self.store.watch()
-            answer = self.answers.get(key)
-            if answer is None:
-                runs = await self.store.per_commit_read("health", read_latest_runs)
-                health = self.judge(runs)
-                answer = CachedHealth(
-                    commit=self.store.commit, until=self.holds_until(runs, health), encoded=encode(health)
-                )
-                self.answers.put(key, answer)
+            answer = await self.answers.read(key, self.read)
         except StoreUnavailable as error:
             log.warning("store unavailable", reason=str(error))
             send(resp, Health(status="unhealthy", db_connected=False, etl_last_run=None, etl_status=None),
@@ -1746,6 +1875,11 @@ class HealthResource:
         assert isinstance(answer, CachedHealth)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = answer.encoded
+
+    async def read(self) -> CachedHealth:
+        runs = await self.store.per_commit_read("health", read_latest_runs)
+        health = self.judge(runs)
+        return CachedHealth(commit=self.store.commit, until=self.holds_until(runs, health), encoded=encode(health))
 
     def holds_until(self, runs: Sequence[dict[str, Any]], health: Health) -> float:
         """When a verdict can change without a commit: at once while a run is marked running
@@ -1793,26 +1927,36 @@ def age_seconds(moment: str) -> float:
     return time.time() - datetime.fromisoformat(moment).timestamp()
 
 
-# ETL outcomes summed over runs; {table} is etl_run (overall) or run_source (per source).
+# ETL outcomes summed over finished runs (run_totals, kept by store.sql's triggers), and the runs still running:
+# two reads of a few rows each, however many runs the store holds.
 TOTALS_SQL = """
-SELECT {key} count(*) AS runs,
-       count(*) FILTER (WHERE status IN ('success', 'partial')) AS successes,
-       count(*) FILTER (WHERE status = 'partial') AS partials,
-       count(*) FILTER (WHERE status = 'failed') AS failures,
-       coalesce(sum(rows_read), 0) AS rows_read,
-       coalesce(sum(rows_loaded), 0) AS rows_loaded,
-       coalesce(sum(rows_rejected), 0) AS rows_rejected,
-       max(ended_at) FILTER (WHERE status IN ('success', 'partial')) AS last_success_at,
-       max(ended_at) FILTER (WHERE status = 'failed') AS last_failure_at,
-       (SELECT error FROM {table} e WHERE e.status = 'failed' {same_source}
-        ORDER BY e.run_id DESC LIMIT 1) AS last_error,
-       avg(duration_ms) AS avg_duration_ms
-FROM {table} t {group}
+SELECT scope, runs, successes, partials, failures, rows_read, rows_loaded, rows_rejected, last_success_at,
+       last_failure_at, last_error, iif(durations > 0, 1.0 * duration_ms_sum / durations, NULL) AS avg_duration_ms
+FROM run_totals ORDER BY scope
 """
-OVERALL_SQL = TOTALS_SQL.format(key="", table="etl_run", same_source="", group="")
-PER_SOURCE_SQL = TOTALS_SQL.format(
-    key="source,", table="run_source", same_source="AND e.source = t.source", group="GROUP BY source ORDER BY source"
-)
+RUNNING_SQL = """
+SELECT '' AS scope, count(*) AS runs, sum(rows_read) AS rows_read, sum(rows_loaded) AS rows_loaded,
+       sum(rows_rejected) AS rows_rejected
+FROM etl_run WHERE status = 'running'
+UNION ALL
+SELECT source, count(*), sum(rows_read), sum(rows_loaded), sum(rows_rejected) FROM run_source
+WHERE run_id IN (SELECT run_id FROM etl_run WHERE status = 'running') AND status = 'running' GROUP BY source
+"""
+COUNTS = ("runs", "rows_read", "rows_loaded", "rows_rejected")  # what a running run adds so far
+NO_RUNS = {
+    **dict.fromkeys(("runs", "successes", "partials", "failures", "rows_read", "rows_loaded", "rows_rejected"), 0),
+    **dict.fromkeys(("last_success_at", "last_failure_at", "last_error", "avg_duration_ms")),
+}
+
+
+def run_totals(finished: Sequence[dict[str, Any]], running: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Totals by scope ('' overall, else a source): the finished runs' sums, and what the running ones read so far."""
+    totals = {"": dict(NO_RUNS)} | {row.pop("scope"): row for row in finished}
+    for row in running:
+        scope = totals.setdefault(row["scope"], dict(NO_RUNS))
+        for count in COUNTS:
+            scope[count] += row[count] or 0
+    return totals
 
 
 class StatsResource:
@@ -1821,14 +1965,26 @@ class StatsResource:
     protected = True
     RECENT_RUNS = 10
 
-    def __init__(self, store: Store, replica: bool = False) -> None:
+    def __init__(self, store: Store, answers: Answers, replica: bool = False) -> None:
         self.store = store
+        self.answers = answers
         self.replica = replica
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        await self.store.watch()
+        answer = await self.answers.read(answer_key(req.scope), self.answer)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = answer.encoded
+
+    async def answer(self) -> CachedStats:
+        stats = await self.read()
+        running = bool(stats.recent_runs) and stats.recent_runs[0].status == "running"
+        return CachedStats(commit=self.store.commit, until=0.0 if running else math.inf, encoded=encode(stats))
+
+    async def read(self) -> Stats:
+        """The stats as the store holds them now: a few rows, however many runs it records."""
         async with self.store.snapshot() as snapshot:
-            overall = await snapshot.one(OVERALL_SQL)
-            per_source = await snapshot.all(PER_SOURCE_SQL)
+            totals = run_totals(await snapshot.all(TOTALS_SQL), await snapshot.all(RUNNING_SQL))
             runs = await snapshot.all("SELECT * FROM etl_run ORDER BY run_id DESC LIMIT ?", (self.RECENT_RUNS,))
             outcomes = await snapshot.all(
                 "SELECT * FROM run_source WHERE run_id >= ? ORDER BY run_id, source",
@@ -1847,14 +2003,11 @@ class StatsResource:
             if index == 0 and dead:
                 row["status"] = "failed"
             recent.append(Run(**row, outcomes=by_run.get(row["run_id"], [])))
-        send(
-            resp,
-            Stats(
-                data_version=str(version),
-                overall=RunTotals(**overall),
-                sources=[SourceTotals(**row) for row in per_source],
-                recent_runs=recent,
-            ),
+        return Stats(
+            data_version=str(version),
+            overall=RunTotals(**totals.pop("")),
+            sources=[SourceTotals(source=source, **row) for source, row in sorted(totals.items())],
+            recent_runs=recent,
         )
 
 
@@ -2571,6 +2724,8 @@ class Api(falcon.asgi.App):
         self.front_routes = front_routes
         self.metrics = metrics
         self.log_requests = log_requests  # False when LOG_LEVEL is above info: skip building the line
+        # Bound once, after configure_logging: the module's lazy proxy would build a logger on every line.
+        self.request_log = log.bind()
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
@@ -2676,7 +2831,7 @@ class Api(falcon.asgi.App):
         seconds = time.perf_counter() - started
         self.metrics.observe(route, status, seconds)
         if self.log_requests:
-            log.info(
+            self.request_log.info(
                 "request",
                 method=scope["method"],
                 route=route or "(no route)",
@@ -2821,6 +2976,7 @@ class Lifespan:
         await self.store.close()
         if self.metrics_dir is not None:
             mark_process_dead(os.getpid(), str(self.metrics_dir))
+        log_lines.flush()
 
 
 def serialize_problem(req: falcon.asgi.Request, resp: falcon.asgi.Response, error: falcon.HTTPError) -> None:
@@ -2907,7 +3063,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
         router=Router(),
         store=store,
         answers=answers,
-        front_routes=frozenset({"/health"} if guarded else {"/health", "/data", "/data/{asset_id}"}),
+        front_routes=frozenset({"/health"} if guarded else {"/health", "/data", "/data/{asset_id}", "/stats"}),
         metrics=metrics,
         log_requests=log_level(config.log_level) <= logging.INFO,
         middleware=[
@@ -2933,7 +3089,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     app.add_route("/data/{asset_id}", assets, suffix="asset")
     replica = config.role == "replica"
     app.add_route("/health", HealthResource(store, config.etl_max_age, answers, replica))
-    app.add_route("/stats", StatsResource(store, replica))
+    app.add_route("/stats", StatsResource(store, answers, replica))
     app.add_route("/metrics", MetricsResource(store, scraped, metrics, replica))
     docs = DocsResource(openapi_document(config))
     app.add_route("/openapi.json", docs, suffix="openapi")

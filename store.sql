@@ -3,7 +3,7 @@
 -- Every statement is idempotent, so applying this file to an existing store
 -- changes nothing but what is missing: that is how etl.py migrates an older
 -- store in place (version 1 -> 2 added raw_payload, 2 -> 3 made the rank
--- index covering). `PRAGMA user_version`
+-- index covering, 3 -> 4 added run_totals). `PRAGMA user_version`
 -- records the schema version; etl.py refuses a store newer than it knows. Times are RFC 3339 UTC text ('2026-11-25T12:00:00Z'), so text order is
 -- time order.
 
@@ -174,4 +174,89 @@ CREATE TABLE IF NOT EXISTS store_meta (
     committed_at    TEXT NOT NULL
 );
 
-PRAGMA user_version = 3;
+-- Outcomes of every finished run, summed: scope '' for whole runs (etl_run),
+-- else one source's parts (run_source). Kept by the two triggers below, in
+-- the transaction that ends a run (or marks a dead one failed), so /stats
+-- reads a row per source however many runs there were. A run still running
+-- is not in it yet.
+CREATE TABLE IF NOT EXISTS run_totals (
+    scope           TEXT PRIMARY KEY,
+    runs            INTEGER NOT NULL DEFAULT 0,
+    successes       INTEGER NOT NULL DEFAULT 0, -- success or partial
+    partials        INTEGER NOT NULL DEFAULT 0,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    rows_read       INTEGER NOT NULL DEFAULT 0,
+    rows_loaded     INTEGER NOT NULL DEFAULT 0,
+    rows_rejected   INTEGER NOT NULL DEFAULT 0,
+    last_success_at TEXT,
+    last_failure_at TEXT,
+    last_error      TEXT,                       -- of the newest failed run
+    last_error_run  INTEGER,
+    duration_ms_sum INTEGER NOT NULL DEFAULT 0,
+    durations       INTEGER NOT NULL DEFAULT 0  -- runs with a duration, for the average
+) WITHOUT ROWID;
+
+-- A store made before run_totals: its finished runs, summed once.
+INSERT OR IGNORE INTO run_totals
+SELECT scope, count(*), count(*) FILTER (WHERE status <> 'failed'), count(*) FILTER (WHERE status = 'partial'),
+       count(*) FILTER (WHERE status = 'failed'), sum(rows_read), sum(rows_loaded), sum(rows_rejected),
+       max(ended_at) FILTER (WHERE status <> 'failed'), max(ended_at) FILTER (WHERE status = 'failed'),
+       NULL, max(run_id) FILTER (WHERE status = 'failed'), coalesce(sum(duration_ms), 0), count(duration_ms)
+FROM (SELECT '' AS scope, run_id, status, rows_read, rows_loaded, rows_rejected, ended_at, duration_ms FROM etl_run
+      UNION ALL
+      SELECT source, run_id, status, rows_read, rows_loaded, rows_rejected, ended_at, duration_ms FROM run_source)
+WHERE status <> 'running'
+GROUP BY scope;
+
+UPDATE run_totals SET last_error = coalesce(
+    (SELECT error FROM run_source WHERE run_id = last_error_run AND source = scope),
+    (SELECT error FROM etl_run WHERE run_id = last_error_run AND scope = ''))
+WHERE last_error IS NULL AND last_error_run IS NOT NULL;
+
+CREATE TRIGGER IF NOT EXISTS etl_run_totals AFTER UPDATE OF status ON etl_run
+WHEN OLD.status = 'running' AND NEW.status <> 'running'
+BEGIN
+    INSERT OR IGNORE INTO run_totals (scope) VALUES ('');
+    UPDATE run_totals SET
+        runs = runs + 1,
+        successes = successes + (NEW.status <> 'failed'),
+        partials = partials + (NEW.status = 'partial'),
+        failures = failures + (NEW.status = 'failed'),
+        rows_read = rows_read + NEW.rows_read,
+        rows_loaded = rows_loaded + NEW.rows_loaded,
+        rows_rejected = rows_rejected + NEW.rows_rejected,
+        last_success_at = iif(NEW.status = 'failed', last_success_at,
+                              max(coalesce(last_success_at, NEW.ended_at), NEW.ended_at)),
+        last_failure_at = iif(NEW.status = 'failed', max(coalesce(last_failure_at, NEW.ended_at), NEW.ended_at),
+                              last_failure_at),
+        last_error = iif(NEW.status = 'failed' AND NEW.run_id >= coalesce(last_error_run, 0), NEW.error, last_error),
+        last_error_run = iif(NEW.status = 'failed', max(coalesce(last_error_run, 0), NEW.run_id), last_error_run),
+        duration_ms_sum = duration_ms_sum + coalesce(NEW.duration_ms, 0),
+        durations = durations + (NEW.duration_ms IS NOT NULL)
+    WHERE scope = '';
+END;
+
+CREATE TRIGGER IF NOT EXISTS run_source_totals AFTER UPDATE OF status ON run_source
+WHEN OLD.status = 'running' AND NEW.status <> 'running'
+BEGIN
+    INSERT OR IGNORE INTO run_totals (scope) VALUES (NEW.source);
+    UPDATE run_totals SET
+        runs = runs + 1,
+        successes = successes + (NEW.status <> 'failed'),
+        partials = partials + (NEW.status = 'partial'),
+        failures = failures + (NEW.status = 'failed'),
+        rows_read = rows_read + NEW.rows_read,
+        rows_loaded = rows_loaded + NEW.rows_loaded,
+        rows_rejected = rows_rejected + NEW.rows_rejected,
+        last_success_at = iif(NEW.status = 'failed', last_success_at,
+                              max(coalesce(last_success_at, NEW.ended_at), NEW.ended_at)),
+        last_failure_at = iif(NEW.status = 'failed', max(coalesce(last_failure_at, NEW.ended_at), NEW.ended_at),
+                              last_failure_at),
+        last_error = iif(NEW.status = 'failed' AND NEW.run_id >= coalesce(last_error_run, 0), NEW.error, last_error),
+        last_error_run = iif(NEW.status = 'failed', max(coalesce(last_error_run, 0), NEW.run_id), last_error_run),
+        duration_ms_sum = duration_ms_sum + coalesce(NEW.duration_ms, 0),
+        durations = durations + (NEW.duration_ms IS NOT NULL)
+    WHERE scope = NEW.source;
+END;
+
+PRAGMA user_version = 4;

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import hashlib
 import http.client
+import itertools
 import math
 import os
 import random
@@ -23,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import quote
 
+import mixed_load
 import msgspec
 from profile_summary import summarise
 
@@ -101,7 +103,8 @@ class Scenario:
     target: Target | None = None
     on_ceiling: bool = False
     walk: bool = False  # a keyset walk by a Python client instead of wrk
-    ids: str = "sample"  # the ids file random_asset.lua draws from: "sample" (SAMPLE_IDS of them) or "all"
+    mixed: bool | None = None  # the dashboard load of bench/mixed_load.py on its own store; True: with ETL writes
+    ids: str = "sample"  # the ids file random_asset.lua draws from: "sample" (SAMPLE_IDS), "all" or "zipf"
 
 
 SCENARIOS = (
@@ -121,15 +124,29 @@ SCENARIOS = (
         target=Target(min_ratio=0.05, max_p99_ms=20),
     ),
     Scenario(
+        "asset-zipf",
+        "GET /data/{asset_id}, ids of all assets drawn by Zipf (s = 1.1) over their rank",
+        script="random_asset.lua",
+        ids="zipf",
+        target=Target(min_ratio=0.45),
+    ),
+    Scenario(
         "asset",
-        "GET /data/{asset_id}, random ids of all assets",
+        "GET /data/{asset_id}, uniform ids of all assets",
         script="random_asset.lua",
         ids="all",
-        target=Target(min_ratio=0.30),
+        target=Target(min_ratio=0.20, max_p99_ms=10),
     ),
     # The same lookups within a working set small enough to stay in the answer cache (no target of its own).
     Scenario("asset-hot", "GET /data/{asset_id}, random ids of SAMPLE", script="random_asset.lua"),
     Scenario("keyset", "keyset walk, all assets by next_cursor", walk=True, target=Target(max_seconds=30)),
+    Scenario("mixed", "a dashboard's mix, 64 connections, 200,000 assets", mixed=False, target=Target(max_p99_ms=50)),
+    Scenario(
+        "mixed-writes",
+        "the same while 3 ETL runs commit 20,000 changed rows each",
+        mixed=True,
+        target=Target(max_p99_ms=100),
+    ),
 )
 BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 CEILING = SCENARIOS[0]
@@ -140,9 +157,10 @@ class Result:
     """A scenario's measure, with the ceiling measured right before it (or, for a ceiling run, whose it is)."""
 
     scenario: Scenario
-    measure: Measure
+    measure: Measure  # in the default configuration (a log line per request)
     ceiling: Measure | None = None
     before: Scenario | None = None
+    quiet: Measure | None = None  # the same scenario with LOG_LEVEL=warning, right after
 
 
 # --- the store ------------------------------------------------------------
@@ -219,6 +237,19 @@ def sample_ids(db: Path, count: int | None) -> Path:
     return path
 
 
+def zipf_ids(db: Path, draws: int = 1_000_000, s: float = 1.1) -> Path:
+    """A file of `draws` asset ids, the asset of rank k drawn with probability k^-s / H(N, s): a few coins get
+    most lookups, as they do in real traffic. random_asset.lua picks its lines uniformly."""
+    path = db.with_suffix(".zipf-ids")
+    if not path.exists():
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            ids = [row[0] for row in conn.execute("SELECT asset_id FROM asset ORDER BY rank, asset_id")]
+        weights = itertools.accumulate(k**-s for k in range(1, len(ids) + 1))
+        chosen = random.Random(7).choices(ids, cum_weights=list(weights), k=draws)
+        path.write_text("".join(quote(asset_id, safe="") + "\n" for asset_id in chosen))
+    return path
+
+
 # --- servers --------------------------------------------------------------
 
 
@@ -262,19 +293,25 @@ class Server:
         return kb["VmRSS"] / 1024, kb["VmHWM"] / 1024
 
 
+# How users run the API (README: `uvicorn kasparro:app`, LOG_LEVEL unset: info, a log line per request),
+# and the quiet configuration beside it. uvicorn picks uvloop and httptools by itself when installed.
+DEFAULT: dict[str, str] = {}
+QUIET = {"LOG_LEVEL": "warning"}
+
+
 @contextlib.contextmanager
-def serve(name: str, app: str, env: dict[str, str], ready_path: str) -> Iterator[Server]:
-    """Run `uvicorn app` on a free port until the block ends; it answers ready_path before we yield."""
+def serve(name: str, app: str, env: dict[str, str], ready_path: str, logs: dict[str, str] = QUIET) -> Iterator[Server]:
+    """Run `uvicorn app` on a free port until the block ends; it answers ready_path before we yield.
+
+    `logs` is DEFAULT (as the README runs it) or QUIET (LOG_LEVEL=warning, uvicorn's own lines off too)."""
     port = free_port()
     log = OUT / f"{name}.log"
-    argv = [
-        sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port),
-        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
-    ]  # fmt: skip
+    argv = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port)]
+    if logs is QUIET:
+        argv += ["--no-access-log", "--log-level", "warning"]
+    environ = {key: value for key, value in os.environ.items() if key != "LOG_LEVEL"}
     with log.open("w") as output:
-        process = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, "LOG_LEVEL": "warning", **env}, stdout=output, stderr=output
-        )
+        process = subprocess.Popen(argv, cwd=ROOT, env={**environ, **logs, **env}, stdout=output, stderr=output)
     server = Server(name, process, port)
     try:
         wait_ready(server, ready_path, log)
@@ -442,10 +479,19 @@ def commit_id() -> str:
     return git("rev-parse", "--short", "HEAD").strip() + ("+dirty" if git("status", "--porcelain").strip() else "")
 
 
+def quiet_cell(result: Result, ceiling: float) -> str:
+    """The quiet run's throughput and share of the same ceiling; empty without one."""
+    if result.quiet is None:
+        return ""
+    share = f", {result.quiet.requests_per_s / ceiling:.1%}" if result.ceiling else ""
+    return f"{result.quiet.requests_per_s:,.0f}{share}"
+
+
 def table(results: list[Result], memory: tuple[float, float] | None, pages: int) -> list[str]:
     lines = [
-        "| scenario | req/s | p50 | p99 | vs ceiling | non-2xx + socket errors | target | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | req/s | p50 | p99 | vs ceiling | LOG_LEVEL=warning: req/s, vs ceiling | non-2xx + socket errors"
+        " | target | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         scenario, measure = result.scenario, result.measure
@@ -469,7 +515,9 @@ def table(results: list[Result], memory: tuple[float, float] | None, pages: int)
             "n/a" if math.isnan(measure.p50_ms) else f"{measure.p50_ms:.2f} ms",
             "n/a" if math.isnan(measure.p99_ms) else f"{measure.p99_ms:.2f} ms",
             ratio,
-            f"{measure.non_2xx} + {measure.socket_errors}",
+            quiet_cell(result, ceiling),
+            f"{measure.non_2xx} + {measure.socket_errors}"
+            + (f" (quiet: {result.quiet.non_2xx} + {result.quiet.socket_errors})" if result.quiet else ""),
             target,
             verdict,
         ]
@@ -480,7 +528,7 @@ def table(results: list[Result], memory: tuple[float, float] | None, pages: int)
     if memory is not None:
         rss, peak = memory
         verdict = "PASS" if rss <= RSS_LIMIT_MB else "FAIL"
-        cells = ["API memory after the scenarios above", "", f"RSS {rss:.0f} MB", f"peak {peak:.0f} MB", "", ""]
+        cells = ["API memory after the scenarios above", "", f"RSS {rss:.0f} MB", f"peak {peak:.0f} MB", "", "", ""]
         cells += [f"RSS <= {RSS_LIMIT_MB} MB", verdict]
         lines.insert(len(lines) - (len(ceilings) > 1), f"| {' | '.join(cells)} |")
     return lines
@@ -503,6 +551,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--etl-rev", help="build the store with etl.py as of this commit (default: the work tree)")
     parser.add_argument("--profile", action="store_true", help="py-spy the API during each measured run")
+    parser.add_argument(
+        "--no-quiet", dest="quiet", action="store_false", help="skip each scenario's run at LOG_LEVEL=warning"
+    )
     return parser.parse_args(argv)
 
 
@@ -523,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {
         "BENCH_PAGES": str(pages),
     }
-    ids_files = {"sample": sample_ids(db, SAMPLE_IDS), "all": sample_ids(db, None)}
+    ids_files = {"sample": sample_ids(db, SAMPLE_IDS), "all": sample_ids(db, None), "zipf": zipf_ids(db)}
     results: list[Result] = []
     memory = None
 
@@ -531,6 +582,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{scenario.name}{label} ...", flush=True)
         if scenario.walk:
             return keyset_walk(server, args.rows)
+        if scenario.mixed is not None:
+            return mixed_load.measure(2 * args.duration, writes=scenario.mixed)
         scenario_env = {**env, "BENCH_IDS": str(ids_files[scenario.ids])}
         return load(server, scenario, args.warmup, args.duration, scenario_env, args.profile)
 
@@ -540,15 +593,21 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as servers:
         ceiling = servers.enter_context(serve("ceiling", "bench.ceiling:app", {}, "/")) if CEILING in chosen else None
         api_env = {"KASPARRO_DB": str(db), "KASPARRO_ETL_MAX_AGE": str(10 * 365 * 86_400)}
-        api = servers.enter_context(serve("api", "kasparro:app", api_env, "/health")) if api_runs else None
+        api = servers.enter_context(serve("api", "kasparro:app", api_env, "/health", DEFAULT)) if api_runs else None
+        quiet = None
+        if api_runs and args.quiet:
+            quiet = servers.enter_context(serve("api-quiet", "kasparro:app", api_env, "/health", QUIET))
         if ceiling is not None and not any(not s.walk for s in api_runs):
             results.append(Result(CEILING, run(ceiling, CEILING)))
         for scenario in api_runs:
             assert api is not None
-            paired = None if ceiling is None or scenario.walk else run(ceiling, CEILING, f" (before {scenario.name})")
+            alone = scenario.walk or scenario.mixed is not None  # no ratio to the ceiling
+            paired = None if ceiling is None or alone else run(ceiling, CEILING, f" (before {scenario.name})")
             if paired is not None:
                 results.append(Result(CEILING, paired, before=scenario))
-            results.append(Result(scenario, run(api, scenario), paired))
+            measure = run(api, scenario)
+            quiet_measure = run(quiet, scenario, " (LOG_LEVEL=warning)") if quiet and not alone else None
+            results.append(Result(scenario, measure, paired, quiet=quiet_measure))
         if api is not None:
             memory = api.memory_mb()
 
@@ -557,7 +616,9 @@ def main(argv: list[str] | None = None) -> None:
     setup = (
         f"wrk -t{THREADS} -c{CONNECTIONS} --timeout {WRK_TIMEOUT}s, warm-up {args.warmup:g} s, measured"
         f" {args.duration:g} s, server idle before each; the ceiling measured again right before each wrk scenario;"
-        f" uvicorn 1 worker, uvloop + httptools; {os.cpu_count()} CPUs shared by wrk and server; {etl_note}"
+        f" the API as the README runs it (`uvicorn kasparro:app`, LOG_LEVEL unset: a JSON log line per request to"
+        f" a file), then at LOG_LEVEL=warning; uvicorn 1 worker, uvloop + httptools; {os.cpu_count()} CPUs shared"
+        f" by wrk and server; {etl_note}"
     )
     lines = [header, "", setup, "", *table(results, memory, pages)]
     print("\n" + "\n".join(lines))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import operator
 import shutil
+import signal
 import sqlite3
+import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 import etl
 import kasparro
 from conftest import run_etl, write_csv
-from etl_support import writer_lock_held
+from etl_support import query, start_etl, wait_for_event, writer_lock_held
 from kasparro import Config, RequestIds, Store, create_app, new_request_id
 
 PROBLEM = "application/problem+json"
@@ -345,6 +347,94 @@ def test_stats_summarises_runs(client: Any, store_path: Path, tmp_path: Path) ->
     assert [r["status"] for r in runs] == ["failed", "success"]
     assert runs[0]["outcomes"][0]["error"] and runs[1]["outcomes"][0]["drift"] == {}
     assert runs[1]["sources"] == ["csv:sample"]
+
+
+RUN_COLUMNS = "run_id, status, rows_read, rows_loaded, rows_rejected, ended_at, error, duration_ms"
+
+
+def summed_by_hand(rows: list[tuple]) -> dict[str, Any]:
+    """RunTotals of etl_run or run_source rows, computed here from every row as SPEC states them."""
+    runs = [dict(zip(RUN_COLUMNS.split(", "), row, strict=True)) for row in rows]
+    good = [r for r in runs if r["status"] in ("success", "partial")]
+    failed = sorted((r for r in runs if r["status"] == "failed"), key=operator.itemgetter("run_id"))
+    durations = [r["duration_ms"] for r in runs if r["duration_ms"] is not None]
+    return {
+        "runs": len(runs),
+        "successes": len(good),
+        "partials": sum(r["status"] == "partial" for r in runs),
+        "failures": len(failed),
+        **{key: sum(r[key] for r in runs) for key in ("rows_read", "rows_loaded", "rows_rejected")},
+        "last_success_at": max((r["ended_at"] for r in good), default=None),
+        "last_failure_at": max((r["ended_at"] for r in failed), default=None),
+        "last_error": failed[-1]["error"] if failed else None,
+        "avg_duration_ms": sum(durations) / len(durations) if durations else None,
+    }
+
+
+def assert_stats_add_up(client: Any, db: Path) -> dict[str, Any]:
+    body = client.get("/stats").json
+    assert body["overall"] == summed_by_hand(query(db, f"SELECT {RUN_COLUMNS} FROM etl_run"))
+    sources = [source for (source,) in query(db, "SELECT DISTINCT source FROM run_source ORDER BY source")]
+    assert [totals.pop("source") for totals in body["sources"]] == sources
+    for source, totals in zip(sources, body["sources"], strict=True):
+        assert totals == summed_by_hand(query(db, f"SELECT {RUN_COLUMNS} FROM run_source WHERE source = ?", (source,)))
+    return body
+
+
+def stopped_mid_run(db: Path, csv: Path) -> subprocess.Popen[str]:
+    """An etl.py run of `csv` stopped (SIGSTOP) after its first batches committed, its lock still held."""
+    run = start_etl(db, f"csv:{csv}", LOG_LEVEL="debug", KASPARRO_BATCH_ROWS="100")
+    wait_for_event(run, "batch committed")
+    run.send_signal(signal.SIGSTOP)  # hundreds of batches are left: it cannot have finished
+    return run
+
+
+def test_stats_add_up_every_kind_of_run(make_client: Any, store_path: Path, tmp_path: Path) -> None:
+    client = make_client(Config(db=store_path, reopen_interval=0, log_level="warning"))
+    bad = write_csv(tmp_path / "bad.csv", 300, bad_every=7)  # partial
+    big = write_csv(tmp_path / "big.csv", 20_000)
+    assert run_etl(store_path, f"csv:{bad}").returncode == 0
+    assert run_etl(store_path, f"csv:{tmp_path / 'missing.csv'}", f"csv:{bad}").returncode == 0  # one source fails
+    assert run_etl(store_path, f"csv:{tmp_path / 'missing.csv'}").returncode == 1
+    killed = stopped_mid_run(store_path, big)
+    body = assert_stats_add_up(client, store_path)  # a run in progress: counted as a run, with its rows so far
+    assert body["overall"]["runs"] == 5 and body["overall"]["rows_read"] > 300  # the first run read 300
+    killed.kill()
+    killed.communicate()
+    body = assert_stats_add_up(client, store_path)  # the killed run still reads running
+    assert body["overall"]["runs"] == 5 and body["recent_runs"][0]["status"] == "failed"  # no process holds the lock
+    assert run_etl(store_path, f"csv:{bad}").returncode == 0  # marks the killed run failed
+    body = assert_stats_add_up(client, store_path)
+    assert (body["overall"]["runs"], body["overall"]["failures"], body["overall"]["partials"]) == (6, 2, 2)
+
+
+def test_stats_are_read_once_per_commit_and_never_kept_while_a_run_is_marked_running(
+    make_client: Any, store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = []
+    read = kasparro.StatsResource.read
+    monkeypatch.setattr(kasparro.StatsResource, "read", lambda self: reads.append(1) or read(self))
+    client = make_client(Config(db=store_path, reopen_interval=0, log_level="warning"))
+    first = [client.get("/stats").text for _ in range(3)]  # kept on its second read
+    assert len(set(first)) == 1 and len(reads) == 2
+    killed = stopped_mid_run(store_path, write_csv(tmp_path / "big.csv", 20_000))
+    running = client.get("/stats").json
+    assert running["recent_runs"][0]["status"] == "running" and running["overall"]["runs"] == 2
+    killed.kill()
+    killed.communicate()
+    assert client.get("/stats").json["recent_runs"][0]["status"] == "failed"  # no commit since: read again
+
+
+def test_stats_of_an_older_store_are_summed_when_it_is_upgraded(make_client: Any, store_path: Path, tmp_path: Path
+                                                               ) -> None:  # fmt: skip
+    assert run_etl(store_path, f"csv:{tmp_path / 'missing.csv'}").returncode == 1
+    with sqlite3.connect(store_path) as conn:  # a version 3 store: runs, but no run_totals
+        conn.executescript("DROP TRIGGER etl_run_totals; DROP TRIGGER run_source_totals; DROP TABLE run_totals;"
+                           "PRAGMA user_version = 3;")  # fmt: skip
+    assert run_etl(store_path, f"csv:{write_csv(tmp_path / 'more.csv', 50)}").returncode == 0
+    assert query(store_path, "PRAGMA user_version") == [(etl.SCHEMA_VERSION,)]
+    body = assert_stats_add_up(make_client(Config(db=store_path, log_level="warning")), store_path)
+    assert (body["overall"]["runs"], body["overall"]["failures"]) == (3, 1)
 
 
 # --- errors, request ids, auth -------------------------------------------

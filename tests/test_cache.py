@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,72 @@ def test_an_answer_is_kept_when_read_a_second_time(store_path: Path) -> None:
             await store.close()
 
     asyncio.run(main())
+
+
+# --- one read per answer and commit ------------------------------------------
+
+
+def read_together(db: Path, reads: Callable[[kasparro.Answers], list[Awaitable[Any]]]) -> list[Any]:
+    """Run the reads concurrently in one loop over a fresh store and cache; their results, exceptions included."""
+
+    async def main() -> list[Any]:
+        store = kasparro.Store(db, readers=2)
+        answers = kasparro.Answers(store, 1 << 20)
+        try:
+            await store.watch()
+            return await asyncio.gather(*reads(answers), return_exceptions=True)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def counted(calls: list[str], name: str, value: Any = None, fails: bool = False) -> Callable[[], Awaitable[Any]]:
+    async def read() -> Any:
+        calls.append(name)
+        await asyncio.sleep(0)  # the others arrive while this read runs
+        if fails:
+            raise kasparro.StoreUnavailable("the store went away")
+        return value
+
+    return read
+
+
+def test_concurrent_misses_of_one_answer_share_one_read(store_path: Path) -> None:
+    calls: list[str] = []
+    health = kasparro.CachedHealth(commit=None, until=0.0, encoded=b"{}")  # never fresh: never kept
+
+    def reads(answers: kasparro.Answers) -> list[Awaitable[Any]]:
+        same = [answers.read(("/health", b""), counted(calls, f"health-{n}", health)) for n in range(8)]
+        other = answers.read(("/health", b"x"), counted(calls, "other", health))
+        none = [answers.read(("/data/nope", b""), counted(calls, f"nope-{n}")) for n in range(3)]
+        failing = [answers.read(("/stats", b""), counted(calls, f"stats-{n}", fails=True)) for n in range(3)]
+        return [*same, other, *none, *failing]
+
+    results = read_together(store_path, reads)
+    assert calls == ["health-0", "other", "nope-0", "stats-0"]  # one read per key, by the first to miss
+    assert results[:9] == [health] * 9 and results[9:12] == [None] * 3
+    assert all(isinstance(error, kasparro.StoreUnavailable) for error in results[12:])
+
+
+def test_a_request_that_goes_away_does_not_cancel_the_read_the_others_wait_on(store_path: Path) -> None:
+    calls: list[str] = []
+    health = kasparro.CachedHealth(commit=None, until=0.0, encoded=b"{}")
+
+    async def slow() -> kasparro.CachedHealth:
+        calls.append("read")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return health
+
+    def reads(answers: kasparro.Answers) -> list[Awaitable[Any]]:
+        async def leaves() -> Any:
+            first = asyncio.ensure_future(answers.read(("/health", b""), slow))
+            await asyncio.sleep(0)
+            first.cancel()  # its client went away while the read ran
+            return await asyncio.gather(first, return_exceptions=True)
+
+        return [leaves(), answers.read(("/health", b""), slow), answers.read(("/health", b""), slow)]
+
+    left, *stayed = read_together(store_path, reads)
+    assert calls == ["read"] and isinstance(left[0], asyncio.CancelledError) and stayed == [health, health]

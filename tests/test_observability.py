@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import logging
 import re
+import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import referenced_urls
-from kasparro import Config, HttpMetrics
+from conftest import http_get, referenced_urls
+from kasparro import Config, HttpMetrics, LogLines, LogLinesHandler
 
 REQUESTS = "kasparro_http_requests_total"
 
@@ -145,6 +150,74 @@ def test_log_level_quiets_uvicorn_too(live_server: Any, store_path: Path) -> Non
     server.process.wait(timeout=10)
     records = [json.loads(line) for line in server.output.read_text().splitlines()]
     assert all(r["level"] in ("warning", "error", "critical") for r in records), records
+
+
+def test_every_request_has_its_line_at_a_clean_shutdown(live_server: Any, store_path: Path) -> None:
+    server = live_server(store_path, LOG_LEVEL="info")
+    paths = ["/health", "/data?page_size=3", "/data/bitcoin", "/stats", "/nope", "/data?page_size=0"] * 20
+    with ThreadPoolExecutor(8) as pool:  # concurrent: several requests end in one turn of the loop
+        answers = list(pool.map(lambda path: http_get(server.base, path), paths))
+    server.process.send_signal(signal.SIGTERM)  # then at once: lines still held must reach stdout
+    assert server.process.wait(timeout=10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once stopped
+    assert "Finished server process" in server.output.read_text()
+    records = [json.loads(line) for line in server.output.read_text().splitlines() if line.startswith("{")]
+    requests = {r["request_id"]: r for r in records if r["event"] == "request"}
+    assert len(requests) == len([r for r in records if r["event"] == "request"]) == len(paths) + 1  # + readiness
+    for path, (status, headers, _) in zip(paths, answers, strict=True):
+        line = requests[headers["x-request-id"]]
+        assert line["status"] == status and line["method"] == "GET" and line["level"] == "info"
+        assert line["route"] == {"/nope": "(no route)"}.get(path, path.split("?")[0].replace("bitcoin", "{asset_id}"))
+        assert line["duration_ms"] >= 0 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"])
+
+
+def test_lines_are_held_for_one_turn_of_the_loop_at_most() -> None:
+    stream = io.BytesIO()
+    lines = LogLines(stream)
+
+    async def serve() -> list[bytes]:
+        lines.msg(b'{"event": "a"}')
+        lines.msg('{"event": "b"}')
+        held = stream.getvalue()
+        await asyncio.sleep(0)  # the end of this turn
+        return [held, stream.getvalue()]
+
+    held, written = asyncio.run(serve())
+    assert held == b"" and written == b'{"event": "a"}\n{"event": "b"}\n'
+    lines.msg(b"{}")  # outside a loop: at once
+    assert stream.getvalue().endswith(b'"b"}\n{}\n')
+
+
+def test_a_full_hold_is_written_before_the_turn_ends() -> None:
+    stream = io.BytesIO()
+    lines = LogLines(stream)
+
+    async def serve() -> int:
+        for n in range(LogLines.MAX_HELD):
+            lines.msg(b"%d" % n)
+        return stream.getvalue().count(b"\n")
+
+    assert asyncio.run(serve()) == LogLines.MAX_HELD
+
+
+def test_stdlib_records_join_the_same_lines_in_order() -> None:
+    stream = io.BytesIO()
+    lines = LogLines(stream)
+    handler = LogLinesHandler(lines)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    logger = logging.getLogger("kasparro.test.ordering")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+
+        async def serve() -> None:
+            lines.msg(b"first")
+            logger.warning("second")
+            lines.msg(b"third")
+
+        asyncio.run(serve())
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == b"first\nkasparro.test.ordering second\nthird\n"
 
 
 # --- GET /docs -----------------------------------------------------------
