@@ -152,6 +152,11 @@ def render_json(logger: object, method: str, event: dict[str, Any]) -> bytes:
     return encode_log_event(event)
 
 
+def render_json_text(logger: object, method: str, event: dict[str, Any]) -> str:
+    """render_json for the stdlib's formatter, which hands on text: uvicorn's lines look like the app's."""
+    return encode_log_event(event).decode()
+
+
 class LogLines:
     """structlog's logger for the API: debug and info lines are held and written to a binary stream once per
     turn of the event loop (at once outside one, or when MAX_HELD wait), in one write; a warning or worse,
@@ -249,7 +254,7 @@ def configure_logging(level: str) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                structlog.dev.ConsoleRenderer() if tty else structlog.processors.JSONRenderer(),
+                structlog.dev.ConsoleRenderer() if tty else render_json_text,
             ],
         )
     )
