@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import mixed_load
 import msgspec
+import peers
 from profile_summary import summarise
 
 from gen_csv import write_csv
@@ -534,6 +535,32 @@ def table(results: list[Result], memory: tuple[float, float] | None, pages: int)
     return lines
 
 
+def peer_table(results: list[Result], args: argparse.Namespace) -> list[str]:
+    """Each peer serving the same rows from its own store, on the page scenarios measured above; Kasparro's
+    requests/s in its default configuration divided by the peer's (target: >= 100x on the first page)."""
+    ours = {r.scenario.name: r.measure for r in results if r.scenario.name in peers.KASPARRO_PATHS}
+    lines = ["| peer | scenario | req/s | p50 | p99 | non-2xx + socket errors | Kasparro / peer | target |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for peer in peers.PEERS:
+        store, note = peer.build(args.rows, OUT)
+        print(f"{peer.name}: {note}", flush=True)
+        with peers.serve(peer, store) as server:
+            for name, path in peer.paths.items():
+                if name not in ours:
+                    continue
+                print(f"{peer.name} {name} ...", flush=True)
+                scenario = Scenario(f"{peer.name}-{name}", peer.title, path)
+                measure = load(server, scenario, args.warmup, args.duration, {})
+                times = ours[name].requests_per_s / measure.requests_per_s if measure.requests_per_s else math.inf
+                target = ">= 100x" if name == "first-page" else ""
+                verdict = f" ({'PASS' if times >= 100 else 'FAIL'})" if target else ""
+                cells = [peer.title, name, f"{measure.requests_per_s:,.1f}", f"{measure.p50_ms:.1f} ms",
+                         f"{measure.p99_ms:.1f} ms", f"{measure.non_2xx} + {measure.socket_errors}",
+                         f"{times:,.0f}x", target + verdict]  # fmt: skip
+                lines.append(f"| {' | '.join(cells)} |")
+    return lines
+
+
 # --- CLI ------------------------------------------------------------------
 
 
@@ -551,6 +578,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--etl-rev", help="build the store with etl.py as of this commit (default: the work tree)")
     parser.add_argument("--profile", action="store_true", help="py-spy the API during each measured run")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the FastAPI and Datasette peers")
     parser.add_argument(
         "--no-quiet", dest="quiet", action="store_false", help="skip each scenario's run at LOG_LEVEL=warning"
     )
@@ -621,6 +649,9 @@ def main(argv: list[str] | None = None) -> None:
         f" by wrk and server; {etl_note}"
     )
     lines = [header, "", setup, "", *table(results, memory, pages)]
+    if args.peers and any(r.scenario.name in peers.KASPARRO_PATHS for r in results):
+        lines += ["", "Peers over the same rows, each from the store it loads itself (bench/peers.py):", ""]
+        lines += peer_table(results, args)
     print("\n" + "\n".join(lines))
     if args.profile:
         for result in results:
