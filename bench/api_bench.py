@@ -24,7 +24,6 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import quote
 
-import mixed_load
 import msgspec
 import peers
 from profile_summary import summarise
@@ -306,13 +305,19 @@ def serve(name: str, app: str, env: dict[str, str], ready_path: str, logs: dict[
 
     `logs` is DEFAULT (as the README runs it) or QUIET (LOG_LEVEL=warning, uvicorn's own lines off too)."""
     port = free_port()
-    log = OUT / f"{name}.log"
     argv = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port)]
     if logs is QUIET:
         argv += ["--no-access-log", "--log-level", "warning"]
     environ = {key: value for key, value in os.environ.items() if key != "LOG_LEVEL"}
+    with running(name, argv, {**environ, **logs, **env}, port, ready_path, OUT / f"{name}.log") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running(name: str, argv: list[str], env: dict[str, str], port: int, ready_path: str, log: Path) -> Iterator[Server]:
+    """Run a server's command line until the block ends, its output in `log`; it answers ready_path when yielded."""
     with log.open("w") as output:
-        process = subprocess.Popen(argv, cwd=ROOT, env={**environ, **logs, **env}, stdout=output, stderr=output)
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     server = Server(name, process, port)
     try:
         wait_ready(server, ready_path, log)
@@ -611,6 +616,8 @@ def main(argv: list[str] | None = None) -> None:
         if scenario.walk:
             return keyset_walk(server, args.rows)
         if scenario.mixed is not None:
+            import mixed_load  # it builds on this module: imported once this one is whole
+
             return mixed_load.measure(2 * args.duration, writes=scenario.mixed)
         scenario_env = {**env, "BENCH_IDS": str(ids_files[scenario.ids])}
         return load(server, scenario, args.warmup, args.duration, scenario_env, args.profile)

@@ -18,7 +18,6 @@ import os
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -198,26 +197,13 @@ PEERS = (FASTAPI, DATASETTE)
 @contextlib.contextmanager
 def serve(peer: Peer, store: Path, out: Path = OUT) -> Iterator[Server]:
     """Run the peer on a free port until the block ends (output in out/peer-<name>.log); ready when yielded."""
-    from api_bench import Server, free_port, wait_ready
+    from api_bench import free_port, running
 
     port = free_port()
     command = peer.command(store, port)
-    log = out / f"peer-{peer.name}.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            command.argv, cwd=ROOT, env={**os.environ, **command.env}, stdout=output, stderr=subprocess.STDOUT
-        )
-    server = Server(peer.name, process, port)
-    try:
-        wait_ready(server, peer.ready_path, log)
+    env = {**os.environ, **command.env}
+    with running(peer.name, command.argv, env, port, peer.ready_path, out / f"peer-{peer.name}.log") as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # --- the check ------------------------------------------------------------
