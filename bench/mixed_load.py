@@ -38,7 +38,7 @@ local turn = 0
 request = function()
   turn = turn + 1
   local path = paths[(turn - 1) % #paths + 1]
-  if path == "DETAIL" then path = "/data/" .. ids[(turn // #paths) % #ids + 1] end
+  if path == "DETAIL" then path = "/data/" .. ids[math.floor(turn / #paths) % #ids + 1] end
   return wrk.format("GET", path)
 end
 """
@@ -81,7 +81,7 @@ def measure(seconds: float, writes: bool) -> Measure:
 
     env = {"KASPARRO_DB": str(store), "KASPARRO_ETL_MAX_AGE": str(10 * 365 * 86_400)}
     with serve("api-mixed", "kasparro:app", env, "/health", DEFAULT) as api:
-        wrk(api, seconds / 4, work)  # warm-up, as every scenario has
+        wrk(api, max(1, round(seconds / 4)), work)  # warm-up, as every scenario has
         writer = threading.Thread(target=commit_while_loaded)
         writer.start()
         measure = wrk(api, seconds, work)
@@ -97,7 +97,7 @@ def measure(seconds: float, writes: bool) -> Measure:
 
 
 def wrk(api: Server, seconds: float, work: Path) -> Measure:
-    argv = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--timeout=10s", "--latency", "-s",
+    argv = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{round(seconds)}s", "--timeout=10s", "--latency", "-s",
             str(work / "mixed.lua"), f"http://{HOST}:{api.port}"]  # fmt: skip
     done = subprocess.run(argv, env={"MIXED_IDS": str(work / "ids.txt")}, capture_output=True, text=True, check=False)
     if done.returncode != 0:
