@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -158,25 +158,27 @@ def render_json_text(logger: object, method: str, event: dict[str, Any]) -> str:
 
 
 class LogLines:
-    """structlog's logger for the API: debug and info lines are held and written to a binary stream once per
-    turn of the event loop (at once outside one, or when MAX_HELD wait), in one write; a warning or worse,
-    and every stdlib record, is written at once with the lines held before it. flush() writes what waits."""
+    """structlog's logger for the API: debug and info lines wait for the end of the event loop's turn (or for
+    MAX_HELD lines) and go out in one write; a warning or worse goes out at once, with the lines before it."""
 
     MAX_HELD = 512
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
         self._held: list[bytes] = []
-        self._due = False
+        self._due = False  # a flush is queued on the event loop
         self._lock = threading.Lock()  # reader threads log too
 
-    def msg(self, line: bytes | str) -> None:
+    def _hold(self, line: bytes | str) -> int:
+        """Add a line to those waiting; how many wait now."""
         with self._lock:
             self._held.append(line.encode() if type(line) is str else line)
-            full = len(self._held) >= self.MAX_HELD
-            if self._due and not full:
+            return len(self._held)
+
+    def msg(self, line: bytes | str) -> None:
+        if self._hold(line) < self.MAX_HELD:
+            if self._due:
                 return
-        if not full:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
                 self._due = True
@@ -186,8 +188,7 @@ class LogLines:
         self.flush()
 
     def write_now(self, line: bytes | str) -> None:
-        with self._lock:
-            self._held.append(line.encode() if type(line) is str else line)
+        self._hold(line)
         self.flush()
 
     log = debug = info = msg
@@ -275,13 +276,13 @@ def configure_logging(level: str) -> None:
 # --- wire types -----------------------------------------------------------
 
 
-class Wire(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class Wire(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """Base of every response body.
 
-    Frozen, because a body may be cached per data_version and shared between
-    requests; unknown fields forbidden, so a client or test decoding with these
-    types notices drift; defaults never omitted, so every documented field is
-    always present on the wire (null rather than missing).
+    Frozen, because an encoded body is kept and shared between requests; unknown fields forbidden, so a
+    client decoding with these types notices drift; defaults never omitted, so every documented field is
+    always on the wire (null rather than missing); gc=False, because a body is a tree (no cycles), and
+    the collector need not track the hundred rows of a page.
     """
 
 
@@ -296,6 +297,8 @@ PageSize = Annotated[int, Meta(ge=1, le=100, description="assets per page")]
 Count = Annotated[int, Meta(ge=0)]
 
 
+# Asset and Quote are built positionally from rows of ASSET_COLUMNS and QUOTE_COLUMNS (their own fields, in
+# order); an Asset read from the store holds its sources as the stored JSON array (msgspec.Raw), written as is.
 class Asset(Wire, frozen=True):
     """The unified record of one canonical asset."""
 
@@ -451,71 +454,6 @@ class CursorToken(msgspec.Struct, array_like=True, frozen=True):
 
 
 encode = msgspec.json.Encoder().encode
-
-
-# Hot-path twins of the documented Structs: the same fields in the same order,
-# built positionally from store rows, with JSON the store already holds (an
-# asset's sources, a cached page of assets) passed through as msgspec.Raw.
-class AssetRow(msgspec.Struct, frozen=True, gc=False):
-    """Asset as encoded from a row of table asset (sources: the stored JSON array).
-
-    gc=False: scalars and raw JSON cannot form a cycle, so the collector need not track the hundred
-    made for every page read (7 % of a deep page's time).
-    """
-
-    asset_id: str
-    symbol: str
-    name: str
-    rank: int | None
-    price_usd: float | None
-    market_cap_usd: float | None
-    volume_24h_usd: float | None
-    change_24h_pct: float | None
-    status: str
-    sources: msgspec.Raw
-    updated_at: str
-
-
-class AssetPageOut(msgspec.Struct, frozen=True, kw_only=True):
-    """AssetPage with its rows as AssetRow, straight from the table."""
-
-    request_id: str
-    api_latency_ms: float
-    data: list[AssetRow]
-    page: int | None
-    page_size: int
-    total_items: int
-    total_pages: int
-    next_cursor: str | None
-    data_version: str
-
-
-class QuoteRow(msgspec.Struct, frozen=True, gc=False):
-    """Quote as encoded from a row of table source_map: made positionally, untracked by the collector."""
-
-    source: str
-    source_id: str
-    symbol: str | None
-    name: str | None
-    rank: int | None
-    price_usd: float | None
-    market_cap_usd: float | None
-    volume_24h_usd: float | None
-    change_24h_pct: float | None
-    status: str | None
-    observed_at: str
-
-
-class AssetDetailOut(AssetRow, frozen=True):
-    """AssetDetail encoded from rows."""
-
-    quotes: list[QuoteRow]
-
-
-for twin, documented in (
-    (AssetRow, Asset), (AssetPageOut, AssetPage), (AssetDetailOut, AssetDetail), (QuoteRow, Quote)
-):  # fmt: skip
-    assert twin.__struct_fields__ == documented.__struct_fields__, f"{twin.__name__} drifted from {documented.__name__}"
 decode_sources = msgspec.json.Decoder(list[str]).decode
 decode_drift = msgspec.json.Decoder(dict[str, int]).decode
 encode_cursor = msgspec.msgpack.Encoder().encode
@@ -524,7 +462,7 @@ decode_cursor = msgspec.msgpack.Decoder(CursorToken).decode
 MEDIA_PROBLEM = "application/problem+json"
 
 
-# --- store access ---------------------------------------------------------
+# --- store ----------------------------------------------------------------
 
 
 class StoreUnavailable(Exception):
@@ -535,14 +473,23 @@ class ReadersBusy(Exception):
     """No reader of the store came free within Store.READER_WAIT seconds: the store is fine, the API is loaded."""
 
 
-def is_busy(error: sqlite3.Error) -> bool:
-    """Whether SQLite gave up waiting for another connection's lock (SQLITE_BUSY and its extended codes)."""
-    return (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_BUSY
+def sqlite_code(error: sqlite3.Error) -> int:
+    """SQLite's primary result code of an error (0 when it has none)."""
+    return (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+# The primary result codes that mean the store or its machine is broken or busy, not the query: a full
+# disk (no room for a temporary file or the WAL index) or a read-only one (the WAL index cannot be
+# written) included.
+STORE_FAULTS = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_CANTOPEN,
+     sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class DataVersion:
-    """The store's identity and commit generation, read inside a snapshot."""
+    """The store's identity and data generation: it moves only when the ETL commits new data."""
 
     store_id: str
     generation: int
@@ -551,48 +498,38 @@ class DataVersion:
         return f"{self.store_id}-{self.generation}"
 
 
-@dataclass
-class Snapshot:
-    """A read transaction: every query in it sees the same committed data."""
+def read_version(conn: sqlite3.Connection) -> DataVersion:
+    """The data version as the connection sees the store now; StoreUnavailable when it has none yet."""
+    row = conn.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
+    if row is None:
+        raise StoreUnavailable("the store has no data yet")
+    return DataVersion(row[0], row[1])
 
-    conn: aiosqlite.Connection
+
+@dataclass(eq=False)
+class Commit:
+    """The store as one commit of any kind left it, and what requests learnt from it.
+
+    All of it holds until the next commit (PRAGMA data_version moves) or until the store is reopened;
+    then Store.watch() makes a new one. `number` never repeats within the process.
+    """
+
+    number: int
     version: DataVersion
-
-    async def all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        return list(await self.conn.execute_fetchall(sql, params))
-
-    async def tuples(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        """Rows as plain tuples: the fast form for rows that become wire Structs directly.
-
-        One trip to the connection's thread (execute, fetch and close there), not three: a bookmark
-        walk makes a thousand of them. The snapshot has the connection to itself meanwhile.
-        """
-        self.conn.row_factory = None
-        try:
-            return list(await self.conn.execute_fetchall(sql, params))
-        finally:
-            self.conn.row_factory = row_as_dict
-
-    async def one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
-        rows = await self.all(sql, params)
-        return rows[0] if rows else None
-
-
-def row_as_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
-    """Rows as dicts keyed by column name, ready to become Structs."""
-    return dict(zip([column[0] for column in cursor.description], row, strict=True))
+    counts: dict[str, int] = field(default_factory=dict)  # assets matching a filter_by, by its text
+    bookmarks: BookmarkSets = field(default_factory=lambda: BookmarkSets())
+    facts: dict[str, Any] = field(default_factory=dict)  # reads kept by name (the metrics' store facts)
 
 
 @dataclass
 class ReaderPool:
     """Read-only connections opened together; discarded together when the store breaks or is replaced.
 
-    A discarded pool's queue holds None: whoever waited for one of its connections takes it, puts it
-    back for the next waiter, and goes to the new pool.
+    A discarded pool's queue holds None: whoever waited for one of its connections puts it back for
+    the next waiter, and goes to the new pool.
     """
 
     idle: asyncio.Queue[aiosqlite.Connection | None]
-    connections: list[aiosqlite.Connection]
     identity: StoreIdentity  # of the file the connections opened
     written: tuple[int, int]  # its (size, mtime) when last read afresh
     broken: bool = False
@@ -629,11 +566,23 @@ def store_file(path: Path) -> os.stat_result | None:
     return info if stat.S_ISREG(info.st_mode) else None
 
 
-INLINE_SLICE = 0.004  # seconds of inline reads run back to back before the loop takes in new requests
+Read = Callable[[sqlite3.Connection, DataVersion], T]  # a read: the connection, and the data version it sees
+LOOP_SLICE = 0.004  # seconds of reads on the loop run back to back before the loop takes in new requests
+
+
+def read_in_transaction(conn: sqlite3.Connection, read: Read[T]) -> T:
+    """Run `read` in a read transaction of its own, on the connection's thread."""
+    conn.execute("BEGIN")
+    try:
+        return read(conn, read_version(conn))
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 class Store:
-    """Lazy, self-healing access to the store through a pool of read-only connections."""
+    """The store, read-only: every read goes through read(), on a pooled reader's thread or on the event
+    loop's own connection; the store is opened when first needed and reopened when replaced or broken."""
 
     BUSY_TIMEOUT_MS = 5_000
     READER_WAIT = 2.0  # seconds a request may wait for a free reader before it is answered 503
@@ -647,29 +596,18 @@ class Store:
         self._closed = False  # the server is stopping: nothing opens the store again
         self._next_attempt = 0.0
         self._next_check = 0.0
-        # The watcher: a read-only connection used from the event loop thread
-        # itself, for what takes microseconds (PRAGMA data_version, a point
-        # lookup) and would cost more in a thread hop than in the query.
-        self._watcher: sqlite3.Connection | None = None
-        self._change: int | None = None
-        self._version: DataVersion | None = None
-        self._seen_this_turn = False  # the version was read in this turn of the event loop
-        self.per_commit: dict[Any, Any] = {}  # answers valid until the next commit of any kind
-        # Inline reads waiting for the task that runs them (_run_reads): (result, request's context, read).
-        self._reads: collections.deque[tuple[asyncio.Future[Any], contextvars.Context, Callable[..., Any]]] = (
+        # A connection used from the event loop's thread, for what takes microseconds (PRAGMA data_version,
+        # a point lookup, a short index range) and would cost more in a thread hop than in the query.
+        self._loop_conn: sqlite3.Connection | None = None
+        self._change: int | None = None  # PRAGMA data_version as last read
+        self._commit: Commit | None = None
+        self._commits = 0
+        self._seen_this_turn = False
+        # Reads waiting for the loop's connection: (result, the request's context, read).
+        self._queued: collections.deque[tuple[asyncio.Future[Any], contextvars.Context, Read[Any]]] = (
             collections.deque()
         )
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def version(self) -> DataVersion | None:
-        """The data version as watch() last read it."""
-        return self._version
-
-    @property
-    def commit(self) -> int | None:
-        """PRAGMA data_version as watch() last read it: it moves at every commit, a run record's too."""
-        return self._change
+        self._runner: asyncio.Task[None] | None = None
 
     @property
     def lock_path(self) -> Path:
@@ -686,13 +624,125 @@ class Store:
         self._closed = True
         if self._opening is not None:
             with contextlib.suppress(StoreUnavailable):
-                await self._opening  # its connections are the pool's, closed below
-        self._forget_watcher()
+                await self._opening  # its connections are the pool's, closed below with it
+        self._forget_loop_conn()
         pool, self._pool = self._pool, None
         if pool is not None:
-            await self._discard(pool)
-            for conn in pool.connections:
+            await self._discard(pool)  # closes the idle readers; each busy one is closed by its read when it ends
+
+    async def watch(self) -> Commit:
+        """The store as its latest commit left it, looked at once per turn of the event loop.
+
+        PRAGMA data_version moves whenever another connection commits; a request sees the store as it
+        was at some instant after it arrived, because the look is forgotten by a callback queued behind
+        the requests of this turn, which runs before any request whose bytes arrive later.
+        """
+        if self._seen_this_turn and self._commit is not None:
+            return self._commit
+        if self._loop_conn is None or time.monotonic() >= self._next_check:
+            await self._ready_pool()  # opens the store, or notices a file changed under it
+        conn = self._loop_conn
+        assert conn is not None
+        try:
+            change = conn.execute("PRAGMA data_version").fetchone()[0]
+            if change != self._change or self._commit is None:
+                self._commits += 1
+                self._change, self._commit = change, Commit(self._commits, read_version(conn))
+        except sqlite3.Error as error:
+            await self.fail(error)
+            raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
+        self._seen_this_turn = True
+        asyncio.get_running_loop().call_soon(self._next_turn)
+        return self._commit
+
+    def _next_turn(self) -> None:
+        self._seen_this_turn = False
+
+    async def read(self, read: Read[T], *, on_loop: bool = False) -> T:
+        """`read(conn, version)` in one read transaction: on the loop's own connection when `on_loop` (for reads
+        of at most a few hundred microseconds: call watch() first), else on a pooled reader's thread.
+
+        A store fault (STORE_FAULTS) is a StoreUnavailable, and a broken store is reopened later;
+        ReadersBusy when no reader comes free within READER_WAIT seconds.
+        """
+        try:
+            if on_loop:
+                return await self._read_on_loop(read)
+            return await self._read_in_thread(read)
+        except sqlite3.Error as error:
+            if sqlite_code(error) not in STORE_FAULTS:
+                raise
+            await self.fail(error)
+            raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
+
+    async def _read_in_thread(self, read: Read[T]) -> T:
+        pool, conn = await self._borrow()
+        try:
+            # aiosqlite runs each connection's calls on that connection's thread; _execute is the door its
+            # own methods use (aiosqlite is pinned): the whole read is one trip there, not one per statement.
+            return await conn._execute(read_in_transaction, conn._conn, read)
+        finally:
+            if pool.broken:  # a dropped pool's busy connection is closed by the read that had it
                 await conn.close()
+            else:
+                pool.idle.put_nowait(conn)
+
+    async def _read_on_loop(self, read: Read[T]) -> T:
+        """Queue the read for the loop's connection: one task runs the queue in the order asked for, back to
+        back, letting the loop take in new requests every LOOP_SLICE seconds, so no request waits more than
+        a slice beyond those ahead of it."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((future, contextvars.copy_context(), read))  # its log lines keep the request's id
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run_queued())
+        return await future
+
+    async def _run_queued(self) -> None:
+        try:
+            while self._queued:
+                self._run_slice(time.perf_counter() + LOOP_SLICE)
+                if self._queued:
+                    await asyncio.sleep(0)  # the loop looks for new requests, and runs what they are ready to do
+        finally:
+            self._runner = None
+            while self._queued:  # left only when this task was cancelled (the loop closing): nobody waits on
+                future = self._queued.popleft()[0]
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"store {self.path} is closed: the server is stopping"))
+
+    def _run_slice(self, ends: float) -> None:
+        """Run queued reads until `ends` (at least one), all in one read transaction: every read of a slice
+        was asked for before the slice began, so one snapshot serves them all."""
+        conn = self._loop_conn
+        version: DataVersion | None = None
+        try:
+            while self._queued:
+                future, context, read = self._queued.popleft()
+                if future.done():  # its request was cancelled
+                    continue
+                try:
+                    if conn is None:
+                        raise StoreUnavailable(f"store {self.path} is not open")
+                    if version is None:
+                        conn.execute("BEGIN")
+                        version = read_version(conn)
+                    future.set_result(context.run(read, conn, version))
+                except sqlite3.Error as error:  # the next read begins afresh, if the store still lets it
+                    future.set_exception(error)
+                    self._rollback(conn)
+                    version = None
+                except Exception as error:  # the request's own task raises it
+                    future.set_exception(error)
+                if time.perf_counter() >= ends:
+                    break
+        finally:
+            self._rollback(conn)
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection | None) -> None:
+        if conn is not None and conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
 
     async def _ready_pool(self) -> ReaderPool:
         pool = self._pool
@@ -706,9 +756,8 @@ class Store:
             if time.monotonic() < self._next_attempt:
                 raise StoreUnavailable(f"store {self.path} is not readable; retrying shortly")
             self._opening = asyncio.get_running_loop().create_task(self._open_pool())
-        # Opened by a task of its own that every request asking meanwhile awaits: a request cancelled while
-        # it waits (client gone, server stopping) leaves no connection half open, whose thread would keep
-        # the process from exiting.
+        # A task of its own, which every request asking meanwhile awaits: a request cancelled while it
+        # waits leaves no connection half open, whose thread would keep the process from exiting.
         return await asyncio.shield(self._opening)
 
     async def _open_pool(self) -> ReaderPool:
@@ -719,7 +768,7 @@ class Store:
                 raise OSError(f"no file at {self.path}")
             for _ in range(self.readers):
                 connections.append(await self._connect())
-            watcher = self._connect_watcher()
+            loop_conn = self._connect_on_loop()
         except (sqlite3.Error, OSError) as error:
             for conn in connections:
                 await conn.close()
@@ -731,176 +780,52 @@ class Store:
         for conn in connections:
             idle.put_nowait(conn)
         identity, written = (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns)
-        self._pool, self._watcher = ReaderPool(idle, connections, identity, written), watcher
+        self._pool, self._loop_conn = ReaderPool(idle, identity, written), loop_conn
         self._next_check = time.monotonic() + self.reopen_interval
         log.info("store opened", db=str(self.path), readers=self.readers)
         return self._pool
 
+    def _uri(self) -> str:
+        return f"file:{self.path.resolve()}?mode=ro"
+
     async def _connect(self) -> aiosqlite.Connection:
         if not self.path.is_file():
             raise OSError(f"no such file: {self.path}")
-        uri = f"file:{self.path.resolve()}?mode=ro"
-        conn = await aiosqlite.connect(uri, uri=True, isolation_level=None, timeout=self.BUSY_TIMEOUT_MS / 1000)
+        conn = await aiosqlite.connect(self._uri(), uri=True, isolation_level=None, timeout=self.BUSY_TIMEOUT_MS / 1000)
         try:
-            await conn.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
-            await conn.execute("PRAGMA query_only = 1")
-            await conn.set_authorizer(authorize_read)
+            await conn._execute(self._read_only, conn._conn)
         except sqlite3.Error:
             await conn.close()
             raise
-        conn.row_factory = row_as_dict
         return conn
 
-    def _connect_watcher(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, isolation_level=None)
+    def _connect_on_loop(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._uri(), uri=True, isolation_level=None)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA query_only = 1")
-            conn.set_authorizer(authorize_read)
+            self._read_only(conn)
         except sqlite3.Error:
             conn.close()
             raise
         return conn
 
-    def _forget_watcher(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        self._change = self._version = None
+    def _read_only(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA query_only = 1")
+        conn.set_authorizer(authorize_read)
+
+    def _forget_loop_conn(self) -> None:
+        conn, self._loop_conn = self._loop_conn, None
+        self._change = self._commit = None
         self._seen_this_turn = False
-        self.per_commit.clear()
-        if watcher is not None:
-            watcher.close()
-
-    @property
-    def current(self) -> bool:
-        """watch() read the version in this turn of the event loop: awaiting it again would read nothing."""
-        return self._seen_this_turn and self._version is not None
-
-    async def watch(self) -> DataVersion:
-        """The data version now, read at most once per turn of the event loop.
-
-        PRAGMA data_version moves whenever another connection commits; only
-        then is store_meta read again and the per-commit answers dropped. It
-        takes a few system calls (~2 µs idle, ~9 µs under load), so requests
-        whose steps run in the same turn share one reading. That stays exact:
-        the reading is forgotten by a callback queued behind them, which runs
-        before any request whose bytes arrive later (the ready queue is FIFO),
-        so every request sees the store as it was at some instant after it
-        arrived.
-        """
-        if self.current:
-            return self._version
-        if self._watcher is None or time.monotonic() >= self._next_check:
-            await self._ready_pool()  # opens the store, or notices a file changed under it
-        watcher = self._watcher
-        assert watcher is not None
-        try:
-            change = watcher.execute("PRAGMA data_version").fetchone()[0]
-            if change != self._change or self._version is None:
-                row = watcher.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
-                if row is None:
-                    raise StoreUnavailable(f"store {self.path} has no data yet")
-                self.per_commit.clear()
-                self._change, self._version = change, DataVersion(row[0], row[1])
-        except sqlite3.Error as error:
-            await self.fail(error)
-            raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
-        self._seen_this_turn = True
-        asyncio.get_running_loop().call_soon(self._next_turn)
-        return self._version
-
-    def _next_turn(self) -> None:
-        self._seen_this_turn = False
-
-    async def inline(self, read: Callable[[sqlite3.Connection, DataVersion], T]) -> T:
-        """Run a read of at most a few hundred microseconds in a read transaction on the loop thread's connection.
-
-        Call it right after watch(), which opened the store and checked it is still the file at path.
-
-        The reads of all requests queue here and one task runs them in the order asked for, back to
-        back, letting the loop take in new requests every INLINE_SLICE seconds. When each request ran
-        its own read, the loop ran every request that had arrived before looking for more: one whose
-        bytes came just after it looked waited for all of them, then for its place among the next, so
-        under load the slowest 1 % took twice the median. Now no request waits more than a slice
-        beyond those ahead of it, a cached answer waits at most a slice behind a queue of pages, and
-        reads run back to back (their code and pages stay in the CPU's caches), which is also faster.
-        """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._reads.append((future, contextvars.copy_context(), read))  # its log lines keep the request's id
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._run_reads())
-        try:
-            return await future
-        except sqlite3.Error as error:
-            await self.fail(error)
-            raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
-
-    async def _run_reads(self) -> None:
-        try:
-            while self._reads:
-                self._run_slice(time.perf_counter() + INLINE_SLICE)
-                if self._reads:
-                    await asyncio.sleep(0)  # the loop looks for new requests, and runs what they are ready to do
-        finally:
-            self._reader = None
-            while self._reads:  # left only when this task was cancelled (the loop closing): nobody waits on
-                future = self._reads.popleft()[0]
-                if not future.done():
-                    future.set_exception(StoreUnavailable(f"store {self.path} is closed: the server is stopping"))
-
-    def _run_slice(self, ends: float) -> None:
-        """Run queued reads until `ends` (at least one), all in one read transaction.
-
-        Every read of a slice was asked for before the slice began (nothing joins the queue while it
-        runs), so one snapshot serves them all, and its BEGIN, data version and ROLLBACK (with their
-        file locks: system calls) are paid once per slice, not once per read.
-        """
-        watcher = self._watcher
-        version: DataVersion | None = None
-        try:
-            while self._reads:
-                future, context, read = self._reads.popleft()
-                if future.done():  # its request was cancelled
-                    continue
-                try:
-                    if watcher is None:
-                        raise StoreUnavailable(f"store {self.path} is not open")
-                    if version is None:
-                        version = self._begin_inline(watcher)
-                    future.set_result(context.run(read, watcher, version))
-                except sqlite3.Error as error:  # the next read begins afresh, if the store still lets it
-                    future.set_exception(error)
-                    self._end_inline(watcher)
-                    version = None
-                except Exception as error:  # the request's own task raises it
-                    future.set_exception(error)
-                if time.perf_counter() >= ends:
-                    break
-        finally:
-            if version is not None:
-                self._end_inline(watcher)
-
-    def _begin_inline(self, watcher: sqlite3.Connection) -> DataVersion:
-        watcher.execute("BEGIN")
-        row = watcher.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
-        if row is None:
-            self._end_inline(watcher)
-            raise StoreUnavailable(f"store {self.path} has no data yet")
-        return DataVersion(row[0], row[1])
-
-    @staticmethod
-    def _end_inline(watcher: sqlite3.Connection | None) -> None:
-        if watcher is not None and watcher.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                watcher.execute("ROLLBACK")
+        if conn is not None:
+            conn.close()
 
     async def _still_current(self, pool: ReaderPool) -> bool:
-        """Whether the file at path is still the one the pool opened; if not, drop the pool, and open what is
-        there now at once.
+        """Whether the file at path is still the one the pool opened; if not, drop the pool.
 
         A file deleted or replaced (renamed over) has another (device, inode), or none. The ETL's commits
-        and checkpoints keep the file: the pool and its connections' caches stay. A file written since the
-        last look (a checkpoint, or garbage over it) is read afresh, past every cache, by a connection of
-        its own: a store overwritten in place fails that read, and the pool is dropped as on any read error.
+        and checkpoints keep the file and the pool. A file written since the last look is read afresh,
+        past every cache, by a new connection: a store overwritten in place fails that read.
         """
         self._next_check = time.monotonic() + self.reopen_interval
         info = store_file(self.path)
@@ -921,24 +846,24 @@ class Store:
 
     def _read_afresh(self) -> None:
         """Read the store's header, schema and data version through a new connection, which has no cache."""
-        with contextlib.closing(sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(self._uri(), uri=True)) as conn:
             conn.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
 
     async def fail(self, error: sqlite3.Error) -> None:
-        """A query found the store broken (corrupt, truncated, I/O error): reopen it later.
+        """A read found the store broken (corrupt, truncated, I/O error): reopen it later.
 
-        A busy store is not broken: a lock held past the busy timeout (Litestream applying a
-        commit to a replica's copy under load) fails that read only, and the pool stays.
+        A busy store is not broken: a lock held past the busy timeout (Litestream applying a commit to a
+        replica's copy under load) fails that read only, and the pool stays.
         """
         log.warning("store unreadable", db=str(self.path), reason=str(error))
-        if self._pool is not None and not is_busy(error):
+        if self._pool is not None and sqlite_code(error) != sqlite3.SQLITE_BUSY:
             await self._discard(self._pool)
 
     async def _discard(self, pool: ReaderPool, retry_in: float | None = None) -> None:
         """Drop a pool whose store broke or changed; a request after `retry_in` seconds opens a new one."""
         if self._pool is pool:
             self._pool = None
-            self._forget_watcher()
+            self._forget_loop_conn()
             self._next_attempt = time.monotonic() + (self.reopen_interval if retry_in is None else retry_in)
         pool.broken = True
         while not pool.idle.empty():
@@ -946,23 +871,6 @@ class Store:
             if conn is not None:
                 await conn.close()
         pool.idle.put_nowait(None)  # wakes the requests waiting for a reader of it: they go to the new pool
-
-    @contextlib.asynccontextmanager
-    async def snapshot(self) -> AsyncIterator[Snapshot]:
-        """A read transaction on a pooled connection; StoreUnavailable, or ReadersBusy after READER_WAIT s."""
-        pool, conn = await self._borrow()
-        try:
-            version = await self._begin(pool, conn)
-            try:
-                yield Snapshot(conn, version)
-            finally:
-                if not pool.broken:  # a dropped pool's connection is closed (close() may have done it): that ends it
-                    await conn.execute("ROLLBACK")
-        finally:
-            if pool.broken:
-                await conn.close()
-            else:
-                pool.idle.put_nowait(conn)
 
     async def _borrow(self) -> tuple[ReaderPool, aiosqlite.Connection]:
         """A free reader of the current pool, waited for at most READER_WAIT seconds in all."""
@@ -977,33 +885,6 @@ class Store:
             if conn is not None:
                 return pool, conn
             pool.idle.put_nowait(None)  # the pool was dropped while this request waited: on to the next one
-
-    async def _begin(self, pool: ReaderPool, conn: aiosqlite.Connection) -> DataVersion:
-        """Start a read transaction and read the data version it sees."""
-        try:
-            await conn.execute("BEGIN")
-            cursor = await conn.execute("SELECT store_id, generation FROM store_meta WHERE id = 1")
-            row = await cursor.fetchone()
-        except sqlite3.Error as error:
-            if is_busy(error):  # this read fails; the pool stays (see fail)
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
-            else:
-                await self._discard(pool)
-            raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
-        if row is None:
-            await conn.execute("ROLLBACK")
-            raise StoreUnavailable(f"store {self.path} has no data yet")
-        return DataVersion(row["store_id"], row["generation"])
-
-    async def per_commit_read(self, key: str, read: Callable[[sqlite3.Connection, DataVersion], T]) -> T:
-        """An inline read remembered until the next commit of any kind."""
-        await self.watch()
-        try:
-            return self.per_commit[key]
-        except KeyError:
-            value = self.per_commit[key] = await self.inline(read)
-            return value
 
     def etl_running(self) -> bool:
         """True while an ETL process holds the store's writer lock (tested, never taken)."""
@@ -1021,7 +902,7 @@ class Store:
         return lock_type != fcntl.F_UNLCK
 
 
-# --- query parsing --------------------------------------------------------
+# --- queries --------------------------------------------------------------
 
 TEXT_FIELDS = ("asset_id", "symbol", "name", "status", "source")
 NUMBER_FIELDS = ("rank", "price_usd", "market_cap_usd", "volume_24h_usd", "change_24h_pct")
@@ -1052,10 +933,8 @@ FILTER = re.compile(FILTER_SYNTAX)
 
 OPERATOR = re.compile(r">=|<=|[:~<>]")
 NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-ASSET_COLUMNS = (
-    "asset_id, symbol, name, rank, price_usd, market_cap_usd, volume_24h_usd, change_24h_pct,"
-    " status, sources, updated_at"
-)
+ASSET_COLUMNS = ", ".join(Asset.__struct_fields__)  # in the order of the Struct, which is built from the row
+QUOTE_COLUMNS = ", ".join(Quote.__struct_fields__)
 
 
 class InvalidQuery(Exception):
@@ -1113,8 +992,8 @@ class AssetQuery:
         """Fingerprint of filter and sort: what a cursor is bound to."""
         return hashlib.blake2b(f"{self.filter_text}\n{self.sort}".encode(), digest_size=8).hexdigest()
 
-    def etag(self, version: DataVersion) -> str:
-        key = f"{version}\n{self.filter_text}\n{self.sort}\n{self.page_size}\n{self.cursor or self.page}"
+    def etag(self, data_version: str) -> str:
+        key = f"{data_version}\n{self.filter_text}\n{self.sort}\n{self.page_size}\n{self.cursor or self.page}"
         return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
@@ -1331,79 +1210,63 @@ def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
     return token
 
 
-# --- resources ------------------------------------------------------------
-
-
-def asset_from_row(row: dict[str, Any]) -> Asset:
-    return Asset(
-        asset_id=row["asset_id"],
-        symbol=row["symbol"],
-        name=row["name"],
-        rank=row["rank"],
-        price_usd=row["price_usd"],
-        market_cap_usd=row["market_cap_usd"],
-        volume_24h_usd=row["volume_24h_usd"],
-        change_24h_pct=row["change_24h_pct"],
-        status=row["status"],
-        sources=decode_sources(row["sources"]),
-        updated_at=row["updated_at"],
-    )
-
-
-def send(resp: falcon.asgi.Response, body: msgspec.Struct, status: str = falcon.HTTP_200) -> None:
-    resp.status = status
-    resp.content_type = falcon.MEDIA_JSON
-    resp.data = encode(body)
-
-
-def current_copy(if_none_match: str, tag: str) -> bool:
-    """Whether an If-None-Match header names the weak ETag `tag` (or any, `*`): the client's copy is current."""
-    candidates = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-    return f'"{tag}"' in candidates or "*" in candidates
-
-
-def not_modified(req: falcon.asgi.Request, resp: falcon.asgi.Response, tag: str) -> bool:
-    """Set the weak ETag; True (and 304) when the client's copy is current."""
-    resp.etag = f'W/"{tag}"'
-    if current_copy(req.get_header("If-None-Match") or "", tag):
-        resp.status = falcon.HTTP_304
-        return True
-    return False
-
-
-class IndexResource:
-    """GET /: what the service is and where its endpoints are."""
-
-    ENDPOINTS = ("GET /", "GET /data", "GET /data/{asset_id}", "GET /health", "GET /stats", "GET /metrics",
-                 "GET /openapi.json", "GET /docs", "GET /redoc")  # fmt: skip
-
-    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        send(resp, Index(message="Kasparro Backend Service", version=__version__, endpoints=list(self.ENDPOINTS)))
-
-
-ASSET_FIELDS = AssetRow.__struct_fields__
-SORT_VALUE = {field: ASSET_FIELDS.index(field) for field in SORT_FIELDS}
-QUOTE_FIELDS = QuoteRow.__struct_fields__
-QUOTES_SQL = f"""
-SELECT {", ".join(QUOTE_FIELDS)} FROM source_map
-WHERE asset_id = ? AND observed_at IS NOT NULL ORDER BY source, source_id
-"""
-DETAIL_PREFIX = "/data/"  # GET /data/{asset_id}, as the front door matches it
-ANSWERS_BYTES = 16 * 1024 * 1024  # encoded answers kept per worker (pages are ~25 kB)
-ENTRY_OVERHEAD = 512  # bytes a kept answer costs beyond its body: key, node, object (tracemalloc)
+# Pages of /data at any depth. Reads run on the loop or in reader threads at once: what they keep is locked.
 BOOKMARK_EVERY = 1_000  # a deep page starts from the nearest bookmark, at most this many rows before it
+COUNTS_KEPT = 4_096  # filters whose count a commit keeps
+SORT_VALUE = {field: Asset.__struct_fields__.index(field) for field in SORT_FIELDS}
 
 
-def asset_rows(rows: Sequence[tuple]) -> list[AssetRow]:
-    """Rows of ASSET_COLUMNS as wire Structs; sources pass through as stored JSON.
+@dataclass
+class Bookmarks:
+    """Where rows stand in one filter and sort's order.
 
-    Unpacked in the comprehension, not sliced and starred per row: half the time for a page.
+    `marks`: every BOOKMARK_EVERY-th row, found as far as asked. `page_ends`: the last row of pages
+    served (so the first of the page after), by offset: a page next to one already served skips nothing.
     """
-    raw = msgspec.Raw
-    return [
-        AssetRow(asset_id, symbol, name, rank, price, cap, volume, change, status, raw(sources), updated)
-        for asset_id, symbol, name, rank, price, cap, volume, change, status, sources, updated in rows
-    ]
+
+    marks: list[CursorToken] = field(default_factory=list)
+    complete: bool = False
+    page_ends: dict[int, CursorToken] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # over marks and complete
+
+    def reaches(self, offset: int) -> bool:
+        """Whether the row at `offset` is found without walking."""
+        return offset in self.page_ends or self.complete or len(self.marks) >= offset // BOOKMARK_EVERY
+
+
+class BookmarkSets:
+    """The Bookmarks of the filter and sort orders read lately, least recently used out first: at most SETS
+    sets, and PAGE_ENDS page ends across all of them (~200 bytes each), whatever clients page through."""
+
+    SETS = 64
+    PAGE_ENDS = 50_000
+
+    def __init__(self) -> None:
+        self.sets: OrderedDict[str, Bookmarks] = OrderedDict()  # by query digest
+        self.page_ends = 0  # across all sets
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Bookmarks:
+        with self._lock:
+            marks = self.sets.get(digest)
+            if marks is not None:
+                self.sets.move_to_end(digest)
+                return marks
+            while len(self.sets) >= self.SETS:
+                self.page_ends -= len(self.sets.popitem(last=False)[1].page_ends)
+            marks = self.sets[digest] = Bookmarks()
+            return marks
+
+    def peek(self, digest: str) -> Bookmarks | None:
+        """The set if there is one, without counting it as used."""
+        return self.sets.get(digest)
+
+    def page_served(self, marks: Bookmarks, offset: int, last: CursorToken) -> None:
+        """Remember where the page after the one served at `offset` starts, while the budget lasts."""
+        with self._lock:
+            if offset not in marks.page_ends and self.page_ends < self.PAGE_ENDS:
+                marks.page_ends[offset] = last
+                self.page_ends += 1
 
 
 def position_of(query: AssetQuery, row: tuple) -> CursorToken:
@@ -1412,188 +1275,268 @@ def position_of(query: AssetQuery, row: tuple) -> CursorToken:
     return CursorToken(query.digest, value is None, value, row[0])
 
 
-BLANK_HEAD = b'{"request_id":"","api_latency_ms":0.0'  # how an AssetPageOut with no per-request fields begins
+def page_fits_on_loop(query: AssetQuery, commit: Commit) -> bool:
+    """Whether the page is a short index range at this commit: no filter (which may scan), its count known,
+    and at most BOOKMARK_EVERY rows to step over (~1,100 index entries: cheaper than a thread hop)."""
+    if query.conditions or query.filter_text not in commit.counts:
+        return False
+    if query.cursor or query.offset < BOOKMARK_EVERY:
+        return True
+    marks = commit.bookmarks.peek(query.digest)
+    return marks is not None and marks.reaches(query.offset)
 
 
-class Versioned:
-    """An answer that holds for one data version, with a weak ETag: a page or an asset."""
+def read_page(conn: sqlite3.Connection, version: DataVersion, query: AssetQuery, commit: Commit) -> AssetPage:
+    """One page of the query, with blank request_id and api_latency_ms; what it learns (the count, bookmarks)
+    is kept in `commit` when the read saw that commit's data."""
+    if version != commit.version:  # the ETL committed since the request looked: keep nothing for it
+        commit = Commit(0, version)
+    after = read_cursor(query, version) if query.cursor else None
+    total = count_assets(conn, query, commit)
+    page_size, offset, skip, marks = query.page_size, query.offset, 0, None
+    if after is None:
+        marks = commit.bookmarks.get(query.digest)
+        after, skip = nearest_bookmark(conn, query, marks, offset)
+    rows = read_rows(conn, query, after, skip, page_size + 1)
+    if marks is not None and len(rows) > page_size:
+        commit.bookmarks.page_served(marks, offset + page_size, position_of(query, rows[page_size - 1]))
+    raw = msgspec.Raw
+    assets = [
+        Asset(asset_id, symbol, name, rank, price, cap, volume, change, status, raw(sources), updated)
+        for asset_id, symbol, name, rank, price, cap, volume, change, status, sources, updated in rows[:page_size]
+    ]  # unpacked in the comprehension, not sliced and starred per row: half the time for a page
+    return AssetPage(
+        request_id="",
+        api_latency_ms=0.0,
+        data=assets,
+        page=None if query.cursor else query.page,
+        page_size=page_size,
+        total_items=total,
+        total_pages=-(-total // page_size),
+        next_cursor=make_cursor(query, assets[-1], version) if len(rows) > page_size else None,
+        data_version=str(version),
+    )
 
-    version: DataVersion
-    etag: str
 
-    def fresh(self, store: Store) -> bool:
-        return self.version == store.version
+def count_assets(conn: sqlite3.Connection, query: AssetQuery, commit: Commit) -> int:
+    """Assets matching the query's filter, counted once per commit."""
+    counts, key = commit.counts, query.filter_text
+    if key not in counts:
+        if len(counts) >= COUNTS_KEPT:
+            counts.clear()
+        where, params = where_sql(query.conditions)
+        ((counts[key],),) = conn.execute(f"SELECT count(*) FROM asset WHERE {where}", params).fetchall()
+    return counts[key]
+
+
+def nearest_bookmark(
+    conn: sqlite3.Connection, query: AssetQuery, marks: Bookmarks, offset: int
+) -> tuple[CursorToken | None, int]:
+    """The nearest bookmark at or before `offset` (walking to it as needed), and how many rows lie between."""
+    served = marks.page_ends.get(offset)
+    if served is not None:
+        return served, 0
+    wanted = offset // BOOKMARK_EVERY
+    while len(marks.marks) < wanted and not marks.complete:
+        known = len(marks.marks)
+        row = read_rows(conn, query, marks.marks[known - 1] if known else None, BOOKMARK_EVERY - 1, 1)
+        with marks.lock:
+            if len(marks.marks) != known:  # a read in another thread walked this far first
+                continue
+            if row:
+                marks.marks.append(position_of(query, row[0]))
+            else:
+                marks.complete = True
+    found = min(wanted, len(marks.marks))
+    if not found:
+        return None, offset
+    return marks.marks[found - 1], offset - found * BOOKMARK_EVERY
+
+
+def read_rows(
+    conn: sqlite3.Connection, query: AssetQuery, after: CursorToken | None, skip: int, limit: int
+) -> list[tuple]:
+    """`limit` rows after position `after` (the start when None), passing `skip` rows first.
+
+    Nulls sort last: the rows with a sort value, then those without.
+    """
+    if after is not None and after.in_nulls:
+        return conn.execute(*segment_sql(query, True, after, limit, skip)).fetchall()
+    rows = conn.execute(*segment_sql(query, False, after, limit, skip)).fetchall()
+    if len(rows) < limit and query.sort.nullable:
+        null_skip = 0
+        if skip and not rows:  # the skip reaches past the valued rows: continue it among the nulls
+            sql, params = segment_sql(query, False, after, skip, 0)
+            keys = sql.replace(f"SELECT {ASSET_COLUMNS} FROM", "SELECT 1 FROM", 1)
+            ((valued,),) = conn.execute(f"SELECT count(*) FROM ({keys})", params).fetchall()
+            null_skip = skip - valued
+        rows += conn.execute(*segment_sql(query, True, None, limit - len(rows), null_skip)).fetchall()
+    return rows
+
+
+QUOTES_SQL = f"""
+SELECT {QUOTE_COLUMNS} FROM source_map
+WHERE asset_id = ? AND observed_at IS NOT NULL ORDER BY source, source_id
+"""
+
+
+def read_asset(conn: sqlite3.Connection, version: DataVersion, asset_id: str) -> AssetDetail | None:
+    """One asset with the latest quote of each source listing it; None when there is no such asset."""
+    row = conn.execute(f"SELECT {ASSET_COLUMNS} FROM asset WHERE asset_id = ?", (asset_id,)).fetchone()
+    if row is None:
+        return None
+    quotes = [Quote(*quote) for quote in conn.execute(QUOTES_SQL, (asset_id,))]
+    return AssetDetail(*row[:9], msgspec.Raw(row[9]), row[10], quotes)
+
+
+def asset_etag(data_version: str, asset_id: str) -> str:
+    return hashlib.blake2b(f"{data_version}\n{asset_id}".encode(), digest_size=12).hexdigest()
+
+
+# --- answers --------------------------------------------------------------
+
+# What the front door leaves in the ASGI scope for the app: the request's id and start (perf_counter()).
+REQUEST_ID_KEY = "kasparro.request_id"
+STARTED = "kasparro.started"
+
+BLANK_HEAD = b'{"request_id":"","api_latency_ms":0.0'  # how an AssetPage with blank per-request fields begins
+ANSWERS_BYTES = 16 * 1024 * 1024  # encoded answers kept per worker (pages are ~25 kB)
+ENTRY_OVERHEAD = 512  # bytes a kept answer costs beyond its body: key, node, object (tracemalloc)
+
+
+def current_copy(if_none_match: str, tag: str) -> bool:
+    """Whether an If-None-Match header names the weak ETag `tag` (or any, `*`): the client's copy is current."""
+    candidates = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return f'"{tag}"' in candidates or "*" in candidates
+
+
+@dataclass(frozen=True, eq=False)
+class Answer:
+    """The status and encoded JSON body of a GET, kept until the store's next commit (Commit.number) or
+    until `until` (wall clock). A stamped body was encoded with a blank request_id and api_latency_ms,
+    and each request splices its own in."""
+
+    commit: int
+    body: bytes
+    etag: str | None = None  # weak: W/"etag"
+    status: int = 200
+    stamped: bool = False
+    until: float = math.inf
+
+    def __post_init__(self) -> None:
+        assert not self.stamped or self.body.startswith(BLANK_HEAD), "a stamped answer starts with BLANK_HEAD"
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + ENTRY_OVERHEAD
 
     @functools.cached_property
     def etag_header(self) -> bytes:
         return f'W/"{self.etag}"'.encode()
 
-
-@dataclass(frozen=True)
-class CachedPage(Versioned):
-    """A page of GET /data, encoded once with blank per-request fields; each request splices its own in."""
-
-    route: ClassVar[str] = "/data"
-    version: DataVersion
-    etag: str
-    blank: bytes  # the page encoded with request_id "" and api_latency_ms 0.0
-
-    @classmethod
-    def of(cls, version: DataVersion, etag: str, page: AssetPageOut) -> CachedPage:
-        """Keep `page`, made with request_id "" and api_latency_ms 0.0, encoded."""
-        blank = encode(page)
-        assert blank.startswith(BLANK_HEAD), "not a blank page, or AssetPageOut no longer leads with these fields"
-        return cls(version=version, etag=etag, blank=blank)
-
-    @property
-    def size(self) -> int:
-        return len(self.blank) + ENTRY_OVERHEAD
-
     @functools.cached_property
-    def tail(self) -> memoryview:
-        """The page after its per-request fields: ',"data":[...],...}'."""
-        return memoryview(self.blank)[len(BLANK_HEAD) :]
+    def _tail(self) -> memoryview:
+        return memoryview(self.body)[len(BLANK_HEAD) :]
 
-    def body(self, request_id: str, started: float) -> bytes:
-        """The page for one request, which started at `started` (time.perf_counter()).
-
-        The per-request fields are encoded and joined to the kept tail: the same bytes as encoding the
-        whole AssetPageOut (a test compares them), without walking its rows for every request.
-        """
+    def reply(self, request_id: str, started: float, if_none_match: str | None) -> tuple[int, bytes]:
+        """The status and body for one request: 304 and no body when If-None-Match names the ETag."""
+        if self.etag is not None and if_none_match is not None and current_copy(if_none_match, self.etag):
+            return 304, b""
+        if not self.stamped:
+            return self.status, self.body
         latency = round((time.perf_counter() - started) * 1000, 3)
-        return b"".join((b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency), self.tail))
+        return self.status, b"".join(
+            (b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency), self._tail)
+        )
 
 
-@dataclass(frozen=True, kw_only=True)
-class CachedBody:
-    """An answer whose body is the same for every request."""
-
-    encoded: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.encoded) + ENTRY_OVERHEAD
-
-    def body(self, request_id: str, started: float) -> bytes:
-        return self.encoded
+def send_answer(req: falcon.asgi.Request, resp: falcon.asgi.Response, answer: Answer) -> None:
+    """Falcon's side of Answer.reply: the same status, ETag and body as the front door sends."""
+    status, body = answer.reply(req.scope[REQUEST_ID_KEY], req.scope[STARTED], req.get_header("If-None-Match"))
+    resp.status = status
+    if answer.etag is not None:
+        resp.etag = f'W/"{answer.etag}"'
+    if status != 304:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = body
 
 
-@dataclass(frozen=True, kw_only=True)
-class CachedDetail(CachedBody, Versioned):
-    """GET /data/{asset_id} of one asset, encoded."""
-
-    route: ClassVar[str] = "/data/{asset_id}"
-    version: DataVersion
-    etag: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class CachedHealth(CachedBody):
-    """GET /health, encoded: it holds until the next commit of any kind (a run starting or ending), or
-    until `until` (wall clock), when freshness runs out or a run marked running must be looked at again."""
-
-    route: ClassVar[str] = "/health"
-    etag: ClassVar[None] = None
-    commit: int | None
-    until: float
-
-    def fresh(self, store: Store) -> bool:
-        return self.commit == store.commit and time.time() < self.until
-
-
-@dataclass(frozen=True, kw_only=True)
-class CachedStats(CachedHealth):
-    """GET /stats, encoded: as /health, it holds until the next commit of any kind, and is not kept while
-    a run is marked running (its process may die without a commit)."""
-
-    route: ClassVar[str] = "/stats"
-
-
-Answer = CachedPage | CachedDetail | CachedHealth | CachedStats
-A = TypeVar("A", bound=Answer | None)
 AnswerKey = tuple[str, bytes]  # the request's path and raw query string, as the ASGI scope gives them
+Make = Callable[[Commit], Awaitable[Answer | None]]
 
 
 def answer_key(scope: dict[str, Any]) -> AnswerKey:
     return scope["path"], scope["query_string"]
 
 
-class Answers:
-    """Encoded answers of GET requests by path and query string, least recently used out first.
+class AnswerCache:
+    """Answers of GET requests by path and query string, least recently used out first within `budget` bytes.
 
-    Between two commits every answer is a pure function of its request, so
-    a fresh one is byte-identical in its data to a new read. Resources
-    look here first and put what they read; the front door (Api) answers
-    from here without entering Falcon. An answer that is no longer fresh is
-    dropped when next asked for, or pushed out by newer ones.
-
-    An answer is kept the second time it is read within the last SEEN_ONCE
-    requests that missed, not the first: a stream of requests that never
-    repeat (assets looked up across a million ids, say) would otherwise push
-    out the answers that are asked for again and again, and pay for keeping
-    what nobody asks for twice.
-
-    Requests that miss the same key at the same commit share one read (read()):
-    right after a commit every answer is gone, and a dashboard's concurrent
-    requests would otherwise read the same page side by side.
+    Between two commits an answer is a pure function of its request. An answer is kept the second time it
+    is made within the last SEEN_ONCE misses, not the first: requests that never repeat (lookups across a
+    million ids) do not push out those asked for again and again.
     """
 
     SEEN_ONCE = 16_384
 
-    def __init__(self, store: Store, budget_bytes: int) -> None:
+    def __init__(self, store: Store, budget: int) -> None:
         self.store = store
-        self.budget = budget_bytes
+        self.budget = budget
         self.entries: OrderedDict[AnswerKey, Answer] = OrderedDict()
         self.size = 0
-        self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of keys read once lately, oldest first
-        self._reading: dict[AnswerKey, tuple[int | None, asyncio.Task[Any]]] = {}  # key: (commit, its read)
+        self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of keys made once lately, oldest first
+        self._making: dict[AnswerKey, tuple[int, asyncio.Task[Answer | None]]] = {}  # key: (commit, its making)
 
-    async def read(self, key: AnswerKey, read: Callable[[], Awaitable[A]]) -> A:
-        """The fresh answer to key: kept, else the one a request is reading for it at this commit, else read()'s
-        (then offered to put). Call it right after store.watch(). None (no such asset) is shared, not kept.
-
-        The read runs as a task of its own: a request that goes away (client gone, server stopping) does
-        not cancel it for the others waiting on it.
-        """
-        answer = self.get(key)
-        if answer is not None:
-            return answer  # type: ignore[return-value]
-        commit = self.store.commit
-        reading = self._reading.get(key)
-        if reading is None or reading[0] != commit:
-            reading = self._reading[key] = (commit, asyncio.get_running_loop().create_task(self._read(key, read)))
-            reading[1].add_done_callback(functools.partial(self._read_done, key))
-        return await asyncio.shield(reading[1])
-
-    def _read_done(self, key: AnswerKey, task: asyncio.Task[Any]) -> None:
-        if self._reading.get(key, (None, None))[1] is task:
-            del self._reading[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: every request waiting on it had it raised already, or went away
-
-    async def _read(self, key: AnswerKey, read: Callable[[], Awaitable[A]]) -> A:
-        answer = await read()
-        if answer is not None:
-            self.put(key, answer)
-        return answer
-
-    def get(self, key: AnswerKey) -> Answer | None:
-        """The answer to key if it is fresh; call it right after store.watch(), which reads the version.
-
-        Not a coroutine awaiting watch() itself: the front door's path stays one coroutine frame shorter.
-        """
+    async def lookup(self, key: AnswerKey) -> Answer | None:
+        """The answer kept for key if it still holds; the store is looked at only when one is kept."""
         answer = self.entries.get(key)
         if answer is None:
             return None
-        if not answer.fresh(self.store):
+        commit = await self.store.watch()
+        if answer.commit != commit.number or time.time() >= answer.until:
             self.size -= self.entries.pop(key).size
             return None
         self.entries.move_to_end(key)
         return answer
 
+    async def read(self, key: AnswerKey, make: Make) -> Answer | None:
+        """The answer to key: kept, else the one being made for it at this commit, else make(commit)'s, which is
+        then offered to keep. None (no such thing) is shared, not kept.
+
+        Requests that miss the same key at one commit share one making, a task of its own: right after a
+        commit every answer is gone, and a request that goes away does not cancel it for the others.
+        """
+        answer = await self.lookup(key)
+        if answer is not None:
+            return answer
+        commit = await self.store.watch()
+        making = self._making.get(key)
+        if making is None or making[0] != commit.number:
+            task = asyncio.get_running_loop().create_task(self._make(key, make, commit))
+            making = self._making[key] = (commit.number, task)
+            task.add_done_callback(functools.partial(self._made, key))
+        return await asyncio.shield(making[1])
+
+    async def _make(self, key: AnswerKey, make: Make, commit: Commit) -> Answer | None:
+        answer = await make(commit)
+        if (
+            answer is not None
+            and answer.status == 200
+            and answer.commit == commit.number
+            and answer.until > time.time()
+        ):
+            self.put(key, answer)
+        return answer
+
+    def _made(self, key: AnswerKey, task: asyncio.Task[Answer | None]) -> None:
+        if self._making.get(key, (None, None))[1] is task:
+            del self._making[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every request waiting on it had it raised already, or went away
+
     def put(self, key: AnswerKey, answer: Answer) -> None:
-        """Keep an answer read in the store's current state (one read in an older state is not kept)."""
-        if not answer.fresh(self.store) or not self._seen_before(key):
+        """Keep an answer, if its key was made before lately."""
+        if not self._seen_before(key):
             return
         previous = self.entries.pop(key, None)
         if previous is not None:
@@ -1601,11 +1544,10 @@ class Answers:
         self.entries[key] = answer
         self.size += answer.size
         while self.size > self.budget:
-            _, evicted = self.entries.popitem(last=False)
-            self.size -= evicted.size
+            self.size -= self.entries.popitem(last=False)[1].size
 
     def _seen_before(self, key: AnswerKey) -> bool:
-        """Whether key was read lately (or is kept); if not, remember that it was read once."""
+        """Whether key was made lately (or is kept); if not, remember that it was made once."""
         if key in self.entries:
             return True
         seen = hash(key)  # a collision only keeps an answer one read early
@@ -1613,282 +1555,124 @@ class Answers:
             return True
         self._seen_once[seen] = None
         if len(self._seen_once) > self.SEEN_ONCE:
-            self._seen_once.popitem(last=False)  # O(1); a dict's oldest key is a scan past its deleted slots
+            self._seen_once.popitem(last=False)
         return False
 
 
-@dataclass
-class Bookmarks:
-    """Where rows stand in one filter and sort's order.
-
-    `marks`: every BOOKMARK_EVERY-th row, found as far as asked. `page_ends`:
-    the last row of pages served (so the first of the page after), by offset:
-    a page next to one already served skips nothing.
-    """
-
-    marks: list[CursorToken] = field(default_factory=list)
-    complete: bool = False
-    page_ends: dict[int, CursorToken] = field(default_factory=dict)
-
-    def reaches(self, offset: int) -> bool:
-        """Whether the row at `offset` is found without walking: a served page ends there, or the
-        bookmarks before it are known."""
-        return offset in self.page_ends or self.complete or len(self.marks) >= offset // BOOKMARK_EVERY
+# --- resources ------------------------------------------------------------
 
 
-class BookmarkSets:
-    """The Bookmarks of the filter and sort orders read lately, least recently used out first.
+class IndexResource:
+    """GET /: what the service is and where its endpoints are."""
 
-    Memory stays bounded whatever clients page through: at most SETS sets,
-    and PAGE_ENDS page ends across all of them (~200 bytes each). A set of
-    an older generation of the store is dropped when one of a newer is made.
-    """
-
-    SETS = 64
-    PAGE_ENDS = 50_000
-
-    def __init__(self) -> None:
-        self.sets: collections.OrderedDict[tuple[DataVersion, str], Bookmarks] = collections.OrderedDict()
-        self.page_ends = 0  # across all sets
-
-    def get(self, version: DataVersion, digest: str) -> Bookmarks:
-        key = (version, digest)
-        marks = self.sets.get(key)
-        if marks is not None:
-            self.sets.move_to_end(key)
-            return marks
-        for old in [k for k in self.sets if k[0].store_id != version.store_id or k[0].generation < version.generation]:
-            self._drop(old)
-        while len(self.sets) >= self.SETS:
-            self._drop(next(iter(self.sets)))
-        marks = self.sets[key] = Bookmarks()
-        return marks
-
-    def peek(self, version: DataVersion, digest: str) -> Bookmarks | None:
-        """The set if there is one, without counting it as used."""
-        return self.sets.get((version, digest))
-
-    def page_served(self, marks: Bookmarks, offset: int, last: CursorToken) -> None:
-        """Remember where the page after the one served at `offset` starts, while the budget lasts."""
-        if offset not in marks.page_ends and self.page_ends < self.PAGE_ENDS:
-            marks.page_ends[offset] = last
-            self.page_ends += 1
-
-    def _drop(self, key: tuple[DataVersion, str]) -> None:
-        self.page_ends -= len(self.sets.pop(key).page_ends)
-
-
-# A plan is a generator that yields the (sql, params) it needs read and is
-# sent the rows; the same logic then runs inline on the loop thread's
-# connection (run_plan) or in a reader thread's snapshot (run_plan_async).
-Plan = Generator[tuple[str, Sequence[Any]], list[tuple], T]
-
-
-def run_plan(plan: Plan[T], conn: sqlite3.Connection) -> T:
-    try:
-        request = next(plan)
-        while True:
-            request = plan.send(conn.execute(*request).fetchall())
-    except StopIteration as done:
-        return done.value
-
-
-async def run_plan_async(plan: Plan[T], snapshot: Snapshot) -> T:
-    try:
-        request = next(plan)
-        while True:
-            request = plan.send(await snapshot.tuples(*request))
-    except StopIteration as done:
-        return done.value
-
-
-def rows_plan(query: AssetQuery, after: CursorToken | None, skip: int, limit: int) -> Plan[list[tuple]]:
-    """`limit` rows after position `after` (the start when None), passing `skip` rows first.
-
-    Nulls sort last: the rows with a sort value, then those without.
-    """
-    if after is not None and after.in_nulls:
-        return (yield segment_sql(query, True, after, limit, skip))
-    rows = yield segment_sql(query, False, after, limit, skip)
-    if len(rows) < limit and query.sort.nullable:
-        null_skip = 0
-        if skip and not rows:  # the skip reaches past the valued rows: continue it among the nulls
-            sql, params = segment_sql(query, False, after, skip, 0)
-            keys = sql.replace(f"SELECT {ASSET_COLUMNS} FROM", "SELECT 1 FROM", 1)
-            ((valued,),) = yield f"SELECT count(*) FROM ({keys})", params
-            null_skip = skip - valued
-        rows = rows + (yield segment_sql(query, True, None, limit - len(rows), null_skip))
-    return rows
-
-
-class AssetResource:
-    """GET /data (pages of unified records) and GET /data/{asset_id} (one, with quotes)."""
-
-    protected = True
-    COUNT_CACHE_SIZE = 4_096
-
-    def __init__(self, store: Store, answers: Answers) -> None:
-        self.store = store
-        self.answers = answers
-        self.bookmarks = BookmarkSets()
-        self._counts: dict[str, int] = {}
-        self._counts_version: DataVersion | None = None
+    def __init__(self, endpoints: list[str]) -> None:
+        self.body = encode(Index(message="Kasparro Backend Service", version=__version__, endpoints=endpoints))
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        await self.store.watch()
-        page = self.answers.get(key := answer_key(req.scope))
-        if page is None:
-            query = parse_asset_query(req.params)  # single values: QueryParameters saw to it
-            page = await self.answers.read(key, lambda: self._render(query))
-        assert isinstance(page, CachedPage)
-        if not_modified(req, resp, page.etag):
-            return
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = page.body(req.scope[REQUEST_ID_KEY], req.scope[STARTED])
-
-    async def _render(self, query: AssetQuery) -> CachedPage:
-        """Read and encode one page: inline when it is a short index range, else in a reader thread.
-
-        Without conditions, and once the count and the bookmarks before the
-        page are known, every read is an index range of at most ~1,100
-        entries (bookmarks bound the skip), cheaper than the thread hops it
-        would take. A filter may have to scan, and the first count or
-        bookmark walk of a data version steps over up to every row (~100 ms
-        at 1M assets): those run off the loop, which goes on serving.
-        """
-        if self._short(query):
-            return await self.store.inline(lambda conn, version: run_plan(self._page_plan(query, version), conn))
-        async with self.store.snapshot() as snapshot:
-            return await run_plan_async(self._page_plan(query, snapshot.version), snapshot)
-
-    def _short(self, query: AssetQuery) -> bool:
-        """Whether the page is a short index range in the data version last read (watch())."""
-        version = self.store.version
-        if query.conditions or self._counts_version != version or query.filter_text not in self._counts:
-            return False
-        if query.cursor or query.offset < BOOKMARK_EVERY:
-            return True
-        marks = self.bookmarks.peek(version, query.digest)
-        return marks is not None and marks.reaches(query.offset)
-
-    def _page_plan(self, query: AssetQuery, version: DataVersion) -> Plan[CachedPage]:
-        after = read_cursor(query, version) if query.cursor else None
-        total = yield from self._count_plan(version, query)
-        page_size, offset, skip, marks = query.page_size, query.offset, 0, None
-        if after is None:
-            marks = self.bookmarks.get(version, query.digest)
-            after, skip = yield from self._bookmark_plan(marks, query, offset)
-        rows = yield from rows_plan(query, after, skip, page_size + 1)
-        if marks is not None and len(rows) > page_size:
-            self.bookmarks.page_served(marks, offset + page_size, position_of(query, rows[page_size - 1]))
-        assets = asset_rows(rows[:page_size])
-        page = AssetPageOut(
-            request_id="",
-            api_latency_ms=0.0,
-            data=assets,
-            page=None if query.cursor else query.page,
-            page_size=page_size,
-            total_items=total,
-            total_pages=-(-total // page_size),
-            next_cursor=make_cursor(query, assets[-1], version) if len(rows) > page_size else None,
-            data_version=str(version),
-        )
-        return CachedPage.of(version, query.etag(version), page)
-
-    def _count_plan(self, version: DataVersion, query: AssetQuery) -> Plan[int]:
-        """Assets matching the query's filter, counted once per data version."""
-        if self._counts_version != version or len(self._counts) >= self.COUNT_CACHE_SIZE:
-            self._counts, self._counts_version = {}, version
-        key = query.filter_text
-        if key not in self._counts:
-            where, params = where_sql(query.conditions)
-            ((self._counts[key],),) = yield f"SELECT count(*) FROM asset WHERE {where}", params
-        return self._counts[key]
-
-    def _bookmark_plan(self, marks: Bookmarks, query: AssetQuery, offset: int) -> Plan[tuple[CursorToken | None, int]]:
-        """The nearest bookmark at or before `offset`, and how many rows lie between them."""
-        served = marks.page_ends.get(offset)
-        if served is not None:
-            return served, 0
-        wanted = offset // BOOKMARK_EVERY
-        if not wanted:
-            return None, offset
-        while len(marks.marks) < wanted and not marks.complete:
-            known = len(marks.marks)
-            previous = marks.marks[-1] if known else None
-            row = yield from rows_plan(query, previous, BOOKMARK_EVERY - 1, 1)
-            if len(marks.marks) != known:  # a plan in another reader thread got there first
-                continue
-            if row:
-                marks.marks.append(position_of(query, row[0]))
-            else:
-                marks.complete = True
-        found = min(wanted, len(marks.marks))
-        if not found:
-            return None, offset
-        return marks.marks[found - 1], offset - found * BOOKMARK_EVERY
-
-    async def on_get_asset(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, asset_id: str) -> None:
-        detail = await find_detail(self.store, self.answers, answer_key(req.scope), asset_id)
-        if detail is None:
-            raise falcon.HTTPNotFound(description=f"no asset with asset_id {asset_id[:100]!r}")
-        if not_modified(req, resp, detail.etag):
-            return
-        resp.content_type = falcon.MEDIA_JSON
-        resp.data = detail.encoded
+        resp.data = self.body
 
 
-async def find_detail(store: Store, answers: Answers, key: AnswerKey, asset_id: str) -> CachedDetail | None:
-    """GET /data/{asset_id}'s answer: the kept one, else read (and kept on its second read); None: no such asset."""
-    await store.watch()
-    detail = await answers.read(key, lambda: store.inline(lambda conn, version: read_detail(conn, version, asset_id)))
-    assert detail is None or isinstance(detail, CachedDetail)
-    return detail
+class KeptResource:
+    """A resource whose answers the AnswerCache keeps: make() builds one from the store at a commit, and GET
+    (HEAD too) sends it. The front door calls answer() itself for a GET of the route with no query string."""
+
+    def __init__(self, store: Store, answers: AnswerCache) -> None:
+        self.store = store
+        self.answers = answers
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, **fields: str) -> None:
+        answer = await self.answer(answer_key(req.scope), req.params, **fields)
+        if answer is None:
+            raise falcon.HTTPNotFound(description=self.missing(**fields))
+        send_answer(req, resp, answer)
+
+    async def answer(self, key: AnswerKey, params: Mapping[str, str], **fields: str) -> Answer | None:
+        """The answer to the request with this key, query parameters and path fields; None: no such thing."""
+        return await self.answers.read(key, lambda commit: self.make(commit, params, **fields))
+
+    async def make(self, commit: Commit, params: Mapping[str, str], **fields: str) -> Answer | None:
+        raise NotImplementedError
+
+    def missing(self, **fields: str) -> str:
+        return "no such resource"
 
 
-def read_detail(conn: sqlite3.Connection, version: DataVersion, asset_id: str) -> CachedDetail | None:
-    """One asset with its quotes, encoded with its ETag; None when there is no such asset."""
-    row = conn.execute(f"SELECT {ASSET_COLUMNS} FROM asset WHERE asset_id = ?", (asset_id,)).fetchone()
-    if row is None:
-        return None
-    tag = hashlib.blake2b(f"{version}\n{asset_id}".encode(), digest_size=12).hexdigest()
-    quotes = [QuoteRow(*quote) for quote in conn.execute(QUOTES_SQL, (asset_id,))]
-    return CachedDetail(
-        version=version, etag=tag, encoded=encode(AssetDetailOut(*row[:9], msgspec.Raw(row[9]), row[10], quotes))
-    )
+class AssetPagesResource(KeptResource):
+    """GET /data: a page of unified records, read on the loop when it is a short index range."""
+
+    async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
+        query = parse_asset_query(params)  # single values: QueryParameters saw to it
+
+        def read(conn: sqlite3.Connection, version: DataVersion) -> Answer:
+            page = read_page(conn, version, query, commit)
+            return Answer(commit.number, encode(page), etag=query.etag(page.data_version), stamped=True)
+
+        return await self.store.read(read, on_loop=page_fits_on_loop(query, commit))
 
 
-class HealthResource:
+class AssetResource(KeptResource):
+    """GET /data/{asset_id}: one unified record with the latest quote of each source."""
+
+    async def make(self, commit: Commit, params: Mapping[str, str], asset_id: str) -> Answer | None:
+        def read(conn: sqlite3.Connection, version: DataVersion) -> Answer | None:
+            detail = read_asset(conn, version, asset_id)
+            if detail is None:
+                return None
+            return Answer(commit.number, encode(detail), etag=asset_etag(str(version), asset_id))
+
+        return await self.store.read(read, on_loop=True)
+
+    def missing(self, asset_id: str) -> str:
+        return f"no asset with asset_id {asset_id[:100]!r}"
+
+
+def run_is_live(store: Store, replica: bool) -> bool:
+    """Whether the run the records say is running still runs.
+
+    A replica cannot see the primary's writer lock, so it takes the record's word: a run that died
+    there is marked failed by the primary's next run, and that record replicates too.
+    """
+    return replica or store.etl_running()
+
+
+def read_latest_runs(conn: sqlite3.Connection, version: DataVersion) -> list[dict[str, Any]]:
+    """The two newest ETL runs: the latest, and the one before it while the latest still runs."""
+    rows = conn.execute("SELECT status, started_at, ended_at FROM etl_run ORDER BY run_id DESC LIMIT 2")
+    return [dict(zip(("status", "started_at", "ended_at"), row, strict=True)) for row in rows]
+
+
+def age_seconds(moment: str) -> float:
+    return time.time() - datetime.fromisoformat(moment).timestamp()
+
+
+UNHEALTHY = Health(status="unhealthy", db_connected=False, etl_last_run=None, etl_status=None)
+
+
+class HealthResource(KeptResource):
     """GET /health: is the store readable and the ETL fresh."""
 
-    def __init__(self, store: Store, max_age: int, answers: Answers, replica: bool = False) -> None:
-        self.store = store
+    def __init__(self, store: Store, answers: AnswerCache, max_age: int, replica: bool = False) -> None:
+        super().__init__(store, answers)
         self.max_age = max_age
-        self.answers = answers
         self.replica = replica
+        self.unhealthy = Answer(0, encode(UNHEALTHY), status=503)
 
-    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        key = answer_key(req.scope)
+    async def answer(self, key: AnswerKey, params: Mapping[str, str], **fields: str) -> Answer | None:
         try:
-            await self.store.watch()
-            answer = await self.answers.read(key, self.read)
+            return await super().answer(key, params)
         except StoreUnavailable as error:
             log.warning("store unavailable", reason=str(error))
-            send(resp, Health(status="unhealthy", db_connected=False, etl_last_run=None, etl_status=None),
-                 falcon.HTTP_503)  # fmt: skip
-            return
-        assert isinstance(answer, CachedHealth)
-        resp.content_type = falcon.MEDIA_JSON
-        resp.data = answer.encoded
+            return self.unhealthy
 
-    async def read(self) -> CachedHealth:
-        runs = await self.store.per_commit_read("health", read_latest_runs)
+    async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
+        runs = await self.store.read(read_latest_runs, on_loop=True)
         health = self.judge(runs)
-        return CachedHealth(commit=self.store.commit, until=self.holds_until(runs, health), encoded=encode(health))
+        return Answer(commit.number, encode(health), until=self.holds_until(runs, health))
 
     def holds_until(self, runs: Sequence[dict[str, Any]], health: Health) -> float:
-        """When a verdict can change without a commit: at once while a run is marked running
-        (its process may die, or a live one take the lock), else when freshness runs out."""
+        """When a verdict can change without a commit: at once while a run is marked running (its process may
+        die, or a live one take the lock), else when freshness runs out."""
         if runs and runs[0]["status"] == "running":
             return 0.0
         if health.status == "healthy":
@@ -1913,25 +1697,6 @@ class HealthResource:
         return Health(status=verdict, db_connected=True, etl_last_run=last_run, etl_status=status)
 
 
-def run_is_live(store: Store, replica: bool) -> bool:
-    """Whether the run the records say is running still runs.
-
-    A replica cannot see the primary's writer lock, so it takes the record's word: a run that
-    died there is marked failed by the primary's next run, and that record replicates too.
-    """
-    return replica or store.etl_running()
-
-
-def read_latest_runs(conn: sqlite3.Connection, version: DataVersion) -> list[dict[str, Any]]:
-    """The two newest ETL runs: the latest, and the one before it while the latest still runs."""
-    rows = conn.execute("SELECT status, started_at, ended_at FROM etl_run ORDER BY run_id DESC LIMIT 2")
-    return [dict(zip(("status", "started_at", "ended_at"), row, strict=True)) for row in rows]
-
-
-def age_seconds(moment: str) -> float:
-    return time.time() - datetime.fromisoformat(moment).timestamp()
-
-
 # ETL outcomes summed over finished runs (run_totals, kept by store.sql's triggers), and the runs still running:
 # two reads of a few rows each, however many runs the store holds.
 TOTALS_SQL = """
@@ -1952,6 +1717,13 @@ NO_RUNS = {
     **dict.fromkeys(("runs", "successes", "partials", "failures", "rows_read", "rows_loaded", "rows_rejected"), 0),
     **dict.fromkeys(("last_success_at", "last_failure_at", "last_error", "avg_duration_ms")),
 }
+RECENT_RUNS = 10  # runs listed by /stats
+
+
+def dict_rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """A cursor's rows as dicts keyed by column name, ready to become Structs."""
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
 def run_totals(finished: Sequence[dict[str, Any]], running: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -1964,56 +1736,40 @@ def run_totals(finished: Sequence[dict[str, Any]], running: Sequence[dict[str, A
     return totals
 
 
-class StatsResource:
-    """GET /stats: ETL outcomes overall, per source, and the last runs."""
+def read_stats(conn: sqlite3.Connection, version: DataVersion) -> Stats:
+    """The stats as the store holds them: a few rows, however many runs it records."""
+    totals = run_totals(dict_rows(conn.execute(TOTALS_SQL)), dict_rows(conn.execute(RUNNING_SQL)))
+    runs = dict_rows(conn.execute("SELECT * FROM etl_run ORDER BY run_id DESC LIMIT ?", (RECENT_RUNS,)))
+    oldest = runs[-1]["run_id"] if runs else 0
+    by_run: dict[int, list[RunSourceOutcome]] = {}
+    for row in dict_rows(conn.execute("SELECT * FROM run_source WHERE run_id >= ? ORDER BY run_id, source", (oldest,))):
+        run_id = row.pop("run_id")
+        row["drift"] = decode_drift(row["drift"]) if row["drift"] else {}
+        by_run.setdefault(run_id, []).append(RunSourceOutcome(**row))
+    for row in runs:
+        row["sources"] = decode_sources(row["sources"])
+    return Stats(
+        data_version=str(version),
+        overall=RunTotals(**totals.pop("")),
+        sources=[SourceTotals(source=source, **row) for source, row in sorted(totals.items())],
+        recent_runs=[Run(**row, outcomes=by_run.get(row["run_id"], [])) for row in runs],
+    )
 
-    protected = True
-    RECENT_RUNS = 10
 
-    def __init__(self, store: Store, answers: Answers, replica: bool = False) -> None:
-        self.store = store
-        self.answers = answers
+class StatsResource(KeptResource):
+    """GET /stats: ETL outcomes overall, per source, and the last runs; not kept while a run is marked running."""
+
+    def __init__(self, store: Store, answers: AnswerCache, replica: bool = False) -> None:
+        super().__init__(store, answers)
         self.replica = replica
 
-    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        await self.store.watch()
-        answer = await self.answers.read(answer_key(req.scope), self.answer)
-        resp.content_type = falcon.MEDIA_JSON
-        resp.data = answer.encoded
-
-    async def answer(self) -> CachedStats:
-        stats = await self.read()
+    async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
+        stats = await self.store.read(read_stats)
         running = bool(stats.recent_runs) and stats.recent_runs[0].status == "running"
-        return CachedStats(commit=self.store.commit, until=0.0 if running else math.inf, encoded=encode(stats))
-
-    async def read(self) -> Stats:
-        """The stats as the store holds them now: a few rows, however many runs it records."""
-        async with self.store.snapshot() as snapshot:
-            totals = run_totals(await snapshot.all(TOTALS_SQL), await snapshot.all(RUNNING_SQL))
-            runs = await snapshot.all("SELECT * FROM etl_run ORDER BY run_id DESC LIMIT ?", (self.RECENT_RUNS,))
-            outcomes = await snapshot.all(
-                "SELECT * FROM run_source WHERE run_id >= ? ORDER BY run_id, source",
-                (runs[-1]["run_id"] if runs else 0,),
-            )
-            version = snapshot.version
-        by_run: dict[int, list[RunSourceOutcome]] = {}
-        for row in outcomes:
-            run_id = row.pop("run_id")
-            row["drift"] = decode_drift(row["drift"]) if row["drift"] else {}
-            by_run.setdefault(run_id, []).append(RunSourceOutcome(**row))
-        dead = bool(runs) and runs[0]["status"] == "running" and not run_is_live(self.store, self.replica)
-        recent = []
-        for index, row in enumerate(runs):
-            row["sources"] = decode_sources(row["sources"])
-            if index == 0 and dead:
-                row["status"] = "failed"
-            recent.append(Run(**row, outcomes=by_run.get(row["run_id"], [])))
-        return Stats(
-            data_version=str(version),
-            overall=RunTotals(**totals.pop("")),
-            sources=[SourceTotals(source=source, **row) for source, row in sorted(totals.items())],
-            recent_runs=recent,
-        )
+        if running and not run_is_live(self.store, self.replica):
+            dead = msgspec.structs.replace(stats.recent_runs[0], status="failed")
+            stats = msgspec.structs.replace(stats, recent_runs=[dead, *stats.recent_runs[1:]])
+        return Answer(commit.number, encode(stats), until=0.0 if running else math.inf)
 
 
 # --- metrics --------------------------------------------------------------
@@ -2130,21 +1886,21 @@ class StoreFacts:
     last_commit_at: str | None  # the newest commit of any kind: new data, or a run's start or end
 
 
-async def read_store_facts(snapshot: Snapshot) -> StoreFacts:
-    overall = await snapshot.one("SELECT max(ended_at) AS ended_at FROM etl_run WHERE status IN ('success', 'partial')")
-    meta = await snapshot.one("SELECT committed_at FROM store_meta WHERE id = 1")
-    latest = await snapshot.one("SELECT started_at, ended_at FROM etl_run ORDER BY run_id DESC LIMIT 1")
-    commits = [meta and meta["committed_at"], latest and (latest["ended_at"] or latest["started_at"])]
+def read_store_facts(conn: sqlite3.Connection, version: DataVersion) -> StoreFacts:
+    overall = conn.execute("SELECT max(ended_at) FROM etl_run WHERE status IN ('success', 'partial')").fetchone()
+    meta = conn.execute("SELECT committed_at FROM store_meta WHERE id = 1").fetchone()
+    latest = conn.execute("SELECT started_at, ended_at FROM etl_run ORDER BY run_id DESC LIMIT 1").fetchone()
+    commits = [meta and meta[0], latest and (latest[1] or latest[0])]
     return StoreFacts(
-        source_runs=await snapshot.all(LATEST_SOURCE_RUNS_SQL),
-        last_success_at=overall["ended_at"] if overall else None,
-        assets={row["status"]: row["n"] for row in await snapshot.all(ASSETS_BY_STATUS_SQL)},
-        committed_at=meta["committed_at"] if meta else None,
+        source_runs=dict_rows(conn.execute(LATEST_SOURCE_RUNS_SQL)),
+        last_success_at=overall[0] if overall else None,
+        assets=dict(conn.execute(ASSETS_BY_STATUS_SQL).fetchall()),
+        committed_at=meta[0] if meta else None,
         last_commit_at=max((moment for moment in commits if moment), default=None),
     )
 
 
-ASSETS_BY_STATUS_SQL = "SELECT status, count(*) AS n FROM asset GROUP BY status"
+ASSETS_BY_STATUS_SQL = "SELECT status, count(*) FROM asset GROUP BY status"
 
 
 def store_gauges(facts: StoreFacts) -> list[Metric]:
@@ -2212,11 +1968,10 @@ class MetricsResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         self.metrics.flush()  # this worker's requests so far; the others' are at most FLUSH_EVERY old
         try:
-            await self.store.watch()  # forgets the facts at every commit
-            facts = self.store.per_commit.get("metrics")
+            commit = await self.store.watch()
+            facts = commit.facts.get("store")
             if facts is None:
-                async with self.store.snapshot() as snapshot:
-                    facts = self.store.per_commit["metrics"] = await read_store_facts(snapshot)
+                facts = commit.facts["store"] = await self.store.read(read_store_facts)
             families, readable = store_gauges(facts), True
             if self.replica:
                 families += replication_gauges(facts)
@@ -2239,7 +1994,7 @@ def metrics_registry(config: Config) -> tuple[CollectorRegistry, CollectorRegist
     return recorded, scraped
 
 
-# --- OpenAPI document and docs --------------------------------------------
+# --- OpenAPI and docs -----------------------------------------------------
 
 SCHEMA_REF = "#/components/schemas/{name}"
 FILTER_GRAMMAR_TEXT = f"""Comma-separated conditions; all must hold.
@@ -2301,9 +2056,7 @@ def examples() -> dict[str, msgspec.Struct]:
     )
     outcome = RunSourceOutcome(source="csv:sample", detail=None, drift={}, **run)
     return {
-        "index": Index(
-            message="Kasparro Backend Service", version=__version__, endpoints=list(IndexResource.ENDPOINTS)
-        ),
+        "index": Index(message="Kasparro Backend Service", version=__version__, endpoints=endpoints()),
         "page": AssetPage(
             request_id=EXAMPLE_REQUEST_ID,
             api_latency_ms=0.42,
@@ -2409,9 +2162,13 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "description": "the client's copy (If-None-Match) is current",
         "headers": {**request_id, **etag},
     }
-    guarded = ("400", "401", "503") if config.api_keys else ("400", "503")
+    paths: dict[str, Any] = {}
 
-    def operation(summary: str, ok: dict, *errors: str, parameters: Sequence[dict] = (), **more: dict) -> dict:
+    def operation(path: str, ok: dict, *errors: str, parameters: Sequence[dict] = (), **more: dict) -> None:
+        """Describe GET `path`, summarised and guarded as the route table says."""
+        route = ROUTE_OF[path]
+        if route.guarded and config.api_keys:
+            errors = tuple(sorted({*errors, "401"}))
         names = {
             "304": "NotModified",
             "400": "BadRequest",
@@ -2422,13 +2179,15 @@ def openapi_document(config: Config) -> dict[str, Any]:
         answers = {"200": ok, **more, **{status: refer(names[status]) for status in errors}}
         answers["500"] = refer("InternalServerError")
         spec: dict[str, Any] = {
-            "summary": summary,
-            "operationId": summary.split()[0].lower().strip(":"),
+            "summary": route.summary,
+            "operationId": route.summary.split()[0].lower().strip(":"),
             "responses": answers,
         }
+        if route.guarded and config.api_keys:
+            spec["security"] = [{"bearer": []}, {"apiKey": []}]
         if parameters:  # an empty query parameter is an absent one
             spec["parameters"] = [{**p, "allowEmptyValue": True} if p["in"] == "query" else p for p in parameters]
-        return {"get": spec}
+        paths[path] = {"get": spec}
 
     if_none_match = {
         "name": "If-None-Match",
@@ -2489,6 +2248,33 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "headers": request_id,
         "content": {"text/plain": {"schema": string}},
     }
+    operation("/", body("the service", index, example["index"]))
+    operation(
+        "/data",
+        body("a page of assets", page, example["page"], **etag),
+        "400",
+        "503",
+        parameters=data_parameters,
+        **{"304": refer("NotModified")},
+    )
+    operation(
+        "/data/{asset_id}",
+        body("the asset with the latest quote of each source", detail, example["detail"], **etag),
+        "503",
+        "404",
+        parameters=[asset_id, if_none_match],
+        **{"304": refer("NotModified")},
+    )
+    operation(
+        "/health",
+        body("healthy or degraded", health, example["health"]),
+        **{"503": body("unhealthy: the store cannot be read", health, example["unhealthy"])},
+    )
+    operation("/stats", body("ETL runs summed", stats, example["stats"]), "503")
+    operation("/metrics", text)
+    operation("/openapi.json", body("OpenAPI 3.1", {"type": "object"}, {"openapi": "3.1.0"}))
+    operation("/docs", page)
+    operation("/redoc", page)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -2500,37 +2286,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "Read it as [interactive docs](/docs) (Swagger UI: try each request) or as a [reference](/redoc)"
             " (ReDoc).",
         },
-        "paths": {
-            "/": operation("Index: the service and its endpoints", body("the service", index, example["index"])),
-            "/data": operation(
-                "Assets: a page of unified records",
-                body("a page of assets", page, example["page"], **etag),
-                *guarded,
-                parameters=data_parameters,
-                **{"304": refer("NotModified")},
-            ),
-            "/data/{asset_id}": operation(
-                "Asset: one unified record with its quotes",
-                body("the asset with the latest quote of each source", detail, example["detail"], **etag),
-                *guarded[1:],
-                "404",
-                parameters=[asset_id, if_none_match],
-                **{"304": refer("NotModified")},
-            ),
-            "/health": operation(
-                "Health: store readable, ETL fresh",
-                body("healthy or degraded", health, example["health"]),
-                **{"503": body("unhealthy: the store cannot be read", health, example["unhealthy"])},
-            ),
-            "/stats": operation("Stats: ETL outcomes", body("ETL runs summed", stats, example["stats"]), *guarded[1:]),
-            "/metrics": operation("Metrics: Prometheus exposition", text),
-            "/openapi.json": operation(
-                "OpenAPI: this document",
-                body("OpenAPI 3.1", {"type": "object"}, {"openapi": "3.1.0"}),
-            ),
-            "/docs": operation("Docs: interactive documentation (Swagger UI)", page),
-            "/redoc": operation("Reference: documentation in three panels (ReDoc)", page),
-        },
+        "paths": {route.path: paths[route.path] for route in ROUTES if route.summary},
         "components": {"schemas": schemas, "responses": responses},
     }
     if config.api_keys:
@@ -2538,8 +2294,6 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "bearer": {"type": "http", "scheme": "bearer"},
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
         }
-        for path in ("/data", "/data/{asset_id}", "/stats"):
-            document["paths"][path]["get"]["security"] = [{"bearer": []}, {"apiKey": []}]
     return document
 
 
@@ -2643,19 +2397,16 @@ class DocsResource:
         resp.data = self.openapi
 
 
-# --- middleware and errors ------------------------------------------------
+# --- front door -----------------------------------------------------------
 
 SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+ROUTE = "kasparro.route"  # where RouteLabel leaves the route template Falcon matched, for the front door
+READS = frozenset({"GET", "HEAD"})  # a HEAD is answered as its GET, without the body (RFC 9110 9.3.2)
 
 
 class RequestIds:
-    """Random UUID4s in canonical text form, made BATCH at a time from one os.urandom read.
-
-    One getrandom() call and the formatting of one id per request cost a tenth of a cached answer
-    under load (system calls are dear on virtual machines); in a batch they cost a fraction of it:
-    the version and variant bits of all of them are set in one operation on one big integer. The
-    bytes are the kernel's CSPRNG all the same.
-    """
+    """Random UUID4s in canonical text form, made BATCH at a time from one os.urandom read: the kernel's CSPRNG,
+    with the version and variant bits of the whole batch set in one operation on one big integer."""
 
     BATCH = 256
     # Per id (16 bytes): keep all bits but the version nibble and the variant's two, then set those.
@@ -2680,22 +2431,9 @@ class RequestIds:
 new_request_id = RequestIds()
 
 
-# Where the front door leaves the request's id and start (time.perf_counter()) in the ASGI scope.
-REQUEST_ID_KEY = "kasparro.request_id"
-STARTED = "kasparro.started"
-ROUTE = "kasparro.route"
-
-
-Response = tuple[int, list[tuple[bytes, bytes]], bytes] | tuple[()]  # status, headers, body; or () for none
-READS = frozenset({"GET", "HEAD"})  # a HEAD is answered as its GET, without the body (RFC 9110 9.3.2)
-
-
 class Router(falcon.routing.CompiledRouter):
-    """Falcon's router, with HEAD mapped to the GET responder of every route that has no on_head.
-
-    Falcon then sends GET's status and headers, Content-Length of its body included, and no body:
-    one rule for every route added, not an on_head per resource.
-    """
+    """Falcon's router, with HEAD mapped to the GET responder of every route that has no on_head: Falcon then
+    sends GET's status and headers, Content-Length included, and no body."""
 
     def map_http_methods(self, resource: object, **kwargs: Any) -> dict[str, Any]:
         methods = super().map_http_methods(resource, **kwargs)
@@ -2704,37 +2442,30 @@ class Router(falcon.routing.CompiledRouter):
         return methods
 
 
-class Api(falcon.asgi.App):
-    """The Falcon app behind a front door that every HTTP request passes.
+class FrontDoor:
+    """The ASGI layer every request passes before the Falcon app, which does not know it is there.
 
-    The door gives the request its id (a sane X-Request-ID is echoed, else a
-    new UUID4) and clock, counts it, and writes its one log line. A GET whose
-    fresh answer a resource already put in `answers` it serves itself, 304
-    included, skipping Falcon's request and response objects, routing and
-    middleware: on a cached page they cost twice the rest. It does so only
-    on `front_routes`: the routes no per-client check (API keys, rate limit)
-    guards in this configuration. A plain GET /data/{asset_id} not kept it
-    also reads itself (one asset among many is rarely kept): Falcon's part was
-    a fifth of such a lookup. A missing asset is left to Falcon's 404. A HEAD
-    is served as its GET, with no body, on both paths (Router maps Falcon's).
+    It gives each HTTP request its id (a sane X-Request-ID is echoed, else a new UUID4) and its clock,
+    counts it and writes its one log line. A GET or HEAD of a route in `kept_routes` it answers itself:
+    from the AnswerCache, 304 included, or, with no query string, from the route's KeptResource. Every
+    other request, and every one it cannot answer (an error, a missing asset), goes through Falcon.
     """
 
     def __init__(
-        self, *, store: Store, answers: Answers, front_routes: frozenset[str], metrics: HttpMetrics,
-        log_requests: bool, **options: Any,
+        self, app: falcon.asgi.App, *, router: Router, answers: AnswerCache, kept_routes: frozenset[str],
+        metrics: HttpMetrics, log_requests: bool,
     ) -> None:  # fmt: skip
-        super().__init__(**options)
-        self.store = store
+        self.app = app
+        self.router = router
         self.answers = answers
-        self.front_routes = front_routes
+        self.kept_routes = kept_routes
         self.metrics = metrics
-        self.log_requests = log_requests  # False when LOG_LEVEL is above info: skip building the line
-        # Bound once, after configure_logging: the module's lazy proxy would build a logger on every line.
-        self.request_log = log.bind()
+        self.log_requests = log_requests  # False when LOG_LEVEL is above info: the line is not even built
+        self.request_log = log.bind()  # bound once: the module's lazy proxy would build a logger on every line
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
-            return await super().__call__(scope, receive, send)
+            return await self.app(scope, receive, send)
         started = time.perf_counter()
         offered, if_none_match = "", None
         headers = scope["headers"]
@@ -2750,74 +2481,45 @@ class Api(falcon.asgi.App):
         scope[REQUEST_ID_KEY], scope[STARTED] = request_id, started
         self.metrics.in_flight += 1
         try:
-            key = answer_key(scope)
-            kept = self.answers.entries.get(key)  # a look only: a miss does not pay for reading the data version
-            response: Response = ()
-            if kept is not None and scope["method"] in READS and kept.route in self.front_routes:
-                route = kept.route
-                if self.store.current:  # a request in this turn of the loop read the data version
-                    response = self._answer_now(key, scope, if_none_match)
-                else:
-                    response = await self._answer(key, scope, if_none_match)
-            elif kept is None and (asset_id := self._detail_id(scope)):
-                route = CachedDetail.route
-                response = await self._read_detail(key, scope, asset_id, if_none_match)
-            if response:
-                status, headers, body = response
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
-                return self._done(scope, route, status, started)
-            status = await self._through_falcon(scope, receive, send)
-            return self._done(scope, scope.get(ROUTE), status, started)
+            found = self.router.find(scope["path"]) if scope["method"] in READS else None
+            answer = None
+            if found is not None and found[3] in self.kept_routes:
+                answer = await self.kept_answer(scope, found[0], found[2])
+            if answer is None:
+                status = await self.through_falcon(scope, receive, send)
+                route = scope.get(ROUTE)
+            else:
+                status = await self.send_answer(answer, scope, send, if_none_match)
+                route = found[3]
+            self.done(scope, route, status, started)
         finally:
             self.metrics.in_flight -= 1
 
-    async def _answer(self, key: AnswerKey, scope: dict[str, Any], if_none_match: str | None) -> Response:
-        """Read the data version, then as _answer_now; () when the store cannot be read (Falcon's path says why)."""
+    async def kept_answer(self, scope: dict[str, Any], resource: KeptResource, fields: dict[str, str]) -> Answer | None:
+        """The answer to a GET of a kept route, or None when Falcon must answer."""
+        key = answer_key(scope)
         try:
-            await self.store.watch()
-        except StoreUnavailable:
-            return ()
-        return self._answer_now(key, scope, if_none_match)
+            if scope["query_string"]:
+                return await self.answers.lookup(key)  # made only by Falcon's path, which applies the query rules
+            return await resource.answer(key, {}, **fields)
+        except Exception:  # Falcon's path meets it again, and answers it as it answers every error
+            return None
 
-    def _answer_now(self, key: AnswerKey, scope: dict[str, Any], if_none_match: str | None) -> Response:
-        """The status, headers and body of the fresh answer to key; () when none is kept (Falcon's path reads
-        it again, and keeps it). Call it once the data version was read in this turn of the loop."""
-        answer = self.answers.get(key)
-        return () if answer is None else self._response(answer, scope, if_none_match)
-
-    def _detail_id(self, scope: dict[str, Any]) -> str:
-        """The asset_id of a plain GET (or HEAD) /data/{asset_id} the front door may answer, else ''."""
-        path = scope["path"]
-        if scope["method"] not in READS or scope["query_string"] or not path.startswith(DETAIL_PREFIX):
-            return ""
-        asset_id = path[len(DETAIL_PREFIX) :]
-        return asset_id if "/" not in asset_id and CachedDetail.route in self.front_routes else ""
-
-    async def _read_detail(self, key: AnswerKey, scope: dict[str, Any], asset_id: str, if_none_match: str | None
-                           ) -> Response:  # fmt: skip
-        """As _answer, reading the asset when it is not kept; () when there is no such asset or the store
-        cannot be read: Falcon's path says so."""
-        try:
-            detail = await find_detail(self.store, self.answers, key, asset_id)
-        except StoreUnavailable:
-            return ()
-        return () if detail is None else self._response(detail, scope, if_none_match)
-
-    def _response(self, answer: Answer, scope: dict[str, Any], if_none_match: str | None) -> Response:
+    async def send_answer(
+        self, answer: Answer, scope: dict[str, Any], send: Callable[..., Any], if_none_match: str | None
+    ) -> int:
         request_id = scope[REQUEST_ID_KEY]
+        status, body = answer.reply(request_id, scope[STARTED], if_none_match)
         headers = [(b"x-request-id", request_id.encode())]
         if answer.etag is not None:
             headers.append((b"etag", answer.etag_header))
-            if if_none_match is not None and current_copy(if_none_match, answer.etag):
-                return 304, headers, b""
-        body = answer.body(request_id, scope[STARTED])
-        headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        return 200, headers, body
+        if status != 304:
+            headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        return status
 
-    async def _through_falcon(
-        self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
-    ) -> int:
+    async def through_falcon(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> int:
         """Let Falcon answer, with the X-Request-ID header added; return the status it sent."""
         status = 0
         request_id = scope[REQUEST_ID_KEY].encode()
@@ -2829,10 +2531,10 @@ class Api(falcon.asgi.App):
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
             await send(message)
 
-        await super().__call__(scope, receive, send_with_id)
+        await self.app(scope, receive, send_with_id)
         return status
 
-    def _done(self, scope: dict[str, Any], route: str | None, status: int, started: float) -> None:
+    def done(self, scope: dict[str, Any], route: str | None, status: int, started: float) -> None:
         seconds = time.perf_counter() - started
         self.metrics.observe(route, status, seconds)
         if self.log_requests:
@@ -2861,15 +2563,16 @@ def offered_api_key(req: falcon.asgi.Request) -> str:
 
 
 class ApiKeyAuth:
-    """When keys are configured, protected resources need one (Bearer or X-API-Key)."""
+    """When keys are configured, the guarded routes need one (Authorization: Bearer, or X-API-Key)."""
 
-    def __init__(self, keys: Sequence[str]) -> None:
+    def __init__(self, keys: Sequence[str], guarded: frozenset[str]) -> None:
         self.keys = [key.encode() for key in keys]
+        self.guarded = guarded
 
     async def process_resource(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, params: dict
     ) -> None:
-        if not self.keys or not getattr(resource, "protected", False):
+        if req.uri_template not in self.guarded:
             return
         offered = offered_api_key(req)
         matches = [hmac.compare_digest(offered.encode(), key) for key in self.keys]
@@ -2917,17 +2620,18 @@ class RateLimit:
     (RateLimit-Limit, -Remaining, and -Reset: seconds until the bucket is full again).
     """
 
-    EXEMPT = frozenset({"/health", "/metrics"})
     MAX_BUCKETS = 10_000
 
     def __init__(
-        self, rate: float, keys: Sequence[str], clock: Callable[[], float], max_buckets: int = MAX_BUCKETS
-    ) -> None:
+        self, rate: float, keys: Sequence[str], clock: Callable[[], float], exempt: frozenset[str] = frozenset(),
+        max_buckets: int = MAX_BUCKETS,
+    ) -> None:  # fmt: skip
         if not (math.isfinite(rate) and rate > 0):
             raise ValueError(f"KASPARRO_RATE_LIMIT: expected requests a second > 0, got {rate}")
         self.rate = rate
         self.burst = max(1.0, 2 * rate)
         self.clock = clock
+        self.exempt = exempt  # paths no client is limited on
         self.max_buckets = max_buckets
         self.clients = {hashlib.sha256(key.encode()).digest(): f"key {n}" for n, key in enumerate(keys)}
         self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, when)
@@ -2938,7 +2642,7 @@ class RateLimit:
         return known or f"address {req.remote_addr}"
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if req.path in self.EXEMPT:
+        if req.path in self.exempt:
             return
         client, now = self.client(req), self.clock()
         tokens, then = self.buckets.pop(client, (self.burst, now))
@@ -3027,58 +2731,77 @@ async def handle_unexpected(
     raise falcon.HTTPInternalServerError(description="an unexpected error occurred; quote the request_id")
 
 
-# SQLite's primary result codes that mean the store or its machine is broken or busy, not the query:
-# a full disk (no room for a temporary file or the WAL index) or a read-only one (the WAL index
-# cannot be written) included.
-STORE_FAULTS = frozenset(
-    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_CANTOPEN,
-     sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY}
-)  # fmt: skip
-
-
-def store_fault_handler(store: Store) -> Callable[..., Awaitable[None]]:
-    """SQLite errors: a broken store (corrupt, truncated, I/O) is a 503 and is reopened later; others a 500."""
-
-    async def handle_store_fault(
-        req: falcon.asgi.Request, resp: falcon.asgi.Response, error: Exception, params: dict
-    ) -> None:
-        if (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF not in STORE_FAULTS:
-            await handle_unexpected(req, resp, error, params)
-        await store.fail(error)
-        raise falcon.HTTPServiceUnavailable(description="the store is not readable yet; retry shortly", retry_after=1)
-
-    return handle_store_fault
-
-
 # --- create_app -----------------------------------------------------------
 
 
-def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> Api:
-    """The API over the store at config.db; `clock` drives the rate limit (tests pass their own)."""
+@dataclass(frozen=True)
+class Route:
+    """One route of the API, as routing, GET /, the OpenAPI document, the guards and the front door read it."""
+
+    path: str
+    resource: type
+    suffix: str | None = None  # of the responders (on_get_<suffix>) when a resource serves several routes
+    summary: str | None = None  # listed by GET / and the OpenAPI document; None: not listed (a docs file)
+    guarded: bool = False  # needs an API key when KASPARRO_API_KEYS is set
+    limited: bool = True  # counts against KASPARRO_RATE_LIMIT
+    kept: bool = False  # a KeptResource: its answers are kept per commit, and the front door may answer it
+
+
+ROUTES = (
+    Route("/", IndexResource, summary="Index: the service and its endpoints"),
+    Route("/data", AssetPagesResource, summary="Assets: a page of unified records", guarded=True, kept=True),
+    Route(
+        "/data/{asset_id}",
+        AssetResource,
+        summary="Asset: one unified record with its quotes",
+        guarded=True,
+        kept=True,
+    ),
+    Route("/health", HealthResource, summary="Health: store readable, ETL fresh", limited=False, kept=True),
+    Route("/stats", StatsResource, summary="Stats: ETL outcomes", guarded=True, kept=True),
+    Route("/metrics", MetricsResource, summary="Metrics: Prometheus exposition", limited=False),
+    Route("/openapi.json", DocsResource, "openapi", "OpenAPI: this document"),
+    Route("/docs", DocsResource, summary="Docs: interactive documentation (Swagger UI)"),
+    Route("/docs/{name}", DocsResource, "file"),
+    Route("/redoc", DocsResource, "redoc", "Reference: documentation in three panels (ReDoc)"),
+    Route("/redoc/{name}", DocsResource, "file"),
+)
+ROUTE_OF = {route.path: route for route in ROUTES}
+
+
+def endpoints() -> list[str]:
+    """What GET / lists: every documented route."""
+    return [f"GET {route.path}" for route in ROUTES if route.summary]
+
+
+def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> FrontDoor:
+    """The API over the store at config.db: the front door around the Falcon app. `clock` drives the rate limit."""
     configure_logging(config.log_level)
     store = Store(config.db, config.readers, config.reopen_interval)
+    answers = AnswerCache(store, ANSWERS_BYTES)
     recorded, scraped = metrics_registry(config)
     metrics = HttpMetrics(recorded)
-    answers = Answers(store, ANSWERS_BYTES)
-    # Without a rate limit there is no RateLimit middleware at all: nothing to pay per request.
-    limit = [RateLimit(config.rate_limit, config.api_keys, clock)] if config.rate_limit else []
-    # The front door answers a route only where no per-client check applies (/health is never guarded).
-    guarded = bool(config.api_keys or config.rate_limit)
-    app = Api(
-        router=Router(),
-        store=store,
-        answers=answers,
-        front_routes=frozenset({"/health"} if guarded else {"/health", "/data", "/data/{asset_id}", "/stats"}),
-        metrics=metrics,
-        log_requests=log_level(config.log_level) <= logging.INFO,
-        middleware=[
-            RouteLabel(),
-            *limit,
-            # Only a keyed API pays for the check on every request.
-            *([ApiKeyAuth(config.api_keys)] if config.api_keys else []),
-            QueryParameters(),
-            Lifespan(store, metrics, config.metrics_dir),
-        ],
+    replica = config.role == "replica"
+    resources = {
+        IndexResource: IndexResource(endpoints()),
+        AssetPagesResource: AssetPagesResource(store, answers),
+        AssetResource: AssetResource(store, answers),
+        HealthResource: HealthResource(store, answers, config.etl_max_age, replica),
+        StatsResource: StatsResource(store, answers, replica),
+        MetricsResource: MetricsResource(store, scraped, metrics, replica),
+        DocsResource: DocsResource(openapi_document(config)),
+    }
+    # Per-client checks only where configured: without them there is nothing to pay per request.
+    guards: list[object] = []
+    if config.rate_limit:
+        exempt = frozenset(route.path for route in ROUTES if not route.limited)
+        guards.append(RateLimit(config.rate_limit, config.api_keys, clock, exempt))
+    if config.api_keys:
+        guards.append(ApiKeyAuth(config.api_keys, frozenset(route.path for route in ROUTES if route.guarded)))
+    router = Router()
+    app = falcon.asgi.App(
+        router=router,
+        middleware=[RouteLabel(), *guards, QueryParameters(), Lifespan(store, metrics, config.metrics_dir)],
     )
     app.req_options.keep_blank_qs_values = False  # an empty parameter is an absent one (QueryParameters)
     app.resp_options.secure_cookies_by_default = config.env == "production"
@@ -3087,22 +2810,21 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     app.add_error_handler(InvalidQuery, handle_invalid_query)
     app.add_error_handler(StoreUnavailable, handle_store_unavailable)
     app.add_error_handler(ReadersBusy, handle_readers_busy)
-    app.add_error_handler(sqlite3.DatabaseError, store_fault_handler(store))
-    assets = AssetResource(store, answers)
-    app.add_route("/", IndexResource())
-    app.add_route("/data", assets)
-    app.add_route("/data/{asset_id}", assets, suffix="asset")
-    replica = config.role == "replica"
-    app.add_route("/health", HealthResource(store, config.etl_max_age, answers, replica))
-    app.add_route("/stats", StatsResource(store, answers, replica))
-    app.add_route("/metrics", MetricsResource(store, scraped, metrics, replica))
-    docs = DocsResource(openapi_document(config))
-    app.add_route("/openapi.json", docs, suffix="openapi")
-    app.add_route("/docs", docs)
-    app.add_route("/docs/{name}", docs, suffix="file")
-    app.add_route("/redoc", docs, suffix="redoc")
-    app.add_route("/redoc/{name}", docs, suffix="file")
-    return app
+    for route in ROUTES:
+        app.add_route(route.path, resources[route.resource], suffix=route.suffix)
+    # The front door answers a kept route only where no per-client check applies (nor would in Falcon).
+    open_routes = frozenset(
+        route.path for route in ROUTES if route.kept and not (config.api_keys and route.guarded)
+        and not (config.rate_limit and route.limited)
+    )  # fmt: skip
+    return FrontDoor(
+        app,
+        router=router,
+        answers=answers,
+        kept_routes=open_routes,
+        metrics=metrics,
+        log_requests=log_level(config.log_level) <= logging.INFO,
+    )
 
 
 app = create_app(Config.from_env())

@@ -1,6 +1,6 @@
 """Bare ASGI apps answering GET /data/{asset_id} with nothing but the read: bounds for bench/detail_bounds.py.
 
-BARE_READ=composed: kasparro.read_detail on one connection, the read the API does for an uncached
+BARE_READ=composed: kasparro.read_asset on one connection, encoded, the read the API does for an uncached
 lookup, without Falcon, request ids, ETag checks, metrics or the answer cache.
 BARE_READ=body: one SELECT of a body stored per asset (BARE_BODIES, a table asset_id -> body), as if
 etl.py wrote each asset's detail with its rows.
@@ -20,6 +20,7 @@ import kasparro
 from bench import ceiling
 
 READS_PER_TRANSACTION = 32
+DETAIL_PREFIX = "/data/"
 MODE = os.environ.get("BARE_READ", "composed")
 DB = os.environ["BARE_BODIES"] if MODE == "body" else os.environ["KASPARRO_DB"]
 conn = sqlite3.connect(f"file:{DB}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
@@ -31,8 +32,8 @@ def read(asset_id: str) -> bytes | None:
     if MODE == "body":
         row = conn.execute("SELECT body FROM body WHERE asset_id = ?", (asset_id,)).fetchone()
         return None if row is None else row[0]
-    detail = kasparro.read_detail(conn, version, asset_id)
-    return None if detail is None else detail.encoded
+    detail = kasparro.read_asset(conn, version, asset_id)
+    return None if detail is None else kasparro.encode(detail)
 
 
 async def app(
@@ -41,14 +42,14 @@ async def app(
     send: Callable[[dict[str, Any]], Awaitable[None]],
 ) -> None:
     global served
-    if scope["type"] != "http" or not scope["path"].startswith(kasparro.DETAIL_PREFIX):
+    if scope["type"] != "http" or not scope["path"].startswith(DETAIL_PREFIX):
         return await ceiling.app(scope, receive, send)  # lifespan, and the ready check on /
     if served % READS_PER_TRANSACTION == 0:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         conn.execute("BEGIN")
     served += 1
-    body = read(scope["path"][len(kasparro.DETAIL_PREFIX) :])
+    body = read(scope["path"][len(DETAIL_PREFIX) :])
     status, body = (200, body) if body is not None else (404, b"{}")
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -2,7 +2,7 @@
 
 Runs, each right after its own ceiling run (bench/ceiling.py), on the store of bench/api_bench.py:
 - the API itself (kasparro:app), as in api_bench's `asset` scenario;
-- bare/composed: the API's read of one uncached asset (kasparro.read_detail) in a bare ASGI app, with
+- bare/composed: the API's read of one uncached asset (kasparro.read_asset) in a bare ASGI app, with
   no framework, request ids, ETags, metrics or cache: no design that keeps reading the rows can beat it;
 - bare/body: a bare app reading one stored body per asset (one B-tree search, no encoding), the bound of
   a store where etl.py writes each asset's detail. The bodies are made here once, from the store, into
@@ -25,7 +25,7 @@ from pathlib import Path
 import api_bench
 from api_bench import BY_NAME, CEILING, OUT, RESULTS, Result, Scenario, Server, load, serve
 
-sys.path.insert(0, str(api_bench.ROOT))  # kasparro, for its read_detail
+sys.path.insert(0, str(api_bench.ROOT))  # kasparro, for its read_asset
 import kasparro
 
 ASSET = BY_NAME["asset"]
@@ -49,7 +49,7 @@ def make_bodies(db: Path) -> tuple[Path, str]:
         out.execute("BEGIN")
         out.executemany(
             "INSERT INTO body VALUES (?, ?)",
-            ((asset_id, kasparro.read_detail(store, version, asset_id).encoded) for asset_id in ids),
+            ((asset_id, kasparro.encode(kasparro.read_asset(store, version, asset_id))) for asset_id in ids),
         )
         out.execute("COMMIT")
     building.rename(bodies)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -412,8 +413,8 @@ def test_stats_are_read_once_per_commit_and_never_kept_while_a_run_is_marked_run
     make_client: Any, store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads = []
-    read = kasparro.StatsResource.read
-    monkeypatch.setattr(kasparro.StatsResource, "read", lambda self: reads.append(1) or read(self))
+    make = kasparro.StatsResource.make
+    monkeypatch.setattr(kasparro.StatsResource, "make", lambda self, *args: reads.append(1) or make(self, *args))
     client = make_client(Config(db=store_path, reopen_interval=0, log_level="warning"))
     first = [client.get("/stats").text for _ in range(3)]  # kept on its second read
     assert len(set(first)) == 1 and len(reads) == 2
@@ -456,7 +457,7 @@ def test_unexpected_error_is_a_bare_500_problem(store_path: Path, make_client: A
             raise RuntimeError("secret internals /etc/passwd")
 
     app = create_app(Config(db=store_path, log_level="critical"))
-    app.add_route("/explode", Exploding())
+    app.app.add_route("/explode", Exploding())  # the Falcon app inside the front door
     result = make_client(Config(), app).get("/explode")
     body = problem(result, 500)
     assert "secret" not in result.text and "Traceback" not in result.text and "RuntimeError" not in result.text
@@ -607,7 +608,7 @@ def test_request_ids_made_in_batches_are_distinct_canonical_uuid4s() -> None:
         assert (made.version, made.variant, str(made)) == (4, uuid.RFC_4122, text)
 
 
-# --- inline reads: one queue, in the order asked for ------------------------
+# --- reads on the loop: one queue, in the order asked for --------------------
 
 
 def run_with_store(store_path: Path, body: Callable[[Store], Awaitable[Any]]) -> Any:
@@ -633,13 +634,13 @@ def reading(order: list[str], name: str, also: Callable[[], None] = lambda: None
     return read
 
 
-def test_inline_reads_run_in_the_order_asked_for_each_in_its_requests_context(store_path: Path) -> None:
+def test_reads_on_the_loop_run_in_the_order_asked_for_each_in_its_requests_context(store_path: Path) -> None:
     async def body(store: Store) -> list[str]:
         order: list[str] = []
 
         async def request(name: str) -> str:
             kasparro.REQUEST_ID.set(f"id-{name}")
-            return await store.inline(reading(order, name))
+            return await store.read(reading(order, name), on_loop=True)
 
         results = await asyncio.gather(*(request(str(n)) for n in range(6)))
         assert order == [str(n) for n in range(6)]
@@ -651,24 +652,26 @@ def test_inline_reads_run_in_the_order_asked_for_each_in_its_requests_context(st
 @pytest.mark.parametrize(
     ("slice_seconds", "expected"), [(0.0, ["a", "other", "b", "c"]), (60.0, ["a", "b", "c", "other"])]
 )
-def test_inline_reads_let_the_loop_in_between_slices(
+def test_reads_on_the_loop_let_the_loop_in_between_slices(
     monkeypatch: pytest.MonkeyPatch, store_path: Path, slice_seconds: float, expected: list[str]
 ) -> None:
-    """Past INLINE_SLICE of reads, what the loop has ready (a new request, say) runs before the next read."""
-    monkeypatch.setattr(kasparro, "INLINE_SLICE", slice_seconds)
+    """Past LOOP_SLICE of reads, what the loop has ready (a new request, say) runs before the next read."""
+    monkeypatch.setattr(kasparro, "LOOP_SLICE", slice_seconds)
 
     async def body(store: Store) -> list[str]:
         order: list[str] = []
         loop = asyncio.get_running_loop()
         first = reading(order, "a", also=lambda: loop.call_soon(order.append, "other"))
-        await asyncio.gather(*(store.inline(read) for read in (first, reading(order, "b"), reading(order, "c"))))
+        await asyncio.gather(
+            *(store.read(read, on_loop=True) for read in (first, reading(order, "b"), reading(order, "c")))
+        )
         await asyncio.sleep(0)
         return order
 
     assert run_with_store(store_path, body) == expected
 
 
-def test_an_inline_read_that_fails_fails_its_request_alone(store_path: Path) -> None:
+def test_a_read_on_the_loop_that_fails_fails_its_request_alone(store_path: Path) -> None:
     async def body(store: Store) -> list[Any]:
         order: list[str] = []
 
@@ -680,34 +683,66 @@ def test_an_inline_read_that_fails_fails_its_request_alone(store_path: Path) -> 
             return "unreachable"
 
         async def cancelled() -> None:
-            task = asyncio.ensure_future(store.inline(reading(order, "never")))
+            task = asyncio.ensure_future(store.read(reading(order, "never"), on_loop=True))
             await asyncio.sleep(0)
             task.cancel()
 
-        reads = [store.inline(reading(order, "before")), store.inline(broken), store.inline(failing), cancelled()]
-        outcomes = await asyncio.gather(*reads, store.inline(reading(order, "after")), return_exceptions=True)
+        reads = [
+            store.read(reading(order, "before"), on_loop=True),
+            store.read(broken, on_loop=True),
+            store.read(failing, on_loop=True),
+            cancelled(),
+        ]
+        outcomes = await asyncio.gather(
+            *reads, store.read(reading(order, "after"), on_loop=True), return_exceptions=True
+        )
         assert order == ["before", "after"]  # the cancelled request's read never ran
         return outcomes
 
     before, broken, failing, cancelled, after = run_with_store(store_path, body)
     assert (before.split(":")[:2], cancelled, after.split(":")[:2]) == (["before", "255"], None, ["after", "255"])
     assert isinstance(broken, ValueError)
-    assert isinstance(failing, kasparro.StoreUnavailable) and "no such table" in str(failing)
+    assert isinstance(failing, sqlite3.OperationalError) and "no such table" in str(failing)  # a bug, not a fault
 
 
 @pytest.mark.parametrize(("slice_seconds", "snapshots"), [(0.0, 3), (60.0, 1)])
-def test_the_inline_reads_of_one_slice_share_one_read_transaction(
+def test_the_reads_on_the_loop_of_one_slice_share_one_read_transaction(
     monkeypatch: pytest.MonkeyPatch, store_path: Path, slice_seconds: float, snapshots: int
 ) -> None:
-    monkeypatch.setattr(kasparro, "INLINE_SLICE", slice_seconds)
+    monkeypatch.setattr(kasparro, "LOOP_SLICE", slice_seconds)
 
     def version_seen(conn: sqlite3.Connection, version: kasparro.DataVersion) -> Any:
         assert conn.in_transaction
         return version
 
     async def body(store: Store) -> list[Any]:
-        return await asyncio.gather(*(store.inline(version_seen) for _ in range(3)))
+        return await asyncio.gather(*(store.read(version_seen, on_loop=True) for _ in range(3)))
 
     versions = run_with_store(store_path, body)
     assert len({id(version) for version in versions}) == snapshots  # each read transaction reads its version
     assert len(set(versions)) == 1
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+def test_one_read_runs_the_same_on_the_loop_or_in_a_reader_thread(store_path: Path, on_loop: bool) -> None:
+    """Store.read is the one seam: the same plain function, in a read transaction, either way."""
+
+    def read(conn: sqlite3.Connection, version: kasparro.DataVersion) -> tuple[Any, ...]:
+        ((assets,),) = conn.execute("SELECT count(*) FROM asset").fetchall()
+        return conn.in_transaction, version, assets, threading.current_thread() is threading.main_thread()
+
+    async def body(store: Store) -> tuple[Any, ...]:
+        commit = await store.watch()
+        fault = sqlite3.DatabaseError("database disk image is malformed")
+        fault.sqlite_errorcode = sqlite3.SQLITE_CORRUPT  # type: ignore[attr-defined]
+
+        def broken(conn: sqlite3.Connection, version: kasparro.DataVersion) -> None:
+            raise fault
+
+        outcome = await store.read(read, on_loop=on_loop)
+        with pytest.raises(kasparro.StoreUnavailable, match="malformed"):
+            await store.read(broken, on_loop=on_loop)  # a store fault: the store is reopened later
+        return (*outcome, commit.version)
+
+    in_transaction, version, assets, on_main_thread, watched = run_with_store(store_path, body)
+    assert (in_transaction, version, assets, on_main_thread) == (True, watched, 255, on_loop)

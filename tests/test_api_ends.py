@@ -12,9 +12,11 @@ import http.client
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +54,27 @@ def routes(rng: random.Random, asset_ids: list[str]) -> list[str]:
 
 
 async def data_version(store: Store) -> str:
-    async with store.snapshot() as snapshot:
-        return str(snapshot.version)
+    return str(await store.read(lambda conn, version: version))
+
+
+@contextlib.asynccontextmanager
+async def reader_held(store: Store) -> AsyncIterator[tuple[asyncio.Future[Any], threading.Event]]:
+    """Hold a reader in a read that lasts until the block ends or the event is set; yields both."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection, version: Any) -> Any:
+        holding.set()
+        release.wait(10)
+        return version
+
+    held = asyncio.ensure_future(store.read(hold))
+    try:
+        assert await asyncio.to_thread(holding.wait, 10), "the read never reached a reader"
+        yield held, release
+    finally:
+        release.set()
+        with contextlib.suppress(Exception):
+            await held
 
 
 def held_reader_scenario(db: Path, other: Path) -> tuple[str, str, list[str]]:
@@ -62,14 +83,14 @@ def held_reader_scenario(db: Path, other: Path) -> tuple[str, str, list[str]]:
     async def scenario() -> tuple[str, str, list[str]]:
         store = Store(db, readers=1, reopen_interval=0)
         try:
-            async with store.snapshot() as held:
+            async with reader_held(store) as (held, _):
                 waiters = [asyncio.create_task(data_version(store)) for _ in range(5)]
                 await asyncio.sleep(0)  # one turn of the loop: each waiter reaches the pool's queue
                 assert not any(waiter.done() for waiter in waiters)
                 rename_over(db, other)
-                new = await store.watch()  # notices the new file and drops the pool its waiters wait on
+                new = (await store.watch()).version  # notices the new file and drops the pool its waiters wait on
             async with asyncio.timeout(5):
-                return str(held.version), str(new), list(await asyncio.gather(*waiters))
+                return str(await held), str(new), list(await asyncio.gather(*waiters))
         finally:
             await store.close()
 
@@ -86,16 +107,18 @@ def test_a_wait_for_a_reader_is_bounded(store_path: Path) -> None:
         store = Store(store_path, readers=1)
         store.READER_WAIT = 0.05
         try:
-            async with store.snapshot():
+            async with reader_held(store):
                 with pytest.raises(ReadersBusy):
                     await data_version(store)
             await data_version(store)  # the reader came back
-            async with store.snapshot():
+            async with reader_held(store) as (_, release):
                 waiter = asyncio.create_task(data_version(store))
                 await asyncio.sleep(0)  # the waiter reaches the pool's queue
-                await store.close()  # the server stops: the waiter is answered, not forgotten
-            with pytest.raises(StoreUnavailable):
-                await waiter
+                closing = asyncio.create_task(store.close())  # the server stops: the waiter is answered, not forgotten
+                with pytest.raises(StoreUnavailable):
+                    await waiter
+                release.set()  # the held read ends, and closes its connection
+                await closing
         finally:
             await store.close()
 
@@ -105,10 +128,11 @@ def test_a_wait_for_a_reader_is_bounded(store_path: Path) -> None:
 def test_all_readers_busy_is_a_503_problem_with_retry_after(store_path: Path) -> None:
     async def scenario() -> None:
         app = create_app(Config(db=store_path, readers=1, log_level="critical"))
-        app.store.READER_WAIT = 0.05
+        store = app.answers.store
+        store.READER_WAIT = 0.05
         async with falcon.testing.ASGIConductor(app) as conductor:
             assert (await conductor.simulate_get("/stats")).status_code == 200
-            async with app.store.snapshot():
+            async with reader_held(store):
                 busy = await conductor.simulate_get("/stats")
                 metrics = await conductor.simulate_get("/metrics")
                 cold = await conductor.simulate_get("/data", params={"filter_by": "rank<7"})

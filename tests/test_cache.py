@@ -110,7 +110,7 @@ def test_deep_pages_from_bookmarks_match_plain_sql(
 def test_the_front_door_answers_as_falcon_does(monkeypatch: pytest.MonkeyPatch, make_client: Any, big_store: Path):
     """A repeated GET is answered before Falcon: same status, headers and data as Falcon's first answer."""
     through_falcon: list[str] = []
-    for resource, responder in ((kasparro.AssetResource, "on_get"), (kasparro.AssetResource, "on_get_asset"),
+    for resource, responder in ((kasparro.AssetPagesResource, "on_get"), (kasparro.AssetResource, "on_get"),
                                 (kasparro.HealthResource, "on_get")):  # fmt: skip
         original = getattr(resource, responder)
 
@@ -148,13 +148,13 @@ def test_the_front_door_reads_an_uncached_asset_as_falcon_would(
 ):
     """A plain GET /data/{asset_id} not kept is read before Falcon: same answer as Falcon's for it."""
     through_falcon: list[str] = []
-    original = kasparro.AssetResource.on_get_asset
+    original = kasparro.AssetResource.on_get
 
     async def spy(self: Any, req: Any, resp: Any, asset_id: str) -> None:
         through_falcon.append(req.method + " " + req.path)
-        await original(self, req, resp, asset_id)
+        await original(self, req, resp, asset_id=asset_id)
 
-    monkeypatch.setattr(kasparro.AssetResource, "on_get_asset", spy)
+    monkeypatch.setattr(kasparro.AssetResource, "on_get", spy)
     client = make_client(Config(db=store_path, log_level="warning"))
     front = client.get("/data/bitcoin")
     current = client.get("/data/ethereum", headers={"If-None-Match": client.get("/data/ethereum").headers["etag"]})
@@ -165,8 +165,10 @@ def test_the_front_door_reads_an_uncached_asset_as_falcon_would(
     assert client.get("/data/bitcoin", params={"x": "1"}).status_code == 200  # a query string: Falcon's
     assert through_falcon == ["GET /data/no-such-coin", "GET /data/bitcoin"]
 
-    monkeypatch.setattr(kasparro.Api, "_detail_id", lambda self, scope: "")  # Falcon reads every lookup
-    falcon_client = make_client(Config(db=store_path, log_level="warning"))
+    config = Config(db=store_path, log_level="warning")
+    falcon_only = kasparro.create_app(config)
+    falcon_only.kept_routes = frozenset()  # the front door answers nothing: Falcon reads every lookup
+    falcon_client = make_client(config, falcon_only)
     by_falcon = falcon_client.get("/data/bitcoin")
     tag = falcon_client.get("/data/ethereum").headers["etag"]
     current_by_falcon = falcon_client.get("/data/ethereum", headers={"If-None-Match": tag})
@@ -190,24 +192,24 @@ def test_an_uncached_asset_behind_api_keys_goes_through_falcon(make_client: Any,
 def test_a_page_spliced_from_its_kept_tail_is_the_whole_encoding(
     request_id: str, page: int | None, next_cursor: str | None
 ) -> None:
-    row = kasparro.AssetRow(
+    asset = kasparro.Asset(
         "bitcoin", "BTC", "Bitcoin", 1, 0.1, None, 3e20, -1.5, "active", kasparro.msgspec.Raw(b'["csv:sample"]'),
         "2026-11-25T12:00:00Z",
     )  # fmt: skip
-    fields = dict(data=[row], page=page, page_size=10, total_items=21, total_pages=3, next_cursor=next_cursor,
+    fields = dict(data=[asset], page=page, page_size=10, total_items=21, total_pages=3, next_cursor=next_cursor,
                   data_version="s1-7")  # fmt: skip
-    blank = kasparro.AssetPageOut(request_id="", api_latency_ms=0.0, **fields)
-    cached = kasparro.CachedPage.of(kasparro.DataVersion("s1", 7), "t", blank)
-    body = cached.body(request_id, started=kasparro.time.perf_counter())
+    blank = kasparro.AssetPage(request_id="", api_latency_ms=0.0, **fields)
+    answer = kasparro.Answer(1, kasparro.encode(blank), etag="t", stamped=True)
+    status, body = answer.reply(request_id, kasparro.time.perf_counter(), None)
     latency = kasparro.msgspec.json.decode(body)["api_latency_ms"]
-    assert body == kasparro.encode(kasparro.AssetPageOut(request_id=request_id, api_latency_ms=latency, **fields))
+    assert status == 200
+    assert body == kasparro.encode(kasparro.AssetPage(request_id=request_id, api_latency_ms=latency, **fields))
 
 
 def test_bookmark_sets_bound_their_page_ends_across_all_sets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kasparro.BookmarkSets, "SETS", 2)
     monkeypatch.setattr(kasparro.BookmarkSets, "PAGE_ENDS", 5)
     sets = kasparro.BookmarkSets()
-    v1, v2 = kasparro.DataVersion("s", 1), kasparro.DataVersion("s", 2)
 
     def token(n: int) -> kasparro.CursorToken:
         return kasparro.CursorToken("digest", False, n, f"asset-{n}")
@@ -216,17 +218,37 @@ def test_bookmark_sets_bound_their_page_ends_across_all_sets(monkeypatch: pytest
         assert sets.page_ends == sum(len(marks.page_ends) for marks in sets.sets.values())
         return sets.page_ends
 
-    rank, name = sets.get(v1, "rank"), sets.get(v1, "name")
+    rank, name = sets.get("rank"), sets.get("name")
     for offset in (10, 20, 30, 30):  # a page served twice is kept once
         sets.page_served(rank, offset, token(offset))
     for offset in (10, 20, 30):
         sets.page_served(name, offset, token(offset))
     assert (kept(), len(rank.page_ends), len(name.page_ends)) == (5, 3, 2)  # the budget ran out
-    assert sets.get(v1, "rank") is rank  # and it is now the most recently used
-    sets.get(v1, "price")  # a third set pushes out the least recently used one
-    assert (list(sets.sets), kept()) == ([(v1, "rank"), (v1, "price")], 3)
-    sets.get(v2, "rank")  # a newer generation: the older one's sets are of no more use
-    assert (list(sets.sets), kept()) == ([(v2, "rank")], 0)
+    assert sets.get("rank") is rank  # and it is now the most recently used
+    sets.get("price")  # a third set pushes out the least recently used one
+    assert (list(sets.sets), kept()) == (["rank", "price"], 3)
+
+
+def test_what_requests_learn_from_a_commit_is_dropped_with_it(store_path: Path, tmp_path: Path) -> None:
+    """Counts, bookmarks and facts live in the Commit: a run's commit (even one with no new data) brings a new one."""
+
+    async def main() -> tuple[Any, ...]:
+        store = kasparro.Store(store_path, readers=1, reopen_interval=0)
+        try:
+            first = await store.watch()
+            first.counts["active"] = 1
+            await asyncio.sleep(0)  # the next turn of the loop looks again
+            same = await store.watch()
+            assert run_etl(store_path, f"csv:{write_csv(tmp_path / 'none.csv', 0)}").returncode == 0
+            await asyncio.sleep(0)
+            after = await store.watch()
+            return first, same, after
+        finally:
+            await store.close()
+
+    first, same, after = asyncio.run(main())
+    assert same is first and after is not first and after.number > first.number
+    assert after.counts == {} and first.counts == {"active": 1}
 
 
 def test_a_first_count_or_bookmark_walk_runs_off_the_loop(
@@ -234,18 +256,13 @@ def test_a_first_count_or_bookmark_walk_runs_off_the_loop(
 ) -> None:
     """Pages that must count or walk bookmarks first read in a reader thread; short index ranges inline."""
     where: list[str] = []
-    inline, snapshot = kasparro.Store.inline, kasparro.Store.snapshot
+    read = kasparro.Store.read
 
-    def on_loop(self: kasparro.Store, read: Any) -> Any:
-        where.append("loop")
-        return inline(self, read)
+    def recorded(self: kasparro.Store, fn: Any, *, on_loop: bool = False) -> Any:
+        where.append("loop" if on_loop else "thread")
+        return read(self, fn, on_loop=on_loop)
 
-    def in_thread(self: kasparro.Store) -> Any:
-        where.append("thread")
-        return snapshot(self)
-
-    monkeypatch.setattr(kasparro.Store, "inline", on_loop)
-    monkeypatch.setattr(kasparro.Store, "snapshot", in_thread)
+    monkeypatch.setattr(kasparro.Store, "read", recorded)
     client = make_client(Config(db=big_store, log_level="warning"))
     deep = 3 * BOOKMARK_EVERY // 10 + 1  # page_size=10: past three bookmarks
     expected = {
@@ -268,21 +285,21 @@ def test_an_answer_is_kept_when_read_a_second_time(store_path: Path) -> None:
     async def main() -> None:
         store = kasparro.Store(store_path, readers=1)
         await store.open()
-        version = await store.watch()
+        commit = await store.watch()
         try:
-            answers = kasparro.Answers(store, budget_bytes=10 * (100 + kasparro.ENTRY_OVERHEAD))
+            answers = kasparro.AnswerCache(store, budget=10 * (100 + kasparro.ENTRY_OVERHEAD))
 
-            def detail(n: int) -> kasparro.CachedDetail:
-                return kasparro.CachedDetail(version=version, etag=f"t{n}", encoded=b"x" * 100)
+            def detail(n: int) -> kasparro.Answer:
+                return kasparro.Answer(commit.number, b"x" * 100, etag=f"t{n}")
 
-            hot = ("/data/hot", b"")
-            answers.put(hot, detail(0))
-            assert answers.get(hot) is None  # read once
-            answers.put(hot, detail(0))
-            assert answers.get(hot) == detail(0)  # read twice: kept
-            for n in range(1, 1_000):  # each read once: none kept, and the hot one stays
+            hot, answer = ("/data/hot", b""), detail(0)
+            answers.put(hot, answer)
+            assert await answers.lookup(hot) is None  # made once
+            answers.put(hot, answer)
+            assert await answers.lookup(hot) is answer  # made twice: kept
+            for n in range(1, 1_000):  # each made once: none kept, and the hot one stays
                 answers.put((f"/data/cold-{n}", b""), detail(n))
-            assert (list(answers.entries), answers.get(hot)) == ([hot], detail(0))
+            assert (list(answers.entries), await answers.lookup(hot)) == ([hot], answer)
         finally:
             await store.close()
 
@@ -292,12 +309,12 @@ def test_an_answer_is_kept_when_read_a_second_time(store_path: Path) -> None:
 # --- one read per answer and commit ------------------------------------------
 
 
-def read_together(db: Path, reads: Callable[[kasparro.Answers], list[Awaitable[Any]]]) -> list[Any]:
+def read_together(db: Path, reads: Callable[[kasparro.AnswerCache], list[Awaitable[Any]]]) -> list[Any]:
     """Run the reads concurrently in one loop over a fresh store and cache; their results, exceptions included."""
 
     async def main() -> list[Any]:
         store = kasparro.Store(db, readers=2)
-        answers = kasparro.Answers(store, 1 << 20)
+        answers = kasparro.AnswerCache(store, 1 << 20)
         try:
             await store.watch()
             return await asyncio.gather(*reads(answers), return_exceptions=True)
@@ -307,8 +324,8 @@ def read_together(db: Path, reads: Callable[[kasparro.Answers], list[Awaitable[A
     return asyncio.run(main())
 
 
-def counted(calls: list[str], name: str, value: Any = None, fails: bool = False) -> Callable[[], Awaitable[Any]]:
-    async def read() -> Any:
+def counted(calls: list[str], name: str, value: Any = None, fails: bool = False) -> kasparro.Make:
+    async def read(commit: kasparro.Commit) -> Any:
         calls.append(name)
         await asyncio.sleep(0)  # the others arrive while this read runs
         if fails:
@@ -320,9 +337,9 @@ def counted(calls: list[str], name: str, value: Any = None, fails: bool = False)
 
 def test_concurrent_misses_of_one_answer_share_one_read(store_path: Path) -> None:
     calls: list[str] = []
-    health = kasparro.CachedHealth(commit=None, until=0.0, encoded=b"{}")  # never fresh: never kept
+    health = kasparro.Answer(0, b"{}", until=0.0)  # never fresh: never kept
 
-    def reads(answers: kasparro.Answers) -> list[Awaitable[Any]]:
+    def reads(answers: kasparro.AnswerCache) -> list[Awaitable[Any]]:
         same = [answers.read(("/health", b""), counted(calls, f"health-{n}", health)) for n in range(8)]
         other = answers.read(("/health", b"x"), counted(calls, "other", health))
         none = [answers.read(("/data/nope", b""), counted(calls, f"nope-{n}")) for n in range(3)]
@@ -337,15 +354,15 @@ def test_concurrent_misses_of_one_answer_share_one_read(store_path: Path) -> Non
 
 def test_a_request_that_goes_away_does_not_cancel_the_read_the_others_wait_on(store_path: Path) -> None:
     calls: list[str] = []
-    health = kasparro.CachedHealth(commit=None, until=0.0, encoded=b"{}")
+    health = kasparro.Answer(0, b"{}", until=0.0)
 
-    async def slow() -> kasparro.CachedHealth:
+    async def slow(commit: kasparro.Commit) -> kasparro.Answer:
         calls.append("read")
         for _ in range(3):
             await asyncio.sleep(0)
         return health
 
-    def reads(answers: kasparro.Answers) -> list[Awaitable[Any]]:
+    def reads(answers: kasparro.AnswerCache) -> list[Awaitable[Any]]:
         async def leaves() -> Any:
             first = asyncio.ensure_future(answers.read(("/health", b""), slow))
             await asyncio.sleep(0)

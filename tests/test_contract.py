@@ -172,7 +172,7 @@ def test_unexpected_error_matches_the_document(store_path: Path, make_client: An
             raise RuntimeError("boom")
 
     app = create_app(Config(db=store_path, log_level="critical"))
-    app.add_route("/explode", Exploding())
+    app.app.add_route("/explode", Exploding())  # the Falcon app inside the front door
     result = make_client(Config(), app).get("/explode")
     assert result.status_code == 500
     assert_conforms(openapi_of(store_path), None, result)

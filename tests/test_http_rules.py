@@ -244,13 +244,13 @@ def test_head_of_a_kept_page_is_served_by_the_front_door(
 ) -> None:
     """HEAD of a kept answer does not enter Falcon, and sends GET's headers with no body."""
     through_falcon: list[str] = []
-    original = kasparro.AssetResource.on_get
+    original = kasparro.AssetPagesResource.on_get
 
     async def spy(self: Any, req: Any, resp: Any) -> None:
         through_falcon.append(req.method)
         await original(self, req, resp)
 
-    monkeypatch.setattr(kasparro.AssetResource, "on_get", spy)
+    monkeypatch.setattr(kasparro.AssetPagesResource, "on_get", spy)
     client = make_client(Config(db=store_path, log_level="warning"))
     gets = [client.get("/data", params={"page_size": "4"}) for _ in range(2)]  # read twice: kept
     head = client.request("HEAD", "/data", params={"page_size": "4"})
