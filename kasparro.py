@@ -1167,12 +1167,8 @@ def segment_sql(
 
 
 def cursor_key(version: DataVersion) -> bytes:
-    """The key of cursor tags: per store, so a token of another store (or a rebuilt one) is refused.
-
-    The tag catches damaged, truncated and cross-store tokens. It is not a
-    secret: a token someone built by hand only selects a page after a key of
-    their choosing, through bound parameters and type checks, like any query.
-    """
+    """The key of cursor tags, per store: a damaged, truncated or foreign token is refused. Not a secret: a token
+    built by hand only selects a page after a key of its choosing, through bound parameters."""
     return hashlib.blake2b(version.store_id.encode(), digest_size=32, person=b"kasparro-cursor").digest()
 
 
@@ -1774,84 +1770,6 @@ class StatsResource(KeptResource):
 
 # --- metrics --------------------------------------------------------------
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-UNMATCHED_ROUTE = "unmatched"  # the one label of every URL that matches no route
-
-
-class HttpMetrics:
-    """Requests answered, their latency and those in flight, by route template and status.
-
-    A request answered is appended to a list; every FLUSH_EVERY seconds, before every scrape, and
-    every MAX_PENDING requests, the list is summed into prometheus-client's values. Its own
-    per-observation path (locks, a loop over the buckets, files shared between workers) cost ~8 µs a
-    request under load, and even summing per request ~5 µs. A scrape thus sees its own worker's
-    requests at once and other workers' within FLUSH_EVERY seconds. MAX_PENDING is small so that a
-    flush is short: summing a second's worth at once (~25k) held the loop for milliseconds, which
-    showed in p99, and kept that many tuples alive between flushes.
-    """
-
-    FLUSH_EVERY = 1.0
-    MAX_PENDING = 1_024
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ("route", "status")
-        self.requests = Counter("kasparro_http_requests", "HTTP requests answered", labels, registry=registry)
-        self.latency = Histogram(
-            "kasparro_http_request_duration_seconds",
-            "Time to answer an HTTP request",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight_gauge = Gauge(
-            "kasparro_http_requests_in_flight",
-            "HTTP requests being answered",
-            multiprocess_mode="livesum",
-            registry=registry,
-        )
-        self.in_flight = 0
-        self._answered: list[tuple[str | None, int, float]] = []  # (route, status, seconds) since the flush
-        self._timer: asyncio.TimerHandle | None = None
-
-    def observe(self, route: str | None, status: int, seconds: float) -> None:
-        self._answered.append((route, status, seconds))
-        if len(self._answered) >= self.MAX_PENDING:
-            self.flush()
-
-    def flush(self) -> None:
-        """Add the requests answered since the last flush to the exported values."""
-        answered, self._answered = self._answered, []
-        self.in_flight_gauge.set(self.in_flight)
-        # (route, status) -> [requests, seconds in all, requests per latency bucket (the last is +Inf)]
-        pending: dict[tuple[str | None, int], list[Any]] = {}
-        for route, status, seconds in answered:
-            series = pending.get((route, status))
-            if series is None:
-                series = pending[route, status] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
-            series[0] += 1
-            series[1] += seconds
-            series[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bucket with seconds <= le
-        for (route, status), (requests, seconds, buckets) in pending.items():
-            labels = (route or UNMATCHED_ROUTE, str(status))
-            self.requests.labels(*labels).inc(requests)
-            # prometheus-client adds one observation at a time; its values (pinned version) take sums.
-            latency = self.latency.labels(*labels)
-            latency._sum.inc(seconds)
-            for value, count in zip(latency._buckets, buckets, strict=True):
-                if count:
-                    value.inc(count)
-
-    def start(self) -> None:
-        """Flush every FLUSH_EVERY seconds on the running event loop, until stop()."""
-        self.flush()
-        self._timer = asyncio.get_running_loop().call_later(self.FLUSH_EVERY, self.start)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.flush()
-
 
 @dataclass(frozen=True)
 class MetricFamilies:
@@ -2431,6 +2349,79 @@ class RequestIds:
 new_request_id = RequestIds()
 
 
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+UNMATCHED_ROUTE = "unmatched"  # the one label of every URL that matches no route
+
+
+class HttpMetrics:
+    """Requests answered, their latency and those in flight, by route template and status: appended to a list,
+    summed into prometheus-client's values every FLUSH_EVERY seconds, every MAX_PENDING requests and before
+    every scrape (its own path per observation cost ~8 µs a request), so a scrape sees other workers' within
+    FLUSH_EVERY seconds."""
+
+    FLUSH_EVERY = 1.0
+    MAX_PENDING = 1_024
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("route", "status")
+        self.requests = Counter("kasparro_http_requests", "HTTP requests answered", labels, registry=registry)
+        self.latency = Histogram(
+            "kasparro_http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight_gauge = Gauge(
+            "kasparro_http_requests_in_flight",
+            "HTTP requests being answered",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.in_flight = 0
+        self._answered: list[tuple[str | None, int, float]] = []  # (route, status, seconds) since the flush
+        self._timer: asyncio.TimerHandle | None = None
+
+    def observe(self, route: str | None, status: int, seconds: float) -> None:
+        self._answered.append((route, status, seconds))
+        if len(self._answered) >= self.MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the requests answered since the last flush to the exported values."""
+        answered, self._answered = self._answered, []
+        self.in_flight_gauge.set(self.in_flight)
+        # (route, status) -> [requests, seconds in all, requests per latency bucket (the last is +Inf)]
+        pending: dict[tuple[str | None, int], list[Any]] = {}
+        for route, status, seconds in answered:
+            series = pending.get((route, status))
+            if series is None:
+                series = pending[route, status] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
+            series[0] += 1
+            series[1] += seconds
+            series[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bucket with seconds <= le
+        for (route, status), (requests, seconds, buckets) in pending.items():
+            labels = (route or UNMATCHED_ROUTE, str(status))
+            self.requests.labels(*labels).inc(requests)
+            # prometheus-client adds one observation at a time; its values (pinned version) take sums.
+            latency = self.latency.labels(*labels)
+            latency._sum.inc(seconds)
+            for value, count in zip(latency._buckets, buckets, strict=True):
+                if count:
+                    value.inc(count)
+
+    def start(self) -> None:
+        """Flush every FLUSH_EVERY seconds on the running event loop, until stop()."""
+        self.flush()
+        self._timer = asyncio.get_running_loop().call_later(self.FLUSH_EVERY, self.start)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+
+
 class Router(falcon.routing.CompiledRouter):
     """Falcon's router, with HEAD mapped to the GET responder of every route that has no on_head: Falcon then
     sends GET's status and headers, Content-Length included, and no body."""
@@ -2584,14 +2575,8 @@ class ApiKeyAuth:
 
 
 class QueryParameters:
-    """SPEC's rules for the query string of every route. An empty parameter (`page=`) is absent: Falcon
-    drops it (keep_blank_qs_values off). filter_by given twice means every condition of each, joined with
-    ','. Any other parameter given twice is a 400 naming it, never the last one silently winning.
-
-    A resource therefore reads one string per name. Runs after the guards, so a guarded route without a
-    key still answers 401; an answer kept by the front door was once read past these rules, under the
-    same raw query string.
-    """
+    """SPEC's rules for every query string: an empty parameter is absent (Falcon drops it), filter_by given twice
+    means both (joined with ','), any other parameter given twice is a 400. Runs after the guards."""
 
     JOINED: ClassVar[dict[str, str]] = {"filter_by": ","}
 
@@ -2610,15 +2595,9 @@ class QueryParameters:
 
 
 class RateLimit:
-    """Token buckets per API key, or per client address when no valid key is offered (KASPARRO_RATE_LIMIT).
-
-    Each bucket refills at `rate` requests a second up to a burst of max(1, 2 * rate). The buckets live in
-    each worker process, unshared: with N uvicorn workers a client gets up to N times the rate. The table
-    keeps the most recently seen MAX_BUCKETS clients; evicting the least recent one forgets at most its
-    debt (an idle bucket is full anyway), so random client addresses cannot exhaust memory. An invalid key
-    counts against the client's address, so guessing keys is limited too. Headers follow the IETF draft
-    (RateLimit-Limit, -Remaining, and -Reset: seconds until the bucket is full again).
-    """
+    """Token buckets per API key, or per client address when no valid key is offered (KASPARRO_RATE_LIMIT): each
+    refills at `rate` requests a second up to a burst of max(1, 2 * rate), per worker process. The MAX_BUCKETS
+    clients seen last are kept (an evicted bucket was full or nearly). Headers: the IETF draft's RateLimit-*."""
 
     MAX_BUCKETS = 10_000
 
