@@ -20,6 +20,7 @@ import os
 import re
 import sqlite3
 import stat
+import statistics
 import struct
 import sys
 import threading
@@ -420,6 +421,62 @@ class Stats(Wire, frozen=True):
     overall: RunTotals
     sources: list[SourceTotals]
     recent_runs: list[Run]
+
+
+RunId = Annotated[int, Meta(ge=1, description="a run's id, as GET /runs lists it")]
+
+
+class RunList(Wire, frozen=True):
+    """GET /runs: the newest runs first, each with its per-source outcomes."""
+
+    data_version: str
+    limit: Annotated[int, Meta(ge=1, le=100, description="the most runs listed (the limit asked for)")]
+    runs: list[Run]
+
+
+class Measure(Wire, frozen=True):
+    """One measure of one source in runs a and b."""
+
+    a: Annotated[int | None, Meta(description="in run a; null when the source was not in it, or has no duration")]
+    b: Annotated[int | None, Meta(description="in run b; null as for a")]
+    difference: Annotated[int | None, Meta(description="b minus a; null when either is null")]
+
+
+class SourceComparison(Wire, frozen=True):
+    """One source's part of runs a and b side by side."""
+
+    source: str
+    status_a: Annotated[RunStatus | None, Meta(description="its outcome in run a; null when run a did not load it")]
+    status_b: Annotated[RunStatus | None, Meta(description="its outcome in run b; null when run b did not load it")]
+    rows_read: Measure
+    rows_loaded: Annotated[Measure, Meta(description="new observations stored")]
+    rows_rejected: Measure
+    duration_ms: Measure
+    drift_appeared: Annotated[list[str], Meta(description="drift entries run b reports and run a does not")]
+    drift_disappeared: Annotated[list[str], Meta(description="drift entries run a reports and run b does not")]
+
+
+class Anomaly(Wire, frozen=True):
+    """A source's measure in a run far from its median over the source's previous (up to 10) finished runs."""
+
+    run_id: Annotated[int, Meta(ge=1, description="the run judged: a or b")]
+    source: str
+    measure: Literal["rows_read", "rows_loaded", "duration_ms"]
+    value: Annotated[int, Meta(ge=0, description="the measure in the run judged")]
+    median: Annotated[float, Meta(ge=0, description="its median over the previous runs")]
+    previous_runs: Annotated[list[int], Meta(description="ids of those runs, newest first")]
+    previous_values: Annotated[list[int], Meta(description="the measure in each of them")]
+    reason: str
+
+
+class RunComparison(Wire, frozen=True):
+    """GET /runs/compare: runs a and b side by side per source, and the anomalies of each."""
+
+    data_version: str
+    a: Run
+    b: Run
+    sources: Annotated[list[SourceComparison], Meta(description="every source of either run, by name")]
+    anomalies: list[Anomaly]
 
 
 class Index(Wire, frozen=True):
@@ -1374,8 +1431,9 @@ def not_modified(req: falcon.asgi.Request, resp: falcon.asgi.Response, tag: str)
 class IndexResource:
     """GET /: what the service is and where its endpoints are."""
 
-    ENDPOINTS = ("GET /", "GET /data", "GET /data/{asset_id}", "GET /health", "GET /stats", "GET /metrics",
-                 "GET /openapi.json", "GET /docs", "GET /redoc")  # fmt: skip
+    ENDPOINTS = ("GET /", "GET /data", "GET /data/{asset_id}", "GET /health", "GET /stats", "GET /runs",
+                 "GET /runs/{run_id}", "GET /runs/compare", "GET /metrics", "GET /openapi.json", "GET /docs",
+                 "GET /redoc")  # fmt: skip
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         send(resp, Index(message="Kasparro Backend Service", version=__version__, endpoints=list(self.ENDPOINTS)))
@@ -2016,6 +2074,209 @@ class StatsResource:
         )
 
 
+# GET /runs, /runs/{run_id}, /runs/compare: the run history, read from etl_run and run_source by run id
+# (their primary keys) and, for the anomalies, by run_source_source (source, run_id).
+MAX_RUN_ID = 999_999_999  # a run id in a URL has at most 9 digits (parse_int): 19,000 years of 10-minute runs
+RUNS_LIMIT = 20  # runs GET /runs lists by default
+PREVIOUS_RUNS = 10  # runs of a source before the judged one whose median an anomaly is measured against
+RUN_COLUMNS = ", ".join(name for name in Run.__struct_fields__ if name != "outcomes")
+OUTCOME_COLUMNS = ", ".join(RunSourceOutcome.__struct_fields__)
+RUNS_SQL = f"SELECT {RUN_COLUMNS} FROM etl_run ORDER BY run_id DESC LIMIT ?"
+RUN_SQL = f"SELECT {RUN_COLUMNS} FROM etl_run WHERE run_id = ?"
+NEWEST_RUN_SQL = "SELECT max(run_id) AS run_id FROM etl_run"
+OUTCOMES_SQL = f"SELECT run_id, {OUTCOME_COLUMNS} FROM run_source WHERE run_id BETWEEN ? AND ? ORDER BY run_id, source"
+PREVIOUS_SQL = f"""
+SELECT run_id, rows_read, rows_loaded, duration_ms FROM run_source
+WHERE source = ? AND run_id < ? AND status <> 'running' ORDER BY run_id DESC LIMIT {PREVIOUS_RUNS}
+"""
+JUDGED = ("rows_read", "rows_loaded", "duration_ms")
+COMPARED = ("rows_read", "rows_loaded", "rows_rejected", "duration_ms")
+
+
+class DigitsConverter(falcon.routing.IntConverter):
+    """`{name:digits}`: an id of 1 to MAX_RUN_ID in plain ASCII digits; anything else matches no route (404).
+
+    Falcon's `int` takes what int() takes ('+1', '1_0', non-ASCII digits), so a run would have many URLs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(min=1, max=MAX_RUN_ID)
+
+    def convert(self, value: str) -> int | None:
+        return super().convert(value) if value.isascii() and value.isdigit() else None
+
+
+def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
+    """InvalidQuery naming the first parameter not in `known`."""
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InvalidQuery(f"unknown parameter {unknown[0][:40]!r}; known: {', '.join(known) or 'none'}")
+
+
+def run_records(runs: Sequence[dict[str, Any]], outcomes: Sequence[dict[str, Any]], live_run: int | None) -> list[Run]:
+    """Rows of RUNS_SQL and OUTCOMES_SQL as Runs, in the order of `runs`.
+
+    A run recorded as running is failed, its running sources too, unless it is `live_run` (the newest
+    run, whose process still holds the writer lock): its process is gone, and the next run marks it so.
+    """
+    by_run: dict[int, list[dict[str, Any]]] = {}
+    for row in outcomes:
+        by_run.setdefault(row["run_id"], []).append(row)
+    records = []
+    for row in runs:
+        dead = row["status"] == "running" and row["run_id"] != live_run
+        parts = [
+            RunSourceOutcome(
+                **{name: part[name] for name in RunSourceOutcome.__struct_fields__}
+                | {"drift": decode_drift(part["drift"]) if part["drift"] else {}}
+                | ({"status": "failed"} if dead and part["status"] == "running" else {})
+            )
+            for part in by_run.get(row["run_id"], [])
+        ]
+        fields = row | {"sources": decode_sources(row["sources"])} | ({"status": "failed"} if dead else {})
+        records.append(Run(**fields, outcomes=parts))
+    return records
+
+
+def measure(a: int | None, b: int | None) -> Measure:
+    return Measure(a=a, b=b, difference=None if a is None or b is None else b - a)
+
+
+def compare_runs(
+    a: Run, b: Run, previous: Mapping[tuple[int, str], Sequence[dict[str, Any]]], data_version: str
+) -> RunComparison:
+    """Runs a and b side by side per source, with the anomalies of each (see anomalies_of).
+
+    `previous` maps (run id, source) to that source's previous finished runs, rows of PREVIOUS_SQL.
+    """
+    parts_a = {part.source: part for part in a.outcomes}
+    parts_b = {part.source: part for part in b.outcomes}
+    sources = []
+    for source in sorted(parts_a.keys() | parts_b.keys()):
+        part_a, part_b = parts_a.get(source), parts_b.get(source)
+        drift_a = set(part_a.drift) if part_a else set()
+        drift_b = set(part_b.drift) if part_b else set()
+        sources.append(
+            SourceComparison(
+                source=source,
+                status_a=part_a.status if part_a else None,
+                status_b=part_b.status if part_b else None,
+                **{
+                    name: measure(getattr(part_a, name) if part_a else None, getattr(part_b, name) if part_b else None)
+                    for name in COMPARED
+                },
+                drift_appeared=sorted(drift_b - drift_a),
+                drift_disappeared=sorted(drift_a - drift_b),
+            )
+        )
+    judged = (a,) if a.run_id == b.run_id else (a, b)
+    anomalies = [anomaly for run in judged for anomaly in anomalies_of(run, previous)]
+    return RunComparison(data_version=data_version, a=a, b=b, sources=sources, anomalies=anomalies)
+
+
+def anomalies_of(run: Run, previous: Mapping[tuple[int, str], Sequence[dict[str, Any]]]) -> list[Anomaly]:
+    """The anomalies of each finished source of `run` against that source's previous finished runs (up to 10).
+
+    Rows read or loaded are anomalous when they differ from their median over those runs by more than half
+    of it; the duration when it is over 3 times its median. A source with no previous run is not judged.
+    """
+    found = []
+    for part in run.outcomes:
+        earlier = previous.get((run.run_id, part.source), ())
+        if part.status == "running" or not earlier:
+            continue
+        for name in JUDGED:
+            value = getattr(part, name)
+            baseline = [row for row in earlier if row[name] is not None]
+            if value is None or not baseline:
+                continue
+            median = statistics.median(row[name] for row in baseline)
+            if name == "duration_ms":
+                flagged, rule = value > 3 * median, "is over 3 times"
+            else:
+                flagged, rule = abs(value - median) > median / 2, "differs by more than half from"
+            if flagged:
+                found.append(
+                    Anomaly(
+                        run_id=run.run_id,
+                        source=part.source,
+                        measure=name,
+                        value=value,
+                        median=float(median),
+                        previous_runs=[row["run_id"] for row in baseline],
+                        previous_values=[row[name] for row in baseline],
+                        reason=f"{name} {value} {rule} the median {median:g} of the source's previous"
+                        f" {len(baseline)} run{'s' if len(baseline) > 1 else ''}",
+                    )
+                )
+    return found
+
+
+class RunsResource:
+    """GET /runs, GET /runs/{run_id} and GET /runs/compare: the ETL's run history."""
+
+    protected = True
+
+    def __init__(self, store: Store, replica: bool = False) -> None:
+        self.store = store
+        self.replica = replica
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        check_params(req.params, ("limit",))
+        send(resp, await self.read_list(parse_int("limit", req.params.get("limit", str(RUNS_LIMIT)), 1, 100)))
+
+    async def on_get_run(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, run_id: int) -> None:
+        check_params(req.params, ())
+        async with self.store.snapshot() as snapshot:
+            send(resp, await self.read_run(snapshot, run_id))
+
+    async def on_get_compare(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        """Runs a and b side by side; the anomalies judge each of the two against the runs before it (anomalies_of)."""
+        check_params(req.params, ("a", "b"))
+        a, b = (self.run_param(req.params, name) for name in ("a", "b"))
+        send(resp, await self.read_comparison(a, b))
+
+    @staticmethod
+    def run_param(params: Mapping[str, str], name: str) -> int:
+        if name not in params:
+            raise InvalidQuery(f"{name}: required: the id of a run to compare (GET /runs lists them)")
+        return parse_int(name, params[name], 1, MAX_RUN_ID)
+
+    def live_run(self, newest: int | None, status: str | None) -> int | None:
+        """The newest run's id while its process runs it (status: its recorded one), else None."""
+        return newest if status == "running" and run_is_live(self.store, self.replica) else None
+
+    async def read_list(self, limit: int) -> RunList:
+        """The `limit` newest runs, newest first."""
+        async with self.store.snapshot() as snapshot:
+            runs = await snapshot.all(RUNS_SQL, (limit,))
+            outcomes = await snapshot.all(OUTCOMES_SQL, (runs[-1]["run_id"], runs[0]["run_id"]) if runs else (1, 0))
+            version = snapshot.version
+        live = self.live_run(runs[0]["run_id"], runs[0]["status"]) if runs else None
+        return RunList(data_version=str(version), limit=limit, runs=run_records(runs, outcomes, live))
+
+    async def read_run(self, snapshot: Snapshot, run_id: int) -> Run:
+        """One run with its outcomes; a 404 when there is no such run."""
+        row = await snapshot.one(RUN_SQL, (run_id,))
+        if row is None:
+            raise falcon.HTTPNotFound(description=f"no run {run_id}; GET /runs lists the recorded runs")
+        outcomes = await snapshot.all(OUTCOMES_SQL, (run_id, run_id))
+        newest = (await snapshot.one(NEWEST_RUN_SQL))["run_id"]
+        return run_records([row], outcomes, self.live_run(newest, row["status"]) if newest == run_id else None)[0]
+
+    async def read_comparison(self, a: int, b: int) -> RunComparison:
+        """Runs a and b compared, with each one's sources' previous runs; a 404 naming a run not recorded."""
+        async with self.store.snapshot() as snapshot:
+            run_a, run_b = await self.read_run(snapshot, a), await self.read_run(snapshot, b)
+            previous = {
+                (run.run_id, part.source): await snapshot.all(PREVIOUS_SQL, (part.source, run.run_id))
+                for run in (run_a, run_b)
+                for part in run.outcomes
+            }
+            version = snapshot.version
+        return compare_runs(run_a, run_b, previous, str(version))
+
+
 # --- metrics --------------------------------------------------------------
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -2271,6 +2532,19 @@ EXAMPLE_ASSET = Asset(
     updated_at="2026-11-25T12:00:00Z",
 )
 EXAMPLE_REQUEST_ID = "0b7e9c1e-4a8f-4d2b-9a57-2f1c3d5e6a70"
+COMPARE_TEXT = """Runs a and b side by side, per source of either run: each measure (rows read, loaded and
+rejected, duration) in a, in b, and b minus a; the drift entries that appeared in b or disappeared from a.
+
+`anomalies` judges each of the two runs on its own (once when a = b), each finished source of it against
+that source's previous 10 finished runs, the ones before the run judged (fewer when there were fewer; a
+source with none is not judged):
+
+- rows read or rows loaded that differ from their median over those runs by more than half of it;
+- a duration over 3 times its median (over the runs that recorded one).
+
+Each anomaly names the run, source and measure, with its value, the median, and the previous runs' ids
+and values. a and b may come in either order. A run recorded as running whose process is gone reads as
+failed. Unknown run: 404; a or b missing or not a run id: 400."""
 
 
 def examples() -> dict[str, msgspec.Struct]:
@@ -2300,6 +2574,21 @@ def examples() -> dict[str, msgspec.Struct]:
         error=None,
     )
     outcome = RunSourceOutcome(source="csv:sample", detail=None, drift={}, **run)
+    first = Run(run_id=1, sources=["csv:sample"], pid=4242, host="kasparro-1", outcomes=[outcome], **run)
+    later = dict(started_at="2026-11-25T12:10:02Z", ended_at="2026-11-25T12:10:03Z", duration_ms=380)
+    second = msgspec.structs.replace(
+        first,
+        run_id=2,
+        rows_read=25,
+        rows_loaded=25,
+        outcomes=[
+            msgspec.structs.replace(
+                outcome, rows_read=25, rows_loaded=25, drift={"unknown column 'colour'": 25}, **later
+            )
+        ],
+        **later,
+    )
+    previous = {(2, "csv:sample"): [{"run_id": 1, "rows_read": 255, "rows_loaded": 255, "duration_ms": 412}]}
     return {
         "index": Index(
             message="Kasparro Backend Service", version=__version__, endpoints=list(IndexResource.ENDPOINTS)
@@ -2329,8 +2618,11 @@ def examples() -> dict[str, msgspec.Struct]:
             data_version="5f0c2a-1",
             overall=RunTotals(**totals),
             sources=[SourceTotals(source="csv:sample", **totals)],
-            recent_runs=[Run(run_id=1, sources=["csv:sample"], pid=4242, host="kasparro-1", outcomes=[outcome], **run)],
+            recent_runs=[first],
         ),
+        "runs": RunList(data_version="5f0c2a-2", limit=20, runs=[second, first]),
+        "run": first,
+        "comparison": compare_runs(first, second, previous, "5f0c2a-2"),
         "problem": Problem(
             type="about:blank",
             title="Bad Request",
@@ -2345,9 +2637,9 @@ def examples() -> dict[str, msgspec.Struct]:
 def openapi_document(config: Config) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the API, its bodies' schemas generated from the wire Structs."""
     refs, schemas = msgspec.json.schema_components(
-        (Index, AssetPage, AssetDetail, Health, Stats, Problem), ref_template=SCHEMA_REF
+        (Index, AssetPage, AssetDetail, Health, Stats, RunList, Run, RunComparison, Problem), ref_template=SCHEMA_REF
     )
-    index, page, detail, health, stats, problem = refs
+    index, page, detail, health, stats, runs, run, comparison, problem = refs
     example = {name: msgspec.to_builtins(body) for name, body in examples().items()}
     string = {"type": "string"}
     request_id = {
@@ -2382,7 +2674,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "an API key is configured and none (or a wrong one) was sent",
             {"WWW-Authenticate": {"required": True, "schema": string}},
         ),
-        "NotFound": (404, "no such asset, or no such path", {}),
+        "NotFound": (404, "no such asset or run, or no such path", {}),
         "MethodNotAllowed": (
             405,
             "the path does not answer this method",
@@ -2392,6 +2684,21 @@ def openapi_document(config: Config) -> dict[str, Any]:
             503,
             "the store is not readable yet; retry shortly",
             {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}},
+        ),
+        "TooManyRequests": (
+            429,
+            "more requests than the rate limit (KASPARRO_RATE_LIMIT) allows; retry after Retry-After seconds",
+            {
+                "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}},
+                **{
+                    f"RateLimit-{name}": {"required": True, "description": meaning, "schema": {"type": "integer"}}
+                    for name, meaning in (
+                        ("Limit", "requests allowed in a burst"),
+                        ("Remaining", "requests left now"),
+                        ("Reset", "seconds until the burst is whole again"),
+                    )
+                },
+            },
         ),
         "InternalServerError": (500, "an unexpected error; quote the request_id", {}),
     }
@@ -2483,6 +2790,19 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "description": "the asset's stable slug",
         "example": "bitcoin",
     }
+    run_id_schema = {"type": "integer", "minimum": 1, "maximum": MAX_RUN_ID}
+    compared = [
+        {"name": name, "in": "query", "required": True, "schema": run_id_schema, "description": f"run {name}"}
+        for name in ("a", "b")
+    ]
+    compare = operation(
+        "Compare: two ETL runs side by side, with anomalies",
+        body("runs a and b compared", comparison, example["comparison"]),
+        *guarded,
+        "404",
+        parameters=compared,
+    )
+    compare["get"]["description"] = COMPARE_TEXT
     page = {"description": "an HTML page", "headers": request_id, "content": {"text/html": {"schema": string}}}
     text = {
         "description": "Prometheus text exposition",
@@ -2523,6 +2843,27 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 **{"503": body("unhealthy: the store cannot be read", health, example["unhealthy"])},
             ),
             "/stats": operation("Stats: ETL outcomes", body("ETL runs summed", stats, example["stats"]), *guarded[1:]),
+            "/runs": operation(
+                "Runs: the newest ETL runs with their sources' outcomes",
+                body("the newest runs first", runs, example["runs"]),
+                *guarded,
+                parameters=[
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "description": "the most runs to list",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": RUNS_LIMIT},
+                    }
+                ],
+            ),
+            "/runs/{run_id}": operation(
+                "Run: one ETL run with its sources' outcomes",
+                body("the run", run, example["run"]),
+                *guarded,
+                "404",
+                parameters=[{"name": "run_id", "in": "path", "required": True, "schema": run_id_schema, "example": 1}],
+            ),
+            "/runs/compare": compare,
             "/metrics": operation("Metrics: Prometheus exposition", text),
             "/openapi.json": operation(
                 "OpenAPI: this document",
@@ -2538,8 +2879,12 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "bearer": {"type": "http", "scheme": "bearer"},
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
         }
-        for path in ("/data", "/data/{asset_id}", "/stats"):
+        for path in ("/data", "/data/{asset_id}", "/stats", "/runs", "/runs/{run_id}", "/runs/compare"):
             document["paths"][path]["get"]["security"] = [{"bearer": []}, {"apiKey": []}]
+    if config.rate_limit:
+        for path, item in document["paths"].items():
+            if path not in RateLimit.EXEMPT:
+                item["get"]["responses"]["429"] = refer("TooManyRequests")
     return document
 
 
@@ -3095,12 +3440,19 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     replica = config.role == "replica"
     app.add_route("/health", HealthResource(store, config.etl_max_age, answers, replica))
     app.add_route("/stats", StatsResource(store, answers, replica))
+    runs = RunsResource(store, replica)
+    app.router_options.converters["digits"] = DigitsConverter
+    app.add_route("/runs", runs)
+    app.add_route("/runs/{run_id:digits}", runs, suffix="run")
+    app.add_route("/runs/compare", runs, suffix="compare")
     app.add_route("/metrics", MetricsResource(store, scraped, metrics, replica))
     docs = DocsResource(openapi_document(config))
     app.add_route("/openapi.json", docs, suffix="openapi")
     app.add_route("/docs", docs)
+    app.add_route("/docs/", docs)  # the same page: else /docs/{name} would take it, as no file
     app.add_route("/docs/{name}", docs, suffix="file")
     app.add_route("/redoc", docs, suffix="redoc")
+    app.add_route("/redoc/", docs, suffix="redoc")
     app.add_route("/redoc/{name}", docs, suffix="file")
     return app
 
