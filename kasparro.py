@@ -2076,7 +2076,7 @@ class StatsResource:
 
 # GET /runs, /runs/{run_id}, /runs/compare: the run history, read from etl_run and run_source by run id
 # (their primary keys) and, for the anomalies, by run_source_source (source, run_id).
-MAX_RUN_ID = 999_999_999  # a run id in a URL has at most 9 digits (parse_int): 19,000 years of 10-minute runs
+MAX_RUN_ID = 999_999_999  # a run id in a URL has at most 9 digits: 19,000 years of 10-minute runs
 RUNS_LIMIT = 20  # runs GET /runs lists by default
 PREVIOUS_RUNS = 10  # runs of a source before the judged one whose median an anomaly is measured against
 RUN_COLUMNS = ", ".join(name for name in Run.__struct_fields__ if name != "outcomes")
@@ -2093,17 +2093,7 @@ JUDGED = ("rows_read", "rows_loaded", "duration_ms")
 COMPARED = ("rows_read", "rows_loaded", "rows_rejected", "duration_ms")
 
 
-class DigitsConverter(falcon.routing.IntConverter):
-    """`{name:digits}`: an id of 1 to MAX_RUN_ID in plain ASCII digits; anything else matches no route (404).
-
-    Falcon's `int` takes what int() takes ('+1', '1_0', non-ASCII digits), so a run would have many URLs.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(min=1, max=MAX_RUN_ID)
-
-    def convert(self, value: str) -> int | None:
-        return super().convert(value) if value.isascii() and value.isdigit() else None
+RUN_ID = re.compile(r"[1-9][0-9]{0,8}")  # 1 to MAX_RUN_ID in plain digits: one URL per run
 
 
 def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
@@ -2225,10 +2215,13 @@ class RunsResource:
         check_params(req.params, ("limit",))
         send(resp, await self.read_list(parse_int("limit", req.params.get("limit", str(RUNS_LIMIT)), 1, 100)))
 
-    async def on_get_run(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, run_id: int) -> None:
+    async def on_get_run(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, run_id: str) -> None:
+        """One run. Its id is matched here, not by Falcon's `int` converter: that takes what int() takes
+        ('+1', '1_0', non-ASCII digits), which would give a run many URLs, and puts ':int' in the route's label."""
         check_params(req.params, ())
-        async with self.store.snapshot() as snapshot:
-            send(resp, await self.read_run(snapshot, run_id))
+        if not RUN_ID.fullmatch(run_id):
+            raise falcon.HTTPNotFound(description=f"no run {run_id[:40]!r}: a run id is an integer from 1")
+        send(resp, await self.read_one(int(run_id)))
 
     async def on_get_compare(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         """Runs a and b side by side; the anomalies judge each of the two against the runs before it (anomalies_of)."""
@@ -2254,6 +2247,10 @@ class RunsResource:
             version = snapshot.version
         live = self.live_run(runs[0]["run_id"], runs[0]["status"]) if runs else None
         return RunList(data_version=str(version), limit=limit, runs=run_records(runs, outcomes, live))
+
+    async def read_one(self, run_id: int) -> Run:
+        async with self.store.snapshot() as snapshot:
+            return await self.read_run(snapshot, run_id)
 
     async def read_run(self, snapshot: Snapshot, run_id: int) -> Run:
         """One run with its outcomes; a 404 when there is no such run."""
@@ -3441,9 +3438,8 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> A
     app.add_route("/health", HealthResource(store, config.etl_max_age, answers, replica))
     app.add_route("/stats", StatsResource(store, answers, replica))
     runs = RunsResource(store, replica)
-    app.router_options.converters["digits"] = DigitsConverter
     app.add_route("/runs", runs)
-    app.add_route("/runs/{run_id:digits}", runs, suffix="run")
+    app.add_route("/runs/{run_id}", runs, suffix="run")
     app.add_route("/runs/compare", runs, suffix="compare")
     app.add_route("/metrics", MetricsResource(store, scraped, metrics, replica))
     docs = DocsResource(openapi_document(config))

@@ -228,9 +228,12 @@ def test_the_anomaly_rule_at_its_bounds(
 def test_unknown_runs_are_404_and_bad_parameters_400_naming_them(live_server: Any, history: Path) -> None:
     server = live_server(history, LOG_LEVEL="warning")
     assert "no run 5" in problem_detail(server, "/runs/5", 404)
-    for path in ("/runs/0", "/runs/abc", "/runs/-1", "/runs/+1", "/runs/1_0", "/runs/%D9%A3", "/runs/1.0",
-                 "/runs/99999999999999999999", "/runs/1/"):  # fmt: skip
-        problem_detail(server, path, 404)
+    for path in ("/runs/0", "/runs/01", "/runs/abc", "/runs/-1", "/runs/+1", "/runs/1_0", "/runs/%D9%A3",
+                 "/runs/1.0", "/runs/%201", "/runs/1000000000", "/runs/9" + "9" * 5000, "/runs/1/",
+                 "/runs/"):  # fmt: skip
+        problem_detail(server, path, 404)  # one URL per run; nothing else is one
+    metrics = server.get("/metrics")[2].decode()
+    assert 'route="/runs/{run_id}",status="404"' in metrics and ":int" not in metrics
     assert "no run 99" in problem_detail(server, "/runs/compare?a=1&b=99", 404)
     assert "no run 98" in problem_detail(server, "/runs/compare?a=98&b=1", 404)
     for query, named in (
