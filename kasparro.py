@@ -2580,7 +2580,7 @@ def examples() -> dict[str, msgspec.Struct]:
         rows_loaded=25,
         outcomes=[
             msgspec.structs.replace(
-                outcome, rows_read=25, rows_loaded=25, drift={"unknown column 'colour'": 25}, **later
+                outcome, rows_read=25, rows_loaded=25, drift={"unknown column 'colour'": 1}, **later
             )
         ],
         **later,
