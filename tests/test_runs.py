@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 import etl
-from conftest import LiveServer, run_etl
+from conftest import LiveServer, exchange, run_etl
 from etl_support import writer_lock_held
 from kasparro import Anomaly, Run, RunComparison, RunList, RunSourceOutcome, compare_runs
 
@@ -259,10 +259,13 @@ def test_runs_need_a_key_when_keys_are_configured(live_server: Any, history: Pat
         assert server.get("/runs/5", headers)[0] == 404
 
 
-def test_index_lists_the_run_endpoints(live_server: Any, history: Path) -> None:
+def test_index_and_document_list_the_run_endpoints_and_head_answers_as_get(live_server: Any, history: Path) -> None:
     server = live_server(history, LOG_LEVEL="warning")
     endpoints = get_json(server, "/")["endpoints"]
     assert {"GET /runs", "GET /runs/{run_id}", "GET /runs/compare"} <= set(endpoints)
     document = get_json(server, "/openapi.json")
     assert {"/runs", "/runs/{run_id}", "/runs/compare"} <= set(document["paths"])
     assert "each of the two runs" in document["paths"]["/runs/compare"]["get"]["description"]
+    for path in ("/runs", "/runs/2", "/runs/compare?a=1&b=2", "/runs/9"):
+        got, head = exchange(server.base, "GET", path), exchange(server.base, "HEAD", path)
+        assert head[0] == got[0] and head[2] == b"" and head[1]["content-length"] == str(len(got[2])), path
