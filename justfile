@@ -52,6 +52,10 @@ bench *args:
 bench-stats *args:
     {{py}} bench/stats_bench.py {{args}}
 
+# GET /runs, /runs/{run_id} and /runs/compare over the same store as bench-stats
+bench-runs *args:
+    {{py}} bench/runs_bench.py {{args}}
+
 # CPU microseconds of the API's per-request log line, in process, written to a pipe
 bench-log *args:
     {{py}} bench/log_cost.py {{args}}

@@ -20,6 +20,7 @@ import os
 import re
 import sqlite3
 import stat
+import statistics
 import struct
 import sys
 import threading
@@ -423,6 +424,62 @@ class Stats(Wire, frozen=True):
     overall: RunTotals
     sources: list[SourceTotals]
     recent_runs: list[Run]
+
+
+RunId = Annotated[int, Meta(ge=1, description="a run's id, as GET /runs lists it")]
+
+
+class RunList(Wire, frozen=True):
+    """GET /runs: the newest runs first, each with its per-source outcomes."""
+
+    data_version: str
+    limit: Annotated[int, Meta(ge=1, le=100, description="the most runs listed (the limit asked for)")]
+    runs: list[Run]
+
+
+class Measure(Wire, frozen=True):
+    """One measure of one source in runs a and b."""
+
+    a: Annotated[int | None, Meta(description="in run a; null when the source was not in it, or has no duration")]
+    b: Annotated[int | None, Meta(description="in run b; null as for a")]
+    difference: Annotated[int | None, Meta(description="b minus a; null when either is null")]
+
+
+class SourceComparison(Wire, frozen=True):
+    """One source's part of runs a and b side by side."""
+
+    source: str
+    status_a: Annotated[RunStatus | None, Meta(description="its outcome in run a; null when run a did not load it")]
+    status_b: Annotated[RunStatus | None, Meta(description="its outcome in run b; null when run b did not load it")]
+    rows_read: Measure
+    rows_loaded: Annotated[Measure, Meta(description="new observations stored")]
+    rows_rejected: Measure
+    duration_ms: Measure
+    drift_appeared: Annotated[list[str], Meta(description="drift entries run b reports and run a does not")]
+    drift_disappeared: Annotated[list[str], Meta(description="drift entries run a reports and run b does not")]
+
+
+class Anomaly(Wire, frozen=True):
+    """A source's measure in a run far from its median over the source's previous (up to 10) finished runs."""
+
+    run_id: Annotated[int, Meta(ge=1, description="the run judged: a or b")]
+    source: str
+    measure: Literal["rows_read", "rows_loaded", "duration_ms"]
+    value: Annotated[int, Meta(ge=0, description="the measure in the run judged")]
+    median: Annotated[float, Meta(ge=0, description="its median over the previous runs")]
+    previous_runs: Annotated[list[int], Meta(description="ids of those runs, newest first")]
+    previous_values: Annotated[list[int], Meta(description="the measure in each of them")]
+    reason: str
+
+
+class RunComparison(Wire, frozen=True):
+    """GET /runs/compare: runs a and b side by side per source, and the anomalies of each."""
+
+    data_version: str
+    a: Run
+    b: Run
+    sources: Annotated[list[SourceComparison], Meta(description="every source of either run, by name")]
+    anomalies: list[Anomaly]
 
 
 class Index(Wire, frozen=True):
@@ -999,9 +1056,7 @@ class AssetQuery:
 
 def parse_asset_query(params: Mapping[str, str]) -> AssetQuery:
     """Turn the query string of GET /data into an AssetQuery, or raise InvalidQuery."""
-    unknown = sorted(set(params) - set(DATA_PARAMS))
-    if unknown:
-        raise InvalidQuery(f"unknown parameter {unknown[0]!r}; known: {', '.join(DATA_PARAMS)}")
+    check_params(params, DATA_PARAMS)
     cursor = params.get("cursor") or None
     page = parse_int("page", params.get("page", "1"), 1, MAX_PAGE)  # checked even when a cursor overrides it
     return AssetQuery(
@@ -1011,6 +1066,13 @@ def parse_asset_query(params: Mapping[str, str]) -> AssetQuery:
         page_size=parse_int("page_size", params.get("page_size", "10"), 1, 100),
         cursor=cursor,
     )
+
+
+def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
+    """InvalidQuery naming the first parameter not in `known`."""
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InvalidQuery(f"unknown parameter {unknown[0][:40]!r}; known: {', '.join(known) or 'none'}")
 
 
 def parse_int(name: str, text: str, low: int, high: int) -> int:
@@ -1714,12 +1776,84 @@ NO_RUNS = {
     **dict.fromkeys(("last_success_at", "last_failure_at", "last_error", "avg_duration_ms")),
 }
 RECENT_RUNS = 10  # runs listed by /stats
+RUNS_LIMIT = 20  # runs GET /runs lists by default
+PREVIOUS_RUNS = 10  # runs of a source before the judged one whose median an anomaly is measured against
+MAX_RUN_ID = 999_999_999  # a run id in a URL has at most 9 digits: 19,000 years of 10-minute runs
+RUN_ID = re.compile(r"[1-9][0-9]{0,8}")  # 1 to MAX_RUN_ID in plain digits: one URL per run
+RUN_COLUMNS = ", ".join(name for name in Run.__struct_fields__ if name != "outcomes")
+OUTCOME_COLUMNS = ", ".join(RunSourceOutcome.__struct_fields__)
+# The run history, read by run id (etl_run's and run_source's keys) and, for the anomalies, by run_source_source.
+RUNS_SQL = f"SELECT {RUN_COLUMNS} FROM etl_run ORDER BY run_id DESC LIMIT ?"
+RUN_SQL = f"SELECT {RUN_COLUMNS} FROM etl_run WHERE run_id = ?"
+NEWEST_RUN_SQL = "SELECT max(run_id) FROM etl_run"
+OUTCOMES_SQL = f"SELECT run_id, {OUTCOME_COLUMNS} FROM run_source WHERE run_id BETWEEN ? AND ? ORDER BY run_id, source"
+PREVIOUS_SQL = f"""
+SELECT run_id, rows_read, rows_loaded, duration_ms FROM run_source
+WHERE source = ? AND run_id < ? AND status <> 'running' ORDER BY run_id DESC LIMIT {PREVIOUS_RUNS}
+"""
+JUDGED = ("rows_read", "rows_loaded", "duration_ms")
+COMPARED = ("rows_read", "rows_loaded", "rows_rejected", "duration_ms")
 
 
 def dict_rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     """A cursor's rows as dicts keyed by column name, ready to become Structs."""
     names = [column[0] for column in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
+@dataclass(frozen=True)
+class RunRows:
+    """Rows of etl_run (newest first) and of their run_source outcomes, as one read transaction saw them."""
+
+    data_version: str
+    runs: list[dict[str, Any]]
+    outcomes: list[dict[str, Any]]
+    newest: int | None  # the newest run's id in the whole store
+
+    @classmethod
+    def read(cls, conn: sqlite3.Connection, version: DataVersion, runs: list[dict[str, Any]]) -> RunRows:
+        span = (runs[-1]["run_id"], runs[0]["run_id"]) if runs else (1, 0)
+        outcomes = dict_rows(conn.execute(OUTCOMES_SQL, span))
+        return cls(str(version), runs, outcomes, conn.execute(NEWEST_RUN_SQL).fetchone()[0])
+
+    @property
+    def running(self) -> bool:
+        """Whether the newest run is recorded as running: an answer made from these rows is then not kept."""
+        return any(run["run_id"] == self.newest and run["status"] == "running" for run in self.runs)
+
+    def records(self, live: bool) -> list[Run]:
+        """The runs as Runs. One recorded as running is failed, its running sources too, unless it is the newest
+        and `live` (its process still holds the writer lock): its process is gone, and the next run marks it so."""
+        by_run: dict[int, list[dict[str, Any]]] = {}
+        for row in self.outcomes:
+            by_run.setdefault(row["run_id"], []).append(row)
+        records = []
+        for row in self.runs:
+            dead = row["status"] == "running" and not (live and row["run_id"] == self.newest)
+            parts = [
+                RunSourceOutcome(
+                    **{name: part[name] for name in RunSourceOutcome.__struct_fields__}
+                    | {"drift": decode_drift(part["drift"]) if part["drift"] else {}}
+                    | ({"status": "failed"} if dead and part["status"] == "running" else {})
+                )
+                for part in by_run.get(row["run_id"], [])
+            ]
+            fields = row | {"sources": decode_sources(row["sources"])} | ({"status": "failed"} if dead else {})
+            records.append(Run(**fields, outcomes=parts))
+        return records
+
+
+class RunHistoryResource(KeptResource):
+    """A resource made of run records: not kept while the newest run is marked running (its process may die
+    without a commit), and that run read as failed when no process runs it."""
+
+    def __init__(self, store: Store, answers: AnswerCache, replica: bool = False) -> None:
+        super().__init__(store, answers)
+        self.replica = replica
+
+    def answer_of(self, commit: Commit, rows: RunRows, body: Callable[[list[Run]], msgspec.Struct]) -> Answer:
+        runs = rows.records(live=rows.running and run_is_live(self.store, self.replica))
+        return Answer(commit.number, encode(body(runs)), until=0.0 if rows.running else math.inf)
 
 
 def run_totals(finished: Sequence[dict[str, Any]], running: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -1732,40 +1866,168 @@ def run_totals(finished: Sequence[dict[str, Any]], running: Sequence[dict[str, A
     return totals
 
 
-def read_stats(conn: sqlite3.Connection, version: DataVersion) -> Stats:
-    """The stats as the store holds them: a few rows, however many runs it records."""
-    totals = run_totals(dict_rows(conn.execute(TOTALS_SQL)), dict_rows(conn.execute(RUNNING_SQL)))
-    runs = dict_rows(conn.execute("SELECT * FROM etl_run ORDER BY run_id DESC LIMIT ?", (RECENT_RUNS,)))
-    oldest = runs[-1]["run_id"] if runs else 0
-    by_run: dict[int, list[RunSourceOutcome]] = {}
-    for row in dict_rows(conn.execute("SELECT * FROM run_source WHERE run_id >= ? ORDER BY run_id, source", (oldest,))):
-        run_id = row.pop("run_id")
-        row["drift"] = decode_drift(row["drift"]) if row["drift"] else {}
-        by_run.setdefault(run_id, []).append(RunSourceOutcome(**row))
-    for row in runs:
-        row["sources"] = decode_sources(row["sources"])
-    return Stats(
-        data_version=str(version),
-        overall=RunTotals(**totals.pop("")),
-        sources=[SourceTotals(source=source, **row) for source, row in sorted(totals.items())],
-        recent_runs=[Run(**row, outcomes=by_run.get(row["run_id"], [])) for row in runs],
-    )
-
-
-class StatsResource(KeptResource):
-    """GET /stats: ETL outcomes overall, per source, and the last runs; not kept while a run is marked running."""
-
-    def __init__(self, store: Store, answers: AnswerCache, replica: bool = False) -> None:
-        super().__init__(store, answers)
-        self.replica = replica
+class StatsResource(RunHistoryResource):
+    """GET /stats: ETL outcomes overall, per source, and the last runs."""
 
     async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
-        stats = await self.store.read(read_stats)
-        running = bool(stats.recent_runs) and stats.recent_runs[0].status == "running"
-        if running and not run_is_live(self.store, self.replica):
-            dead = msgspec.structs.replace(stats.recent_runs[0], status="failed")
-            stats = msgspec.structs.replace(stats, recent_runs=[dead, *stats.recent_runs[1:]])
-        return Answer(commit.number, encode(stats), until=0.0 if running else math.inf)
+        def read(conn: sqlite3.Connection, version: DataVersion) -> tuple[dict[str, dict[str, Any]], RunRows]:
+            totals = run_totals(dict_rows(conn.execute(TOTALS_SQL)), dict_rows(conn.execute(RUNNING_SQL)))
+            return totals, RunRows.read(conn, version, dict_rows(conn.execute(RUNS_SQL, (RECENT_RUNS,))))
+
+        totals, rows = await self.store.read(read)
+        return self.answer_of(
+            commit,
+            rows,
+            lambda runs: Stats(
+                data_version=rows.data_version,
+                overall=RunTotals(**totals.pop("")),
+                sources=[SourceTotals(source=source, **row) for source, row in sorted(totals.items())],
+                recent_runs=runs,
+            ),
+        )
+
+
+class RunsResource(RunHistoryResource):
+    """GET /runs: the newest runs first, each with its sources' outcomes."""
+
+    async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
+        check_params(params, ("limit",))
+        limit = parse_int("limit", params.get("limit", str(RUNS_LIMIT)), 1, 100)
+        rows = await self.store.read(
+            lambda conn, version: RunRows.read(conn, version, dict_rows(conn.execute(RUNS_SQL, (limit,))))
+        )
+        return self.answer_of(
+            commit, rows, lambda runs: RunList(data_version=rows.data_version, limit=limit, runs=runs)
+        )
+
+
+def read_run(conn: sqlite3.Connection, version: DataVersion, run_id: int) -> RunRows:
+    """One run with its outcomes; a 404 when there is no such run."""
+    runs = dict_rows(conn.execute(RUN_SQL, (run_id,)))
+    if not runs:
+        raise falcon.HTTPNotFound(description=f"no run {run_id}; GET /runs lists the recorded runs")
+    return RunRows.read(conn, version, runs)
+
+
+class RunResource(RunHistoryResource):
+    """GET /runs/{run_id}: one run. Its id is matched here, not by Falcon's `int` converter, which takes what
+    int() takes ('+1', '1_0', non-ASCII digits): a run would have many URLs."""
+
+    async def make(self, commit: Commit, params: Mapping[str, str], run_id: str) -> Answer:
+        check_params(params, ())
+        if not RUN_ID.fullmatch(run_id):
+            raise falcon.HTTPNotFound(description=f"no run {run_id[:40]!r}: a run id is an integer from 1")
+        rows = await self.store.read(lambda conn, version: read_run(conn, version, int(run_id)))
+        return self.answer_of(commit, rows, lambda runs: runs[0])
+
+
+def measure(a: int | None, b: int | None) -> Measure:
+    return Measure(a=a, b=b, difference=None if a is None or b is None else b - a)
+
+
+def compare_runs(
+    a: Run, b: Run, previous: Mapping[tuple[int, str], Sequence[dict[str, Any]]], data_version: str
+) -> RunComparison:
+    """Runs a and b side by side per source, with the anomalies of each (see anomalies_of).
+
+    `previous` maps (run id, source) to that source's previous finished runs, rows of PREVIOUS_SQL.
+    """
+    parts_a = {part.source: part for part in a.outcomes}
+    parts_b = {part.source: part for part in b.outcomes}
+    sources = []
+    for source in sorted(parts_a.keys() | parts_b.keys()):
+        part_a, part_b = parts_a.get(source), parts_b.get(source)
+        drift_a = set(part_a.drift) if part_a else set()
+        drift_b = set(part_b.drift) if part_b else set()
+        sources.append(
+            SourceComparison(
+                source=source,
+                status_a=part_a.status if part_a else None,
+                status_b=part_b.status if part_b else None,
+                **{
+                    name: measure(getattr(part_a, name) if part_a else None, getattr(part_b, name) if part_b else None)
+                    for name in COMPARED
+                },
+                drift_appeared=sorted(drift_b - drift_a),
+                drift_disappeared=sorted(drift_a - drift_b),
+            )
+        )
+    judged = (a,) if a.run_id == b.run_id else (a, b)
+    anomalies = [anomaly for run in judged for anomaly in anomalies_of(run, previous)]
+    return RunComparison(data_version=data_version, a=a, b=b, sources=sources, anomalies=anomalies)
+
+
+def anomalies_of(run: Run, previous: Mapping[tuple[int, str], Sequence[dict[str, Any]]]) -> list[Anomaly]:
+    """The anomalies of each finished source of `run` against that source's previous finished runs (up to 10).
+
+    Rows read or loaded are anomalous when they differ from their median over those runs by more than half
+    of it; the duration when it is over 3 times its median. A source with no previous run is not judged.
+    """
+    found = []
+    for part in run.outcomes:
+        earlier = previous.get((run.run_id, part.source), ())
+        if part.status == "running" or not earlier:
+            continue
+        for name in JUDGED:
+            value = getattr(part, name)
+            baseline = [row for row in earlier if row[name] is not None]
+            if value is None or not baseline:
+                continue
+            median = statistics.median(row[name] for row in baseline)
+            if name == "duration_ms":
+                flagged, rule = value > 3 * median, "is over 3 times"
+            else:
+                flagged, rule = abs(value - median) > median / 2, "differs by more than half from"
+            if flagged:
+                found.append(
+                    Anomaly(
+                        run_id=run.run_id,
+                        source=part.source,
+                        measure=name,
+                        value=value,
+                        median=float(median),
+                        previous_runs=[row["run_id"] for row in baseline],
+                        previous_values=[row[name] for row in baseline],
+                        reason=f"{name} {value} {rule} the median {median:g} of the source's previous"
+                        f" {len(baseline)} run{'s' if len(baseline) > 1 else ''}",
+                    )
+                )
+    return found
+
+
+class RunComparisonResource(RunHistoryResource):
+    """GET /runs/compare?a=&b=: runs a and b side by side; the anomalies judge each against the runs before it."""
+
+    async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
+        check_params(params, ("a", "b"))
+        a, b = (self.run_param(params, name) for name in ("a", "b"))
+
+        def read(conn: sqlite3.Connection, version: DataVersion) -> tuple[RunRows, dict[tuple[int, str], list]]:
+            found = [read_run(conn, version, run_id) for run_id in dict.fromkeys((a, b))]  # a, then b unless a = b
+            runs = [run for one in found for run in one.runs]
+            rows = RunRows(
+                found[0].data_version, runs, [part for one in found for part in one.outcomes], found[0].newest
+            )
+            previous = {
+                (part["run_id"], part["source"]): dict_rows(
+                    conn.execute(PREVIOUS_SQL, (part["source"], part["run_id"]))
+                )
+                for part in rows.outcomes
+            }
+            return rows, previous
+
+        rows, previous = await self.store.read(read)
+
+        def comparison(runs: list[Run]) -> RunComparison:
+            return compare_runs(runs[0], runs[-1], previous, rows.data_version)
+
+        return self.answer_of(commit, rows, comparison)
+
+    @staticmethod
+    def run_param(params: Mapping[str, str], name: str) -> int:
+        if name not in params:
+            raise InvalidQuery(f"{name}: required: the id of a run to compare (GET /runs lists them)")
+        return parse_int(name, params[name], 1, MAX_RUN_ID)
 
 
 # --- metrics --------------------------------------------------------------
@@ -1944,6 +2206,19 @@ EXAMPLE_ASSET = Asset(
     updated_at="2026-11-25T12:00:00Z",
 )
 EXAMPLE_REQUEST_ID = "0b7e9c1e-4a8f-4d2b-9a57-2f1c3d5e6a70"
+COMPARE_TEXT = """Runs a and b side by side, per source of either run: each measure (rows read, loaded and
+rejected, duration) in a, in b, and b minus a; the drift entries that appeared in b or disappeared from a.
+
+`anomalies` judges each of the two runs on its own (once when a = b), each finished source of it against
+that source's previous 10 finished runs, the ones before the run judged (fewer when there were fewer; a
+source with none is not judged):
+
+- rows read or rows loaded that differ from their median over those runs by more than half of it;
+- a duration over 3 times its median (over the runs that recorded one).
+
+Each anomaly names the run, source and measure, with its value, the median, and the previous runs' ids
+and values. a and b may come in either order. A run recorded as running whose process is gone reads as
+failed. Unknown run: 404; a or b missing or not a run id: 400."""
 
 
 def examples() -> dict[str, msgspec.Struct]:
@@ -1973,6 +2248,21 @@ def examples() -> dict[str, msgspec.Struct]:
         error=None,
     )
     outcome = RunSourceOutcome(source="csv:sample", detail=None, drift={}, **run)
+    first = Run(run_id=1, sources=["csv:sample"], pid=4242, host="kasparro-1", outcomes=[outcome], **run)
+    later = dict(started_at="2026-11-25T12:10:02Z", ended_at="2026-11-25T12:10:03Z", duration_ms=380)
+    second = msgspec.structs.replace(
+        first,
+        run_id=2,
+        rows_read=25,
+        rows_loaded=25,
+        outcomes=[
+            msgspec.structs.replace(
+                outcome, rows_read=25, rows_loaded=25, drift={"unknown column 'colour'": 1}, **later
+            )
+        ],
+        **later,
+    )
+    previous = {(2, "csv:sample"): [{"run_id": 1, "rows_read": 255, "rows_loaded": 255, "duration_ms": 412}]}
     return {
         "index": Index(message="Kasparro Backend Service", version=__version__, endpoints=endpoints()),
         "page": AssetPage(
@@ -2000,8 +2290,11 @@ def examples() -> dict[str, msgspec.Struct]:
             data_version="5f0c2a-1",
             overall=RunTotals(**totals),
             sources=[SourceTotals(source="csv:sample", **totals)],
-            recent_runs=[Run(run_id=1, sources=["csv:sample"], pid=4242, host="kasparro-1", outcomes=[outcome], **run)],
+            recent_runs=[first],
         ),
+        "runs": RunList(data_version="5f0c2a-2", limit=20, runs=[second, first]),
+        "run": first,
+        "comparison": compare_runs(first, second, previous, "5f0c2a-2"),
         "problem": Problem(
             type="about:blank",
             title="Bad Request",
@@ -2016,9 +2309,9 @@ def examples() -> dict[str, msgspec.Struct]:
 def openapi_document(config: Config) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the API, its bodies' schemas generated from the wire Structs."""
     refs, schemas = msgspec.json.schema_components(
-        (Index, AssetPage, AssetDetail, Health, Stats, Problem), ref_template=SCHEMA_REF
+        (Index, AssetPage, AssetDetail, Health, Stats, RunList, Run, RunComparison, Problem), ref_template=SCHEMA_REF
     )
-    index, page, detail, health, stats, problem = refs
+    index, page, detail, health, stats, runs, run, comparison, problem = refs
     example = {name: msgspec.to_builtins(body) for name, body in examples().items()}
     string = {"type": "string"}
     request_id = {
@@ -2053,7 +2346,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "an API key is configured and none (or a wrong one) was sent",
             {"WWW-Authenticate": {"required": True, "schema": string}},
         ),
-        "NotFound": (404, "no such asset, or no such path", {}),
+        "NotFound": (404, "no such asset or run, or no such path", {}),
         "MethodNotAllowed": (
             405,
             "the path does not answer this method",
@@ -2063,6 +2356,21 @@ def openapi_document(config: Config) -> dict[str, Any]:
             503,
             "the store is not readable yet; retry shortly",
             {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}},
+        ),
+        "TooManyRequests": (
+            429,
+            "more requests than the rate limit (KASPARRO_RATE_LIMIT) allows; retry after Retry-After seconds",
+            {
+                "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}},
+                **{
+                    f"RateLimit-{name}": {"required": True, "description": meaning, "schema": {"type": "integer"}}
+                    for name, meaning in (
+                        ("Limit", "requests allowed in a burst"),
+                        ("Remaining", "requests left now"),
+                        ("Reset", "seconds until the burst is whole again"),
+                    )
+                },
+            },
         ),
         "InternalServerError": (500, "an unexpected error; quote the request_id", {}),
     }
@@ -2082,8 +2390,10 @@ def openapi_document(config: Config) -> dict[str, Any]:
     }
     paths: dict[str, Any] = {}
 
-    def operation(path: str, ok: dict, *errors: str, parameters: Sequence[dict] = (), **more: dict) -> None:
-        """Describe GET `path`, summarised and guarded as the route table says."""
+    def operation(
+        path: str, ok: dict, *errors: str, parameters: Sequence[dict] = (), description: str = "", **more: dict
+    ) -> None:
+        """Describe GET `path`, summarised, guarded and rate-limited as the route table says."""
         route = ROUTE_OF[path]
         if route.guarded and config.api_keys:
             errors = tuple(sorted({*errors, "401"}))
@@ -2095,12 +2405,16 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "503": "ServiceUnavailable",
         }
         answers = {"200": ok, **more, **{status: refer(names[status]) for status in errors}}
+        if route.limited and config.rate_limit:
+            answers["429"] = refer("TooManyRequests")
         answers["500"] = refer("InternalServerError")
         spec: dict[str, Any] = {
             "summary": route.summary,
             "operationId": route.summary.split()[0].lower().strip(":"),
             "responses": answers,
         }
+        if description:
+            spec["description"] = description
         if route.guarded and config.api_keys:
             spec["security"] = [{"bearer": []}, {"apiKey": []}]
         if parameters:  # an empty query parameter is an absent one
@@ -2189,6 +2503,34 @@ def openapi_document(config: Config) -> dict[str, Any]:
         **{"503": body("unhealthy: the store cannot be read", health, example["unhealthy"])},
     )
     operation("/stats", body("ETL runs summed", stats, example["stats"]), "503")
+    run_id_schema = {"type": "integer", "minimum": 1, "maximum": MAX_RUN_ID}
+    limit = {
+        "name": "limit",
+        "in": "query",
+        "description": "the most runs to list",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": RUNS_LIMIT},
+    }
+    operation("/runs", body("the newest runs first", runs, example["runs"]), "400", "503", parameters=[limit])
+    operation(
+        "/runs/{run_id}",
+        body("the run", run, example["run"]),
+        "400",
+        "503",
+        "404",
+        parameters=[{"name": "run_id", "in": "path", "required": True, "schema": run_id_schema, "example": 1}],
+    )
+    operation(
+        "/runs/compare",
+        body("runs a and b compared", comparison, example["comparison"]),
+        "400",
+        "503",
+        "404",
+        parameters=[
+            {"name": name, "in": "query", "required": True, "schema": run_id_schema, "description": f"run {name}"}
+            for name in ("a", "b")
+        ],
+        description=COMPARE_TEXT,
+    )
     operation("/metrics", text)
     operation("/openapi.json", body("OpenAPI 3.1", {"type": "object"}, {"openapi": "3.1.0"}))
     operation("/docs", page)
@@ -2738,11 +3080,26 @@ ROUTES = (
     ),
     Route("/health", HealthResource, summary="Health: store readable, ETL fresh", limited=False, kept=True),
     Route("/stats", StatsResource, summary="Stats: ETL outcomes", guarded=True, kept=True),
+    Route(
+        "/runs", RunsResource, summary="Runs: the newest ETL runs with their sources' outcomes", guarded=True, kept=True
+    ),
+    Route(
+        "/runs/{run_id}", RunResource, summary="Run: one ETL run with its sources' outcomes", guarded=True, kept=True
+    ),
+    Route(
+        "/runs/compare",
+        RunComparisonResource,
+        summary="Compare: two ETL runs side by side, with anomalies",
+        guarded=True,
+        kept=True,
+    ),
     Route("/metrics", MetricsResource, summary="Metrics: Prometheus exposition", limited=False),
     Route("/openapi.json", DocsResource, "openapi", "OpenAPI: this document"),
     Route("/docs", DocsResource, summary="Docs: interactive documentation (Swagger UI)"),
+    Route("/docs/", DocsResource),  # the same page: else /docs/{name} would take it, as no file
     Route("/docs/{name}", DocsResource, "file"),
     Route("/redoc", DocsResource, "redoc", "Reference: documentation in three panels (ReDoc)"),
+    Route("/redoc/", DocsResource, "redoc"),
     Route("/redoc/{name}", DocsResource, "file"),
 )
 ROUTE_OF = {route.path: route for route in ROUTES}
@@ -2767,6 +3124,9 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> F
         AssetResource: AssetResource(store, answers),
         HealthResource: HealthResource(store, answers, config.etl_max_age, replica),
         StatsResource: StatsResource(store, answers, replica),
+        RunsResource: RunsResource(store, answers, replica),
+        RunResource: RunResource(store, answers, replica),
+        RunComparisonResource: RunComparisonResource(store, answers, replica),
         MetricsResource: MetricsResource(store, scraped, metrics, replica),
         DocsResource: DocsResource(openapi_document(config)),
     }

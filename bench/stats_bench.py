@@ -55,14 +55,19 @@ def build_store(runs: int) -> Path:
     return db
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def history(description: str) -> tuple[argparse.Namespace, Path, dict[str, str]]:
+    """The command line (--runs, --requests), the store of that many runs, and the API's environment over it."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=int, default=52_560)
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     db = build_store(args.runs)
-    env = {"KASPARRO_DB": str(db), "KASPARRO_ETL_MAX_AGE": str(10 * 365 * 86_400)}
+    return args, db, {"KASPARRO_DB": str(db), "KASPARRO_ETL_MAX_AGE": str(10 * 365 * 86_400)}
+
+
+def main() -> None:
+    args, db, env = history(__doc__)
     with (
         serve("api-stats", "kasparro:app", env, "/health", DEFAULT) as api,
         contextlib.closing(etl.connect(db, busy_timeout=5)) as conn,

@@ -49,7 +49,11 @@ def assert_conforms(document: dict[str, Any], template: str | None, result: Any)
     for name, header in spec.get("headers", {}).items():
         if header.get("required"):
             assert name.lower() in result.headers, (name, result.status_code)
-            jsonschema.validate(result.headers[name.lower()], header["schema"])
+            value = result.headers[name.lower()]
+            if header["schema"].get("type") == "integer":  # a header is text: read as schemathesis does
+                assert value.isascii() and value.isdigit(), (name, value)
+                value = int(value)
+            jsonschema.validate(value, header["schema"])
     if "content" not in spec:
         assert result.content == b""
         return
@@ -73,8 +77,8 @@ def test_document_with_api_keys_declares_security(sample_store: Path) -> None:
 
 
 def test_every_path_and_parameter_is_documented(document: dict[str, Any]) -> None:
-    assert set(document["paths"]) == {"/", "/data", "/data/{asset_id}", "/health", "/stats", "/metrics",
-                                      "/openapi.json", "/docs", "/redoc"}  # fmt: skip
+    assert set(document["paths"]) == {"/", "/data", "/data/{asset_id}", "/health", "/stats", "/runs", "/runs/{run_id}",
+                                      "/runs/compare", "/metrics", "/openapi.json", "/docs", "/redoc"}  # fmt: skip
     data = {p["name"]: p for p in document["paths"]["/data"]["get"]["parameters"]}
     assert set(data) == {"page", "page_size", "filter_by", "sort", "cursor", "If-None-Match"}
     assert all(p.get("allowEmptyValue", False) == (p["in"] == "query") for p in data.values())  # empty: absent
@@ -114,6 +118,14 @@ def test_examples_match_their_schemas(document: dict[str, Any]) -> None:
         ("/data/no-such-coin", None, "/data/{asset_id}", 404),
         ("/health", None, "/health", 200),
         ("/stats", None, "/stats", 200),
+        ("/runs", None, "/runs", 200),
+        ("/runs", {"limit": "1"}, "/runs", 200),
+        ("/runs", {"limit": "101"}, "/runs", 400),
+        ("/runs/1", None, "/runs/{run_id}", 200),
+        ("/runs/2", None, "/runs/{run_id}", 404),
+        ("/runs/compare", {"a": "1", "b": "1"}, "/runs/compare", 200),
+        ("/runs/compare", {"a": "1"}, "/runs/compare", 400),
+        ("/runs/compare", {"a": "1", "b": "2"}, "/runs/compare", 404),
         ("/metrics", None, "/metrics", 200),
         ("/openapi.json", None, "/openapi.json", 200),
         ("/docs", None, "/docs", 200),
@@ -149,10 +161,29 @@ def test_wrong_method_matches_the_document(client: Any, document: dict[str, Any]
 def test_auth_failures_match_the_document(make_client: Any, store_path: Path) -> None:
     document = openapi_of(store_path, api_keys=("k1",))
     client = make_client(Config(db=store_path, api_keys=("k1",), log_level="warning"))
-    for path, template in (("/data", "/data"), ("/data/bitcoin", "/data/{asset_id}"), ("/stats", "/stats")):
+    for path, template in (("/data", "/data"), ("/data/bitcoin", "/data/{asset_id}"), ("/stats", "/stats"),
+                           ("/runs", "/runs"), ("/runs/1", "/runs/{run_id}"),
+                           ("/runs/compare", "/runs/compare")):  # fmt: skip
         result = client.get(path)
         assert result.status_code == 401
         assert_conforms(document, template, result)
+
+
+def test_rate_limited_answers_match_the_document(make_client: Any, store_path: Path) -> None:
+    """With a rate limit every operation it applies to documents its 429; the exempt ones do not."""
+    document = openapi_of(store_path, rate_limit=0.5)
+    OpenAPIV31SpecValidator(document).validate()
+    limited = {path for path, item in document["paths"].items() if "429" in item["get"]["responses"]}
+    assert limited == set(document["paths"]) - {"/health", "/metrics"}
+    assert all("429" not in item["get"]["responses"] for item in openapi_of(store_path)["paths"].values())
+    config = Config(db=store_path, rate_limit=0.5, log_level="warning")
+    client = make_client(config, create_app(config, clock=lambda: 0.0))  # the clock stands still: no refill
+    assert client.get("/health").status_code == 200 and client.get("/data").status_code == 200  # a burst of 1
+    for path, template in (("/data", "/data"), ("/runs/1", "/runs/{run_id}"), ("/docs", "/docs"), ("/", "/")):
+        result = client.get(path)
+        assert result.status_code == 429 and int(result.headers["retry-after"]) >= 1
+        assert_conforms(document, template, result)
+    assert client.get("/health").status_code == 200
 
 
 def test_unreadable_store_answers_match_the_document(make_client: Any, tmp_path: Path) -> None:
@@ -160,8 +191,11 @@ def test_unreadable_store_answers_match_the_document(make_client: Any, tmp_path:
     document = openapi_of(db)
     client = make_client(Config(db=db, log_level="warning"))
     for path, template in (("/data", "/data"), ("/data/x", "/data/{asset_id}"), ("/stats", "/stats"),
-                           ("/health", "/health"), ("/metrics", "/metrics")):  # fmt: skip
-        result = client.get(path)
+                           ("/runs", "/runs"), ("/runs/1", "/runs/{run_id}"),
+                           ("/runs/compare?a=1&b=2", "/runs/compare"), ("/health", "/health"),
+                           ("/metrics", "/metrics")):  # fmt: skip
+        path, _, query = path.partition("?")
+        result = client.get(path, query_string=query or None)
         assert result.status_code == (200 if path == "/metrics" else 503)
         assert_conforms(document, template, result)
 

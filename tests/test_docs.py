@@ -53,6 +53,7 @@ def test_docs_pages_and_every_file_they_load_are_served_by_the_app(live_server: 
     for page, other in PAGES.items():
         status, headers, html = exchange(server.base, "GET", page)
         assert (status, headers["content-type"]) == (200, "text/html; charset=utf-8")
+        assert exchange(server.base, "GET", page + "/")[::2] == (200, html), f"{page}/ is not the same page"
         assert b"://" not in html, f"an external URL in {page}"
         assert f'href="{other}"'.encode() in html, f"{page} does not link {other}"
         urls = referenced_urls(html)
