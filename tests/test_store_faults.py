@@ -23,8 +23,9 @@ import pytest
 from test_faults import integrity, write_transaction_held
 
 import etl
+import kasparro
 from etl_support import ROOT, etl_env, query, run_etl, store_content, write_csv
-from kasparro import Config, Snapshot
+from kasparro import Config
 
 FAULTY_ETL = ROOT / "tests" / "faulty_etl.py"
 SAMPLE = f"csv:{ROOT / 'data' / 'sample.csv'}"
@@ -355,16 +356,16 @@ def test_a_full_or_read_only_disk_under_a_read_is_a_503_never_a_500(
 ) -> None:
     """Reader-side faults no test can cause on demand (SQLite's temporary files or WAL index on such a disk)."""
     client = make_client(Config(db=store_path, reopen_interval=0, log_level="warning"))
-    real_all = Snapshot.all
+    real_rows = kasparro.dict_rows
 
-    async def failing_all(snapshot: Snapshot, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+    def failing_rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:  # inside /stats' read, in a reader thread
         raise error
 
-    monkeypatch.setattr(Snapshot, "all", failing_all)
+    monkeypatch.setattr(kasparro, "dict_rows", failing_rows)
     answer = client.get("/stats")
     assert answer.status_code == 503, answer.text
     assert answer.headers["content-type"] == "application/problem+json"
     assert answer.headers["retry-after"] == "1"
-    monkeypatch.setattr(Snapshot, "all", real_all)
+    monkeypatch.setattr(kasparro, "dict_rows", real_rows)
     assert client.get("/stats").status_code == 200
     assert client.get("/health").status_code == 200
