@@ -904,7 +904,7 @@ class Store:
     def _read_afresh(self) -> None:
         """Read the store's header, schema and data version through a new connection, which has no cache."""
         with contextlib.closing(sqlite3.connect(self._uri(), uri=True)) as conn:
-            conn.execute("SELECT store_id, generation FROM store_meta WHERE id = 1").fetchone()
+            read_version(conn)
 
     async def fail(self, error: sqlite3.Error) -> None:
         """A read found the store broken (corrupt, truncated, I/O error): reopen it later.
@@ -1551,7 +1551,7 @@ class AnswerCache:
         if answer is None:
             return None
         commit = await self.store.watch()
-        if answer.commit != commit.number or time.time() >= answer.until:
+        if answer.commit != commit.number or (answer.until != math.inf and time.time() >= answer.until):
             self.size -= self.entries.pop(key).size
             return None
         self.entries.move_to_end(key)
@@ -2817,40 +2817,29 @@ class FrontDoor:
             found = self.router.find(scope["path"]) if scope["method"] in READS else None
             answer = None
             if found is not None and found[3] in self.kept_routes:
-                answer = await self.kept_answer(scope, found[0], found[2])
+                key = answer_key(scope)
+                try:
+                    answer = await self.answers.lookup(key)
+                    if answer is None and not scope["query_string"]:  # Falcon's path applies the query rules
+                        answer = await found[0].answer(key, {}, **found[2])
+                except Exception:  # Falcon's path meets it again, and answers it as it answers every error
+                    answer = None
             if answer is None:
                 status = await self.through_falcon(scope, receive, send)
                 route = scope.get(ROUTE)
             else:
-                status = await self.send_answer(answer, scope, send, if_none_match)
+                status, body = answer.reply(request_id, started, if_none_match)
+                headers = [(b"x-request-id", request_id.encode())]
+                if answer.etag is not None:
+                    headers.append((b"etag", answer.etag_header))
+                if status != 304:
+                    headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
                 route = found[3]
             self.done(scope, route, status, started)
         finally:
             self.metrics.in_flight -= 1
-
-    async def kept_answer(self, scope: dict[str, Any], resource: KeptResource, fields: dict[str, str]) -> Answer | None:
-        """The answer to a GET of a kept route, or None when Falcon must answer."""
-        key = answer_key(scope)
-        try:
-            if scope["query_string"]:
-                return await self.answers.lookup(key)  # made only by Falcon's path, which applies the query rules
-            return await resource.answer(key, {}, **fields)
-        except Exception:  # Falcon's path meets it again, and answers it as it answers every error
-            return None
-
-    async def send_answer(
-        self, answer: Answer, scope: dict[str, Any], send: Callable[..., Any], if_none_match: str | None
-    ) -> int:
-        request_id = scope[REQUEST_ID_KEY]
-        status, body = answer.reply(request_id, scope[STARTED], if_none_match)
-        headers = [(b"x-request-id", request_id.encode())]
-        if answer.etag is not None:
-            headers.append((b"etag", answer.etag_header))
-        if status != 304:
-            headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
-        return status
 
     async def through_falcon(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> int:
         """Let Falcon answer, with the X-Request-ID header added; return the status it sent."""

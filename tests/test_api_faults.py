@@ -23,7 +23,7 @@ import falcon.testing
 import pytest
 
 from conftest import run_etl, write_csv
-from kasparro import Config, RateLimit, Store, create_app
+from kasparro import Config, RateLimit, Store, authorize_read, create_app
 
 PROBLEM = "application/problem+json"
 RECOVERY_WITHIN_S = 10.0  # the live server re-checks its store file once a second
@@ -285,35 +285,42 @@ WRITES = [
 REFUSALS = ("not authorized", "authorization denied", "attempt to write a readonly database")
 
 
-def test_the_store_connections_refuse_every_write(store_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_loop", [False, True], ids=["reader-thread", "loop-connection"])
+def test_the_store_connections_refuse_every_write(store_path: Path, tmp_path: Path, on_loop: bool) -> None:
     """Two layers: an authorizer that allows reads only, and under it a connection opened mode=ro."""
     before = digest(store_path)
     created = [tmp_path / "attached.db", tmp_path / "vacuumed.db"]
     outside_a_transaction = [f"ATTACH DATABASE '{created[0]}' AS pwned", f"VACUUM INTO '{created[1]}'", "VACUUM"]
 
-    async def attempt(snapshot: Any, statements: list[str]) -> dict[str, str]:
+    def attempt(conn: sqlite3.Connection, statements: list[str]) -> dict[str, str]:
         refused = {}
         for sql in statements:
             with pytest.raises(sqlite3.DatabaseError) as error:
-                await snapshot.conn.execute(sql)
+                conn.execute(sql)
             refused[sql] = str(error.value)
         return refused
+
+    def attempt_all(conn: sqlite3.Connection, version: Any) -> tuple[dict[str, str], dict[str, str]]:
+        refused = attempt(conn, WRITES)  # inside the read's transaction
+        conn.execute("ROLLBACK")
+        refused |= attempt(conn, outside_a_transaction)
+        conn.execute("BEGIN")
+        conn.set_authorizer(None)
+        try:
+            beneath = attempt(conn, WRITES[:7])
+            assert conn.execute("SELECT count(*) FROM asset").fetchone()[0] == 255
+        finally:
+            conn.set_authorizer(authorize_read)
+        return refused, beneath
 
     async def attempt_writes() -> tuple[dict[str, str], dict[str, str]]:
         store = Store(store_path, readers=1)
         await store.open()
         try:
-            async with store.snapshot() as snapshot:
-                refused = await attempt(snapshot, WRITES)
-                await snapshot.conn.execute("ROLLBACK")
-                refused |= await attempt(snapshot, outside_a_transaction)
-                await snapshot.conn.execute("BEGIN")
-                await snapshot.conn.set_authorizer(None)
-                beneath = await attempt(snapshot, WRITES[:7])
-                assert (await snapshot.one("SELECT count(*) AS n FROM asset"))["n"] == 255
+            await store.watch()
+            return await store.read(attempt_all, on_loop=on_loop)
         finally:
             await store.close()
-        return refused, beneath
 
     refused, beneath = asyncio.run(attempt_writes())
     assert all(reason.startswith(REFUSALS) for reason in refused.values()), refused
