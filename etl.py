@@ -684,10 +684,10 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
 
 @dataclass
 class ReadPosition:
-    """Byte offset and physical line reached by a reader; checkpoints copy it."""
+    """Where a reader stands; checkpoints copy it (store.sql's checkpoint.position and line)."""
 
-    offset: int = 0
-    line: int = 0
+    offset: int = 0  # a CSV's byte offset, or the last upstream page read
+    line: int = 0  # a CSV's physical line, or the upstream records read so far
 
 
 def decoded_lines(stream: BinaryIO, position: ReadPosition) -> Iterator[str]:
@@ -766,6 +766,206 @@ def file_fingerprint(path: Path) -> str:
     """sha256 of the file's bytes: a checkpoint applies only to the same content."""
     with path.open("rb") as stream:
         return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+@dataclass
+class Batch:
+    """Rows and rejects of one transaction, with the position they reach."""
+
+    observations: list[tuple] = field(default_factory=list)
+    rejects: list[tuple[int, str, str]] = field(default_factory=list)
+    read: int = 0
+    headers: list[int] = field(default_factory=list)  # lines of repeated header rows, skipped
+    end: ReadPosition = field(default_factory=ReadPosition)  # where the input stands after this batch
+    final: bool = False  # the input ends here
+    payload: RawPage | None = None  # the upstream response the rows came from
+
+
+def csv_header(reader: Iterator[list[str]], path: Path) -> list[str]:
+    """The first row of a CSV file, or SourceError when there is none or it cannot be parsed."""
+    try:
+        return next(reader)
+    except StopIteration:
+        raise SourceError(f"{path} is empty: no header row") from None
+    except csv.Error as error:
+        raise SourceError(f"{path}: unreadable header: {csv_problem(error)}") from None
+
+
+def csv_batches(
+    reader: Iterator[list[str]],
+    position: ReadPosition,
+    layout: CsvLayout,
+    default_time: str,
+    batch_rows: int,
+    intake: Intake,
+) -> Iterator[Batch]:
+    """Group parsed rows into batches, each stamped with the position it ends at."""
+    batch = Batch()
+    columns = layout.columns
+    while True:
+        first_line = position.line + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            batch.read += 1
+            batch.rejects.append((first_line, f"malformed CSV: {csv_problem(error)}", ""))
+            continue
+        if not cells or cells == [""]:
+            continue
+        if layout.is_header(cells):
+            batch.headers.append(first_line)
+            continue
+        batch.read += 1
+        try:
+            if len(cells) != layout.width:
+                raise Rejected(f"expected {layout.width} fields, got {len(cells)}")
+            observation = normalise_cells([None if c is None else cells[c] for c in columns], default_time, intake)
+        except Rejected as reason:
+            batch.rejects.append((first_line, str(reason), raw_row(cells)))
+        else:
+            batch.observations.append((first_line, *msgspec.structs.astuple(observation)))
+        if batch.read >= batch_rows:
+            batch.end = ReadPosition(position.offset, position.line)
+            yield batch
+            batch = Batch()
+    batch.end, batch.final = ReadPosition(position.offset, position.line), True
+    yield batch
+
+
+def raw_row(cells: Sequence[str]) -> str:
+    """A rejected row as CSV text, cut so a hostile row cannot bloat the store."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(cells)
+    return out.getvalue()[:RAW_REJECT_CHARS]
+
+
+@dataclass(frozen=True)
+class RawPage:
+    """One upstream response as received, and where it came from."""
+
+    page: int
+    fetched_at: str
+    url: str
+    body: bytes
+
+
+MISSING = object()
+
+
+def dig(record: object, path: Sequence[str]) -> object:
+    """The value at `path` in nested JSON objects, or MISSING where a key is absent."""
+    for key in path:
+        if not isinstance(record, dict) or key not in record:
+            return MISSING
+        record = record[key]
+    return record
+
+
+def record_cells(source: HttpSource, record: object, intake: Intake) -> list[object]:
+    """One upstream record as canonical cells, counting schema drift; Rejected when it is void."""
+    if not isinstance(record, dict):
+        raise Rejected(f"expected a JSON object, got {type(record).__name__}")
+    for key in record.keys() - source.known:
+        intake.unknown[key[:60]] += 1
+    for label, known in source.known_nested.items():
+        nested = dig(record, label.split("."))
+        if isinstance(nested, dict):
+            for key in nested.keys() - known:
+                intake.unknown[label + "." + key[:60]] += 1
+    cells: list[object] = []
+    for name in ROW_FIELDS:
+        spec = source.fields.get(name)
+        if spec is None:
+            cells.append(source.status(record) if name == "status" else None)
+            continue
+        value = dig(record, spec.path)
+        if value is MISSING:
+            if spec.required:
+                raise Rejected(f"missing required field {spec.label!r}")
+            intake.missing[spec.label] += 1
+            value = None
+        cells.append(value)
+    return cells
+
+
+# float_hook=float: an out-of-range number (1e400) becomes inf, which rejects
+# only its own record, instead of failing the whole response.
+decode_json = msgspec.json.Decoder(float_hook=float).decode
+
+
+def decode_records(body: bytes, where: str) -> list[object]:
+    """The JSON array of records in a response body, or SourceError saying what came instead."""
+    try:
+        records = decode_json(body)
+    except msgspec.DecodeError as error:
+        raise SourceError(f"{where}: not valid JSON ({error}) in {len(body)} bytes") from None
+    except RecursionError:
+        raise SourceError(f"{where}: JSON nested too deeply") from None
+    if not isinstance(records, list):
+        raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
+    return records
+
+
+# A page to load: the response, the record count of a full page (fewer ends
+# the paging), and whether it is the last page in any case.
+Page = tuple[RawPage, int | None, bool]
+
+
+def fetched_pages(source: HttpSource) -> Iterator[Page]:
+    """Fetch the source's requests in order."""
+    client = HttpClient(source)
+    for page, (url, full_page) in enumerate(source.requests(), start=1):
+        body = client.get(url)  # after any wait for the rate limit
+        yield RawPage(page, now(), safe_url(url), body), full_page, full_page is None
+
+
+def stored_pages(conn: sqlite3.Connection, source: ReplaySource) -> Iterator[Page]:
+    """The raw pages a past run stored, in the order they were fetched."""
+    rows = conn.execute(
+        "SELECT page, fetched_at, url FROM raw_payload WHERE source = ? AND run_id = ? ORDER BY page",
+        (source.name, source.run_id),
+    ).fetchall()
+    if not rows:
+        raise SourceError(f"no raw payload of {source.name} kept for run {source.run_id}")
+    for page, fetched_at, url in rows:
+        (body,) = conn.execute(
+            "SELECT body FROM raw_payload WHERE source = ? AND run_id = ? AND page = ?",
+            (source.name, source.run_id, page),
+        ).fetchone()
+        yield RawPage(page, fetched_at, url, gzip.decompress(body)), None, page == rows[-1][0]
+
+
+def page_batches(upstream: HttpSource, pages: Iterator[Page], intake: Intake) -> Iterator[Batch]:
+    """Normalise each page's records into one batch, stamped with the page and records reached.
+
+    Records are numbered across pages from 1 (a reject's `line`); SourceError for a body that is
+    not a JSON array of records, or an empty first page.
+    """
+    run_latest, index = intake.latest, 0
+    for raw, full_page, final in pages:
+        records = decode_records(raw.body, raw.url)
+        if not records and raw.page == 1:
+            raise SourceError(f"{raw.url} returned no records")
+        # A run can outlast its first five minutes; what was fetched then is not in the future.
+        intake.latest = max(run_latest, time_after(raw.fetched_at, FUTURE_SLACK))
+        batch = Batch(payload=raw)
+        for record in records:
+            index += 1
+            batch.read += 1
+            try:
+                observation = normalise_cells(record_cells(upstream, record, intake), raw.fetched_at, intake)
+            except Rejected as reason:
+                raw_record = msgspec.json.encode(record)[:RAW_REJECT_CHARS].decode()
+                batch.rejects.append((index, str(reason), raw_record))
+            else:
+                batch.observations.append((index, *msgspec.structs.astuple(observation)))
+        batch.end = ReadPosition(offset=raw.page, line=index)
+        batch.final = final or (full_page is not None and len(records) < full_page)
+        yield batch
+        if batch.final:
+            return
 
 
 # --- normalise ------------------------------------------------------------
@@ -1309,16 +1509,13 @@ class Tally:
         self.rejected += other.rejected
 
 
-@dataclass
-class Batch:
-    """Rows and rejects of one transaction, with the position they reach."""
+@dataclass(frozen=True)
+class Loaded:
+    """How one source's load went: rows counted, a note for its run record, its schema drift."""
 
-    observations: list[tuple] = field(default_factory=list)
-    rejects: list[tuple[int, str, str]] = field(default_factory=list)
-    read: int = 0
-    headers: list[int] = field(default_factory=list)  # lines of repeated header rows, skipped
-    end: ReadPosition = field(default_factory=ReadPosition)  # where the input stands after this batch
-    final: bool = False  # the input ends here
+    tally: Tally
+    detail: str | None = None  # e.g. 'unchanged since run 3'
+    drift: dict[str, int] = field(default_factory=dict)  # what was counted -> how often
 
 
 def connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
@@ -1571,10 +1768,8 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def load_csv(
-    conn: sqlite3.Connection, run_id: int, source: CsvSource, batch_rows: int
-) -> tuple[Tally, str | None, dict[str, int]]:
-    """Stream a CSV into the store in batches; return the tally, a detail note and the drift."""
+def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, batch_rows: int) -> Loaded:
+    """Stream a CSV into the store in batches, each committed with its checkpoint."""
     path = source.path
     try:
         fingerprint = file_fingerprint(path)
@@ -1586,7 +1781,7 @@ def load_csv(
         "SELECT fingerprint, position, line, complete, run_id FROM checkpoint WHERE source = ?", (source.name,)
     ).fetchone()
     if checkpoint and checkpoint[0] == fingerprint and checkpoint[3]:
-        return Tally(), f"unchanged since run {checkpoint[4]}", {}
+        return Loaded(Tally(), f"unchanged since run {checkpoint[4]}")
     resume = checkpoint is not None and checkpoint[0] == fingerprint and checkpoint[1] > 0
     tally = Tally()
     headers: list[int] = []
@@ -1596,12 +1791,7 @@ def load_csv(
         position = ReadPosition()
         lines = decoded_lines(stream, position)
         reader = csv.reader(lines, strict=True)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise SourceError(f"{path} is empty: no header row") from None
-        except csv.Error as error:
-            raise SourceError(f"{path}: unreadable header: {csv_problem(error)}") from None
+        header = csv_header(reader, path)
         layout = csv_layout(header)
         intake = Intake(loader.latest, upstream=False, labels=layout.labels(header))
         intake.unknown.update(layout.ignored)
@@ -1625,153 +1815,7 @@ def load_csv(
         lines_shown = ", ".join(map(str, headers[:5])) + (", ..." if len(headers) > 5 else "")
         notes.append(f"skipped {len(headers)} repeated header row{'s' * (len(headers) > 1)} (line {lines_shown})")
         log.warning("repeated header rows skipped", source=source.name, lines=headers[:100], count=len(headers))
-    return tally, "; ".join(notes) or None, drift
-
-
-def csv_batches(
-    reader: Iterator[list[str]],
-    position: ReadPosition,
-    layout: CsvLayout,
-    default_time: str,
-    batch_rows: int,
-    intake: Intake,
-) -> Iterator[Batch]:
-    """Group parsed rows into batches, each stamped with the position it ends at."""
-    batch = Batch()
-    columns = layout.columns
-    while True:
-        first_line = position.line + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as error:
-            batch.read += 1
-            batch.rejects.append((first_line, f"malformed CSV: {csv_problem(error)}", ""))
-            continue
-        if not cells or cells == [""]:
-            continue
-        if layout.is_header(cells):
-            batch.headers.append(first_line)
-            continue
-        batch.read += 1
-        try:
-            if len(cells) != layout.width:
-                raise Rejected(f"expected {layout.width} fields, got {len(cells)}")
-            observation = normalise_cells([None if c is None else cells[c] for c in columns], default_time, intake)
-        except Rejected as reason:
-            batch.rejects.append((first_line, str(reason), raw_row(cells)))
-        else:
-            batch.observations.append((first_line, *msgspec.structs.astuple(observation)))
-        if batch.read >= batch_rows:
-            batch.end = ReadPosition(position.offset, position.line)
-            yield batch
-            batch = Batch()
-    batch.end, batch.final = ReadPosition(position.offset, position.line), True
-    yield batch
-
-
-def raw_row(cells: Sequence[str]) -> str:
-    """A rejected row as CSV text, cut so a hostile row cannot bloat the store."""
-    out = io.StringIO()
-    csv.writer(out, lineterminator="").writerow(cells)
-    return out.getvalue()[:RAW_REJECT_CHARS]
-
-
-@dataclass(frozen=True)
-class RawPage:
-    """One upstream response as received, and where it came from."""
-
-    page: int
-    fetched_at: str
-    url: str
-    body: bytes
-
-
-MISSING = object()
-
-
-def dig(record: object, path: Sequence[str]) -> object:
-    """The value at `path` in nested JSON objects, or MISSING where a key is absent."""
-    for key in path:
-        if not isinstance(record, dict) or key not in record:
-            return MISSING
-        record = record[key]
-    return record
-
-
-def record_cells(source: HttpSource, record: object, intake: Intake) -> list[object]:
-    """One upstream record as canonical cells, counting schema drift; Rejected when it is void."""
-    if not isinstance(record, dict):
-        raise Rejected(f"expected a JSON object, got {type(record).__name__}")
-    for key in record.keys() - source.known:
-        intake.unknown[key[:60]] += 1
-    for label, known in source.known_nested.items():
-        nested = dig(record, label.split("."))
-        if isinstance(nested, dict):
-            for key in nested.keys() - known:
-                intake.unknown[label + "." + key[:60]] += 1
-    cells: list[object] = []
-    for name in ROW_FIELDS:
-        spec = source.fields.get(name)
-        if spec is None:
-            cells.append(source.status(record) if name == "status" else None)
-            continue
-        value = dig(record, spec.path)
-        if value is MISSING:
-            if spec.required:
-                raise Rejected(f"missing required field {spec.label!r}")
-            intake.missing[spec.label] += 1
-            value = None
-        cells.append(value)
-    return cells
-
-
-# float_hook=float: an out-of-range number (1e400) becomes inf, which rejects
-# only its own record, instead of failing the whole response.
-decode_json = msgspec.json.Decoder(float_hook=float).decode
-
-
-def decode_records(body: bytes, where: str) -> list[object]:
-    """The JSON array of records in a response body, or SourceError saying what came instead."""
-    try:
-        records = decode_json(body)
-    except msgspec.DecodeError as error:
-        raise SourceError(f"{where}: not valid JSON ({error}) in {len(body)} bytes") from None
-    except RecursionError:
-        raise SourceError(f"{where}: JSON nested too deeply") from None
-    if not isinstance(records, list):
-        raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
-    return records
-
-
-# A page to load: the response, the record count of a full page (fewer ends
-# the paging), and whether it is the last page in any case.
-Page = tuple[RawPage, int | None, bool]
-
-
-def fetched_pages(source: HttpSource) -> Iterator[Page]:
-    """Fetch the source's requests in order."""
-    client = HttpClient(source)
-    for page, (url, full_page) in enumerate(source.requests(), start=1):
-        body = client.get(url)  # after any wait for the rate limit
-        yield RawPage(page, now(), safe_url(url), body), full_page, full_page is None
-
-
-def stored_pages(conn: sqlite3.Connection, source: ReplaySource) -> Iterator[Page]:
-    """The raw pages a past run stored, in the order they were fetched."""
-    rows = conn.execute(
-        "SELECT page, fetched_at, url FROM raw_payload WHERE source = ? AND run_id = ? ORDER BY page",
-        (source.name, source.run_id),
-    ).fetchall()
-    if not rows:
-        raise SourceError(f"no raw payload of {source.name} kept for run {source.run_id}")
-    for page, fetched_at, url in rows:
-        (body,) = conn.execute(
-            "SELECT body FROM raw_payload WHERE source = ? AND run_id = ? AND page = ?",
-            (source.name, source.run_id, page),
-        ).fetchone()
-        yield RawPage(page, fetched_at, url, gzip.decompress(body)), None, page == rows[-1][0]
+    return Loaded(tally, "; ".join(notes) or None, drift)
 
 
 def load_pages(
@@ -1780,41 +1824,22 @@ def load_pages(
     upstream: HttpSource,
     pages: Iterator[Page],
     keep_raw: bool,
-) -> tuple[Tally, str | None, dict[str, int]]:
+) -> Loaded:
     """Normalise and load upstream pages, each committed with its checkpoint (and raw payload)."""
     labels = [spec.label if (spec := upstream.fields.get(name)) else name for name in ROW_FIELDS]
-    tally, index = Tally(), 0
+    tally = Tally()
     with Loader(conn, run_id, upstream.name) as loader:
         intake = Intake(loader.latest, upstream=True, labels=labels)
-        for raw, full_page, final in pages:
-            records = decode_records(raw.body, raw.url)
-            if not records and raw.page == 1:
-                raise SourceError(f"{raw.url} returned no records")
-            # A run can outlast its first five minutes; what was fetched then is not in the future.
-            intake.latest = max(loader.latest, time_after(raw.fetched_at, FUTURE_SLACK))
-            batch = Batch()
-            for record in records:
-                index += 1
-                batch.read += 1
-                try:
-                    observation = normalise_cells(record_cells(upstream, record, intake), raw.fetched_at, intake)
-                except Rejected as reason:
-                    raw_record = msgspec.json.encode(record)[:RAW_REJECT_CHARS].decode()
-                    batch.rejects.append((index, str(reason), raw_record))
-                else:
-                    batch.observations.append((index, *msgspec.structs.astuple(observation)))
-            last = final or (full_page is not None and len(records) < full_page)
-            position = ReadPosition(offset=raw.page, line=index)
-            loaded = loader.commit(batch, f"run {run_id}", position, complete=last, raw=raw if keep_raw else None)
+        for batch in page_batches(upstream, pages, intake):
+            raw = batch.payload
+            loaded = loader.commit(batch, f"run {run_id}", batch.end, batch.final, raw if keep_raw else None)
             tally.add(Tally(batch.read, loaded, len(batch.rejects)))
-            log.info("page loaded", url=raw.url, page=raw.page, records=len(records), loaded=loaded)
-            if last:
-                break
+            log.info("page loaded", url=raw.url, page=raw.page, records=batch.read, loaded=loaded)
     drift = intake.report({label: label for label in intake.missing})
     if drift:
         renames = [key for key in drift if key.startswith("likely rename")]
         log.warning("schema drift", source=upstream.name, drift=drift, likely_renames=renames)
-    return tally, None, drift
+    return Loaded(tally, None, drift)
 
 
 def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:
@@ -1908,9 +1933,7 @@ def end_run(conn: sqlite3.Connection, run_id: int, status: str, duration_ms: int
     )
 
 
-def load_source(
-    conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig
-) -> tuple[Tally, str | None, dict[str, int]]:
+def load_source(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> Loaded:
     """Load one source of any kind."""
     if isinstance(source, CsvSource):
         return load_csv(conn, run_id, source, config.batch_rows)
@@ -1928,9 +1951,11 @@ def run_source(conn: sqlite3.Connection, run_id: int, source: Source, config: Et
     started = time.monotonic()
     structlog.contextvars.bind_contextvars(source=source.name)
     try:
-        tally, detail, drift = load_source(conn, run_id, source, config)
-        status = "partial" if tally.rejected else "success"
-        outcome = SourceOutcome(source.name, status, tally, elapsed_ms(started), detail, None, drift)
+        loaded = load_source(conn, run_id, source, config)
+        status = "partial" if loaded.tally.rejected else "success"
+        outcome = SourceOutcome(
+            source.name, status, loaded.tally, elapsed_ms(started), loaded.detail, None, loaded.drift
+        )
     except (SourceError, sqlite3.Error, OSError) as error:
         if isinstance(error, sqlite3.Error):
             message = store_fault(error, config)

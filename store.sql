@@ -4,7 +4,8 @@
 -- changes nothing but what is missing: that is how etl.py migrates an older
 -- store in place (version 1 -> 2 added raw_payload, 2 -> 3 made the rank
 -- index covering, 3 -> 4 added run_totals). `PRAGMA user_version`
--- records the schema version; etl.py refuses a store newer than it knows. Times are RFC 3339 UTC text ('2026-11-25T12:00:00Z'), so text order is
+-- records the schema version; etl.py refuses a store newer than it knows.
+-- Times are RFC 3339 UTC text ('2026-11-25T12:00:00Z'), so text order is
 -- time order.
 
 PRAGMA journal_mode = WAL;
@@ -131,11 +132,14 @@ CREATE INDEX IF NOT EXISTS run_source_source ON run_source (source, run_id);
 
 -- How far each source has been loaded. Written in the same transaction as
 -- the rows it covers, so a killed run resumes exactly where it committed.
+-- A CSV source resumes from it in a later run of the same file; an upstream
+-- is fetched anew by every run, so its row only records how far that run got.
 CREATE TABLE IF NOT EXISTS checkpoint (
     source          TEXT PRIMARY KEY,
-    fingerprint     TEXT NOT NULL,              -- what `position` refers to (file hash)
-    position        INTEGER NOT NULL,           -- byte offset reached
-    line            INTEGER NOT NULL,           -- physical line reached
+    fingerprint     TEXT NOT NULL,              -- what `position` refers to: CSV, the file's sha256;
+                                                -- upstream, 'run N' (the run that fetched it)
+    position        INTEGER NOT NULL,           -- CSV: byte offset reached; upstream: last page loaded
+    line            INTEGER NOT NULL,           -- CSV: physical line reached; upstream: records read
     complete        INTEGER NOT NULL,           -- 1 once the whole input is loaded
     run_id          INTEGER NOT NULL,
     updated_at      TEXT NOT NULL
@@ -153,7 +157,7 @@ CREATE TABLE IF NOT EXISTS reject (
 
 -- The raw upstream responses of recent runs, gzip-compressed as received, so
 -- a changed normaliser can re-derive the store without refetching
--- (`python etl.py replay:RUN_ID`). etl.py keeps those of the last
+-- (`python etl.py replay:NAME@RUN_ID`). etl.py keeps those of the last
 -- KASPARRO_RAW_KEEP_RUNS runs of each source (default 48) and deletes older ones.
 CREATE TABLE IF NOT EXISTS raw_payload (
     run_id          INTEGER NOT NULL REFERENCES etl_run (run_id),
