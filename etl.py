@@ -48,7 +48,7 @@ from msgspec import Meta
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "store.sql"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SAMPLE_CSV = HERE / "data" / "sample.csv"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
@@ -81,6 +81,18 @@ class HttpPolicy:
     rate: float = 0.0  # requests a minute, evenly spaced; 0: unpaced
 
 
+HOUR, DAY = 3_600, 86_400
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long each tier of history is kept, in seconds (store.sql: history)."""
+
+    # A year of 10-minute runs over 15,000 listings stays under 2 GB with these (bench/history.py).
+    raw: int = 2 * DAY  # raw observations: raw points, 5m and 15m candles (100 of them span 25 h)
+    hourly: int = 30 * DAY  # hourly candles: 1h and 4h candles over the last month
+
+
 @dataclass(frozen=True)
 class EtlConfig:
     """Settings of one ETL invocation, read from the environment in one place."""
@@ -100,6 +112,7 @@ class EtlConfig:
     coinpaprika_url: str = COINPAPRIKA_URL
     coinpaprika_key: str | None = field(default=None, repr=False)
     raw_keep_runs: int = 48
+    retention: Retention = Retention()
     busy_timeout: float = 15.0  # seconds to wait for another writer's transaction
     # How a run ends: truncate the WAL, or (beside Litestream, which holds a read transaction and
     # checkpoints itself) only copy what no reader needs (passive), or leave it (off).
@@ -140,6 +153,7 @@ class EtlConfig:
                 or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
                 coinpaprika_key=paprika_key,
                 raw_keep_runs=int(environ.get("KASPARRO_RAW_KEEP_RUNS", "48")),
+                retention=retention(environ),
                 busy_timeout=float(environ.get("KASPARRO_BUSY_TIMEOUT", "15")),
                 wal_checkpoint=wal_checkpoint_mode(environ.get("KASPARRO_WAL_CHECKPOINT", "truncate")),
                 batch_rows=max(1, int(environ.get("KASPARRO_BATCH_ROWS", "50000"))),
@@ -155,6 +169,29 @@ def request_rate(environ: Mapping[str, str], name: str, default: float) -> float
     if not 0 < rate < math.inf:
         raise UsageError(f"{name} must be a positive number of requests a minute, got {environ[name]!r}")
     return rate
+
+
+DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")
+DURATION_UNITS = {"d": DAY, "h": HOUR, "m": 60, "s": 1}
+
+
+def retention(environ: Mapping[str, str]) -> Retention:
+    """KASPARRO_KEEP_RAW and KASPARRO_KEEP_HOURLY ('7d', '36h'), or UsageError; raw may not outlast hourly."""
+    spans = {}
+    for tier, name in (("raw", "KASPARRO_KEEP_RAW"), ("hourly", "KASPARRO_KEEP_HOURLY")):
+        value = environ.get(name, "").strip()
+        if not value:
+            spans[tier] = getattr(Retention, tier)
+            continue
+        match = DURATION.fullmatch(value)
+        if not match or int(match.group(1)) == 0:
+            raise UsageError(f"{name} must be a positive duration such as 7d, 36h or 90m, not {value!r}")
+        spans[tier] = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if spans["hourly"] < spans["raw"]:
+        raise UsageError(
+            "KASPARRO_KEEP_HOURLY must be at least KASPARRO_KEEP_RAW: hourly candles are made from raw observations"
+        )
+    return Retention(**spans)
 
 
 WAL_CHECKPOINTS = ("truncate", "passive", "off")
@@ -1336,9 +1373,13 @@ STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
     line INTEGER PRIMARY KEY, source_id TEXT, symbol TEXT, name TEXT, name_key TEXT,
     rank INTEGER, price_usd REAL, market_cap_usd REAL, volume_24h_usd REAL,
-    change_24h_pct REAL, status TEXT, observed_at TEXT, asset_id TEXT, fresh INTEGER NOT NULL DEFAULT 0
+    change_24h_pct REAL, status TEXT, observed_at TEXT, asset_id TEXT, fresh INTEGER NOT NULL DEFAULT 0,
+    listing_id INTEGER
 );
 CREATE TEMP TABLE IF NOT EXISTS assigned (source_id TEXT PRIMARY KEY, asset_id TEXT NOT NULL);
+CREATE TEMP TABLE IF NOT EXISTS observed (
+    listing_id INTEGER, observed_at INTEGER, PRIMARY KEY (listing_id, observed_at)
+) WITHOUT ROWID;
 """
 
 INSERT_STAGING = """
@@ -1398,12 +1439,58 @@ WHERE source_map.observed_at IS NULL OR excluded.observed_at > source_map.observ
    OR source_map.observed_at > ?2
 """
 
+# History (store.sql: history): each listing's integer key, then its new observations, the candles
+# they fall in, and what its retention lets go.
+INSERT_LISTING_KEYS = """
+INSERT OR IGNORE INTO listing (source, source_id) SELECT ?1, source_id FROM temp.staging WHERE true ORDER BY line
+"""
+
+STAGE_LISTING_KEYS = """
+UPDATE temp.staging SET listing_id = (
+    SELECT l.listing_id FROM listing l WHERE l.source = ?1 AND l.source_id = staging.source_id)
+"""
+
+# An observation older than its listing's pruned horizon was rolled up already (or is too old to keep).
 INSERT_OBSERVATIONS = """
-INSERT OR IGNORE INTO observation (source, source_id, observed_at, symbol, name, rank, price_usd,
-                                   market_cap_usd, volume_24h_usd, change_24h_pct, status, run_id)
-SELECT ?1, source_id, observed_at, symbol, name, rank, price_usd,
-       market_cap_usd, volume_24h_usd, change_24h_pct, status, ?2
-FROM temp.staging ORDER BY line
+INSERT OR IGNORE INTO raw_observation (listing_id, observed_at, rank, price_usd, market_cap_usd,
+                                       volume_24h_usd, change_24h_pct, active)
+SELECT s.listing_id, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed, s.rank, s.price_usd,
+       s.market_cap_usd, s.volume_24h_usd, s.change_24h_pct, s.status = 'active'
+FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id
+WHERE observed >= l.raw_before ORDER BY s.line
+RETURNING listing_id, observed_at
+"""
+
+# Each new observation joins its candle of width ?1, by store.sql's candle rule.
+ROLL_UP = """
+INSERT INTO candle (listing_id, width, t, open, high, low, close, market_cap_usd, volume_24h_usd,
+                    observations, first_at, last_at)
+SELECT r.listing_id, ?1, r.observed_at / ?1 * ?1, r.price_usd, r.price_usd, r.price_usd, r.price_usd,
+       r.market_cap_usd, r.volume_24h_usd, 1, r.observed_at, r.observed_at
+FROM temp.observed n JOIN raw_observation r ON r.listing_id = n.listing_id AND r.observed_at = n.observed_at
+WHERE r.price_usd IS NOT NULL
+ON CONFLICT (listing_id, width, t) DO UPDATE SET
+    open = iif(excluded.first_at < first_at, excluded.open, open),
+    high = max(high, excluded.high),
+    low = min(low, excluded.low),
+    close = iif(excluded.last_at > last_at, excluded.close, close),
+    market_cap_usd = iif(excluded.last_at > last_at, excluded.market_cap_usd, market_cap_usd),
+    volume_24h_usd = iif(excluded.last_at > last_at, excluded.volume_24h_usd, volume_24h_usd),
+    observations = observations + 1,
+    first_at = min(first_at, excluded.first_at),
+    last_at = max(last_at, excluded.last_at)
+"""
+
+# The listings whose retention horizons moved (once a UTC day each): ?1 and ?2 are KEEP_RAW and KEEP_HOURLY.
+# A listing's newest observation is taken from the batch, never from a store that may hold one dated
+# in the future (loaded before such times were refused), which would prune everything current.
+ADVANCE_HORIZONS = """
+UPDATE listing SET raw_before = max(raw_before, (n.newest - ?1) / 86400 * 86400),
+                   hourly_before = max(hourly_before, (n.newest - ?2) / 86400 * 86400)
+FROM (SELECT listing_id, max(observed_at) AS newest FROM temp.observed GROUP BY listing_id) n
+WHERE listing.listing_id = n.listing_id
+  AND ((n.newest - ?1) / 86400 * 86400 > raw_before OR (n.newest - ?2) / 86400 * 86400 > hourly_before)
+RETURNING listing_id, raw_before, hourly_before
 """
 
 
@@ -1623,10 +1710,11 @@ class Loader:
     are built again when it does (a killed load leaves them to the next run's restore_indexes).
     """
 
-    def __init__(self, conn: sqlite3.Connection, run_id: int, source: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, run_id: int, source: str, retention: Retention) -> None:
         self.conn = conn
         self.run_id = run_id
         self.source = source
+        self.retention = retention
         self.latest = future_limit(conn, run_id)
         # Into an empty store, the sort indexes are dropped and built once at
         # the end: random inserts into eight indexes would otherwise rewrite
@@ -1708,7 +1796,7 @@ class Loader:
         unmatched = conn.execute(UNMATCHED).fetchall()
         self._assign(self._new_asset_ids(unmatched), fresh=True)
         conn.execute(UPSERT_LISTINGS, (self.source, self.latest))
-        loaded = conn.execute(INSERT_OBSERVATIONS, (self.source, self.run_id)).rowcount
+        loaded = self._add_history()
         changed = conn.execute(INSERT_FRESH_ASSETS, (self.source,)).rowcount
         listings = conn.execute(TOUCHED_LISTINGS, (self.latest,)).fetchall()
         if listings:
@@ -1717,6 +1805,26 @@ class Loader:
         if loaded or changed:
             conn.execute("UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1", (now(),))
         return loaded
+
+    def _add_history(self) -> int:
+        """Store the staged observations that are new, roll them up and prune; return how many were new."""
+        conn = self.conn
+        conn.execute(INSERT_LISTING_KEYS, (self.source,))
+        conn.execute(STAGE_LISTING_KEYS, (self.source,))
+        observed = conn.execute(INSERT_OBSERVATIONS).fetchall()
+        if observed:
+            conn.execute("DELETE FROM temp.observed")
+            conn.executemany("INSERT INTO temp.observed VALUES (?, ?)", observed)
+            for width in (HOUR, DAY):
+                conn.execute(ROLL_UP, (width,))
+            moved = conn.execute(ADVANCE_HORIZONS, (self.retention.raw, self.retention.hourly)).fetchall()
+            conn.executemany(
+                "DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", [m[:2] for m in moved]
+            )
+            conn.executemany(
+                f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
+            )
+        return len(observed)
 
     def _assign(self, assigned: Iterable[tuple[str, str]], fresh: bool) -> None:
         """Give the staged rows of each source id its asset."""
@@ -1768,7 +1876,7 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, batch_rows: int) -> Loaded:
+def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, config: EtlConfig) -> Loaded:
     """Stream a CSV into the store in batches, each committed with its checkpoint."""
     path = source.path
     try:
@@ -1785,7 +1893,7 @@ def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, batch_row
     resume = checkpoint is not None and checkpoint[0] == fingerprint and checkpoint[1] > 0
     tally = Tally()
     headers: list[int] = []
-    with utf8_stream(path) as stream, Loader(conn, run_id, source.name) as loader:
+    with utf8_stream(path) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
         progress = Progress(source.name, os.fstat(stream.fileno()).st_size)
         default_time = min(default_time, loader.latest)
         position = ReadPosition()
@@ -1799,7 +1907,7 @@ def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, batch_row
             stream.seek(checkpoint[1])
             position.offset, position.line = checkpoint[1], checkpoint[2]
             log.info("resuming", source=source.name, line=position.line, offset=position.offset)
-        for batch in csv_batches(reader, position, layout, default_time, batch_rows, intake):
+        for batch in csv_batches(reader, position, layout, default_time, config.batch_rows, intake):
             committed = loader.commit(batch, fingerprint, batch.end, complete=batch.final)
             tally.add(Tally(batch.read, committed, len(batch.rejects)))
             headers += batch.headers
@@ -1823,12 +1931,13 @@ def load_pages(
     run_id: int,
     upstream: HttpSource,
     pages: Iterator[Page],
+    retention: Retention,
     keep_raw: bool,
 ) -> Loaded:
     """Normalise and load upstream pages, each committed with its checkpoint (and raw payload)."""
     labels = [spec.label if (spec := upstream.fields.get(name)) else name for name in ROW_FIELDS]
     tally = Tally()
-    with Loader(conn, run_id, upstream.name) as loader:
+    with Loader(conn, run_id, upstream.name, retention) as loader:
         intake = Intake(loader.latest, upstream=True, labels=labels)
         for batch in page_batches(upstream, pages, intake):
             raw = batch.payload
@@ -1936,11 +2045,12 @@ def end_run(conn: sqlite3.Connection, run_id: int, status: str, duration_ms: int
 def load_source(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> Loaded:
     """Load one source of any kind."""
     if isinstance(source, CsvSource):
-        return load_csv(conn, run_id, source, config.batch_rows)
+        return load_csv(conn, run_id, source, config)
     if isinstance(source, ReplaySource):
-        return load_pages(conn, run_id, source.upstream, stored_pages(conn, source), keep_raw=False)
+        pages = stored_pages(conn, source)
+        return load_pages(conn, run_id, source.upstream, pages, config.retention, keep_raw=False)
     try:
-        return load_pages(conn, run_id, source, fetched_pages(source), keep_raw=True)
+        return load_pages(conn, run_id, source, fetched_pages(source), config.retention, keep_raw=True)
     finally:
         with cleanup("raw payload pruning"):
             prune_raw(conn, source.name, config.raw_keep_runs)
