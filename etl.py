@@ -1803,7 +1803,15 @@ class Loader:
             unified = [unify(list(group)) for _, group in itertools.groupby(listings, key=lambda row: row[0])]
             changed += conn.executemany(UPSERT_ASSET, unified).rowcount
         if loaded or changed:
-            conn.execute("UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1", (now(),))
+            (generation,) = conn.execute(
+                "UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1 RETURNING generation",
+                (now(),),
+            ).fetchone()
+            # A follower copy (deploy/litestream/follow) gets this commit's pages written in place, in the
+            # rollback journal's mode, where readers see a change only by page 1's change counter; SQLite
+            # writes it whenever page 1 is written, which in WAL mode is not every commit (a commit into
+            # free space of existing pages leaves page 1 alone). The application id lives on page 1.
+            conn.execute(f"PRAGMA application_id = {generation % 2**31}")
         return loaded
 
     def _add_history(self) -> int:
