@@ -48,7 +48,7 @@ from msgspec import Meta
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "store.sql"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SAMPLE_CSV = HERE / "data" / "sample.csv"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
@@ -81,6 +81,18 @@ class HttpPolicy:
     rate: float = 0.0  # requests a minute, evenly spaced; 0: unpaced
 
 
+HOUR, DAY = 3_600, 86_400
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long each tier of history is kept, in seconds (store.sql: history)."""
+
+    # A year of 10-minute runs over 15,000 listings stays under 2 GB with these (bench/history.py).
+    raw: int = 2 * DAY  # raw observations: raw points, 5m and 15m candles (100 of them span 25 h)
+    hourly: int = 30 * DAY  # hourly candles: 1h and 4h candles over the last month
+
+
 @dataclass(frozen=True)
 class EtlConfig:
     """Settings of one ETL invocation, read from the environment in one place."""
@@ -100,6 +112,7 @@ class EtlConfig:
     coinpaprika_url: str = COINPAPRIKA_URL
     coinpaprika_key: str | None = field(default=None, repr=False)
     raw_keep_runs: int = 48
+    retention: Retention = Retention()
     busy_timeout: float = 15.0  # seconds to wait for another writer's transaction
     # How a run ends: truncate the WAL, or (beside Litestream, which holds a read transaction and
     # checkpoints itself) only copy what no reader needs (passive), or leave it (off).
@@ -140,6 +153,7 @@ class EtlConfig:
                 or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
                 coinpaprika_key=paprika_key,
                 raw_keep_runs=int(environ.get("KASPARRO_RAW_KEEP_RUNS", "48")),
+                retention=retention(environ),
                 busy_timeout=float(environ.get("KASPARRO_BUSY_TIMEOUT", "15")),
                 wal_checkpoint=wal_checkpoint_mode(environ.get("KASPARRO_WAL_CHECKPOINT", "truncate")),
                 batch_rows=max(1, int(environ.get("KASPARRO_BATCH_ROWS", "50000"))),
@@ -155,6 +169,29 @@ def request_rate(environ: Mapping[str, str], name: str, default: float) -> float
     if not 0 < rate < math.inf:
         raise UsageError(f"{name} must be a positive number of requests a minute, got {environ[name]!r}")
     return rate
+
+
+DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")
+DURATION_UNITS = {"d": DAY, "h": HOUR, "m": 60, "s": 1}
+
+
+def retention(environ: Mapping[str, str]) -> Retention:
+    """KASPARRO_KEEP_RAW and KASPARRO_KEEP_HOURLY ('7d', '36h'), or UsageError; raw may not outlast hourly."""
+    spans = {}
+    for tier, name in (("raw", "KASPARRO_KEEP_RAW"), ("hourly", "KASPARRO_KEEP_HOURLY")):
+        value = environ.get(name, "").strip()
+        if not value:
+            spans[tier] = getattr(Retention, tier)
+            continue
+        match = DURATION.fullmatch(value)
+        if not match or int(match.group(1)) == 0:
+            raise UsageError(f"{name} must be a positive duration such as 7d, 36h or 90m, not {value!r}")
+        spans[tier] = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if spans["hourly"] < spans["raw"]:
+        raise UsageError(
+            "KASPARRO_KEEP_HOURLY must be at least KASPARRO_KEEP_RAW: hourly candles are made from raw observations"
+        )
+    return Retention(**spans)
 
 
 WAL_CHECKPOINTS = ("truncate", "passive", "off")
@@ -684,10 +721,10 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
 
 @dataclass
 class ReadPosition:
-    """Byte offset and physical line reached by a reader; checkpoints copy it."""
+    """Where a reader stands; checkpoints copy it (store.sql's checkpoint.position and line)."""
 
-    offset: int = 0
-    line: int = 0
+    offset: int = 0  # a CSV's byte offset, or the last upstream page read
+    line: int = 0  # a CSV's physical line, or the upstream records read so far
 
 
 def decoded_lines(stream: BinaryIO, position: ReadPosition) -> Iterator[str]:
@@ -766,6 +803,206 @@ def file_fingerprint(path: Path) -> str:
     """sha256 of the file's bytes: a checkpoint applies only to the same content."""
     with path.open("rb") as stream:
         return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+@dataclass
+class Batch:
+    """Rows and rejects of one transaction, with the position they reach."""
+
+    observations: list[tuple] = field(default_factory=list)
+    rejects: list[tuple[int, str, str]] = field(default_factory=list)
+    read: int = 0
+    headers: list[int] = field(default_factory=list)  # lines of repeated header rows, skipped
+    end: ReadPosition = field(default_factory=ReadPosition)  # where the input stands after this batch
+    final: bool = False  # the input ends here
+    payload: RawPage | None = None  # the upstream response the rows came from
+
+
+def csv_header(reader: Iterator[list[str]], path: Path) -> list[str]:
+    """The first row of a CSV file, or SourceError when there is none or it cannot be parsed."""
+    try:
+        return next(reader)
+    except StopIteration:
+        raise SourceError(f"{path} is empty: no header row") from None
+    except csv.Error as error:
+        raise SourceError(f"{path}: unreadable header: {csv_problem(error)}") from None
+
+
+def csv_batches(
+    reader: Iterator[list[str]],
+    position: ReadPosition,
+    layout: CsvLayout,
+    default_time: str,
+    batch_rows: int,
+    intake: Intake,
+) -> Iterator[Batch]:
+    """Group parsed rows into batches, each stamped with the position it ends at."""
+    batch = Batch()
+    columns = layout.columns
+    while True:
+        first_line = position.line + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            batch.read += 1
+            batch.rejects.append((first_line, f"malformed CSV: {csv_problem(error)}", ""))
+            continue
+        if not cells or cells == [""]:
+            continue
+        if layout.is_header(cells):
+            batch.headers.append(first_line)
+            continue
+        batch.read += 1
+        try:
+            if len(cells) != layout.width:
+                raise Rejected(f"expected {layout.width} fields, got {len(cells)}")
+            observation = normalise_cells([None if c is None else cells[c] for c in columns], default_time, intake)
+        except Rejected as reason:
+            batch.rejects.append((first_line, str(reason), raw_row(cells)))
+        else:
+            batch.observations.append((first_line, *msgspec.structs.astuple(observation)))
+        if batch.read >= batch_rows:
+            batch.end = ReadPosition(position.offset, position.line)
+            yield batch
+            batch = Batch()
+    batch.end, batch.final = ReadPosition(position.offset, position.line), True
+    yield batch
+
+
+def raw_row(cells: Sequence[str]) -> str:
+    """A rejected row as CSV text, cut so a hostile row cannot bloat the store."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(cells)
+    return out.getvalue()[:RAW_REJECT_CHARS]
+
+
+@dataclass(frozen=True)
+class RawPage:
+    """One upstream response as received, and where it came from."""
+
+    page: int
+    fetched_at: str
+    url: str
+    body: bytes
+
+
+MISSING = object()
+
+
+def dig(record: object, path: Sequence[str]) -> object:
+    """The value at `path` in nested JSON objects, or MISSING where a key is absent."""
+    for key in path:
+        if not isinstance(record, dict) or key not in record:
+            return MISSING
+        record = record[key]
+    return record
+
+
+def record_cells(source: HttpSource, record: object, intake: Intake) -> list[object]:
+    """One upstream record as canonical cells, counting schema drift; Rejected when it is void."""
+    if not isinstance(record, dict):
+        raise Rejected(f"expected a JSON object, got {type(record).__name__}")
+    for key in record.keys() - source.known:
+        intake.unknown[key[:60]] += 1
+    for label, known in source.known_nested.items():
+        nested = dig(record, label.split("."))
+        if isinstance(nested, dict):
+            for key in nested.keys() - known:
+                intake.unknown[label + "." + key[:60]] += 1
+    cells: list[object] = []
+    for name in ROW_FIELDS:
+        spec = source.fields.get(name)
+        if spec is None:
+            cells.append(source.status(record) if name == "status" else None)
+            continue
+        value = dig(record, spec.path)
+        if value is MISSING:
+            if spec.required:
+                raise Rejected(f"missing required field {spec.label!r}")
+            intake.missing[spec.label] += 1
+            value = None
+        cells.append(value)
+    return cells
+
+
+# float_hook=float: an out-of-range number (1e400) becomes inf, which rejects
+# only its own record, instead of failing the whole response.
+decode_json = msgspec.json.Decoder(float_hook=float).decode
+
+
+def decode_records(body: bytes, where: str) -> list[object]:
+    """The JSON array of records in a response body, or SourceError saying what came instead."""
+    try:
+        records = decode_json(body)
+    except msgspec.DecodeError as error:
+        raise SourceError(f"{where}: not valid JSON ({error}) in {len(body)} bytes") from None
+    except RecursionError:
+        raise SourceError(f"{where}: JSON nested too deeply") from None
+    if not isinstance(records, list):
+        raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
+    return records
+
+
+# A page to load: the response, the record count of a full page (fewer ends
+# the paging), and whether it is the last page in any case.
+Page = tuple[RawPage, int | None, bool]
+
+
+def fetched_pages(source: HttpSource) -> Iterator[Page]:
+    """Fetch the source's requests in order."""
+    client = HttpClient(source)
+    for page, (url, full_page) in enumerate(source.requests(), start=1):
+        body = client.get(url)  # after any wait for the rate limit
+        yield RawPage(page, now(), safe_url(url), body), full_page, full_page is None
+
+
+def stored_pages(conn: sqlite3.Connection, source: ReplaySource) -> Iterator[Page]:
+    """The raw pages a past run stored, in the order they were fetched."""
+    rows = conn.execute(
+        "SELECT page, fetched_at, url FROM raw_payload WHERE source = ? AND run_id = ? ORDER BY page",
+        (source.name, source.run_id),
+    ).fetchall()
+    if not rows:
+        raise SourceError(f"no raw payload of {source.name} kept for run {source.run_id}")
+    for page, fetched_at, url in rows:
+        (body,) = conn.execute(
+            "SELECT body FROM raw_payload WHERE source = ? AND run_id = ? AND page = ?",
+            (source.name, source.run_id, page),
+        ).fetchone()
+        yield RawPage(page, fetched_at, url, gzip.decompress(body)), None, page == rows[-1][0]
+
+
+def page_batches(upstream: HttpSource, pages: Iterator[Page], intake: Intake) -> Iterator[Batch]:
+    """Normalise each page's records into one batch, stamped with the page and records reached.
+
+    Records are numbered across pages from 1 (a reject's `line`); SourceError for a body that is
+    not a JSON array of records, or an empty first page.
+    """
+    run_latest, index = intake.latest, 0
+    for raw, full_page, final in pages:
+        records = decode_records(raw.body, raw.url)
+        if not records and raw.page == 1:
+            raise SourceError(f"{raw.url} returned no records")
+        # A run can outlast its first five minutes; what was fetched then is not in the future.
+        intake.latest = max(run_latest, time_after(raw.fetched_at, FUTURE_SLACK))
+        batch = Batch(payload=raw)
+        for record in records:
+            index += 1
+            batch.read += 1
+            try:
+                observation = normalise_cells(record_cells(upstream, record, intake), raw.fetched_at, intake)
+            except Rejected as reason:
+                raw_record = msgspec.json.encode(record)[:RAW_REJECT_CHARS].decode()
+                batch.rejects.append((index, str(reason), raw_record))
+            else:
+                batch.observations.append((index, *msgspec.structs.astuple(observation)))
+        batch.end = ReadPosition(offset=raw.page, line=index)
+        batch.final = final or (full_page is not None and len(records) < full_page)
+        yield batch
+        if batch.final:
+            return
 
 
 # --- normalise ------------------------------------------------------------
@@ -1136,9 +1373,13 @@ STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS staging (
     line INTEGER PRIMARY KEY, source_id TEXT, symbol TEXT, name TEXT, name_key TEXT,
     rank INTEGER, price_usd REAL, market_cap_usd REAL, volume_24h_usd REAL,
-    change_24h_pct REAL, status TEXT, observed_at TEXT, asset_id TEXT, fresh INTEGER NOT NULL DEFAULT 0
+    change_24h_pct REAL, status TEXT, observed_at TEXT, asset_id TEXT, fresh INTEGER NOT NULL DEFAULT 0,
+    listing_id INTEGER
 );
 CREATE TEMP TABLE IF NOT EXISTS assigned (source_id TEXT PRIMARY KEY, asset_id TEXT NOT NULL);
+CREATE TEMP TABLE IF NOT EXISTS observed (
+    listing_id INTEGER, observed_at INTEGER, PRIMARY KEY (listing_id, observed_at)
+) WITHOUT ROWID;
 """
 
 INSERT_STAGING = """
@@ -1198,12 +1439,58 @@ WHERE source_map.observed_at IS NULL OR excluded.observed_at > source_map.observ
    OR source_map.observed_at > ?2
 """
 
+# History (store.sql: history): each listing's integer key, then its new observations, the candles
+# they fall in, and what its retention lets go.
+INSERT_LISTING_KEYS = """
+INSERT OR IGNORE INTO listing (source, source_id) SELECT ?1, source_id FROM temp.staging WHERE true ORDER BY line
+"""
+
+STAGE_LISTING_KEYS = """
+UPDATE temp.staging SET listing_id = (
+    SELECT l.listing_id FROM listing l WHERE l.source = ?1 AND l.source_id = staging.source_id)
+"""
+
+# An observation older than its listing's pruned horizon was rolled up already (or is too old to keep).
 INSERT_OBSERVATIONS = """
-INSERT OR IGNORE INTO observation (source, source_id, observed_at, symbol, name, rank, price_usd,
-                                   market_cap_usd, volume_24h_usd, change_24h_pct, status, run_id)
-SELECT ?1, source_id, observed_at, symbol, name, rank, price_usd,
-       market_cap_usd, volume_24h_usd, change_24h_pct, status, ?2
-FROM temp.staging ORDER BY line
+INSERT OR IGNORE INTO raw_observation (listing_id, observed_at, rank, price_usd, market_cap_usd,
+                                       volume_24h_usd, change_24h_pct, active)
+SELECT s.listing_id, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed, s.rank, s.price_usd,
+       s.market_cap_usd, s.volume_24h_usd, s.change_24h_pct, s.status = 'active'
+FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id
+WHERE observed >= l.raw_before ORDER BY s.line
+RETURNING listing_id, observed_at
+"""
+
+# Each new observation joins its candle of width ?1, by store.sql's candle rule.
+ROLL_UP = """
+INSERT INTO candle (listing_id, width, t, open, high, low, close, market_cap_usd, volume_24h_usd,
+                    observations, first_at, last_at)
+SELECT r.listing_id, ?1, r.observed_at / ?1 * ?1, r.price_usd, r.price_usd, r.price_usd, r.price_usd,
+       r.market_cap_usd, r.volume_24h_usd, 1, r.observed_at, r.observed_at
+FROM temp.observed n JOIN raw_observation r ON r.listing_id = n.listing_id AND r.observed_at = n.observed_at
+WHERE r.price_usd IS NOT NULL
+ON CONFLICT (listing_id, width, t) DO UPDATE SET
+    open = iif(excluded.first_at < first_at, excluded.open, open),
+    high = max(high, excluded.high),
+    low = min(low, excluded.low),
+    close = iif(excluded.last_at > last_at, excluded.close, close),
+    market_cap_usd = iif(excluded.last_at > last_at, excluded.market_cap_usd, market_cap_usd),
+    volume_24h_usd = iif(excluded.last_at > last_at, excluded.volume_24h_usd, volume_24h_usd),
+    observations = observations + 1,
+    first_at = min(first_at, excluded.first_at),
+    last_at = max(last_at, excluded.last_at)
+"""
+
+# The listings whose retention horizons moved (once a UTC day each): ?1 and ?2 are KEEP_RAW and KEEP_HOURLY.
+# A listing's newest observation is taken from the batch, never from a store that may hold one dated
+# in the future (loaded before such times were refused), which would prune everything current.
+ADVANCE_HORIZONS = """
+UPDATE listing SET raw_before = max(raw_before, (n.newest - ?1) / 86400 * 86400),
+                   hourly_before = max(hourly_before, (n.newest - ?2) / 86400 * 86400)
+FROM (SELECT listing_id, max(observed_at) AS newest FROM temp.observed GROUP BY listing_id) n
+WHERE listing.listing_id = n.listing_id
+  AND ((n.newest - ?1) / 86400 * 86400 > raw_before OR (n.newest - ?2) / 86400 * 86400 > hourly_before)
+RETURNING listing_id, raw_before, hourly_before
 """
 
 
@@ -1309,16 +1596,13 @@ class Tally:
         self.rejected += other.rejected
 
 
-@dataclass
-class Batch:
-    """Rows and rejects of one transaction, with the position they reach."""
+@dataclass(frozen=True)
+class Loaded:
+    """How one source's load went: rows counted, a note for its run record, its schema drift."""
 
-    observations: list[tuple] = field(default_factory=list)
-    rejects: list[tuple[int, str, str]] = field(default_factory=list)
-    read: int = 0
-    headers: list[int] = field(default_factory=list)  # lines of repeated header rows, skipped
-    end: ReadPosition = field(default_factory=ReadPosition)  # where the input stands after this batch
-    final: bool = False  # the input ends here
+    tally: Tally
+    detail: str | None = None  # e.g. 'unchanged since run 3'
+    drift: dict[str, int] = field(default_factory=dict)  # what was counted -> how often
 
 
 def connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
@@ -1426,10 +1710,11 @@ class Loader:
     are built again when it does (a killed load leaves them to the next run's restore_indexes).
     """
 
-    def __init__(self, conn: sqlite3.Connection, run_id: int, source: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, run_id: int, source: str, retention: Retention) -> None:
         self.conn = conn
         self.run_id = run_id
         self.source = source
+        self.retention = retention
         self.latest = future_limit(conn, run_id)
         # Into an empty store, the sort indexes are dropped and built once at
         # the end: random inserts into eight indexes would otherwise rewrite
@@ -1511,15 +1796,43 @@ class Loader:
         unmatched = conn.execute(UNMATCHED).fetchall()
         self._assign(self._new_asset_ids(unmatched), fresh=True)
         conn.execute(UPSERT_LISTINGS, (self.source, self.latest))
-        loaded = conn.execute(INSERT_OBSERVATIONS, (self.source, self.run_id)).rowcount
+        loaded = self._add_history()
         changed = conn.execute(INSERT_FRESH_ASSETS, (self.source,)).rowcount
         listings = conn.execute(TOUCHED_LISTINGS, (self.latest,)).fetchall()
         if listings:
             unified = [unify(list(group)) for _, group in itertools.groupby(listings, key=lambda row: row[0])]
             changed += conn.executemany(UPSERT_ASSET, unified).rowcount
         if loaded or changed:
-            conn.execute("UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1", (now(),))
+            (generation,) = conn.execute(
+                "UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1 RETURNING generation",
+                (now(),),
+            ).fetchone()
+            # A follower copy (deploy/litestream/follow) gets this commit's pages written in place, in the
+            # rollback journal's mode, where readers see a change only by page 1's change counter; SQLite
+            # writes it whenever page 1 is written, which in WAL mode is not every commit (a commit into
+            # free space of existing pages leaves page 1 alone). The application id lives on page 1.
+            conn.execute(f"PRAGMA application_id = {generation % 2**31}")
         return loaded
+
+    def _add_history(self) -> int:
+        """Store the staged observations that are new, roll them up and prune; return how many were new."""
+        conn = self.conn
+        conn.execute(INSERT_LISTING_KEYS, (self.source,))
+        conn.execute(STAGE_LISTING_KEYS, (self.source,))
+        observed = conn.execute(INSERT_OBSERVATIONS).fetchall()
+        if observed:
+            conn.execute("DELETE FROM temp.observed")
+            conn.executemany("INSERT INTO temp.observed VALUES (?, ?)", observed)
+            for width in (HOUR, DAY):
+                conn.execute(ROLL_UP, (width,))
+            moved = conn.execute(ADVANCE_HORIZONS, (self.retention.raw, self.retention.hourly)).fetchall()
+            conn.executemany(
+                "DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", [m[:2] for m in moved]
+            )
+            conn.executemany(
+                f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
+            )
+        return len(observed)
 
     def _assign(self, assigned: Iterable[tuple[str, str]], fresh: bool) -> None:
         """Give the staged rows of each source id its asset."""
@@ -1571,10 +1884,8 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def load_csv(
-    conn: sqlite3.Connection, run_id: int, source: CsvSource, batch_rows: int
-) -> tuple[Tally, str | None, dict[str, int]]:
-    """Stream a CSV into the store in batches; return the tally, a detail note and the drift."""
+def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, config: EtlConfig) -> Loaded:
+    """Stream a CSV into the store in batches, each committed with its checkpoint."""
     path = source.path
     try:
         fingerprint = file_fingerprint(path)
@@ -1586,22 +1897,17 @@ def load_csv(
         "SELECT fingerprint, position, line, complete, run_id FROM checkpoint WHERE source = ?", (source.name,)
     ).fetchone()
     if checkpoint and checkpoint[0] == fingerprint and checkpoint[3]:
-        return Tally(), f"unchanged since run {checkpoint[4]}", {}
+        return Loaded(Tally(), f"unchanged since run {checkpoint[4]}")
     resume = checkpoint is not None and checkpoint[0] == fingerprint and checkpoint[1] > 0
     tally = Tally()
     headers: list[int] = []
-    with utf8_stream(path) as stream, Loader(conn, run_id, source.name) as loader:
+    with utf8_stream(path) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
         progress = Progress(source.name, os.fstat(stream.fileno()).st_size)
         default_time = min(default_time, loader.latest)
         position = ReadPosition()
         lines = decoded_lines(stream, position)
         reader = csv.reader(lines, strict=True)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise SourceError(f"{path} is empty: no header row") from None
-        except csv.Error as error:
-            raise SourceError(f"{path}: unreadable header: {csv_problem(error)}") from None
+        header = csv_header(reader, path)
         layout = csv_layout(header)
         intake = Intake(loader.latest, upstream=False, labels=layout.labels(header))
         intake.unknown.update(layout.ignored)
@@ -1609,7 +1915,7 @@ def load_csv(
             stream.seek(checkpoint[1])
             position.offset, position.line = checkpoint[1], checkpoint[2]
             log.info("resuming", source=source.name, line=position.line, offset=position.offset)
-        for batch in csv_batches(reader, position, layout, default_time, batch_rows, intake):
+        for batch in csv_batches(reader, position, layout, default_time, config.batch_rows, intake):
             committed = loader.commit(batch, fingerprint, batch.end, complete=batch.final)
             tally.add(Tally(batch.read, committed, len(batch.rejects)))
             headers += batch.headers
@@ -1625,153 +1931,7 @@ def load_csv(
         lines_shown = ", ".join(map(str, headers[:5])) + (", ..." if len(headers) > 5 else "")
         notes.append(f"skipped {len(headers)} repeated header row{'s' * (len(headers) > 1)} (line {lines_shown})")
         log.warning("repeated header rows skipped", source=source.name, lines=headers[:100], count=len(headers))
-    return tally, "; ".join(notes) or None, drift
-
-
-def csv_batches(
-    reader: Iterator[list[str]],
-    position: ReadPosition,
-    layout: CsvLayout,
-    default_time: str,
-    batch_rows: int,
-    intake: Intake,
-) -> Iterator[Batch]:
-    """Group parsed rows into batches, each stamped with the position it ends at."""
-    batch = Batch()
-    columns = layout.columns
-    while True:
-        first_line = position.line + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as error:
-            batch.read += 1
-            batch.rejects.append((first_line, f"malformed CSV: {csv_problem(error)}", ""))
-            continue
-        if not cells or cells == [""]:
-            continue
-        if layout.is_header(cells):
-            batch.headers.append(first_line)
-            continue
-        batch.read += 1
-        try:
-            if len(cells) != layout.width:
-                raise Rejected(f"expected {layout.width} fields, got {len(cells)}")
-            observation = normalise_cells([None if c is None else cells[c] for c in columns], default_time, intake)
-        except Rejected as reason:
-            batch.rejects.append((first_line, str(reason), raw_row(cells)))
-        else:
-            batch.observations.append((first_line, *msgspec.structs.astuple(observation)))
-        if batch.read >= batch_rows:
-            batch.end = ReadPosition(position.offset, position.line)
-            yield batch
-            batch = Batch()
-    batch.end, batch.final = ReadPosition(position.offset, position.line), True
-    yield batch
-
-
-def raw_row(cells: Sequence[str]) -> str:
-    """A rejected row as CSV text, cut so a hostile row cannot bloat the store."""
-    out = io.StringIO()
-    csv.writer(out, lineterminator="").writerow(cells)
-    return out.getvalue()[:RAW_REJECT_CHARS]
-
-
-@dataclass(frozen=True)
-class RawPage:
-    """One upstream response as received, and where it came from."""
-
-    page: int
-    fetched_at: str
-    url: str
-    body: bytes
-
-
-MISSING = object()
-
-
-def dig(record: object, path: Sequence[str]) -> object:
-    """The value at `path` in nested JSON objects, or MISSING where a key is absent."""
-    for key in path:
-        if not isinstance(record, dict) or key not in record:
-            return MISSING
-        record = record[key]
-    return record
-
-
-def record_cells(source: HttpSource, record: object, intake: Intake) -> list[object]:
-    """One upstream record as canonical cells, counting schema drift; Rejected when it is void."""
-    if not isinstance(record, dict):
-        raise Rejected(f"expected a JSON object, got {type(record).__name__}")
-    for key in record.keys() - source.known:
-        intake.unknown[key[:60]] += 1
-    for label, known in source.known_nested.items():
-        nested = dig(record, label.split("."))
-        if isinstance(nested, dict):
-            for key in nested.keys() - known:
-                intake.unknown[label + "." + key[:60]] += 1
-    cells: list[object] = []
-    for name in ROW_FIELDS:
-        spec = source.fields.get(name)
-        if spec is None:
-            cells.append(source.status(record) if name == "status" else None)
-            continue
-        value = dig(record, spec.path)
-        if value is MISSING:
-            if spec.required:
-                raise Rejected(f"missing required field {spec.label!r}")
-            intake.missing[spec.label] += 1
-            value = None
-        cells.append(value)
-    return cells
-
-
-# float_hook=float: an out-of-range number (1e400) becomes inf, which rejects
-# only its own record, instead of failing the whole response.
-decode_json = msgspec.json.Decoder(float_hook=float).decode
-
-
-def decode_records(body: bytes, where: str) -> list[object]:
-    """The JSON array of records in a response body, or SourceError saying what came instead."""
-    try:
-        records = decode_json(body)
-    except msgspec.DecodeError as error:
-        raise SourceError(f"{where}: not valid JSON ({error}) in {len(body)} bytes") from None
-    except RecursionError:
-        raise SourceError(f"{where}: JSON nested too deeply") from None
-    if not isinstance(records, list):
-        raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
-    return records
-
-
-# A page to load: the response, the record count of a full page (fewer ends
-# the paging), and whether it is the last page in any case.
-Page = tuple[RawPage, int | None, bool]
-
-
-def fetched_pages(source: HttpSource) -> Iterator[Page]:
-    """Fetch the source's requests in order."""
-    client = HttpClient(source)
-    for page, (url, full_page) in enumerate(source.requests(), start=1):
-        body = client.get(url)  # after any wait for the rate limit
-        yield RawPage(page, now(), safe_url(url), body), full_page, full_page is None
-
-
-def stored_pages(conn: sqlite3.Connection, source: ReplaySource) -> Iterator[Page]:
-    """The raw pages a past run stored, in the order they were fetched."""
-    rows = conn.execute(
-        "SELECT page, fetched_at, url FROM raw_payload WHERE source = ? AND run_id = ? ORDER BY page",
-        (source.name, source.run_id),
-    ).fetchall()
-    if not rows:
-        raise SourceError(f"no raw payload of {source.name} kept for run {source.run_id}")
-    for page, fetched_at, url in rows:
-        (body,) = conn.execute(
-            "SELECT body FROM raw_payload WHERE source = ? AND run_id = ? AND page = ?",
-            (source.name, source.run_id, page),
-        ).fetchone()
-        yield RawPage(page, fetched_at, url, gzip.decompress(body)), None, page == rows[-1][0]
+    return Loaded(tally, "; ".join(notes) or None, drift)
 
 
 def load_pages(
@@ -1779,42 +1939,24 @@ def load_pages(
     run_id: int,
     upstream: HttpSource,
     pages: Iterator[Page],
+    retention: Retention,
     keep_raw: bool,
-) -> tuple[Tally, str | None, dict[str, int]]:
+) -> Loaded:
     """Normalise and load upstream pages, each committed with its checkpoint (and raw payload)."""
     labels = [spec.label if (spec := upstream.fields.get(name)) else name for name in ROW_FIELDS]
-    tally, index = Tally(), 0
-    with Loader(conn, run_id, upstream.name) as loader:
+    tally = Tally()
+    with Loader(conn, run_id, upstream.name, retention) as loader:
         intake = Intake(loader.latest, upstream=True, labels=labels)
-        for raw, full_page, final in pages:
-            records = decode_records(raw.body, raw.url)
-            if not records and raw.page == 1:
-                raise SourceError(f"{raw.url} returned no records")
-            # A run can outlast its first five minutes; what was fetched then is not in the future.
-            intake.latest = max(loader.latest, time_after(raw.fetched_at, FUTURE_SLACK))
-            batch = Batch()
-            for record in records:
-                index += 1
-                batch.read += 1
-                try:
-                    observation = normalise_cells(record_cells(upstream, record, intake), raw.fetched_at, intake)
-                except Rejected as reason:
-                    raw_record = msgspec.json.encode(record)[:RAW_REJECT_CHARS].decode()
-                    batch.rejects.append((index, str(reason), raw_record))
-                else:
-                    batch.observations.append((index, *msgspec.structs.astuple(observation)))
-            last = final or (full_page is not None and len(records) < full_page)
-            position = ReadPosition(offset=raw.page, line=index)
-            loaded = loader.commit(batch, f"run {run_id}", position, complete=last, raw=raw if keep_raw else None)
+        for batch in page_batches(upstream, pages, intake):
+            raw = batch.payload
+            loaded = loader.commit(batch, f"run {run_id}", batch.end, batch.final, raw if keep_raw else None)
             tally.add(Tally(batch.read, loaded, len(batch.rejects)))
-            log.info("page loaded", url=raw.url, page=raw.page, records=len(records), loaded=loaded)
-            if last:
-                break
+            log.info("page loaded", url=raw.url, page=raw.page, records=batch.read, loaded=loaded)
     drift = intake.report({label: label for label in intake.missing})
     if drift:
         renames = [key for key in drift if key.startswith("likely rename")]
         log.warning("schema drift", source=upstream.name, drift=drift, likely_renames=renames)
-    return tally, None, drift
+    return Loaded(tally, None, drift)
 
 
 def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:
@@ -1908,16 +2050,15 @@ def end_run(conn: sqlite3.Connection, run_id: int, status: str, duration_ms: int
     )
 
 
-def load_source(
-    conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig
-) -> tuple[Tally, str | None, dict[str, int]]:
+def load_source(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> Loaded:
     """Load one source of any kind."""
     if isinstance(source, CsvSource):
-        return load_csv(conn, run_id, source, config.batch_rows)
+        return load_csv(conn, run_id, source, config)
     if isinstance(source, ReplaySource):
-        return load_pages(conn, run_id, source.upstream, stored_pages(conn, source), keep_raw=False)
+        pages = stored_pages(conn, source)
+        return load_pages(conn, run_id, source.upstream, pages, config.retention, keep_raw=False)
     try:
-        return load_pages(conn, run_id, source, fetched_pages(source), keep_raw=True)
+        return load_pages(conn, run_id, source, fetched_pages(source), config.retention, keep_raw=True)
     finally:
         with cleanup("raw payload pruning"):
             prune_raw(conn, source.name, config.raw_keep_runs)
@@ -1928,9 +2069,11 @@ def run_source(conn: sqlite3.Connection, run_id: int, source: Source, config: Et
     started = time.monotonic()
     structlog.contextvars.bind_contextvars(source=source.name)
     try:
-        tally, detail, drift = load_source(conn, run_id, source, config)
-        status = "partial" if tally.rejected else "success"
-        outcome = SourceOutcome(source.name, status, tally, elapsed_ms(started), detail, None, drift)
+        loaded = load_source(conn, run_id, source, config)
+        status = "partial" if loaded.tally.rejected else "success"
+        outcome = SourceOutcome(
+            source.name, status, loaded.tally, elapsed_ms(started), loaded.detail, None, loaded.drift
+        )
     except (SourceError, sqlite3.Error, OSError) as error:
         if isinstance(error, sqlite3.Error):
             message = store_fault(error, config)

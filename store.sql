@@ -3,9 +3,11 @@
 -- Every statement is idempotent, so applying this file to an existing store
 -- changes nothing but what is missing: that is how etl.py migrates an older
 -- store in place (version 1 -> 2 added raw_payload, 2 -> 3 made the rank
--- index covering, 3 -> 4 added run_totals). `PRAGMA user_version`
--- records the schema version; etl.py refuses a store newer than it knows. Times are RFC 3339 UTC text ('2026-11-25T12:00:00Z'), so text order is
--- time order.
+-- index covering, 3 -> 4 added run_totals, 4 -> 5 made history lean and
+-- tiered). `PRAGMA user_version`
+-- records the schema version; etl.py refuses a store newer than it knows.
+-- Times are RFC 3339 UTC text ('2026-11-25T12:00:00Z'), so text order is
+-- time order; in the history tables they are Unix seconds.
 
 PRAGMA journal_mode = WAL;
 
@@ -70,25 +72,122 @@ CREATE TABLE IF NOT EXISTS source_map (
 CREATE INDEX IF NOT EXISTS source_map_asset ON source_map (asset_id, source);
 CREATE INDEX IF NOT EXISTS source_map_identity ON source_map (symbol, name_key);
 
--- Every observation ever loaded: the history. The key makes a reload of the
--- same observation a no-op.
-CREATE TABLE IF NOT EXISTS observation (
+-- History, in three tiers (SPEC "History and retention"). Times here are
+-- Unix seconds UTC (integers), and a listing is its integer key: a row of
+-- history repeats no text.
+--
+--   raw_observation      every observation, kept KASPARRO_KEEP_RAW
+--   candle width 3600    hourly candles, kept KASPARRO_KEEP_HOURLY
+--   candle width 86400   daily candles, kept forever
+--
+-- etl.py adds each new observation to its hourly and daily candle in the
+-- transaction that stores it. Retention is per listing and relative to the
+-- newest observation loaded for it, rounded down to a UTC day: when a batch
+-- brings a listing's observation at N, its raw rows before
+-- day(N - KEEP_RAW) and its hourly candles before day(N - KEEP_HOURLY) are
+-- deleted in that batch's transaction (so a killed run leaves both or
+-- neither). Whole days go at once, so every UTC hour and day bucket is
+-- either wholly in raw_observation or wholly out of it; the work is a
+-- batch's own listings', however long the history.
+
+-- One row per listing (a source's id of a coin) that has ever been observed.
+-- raw_before and hourly_before are how far its history has been pruned: an
+-- observation older than raw_before is ignored when loaded again (its
+-- bucket is already rolled up and its raw row gone), so a reload changes
+-- nothing even after pruning.
+CREATE TABLE IF NOT EXISTS listing (
+    listing_id      INTEGER PRIMARY KEY,
     source          TEXT NOT NULL,
     source_id       TEXT NOT NULL,
-    observed_at     TEXT NOT NULL,
-    symbol          TEXT NOT NULL,
-    name            TEXT NOT NULL,
+    raw_before      INTEGER NOT NULL DEFAULT 0, -- Unix seconds: raw rows before it are pruned
+    hourly_before   INTEGER NOT NULL DEFAULT 0, -- Unix seconds: hourly candles before it are pruned
+    UNIQUE (source, source_id)
+);
+
+-- Every observation within KASPARRO_KEEP_RAW: the raw tier. The key makes a
+-- reload of the same observation a no-op. A listing's symbol and name are
+-- those of source_map (identity, not history).
+CREATE TABLE IF NOT EXISTS raw_observation (
+    listing_id      INTEGER NOT NULL REFERENCES listing (listing_id),
+    observed_at     INTEGER NOT NULL,           -- Unix seconds UTC
     rank            INTEGER,
     price_usd       REAL,
     market_cap_usd  REAL,
     volume_24h_usd  REAL,
     change_24h_pct  REAL,
-    status          TEXT NOT NULL,
-    run_id          INTEGER NOT NULL,
-    PRIMARY KEY (source, source_id, observed_at),
-    FOREIGN KEY (source, source_id) REFERENCES source_map (source, source_id)
-        DEFERRABLE INITIALLY DEFERRED
+    active          INTEGER NOT NULL CHECK (active IN (0, 1)), -- status: 1 active, 0 inactive
+    PRIMARY KEY (listing_id, observed_at)
 ) WITHOUT ROWID;
+
+-- Candles of one listing: the roll-ups. The rule, the same for a candle
+-- computed from raw observations, for these rows, and for the API:
+--
+--   * A candle is made of the observations that have a price, in one
+--     bucket [t, t + width) where t is a multiple of width in Unix seconds
+--     (so buckets start at whole UTC hours and at UTC midnight); a bucket
+--     with no priced observation has no candle.
+--   * Observations are ordered by observed time, then (when several
+--     listings are merged, as for an asset) by source, then source id.
+--   * open = the price of the first; close = the price of the last;
+--     high, low = the greatest and least price; market_cap_usd and
+--     volume_24h_usd = the last's values (null where it has none);
+--     observations = how many there are.
+--   * first_at, last_at = the observed times of the first and the last.
+--
+-- A candle over several listings (all of an asset's) follows from theirs:
+-- open of the least (first_at, source, source_id), close, market cap and
+-- volume of the greatest (last_at, source, source_id), the greatest high,
+-- the least low, the sum of observations; and a wider bucket (4h) from the
+-- narrower ones it holds (1h) by the same rule. So a candle read from these
+-- rows equals the one computed from raw observations.
+CREATE TABLE IF NOT EXISTS candle (
+    listing_id      INTEGER NOT NULL REFERENCES listing (listing_id),
+    width           INTEGER NOT NULL CHECK (width IN (3600, 86400)), -- seconds: hourly, daily
+    t               INTEGER NOT NULL,           -- bucket start, Unix seconds UTC
+    open            REAL NOT NULL,
+    high            REAL NOT NULL,
+    low             REAL NOT NULL,
+    close           REAL NOT NULL,
+    market_cap_usd  REAL,
+    volume_24h_usd  REAL,
+    observations    INTEGER NOT NULL,
+    first_at        INTEGER NOT NULL,           -- Unix seconds of the open
+    last_at         INTEGER NOT NULL,           -- Unix seconds of the close
+    PRIMARY KEY (listing_id, width, t)
+) WITHOUT ROWID;
+
+-- Version 4 -> 5: a store's observation table (one row an observation,
+-- keyed by text) becomes the raw tier, and its candles are made from it.
+-- In a newer store an empty table stands in for it and nothing is copied,
+-- so this part too can be applied again.
+CREATE TABLE IF NOT EXISTS observation (
+    source TEXT NOT NULL, source_id TEXT NOT NULL, observed_at TEXT NOT NULL, symbol TEXT NOT NULL,
+    name TEXT NOT NULL, rank INTEGER, price_usd REAL, market_cap_usd REAL, volume_24h_usd REAL,
+    change_24h_pct REAL, status TEXT NOT NULL, run_id INTEGER NOT NULL,
+    PRIMARY KEY (source, source_id, observed_at)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO listing (source, source_id)
+SELECT DISTINCT source, source_id FROM observation ORDER BY source, source_id;
+INSERT OR IGNORE INTO raw_observation
+SELECT l.listing_id, CAST(strftime('%s', o.observed_at) AS INTEGER), o.rank, o.price_usd, o.market_cap_usd,
+       o.volume_24h_usd, o.change_24h_pct, o.status = 'active'
+FROM observation o JOIN listing l ON l.source = o.source AND l.source_id = o.source_id;
+DROP TABLE observation;
+
+-- The candles of every bucket that has raw observations and no candle yet
+-- (all of them, in a store just upgraded; none, in one loaded by etl.py,
+-- which keeps candles as it loads).
+INSERT OR IGNORE INTO candle
+SELECT b.listing_id, b.width, b.t, opening.price_usd, b.high, b.low, closing.price_usd, closing.market_cap_usd,
+       closing.volume_24h_usd, b.observations, b.first_at, b.last_at
+FROM (SELECT r.listing_id, w.width, r.observed_at / w.width * w.width AS t, max(r.price_usd) AS high,
+             min(r.price_usd) AS low, count(*) AS observations, min(r.observed_at) AS first_at,
+             max(r.observed_at) AS last_at
+      FROM raw_observation r, (SELECT 3600 AS width UNION ALL SELECT 86400) w
+      WHERE r.price_usd IS NOT NULL
+      GROUP BY r.listing_id, w.width, t) b
+JOIN raw_observation opening ON opening.listing_id = b.listing_id AND opening.observed_at = b.first_at
+JOIN raw_observation closing ON closing.listing_id = b.listing_id AND closing.observed_at = b.last_at;
 
 -- One row per ETL run, written when it starts and again when it ends.
 CREATE TABLE IF NOT EXISTS etl_run (
@@ -131,11 +230,14 @@ CREATE INDEX IF NOT EXISTS run_source_source ON run_source (source, run_id);
 
 -- How far each source has been loaded. Written in the same transaction as
 -- the rows it covers, so a killed run resumes exactly where it committed.
+-- A CSV source resumes from it in a later run of the same file; an upstream
+-- is fetched anew by every run, so its row only records how far that run got.
 CREATE TABLE IF NOT EXISTS checkpoint (
     source          TEXT PRIMARY KEY,
-    fingerprint     TEXT NOT NULL,              -- what `position` refers to (file hash)
-    position        INTEGER NOT NULL,           -- byte offset reached
-    line            INTEGER NOT NULL,           -- physical line reached
+    fingerprint     TEXT NOT NULL,              -- what `position` refers to: CSV, the file's sha256;
+                                                -- upstream, 'run N' (the run that fetched it)
+    position        INTEGER NOT NULL,           -- CSV: byte offset reached; upstream: last page loaded
+    line            INTEGER NOT NULL,           -- CSV: physical line reached; upstream: records read
     complete        INTEGER NOT NULL,           -- 1 once the whole input is loaded
     run_id          INTEGER NOT NULL,
     updated_at      TEXT NOT NULL
@@ -153,7 +255,7 @@ CREATE TABLE IF NOT EXISTS reject (
 
 -- The raw upstream responses of recent runs, gzip-compressed as received, so
 -- a changed normaliser can re-derive the store without refetching
--- (`python etl.py replay:RUN_ID`). etl.py keeps those of the last
+-- (`python etl.py replay:NAME@RUN_ID`). etl.py keeps those of the last
 -- KASPARRO_RAW_KEEP_RUNS runs of each source (default 48) and deletes older ones.
 CREATE TABLE IF NOT EXISTS raw_payload (
     run_id          INTEGER NOT NULL REFERENCES etl_run (run_id),
@@ -259,4 +361,4 @@ BEGIN
     WHERE scope = NEW.source;
 END;
 
-PRAGMA user_version = 4;
+PRAGMA user_version = 5;

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gen_csv import write_csv  # noqa: E402
 
 __all__ = [
+    "OBSERVATIONS",
     "ROOT",
     "etl_against",
     "etl_env",
@@ -97,15 +98,28 @@ def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
         conn.close()
 
 
+# Every kept observation in the store's text form: source, source id, RFC 3339 time, values.
+OBSERVATIONS = (
+    "SELECT l.source, l.source_id, strftime('%Y-%m-%dT%H:%M:%SZ', o.observed_at, 'unixepoch') AS observed_at,"
+    " o.rank, o.price_usd, o.market_cap_usd, o.volume_24h_usd, o.change_24h_pct, o.active"
+    " FROM raw_observation o JOIN listing l USING (listing_id)"
+)
+
+
 def store_content(db: Path) -> dict[str, Any]:
     """Everything a run is meant to produce, independent of run ids and timing."""
     return {
         "assets": query(db, "SELECT * FROM asset ORDER BY asset_id"),
         "listings": query(db, "SELECT * FROM source_map ORDER BY source, source_id"),
-        "observations": query(
+        "observations": query(db, f"{OBSERVATIONS} ORDER BY l.source, l.source_id, o.observed_at"),
+        "candles": query(
             db,
-            "SELECT source, source_id, observed_at, symbol, name, rank, price_usd, market_cap_usd,"
-            " volume_24h_usd, change_24h_pct, status FROM observation ORDER BY source, source_id, observed_at",
+            "SELECT l.source, l.source_id, c.width, c.t, c.open, c.high, c.low, c.close, c.market_cap_usd,"
+            " c.volume_24h_usd, c.observations, c.first_at, c.last_at FROM candle c JOIN listing l USING (listing_id)"
+            " ORDER BY l.source, l.source_id, c.width, c.t",
+        ),
+        "horizons": query(
+            db, "SELECT source, source_id, raw_before, hourly_before FROM listing ORDER BY source, source_id"
         ),
         "rejects": query(db, "SELECT source, line, reason, raw FROM reject ORDER BY source, line"),
         "checkpoints": query(db, "SELECT source, fingerprint, position, line, complete FROM checkpoint"),

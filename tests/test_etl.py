@@ -79,11 +79,11 @@ def test_a_newer_snapshot_moves_the_asset_and_keeps_history(tmp_path):
     old.write_text(HEADER + "bitcoin,BTC,Bitcoin,1,91000,1,1,1,active,2026-11-25T13:00:00Z\n")
     assert run_etl(db, f"csv:{old}").returncode == 0
     assert query(db, "SELECT price_usd, updated_at FROM asset") == [(91000.0, "2026-11-25T13:00:00Z")]
-    assert query(db, "SELECT count(*) FROM observation")[0][0] == 2
+    assert query(db, "SELECT count(*) FROM raw_observation")[0][0] == 2
     old.write_text(HEADER + "bitcoin,BTC,Bitcoin,1,80000,1,1,1,active,2026-11-24T12:00:00Z\n")
     assert run_etl(db, f"csv:{old}").returncode == 0  # an older observation joins history only
     assert query(db, "SELECT price_usd FROM asset") == [(91000.0,)]
-    assert query(db, "SELECT count(*) FROM observation")[0][0] == 3
+    assert query(db, "SELECT count(*) FROM raw_observation")[0][0] == 3
 
 
 # --- crash safety and the lock ------------------------------------------------
@@ -120,7 +120,7 @@ def test_sigterm_rolls_back_the_batch_and_records_the_run_failed(tmp_path, big_c
     assert integrity(db) == "ok"
     # What was committed is exactly what the checkpoint says was read.
     line = query(db, "SELECT line FROM checkpoint")[0][0]
-    stored = query(db, "SELECT count(*) FROM observation")[0][0] + query(db, "SELECT count(*) FROM reject")[0][0]
+    stored = query(db, "SELECT count(*) FROM raw_observation")[0][0] + query(db, "SELECT count(*) FROM reject")[0][0]
     assert stored == line - 1
 
 

@@ -215,7 +215,7 @@ def test_a_future_upstream_time_takes_the_fetch_time(upstream, tmp_path):
     db = tmp_path / "store.db"
     assert etl_against(upstream, db, "coingecko").returncode == 0
     run = last_run(db)
-    (observed,) = query(db, "SELECT observed_at FROM observation")[0]
+    (observed,) = query(db, "SELECT strftime('%Y-%m-%dT%H:%M:%SZ', observed_at, 'unixepoch') FROM raw_observation")[0]
     assert run["started_at"] <= observed <= run["ended_at"]
     assert outcome(db, "coingecko")["drift"] == {f"invalid field 'last_updated': {FUTURE_REASON}": 1}
 
@@ -228,7 +228,7 @@ def test_a_store_pinned_by_a_future_time_moves_back(upstream, tmp_path, make_cli
     assert run_etl(db, f"csv:{feed}").returncode == 0
     with sqlite3.connect(db) as conn:  # what the typo made of it before future times were refused
         conn.execute("UPDATE source_map SET observed_at = '2062-11-25T12:00:00Z', price_usd = 1")
-        conn.execute("UPDATE observation SET observed_at = '2062-11-25T12:00:00Z'")
+        conn.execute("UPDATE raw_observation SET observed_at = unixepoch('2062-11-25T12:00:00Z')")
         conn.execute("UPDATE asset SET updated_at = '2062-11-25T12:00:00Z'")
     bitcoin = next(r for r in GECKO_PAGE1 if r["id"] == "bitcoin")
     coingecko_pages(upstream, [[bitcoin]])

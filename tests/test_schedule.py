@@ -149,7 +149,7 @@ def test_sigterm_between_batches_stops_the_run_and_exits_0_with_a_consistent_sto
     assert query(db, "PRAGMA integrity_check")[0][0] == "ok"
     # What was committed is exactly what the checkpoint says was read ...
     line = query(db, "SELECT line FROM checkpoint")[0][0]
-    stored = query(db, "SELECT count(*) FROM observation")[0][0] + query(db, "SELECT count(*) FROM reject")[0][0]
+    stored = query(db, "SELECT count(*) FROM raw_observation")[0][0] + query(db, "SELECT count(*) FROM reject")[0][0]
     assert stored == line - 1 >= 20_000
     # ... and the next run completes it, nothing lost or loaded twice.
     assert run_etl(db, f"csv:{big_csv}").returncode == etl.EXIT_OK

@@ -209,7 +209,7 @@ def test_an_unmoved_last_updated_is_not_stored_again(upstream, tmp_path):
     version = query(db, "SELECT generation FROM store_meta")
     assert etl_against(upstream, db, "coinpaprika").returncode == 0
     assert last_run(db)["rows_loaded"] == 0
-    assert query(db, "SELECT count(*) FROM observation") == [(len(PAPRIKA),)]
+    assert query(db, "SELECT count(*) FROM raw_observation") == [(len(PAPRIKA),)]
     assert query(db, "SELECT generation FROM store_meta") == version
 
 
@@ -291,7 +291,7 @@ def test_raw_payloads_are_kept_bounded_and_replayable(upstream, tmp_path):
     with sqlite3.connect(db) as source, sqlite3.connect(replayed) as target:
         source.backup(target)
     with sqlite3.connect(replayed) as conn:
-        conn.execute("DELETE FROM observation")
+        conn.executescript("DELETE FROM raw_observation; DELETE FROM candle;")
     result = run_etl(replayed, "replay:coingecko@3")
     assert result.returncode == 0, result.stdout
     assert last_run(replayed)["rows_loaded"] == 287
