@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -350,6 +350,59 @@ class AssetPage(Wire, frozen=True):
     total_pages: Count
     next_cursor: Annotated[str | None, Meta(description="opaque token of the next page; null on the last")]
     data_version: Annotated[str, Meta(description="moves exactly when the ETL commits new data")]
+
+
+class PricePoint(Wire, frozen=True):
+    """One raw observation of one of the asset's listings."""
+
+    observed_at: Time
+    source: str
+    price_usd: Usd
+    market_cap_usd: Usd
+    volume_24h_usd: Usd
+
+
+class Candle(Wire, frozen=True):
+    """The priced observations of one interval: the first, highest, lowest and last price, and the last's cap
+    and volume."""
+
+    t: Annotated[str, Meta(description="RFC 3339 UTC start of the interval's bucket")]
+    open: float
+    high: float
+    low: float
+    close: float
+    market_cap_usd: Usd
+    volume_24h_usd: Usd
+    observations: Annotated[int, Meta(ge=1, description="priced observations in the bucket")]
+
+
+Interval = Literal["raw", "5m", "15m", "1h", "4h", "1d"]
+POINTS_SCHEMA = {
+    "items": {"oneOf": [{"$ref": "#/components/schemas/PricePoint"}, {"$ref": "#/components/schemas/Candle"}]}
+}
+
+
+class AssetHistory(Wire, frozen=True):
+    """GET /data/{asset_id}/history: an asset's observations or candles over a window, in time order."""
+
+    request_id: RequestId
+    api_latency_ms: LatencyMs
+    asset_id: str
+    interval: Interval
+    source: Annotated[str | None, Meta(description="the one source whose listing is read; null: every source")]
+    from_: Annotated[str, Meta(description="start of the window, inclusive (RFC 3339 UTC)")] = msgspec.field(
+        name="from"
+    )
+    to: Annotated[str, Meta(description="end of the window, exclusive (RFC 3339 UTC)")]
+    points: Annotated[
+        list[Any],
+        Meta(
+            description="raw: PricePoint objects; any other interval: Candle objects (empty buckets absent)",
+            extra_json_schema=POINTS_SCHEMA,
+        ),
+    ]
+    next_cursor: Annotated[str | None, Meta(description="opaque token of the next points; null on the last")]
+    data_version: str
 
 
 class Health(Wire, frozen=True):
@@ -1234,18 +1287,14 @@ def cursor_key(version: DataVersion) -> bytes:
     return hashlib.blake2b(version.store_id.encode(), digest_size=32, person=b"kasparro-cursor").digest()
 
 
-def make_cursor(query: AssetQuery, asset: Asset, version: DataVersion) -> str:
-    """A keyset token after `asset`, tagged so a damaged or foreign token is refused."""
-    value = getattr(asset, query.sort.field)
-    token = CursorToken(query.digest, value is None, value, asset.asset_id)
-    payload = encode_cursor(token)
+def seal(payload: bytes, version: DataVersion) -> str:
+    """A cursor's text: the payload and its tag, so a damaged or foreign token is refused."""
     tag = hashlib.blake2b(payload, key=cursor_key(version), digest_size=8).digest()
     return base64.urlsafe_b64encode(payload + tag).decode().rstrip("=")
 
 
-def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
-    """The token of query.cursor, checked against its tag and the query, or InvalidQuery."""
-    text = query.cursor or ""
+def unseal(text: str, version: DataVersion) -> bytes:
+    """The payload of a cursor made by seal() for this store, or InvalidQuery."""
     if not CURSOR.fullmatch(text):
         raise InvalidQuery("cursor: not a token given by next_cursor")
     try:
@@ -1256,8 +1305,19 @@ def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
     expected = hashlib.blake2b(payload, key=cursor_key(version), digest_size=8).digest()
     if not hmac.compare_digest(tag, expected):
         raise InvalidQuery("cursor: tampered with, or issued by another store")
+    return payload
+
+
+def make_cursor(query: AssetQuery, asset: Asset, version: DataVersion) -> str:
+    """A keyset token after `asset`."""
+    value = getattr(asset, query.sort.field)
+    return seal(encode_cursor(CursorToken(query.digest, value is None, value, asset.asset_id)), version)
+
+
+def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
+    """The token of query.cursor, checked against its tag and the query, or InvalidQuery."""
     try:
-        token = decode_cursor(payload)
+        token = decode_cursor(unseal(query.cursor or "", version))
     except msgspec.DecodeError:
         raise InvalidQuery("cursor: not a token given by next_cursor") from None
     if token.query_digest != query.digest:
@@ -1449,6 +1509,222 @@ def read_asset(conn: sqlite3.Connection, version: DataVersion, asset_id: str) ->
 
 def asset_etag(data_version: str, asset_id: str) -> str:
     return hashlib.blake2b(f"{data_version}\n{asset_id}".encode(), digest_size=12).hexdigest()
+
+
+# An asset's history: its listings' raw observations (raw_observation) and candles (candle), by store.sql's
+# rule; times there are Unix seconds. Candles wider than an hour but not a day come from hourly ones,
+# narrower ones from raw observations: every kind is merged across listings the same way (merge_candles).
+INTERVALS = {"raw": 0, "5m": 300, "15m": 900, "1h": 3_600, "4h": 14_400, "1d": 86_400}
+KEPT_WIDTHS = (3_600, 86_400)  # the candle widths store.sql keeps
+HISTORY_PARAMS = ("interval", "from", "to", "source", "limit", "cursor")
+HISTORY_LIMIT = 1_000
+RAW_WINDOW = 86_400  # the default window of raw points; candles: 100 intervals
+UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}")
+
+
+class HistoryCursor(msgspec.Struct, array_like=True, frozen=True):
+    """What a history next_cursor carries: query digest and the last point's time, source and source id."""
+
+    query_digest: str
+    at: int
+    source: str
+    source_id: str
+
+
+encode_history_cursor = msgspec.msgpack.Encoder().encode
+decode_history_cursor = msgspec.msgpack.Decoder(HistoryCursor).decode
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """A normalised GET /data/{asset_id}/history query; `start` and `end` are Unix seconds, None for the default."""
+
+    interval: str = "1h"
+    start: int | None = None
+    end: int | None = None
+    source: str | None = None
+    limit: int = HISTORY_LIMIT
+    cursor: str | None = None
+
+    @property
+    def width(self) -> int:
+        return INTERVALS[self.interval]
+
+    def digest(self, asset_id: str) -> str:
+        key = f"{asset_id}\n{self.interval}\n{self.start}\n{self.end}\n{self.source}"
+        return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+    def etag(self, data_version: str, asset_id: str) -> str:
+        key = f"{data_version}\n{self.digest(asset_id)}\n{self.limit}\n{self.cursor}"
+        return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+
+
+def parse_history_query(params: Mapping[str, str]) -> HistoryQuery:
+    """The query string of GET /data/{asset_id}/history as a HistoryQuery, or InvalidQuery naming the part."""
+    check_params(params, HISTORY_PARAMS)
+    interval = params.get("interval", "1h")
+    if interval not in INTERVALS:
+        raise InvalidQuery(f"interval: one of {', '.join(INTERVALS)}, got {interval[:20]!r}")
+    start = parse_moment("from", params["from"]) if "from" in params else None
+    end = parse_moment("to", params["to"]) if "to" in params else None
+    if start is not None and end is not None and start > end:
+        raise InvalidQuery(f"from: {params['from'][:40]!r} is after to {params['to'][:40]!r}")
+    cursor = params.get("cursor") or None
+    return HistoryQuery(
+        interval=interval,
+        start=start,
+        end=end,
+        source=params.get("source") or None,
+        limit=parse_int("limit", params.get("limit", str(HISTORY_LIMIT)), 1, HISTORY_LIMIT),
+        cursor=cursor,
+    )
+
+
+def parse_moment(name: str, text: str) -> int:
+    """An RFC 3339 time (UTC when it names no offset) or Unix seconds, as Unix seconds (rounded up)."""
+    if UNIX_SECONDS.fullmatch(text):
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds, got {text[:40]!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return math.ceil(moment.timestamp())
+
+
+def utc_text(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+LISTINGS_SQL = """
+SELECT l.listing_id, l.source, l.source_id FROM source_map m
+JOIN listing l ON l.source = m.source AND l.source_id = m.source_id
+WHERE m.asset_id = ? ORDER BY l.source, l.source_id
+"""
+RAW_COLUMNS = "r.observed_at, l.source, l.source_id, r.price_usd, r.market_cap_usd, r.volume_24h_usd"
+
+
+def raw_sql(listings: int, after: bool, priced: bool) -> str:
+    """Raw observations of `listings` listings in [?, ?), in point order; after: past a (time, source, id)."""
+    marks = ", ".join("?" * listings)
+    return (
+        f"SELECT {RAW_COLUMNS} FROM raw_observation r JOIN listing l ON l.listing_id = r.listing_id"
+        f" WHERE r.listing_id IN ({marks}) AND r.observed_at >= ? AND r.observed_at < ?"
+        + (" AND r.price_usd IS NOT NULL" if priced else "")
+        + (" AND (r.observed_at, l.source, l.source_id) > (?, ?, ?)" if after else "")
+        + " ORDER BY r.observed_at, l.source, l.source_id"
+    )
+
+
+def candle_sql(listings: int) -> str:
+    """Kept candles of one width of `listings` listings with bucket starts in [?, ?)."""
+    marks = ", ".join("?" * listings)
+    return (
+        "SELECT c.t, c.open, c.high, c.low, c.close, c.market_cap_usd, c.volume_24h_usd, c.observations,"
+        " c.first_at, c.last_at, l.source, l.source_id FROM candle c JOIN listing l ON l.listing_id = c.listing_id"
+        f" WHERE c.listing_id IN ({marks}) AND c.width = ? AND c.t >= ? AND c.t < ?"
+    )
+
+
+def merge_candles(parts: Iterable[tuple], width: int) -> list[tuple[int, Candle]]:
+    """Candles of `width` seconds, each with its bucket's start (Unix seconds), in time order, from parts (rows of
+    candle_sql: t, open, high, low, close, cap, volume, observations, first_at, last_at, source, source_id) of
+    narrower buckets or of several listings: open of the first (by first_at, source, source id), close, cap and
+    volume of the last, the greatest high, the least low, the observations summed."""
+    buckets: dict[int, list[tuple]] = {}
+    for part in parts:
+        buckets.setdefault(part[0] // width * width, []).append(part)
+    candles = []
+    for start in sorted(buckets):
+        members = buckets[start]
+        first = min(members, key=lambda p: (p[8], p[10], p[11]))
+        last = max(members, key=lambda p: (p[9], p[10], p[11]))
+        high, low, observations = max(p[2] for p in members), min(p[3] for p in members), sum(p[7] for p in members)
+        candles.append((start, Candle(utc_text(start), first[1], high, low, last[4], last[5], last[6], observations)))
+    return candles
+
+
+def read_history(
+    conn: sqlite3.Connection, version: DataVersion, asset_id: str, query: HistoryQuery
+) -> AssetHistory | None:
+    """The history the query asks of an asset, with blank request_id and api_latency_ms; None: no such asset.
+    A 404 when the asset has no listing of query.source."""
+    listings = conn.execute(LISTINGS_SQL, (asset_id,)).fetchall()
+    if not listings and conn.execute("SELECT 1 FROM asset WHERE asset_id = ?", (asset_id,)).fetchone() is None:
+        return None
+    if query.source is not None:
+        listings = [listing for listing in listings if listing[1] == query.source]
+        if not listings:
+            raise falcon.HTTPNotFound(description=f"asset {asset_id[:100]!r} has no listing of {query.source[:60]!r}")
+    ids = [listing[0] for listing in listings]
+    end = query.end if query.end is not None else newest_observation(conn, ids) + 1
+    start = query.start if query.start is not None else end - (query.width * 100 or RAW_WINDOW)
+    if start > end:
+        raise InvalidQuery(f"from: {utc_text(start)} is after to, {utc_text(end)} (the default: just after the newest"
+                           " observation)")  # fmt: skip
+    digest = query.digest(asset_id)
+    after = None
+    if query.cursor:
+        try:
+            after = decode_history_cursor(unseal(query.cursor, version))
+        except msgspec.DecodeError:
+            raise InvalidQuery("cursor: not a token given by next_cursor") from None
+        if after.query_digest != digest:
+            raise InvalidQuery("cursor: issued for another asset, interval, window or source than this request's")
+    limit = query.limit
+    if not query.width:
+        position = (after.at, after.source, after.source_id) if after else ()
+        rows = conn.execute(raw_sql(len(ids), after is not None, False) + " LIMIT ?", (*ids, start, end, *position,
+                            limit + 1)).fetchall()  # fmt: skip
+        points: list[Any] = [PricePoint(utc_text(t), source, *values) for t, source, _, *values in rows[:limit]]
+        last = rows[limit - 1] if len(rows) > limit else None
+        position = (last[0], last[1], last[2]) if last else None
+    else:
+        candles = [(at, c) for at, c in read_candles(conn, ids, query.width, start, end) if not after or at > after.at]
+        points = [candle for _, candle in candles[:limit]]
+        position = (candles[limit - 1][0], "", "") if len(candles) > limit else None
+    return AssetHistory(
+        request_id="",
+        api_latency_ms=0.0,
+        asset_id=asset_id,
+        interval=query.interval,  # type: ignore[arg-type]
+        source=query.source,
+        from_=utc_text(start),
+        to=utc_text(end),
+        points=points,
+        next_cursor=None
+        if position is None
+        else seal(encode_history_cursor(HistoryCursor(digest, *position)), version),
+        data_version=str(version),
+    )
+
+
+def read_candles(
+    conn: sqlite3.Connection, ids: Sequence[int], width: int, start: int, end: int
+) -> list[tuple[int, Candle]]:
+    """The candles of `width` of the listings merged, for buckets starting in [start, end)."""
+    first, past = -(-start // width) * width, -(-end // width) * width  # the buckets that start in [start, end)
+    if width in KEPT_WIDTHS:
+        parts = conn.execute(candle_sql(len(ids)), (*ids, width, first, past)).fetchall()
+    elif width > KEPT_WIDTHS[0]:
+        parts = conn.execute(candle_sql(len(ids)), (*ids, KEPT_WIDTHS[0], first, past)).fetchall()
+    else:  # from raw observations: each one a candle of its own
+        raw = conn.execute(raw_sql(len(ids), False, True), (*ids, first, past)).fetchall()
+        parts = [(t, price, price, price, price, cap, volume, 1, t, t, source, source_id)
+                 for t, source, source_id, price, cap, volume in raw]  # fmt: skip
+    return merge_candles(parts, width)
+
+
+def newest_observation(conn: sqlite3.Connection, ids: Sequence[int]) -> int:
+    """The time of the newest observation of the listings (raw, else in a kept candle); now when there is none."""
+    marks = ", ".join("?" * len(ids))
+    row = conn.execute(
+        f"SELECT max(observed_at) FROM raw_observation WHERE listing_id IN ({marks})", ids
+    ).fetchone() if ids else (None,)  # fmt: skip
+    if row[0] is None and ids:
+        row = conn.execute(f"SELECT max(last_at) FROM candle WHERE listing_id IN ({marks})", ids).fetchone()
+    return row[0] if row[0] is not None else int(time.time())
 
 
 # --- answers --------------------------------------------------------------
@@ -1680,6 +1956,25 @@ class AssetResource(KeptResource):
             return Answer(commit.number, encode(detail), etag=asset_etag(str(version), asset_id))
 
         return await self.store.read(read, on_loop=True)
+
+    def missing(self, asset_id: str) -> str:
+        return f"no asset with asset_id {asset_id[:100]!r}"
+
+
+class AssetHistoryResource(KeptResource):
+    """GET /data/{asset_id}/history: the asset's raw observations or candles over a window, read in a thread."""
+
+    async def make(self, commit: Commit, params: Mapping[str, str], asset_id: str) -> Answer | None:
+        query = parse_history_query(params)
+
+        def read(conn: sqlite3.Connection, version: DataVersion) -> Answer | None:
+            history = read_history(conn, version, asset_id, query)
+            if history is None:
+                return None
+            etag = query.etag(history.data_version, asset_id)
+            return Answer(commit.number, encode(history), etag=etag, stamped=True)
+
+        return await self.store.read(read)
 
     def missing(self, asset_id: str) -> str:
         return f"no asset with asset_id {asset_id[:100]!r}"
@@ -2206,6 +2501,13 @@ EXAMPLE_ASSET = Asset(
     updated_at="2026-11-25T12:00:00Z",
 )
 EXAMPLE_REQUEST_ID = "0b7e9c1e-4a8f-4d2b-9a57-2f1c3d5e6a70"
+HISTORY_TEXT = """Raw observations (`interval=raw`) or candles (`5m` to `1d`) of every listing of the asset,
+merged, or of one `source`'s. A candle covers the priced observations of one UTC bucket: open, close =
+the first and last price (by observed time, then source), high and low, and the last one's cap and
+volume; buckets without any are absent. Raw observations are kept for KASPARRO_KEEP_RAW, hourly candles
+for KASPARRO_KEEP_HOURLY, daily ones forever: 5m and 15m reach as far back as the raw tier, 1h and 4h as
+the hourly one. Unknown asset, or no listing of `source`: 404; `from` after `to`, a bad interval or time:
+400."""
 COMPARE_TEXT = """Runs a and b side by side, per source of either run: each measure (rows read, loaded and
 rejected, duration) in a, in b, and b minus a; the drift entries that appeared in b or disappeared from a.
 
@@ -2294,6 +2596,18 @@ def examples() -> dict[str, msgspec.Struct]:
         ),
         "runs": RunList(data_version="5f0c2a-2", limit=20, runs=[second, first]),
         "run": first,
+        "history": AssetHistory(
+            request_id=EXAMPLE_REQUEST_ID,
+            api_latency_ms=0.31,
+            asset_id="bitcoin",
+            interval="1h",
+            source=None,
+            from_="2026-11-21T08:00:00Z",
+            to="2026-11-25T12:00:01Z",
+            points=[Candle("2026-11-25T11:00:00Z", 95110.4, 95402.0, 95020.9, 95240.12, 1.898e12, 7.61e10, 12)],
+            next_cursor=None,
+            data_version="5f0c2a-1",
+        ),
         "comparison": compare_runs(first, second, previous, "5f0c2a-2"),
         "problem": Problem(
             type="about:blank",
@@ -2309,9 +2623,11 @@ def examples() -> dict[str, msgspec.Struct]:
 def openapi_document(config: Config) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the API, its bodies' schemas generated from the wire Structs."""
     refs, schemas = msgspec.json.schema_components(
-        (Index, AssetPage, AssetDetail, Health, Stats, RunList, Run, RunComparison, Problem), ref_template=SCHEMA_REF
-    )
-    index, page, detail, health, stats, runs, run, comparison, problem = refs
+        (Index, AssetPage, AssetDetail, AssetHistory, PricePoint, Candle, Health, Stats, RunList, Run, RunComparison,
+         Problem),
+        ref_template=SCHEMA_REF,
+    )  # fmt: skip
+    index, page, detail, history, _, _, health, stats, runs, run, comparison, problem = refs
     example = {name: msgspec.to_builtins(body) for name, body in examples().items()}
     string = {"type": "string"}
     request_id = {
@@ -2495,6 +2811,52 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "503",
         "404",
         parameters=[asset_id, if_none_match],
+        **{"304": refer("NotModified")},
+    )
+    moment = {"type": "string", "examples": ["2026-11-25T12:00:00Z", "1764072000"]}
+    history_parameters = [
+        asset_id,
+        {
+            "name": "interval",
+            "in": "query",
+            "description": "raw observations, or candles of this width (UTC buckets)",
+            "schema": {"type": "string", "enum": list(INTERVALS), "default": "1h"},
+        },
+        {
+            "name": "from",
+            "in": "query",
+            "description": "start, inclusive: RFC 3339 or Unix seconds; default: 100 intervals (raw: a day) before to",
+            "schema": moment,
+        },
+        {
+            "name": "to",
+            "in": "query",
+            "description": "end, exclusive: RFC 3339 or Unix seconds; default: just after the newest observation",
+            "schema": moment,
+        },
+        {"name": "source", "in": "query", "description": "one source's listing only", "schema": string},
+        {
+            "name": "limit",
+            "in": "query",
+            "description": "points per response",
+            "schema": {"type": "integer", "minimum": 1, "maximum": HISTORY_LIMIT, "default": HISTORY_LIMIT},
+        },
+        {
+            "name": "cursor",
+            "in": "query",
+            "schema": {"type": "string", "pattern": f"^(?:{CURSOR.pattern})?$"},
+            "description": "next_cursor of the previous response, for the same window",
+        },
+        if_none_match,
+    ]
+    operation(
+        "/data/{asset_id}/history",
+        body("points in time order", history, example["history"], **etag),
+        "400",
+        "503",
+        "404",
+        parameters=history_parameters,
+        description=HISTORY_TEXT,
         **{"304": refer("NotModified")},
     )
     operation(
@@ -3067,6 +3429,13 @@ ROUTES = (
         guarded=True,
         kept=True,
     ),
+    Route(
+        "/data/{asset_id}/history",
+        AssetHistoryResource,
+        summary="History: an asset's observations or candles over time",
+        guarded=True,
+        kept=True,
+    ),
     Route("/health", HealthResource, summary="Health: store readable, ETL fresh", limited=False, kept=True),
     Route("/stats", StatsResource, summary="Stats: ETL outcomes", guarded=True, kept=True),
     Route(
@@ -3111,6 +3480,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> F
         IndexResource: IndexResource(endpoints()),
         AssetPagesResource: AssetPagesResource(store, answers),
         AssetResource: AssetResource(store, answers),
+        AssetHistoryResource: AssetHistoryResource(store, answers),
         HealthResource: HealthResource(store, answers, config.etl_max_age, replica),
         StatsResource: StatsResource(store, answers, replica),
         RunsResource: RunsResource(store, answers, replica),

@@ -77,8 +77,9 @@ def test_document_with_api_keys_declares_security(sample_store: Path) -> None:
 
 
 def test_every_path_and_parameter_is_documented(document: dict[str, Any]) -> None:
-    assert set(document["paths"]) == {"/", "/data", "/data/{asset_id}", "/health", "/stats", "/runs", "/runs/{run_id}",
-                                      "/runs/compare", "/metrics", "/openapi.json", "/docs", "/redoc"}  # fmt: skip
+    assert set(document["paths"]) == {"/", "/data", "/data/{asset_id}", "/data/{asset_id}/history", "/health", "/stats",
+                                      "/runs", "/runs/{run_id}", "/runs/compare", "/metrics", "/openapi.json", "/docs",
+                                      "/redoc"}  # fmt: skip
     data = {p["name"]: p for p in document["paths"]["/data"]["get"]["parameters"]}
     assert set(data) == {"page", "page_size", "filter_by", "sort", "cursor", "If-None-Match"}
     assert all(p.get("allowEmptyValue", False) == (p["in"] == "query") for p in data.values())  # empty: absent
@@ -116,6 +117,11 @@ def test_examples_match_their_schemas(document: dict[str, Any]) -> None:
         ("/data", {"cursor": "O0qbI0CkfJ9O4M7Dr"}, "/data", 400),
         ("/data/bitcoin", None, "/data/{asset_id}", 200),
         ("/data/no-such-coin", None, "/data/{asset_id}", 404),
+        ("/data/bitcoin/history", None, "/data/{asset_id}/history", 200),
+        ("/data/bitcoin/history", {"interval": "raw"}, "/data/{asset_id}/history", 200),
+        ("/data/bitcoin/history", {"interval": "1d", "from": "2026-01-01"}, "/data/{asset_id}/history", 200),
+        ("/data/bitcoin/history", {"interval": "2h"}, "/data/{asset_id}/history", 400),
+        ("/data/no-such-coin/history", None, "/data/{asset_id}/history", 404),
         ("/health", None, "/health", 200),
         ("/stats", None, "/stats", 200),
         ("/runs", None, "/runs", 200),
@@ -162,7 +168,8 @@ def test_auth_failures_match_the_document(make_client: Any, store_path: Path) ->
     document = openapi_of(store_path, api_keys=("k1",))
     client = make_client(Config(db=store_path, api_keys=("k1",), log_level="warning"))
     for path, template in (("/data", "/data"), ("/data/bitcoin", "/data/{asset_id}"), ("/stats", "/stats"),
-                           ("/runs", "/runs"), ("/runs/1", "/runs/{run_id}"),
+                           ("/data/bitcoin/history", "/data/{asset_id}/history"), ("/runs", "/runs"),
+                           ("/runs/1", "/runs/{run_id}"),
                            ("/runs/compare", "/runs/compare")):  # fmt: skip
         result = client.get(path)
         assert result.status_code == 401
@@ -191,7 +198,8 @@ def test_unreadable_store_answers_match_the_document(make_client: Any, tmp_path:
     document = openapi_of(db)
     client = make_client(Config(db=db, log_level="warning"))
     for path, template in (("/data", "/data"), ("/data/x", "/data/{asset_id}"), ("/stats", "/stats"),
-                           ("/runs", "/runs"), ("/runs/1", "/runs/{run_id}"),
+                           ("/data/x/history", "/data/{asset_id}/history"), ("/runs", "/runs"),
+                           ("/runs/1", "/runs/{run_id}"),
                            ("/runs/compare?a=1&b=2", "/runs/compare"), ("/health", "/health"),
                            ("/metrics", "/metrics")):  # fmt: skip
         path, _, query = path.partition("?")
