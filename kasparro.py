@@ -9,6 +9,7 @@ import bisect
 import collections
 import contextlib
 import contextvars
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -1756,6 +1757,7 @@ class Answer:
     status: int = 200
     stamped: bool = False
     until: float = math.inf
+    route: str = ""  # the route template it answers (AnswerCache sets it): the front door's label and check
 
     def __post_init__(self) -> None:
         assert not self.stamped or self.body.startswith(BLANK_HEAD), "a stamped answer starts with BLANK_HEAD"
@@ -1833,7 +1835,7 @@ class AnswerCache:
         self.entries.move_to_end(key)
         return answer
 
-    async def read(self, key: AnswerKey, make: Make) -> Answer | None:
+    async def read(self, key: AnswerKey, route: str, make: Make) -> Answer | None:
         """The answer to key: kept, else the one being made for it at this commit, else make(commit)'s, which is
         then offered to keep. None (no such thing) is shared, not kept.
 
@@ -1846,13 +1848,15 @@ class AnswerCache:
         commit = await self.store.watch()
         making = self._making.get(key)
         if making is None or making[0] != commit.number:
-            task = asyncio.get_running_loop().create_task(self._make(key, make, commit))
+            task = asyncio.get_running_loop().create_task(self._make(key, route, make, commit))
             making = self._making[key] = (commit.number, task)
             task.add_done_callback(functools.partial(self._made, key))
         return await asyncio.shield(making[1])
 
-    async def _make(self, key: AnswerKey, make: Make, commit: Commit) -> Answer | None:
+    async def _make(self, key: AnswerKey, route: str, make: Make, commit: Commit) -> Answer | None:
         answer = await make(commit)
+        if answer is not None:
+            answer = dataclasses.replace(answer, route=route)
         if (
             answer is not None
             and answer.status == 200
@@ -1916,14 +1920,14 @@ class KeptResource:
         self.answers = answers
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, **fields: str) -> None:
-        answer = await self.answer(answer_key(req.scope), req.params, **fields)
+        answer = await self.answer(req.uri_template, answer_key(req.scope), req.params, **fields)
         if answer is None:
             raise falcon.HTTPNotFound(description=self.missing(**fields))
         send_answer(req, resp, answer)
 
-    async def answer(self, key: AnswerKey, params: Mapping[str, str], **fields: str) -> Answer | None:
-        """The answer to the request with this key, query parameters and path fields; None: no such thing."""
-        return await self.answers.read(key, lambda commit: self.make(commit, params, **fields))
+    async def answer(self, route: str, key: AnswerKey, params: Mapping[str, str], **fields: str) -> Answer | None:
+        """The answer to a request of this route, key, query parameters and path fields; None: no such thing."""
+        return await self.answers.read(key, route, lambda commit: self.make(commit, params, **fields))
 
     async def make(self, commit: Commit, params: Mapping[str, str], **fields: str) -> Answer | None:
         raise NotImplementedError
@@ -2011,9 +2015,9 @@ class HealthResource(KeptResource):
         self.replica = replica
         self.unhealthy = Answer(0, encode(UNHEALTHY), status=503)
 
-    async def answer(self, key: AnswerKey, params: Mapping[str, str], **fields: str) -> Answer | None:
+    async def answer(self, route: str, key: AnswerKey, params: Mapping[str, str], **fields: str) -> Answer | None:
         try:
-            return await super().answer(key, params)
+            return await super().answer(route, key, params)
         except StoreUnavailable as error:
             log.warning("store unavailable", reason=str(error))
             return self.unhealthy
@@ -3176,16 +3180,7 @@ class FrontDoor:
         scope[REQUEST_ID_KEY], scope[STARTED] = request_id, started
         self.metrics.in_flight += 1
         try:
-            found = self.router.find(scope["path"]) if scope["method"] in READS else None
-            answer = None
-            if found is not None and found[3] in self.kept_routes:
-                key = answer_key(scope)
-                try:
-                    answer = await self.answers.lookup(key)
-                    if answer is None and not scope["query_string"]:  # Falcon's path applies the query rules
-                        answer = await found[0].answer(key, {}, **found[2])
-                except Exception:  # Falcon's path meets it again, and answers it as it answers every error
-                    answer = None
+            answer = await self.kept_answer(scope) if scope["method"] in READS else None
             if answer is None:
                 status = await self.through_falcon(scope, receive, send)
                 route = scope.get(ROUTE)
@@ -3198,10 +3193,27 @@ class FrontDoor:
                     headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
-                route = found[3]
+                route = answer.route
             self.done(scope, route, status, started)
         finally:
             self.metrics.in_flight -= 1
+
+    async def kept_answer(self, scope: dict[str, Any]) -> Answer | None:
+        """The answer kept for this GET, if its route is open here; else, for one with no query string of such a
+        route, its KeptResource's. None: Falcon answers (a query string needs Falcon's rules; an error, Falcon's)."""
+        key = answer_key(scope)
+        try:
+            answer = await self.answers.lookup(key)
+            if answer is not None:
+                return answer if answer.route in self.kept_routes else None
+            if scope["query_string"]:
+                return None
+            found = self.router.find(scope["path"])
+            if found is None or found[3] not in self.kept_routes:
+                return None
+            return await found[0].answer(found[3], key, {}, **found[2])
+        except Exception:  # Falcon's path meets it again, and answers it as it answers every error
+            return None
 
     async def through_falcon(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> int:
         """Let Falcon answer, with the X-Request-ID header added; return the status it sent."""

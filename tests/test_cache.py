@@ -340,15 +340,18 @@ def test_concurrent_misses_of_one_answer_share_one_read(store_path: Path) -> Non
     health = kasparro.Answer(0, b"{}", until=0.0)  # never fresh: never kept
 
     def reads(answers: kasparro.AnswerCache) -> list[Awaitable[Any]]:
-        same = [answers.read(("/health", b""), counted(calls, f"health-{n}", health)) for n in range(8)]
-        other = answers.read(("/health", b"x"), counted(calls, "other", health))
-        none = [answers.read(("/data/nope", b""), counted(calls, f"nope-{n}")) for n in range(3)]
-        failing = [answers.read(("/stats", b""), counted(calls, f"stats-{n}", fails=True)) for n in range(3)]
+        same = [answers.read(("/health", b""), "/health", counted(calls, f"health-{n}", health)) for n in range(8)]
+        other = answers.read(("/health", b"x"), "/health", counted(calls, "other", health))
+        none = [answers.read(("/data/nope", b""), "/data/{asset_id}", counted(calls, f"nope-{n}")) for n in range(3)]
+        failing = [answers.read(("/stats", b""), "/stats", counted(calls, f"stats-{n}", fails=True)) for n in range(3)]
         return [*same, other, *none, *failing]
 
     results = read_together(store_path, reads)
     assert calls == ["health-0", "other", "nope-0", "stats-0"]  # one read per key, by the first to miss
-    assert results[:9] == [health] * 9 and results[9:12] == [None] * 3
+    shared, other = results[0], results[8]
+    assert all(answer is shared for answer in results[:8]) and other is not shared  # one answer per key
+    assert (shared.body, shared.route, other.body) == (health.body, "/health", health.body)
+    assert results[9:12] == [None] * 3
     assert all(isinstance(error, kasparro.StoreUnavailable) for error in results[12:])
 
 
@@ -364,12 +367,17 @@ def test_a_request_that_goes_away_does_not_cancel_the_read_the_others_wait_on(st
 
     def reads(answers: kasparro.AnswerCache) -> list[Awaitable[Any]]:
         async def leaves() -> Any:
-            first = asyncio.ensure_future(answers.read(("/health", b""), slow))
+            first = asyncio.ensure_future(answers.read(("/health", b""), "/health", slow))
             await asyncio.sleep(0)
             first.cancel()  # its client went away while the read ran
             return await asyncio.gather(first, return_exceptions=True)
 
-        return [leaves(), answers.read(("/health", b""), slow), answers.read(("/health", b""), slow)]
+        return [
+            leaves(),
+            answers.read(("/health", b""), "/health", slow),
+            answers.read(("/health", b""), "/health", slow),
+        ]
 
     left, *stayed = read_together(store_path, reads)
-    assert calls == ["read"] and isinstance(left[0], asyncio.CancelledError) and stayed == [health, health]
+    assert calls == ["read"] and isinstance(left[0], asyncio.CancelledError)
+    assert stayed[0] is stayed[1] and stayed[0].body == health.body
