@@ -1201,14 +1201,20 @@ def parse_number(field: str, text: str) -> float:
     return value
 
 
-def parse_time(field: str, text: str) -> str:
-    """An RFC 3339 time or date, in the store's text form (so text order is time order)."""
+def read_rfc3339(text: str) -> datetime | None:
+    """An RFC 3339 time or date as an aware datetime (UTC when it names no offset); None when it is not one."""
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
-        raise InvalidQuery(f"filter_by: {field} needs an RFC 3339 time, got {text[:40]!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def parse_time(field: str, text: str) -> str:
+    """An RFC 3339 time or date, in the store's text form (so text order is time order)."""
+    moment = read_rfc3339(text)
+    if moment is None:
+        raise InvalidQuery(f"filter_by: {field} needs an RFC 3339 time, got {text[:40]!r}")
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -1585,12 +1591,9 @@ def parse_moment(name: str, text: str) -> int:
     """An RFC 3339 time (UTC when it names no offset) or Unix seconds, as Unix seconds (rounded up)."""
     if UNIX_SECONDS.fullmatch(text):
         return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("z", "Z"))
-    except ValueError:
-        raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds, got {text[:40]!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+    moment = read_rfc3339(text)
+    if moment is None:
+        raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds, got {text[:40]!r}")
     return math.ceil(moment.timestamp())
 
 
