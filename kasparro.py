@@ -113,28 +113,28 @@ LOG_HANDLER = "kasparro"
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
-def add_request_id(logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
-    """structlog processor: tag the event with the current request's id."""
-    request_id = REQUEST_ID.get()
-    if request_id is not None:
-        event.setdefault("request_id", request_id)
-    return event
+LEVEL_NAMES = {"warn": "warning", "exception": "error"}  # structlog's method names that are not level names
 
 
-class UtcTimestamp:
-    """structlog processor: `timestamp` as RFC 3339 UTC with microseconds, as TimeStamper(fmt="iso", utc=True)
-    writes it; the part up to the second is formatted once a second."""
+class Stamp:
+    """structlog processor: the event's `level`, the current request's `request_id` and `timestamp`, in one call:
+    RFC 3339 UTC with microseconds, as TimeStamper(fmt="iso", utc=True) writes it, up to the second
+    formatted once a second."""
 
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
 
     def __call__(self, logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
-        now = time.time()
-        second = int(now)
+        event["level"] = LEVEL_NAMES.get(method, method)
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            event.setdefault("request_id", request_id)
+        micros = time.time_ns() // 1000
+        second = micros // 1_000_000
         if second != self._second:
             self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        event["timestamp"] = f"{self._prefix}.{micros - second * 1_000_000:06d}Z"
         return event
 
 
@@ -150,7 +150,9 @@ def add_exception(logger: object, method: str, event: dict[str, Any]) -> dict[st
 
 
 def render_json(logger: object, method: str, event: dict[str, Any]) -> bytes:
-    """structlog renderer: the event as one line of JSON (bytes)."""
+    """structlog renderer: the event as one line of JSON (bytes), its exc_info formatted first (add_exception)."""
+    if "exc_info" in event:
+        event = format_exc_info(logger, method, event)
     return encode_log_event(event)
 
 
@@ -171,16 +173,13 @@ class LogLines:
         self._due = False  # a flush is queued on the event loop
         self._lock = threading.Lock()  # reader threads log too
 
-    def _hold(self, line: bytes | str) -> int:
-        """Add a line to those waiting; how many wait now."""
-        with self._lock:
-            self._held.append(line.encode() if type(line) is str else line)
-            return len(self._held)
-
     def msg(self, line: bytes | str) -> None:
-        if self._hold(line) < self.MAX_HELD:
-            if self._due:
+        with self._lock:
+            held = self._held
+            held.append(line if type(line) is bytes else line.encode())
+            if self._due and len(held) < self.MAX_HELD:
                 return
+        if len(held) < self.MAX_HELD:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
                 self._due = True
@@ -190,7 +189,8 @@ class LogLines:
         self.flush()
 
     def write_now(self, line: bytes | str) -> None:
-        self._hold(line)
+        with self._lock:
+            self._held.append(line if type(line) is bytes else line.encode())
         self.flush()
 
     log = debug = info = msg
@@ -230,6 +230,27 @@ def log_level(name: str) -> int:
     return logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
 
 
+def bound_logger_class(threshold: int) -> type:
+    """structlog's filtering bound logger for `threshold`; when info lines are on, its info() runs the processor
+    chain by `_process_event` (open to custom wrapper classes) without the generic proxy's two extra calls and
+    getattr: two fifths of structlog's own cost of the request line."""
+    filtering = structlog.make_filtering_bound_logger(threshold)
+    if threshold > logging.INFO:
+        return filtering
+
+    class InfoLogger(filtering):  # type: ignore[valid-type,misc]
+        def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+            if args:  # %-style positional arguments: structlog's own path formats them
+                return super().info(event, *args, **kw)
+            try:
+                args, kw = self._process_event("info", event, kw)
+            except structlog.DropEvent:
+                return None
+            return self._logger.info(*args, **kw)
+
+    return InfoLogger
+
+
 def configure_logging(level: str) -> None:
     """JSON lines on stdout, or readable console lines on a TTY, for structlog and stdlib (uvicorn) alike.
 
@@ -240,12 +261,12 @@ def configure_logging(level: str) -> None:
     threshold = log_level(level)
     tty = sys.stdout.isatty()
     # The request id comes from REQUEST_ID, not structlog.contextvars: the API binds nothing there.
-    shared: list[Any] = [add_request_id, structlog.processors.add_log_level, UtcTimestamp()]
+    shared: list[Any] = [Stamp()]
     log_lines.flush()
     log_lines.stream = sys.stdout.buffer
     structlog.configure(
-        processors=[*shared, add_exception, structlog.dev.ConsoleRenderer() if tty else render_json],
-        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        processors=[*shared, add_exception, structlog.dev.ConsoleRenderer()] if tty else [*shared, render_json],
+        wrapper_class=bound_logger_class(threshold),
         logger_factory=lambda *args: log_lines,
         cache_logger_on_first_use=False,
     )
@@ -768,6 +789,11 @@ class Store:
 
     def _next_turn(self) -> None:
         self._seen_this_turn = False
+
+    @property
+    def seen(self) -> Commit | None:
+        """The commit watch() found this turn of the loop, if it looked already: no await, no read."""
+        return self._commit if self._seen_this_turn else None
 
     async def read(self, read: Read[T], *, on_loop: bool = False) -> T:
         """`read(conn, version)` in one read transaction: on the loop's own connection when `on_loop` (for reads
@@ -1783,7 +1809,7 @@ class Answer:
             return 304, b""
         if not self.stamped:
             return self.status, self.body
-        latency = round((time.perf_counter() - started) * 1000, 3)
+        latency = round((time.perf_counter() - started) * 1e6) / 1e3  # ms to the microsecond
         return self.status, b"".join(
             (b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency), self._tail)
         )
@@ -1831,7 +1857,7 @@ class AnswerCache:
         answer = self.entries.get(key)
         if answer is None:
             return None
-        commit = await self.store.watch()
+        commit = self.store.seen or await self.store.watch()
         if answer.commit != commit.number or (answer.until != math.inf and time.time() >= answer.until):
             self.size -= self.entries.pop(key).size
             return None
@@ -3242,7 +3268,7 @@ class FrontDoor:
                 method=scope["method"],
                 route=route or "(no route)",
                 status=status,
-                duration_ms=round(seconds * 1000, 3),
+                duration_ms=round(seconds * 1e6) / 1e3,  # to the microsecond; round(x, 3) costs 3 times more
             )
 
 

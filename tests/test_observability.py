@@ -11,11 +11,13 @@ import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+import kasparro
 from conftest import http_get, referenced_urls
 from kasparro import Config, HttpMetrics, LogLines, LogLinesHandler
 
@@ -218,6 +220,60 @@ def test_stdlib_records_join_the_same_lines_in_order() -> None:
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == b"first\nkasparro.test.ordering second\nthird\n"
+
+
+def test_every_level_and_path_of_a_log_line_has_its_fields(monkeypatch: Any) -> None:
+    """The request line takes the fast info path; every other level and %-style arguments take structlog's own:
+    all of them carry level, request_id, a microsecond UTC timestamp, and a traceback when there is one."""
+    stream = io.BytesIO()
+    monkeypatch.setattr(kasparro.sys, "stdout", io.TextIOWrapper(stream))
+    kasparro.configure_logging("debug")
+    try:
+        kasparro.REQUEST_ID.set("req-1")
+        log = kasparro.log.bind()
+        log.info("request", status=200)
+        log.info("formatted %s", "here")
+        log.debug("quiet")
+        log.warn("warned")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+        kasparro.REQUEST_ID.set(None)
+        log.error("outside a request")
+        kasparro.log_lines.flush()
+    finally:
+        kasparro.configure_logging("info")
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["event"], e["level"]) for e in events] == [
+        ("request", "info"),
+        ("formatted here", "info"),
+        ("quiet", "debug"),
+        ("warned", "warning"),
+        ("failed", "error"),
+        ("outside a request", "error"),
+    ]
+    assert [e.get("request_id") for e in events] == ["req-1"] * 5 + [None]
+    assert events[0]["status"] == 200
+    assert "ValueError: boom" in events[4]["exception"] and "Traceback" in events[4]["exception"]
+    for event in events:
+        stamped = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", event["timestamp"])
+        assert abs((datetime.now(UTC) - stamped).total_seconds()) < 60
+
+
+def test_lines_above_the_threshold_are_not_even_built(monkeypatch: Any) -> None:
+    stream = io.BytesIO()
+    monkeypatch.setattr(kasparro.sys, "stdout", io.TextIOWrapper(stream))
+    kasparro.configure_logging("warning")
+    try:
+        log = kasparro.log.bind()
+        log.info("request", status=200)
+        log.warning("kept")
+        kasparro.log_lines.flush()
+    finally:
+        kasparro.configure_logging("info")
+    assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["kept"]
 
 
 # --- GET /docs -----------------------------------------------------------
