@@ -16,6 +16,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
@@ -142,10 +144,12 @@ class Lab:
         self.processes[name] = process
         return process
 
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> str:
+        """Signal the process's session; after 10 s, SIGKILL. How long it took to end, in words."""
         process = self.processes.pop(name, None)
         if process is None or process.poll() is not None:
-            return
+            return "not running"
+        started = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
         try:
@@ -153,6 +157,8 @@ class Lab:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+            return "still running 10 s after the signal: killed"
+        return f"ended in {time.monotonic() - started:.2f} s"
 
     def close(self) -> None:
         for name in list(self.processes):
@@ -240,8 +246,8 @@ class Demo:
 
     def start_api(self, ns: str, db: Path, **env: str) -> None:
         self.lab.start(f"api-{ns}", ns, str(PYTHON), "-m", "uvicorn", "kasparro:app", "--host", "0.0.0.0",  # noqa: S104 - the namespace's own veths
-                       "--port", str(API_PORT), "--no-access-log", KASPARRO_DB=str(db), LOG_LEVEL="warning",
-                       **env)  # fmt: skip
+                       "--port", str(API_PORT), "--no-access-log", "--timeout-graceful-shutdown", "3",
+                       KASPARRO_DB=str(db), LOG_LEVEL="warning", **env)  # fmt: skip
 
     def start_follower(self, replica: str) -> None:
         env = {"KASPARRO_DB": str(self.replica_db(replica)), "LITESTREAM_REPLICA_URL": self.replica_url(replica),
@@ -375,16 +381,52 @@ def primary_version(demo: Demo) -> str:
 
 
 def converge(demo: Demo, within: float = CONVERGE_TIMEOUT) -> dict[str, float]:
-    """Wait until both replicas served the primary's version; their lag behind the primary's API, seconds."""
+    """Wait until both replicas served the primary's version; when each API first served it (epoch seconds)."""
     version = primary_version(demo)
     deadline = time.monotonic() + within
     while True:
         seen = {name: first_seen(demo, name, version) for name in ("primary", "r1", "r2")}
         if all(seen.values()):
-            return {name: seen[name] - seen["primary"] for name in ("r1", "r2")}
+            return seen
         if time.monotonic() > deadline:
             raise SystemExit(f"replicas did not serve {version} within {within:g} s: {seen}")
         time.sleep(0.02)
+
+
+def lag_of(seen: dict[str, float]) -> dict[str, float]:
+    """Each replica's lag behind the primary's API, seconds."""
+    return {name: seen[name] - seen["primary"] for name in ("r1", "r2")}
+
+
+APPLIED = re.compile(r'^time=(\S+) .*msg="follow: applied updates".* to_txid=([0-9a-f]+)')
+
+
+def applied(log: Path) -> list[tuple[float, int]]:
+    """(when, last txid) of each apply the follower logged."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = APPLIED.match(line)
+        if match:
+            found.append((datetime.fromisoformat(match[1]).timestamp(), int(match[2], 16)))
+    return found
+
+
+def stages(demo: Demo, replica: str, runs: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Each run's lag on a replica in three parts, seconds: primary's API to its level-0 LTX file on the
+    SFTP store (Litestream's monitor and sync intervals, the upload), to the follower's apply (its poll
+    interval, listing, download, writing the pages), to the replica's API serving it. The apply is the last
+    one logged before the API served the run's version; the file, the one that apply ended with."""
+    shipped = {int(path.stem.split("-")[1], 16): path.stat().st_mtime
+               for path in (demo.lab.work / "replica" / "ltx" / "0").glob("*.ltx")}  # fmt: skip
+    applies = applied(demo.lab.work / f"follow-{replica}.log")
+    parts: dict[str, list[float]] = {"ship": [], "poll and apply": [], "serve": []}
+    for seen in runs:
+        when, txid = max((apply for apply in applies if apply[0] <= seen[replica] + 0.05), default=(0.0, -1))
+        if txid in shipped:
+            parts["ship"].append(shipped[txid] - seen["primary"])
+            parts["poll and apply"].append(when - shipped[txid])
+            parts["serve"].append(seen[replica] - when)
+    return parts
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -425,8 +467,8 @@ def commit_every(demo: Demo, interval: float, stop: threading.Event) -> None:
 
 def act(demo: Demo, action: str) -> None:
     verb, part = action.split(" ")
-    if verb == "kill":
-        demo.lab.stop(part, signal.SIGKILL)
+    if verb in ("kill", "term"):
+        action += f" ({demo.lab.stop(part, signal.SIGKILL if verb == 'kill' else signal.SIGTERM)})"
     elif part.startswith("api-"):
         replica = part.removeprefix("api-")
         demo.start_api(replica, demo.replica_db(replica), KASPARRO_ROLE="replica")
@@ -508,20 +550,25 @@ def demo_run(runs: int) -> None:
         threading.Thread(target=follow_watcher, args=(demo,), daemon=True).start()
         converge(demo)
 
-        lags: dict[str, list[float]] = {"r1": [], "r2": []}
+        timed = []
         for _ in range(runs):
             demo.commit()
-            for replica, lag in converge(demo).items():
-                lags[replica].append(lag)
+            timed.append(converge(demo))
         print(f"commit-to-served lag over {runs} ETL runs of {ASSETS:,} assets (primary's API to replica's API):")
-        for replica, values in lags.items():
+        for replica in ("r1", "r2"):
+            values = [lag_of(seen)[replica] for seen in timed]
             print(f"  {replica}: p50 {statistics.median(values):.2f} s, p99 {percentile(values, 0.99):.2f} s,"
-                  f" max {max(values):.2f} s")  # fmt: skip
+                  f" max {max(values):.2f} s; p50 / max of its parts: "
+                  + ", ".join(f"{part} {statistics.median(parts):.2f} / {max(parts):.2f} s"
+                              for part, parts in stages(demo, replica, timed).items() if parts))  # fmt: skip
+        print(f"load average: {' '.join(f'{value:.2f}' for value in os.getloadavg())}", flush=True)
 
         print(f"through haproxy, wrk {CONNECTIONS} connections, ETL committing every ~2 s:", flush=True)
         show_load("ETL commits", *wrk(demo, 20))
         show_load("r1 API killed at 5 s, back at 12 s",
                   *wrk(demo, 30, [(5, "kill api-r1"), (12, "start api-r1")]))  # fmt: skip
+        show_load("r2 API stopped by SIGTERM at 5 s, back at 12 s",
+                  *wrk(demo, 20, [(5, "term api-r2"), (12, "start api-r2")]))  # fmt: skip
         show_load("r1 follower killed at 5 s, back at 12 s",
                   *wrk(demo, 30, [(5, "kill follow-r1"), (12, "start follow-r1")]))  # fmt: skip
         show_load("after recovery", *wrk(demo, 15))
@@ -535,7 +582,7 @@ def demo_run(runs: int) -> None:
         restored = demo.rebuild_primary()
         demo.start_primary()
         demo.commit()
-        lag = converge(demo)
+        lag = lag_of(converge(demo))
         equal, versions = same_pages(demo)
         print(f"  restored in {restored:.1f} s; replicas served the rebuilt primary's next commit"
               f" {lag['r1']:.2f} s / {lag['r2']:.2f} s after it; integrity_check {integrity(demo)};"
