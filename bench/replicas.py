@@ -42,6 +42,9 @@ PRIMARY_CONFIG = ROOT / "deploy" / "litestream" / "primary.yml"
 ASSETS = 2_000  # assets of the generated market; every run moves every price
 API_PORT, BALANCER_PORT = 8000, 8080
 CONNECTIONS, THREADS = 64, 2
+# The follower copies live in memory, as README advises: a copy is rebuilt from the replica after any unclean
+# stop, so Litestream's fsyncs, made while it holds the lock the replica's reads wait on, protect nothing.
+COPIES = "/dev/shm"  # noqa: S108 - the parent of a mkdtemp directory (mode 700)
 CONVERGE_TIMEOUT = 60.0  # seconds a replica may take to serve the primary's data version
 COMPARED = ("/data?page_size=100", "/data?sort=-price_usd&page_size=50&filter_by=active", "/data/coin-42",
             "/data?page=7&page_size=100")  # fmt: skip
@@ -108,6 +111,7 @@ class Lab:
 
     tag: str
     work: Path
+    copies: Path  # the replicas' follower copies
     namespaces: list[str] = field(default_factory=list)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     made_run_sshd: bool = False
@@ -166,6 +170,7 @@ class Lab:
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.copies, ignore_errors=True)
         if self.made_run_sshd:
             shutil.rmtree("/run/sshd", ignore_errors=True)
 
@@ -184,7 +189,7 @@ class Demo:
     watcher_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def replica_db(self, replica: str) -> Path:
-        return self.lab.work / replica / "kasparro.db"
+        return self.lab.copies / replica / "kasparro.db"
 
     def replica_url(self, seen_from: str) -> str:
         return f"sftp://root@{address_of('store', seen_from)}:22{self.lab.work / 'replica'}"
@@ -252,10 +257,10 @@ class Demo:
     def start_follower(self, replica: str) -> None:
         env = {"KASPARRO_DB": str(self.replica_db(replica)), "LITESTREAM_REPLICA_URL": self.replica_url(replica),
                "LITESTREAM": str(LITESTREAM), **self.sftp_env}  # fmt: skip
-        self.lab.start(f"follow-{replica}", replica, str(FOLLOW), "-follow-interval", "250ms", **env)
+        self.lab.start(f"follow-{replica}", replica, str(FOLLOW), **env)
 
     def start_replica(self, replica: str) -> None:
-        (self.lab.work / replica).mkdir(exist_ok=True)
+        (self.lab.copies / replica).mkdir(exist_ok=True)
         self.start_follower(replica)
         self.start_api(replica, self.replica_db(replica), KASPARRO_ROLE="replica")
 
@@ -309,25 +314,34 @@ def in_balancer(lab: Lab, *argv: str) -> str:
 
 
 def watch(targets: list[str]) -> None:
-    """Print {"server", "version", "t"} each time an API first serves a new data version (10 ms polls)."""
-    servers = dict(target.split("=") for target in targets)
-    connections: dict[str, http.client.HTTPConnection] = {}
-    seen: dict[str, str] = {}
-    while True:
-        for name, host in servers.items():
+    """Print {"server", "version", "t"} each time an API first serves a new data version: one thread per API,
+    each polling every 10 ms, so a slow answer from one API delays no other's."""
+    printing = threading.Lock()
+
+    def poll(name: str, host: str) -> None:
+        conn: http.client.HTTPConnection | None = None
+        seen = None
+        while True:
             try:
-                conn = connections.setdefault(name, http.client.HTTPConnection(host, API_PORT, timeout=2))
+                conn = conn or http.client.HTTPConnection(host, API_PORT, timeout=2)
                 conn.request("GET", "/data?page_size=1")
                 response = conn.getresponse()
                 body = response.read()
                 version = json.loads(body)["data_version"] if response.status == 200 else None
             except (OSError, http.client.HTTPException, ValueError):
-                connections.pop(name, None)
-                continue
-            if version and seen.get(name) != version:
-                seen[name] = version
-                print(json.dumps({"server": name, "version": version, "t": time.time()}), flush=True)
-        time.sleep(0.01)
+                conn = None
+                version = None
+            if version and version != seen:
+                seen = version
+                with printing:
+                    print(json.dumps({"server": name, "version": version, "t": time.time()}), flush=True)
+            time.sleep(0.01)
+
+    pollers = [threading.Thread(target=poll, args=target.split("=")) for target in targets]
+    for poller in pollers:
+        poller.start()
+    for poller in pollers:
+        poller.join()
 
 
 def fetch(targets: list[str]) -> None:
@@ -412,19 +426,22 @@ def applied(log: Path) -> list[tuple[float, int]]:
 
 
 def stages(demo: Demo, replica: str, runs: list[dict[str, float]]) -> dict[str, list[float]]:
-    """Each run's lag on a replica in three parts, seconds: primary's API to its level-0 LTX file on the
-    SFTP store (Litestream's monitor and sync intervals, the upload), to the follower's apply (its poll
-    interval, listing, download, writing the pages), to the replica's API serving it. The apply is the last
-    one logged before the API served the run's version; the file, the one that apply ended with."""
-    shipped = {int(path.stem.split("-")[1], 16): path.stat().st_mtime
-               for path in (demo.lab.work / "replica" / "ltx" / "0").glob("*.ltx")}  # fmt: skip
+    """Each run's lag on a replica in parts, seconds, from the primary's API serving it: to Litestream making its
+    LTX file (the monitor interval), to the file's upload ending (the sync interval, SFTP), to the follower's
+    apply (its poll interval, listing, download, writing the pages), to the replica's API serving it. The
+    apply is the last one logged before the API served the run's version; the file, the one it ended with:
+    made at its mtime (Litestream sets it from the file's header), uploaded at its ctime (the rename)."""
+    files = {int(path.stem.split("-")[1], 16): path.stat()
+             for path in (demo.lab.work / "replica" / "ltx" / "0").glob("*.ltx")}  # fmt: skip
     applies = applied(demo.lab.work / f"follow-{replica}.log")
-    parts: dict[str, list[float]] = {"ship": [], "poll and apply": [], "serve": []}
+    parts: dict[str, list[float]] = {"make": [], "upload": [], "poll and apply": [], "serve": []}
     for seen in runs:
         when, txid = max((apply for apply in applies if apply[0] <= seen[replica] + 0.05), default=(0.0, -1))
-        if txid in shipped:
-            parts["ship"].append(shipped[txid] - seen["primary"])
-            parts["poll and apply"].append(when - shipped[txid])
+        if txid in files:
+            made, uploaded = files[txid].st_mtime, files[txid].st_ctime
+            parts["make"].append(made - seen["primary"])
+            parts["upload"].append(uploaded - made)
+            parts["poll and apply"].append(when - uploaded)
             parts["serve"].append(seen[replica] - when)
     return parts
 
@@ -531,14 +548,15 @@ def check_machine() -> None:
 def demo_run(runs: int) -> None:
     check_machine()
     tag = f"kr{os.getpid() % 100000}"
-    lab = Lab(tag=tag, work=Path(tempfile.mkdtemp(prefix="kasparro-replicas-")))
+    lab = Lab(tag=tag, work=Path(tempfile.mkdtemp(prefix="kasparro-replicas-")),
+              copies=Path(tempfile.mkdtemp(prefix="kasparro-copies-", dir=COPIES)))  # fmt: skip
     signal.signal(signal.SIGTERM, interrupted)
     try:
         lab.build()
         demo = Demo(lab=lab, primary_db=lab.work / "primary" / "kasparro.db", market=lab.work / "market.csv",
                     sftp_env={})  # fmt: skip
         (lab.work / "primary").mkdir()
-        print(f"namespaces {', '.join(lab.namespaces)}; work in {lab.work}", flush=True)
+        print(f"namespaces {', '.join(lab.namespaces)}; work in {lab.work}, copies in {lab.copies}", flush=True)
         demo.start_sshd()
         demo.commit()
         demo.start_primary()
@@ -589,7 +607,7 @@ def demo_run(runs: int) -> None:
               f" pages identical: {equal} at {versions}")  # fmt: skip
     finally:
         lab.close()
-        print(f"removed {', '.join(lab.namespaces)} and {lab.work}")
+        print(f"removed {', '.join(lab.namespaces)}, {lab.work} and {lab.copies}")
 
 
 def interrupted(signum: int, _frame: FrameType | None) -> None:
