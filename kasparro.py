@@ -969,7 +969,7 @@ class Store:
                 await asyncio.to_thread(self._read_afresh)
             except sqlite3.Error as error:
                 log.warning("store unreadable", db=str(self.path), reason=str(error))
-                if sqlite_code(error) == sqlite3.SQLITE_BUSY:  # locked past the busy timeout, not broken: look again
+                if sqlite_code(error) == sqlite3.SQLITE_BUSY:  # locked past the busy timeout by an apply: not broken
                     return True
                 await self._discard(pool)
                 return False
