@@ -84,6 +84,10 @@ vendor-redoc:
 replicas *args:
     {{py}} bench/replicas.py {{args}}
 
+# how long a Litestream follower's apply waits for its lock while 1, 2, 4 threads of one process read the copy
+bench-apply-wait *args:
+    {{py}} bench/apply_wait.py {{args}}
+
 # audit the pinned runtime requirements for known vulnerabilities (needs PyPI's vulnerability data; fails when it could not check every package)
 audit:
     bash .ci/audit

@@ -714,15 +714,21 @@ def read_in_transaction(conn: sqlite3.Connection, read: Read[T]) -> T:
 
 class Store:
     """The store, read-only: every read goes through read(), on a pooled reader's thread or on the event
-    loop's own connection; the store is opened when first needed and reopened when replaced or broken."""
+    loop's own connection; the store is opened when first needed and reopened when replaced or broken.
+
+    `replica`: the file is a follower copy (rollback journal) that Litestream writes commits into under an
+    exclusive lock. The loop's connection then never waits for that lock: watch() keeps the last commit
+    until the apply ends, and a read on the loop that finds the copy locked waits on a reader's thread.
+    """
 
     BUSY_TIMEOUT_MS = 5_000
     READER_WAIT = 2.0  # seconds a request may wait for a free reader before it is answered 503
 
-    def __init__(self, path: Path, readers: int = 4, reopen_interval: float = 1.0) -> None:
+    def __init__(self, path: Path, readers: int = 4, reopen_interval: float = 1.0, replica: bool = False) -> None:
         self.path = path
         self.readers = readers
         self.reopen_interval = reopen_interval
+        self.replica = replica
         self._pool: ReaderPool | None = None
         self._opening: asyncio.Task[ReaderPool] | None = None
         self._closed = False  # the server is stopping: nothing opens the store again
@@ -781,6 +787,8 @@ class Store:
                 self._commits += 1
                 self._change, self._commit = change, Commit(self._commits, read_version(conn))
         except sqlite3.Error as error:
+            if self._applying(error) and self._commit is not None:
+                return self._commit  # the copy is the last commit until the apply's lock goes
             await self.fail(error)
             raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
         self._seen_this_turn = True
@@ -804,13 +812,21 @@ class Store:
         """
         try:
             if on_loop:
-                return await self._read_on_loop(read)
+                try:
+                    return await self._read_on_loop(read)
+                except sqlite3.Error as error:
+                    if not self._applying(error):
+                        raise
             return await self._read_in_thread(read)
         except sqlite3.Error as error:
             if sqlite_code(error) not in STORE_FAULTS:
                 raise
             await self.fail(error)
             raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
+
+    def _applying(self, error: sqlite3.Error) -> bool:
+        """Whether a read on the loop's connection found a replica's copy locked by an apply."""
+        return self.replica and sqlite_code(error) == sqlite3.SQLITE_BUSY
 
     async def _read_in_thread(self, read: Read[T]) -> T:
         pool, conn = await self._borrow()
@@ -930,7 +946,7 @@ class Store:
             raise OSError(f"no such file: {self.path}")
         conn = await aiosqlite.connect(self._uri(), uri=True, isolation_level=None, timeout=self.BUSY_TIMEOUT_MS / 1000)
         try:
-            await conn._execute(self._read_only, conn._conn)
+            await conn._execute(self._read_only, conn._conn, self.BUSY_TIMEOUT_MS)
         except sqlite3.Error:
             await conn.close()
             raise
@@ -939,14 +955,16 @@ class Store:
     def _connect_on_loop(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._uri(), uri=True, isolation_level=None)
         try:
-            self._read_only(conn)
+            # On a replica, SQLITE_BUSY at once: the event loop never sleeps in SQLite's busy handler.
+            self._read_only(conn, busy_timeout_ms=0 if self.replica else self.BUSY_TIMEOUT_MS)
         except sqlite3.Error:
             conn.close()
             raise
         return conn
 
-    def _read_only(self, conn: sqlite3.Connection) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
+    @staticmethod
+    def _read_only(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
         conn.execute("PRAGMA query_only = 1")
         conn.set_authorizer(authorize_read)
 
@@ -977,13 +995,15 @@ class Store:
                 await asyncio.to_thread(self._read_afresh)
             except sqlite3.Error as error:
                 log.warning("store unreadable", db=str(self.path), reason=str(error))
+                if sqlite_code(error) == sqlite3.SQLITE_BUSY:  # locked past the busy timeout by an apply: not broken
+                    return True
                 await self._discard(pool)
                 return False
         return True
 
     def _read_afresh(self) -> None:
         """Read the store's header, schema and data version through a new connection, which has no cache."""
-        with contextlib.closing(sqlite3.connect(self._uri(), uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(self._uri(), uri=True, timeout=self.BUSY_TIMEOUT_MS / 1000)) as conn:
             read_version(conn)
 
     async def fail(self, error: sqlite3.Error) -> None:
@@ -3512,11 +3532,11 @@ def endpoints() -> list[str]:
 def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> FrontDoor:
     """The API over the store at config.db: the front door around the Falcon app. `clock` drives the rate limit."""
     configure_logging(config.log_level)
-    store = Store(config.db, config.readers, config.reopen_interval)
+    replica = config.role == "replica"
+    store = Store(config.db, config.readers, config.reopen_interval, replica)
     answers = AnswerCache(store, ANSWERS_BYTES)
     recorded, scraped = metrics_registry(config)
     metrics = HttpMetrics(recorded)
-    replica = config.role == "replica"
     resources = {
         IndexResource: IndexResource(endpoints()),
         AssetPagesResource: AssetPagesResource(store, answers),

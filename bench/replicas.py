@@ -16,6 +16,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
@@ -40,6 +42,9 @@ PRIMARY_CONFIG = ROOT / "deploy" / "litestream" / "primary.yml"
 ASSETS = 2_000  # assets of the generated market; every run moves every price
 API_PORT, BALANCER_PORT = 8000, 8080
 CONNECTIONS, THREADS = 64, 2
+# The follower copies live in memory, as README advises: a copy is rebuilt from the replica after any unclean
+# stop, so Litestream's fsyncs, made while it holds the lock the replica's reads wait on, protect nothing.
+COPIES = "/dev/shm"  # noqa: S108 - the parent of a mkdtemp directory (mode 700)
 CONVERGE_TIMEOUT = 60.0  # seconds a replica may take to serve the primary's data version
 COMPARED = ("/data?page_size=100", "/data?sort=-price_usd&page_size=50&filter_by=active", "/data/coin-42",
             "/data?page=7&page_size=100")  # fmt: skip
@@ -106,6 +111,7 @@ class Lab:
 
     tag: str
     work: Path
+    copies: Path  # the replicas' follower copies
     namespaces: list[str] = field(default_factory=list)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     made_run_sshd: bool = False
@@ -142,10 +148,12 @@ class Lab:
         self.processes[name] = process
         return process
 
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> str:
+        """Signal the process's session; after 10 s, SIGKILL. How long it took to end, in words."""
         process = self.processes.pop(name, None)
         if process is None or process.poll() is not None:
-            return
+            return "not running"
+        started = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
         try:
@@ -153,6 +161,8 @@ class Lab:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+            return "still running 10 s after the signal: killed"
+        return f"ended in {time.monotonic() - started:.2f} s"
 
     def close(self) -> None:
         for name in list(self.processes):
@@ -160,6 +170,7 @@ class Lab:
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.copies, ignore_errors=True)
         if self.made_run_sshd:
             shutil.rmtree("/run/sshd", ignore_errors=True)
 
@@ -178,7 +189,7 @@ class Demo:
     watcher_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def replica_db(self, replica: str) -> Path:
-        return self.lab.work / replica / "kasparro.db"
+        return self.lab.copies / replica / "kasparro.db"
 
     def replica_url(self, seen_from: str) -> str:
         return f"sftp://root@{address_of('store', seen_from)}:22{self.lab.work / 'replica'}"
@@ -240,16 +251,16 @@ class Demo:
 
     def start_api(self, ns: str, db: Path, **env: str) -> None:
         self.lab.start(f"api-{ns}", ns, str(PYTHON), "-m", "uvicorn", "kasparro:app", "--host", "0.0.0.0",  # noqa: S104 - the namespace's own veths
-                       "--port", str(API_PORT), "--no-access-log", KASPARRO_DB=str(db), LOG_LEVEL="warning",
-                       **env)  # fmt: skip
+                       "--port", str(API_PORT), "--no-access-log", "--timeout-graceful-shutdown", "3",
+                       KASPARRO_DB=str(db), LOG_LEVEL="warning", **env)  # fmt: skip
 
     def start_follower(self, replica: str) -> None:
         env = {"KASPARRO_DB": str(self.replica_db(replica)), "LITESTREAM_REPLICA_URL": self.replica_url(replica),
                "LITESTREAM": str(LITESTREAM), **self.sftp_env}  # fmt: skip
-        self.lab.start(f"follow-{replica}", replica, str(FOLLOW), "-follow-interval", "250ms", **env)
+        self.lab.start(f"follow-{replica}", replica, str(FOLLOW), **env)
 
     def start_replica(self, replica: str) -> None:
-        (self.lab.work / replica).mkdir(exist_ok=True)
+        (self.lab.copies / replica).mkdir(exist_ok=True)
         self.start_follower(replica)
         self.start_api(replica, self.replica_db(replica), KASPARRO_ROLE="replica")
 
@@ -303,25 +314,34 @@ def in_balancer(lab: Lab, *argv: str) -> str:
 
 
 def watch(targets: list[str]) -> None:
-    """Print {"server", "version", "t"} each time an API first serves a new data version (10 ms polls)."""
-    servers = dict(target.split("=") for target in targets)
-    connections: dict[str, http.client.HTTPConnection] = {}
-    seen: dict[str, str] = {}
-    while True:
-        for name, host in servers.items():
+    """Print {"server", "version", "t"} each time an API first serves a new data version: one thread per API,
+    each polling every 10 ms, so a slow answer from one API delays no other's."""
+    printing = threading.Lock()
+
+    def poll(name: str, host: str) -> None:
+        conn: http.client.HTTPConnection | None = None
+        seen = None
+        while True:
             try:
-                conn = connections.setdefault(name, http.client.HTTPConnection(host, API_PORT, timeout=2))
+                conn = conn or http.client.HTTPConnection(host, API_PORT, timeout=2)
                 conn.request("GET", "/data?page_size=1")
                 response = conn.getresponse()
                 body = response.read()
                 version = json.loads(body)["data_version"] if response.status == 200 else None
             except (OSError, http.client.HTTPException, ValueError):
-                connections.pop(name, None)
-                continue
-            if version and seen.get(name) != version:
-                seen[name] = version
-                print(json.dumps({"server": name, "version": version, "t": time.time()}), flush=True)
-        time.sleep(0.01)
+                conn = None
+                version = None
+            if version and version != seen:
+                seen = version
+                with printing:
+                    print(json.dumps({"server": name, "version": version, "t": time.time()}), flush=True)
+            time.sleep(0.01)
+
+    pollers = [threading.Thread(target=poll, args=target.split("=")) for target in targets]
+    for poller in pollers:
+        poller.start()
+    for poller in pollers:
+        poller.join()
 
 
 def fetch(targets: list[str]) -> None:
@@ -375,16 +395,55 @@ def primary_version(demo: Demo) -> str:
 
 
 def converge(demo: Demo, within: float = CONVERGE_TIMEOUT) -> dict[str, float]:
-    """Wait until both replicas served the primary's version; their lag behind the primary's API, seconds."""
+    """Wait until both replicas served the primary's version; when each API first served it (epoch seconds)."""
     version = primary_version(demo)
     deadline = time.monotonic() + within
     while True:
         seen = {name: first_seen(demo, name, version) for name in ("primary", "r1", "r2")}
         if all(seen.values()):
-            return {name: seen[name] - seen["primary"] for name in ("r1", "r2")}
+            return seen
         if time.monotonic() > deadline:
             raise SystemExit(f"replicas did not serve {version} within {within:g} s: {seen}")
         time.sleep(0.02)
+
+
+def lag_of(seen: dict[str, float]) -> dict[str, float]:
+    """Each replica's lag behind the primary's API, seconds."""
+    return {name: seen[name] - seen["primary"] for name in ("r1", "r2")}
+
+
+APPLIED = re.compile(r'^time=(\S+) .*msg="follow: applied updates".* to_txid=([0-9a-f]+)')
+
+
+def applied(log: Path) -> list[tuple[float, int]]:
+    """(when, last txid) of each apply the follower logged."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = APPLIED.match(line)
+        if match:
+            found.append((datetime.fromisoformat(match[1]).timestamp(), int(match[2], 16)))
+    return found
+
+
+def stages(demo: Demo, replica: str, runs: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Each run's lag on a replica in parts, seconds, from the primary's API serving it: to Litestream making its
+    LTX file (the monitor interval), to the file's upload ending (the sync interval, SFTP), to the follower's
+    apply (its poll interval, listing, download, writing the pages), to the replica's API serving it. The
+    apply is the last one logged before the API served the run's version; the file, the one it ended with:
+    made at its mtime (Litestream sets it from the file's header), uploaded at its ctime (the rename)."""
+    files = {int(path.stem.split("-")[1], 16): path.stat()
+             for path in (demo.lab.work / "replica" / "ltx" / "0").glob("*.ltx")}  # fmt: skip
+    applies = applied(demo.lab.work / f"follow-{replica}.log")
+    parts: dict[str, list[float]] = {"make": [], "upload": [], "poll and apply": [], "serve": []}
+    for seen in runs:
+        when, txid = max((apply for apply in applies if apply[0] <= seen[replica] + 0.05), default=(0.0, -1))
+        if txid in files:
+            made, uploaded = files[txid].st_mtime, files[txid].st_ctime
+            parts["make"].append(made - seen["primary"])
+            parts["upload"].append(uploaded - made)
+            parts["poll and apply"].append(when - uploaded)
+            parts["serve"].append(seen[replica] - when)
+    return parts
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -425,8 +484,8 @@ def commit_every(demo: Demo, interval: float, stop: threading.Event) -> None:
 
 def act(demo: Demo, action: str) -> None:
     verb, part = action.split(" ")
-    if verb == "kill":
-        demo.lab.stop(part, signal.SIGKILL)
+    if verb in ("kill", "term"):
+        action += f" ({demo.lab.stop(part, signal.SIGKILL if verb == 'kill' else signal.SIGTERM)})"
     elif part.startswith("api-"):
         replica = part.removeprefix("api-")
         demo.start_api(replica, demo.replica_db(replica), KASPARRO_ROLE="replica")
@@ -489,14 +548,15 @@ def check_machine() -> None:
 def demo_run(runs: int) -> None:
     check_machine()
     tag = f"kr{os.getpid() % 100000}"
-    lab = Lab(tag=tag, work=Path(tempfile.mkdtemp(prefix="kasparro-replicas-")))
+    lab = Lab(tag=tag, work=Path(tempfile.mkdtemp(prefix="kasparro-replicas-")),
+              copies=Path(tempfile.mkdtemp(prefix="kasparro-copies-", dir=COPIES)))  # fmt: skip
     signal.signal(signal.SIGTERM, interrupted)
     try:
         lab.build()
         demo = Demo(lab=lab, primary_db=lab.work / "primary" / "kasparro.db", market=lab.work / "market.csv",
                     sftp_env={})  # fmt: skip
         (lab.work / "primary").mkdir()
-        print(f"namespaces {', '.join(lab.namespaces)}; work in {lab.work}", flush=True)
+        print(f"namespaces {', '.join(lab.namespaces)}; work in {lab.work}, copies in {lab.copies}", flush=True)
         demo.start_sshd()
         demo.commit()
         demo.start_primary()
@@ -508,20 +568,25 @@ def demo_run(runs: int) -> None:
         threading.Thread(target=follow_watcher, args=(demo,), daemon=True).start()
         converge(demo)
 
-        lags: dict[str, list[float]] = {"r1": [], "r2": []}
+        timed = []
         for _ in range(runs):
             demo.commit()
-            for replica, lag in converge(demo).items():
-                lags[replica].append(lag)
+            timed.append(converge(demo))
         print(f"commit-to-served lag over {runs} ETL runs of {ASSETS:,} assets (primary's API to replica's API):")
-        for replica, values in lags.items():
+        for replica in ("r1", "r2"):
+            values = [lag_of(seen)[replica] for seen in timed]
             print(f"  {replica}: p50 {statistics.median(values):.2f} s, p99 {percentile(values, 0.99):.2f} s,"
-                  f" max {max(values):.2f} s")  # fmt: skip
+                  f" max {max(values):.2f} s; p50 / max of its parts: "
+                  + ", ".join(f"{part} {statistics.median(parts):.2f} / {max(parts):.2f} s"
+                              for part, parts in stages(demo, replica, timed).items() if parts))  # fmt: skip
+        print(f"load average: {' '.join(f'{value:.2f}' for value in os.getloadavg())}", flush=True)
 
         print(f"through haproxy, wrk {CONNECTIONS} connections, ETL committing every ~2 s:", flush=True)
         show_load("ETL commits", *wrk(demo, 20))
         show_load("r1 API killed at 5 s, back at 12 s",
                   *wrk(demo, 30, [(5, "kill api-r1"), (12, "start api-r1")]))  # fmt: skip
+        show_load("r2 API stopped by SIGTERM at 5 s, back at 12 s",
+                  *wrk(demo, 20, [(5, "term api-r2"), (12, "start api-r2")]))  # fmt: skip
         show_load("r1 follower killed at 5 s, back at 12 s",
                   *wrk(demo, 30, [(5, "kill follow-r1"), (12, "start follow-r1")]))  # fmt: skip
         show_load("after recovery", *wrk(demo, 15))
@@ -535,14 +600,14 @@ def demo_run(runs: int) -> None:
         restored = demo.rebuild_primary()
         demo.start_primary()
         demo.commit()
-        lag = converge(demo)
+        lag = lag_of(converge(demo))
         equal, versions = same_pages(demo)
         print(f"  restored in {restored:.1f} s; replicas served the rebuilt primary's next commit"
               f" {lag['r1']:.2f} s / {lag['r2']:.2f} s after it; integrity_check {integrity(demo)};"
               f" pages identical: {equal} at {versions}")  # fmt: skip
     finally:
         lab.close()
-        print(f"removed {', '.join(lab.namespaces)} and {lab.work}")
+        print(f"removed {', '.join(lab.namespaces)}, {lab.work} and {lab.copies}")
 
 
 def interrupted(signum: int, _frame: FrameType | None) -> None:

@@ -5,6 +5,9 @@ Needs the litestream binary of requirements-replica.txt in this Python's bin dir
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,6 +239,105 @@ def test_a_busy_copy_fails_a_read_and_not_the_next(
     # The store was busy, not broken: its readers stay open, and the next request reads.
     assert replica.get("/data?page=3&page_size=5").status_code == 200
     assert replica.get("/data/bitcoin").status_code == 200
+
+
+PENDING_BYTE = 0x40000000  # SQLite's lock bytes: PENDING, then the SHARED range after RESERVED
+SHARED_RANGE = (PENDING_BYTE + 2, 510)
+STOP_WITHIN_S = 5.0  # SPEC: SIGTERM stops the server within 5 s under any load
+SERVE = ("--timeout-graceful-shutdown", "3")  # as README's command
+KEPT = ("/health", "/data/bitcoin", "/data?page_size=5")  # answers kept once made twice at one commit
+# Answers no request made yet: each needs a read of the copy (on the loop's connection, or a reader's).
+UNREAD = ("/data/ethereum", "/data?page=2&page_size=5", "/data/bitcoin/history?interval=raw")
+
+
+@contextlib.contextmanager
+def applying(db: Path) -> Iterator[None]:
+    """Hold the lock Litestream's follower writes a commit's pages under (PENDING and SHARED write-locked, as
+    its LockFileExclusive does), from this process; SQLite's connections here must stay off the file meanwhile:
+    closing any descriptor of it drops this process's locks."""
+    with db.open("r+b") as copy:
+        fcntl.lockf(copy, fcntl.LOCK_EX, 1, PENDING_BYTE)
+        fcntl.lockf(copy, fcntl.LOCK_EX, SHARED_RANGE[1], SHARED_RANGE[0])
+        yield  # closing the file releases both
+
+
+def rollback_journal(db: Path) -> Path:
+    """The copy in the journal mode deploy/litestream/follow leaves it in."""
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
+    conn.close()
+    return db
+
+
+def test_a_replica_answers_while_its_copy_is_being_applied(live_server: Any, store_path: Path) -> None:
+    """The event loop never waits for the apply: what is kept is served from the last commit, and the reads
+    the copy must answer wait for the lock on readers' threads, then end in 200."""
+    replica = live_server(rollback_journal(store_path), *SERVE, KASPARRO_ROLE="replica")
+    for path in KEPT * 2:
+        assert replica.get(path)[0] == 200, path
+    with ThreadPoolExecutor(len(UNREAD)) as pool:
+        with applying(store_path):
+            waiting = [pool.submit(replica.get, path) for path in UNREAD]
+            served = [(path, replica.get(path)[0]) for path in KEPT * 3]
+            assert served == [(path, 200) for path in KEPT * 3]
+            assert not any(request.done() for request in waiting)  # none read through the lock, none gave up
+        assert [(path, request.result()[0]) for path, request in zip(UNREAD, waiting, strict=True)] == [
+            (path, 200) for path in UNREAD
+        ]
+    assert "store unreadable" not in replica.output.read_text()
+
+
+def test_a_replica_keeps_its_last_commit_while_an_apply_holds_the_copy(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither the look for a new commit nor the check for a replaced file (an apply moves the mtime) waits on the
+    loop, or takes a lock held past the busy timeout for a broken store."""
+    monkeypatch.setattr(Store, "BUSY_TIMEOUT_MS", 50)
+
+    async def scenario() -> None:
+        store = Store(rollback_journal(store_path), readers=1, reopen_interval=0, replica=True)
+        before = await store.watch()
+        pool = store._pool
+        applier = sqlite3.connect(store_path, isolation_level=None)  # this process: SQLite's own lock, not fcntl's
+        applier.execute("BEGIN EXCLUSIVE")
+        try:
+            os.utime(store_path)
+            await asyncio.sleep(0)  # the next turn of the loop looks again
+            assert await store.watch() is before
+            assert store._pool is pool
+        finally:
+            applier.execute("ROLLBACK")
+            applier.close()
+        await asyncio.sleep(0)
+        assert (await store.watch()).version == before.version
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def in_flight(server: Any) -> float:
+    """Requests the server is answering, the scrape that asks included."""
+    metrics = server.get("/metrics")[2].decode()
+    gauge = next(line for line in metrics.splitlines() if line.startswith("kasparro_http_requests_in_flight "))
+    return float(gauge.split()[1])
+
+
+def test_sigterm_stops_a_replica_while_its_copy_is_locked(live_server: Any, store_path: Path) -> None:
+    """An apply that does not end (a follower stopped while it held the lock) holds no server up past SPEC's bound."""
+    replica = live_server(rollback_journal(store_path), *SERVE, KASPARRO_ROLE="replica")
+    assert replica.get("/metrics")[0] == 200  # its store facts are kept for this commit: a scrape reads nothing
+    with ThreadPoolExecutor(len(UNREAD) * 3) as pool, applying(store_path):
+        waiting = [pool.submit(replica.get, path) for path in UNREAD * 3]
+        poll(lambda: in_flight(replica) > len(waiting), 30, "every request waiting in the server")
+        started = time.monotonic()
+        replica.process.send_signal(signal.SIGTERM)
+        replica.process.wait(timeout=30)
+        stopped_in = time.monotonic() - started
+        for request in waiting:
+            with contextlib.suppress(OSError):  # an answer, or the connection closed by the stopping server
+                request.result()
+    print(f"stopped in {stopped_in:.2f} s")
+    assert stopped_in < STOP_WITHIN_S, f"still running {stopped_in:.1f} s after SIGTERM\n{replica.output.read_text()}"
 
 
 def test_an_unknown_role_is_refused() -> None:
