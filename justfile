@@ -60,7 +60,7 @@ bench-runs *args:
 bench-history *args:
     {{py}} bench/history.py {{args}}
 
-# CPU microseconds of the API's per-request log line, in process, written to a pipe
+# CPU microseconds of the API's per-request log line, in process, written to a pipe (and its instructions, with valgrind)
 bench-log *args:
     {{py}} bench/log_cost.py {{args}}
 
