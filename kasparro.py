@@ -1534,20 +1534,24 @@ def asset_etag(data_version: str, asset_id: str) -> str:
 MARKET_DDL = """
 SELECT sql FROM sqlite_master WHERE name IN ('asset', 'source_map', 'source_map_asset') ORDER BY type = 'index'
 """
+# A listing's history before its raw_before (hourly_before) is pruned: a listing whose pruned part holds the moment
+# is not looked for there. A listing found in one tier is not looked for in the next.
 MARKET_ROWS = """
 INSERT INTO temp.source_map (source, source_id, asset_id, pinned, symbol, name, rank, price_usd, market_cap_usd,
                              volume_24h_usd, change_24h_pct, status, observed_at)
 SELECT m.source, m.source_id, m.asset_id, m.pinned, m.symbol, m.name, {values}
 FROM main.listing l CROSS JOIN main.source_map m ON m.source = l.source AND m.source_id = l.source_id
 CROSS JOIN {table} ON {match}
-WHERE NOT EXISTS (SELECT 1 FROM temp.source_map t WHERE t.source = m.source AND t.source_id = m.source_id)
+WHERE {kept}
 """
+UNSEEN = "NOT EXISTS (SELECT 1 FROM temp.source_map t WHERE t.source = m.source AND t.source_id = m.source_id)"
 MARKET_FROM_RAW = MARKET_ROWS.format(
     values="r.rank, r.price_usd, r.market_cap_usd, r.volume_24h_usd, r.change_24h_pct,"
     " iif(r.active, 'active', 'inactive'), strftime('%Y-%m-%dT%H:%M:%SZ', r.observed_at, 'unixepoch')",
     table="main.raw_observation r",
     match="r.listing_id = l.listing_id AND r.observed_at = ("
     "SELECT max(observed_at) FROM main.raw_observation WHERE listing_id = l.listing_id AND observed_at <= ?1)",
+    kept="l.raw_before <= ?1",
 )
 MARKET_FROM_CANDLES = MARKET_ROWS.format(
     values="NULL, c.close, c.market_cap_usd, c.volume_24h_usd, NULL, m.status,"
@@ -1555,6 +1559,7 @@ MARKET_FROM_CANDLES = MARKET_ROWS.format(
     table="main.candle c",
     match="c.listing_id = l.listing_id AND c.width = ?2 AND c.t = (SELECT t FROM main.candle"
     " WHERE listing_id = l.listing_id AND width = ?2 AND t <= ?1 AND last_at <= ?1 ORDER BY t DESC LIMIT 1)",
+    kept=f"(?2 = 86400 OR l.hourly_before <= ?1) AND {UNSEEN}",  # daily candles are kept forever
 )
 # etl.unify in SQL: symbol, name and status from the newest listing not pinned by hand (else the newest), each
 # number from the newest listing that has one (newest: by observed time, then source and source id), every source,
