@@ -2654,6 +2654,12 @@ EXAMPLE_ASSET = Asset(
     updated_at="2026-11-25T12:00:00Z",
 )
 EXAMPLE_REQUEST_ID = "0b7e9c1e-4a8f-4d2b-9a57-2f1c3d5e6a70"
+AS_OF_TEXT = """The market as it was at this moment (RFC 3339, UTC when it names no offset, or Unix seconds): each
+asset unified from its listings' latest observations at or before it, by the rule of today's record; assets with
+none are absent (a moment before any observation: an empty page; one in the future: today's market). Where raw
+observations are no longer kept, a listing's latest candle close that ended by then stands for it: rank and
+change_24h_pct are then null, and symbol, name and status are the listing's current ones (the store keeps no
+history of them). filter_by, sort, paging and cursors apply as without it; a cursor holds for its as_of only."""
 HISTORY_TEXT = """Raw observations (`interval=raw`) or candles (`5m` to `1d`) of every listing of the asset,
 merged, or of one `source`'s. A candle covers the priced observations of one UTC bucket: open, close =
 the first and last price (by observed time, then source), high and low, and the last one's cap and
@@ -2896,6 +2902,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "schema": string,
         "description": "an ETag of an earlier answer: 304 when it is still current",
     }
+    moment = {"type": "string", "examples": ["2026-11-25T12:00:00Z", "1764072000"]}
     data_parameters = [
         {
             "name": "page",
@@ -2933,6 +2940,12 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "schema": {"type": "string", "pattern": f"^(?:{CURSOR.pattern})?$"},
             "description": "next_cursor of the previous page, for the same filter_by and sort; page is then ignored",
         },
+        {
+            "name": "as_of",
+            "in": "query",
+            "schema": moment,
+            "description": AS_OF_TEXT,
+        },
         if_none_match,
     ]
     asset_id = {
@@ -2966,7 +2979,6 @@ def openapi_document(config: Config) -> dict[str, Any]:
         parameters=[asset_id, if_none_match],
         **{"304": refer("NotModified")},
     )
-    moment = {"type": "string", "examples": ["2026-11-25T12:00:00Z", "1764072000"]}
     history_parameters = [
         asset_id,
         {
