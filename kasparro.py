@@ -1629,24 +1629,37 @@ def build_market(uri: str, as_of: int) -> Market:
 
 
 class Markets:
-    """The markets of the moments read lately at one commit, least recently used out first."""
+    """The markets of the moments read lately at one commit, least recently used out first. A moment's market is
+    built once however many requests ask for it at once; other moments' are built meanwhile. One let go is closed
+    when the last read of it ends (its connection is freed with it)."""
 
     def __init__(self) -> None:
         self.kept: OrderedDict[int, Market] = OrderedDict()
-        self.lock = threading.Lock()  # one build at a time: two requests of one moment build it once
+        self.building: dict[int, threading.Lock] = {}
+        self.lock = threading.Lock()  # over kept and building
 
     def get(self, uri: str, as_of: int, version: DataVersion) -> Market:
         """The market at `as_of`, kept if it was built from the store at `version`."""
         with self.lock:
-            market = self.kept.get(as_of)
-            if market is None:
-                market = build_market(uri, as_of)
-                if market.version != version:  # the ETL committed since the request looked: keep nothing for it
+            building = self.building.setdefault(as_of, threading.Lock())
+        with building:
+            with self.lock:
+                market = self.kept.get(as_of)
+                if market is not None:
+                    self.kept.move_to_end(as_of)
                     return market
-                self.kept[as_of] = market
-                while len(self.kept) > MARKETS_KEPT:
-                    self.kept.popitem(last=False)[1].conn.close()
-            self.kept.move_to_end(as_of)
+            try:
+                market = build_market(uri, as_of)
+            except BaseException:
+                with self.lock:
+                    self.building.pop(as_of, None)
+                raise
+            with self.lock:
+                self.building.pop(as_of, None)
+                if market.version == version:  # else the ETL committed since the request looked: keep nothing
+                    self.kept[as_of] = market
+                    while len(self.kept) > MARKETS_KEPT:
+                        self.kept.popitem(last=False)
             return market
 
 
