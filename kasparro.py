@@ -1589,7 +1589,7 @@ SELECT a.asset_id,
 FROM temp.source_map a GROUP BY a.asset_id
 """  # fmt: skip
 MARKET_MMAP = 1 << 32  # bytes of the store a market's build maps (address space, not memory)
-MARKETS_KEPT = 8  # moments whose market a commit keeps (~2 MB each for 10,000 assets)
+MARKET_LISTINGS_KEPT = 200_000  # listings in the markets a commit keeps, in all (~250 B each in memory)
 
 
 @dataclass(eq=False)
@@ -1599,6 +1599,7 @@ class Market:
 
     conn: sqlite3.Connection
     version: DataVersion
+    listings: int  # rows of its source_map
     commit: Commit
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -1615,23 +1616,24 @@ def build_market(uri: str, as_of: int) -> Market:
         version = read_version(conn)
         for (sql,) in conn.execute(MARKET_DDL).fetchall():
             conn.execute(re.sub(r"^CREATE TABLE ", "CREATE TEMP TABLE ", sql))  # its index follows it there
-        found = conn.execute(MARKET_FROM_RAW, (as_of,)).rowcount
+        found, listed = conn.execute(MARKET_FROM_RAW, (as_of,)).rowcount, 0
         if found < conn.execute("SELECT count(*) FROM main.listing").fetchone()[0]:
             for width in KEPT_WIDTHS:  # hourly first: a daily close found after an hourly one is never later
-                conn.execute(MARKET_FROM_CANDLES, (as_of, width))
+                listed += conn.execute(MARKET_FROM_CANDLES, (as_of, width)).rowcount
         conn.execute(MARKET_NEWEST)
         conn.execute(MARKET_UNIFY)
         conn.execute("COMMIT")
     except BaseException:
         conn.close()
         raise
-    return Market(conn, version, Commit(0, version))
+    return Market(conn, version, found + listed, Commit(0, version))
 
 
 class Markets:
-    """The markets of the moments read lately at one commit, least recently used out first. A moment's market is
-    built once however many requests ask for it at once; other moments' are built meanwhile. One let go is closed
-    when the last read of it ends (its connection is freed with it)."""
+    """The markets of the moments read lately at one commit, least recently used out first, up to
+    MARKET_LISTINGS_KEPT listings in all (a larger one is not kept). A moment's market is built once however many
+    requests ask for it at once; other moments' are built meanwhile. One let go is closed when the last read of it
+    ends (its connection is freed with it)."""
 
     def __init__(self) -> None:
         self.kept: OrderedDict[int, Market] = OrderedDict()
@@ -1656,9 +1658,10 @@ class Markets:
                 raise
             with self.lock:
                 self.building.pop(as_of, None)
-                if market.version == version:  # else the ETL committed since the request looked: keep nothing
+                # Not one built after the ETL committed since the request looked, nor one too large to keep
+                if market.version == version and market.listings <= MARKET_LISTINGS_KEPT:
                     self.kept[as_of] = market
-                    while len(self.kept) > MARKETS_KEPT:
+                    while sum(kept.listings for kept in self.kept.values()) > MARKET_LISTINGS_KEPT:
                         self.kept.popitem(last=False)
             return market
 
