@@ -1563,7 +1563,7 @@ MARKET_FROM_CANDLES = MARKET_ROWS.format(
 )
 # etl.unify in SQL: symbol, name and status from the newest listing not pinned by hand (else the newest), each
 # number from the newest listing that has one (newest: by observed time, then source and source id), every source,
-# the newest time. One index and a look-up per field: a window per field sorted the whole market each (5x slower).
+# the newest time. One index and a look-up per field: a window per field would sort the whole market once each.
 MARKET_NEWEST = "CREATE INDEX temp.source_map_newest ON source_map (asset_id, observed_at DESC, source, source_id)"
 
 
