@@ -56,7 +56,7 @@ bench-stats *args:
 bench-runs *args:
     {{py}} bench/runs_bench.py {{args}}
 
-# the store a year of 10-minute runs over 15,000 listings leaves with the default retention (<= 2 GB), and one more run on it vs on a day's store (<= 1.2x)
+# the store a year of 10-minute runs over 15,000 listings leaves with the default retention (<= 2 GB), and one more run on it vs on a day's store (<= 1.2x); then history and /data?as_of= under wrk, uncached and cached
 bench-history *args:
     {{py}} bench/history.py {{args}}
 

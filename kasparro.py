@@ -1071,7 +1071,7 @@ COVERED_SORTS = frozenset({"rank"})  # their index holds every column (store.sql
 # How each sort field is ordered in SQL: the expression of its index.
 SORT_EXPRESSIONS = {field: field for field in SORT_FIELDS} | {"name": "name COLLATE NOCASE"}
 STATUSES = ("active", "inactive")
-DATA_PARAMS = ("page", "page_size", "filter_by", "sort", "cursor")
+DATA_PARAMS = ("page", "page_size", "filter_by", "sort", "cursor", "as_of")
 SORTS = tuple(prefix + field for field in SORT_FIELDS for prefix in ("", "-"))
 MAX_PAGE = 999_999_999
 CURSOR = re.compile(r"[A-Za-z0-9_-]{12,512}")
@@ -1134,6 +1134,7 @@ class AssetQuery:
     page: int = 1
     page_size: int = 10
     cursor: str | None = None
+    as_of: int | None = None  # Unix seconds: the market as it was then; None: as it is
 
     @property
     def filter_text(self) -> str:
@@ -1146,11 +1147,13 @@ class AssetQuery:
 
     @property
     def digest(self) -> str:
-        """Fingerprint of filter and sort: what a cursor is bound to."""
-        return hashlib.blake2b(f"{self.filter_text}\n{self.sort}".encode(), digest_size=8).hexdigest()
+        """Fingerprint of filter, sort and as_of: what a cursor is bound to."""
+        key = f"{self.filter_text}\n{self.sort}" + ("" if self.as_of is None else f"\n{self.as_of}")
+        return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
     def etag(self, data_version: str) -> str:
         key = f"{data_version}\n{self.filter_text}\n{self.sort}\n{self.page_size}\n{self.cursor or self.page}"
+        key += "" if self.as_of is None else f"\n{self.as_of}"
         return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
@@ -1165,6 +1168,7 @@ def parse_asset_query(params: Mapping[str, str]) -> AssetQuery:
         page=1 if cursor else page,
         page_size=parse_int("page_size", params.get("page_size", "10"), 1, 100),
         cursor=cursor,
+        as_of=parse_moment("as_of", params["as_of"], math.floor) if params.get("as_of") else None,
     )
 
 
@@ -1564,6 +1568,159 @@ def asset_etag(data_version: str, asset_id: str) -> str:
     return hashlib.blake2b(f"{data_version}\n{asset_id}".encode(), digest_size=12).hexdigest()
 
 
+# The market as of a moment (as_of on /data), built by SQL in a connection of its own: each listing's latest
+# observation at or before the moment, from raw_observation while that is kept, else the close of its latest kept
+# candle that ended by then (hourly, else daily), as a source_map row of that moment (listing by listing: the
+# CROSS JOINs keep SQLite from scanning the history instead); then each asset unified from those rows by the
+# ETL's rule (etl.unify; tests/test_as_of.py proves the two agree). The store keeps no history of a listing's
+# symbol and name (its identity) and candles keep no rank, change or status: a listing read from a candle has its
+# current symbol, name and status, and no rank or change. The rows go in TEMP tables named asset and source_map,
+# made from the store's own definitions, which the connection's statements read before the store's: /data's SQL
+# filters, sorts, counts and pages them as it does the store's.
+MARKET_DDL = """
+SELECT sql FROM sqlite_master WHERE name IN ('asset', 'source_map', 'source_map_asset') ORDER BY type = 'index'
+"""
+# A listing's history before its raw_before (hourly_before) is pruned: a listing whose pruned part holds the moment
+# is not looked for there. A listing found in one tier is not looked for in the next.
+MARKET_ROWS = """
+INSERT INTO temp.source_map (source, source_id, asset_id, pinned, symbol, name, rank, price_usd, market_cap_usd,
+                             volume_24h_usd, change_24h_pct, status, observed_at)
+SELECT m.source, m.source_id, m.asset_id, m.pinned, m.symbol, m.name, {values}
+FROM main.listing l CROSS JOIN main.source_map m ON m.source = l.source AND m.source_id = l.source_id
+CROSS JOIN {table} ON {match}
+WHERE {kept}
+"""
+UNSEEN = "NOT EXISTS (SELECT 1 FROM temp.source_map t WHERE t.source = m.source AND t.source_id = m.source_id)"
+MARKET_FROM_RAW = MARKET_ROWS.format(
+    values="r.rank, r.price_usd, r.market_cap_usd, r.volume_24h_usd, r.change_24h_pct,"
+    " iif(r.active, 'active', 'inactive'), strftime('%Y-%m-%dT%H:%M:%SZ', r.observed_at, 'unixepoch')",
+    table="main.raw_observation r",
+    match="r.listing_id = l.listing_id AND r.observed_at = ("
+    "SELECT max(observed_at) FROM main.raw_observation WHERE listing_id = l.listing_id AND observed_at <= ?1)",
+    kept="l.raw_before <= ?1",
+)
+MARKET_FROM_CANDLES = MARKET_ROWS.format(
+    values="NULL, c.close, c.market_cap_usd, c.volume_24h_usd, NULL, m.status,"
+    " strftime('%Y-%m-%dT%H:%M:%SZ', c.last_at, 'unixepoch')",
+    table="main.candle c",
+    match="c.listing_id = l.listing_id AND c.width = ?2 AND c.t = (SELECT t FROM main.candle"
+    " WHERE listing_id = l.listing_id AND width = ?2 AND t <= ?1 AND last_at <= ?1 ORDER BY t DESC LIMIT 1)",
+    kept=f"(?2 = 86400 OR l.hourly_before <= ?1) AND {UNSEEN}",  # daily candles are kept forever
+)
+# etl.unify in SQL: symbol, name and status from the newest listing not pinned by hand (else the newest), each
+# number from the newest listing that has one (newest: by observed time, then source and source id), every source,
+# the newest time. One index and a look-up per field: a window per field would sort the whole market once each.
+MARKET_NEWEST = "CREATE INDEX temp.source_map_newest ON source_map (asset_id, observed_at DESC, source, source_id)"
+
+
+def newest_listing_sql(column: str, condition: str) -> str:
+    return (
+        f"(SELECT {column} FROM temp.source_map s WHERE s.asset_id = a.asset_id AND {condition}"
+        " ORDER BY observed_at DESC, source, source_id LIMIT 1)"
+    )
+
+
+MARKET_UNIFY = f"""
+INSERT INTO temp.asset (asset_id, symbol, name, rank, price_usd, market_cap_usd, volume_24h_usd, change_24h_pct,
+                        status, sources, updated_at)
+SELECT a.asset_id,
+       {", ".join(f"coalesce({newest_listing_sql(c, 'pinned = 0')}, {newest_listing_sql(c, 'true')})"
+                  for c in ("symbol", "name"))},
+       {", ".join(newest_listing_sql(c, f"{c} IS NOT NULL")
+                  for c in ("rank", "price_usd", "market_cap_usd", "volume_24h_usd", "change_24h_pct"))},
+       coalesce({newest_listing_sql("status", "pinned = 0")}, {newest_listing_sql("status", "true")}),
+       (SELECT json_group_array(source) FROM (
+            SELECT DISTINCT source FROM temp.source_map s WHERE s.asset_id = a.asset_id ORDER BY source)),
+       max(a.observed_at)
+FROM temp.source_map a GROUP BY a.asset_id
+"""  # fmt: skip
+MARKET_MMAP = 1 << 32  # bytes of the store a market's build maps (address space, not memory)
+MARKET_LISTINGS_KEPT = 200_000  # listings in the markets a commit keeps, in all (~250 B each in memory)
+
+
+@dataclass(eq=False)
+class Market:
+    """The market at one moment in its own connection's TEMP tables, as of the store's data `version`. Its commit
+    holds the counts and bookmarks of its pages; the lock makes one read at a time of its connection."""
+
+    conn: sqlite3.Connection
+    version: DataVersion
+    listings: int  # rows of its source_map
+    commit: Commit
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def build_market(uri: str, as_of: int) -> Market:
+    """The market at `as_of` (Unix seconds) as the store at `uri` (read-only) keeps it now."""
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {Store.BUSY_TIMEOUT_MS}")
+        # A build reads a page of each listing's history, on a connection with no cache yet: the OS's, mapped.
+        conn.execute(f"PRAGMA mmap_size = {MARKET_MMAP}")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("BEGIN")
+        version = read_version(conn)
+        for (sql,) in conn.execute(MARKET_DDL).fetchall():
+            conn.execute(re.sub(r"^CREATE TABLE ", "CREATE TEMP TABLE ", sql))  # its index follows it there
+        found, listed = conn.execute(MARKET_FROM_RAW, (as_of,)).rowcount, 0
+        if found < conn.execute("SELECT count(*) FROM main.listing").fetchone()[0]:
+            for width in KEPT_WIDTHS:  # hourly first: a daily close found after an hourly one is never later
+                listed += conn.execute(MARKET_FROM_CANDLES, (as_of, width)).rowcount
+        conn.execute(MARKET_NEWEST)
+        conn.execute(MARKET_UNIFY)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.close()
+        raise
+    return Market(conn, version, found + listed, Commit(0, version))
+
+
+class Markets:
+    """The markets of the moments read lately at one commit, least recently used out first, up to
+    MARKET_LISTINGS_KEPT listings in all (a larger one is not kept). A moment's market is built once however many
+    requests ask for it at once; other moments' are built meanwhile. One let go is closed when the last read of it
+    ends (its connection is freed with it)."""
+
+    def __init__(self) -> None:
+        self.kept: OrderedDict[int, Market] = OrderedDict()
+        self.building: dict[int, threading.Lock] = {}
+        self.lock = threading.Lock()  # over kept and building
+
+    def get(self, uri: str, as_of: int, version: DataVersion) -> Market:
+        """The market at `as_of`, kept if it was built from the store at `version`."""
+        with self.lock:
+            building = self.building.setdefault(as_of, threading.Lock())
+        with building:
+            with self.lock:
+                market = self.kept.get(as_of)
+                if market is not None:
+                    self.kept.move_to_end(as_of)
+                    return market
+            try:
+                market = build_market(uri, as_of)
+            except BaseException:
+                with self.lock:
+                    self.building.pop(as_of, None)
+                raise
+            with self.lock:
+                self.building.pop(as_of, None)
+                # Not one built after the ETL committed since the request looked, nor one too large to keep
+                if market.version == version and market.listings <= MARKET_LISTINGS_KEPT:
+                    self.kept[as_of] = market
+                    while sum(kept.listings for kept in self.kept.values()) > MARKET_LISTINGS_KEPT:
+                        self.kept.popitem(last=False)
+            return market
+
+
+def read_page_as_of(uri: str, query: AssetQuery, commit: Commit) -> AssetPage:
+    """read_page() over the market at query.as_of (blank request_id and api_latency_ms), built from the store at
+    `uri` unless `commit` keeps it."""
+    assert query.as_of is not None
+    market = commit.facts.setdefault("markets", Markets()).get(uri, query.as_of, commit.version)
+    with market.lock:
+        return read_page(market.conn, market.version, query, market.commit)
+
+
 # An asset's history: its listings' raw observations (raw_observation) and candles (candle), by store.sql's
 # rule; times there are Unix seconds. Candles wider than an hour but not a day come from hourly ones,
 # narrower ones from raw observations: every kind is merged across listings the same way (merge_candles).
@@ -1633,14 +1790,15 @@ def parse_history_query(params: Mapping[str, str]) -> HistoryQuery:
     )
 
 
-def parse_moment(name: str, text: str) -> int:
-    """An RFC 3339 time (UTC when it names no offset) or Unix seconds, as Unix seconds (rounded up)."""
+def parse_moment(name: str, text: str, rounding: Callable[[float], int] = math.ceil) -> int:
+    """An RFC 3339 time (UTC when it names no offset) or Unix seconds, as Unix seconds (rounded up, or by
+    `rounding`)."""
     if UNIX_SECONDS.fullmatch(text):
         return int(text)
     moment = read_rfc3339(text)
     if moment is None:
         raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds, got {text[:40]!r}")
-    return math.ceil(moment.timestamp())
+    return rounding(moment.timestamp())
 
 
 def utc_text(seconds: int) -> str:
@@ -1992,10 +2150,14 @@ class AssetPagesResource(KeptResource):
         query = parse_asset_query(params)  # single values: QueryParameters saw to it
 
         def read(conn: sqlite3.Connection, version: DataVersion) -> Answer:
-            page = read_page(conn, version, query, commit)
+            if query.as_of is None:
+                page = read_page(conn, version, query, commit)
+            else:  # in a reader's thread, but from a connection of the market's own
+                page = read_page_as_of(self.store._uri(), query, commit)
             return Answer(commit.number, encode(page), etag=query.etag(page.data_version), stamped=True)
 
-        return await self.store.read(read, on_loop=page_fits_on_loop(query, commit))
+        on_loop = query.as_of is None and page_fits_on_loop(query, commit)
+        return await self.store.read(read, on_loop=on_loop)
 
 
 class AssetResource(KeptResource):
@@ -2554,6 +2716,12 @@ EXAMPLE_ASSET = Asset(
     updated_at="2026-11-25T12:00:00Z",
 )
 EXAMPLE_REQUEST_ID = "0b7e9c1e-4a8f-4d2b-9a57-2f1c3d5e6a70"
+AS_OF_TEXT = """The market as it was at this moment (RFC 3339, UTC when it names no offset, or Unix seconds): each
+asset unified from its listings' latest observations at or before it, by the rule of today's record; assets with
+none are absent (a moment before any observation: an empty page; one in the future: today's market). Where raw
+observations are no longer kept, a listing's latest candle close that ended by then stands for it: rank and
+change_24h_pct are then null, and symbol, name and status are the listing's current ones (the store keeps no
+history of them). filter_by, sort, paging and cursors apply as without it; a cursor holds for its as_of only."""
 HISTORY_TEXT = """Raw observations (`interval=raw`) or candles (`5m` to `1d`) of every listing of the asset,
 merged, or of one `source`'s. A candle covers the priced observations of one UTC bucket: open, close =
 the first and last price (by observed time, then source), high and low, and the last one's cap and
@@ -2796,6 +2964,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "schema": string,
         "description": "an ETag of an earlier answer: 304 when it is still current",
     }
+    moment = {"type": "string", "examples": ["2026-11-25T12:00:00Z", "1764072000"]}
     data_parameters = [
         {
             "name": "page",
@@ -2833,6 +3002,12 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "schema": {"type": "string", "pattern": f"^(?:{CURSOR.pattern})?$"},
             "description": "next_cursor of the previous page, for the same filter_by and sort; page is then ignored",
         },
+        {
+            "name": "as_of",
+            "in": "query",
+            "schema": moment,
+            "description": AS_OF_TEXT,
+        },
         if_none_match,
     ]
     asset_id = {
@@ -2866,7 +3041,6 @@ def openapi_document(config: Config) -> dict[str, Any]:
         parameters=[asset_id, if_none_match],
         **{"304": refer("NotModified")},
     )
-    moment = {"type": "string", "examples": ["2026-11-25T12:00:00Z", "1764072000"]}
     history_parameters = [
         asset_id,
         {

@@ -9,6 +9,12 @@ leaves the rows a full year would (a candle has one row however many observation
 
 Then the real etl.py loads one more 10-minute snapshot of every listing, on that store and on one
 holding a day of history, in alternation, and prints both durations and their ratio.
+
+Last, the API serves the year's store as the README runs it (one uvicorn worker, default log level), and wrk
+(one connection: each figure is a request's own latency) times history and /data?as_of= requests that each miss
+the answer cache (a random coin, and a window or moment shifted by a random number of seconds), the same
+requests cached, and the bare ASGI ceiling of the same machine in the same run. `--api-only` measures only this,
+on the store a previous run left.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from api_bench import DEFAULT, parse_wrk, serve  # noqa: E402
 
 import etl  # noqa: E402
 
@@ -131,13 +139,80 @@ def real_run(db: Path, market: Market, t: int) -> float:
     return time.perf_counter() - started
 
 
+# (label, path, earliest from or as_of relative to the newest observation, span, target p99 in ms)
+API_SCENARIOS = (
+    ("interval=1h over 30 days", "/data/coin-{coin}/history?interval=1h&from={from}&to={to}", -30 * etl.DAY,
+     30 * etl.DAY, 10),
+    ("interval=1d over a year", "/data/coin-{coin}/history?interval=1d&from={from}&to={to}", -365 * etl.DAY,
+     365 * etl.DAY, 10),
+    ("interval=raw over a day", "/data/coin-{coin}/history?interval=raw&from={from}&to={to}", -etl.DAY, etl.DAY, 5),
+    ("/data?as_of=...&page_size=100, inside raw retention", "/data?as_of={from}&page_size=100", -etl.DAY, 0, 100),
+    ("/data?as_of=...&page_size=100, 3 months back", "/data?as_of={from}&page_size=100", -90 * etl.DAY, 0, 100),
+)  # fmt: skip
+SHIFT = 6 * etl.HOUR  # seconds by which an uncached request's window or moment moves, at random
+WRK_SECONDS = 15
+
+
+def wrk_run(port: int, env: dict[str, str], seconds: float) -> tuple[float, float, int, int]:
+    """p50 and p99 (ms), responses and failures of one wrk run of bench/history.lua, on one connection."""
+    script = str(ROOT / "bench" / "history.lua")
+    argv = [
+        "wrk",
+        "-t1",
+        "-c1",
+        f"-d{seconds:g}s",
+        "--timeout=30s",
+        "--latency",
+        "-s",
+        script,
+        f"http://127.0.0.1:{port}/",
+    ]
+    done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    measure = parse_wrk(done.stdout)
+    answered = int(done.stdout.split(" requests in ")[0].split()[-1])
+    return measure.p50_ms, measure.p99_ms, answered, measure.errors
+
+
+def measure_api(db: Path, listings: int) -> None:
+    """wrk p50/p99 of each API_SCENARIOS request, uncached and cached, against one worker over the store at db."""
+    conn = etl.sqlite3.connect(db)
+    try:
+        (newest,) = conn.execute("SELECT max(observed_at) FROM raw_observation").fetchone()
+    finally:
+        conn.close()
+    coins = listings // len(SOURCES)
+    api_env = {"KASPARRO_DB": str(db), "KASPARRO_ETL_MAX_AGE": str(10 * 365 * etl.DAY)}
+    with serve("ceiling", "bench.ceiling:app", {}, "/") as ceiling:
+        ceiling_env = {"BENCH_PATH": "/", "BENCH_FROM": "0"}
+        wrk_run(ceiling.port, ceiling_env, 3)
+        p50, p99, answered, _ = wrk_run(ceiling.port, ceiling_env, WRK_SECONDS)
+        print(f"ceiling (bare ASGI, constant JSON), 1 connection: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {answered:,}")
+    with serve("api-history", "kasparro:app", api_env, "/health", DEFAULT) as api:
+        for label, path, back, span, target in API_SCENARIOS:
+            first = newest + back - (SHIFT if span == 0 else span // 100)
+            for kind, shift, coins_drawn in (("uncached", SHIFT, coins), ("cached", 0, 1)):
+                env = {"BENCH_PATH": path, "BENCH_FROM": str(first), "BENCH_SHIFT": str(shift),
+                       "BENCH_SPAN": str(span), "BENCH_COINS": str(coins_drawn)}  # fmt: skip
+                wrk_run(api.port, env, 3)
+                p50, p99, answered, errors = wrk_run(api.port, env, WRK_SECONDS)
+                verdict = (
+                    "" if kind == "cached" else f" (target p99 <= {target} ms: {'PASS' if p99 <= target else 'FAIL'})"
+                )
+                print(f"{label}, {kind}: p50 {p50:.2f} ms, p99 {p99:.2f} ms over {answered:,} responses,"
+                      f" {errors} errors{verdict}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listings", type=int, default=15_000, help="listings in all (half per source)")
     parser.add_argument("--days", type=int, default=365, help="days of history in the long store")
     parser.add_argument("--rounds", type=int, default=3, help="real runs on each store, alternating")
+    parser.add_argument("--api-only", action="store_true", help="only time the API, on the year's store left before")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.api_only:
+        measure_api(OUT / "year.db", args.listings)
+        return
     # The last simulated run is a little before now, so the real runs after it are not in the future.
     end = (int(time.time()) - 4 * STEP) // STEP * STEP
     stores = {"year": OUT / "year.db", "day": OUT / "day.db"}
@@ -167,6 +242,7 @@ def main() -> None:
     with contextlib.suppress(OSError):
         for feed in OUT.glob("*.csv"):
             feed.unlink()
+    measure_api(stores["year"], args.listings)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_every_path_and_parameter_is_documented(document: dict[str, Any]) -> Non
                                       "/runs", "/runs/{run_id}", "/runs/compare", "/metrics", "/openapi.json", "/docs",
                                       "/redoc"}  # fmt: skip
     data = {p["name"]: p for p in document["paths"]["/data"]["get"]["parameters"]}
-    assert set(data) == {"page", "page_size", "filter_by", "sort", "cursor", "If-None-Match"}
+    assert set(data) == {"page", "page_size", "filter_by", "sort", "cursor", "as_of", "If-None-Match"}
     assert all(p.get("allowEmptyValue", False) == (p["in"] == "query") for p in data.values())  # empty: absent
     assert data["page_size"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 100, "default": 10}
     assert set(data["sort"]["schema"]["enum"]) == set(SORTS)

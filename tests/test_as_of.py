@@ -1,0 +1,341 @@
+"""GET /data?as_of=: pages equal a brute-force unification at that instant, by the ETL's own rule (etl.unify)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_history import load
+
+import etl
+from conftest import SyncConductor
+from etl_support import query
+from kasparro import SORTS, Config, create_app
+
+HOUR, DAY = 3_600, 86_400
+START = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())
+DAYS = 4
+HEADER = "id,symbol,name,rank,price,market_cap,volume_24h,change_24h,status,last_updated\n"
+# (source, symbol, name): BTC and ETH are listed by both sources (one asset each), the others by one.
+LISTINGS = [
+    ("a", "BTC", "Bitcoin"), ("b", "BTC", "Bitcoin"), ("a", "ETH", "Ethereum"), ("b", "ETH", "Ethereum"),
+    ("a", "SOL", "Solana"), ("a", "ADA", "Cardano"), ("b", "DOGE", "Dogecoin"), ("b", "XRP", "Ripple"),
+]  # fmt: skip
+KEEP = {"kept": ("30d", "30d"), "pruned": ("1d", "2d")}  # KASPARRO_KEEP_RAW, KASPARRO_KEEP_HOURLY
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One observation as a source gave it; None where the source gave nothing."""
+
+    source: str
+    source_id: str
+    t: int
+    rank: int | None
+    price: float | None
+    market_cap: float | None
+    volume: float | None
+    change: float | None
+    status: str
+
+
+def utc(t: int) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def observations(seed: int = 17) -> list[Seen]:
+    """Every listing about every 10 (source a) or 15 (b) minutes over DAYS days; some values missing."""
+    chooser = random.Random(seed)
+    seen = []
+    for source, _, name in LISTINGS:
+        step = 600 if source == "a" else 900
+        price = chooser.uniform(0.05, 90_000)
+        for slot in range(START, START + DAYS * DAY, step):
+            t = slot + (0 if chooser.random() < 0.3 else chooser.randrange(step))
+            price *= chooser.uniform(0.98, 1.02)
+
+            def maybe(value: Any, chance: float = 0.15) -> Any:
+                return None if chooser.random() < chance else value
+
+            seen.append(
+                Seen(f"csv:{source}", f"{source}-{name.lower()}", t, maybe(chooser.randrange(1, 9)),
+                     maybe(round(price, 6)), maybe(round(price * 1e6, 2)), maybe(round(chooser.uniform(1, 1e9), 2)),
+                     maybe(round(chooser.uniform(-20, 20), 3)), "inactive" if chooser.random() < 0.1 else "active")
+            )  # fmt: skip
+    first: dict[tuple, Seen] = {}
+    for o in seen:  # one observation per (listing, time): a repeated one is the same observation
+        first.setdefault((o.source, o.source_id, o.t), o)
+    return list(first.values())
+
+
+def write_feed(path: Path, seen: Iterable[Seen]) -> Path:
+    names = {f"{source}-{name.lower()}": (symbol, name) for source, symbol, name in LISTINGS}
+    lines = [HEADER]
+    for o in seen:
+        cells = [
+            o.source_id,
+            *names[o.source_id],
+            o.rank,
+            o.price,
+            o.market_cap,
+            o.volume,
+            o.change,
+            o.status,
+            utc(o.t),
+        ]
+        lines.append(",".join("" if c is None else repr(c) if isinstance(c, float) else str(c) for c in cells) + "\n")
+    path.write_text("".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same observations loaded day by day, source by source, into a store that keeps them all raw and into
+    one that keeps a day raw and two of hourly candles."""
+    folder = tmp_path_factory.mktemp("as-of")
+    seen = observations()
+    feeds = []
+    for day in range(DAYS):
+        lo, hi = START + day * DAY, START + (day + 1) * DAY
+        for name in ("a", "b"):
+            part = [o for o in seen if o.source == f"csv:{name}" and lo <= o.t < hi]
+            feeds.append((name, write_feed(folder / f"{name}{day}.csv", part)))
+    paths = {}
+    for kind, (raw, hourly) in KEEP.items():
+        paths[kind] = folder / f"{kind}.db"
+        load(paths[kind], feeds, KASPARRO_KEEP_RAW=raw, KASPARRO_KEEP_HOURLY=hourly)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def clients(stores: dict[str, Path]) -> Any:
+    with (
+        SyncConductor(create_app(Config(db=stores["kept"], log_level="warning"))) as kept,
+        SyncConductor(create_app(Config(db=stores["pruned"], log_level="warning"))) as pruned,
+    ):
+        yield {"kept": kept, "pruned": pruned}
+
+
+# --- the brute force ---------------------------------------------------------------------
+
+
+def state_at(listing: Sequence[Seen], instant: int, raw_before: int, hourly_before: int) -> tuple | None:
+    """A listing's latest observation at or before `instant` as the store can know it: raw where kept, else the
+    close of its latest hourly candle (kept ones) that ended by then, else of its latest daily one; None if none.
+    (t, rank, price, cap, volume, change, status or None for the listing's current one)."""
+    raw = [o for o in listing if raw_before <= o.t <= instant]
+    if raw:
+        o = max(raw, key=lambda o: o.t)
+        return o.t, o.rank, o.price, o.market_cap, o.volume, o.change, o.status
+    for width, kept_from in ((HOUR, hourly_before), (DAY, 0)):
+        buckets: dict[int, list[Seen]] = collections.defaultdict(list)
+        for o in listing:
+            if o.price is not None and o.t // width * width >= kept_from:
+                buckets[o.t // width * width].append(o)
+        closed = [max(members, key=lambda o: o.t) for members in buckets.values()]
+        closed = [o for o in closed if o.t <= instant]
+        if closed:
+            o = max(closed, key=lambda o: o.t)
+            return o.t, None, o.price, o.market_cap, o.volume, None, None
+    return None
+
+
+def brute_force(db: Path, seen: Sequence[Seen], instant: int, keep: tuple[str, str]) -> list[dict[str, Any]]:
+    """The unified record of every asset at `instant`, by etl.unify over each listing's state then."""
+    retention = etl.retention({"KASPARRO_KEEP_RAW": keep[0], "KASPARRO_KEEP_HOURLY": keep[1]})
+    identity = {
+        (source, source_id): rest
+        for source, source_id, *rest in query(
+            db, "SELECT source, source_id, asset_id, symbol, name, status, pinned FROM source_map"
+        )
+    }
+    by_listing: dict[tuple, list[Seen]] = collections.defaultdict(list)
+    for o in seen:
+        by_listing[(o.source, o.source_id)].append(o)
+    rows: dict[str, list[tuple]] = collections.defaultdict(list)
+    for (source, source_id), listing in by_listing.items():
+        newest = max(o.t for o in listing)
+        raw_before = (newest - retention.raw) // DAY * DAY
+        hourly_before = (newest - retention.hourly) // DAY * DAY
+        state = state_at(listing, instant, raw_before, hourly_before)
+        if state is None:
+            continue
+        asset_id, symbol, name, current_status, pinned = identity[(source, source_id)]
+        t, rank, price, cap, volume, change, status = state
+        rows[asset_id].append(
+            ((asset_id, source, symbol, name, rank, price, cap, volume, change, status or current_status, utc(t),
+              pinned), source_id)
+        )  # fmt: skip
+    records = []
+    for listings in rows.values():
+        listings.sort(key=lambda row: (row[0][1], row[1]))
+        listings.sort(key=lambda row: row[0][10], reverse=True)  # newest first; ties by source, source id
+        unified = etl.unify([row for row, _ in listings])
+        names = ("asset_id", *etl.UNIFIED_COLUMNS)
+        record = dict(zip(names, unified, strict=True))
+        record["sources"] = json.loads(record["sources"])
+        records.append(record)
+    return records
+
+
+CONDITIONS = {
+    "": lambda r: True,
+    "active": lambda r: r["status"] == "active",
+    "status:inactive": lambda r: r["status"] == "inactive",
+    "source:csv:a": lambda r: "csv:a" in r["sources"],
+    "symbol:btc|sol": lambda r: r["symbol"] in ("BTC", "SOL"),
+    "name~o": lambda r: "o" in r["name"].lower(),
+    "price_usd>100": lambda r: r["price_usd"] is not None and r["price_usd"] > 100,
+    "rank<=4": lambda r: r["rank"] is not None and r["rank"] <= 4,
+    "change_24h_pct>=0,active": lambda r: (
+        r["change_24h_pct"] is not None and r["change_24h_pct"] >= 0 and r["status"] == "active"
+    ),
+}
+
+
+def selected(records: list[dict[str, Any]], filter_by: str, sort: str) -> list[dict[str, Any]]:
+    """filter_by and sort as SPEC states them: nulls last, ties by asset_id in the sort's direction."""
+    field, descending = sort.removeprefix("-"), sort.startswith("-")
+    chosen = [r for r in records if CONDITIONS[filter_by](r)]
+
+    def value(r: dict[str, Any]) -> Any:
+        return r[field].lower() if field == "name" else r[field]
+
+    valued = sorted((r for r in chosen if r[field] is not None), key=lambda r: (value(r), r["asset_id"]),
+                    reverse=descending)  # fmt: skip
+    nulls = sorted((r for r in chosen if r[field] is None), key=lambda r: r["asset_id"], reverse=descending)
+    return valued + nulls
+
+
+SEEN = observations()
+TIMES = sorted({o.t for o in SEEN})
+INSTANTS = st.one_of(
+    st.integers(START - HOUR, START + (DAYS + 1) * DAY),
+    st.sampled_from(TIMES),  # exactly at an observation: "at or before" includes it
+    st.sampled_from(TIMES).map(lambda t: t - 1),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(instant=INSTANTS, filter_by=st.sampled_from(list(CONDITIONS)), sort=st.sampled_from(SORTS),
+       kind=st.sampled_from(list(KEEP)), as_text=st.booleans())  # fmt: skip
+def test_as_of_pages_equal_a_brute_force_unification(
+    clients: Any, stores: dict[str, Path], instant: int, filter_by: str, sort: str, kind: str, as_text: bool
+) -> None:
+    """Within raw retention (store 'kept', and the last two days of 'pruned') and from candles after pruning."""
+    as_of = utc(instant) if as_text else str(instant)
+    body = clients[kind].get("/data", params={"as_of": as_of, "filter_by": filter_by, "sort": sort, "page_size": "100"})
+    assert body.status_code == 200, body.text
+    expected = selected(brute_force(stores[kind], SEEN, instant, KEEP[kind]), filter_by, sort)
+    assert body.json["data"] == expected
+    assert (body.json["total_items"], body.json["next_cursor"]) == (len(expected), None)
+
+
+def test_the_pruned_store_answers_from_candles_where_raw_observations_are_gone(stores: dict[str, Path]) -> None:
+    """The premise of the test above: its instants reach the daily tier, the hourly tier and the raw one."""
+    ((raw_from, hourly_from),) = query(stores["pruned"], "SELECT min(raw_before), min(hourly_before) FROM listing")
+    assert (raw_from, hourly_from) == (START + 2 * DAY, START + DAY)
+    assert query(stores["pruned"], "SELECT min(observed_at) FROM raw_observation") >= [(START + 2 * DAY,)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(filter_by=st.sampled_from(list(CONDITIONS)), sort=st.sampled_from(SORTS), kind=st.sampled_from(list(KEEP)))
+def test_as_of_now_is_todays_data(clients: Any, filter_by: str, sort: str, kind: str) -> None:
+    """The ETL's record of today (table asset) and as_of's unification of the newest observations agree."""
+    params = {"filter_by": filter_by, "sort": sort, "page_size": "100"}
+    today = clients[kind].get("/data", params=params).json
+    now = clients[kind].get("/data", params={**params, "as_of": utc(START + 30 * DAY)}).json
+    assert now["data"] == today["data"]
+    assert now["total_items"] == today["total_items"]
+
+
+@pytest.mark.parametrize("kind", list(KEEP))
+@pytest.mark.parametrize("sort", ["rank", "-price_usd", "name", "-change_24h_pct"])
+def test_cursors_and_pages_with_as_of_give_the_one_page(clients: Any, kind: str, sort: str) -> None:
+    client = clients[kind]
+    for instant in (START + DAY + 7 * HOUR, START + 3 * DAY + 5):
+        params = {"as_of": str(instant), "sort": sort}
+        whole = client.get("/data", params={**params, "page_size": "100"}).json["data"]
+        assert len(whole) >= 4
+        walked, cursor = [], None
+        while True:
+            page = client.get("/data", params={**params, "page_size": "2", **({"cursor": cursor} if cursor else {})})
+            assert page.status_code == 200, page.text
+            walked += page.json["data"]
+            cursor = page.json["next_cursor"]
+            if cursor is None:
+                break
+        assert walked == whole
+        numbered = [client.get("/data", params={**params, "page_size": "3", "page": str(n)}).json for n in (1, 2, 3)]
+        assert [a for page in numbered for a in page["data"]] == whole[:9]
+        assert numbered[0]["total_pages"] == -(-len(whole) // 3)
+
+
+def test_a_cursor_holds_only_for_its_as_of(clients: Any) -> None:
+    client = clients["kept"]
+    first = client.get("/data", params={"as_of": str(START + DAY), "page_size": "1"}).json
+    for other in ({"as_of": str(START + DAY + 1)}, {}):
+        again = client.get("/data", params={**other, "page_size": "1", "cursor": first["next_cursor"]})
+        assert again.status_code == 400
+        assert "cursor" in again.json["detail"]
+
+
+def test_as_of_answers_carry_their_own_etag_and_304(clients: Any) -> None:
+    client = clients["kept"]
+    params = {"as_of": utc(START + 2 * DAY), "page_size": "5"}
+    first = client.get("/data", params=params)
+    etag = first.headers["ETag"]
+    assert client.get("/data", params=params, headers={"If-None-Match": etag}).status_code == 304
+    for other in ({**params, "as_of": utc(START + 2 * DAY + 1)}, {"page_size": "5"}):
+        assert client.get("/data", params=other).headers["ETag"] != etag
+        assert client.get("/data", params=other, headers={"If-None-Match": etag}).status_code == 200
+
+
+def test_before_any_observation_the_market_is_empty(clients: Any) -> None:
+    for kind in KEEP:
+        body = clients[kind].get("/data", params={"as_of": str(START - 1)}).json
+        assert (body["data"], body["total_items"], body["total_pages"], body["next_cursor"]) == ([], 0, 0, None)
+
+
+def test_an_empty_as_of_is_an_absent_one(clients: Any) -> None:
+    client = clients["kept"]
+    assert client.get("/data", params={"as_of": ""}).json["data"] == client.get("/data").json["data"]
+
+
+@pytest.mark.parametrize(
+    "value", ["yesterday", "2026-11-01T25:00:00Z", "1.5", "1e9", "2026-11-01 12:00:00 UTC", "0x10", "１２３"]
+)
+def test_a_bad_as_of_is_a_400_naming_it(clients: Any, value: str) -> None:
+    body = clients["kept"].get("/data", params={"as_of": value})
+    assert body.status_code == 400
+    assert body.json["detail"].startswith("as_of: expected an RFC 3339 time or Unix seconds")
+
+
+def test_as_of_given_twice_is_a_400(clients: Any) -> None:
+    body = clients["kept"].get("/data", query_string=f"as_of={START}&as_of={START + 1}")
+    assert body.status_code == 400
+    assert "as_of" in body.json["detail"]
+
+
+def test_a_listing_pinned_by_hand_gives_no_name_or_status(stores: dict[str, Path], tmp_path: Path) -> None:
+    """etl.unify's rule for pins holds at any instant: symbol, name and status come from the newest listing not
+    pinned (both BTC listings are pinned by hand, then one: the other names the asset)."""
+    db = tmp_path / "pinned.db"
+    with etl.sqlite3.connect(stores["kept"]) as source, etl.sqlite3.connect(db) as copy:
+        source.backup(copy)
+    for pinned in (("a-bitcoin", "b-bitcoin"), ("b-bitcoin",)):
+        with etl.sqlite3.connect(db) as conn:
+            conn.execute("UPDATE source_map SET pinned = (source_id IN (?, ?))", (*pinned, *pinned)[:2])
+        with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
+            for instant in (START + DAY + 1234, START + 3 * DAY + 99):
+                body = client.get("/data", params={"as_of": str(instant), "page_size": "100", "sort": "name"})
+                assert body.json["data"] == selected(brute_force(db, SEEN, instant, KEEP["kept"]), "", "name")
