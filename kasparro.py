@@ -1634,7 +1634,6 @@ SELECT a.asset_id,
        max(a.observed_at)
 FROM temp.source_map a GROUP BY a.asset_id
 """  # fmt: skip
-MARKET_MMAP = 1 << 32  # bytes of the store a market's build maps (address space, not memory)
 MARKET_LISTINGS_KEPT = 200_000  # listings in the markets a commit keeps, in all (~250 B each in memory)
 
 
@@ -1655,8 +1654,7 @@ def build_market(uri: str, as_of: int) -> Market:
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {Store.BUSY_TIMEOUT_MS}")
-        # A build reads a page of each listing's history, on a connection with no cache yet: the OS's, mapped.
-        conn.execute(f"PRAGMA mmap_size = {MARKET_MMAP}")
+        # No mmap_size: a store overwritten in place under a mapping would end the process with SIGBUS (issue 22).
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("BEGIN")
         version = read_version(conn)
