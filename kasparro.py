@@ -1962,19 +1962,44 @@ def records_body(
             return encode_lines(records)
         return encode_lines([{name: getattr(record, name) for name in fields} for record in records])
     names = fields or columns
+    table = [tuple(csv_cell(getattr(record, name)) for name in names) for record in records]
+    return (csv_lines([names]) if header else b"") + csv_lines(table)
+
+
+def csv_lines(table: Sequence[Sequence[str | int | float | None]]) -> bytes:
+    """Rows of equal length as CSV lines (RFC 4180: CRLF, a field quoted only when it must be; None empty).
+
+    Rows whose text needs no quoting (no comma, quote, backslash or line break), as market data is, are
+    encoded by msgspec as one JSON array of arrays and turned into CSV by byte replacements, 3 to 4 times
+    faster than the csv module (whose float formatting dominates an export); others by the csv module.
+    """
+    if not table:
+        return b""
+    body = encode(table)
+    width = len(table[0])
+    # No escape, no comma in a text, and more than one column (a line of one null must be written "").
+    if width > 1 and b"\\" not in body and body.count(b",") == len(table) * width - 1:
+        lines = b"\n" + body[2:-2].replace(b"],[", b"\n") + b"\n"
+        for null, empty in ((b",null,", b",,"), (b",null,", b",,"), (b"\nnull,", b"\n,"), (b",null\n", b",\n"),
+                            (b"\nnull\n", b"\n\n"), (b"\nnull\n", b"\n\n")):  # fmt: skip
+            lines = lines.replace(null, empty)  # twice where nulls may be next to each other
+        return lines[1:].replace(b'"', b"").replace(b"\n", b"\r\n")
     out = io.StringIO()
-    writer = csv.writer(out)
-    if header:
-        writer.writerow(names)
-    writer.writerows([csv_cell(getattr(record, name)) for name in names] for record in records)
+    csv.writer(out).writerows(table)
     return out.getvalue().encode()
 
 
 def csv_cell(value: Any) -> Any:
     """A value as a CSV cell: a list (or a stored JSON list) joined with '|'; None is written empty."""
-    if isinstance(value, msgspec.Raw):
-        value = decode_sources(value)
+    if isinstance(value, msgspec.Raw):  # an asset's sources, as stored
+        return joined_list(bytes(value))
     return "|".join(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=1024)
+def joined_list(stored: bytes | str) -> str:
+    """A stored JSON list of text (an asset's sources) joined with '|'; the few distinct ones are kept."""
+    return "|".join(decode_sources(stored))
 
 
 def link_next(path: str, params: Mapping[str, str], cursor: str) -> Header:
@@ -2342,7 +2367,11 @@ class AssetExport:
         if rows:
             self.after = position_of(self.query, rows[-1])
         query = self.query
-        body = records_body(query.format, assets_of(rows), query.fields, ASSET_FIELDS, header=self.first)
+        if query.format == "csv":  # from the rows themselves: an Asset apiece would cost more than the CSV
+            names = query.fields or ASSET_FIELDS
+            body = (csv_lines([names]) if self.first else b"") + csv_lines(csv_table(rows, names))
+        else:
+            body = records_body(query.format, assets_of(rows), query.fields, ASSET_FIELDS)
         self.first = False
         if self.compressor is not None:
             body = self.compressor.compress(body) + (self.compressor.flush() if self.done else b"")
@@ -2352,6 +2381,17 @@ class AssetExport:
         if self.watcher is not None:
             self.watcher.cancel()
         await self.snapshot.close()
+
+
+SOURCES_AT = ASSET_FIELDS.index("sources")
+
+
+def csv_table(rows: Sequence[tuple], names: Sequence[str]) -> list[tuple]:
+    """Rows of ASSET_COLUMNS as CSV cells of the fields `names`: sources joined with '|'."""
+    if tuple(names) == ASSET_FIELDS:
+        return [(a, b, c, d, e, f, g, h, i, joined_list(j), k) for a, b, c, d, e, f, g, h, i, j, k in rows]
+    at = [ASSET_FIELDS.index(name) for name in names]
+    return [tuple(joined_list(row[i]) if i == SOURCES_AT else row[i] for i in at) for row in rows]
 
 
 class AssetExportResource:
