@@ -1928,24 +1928,35 @@ class GzipTail:
     def __init__(self, tail: bytes | memoryview) -> None:
         deflate = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate: the gzip wrapper is written here
         self.deflated = deflate.compress(tail) + deflate.flush()
+        self.tail = tail
         self.crc = zlib.crc32(tail)
         self.length = len(tail)
-        # crc32(head + tail) = M(crc32(head)) ^ crc32(tail), M linear: its value on each bit, by nibble.
+        self.shift: list[list[int]] | None = None  # made at the second member(): most answers are sent once
+        GzipTail.made += 1
+
+    def _shift(self) -> list[list[int]]:
+        """crc32(head + tail) = M(crc32(head)) ^ crc32(tail), M linear: its value on each bit, by nibble."""
         zeros = bytes(self.length)
         base = zlib.crc32(zeros)
         bits = [zlib.crc32(zeros, 1 << bit) ^ base for bit in range(32)]
-        self.shift = [
+        return [
             [functools.reduce(int.__xor__, (bits[4 * nibble + b] for b in range(4) if value >> b & 1), 0)
              for value in range(16)]
             for nibble in range(8)
         ]  # fmt: skip
-        GzipTail.made += 1
 
     def member(self, head: bytes) -> bytes:
         """A gzip stream (RFC 1952) of head + tail; head at most 65,535 bytes."""
-        head_crc, crc = zlib.crc32(head), self.crc
-        for nibble, table in enumerate(self.shift):
-            crc ^= table[head_crc >> 4 * nibble & 15]
+        if self.shift is None and not head:
+            crc = self.crc
+        elif self.shift is None:  # the first: the tail's CRC carried on by reading it once more
+            crc, self.shift = zlib.crc32(self.tail, zlib.crc32(head)), []
+        else:
+            if not self.shift:
+                self.shift = self._shift()
+            head_crc, crc = zlib.crc32(head), self.crc
+            for nibble, table in enumerate(self.shift):
+                crc ^= table[head_crc >> 4 * nibble & 15]
         size = len(head)
         stored = b"\x00" + struct.pack("<HH", size, size ^ 0xFFFF)  # a stored block, not the last: then the tail's
         trailer = struct.pack("<II", crc, (size + self.length) & 0xFFFFFFFF)
