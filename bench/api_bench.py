@@ -514,8 +514,10 @@ def keyset_walk(server: Server, expected: int) -> Measure:
 
 def export_stream(server: Server, scenario: Scenario, expected: int) -> Measure:
     """One GET of the export, read to the end in 1 MB pieces (decompressed when gzip), its rows counted, and the
-    server's RSS sampled every 50 ms meanwhile: rows/s, and the peak RSS during it minus the RSS before."""
+    server's RSS sampled every 50 ms meanwhile: rows/s, and the peak RSS during it minus the RSS before; and the
+    server's CPU time, whose rows per CPU-second other tenants of the machine do not change."""
     rss_before = server.memory_mb()[0]
+    ticks = server.cpu_ticks()
     peak, done = [rss_before], threading.Event()
 
     def sample() -> None:
@@ -536,6 +538,7 @@ def export_stream(server: Server, scenario: Scenario, expected: int) -> Measure:
         received += len(piece)
         lines += (inflate.decompress(piece) if inflate else piece).count(b"\n")
     seconds = time.perf_counter() - started
+    cpu = (server.cpu_ticks() - ticks) / os.sysconf("SC_CLK_TCK")
     done.set()
     sampler.join()
     conn.close()
@@ -548,7 +551,8 @@ def export_stream(server: Server, scenario: Scenario, expected: int) -> Measure:
         non_2xx=int(response.status != 200 or rows != expected),
         socket_errors=0,
         seconds=seconds,
-        note=f"{rows:,} rows, {received / 1e6:,.0f} MB in {seconds:.1f} s; server RSS {rss_before:.0f} MB before,"
+        note=f"{rows:,} rows, {received / 1e6:,.0f} MB in {seconds:.1f} s; server CPU {cpu:.1f} s,"
+        f" {rows / cpu if cpu else math.inf:,.0f} rows per CPU-second; server RSS {rss_before:.0f} MB before,"
         f" peak {peak[0]:.0f} MB during (+{growth:.0f} MB); p50 = first byte, p99 = last",
         growth_mb=growth,
     )
