@@ -759,6 +759,7 @@ class Store:
         )
         self._runner: asyncio.Task[None] | None = None
         self._snapshots = asyncio.Semaphore(self.SNAPSHOTS)
+        self._open_snapshots: set[Snapshot] = set()  # closed by close(): a stream cut off at shutdown may not
 
     @property
     def lock_path(self) -> Path:
@@ -777,6 +778,8 @@ class Store:
             with contextlib.suppress(StoreUnavailable):
                 await self._opening  # its connections are the pool's, closed below with it
         self._forget_loop_conn()
+        for snapshot in list(self._open_snapshots):
+            await snapshot.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await self._discard(pool)  # closes the idle readers; each busy one is closed by its read when it ends
@@ -851,7 +854,13 @@ class Store:
         except BaseException:
             self._snapshots.release()
             raise
-        return Snapshot(conn, version, self._snapshots.release)
+        snapshot = Snapshot(conn, version, lambda: self._snapshot_closed(snapshot))
+        self._open_snapshots.add(snapshot)
+        return snapshot
+
+    def _snapshot_closed(self, snapshot: Snapshot) -> None:
+        self._open_snapshots.discard(snapshot)
+        self._snapshots.release()
 
     async def _read_in_thread(self, read: Read[T]) -> T:
         pool, conn = await self._borrow()
