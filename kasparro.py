@@ -3469,6 +3469,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "description": "Unified crypto-asset market data, loaded by the ETL and served read-only.\n\n"
             "Every GET path answers HEAD too: the same status and headers, no body. An empty query parameter"
             " is an absent one; filter_by given twice means both; any other parameter given twice is a 400.\n\n"
+            "A body of 1 kB or more is gzip-compressed when Accept-Encoding allows it (Vary: Accept-Encoding; the"
+            " ETag, weak, is the same either way). Browser pages may call the API from the origins of"
+            " KASPARRO_CORS_ORIGINS: an OPTIONS preflight is answered 204 (403 for another origin or a method but"
+            " GET and HEAD), and ETag, X-Request-ID, Retry-After, RateLimit-*, Link, X-Total-Count, X-Data-Version"
+            " and Content-Disposition are exposed.\n\n"
             "Read it as [interactive docs](/docs) (Swagger UI: try each request) or as a [reference](/redoc)"
             " (ReDoc).",
         },
