@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api import valid_queries
 
-from conftest import exchange, http_get
+from conftest import exchange, http_get, run_etl, write_csv
 from kasparro import ASSET_FIELDS, DETAIL_FIELDS, csv_lines
 
 PROPERTY_SETTINGS = settings(
@@ -188,6 +189,45 @@ def test_export_in_many_chunks_equals_a_walk_and_is_one_data_version(live_server
     status, headers, body = get(server, "/data/export", params, **{"Accept-Encoding": "gzip"})
     assert status == 200 and headers["content-encoding"] == "gzip" and headers["x-data-version"] == version
     assert read_csv(gzip.decompress(body)) == records
+
+
+def test_an_export_is_one_data_version_while_the_etl_commits(live_server: Any, big_clean: Path, tmp_path: Path) -> None:
+    """An export paused by its client (after its first rows) while an ETL run commits new assets goes on, when the
+    client reads again, from the snapshot it began with: every asset of that version, none of the new ones."""
+    db = tmp_path / "store.db"
+    shutil.copyfile(big_clean, db)
+    server = live_server(db, LOG_LEVEL="warning")
+    before = json.loads(get(server, "/data", {"page_size": "1"})[2])
+    address = urlsplit(server.base)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as conn:
+        conn.sendall(b"GET /data/export HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = bytearray(conn.recv(65536))  # ~24 MB in all: far more than the socket buffers hold
+        feed = write_csv(tmp_path / "late.csv", 12, seed=99)  # csv:late, 12 coins the store has not seen
+        result = run_etl(db, f"csv:{feed}", KASPARRO_WAL_CHECKPOINT="passive")
+        assert result.returncode == 0, result.stderr
+        after = json.loads(get(server, "/data", {"page_size": "1"})[2])
+        assert after["data_version"] != before["data_version"]
+        assert after["total_items"] == before["total_items"] + 12
+        while chunk := conn.recv(1 << 20):
+            received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert f"x-data-version: {before['data_version']}".encode() in head.lower()
+    exported = read_csv(dechunk(body))
+    assert len(exported) == before["total_items"]
+    late = {row["asset_id"] for row in read_csv(get(server, "/data/export", {"filter_by": "source:csv:late"})[2])}
+    assert len(late) == 12 and late.isdisjoint(record["asset_id"] for record in exported)
+
+
+def dechunk(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body's content."""
+    content, at = bytearray(), 0
+    while True:
+        size_end = body.index(b"\r\n", at)
+        size = int(body[at:size_end].split(b";")[0], 16)
+        if size == 0:
+            return bytes(content)
+        content += body[size_end + 2 : size_end + 2 + size]
+        at = size_end + 2 + size + 2
 
 
 def test_an_export_left_by_its_client_lets_go_of_its_snapshot(live_server: Any, big_clean: Path) -> None:
