@@ -32,7 +32,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -2414,6 +2414,11 @@ def csv_table(rows: Sequence[tuple], names: Sequence[str]) -> list[tuple]:
     return [tuple(joined_list(row[i]) if i == SOURCES_AT else row[i] for i in at) for row in rows]
 
 
+async def unknown_length() -> AsyncIterator[bytes]:
+    """The body of a HEAD of a streamed GET: its length is known only once sent (RFC 9110 9.3.2)."""
+    yield b""
+
+
 class AssetExportResource:
     """GET /data/export: every asset that filter_by (and sort, fields) selects, in one CSV or NDJSON response
     streamed from one snapshot of the store (X-Data-Version), in constant memory, as an attachment."""
@@ -2433,7 +2438,9 @@ class AssetExportResource:
         resp.vary = ("Accept", "Accept-Encoding")
         if gzip:
             resp.set_header("Content-Encoding", "gzip")
-        if req.method == "HEAD":  # Falcon sends no body, and would not close a stream
+        if req.method == "HEAD":  # GET's headers, without opening a snapshot Falcon would not close
+            resp.set_header("X-Data-Version", str((await self.store.watch()).version))
+            resp.stream = unknown_length()  # never read: it keeps Falcon from saying Content-Length: 0
             return
         snapshot = await self.store.snapshot()
         resp.set_header("X-Data-Version", str(snapshot.version))
