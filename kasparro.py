@@ -1102,8 +1102,9 @@ COVERED_SORTS = frozenset({"rank"})  # their index holds every column (store.sql
 SORT_EXPRESSIONS = {field: field for field in SORT_FIELDS} | {"name": "name COLLATE NOCASE"}
 STATUSES = ("active", "inactive")
 DATA_PARAMS = ("page", "page_size", "filter_by", "sort", "cursor", "fields", "format")
-PAGING_PARAMS = ("page", "page_size", "cursor")
-EXPORT_PARAMS = tuple(name for name in DATA_PARAMS if name not in PAGING_PARAMS)  # the selection, not the paging
+# The selection of /data, not its paging. Named one by one: a parameter of /data that changes where its rows are
+# read from (as_of reads a market built apart) must be wired into AssetExport before the export accepts it.
+EXPORT_PARAMS = ("filter_by", "sort", "fields", "format")
 # The media types of records: `format` names one, else the Accept header chooses (preferred_format).
 FORMATS = {"json": falcon.MEDIA_JSON, "csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 PAGE_FORMATS = ("json", "csv", "ndjson")  # the first is the default
