@@ -9,12 +9,14 @@ import bisect
 import collections
 import contextlib
 import contextvars
+import csv
 import dataclasses
 import fcntl
 import functools
 import hashlib
 import hmac
 import importlib.util
+import io
 import logging
 import math
 import os
@@ -26,9 +28,11 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
+import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -42,7 +46,7 @@ import msgspec
 import structlog
 from msgspec import Meta
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 __version__ = "0.3.0"
@@ -76,6 +80,8 @@ class Config:
     metrics_dir: Path | None = None
     # replica: the store is a follower copy (Litestream) of a primary's store, whose ETL lock is out of sight.
     role: str = "primary"
+    # Origins a browser may call the API from (CORS): ("*",) any, () none.
+    cors_origins: tuple[str, ...] = ("*",)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Config:
@@ -99,6 +105,7 @@ class Config:
             env=environ.get("ENV", "development"),
             metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"]) if environ.get("PROMETHEUS_MULTIPROC_DIR") else None,
             role=environ.get("KASPARRO_ROLE", "primary"),
+            cors_origins=tuple(o.strip() for o in environ.get("KASPARRO_CORS_ORIGINS", "*").split(",") if o.strip()),
         )
 
 
@@ -586,6 +593,7 @@ class CursorToken(msgspec.Struct, array_like=True, frozen=True):
 
 
 encode = msgspec.json.Encoder().encode
+encode_lines = msgspec.json.Encoder().encode_lines
 decode_sources = msgspec.json.Decoder(list[str]).decode
 decode_drift = msgspec.json.Decoder(dict[str, int]).decode
 encode_cursor = msgspec.msgpack.Encoder().encode
@@ -712,6 +720,36 @@ def read_in_transaction(conn: sqlite3.Connection, read: Read[T]) -> T:
             conn.execute("ROLLBACK")
 
 
+def begin_snapshot(conn: sqlite3.Connection) -> DataVersion:
+    """Begin a read transaction that stays open, and read its data version (which starts it)."""
+    conn.execute("BEGIN")
+    return read_version(conn)
+
+
+class Snapshot:
+    """One read transaction held open on a connection of its own (and its thread), opened by Store.snapshot():
+    every read() sees the store at `version`, however many commits come meanwhile. close() ends it."""
+
+    def __init__(self, conn: aiosqlite.Connection, version: DataVersion, release: Callable[[], None]) -> None:
+        self.conn = conn
+        self.version = version
+        self._release: Callable[[], None] | None = release
+
+    async def read(self, read: Read[T]) -> T:
+        """`read(conn, version)` in the held transaction, on the snapshot's thread."""
+        if self._release is None:
+            raise StoreUnavailable("the snapshot is closed")
+        return await self.conn._execute(read, self.conn._conn, self.version)
+
+    async def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            try:
+                await self.conn.close()  # ends the transaction: the ETL may checkpoint past it
+            finally:
+                release()
+
+
 class Store:
     """The store, read-only: every read goes through read(), on a pooled reader's thread or on the event
     loop's own connection; the store is opened when first needed and reopened when replaced or broken.
@@ -723,6 +761,7 @@ class Store:
 
     BUSY_TIMEOUT_MS = 5_000
     READER_WAIT = 2.0  # seconds a request may wait for a free reader before it is answered 503
+    SNAPSHOTS = 2  # snapshots (exports) open at once, each a connection and thread beyond the pool's readers
 
     def __init__(self, path: Path, readers: int = 4, reopen_interval: float = 1.0, replica: bool = False) -> None:
         self.path = path
@@ -746,6 +785,8 @@ class Store:
             collections.deque()
         )
         self._runner: asyncio.Task[None] | None = None
+        self._snapshots = asyncio.Semaphore(self.SNAPSHOTS)
+        self._open_snapshots: set[Snapshot] = set()  # closed by close(): a stream cut off at shutdown may not
 
     @property
     def lock_path(self) -> Path:
@@ -764,6 +805,8 @@ class Store:
             with contextlib.suppress(StoreUnavailable):
                 await self._opening  # its connections are the pool's, closed below with it
         self._forget_loop_conn()
+        for snapshot in list(self._open_snapshots):
+            await snapshot.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await self._discard(pool)  # closes the idle readers; each busy one is closed by its read when it ends
@@ -827,6 +870,39 @@ class Store:
     def _applying(self, error: sqlite3.Error) -> bool:
         """Whether a read on the loop's connection found a replica's copy locked by an apply."""
         return self.replica and sqlite_code(error) == sqlite3.SQLITE_BUSY
+
+    async def snapshot(self) -> Snapshot:
+        """A Snapshot of the store as it is now, on a new read-only connection: close it when done. ReadersBusy
+        when SNAPSHOTS are open for READER_WAIT seconds; StoreUnavailable when the store cannot be read."""
+        try:
+            async with asyncio.timeout(self.READER_WAIT):
+                await self._snapshots.acquire()
+        except TimeoutError:
+            raise ReadersBusy(f"{self.SNAPSHOTS} exports of {self.path} are running; none ended in time") from None
+        try:
+            await self._ready_pool()
+            conn = await self._connect()
+            try:
+                version = await conn._execute(begin_snapshot, conn._conn)
+            except BaseException:
+                await conn.close()
+                raise
+        except sqlite3.Error as error:
+            self._snapshots.release()
+            if sqlite_code(error) not in STORE_FAULTS:
+                raise
+            await self.fail(error)
+            raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
+        except BaseException:
+            self._snapshots.release()
+            raise
+        snapshot = Snapshot(conn, version, lambda: self._snapshot_closed(snapshot))
+        self._open_snapshots.add(snapshot)
+        return snapshot
+
+    def _snapshot_closed(self, snapshot: Snapshot) -> None:
+        self._open_snapshots.discard(snapshot)
+        self._snapshots.release()
 
     async def _read_in_thread(self, read: Read[T]) -> T:
         pool, conn = await self._borrow()
@@ -1071,7 +1147,16 @@ COVERED_SORTS = frozenset({"rank"})  # their index holds every column (store.sql
 # How each sort field is ordered in SQL: the expression of its index.
 SORT_EXPRESSIONS = {field: field for field in SORT_FIELDS} | {"name": "name COLLATE NOCASE"}
 STATUSES = ("active", "inactive")
-DATA_PARAMS = ("page", "page_size", "filter_by", "sort", "cursor", "as_of")
+DATA_PARAMS = ("page", "page_size", "filter_by", "sort", "cursor", "as_of", "fields", "format")
+# The selection of /data, not its paging. Named one by one: a parameter of /data that changes where its rows are
+# read from (as_of reads a market built apart) must be wired into AssetExport before the export accepts it.
+EXPORT_PARAMS = ("filter_by", "sort", "fields", "format")
+# The media types of records: `format` names one, else the Accept header chooses (preferred_format).
+FORMATS = {"json": falcon.MEDIA_JSON, "csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
+PAGE_FORMATS = ("json", "csv", "ndjson")  # the first is the default
+EXPORT_FORMATS = ("csv", "ndjson")
+ASSET_FIELDS = Asset.__struct_fields__
+DETAIL_FIELDS = AssetDetail.__struct_fields__
 SORTS = tuple(prefix + field for field in SORT_FIELDS for prefix in ("", "-"))
 MAX_PAGE = 999_999_999
 CURSOR = re.compile(r"[A-Za-z0-9_-]{12,512}")
@@ -1135,6 +1220,8 @@ class AssetQuery:
     page_size: int = 10
     cursor: str | None = None
     as_of: int | None = None  # Unix seconds: the market as it was then; None: as it is
+    fields: tuple[str, ...] = ()  # of each record, in this order; () all
+    format: str = "json"
 
     @property
     def filter_text(self) -> str:
@@ -1152,14 +1239,20 @@ class AssetQuery:
         return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
     def etag(self, data_version: str) -> str:
-        key = f"{data_version}\n{self.filter_text}\n{self.sort}\n{self.page_size}\n{self.cursor or self.page}"
+        key = (
+            f"{data_version}\n{self.filter_text}\n{self.sort}\n{self.page_size}\n{self.cursor or self.page}"
+            f"\n{','.join(self.fields)}\n{self.format}"
+        )
         key += "" if self.as_of is None else f"\n{self.as_of}"
         return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
-def parse_asset_query(params: Mapping[str, str]) -> AssetQuery:
-    """Turn the query string of GET /data into an AssetQuery, or raise InvalidQuery."""
-    check_params(params, DATA_PARAMS)
+def parse_asset_query(
+    params: Mapping[str, str], known: Sequence[str] = DATA_PARAMS, formats: Sequence[str] = PAGE_FORMATS
+) -> AssetQuery:
+    """Turn the query string of GET /data (or of /data/export: `known` and `formats`) into an AssetQuery, or raise
+    InvalidQuery."""
+    check_params(params, known)
     cursor = params.get("cursor") or None
     page = parse_int("page", params.get("page", "1"), 1, MAX_PAGE)  # checked even when a cursor overrides it
     return AssetQuery(
@@ -1169,7 +1262,32 @@ def parse_asset_query(params: Mapping[str, str]) -> AssetQuery:
         page_size=parse_int("page_size", params.get("page_size", "10"), 1, 100),
         cursor=cursor,
         as_of=parse_moment("as_of", params["as_of"], math.floor) if params.get("as_of") else None,
+        fields=parse_fields(params.get("fields"), ASSET_FIELDS),
+        format=parse_format(params.get("format"), formats),
     )
+
+
+def parse_fields(text: str | None, known: Sequence[str]) -> tuple[str, ...]:
+    """fields: comma-separated names of `known`, each once, kept in the order given; absent: () (all)."""
+    if not text:
+        return ()
+    names = tuple(name.strip() for name in text.split(","))
+    for at, name in enumerate(names):
+        if name not in known:
+            what = f"unknown field {name[:40]!r}" if name else "an empty name (two commas in a row, or one at an end)"
+            raise InvalidQuery(f"fields: {what}; fields: {', '.join(known)}")
+        if name in names[:at]:
+            raise InvalidQuery(f"fields: {name!r} given twice")
+    return names
+
+
+def parse_format(text: str | None, formats: Sequence[str]) -> str:
+    """format: one of `formats`; absent: the first."""
+    if text is None:
+        return formats[0]
+    if text not in formats:
+        raise InvalidQuery(f"format: one of {', '.join(formats)}, got {text[:20]!r}")
+    return text
 
 
 def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
@@ -1475,11 +1593,7 @@ def read_page(conn: sqlite3.Connection, version: DataVersion, query: AssetQuery,
     rows = read_rows(conn, query, after, skip, page_size + 1)
     if marks is not None and len(rows) > page_size:
         commit.bookmarks.page_served(marks, offset + page_size, position_of(query, rows[page_size - 1]))
-    raw = msgspec.Raw
-    assets = [
-        Asset(asset_id, symbol, name, rank, price, cap, volume, change, status, raw(sources), updated)
-        for asset_id, symbol, name, rank, price, cap, volume, change, status, sources, updated in rows[:page_size]
-    ]  # unpacked in the comprehension, not sliced and starred per row: half the time for a page
+    assets = assets_of(rows[:page_size])
     return AssetPage(
         request_id="",
         api_latency_ms=0.0,
@@ -1491,6 +1605,15 @@ def read_page(conn: sqlite3.Connection, version: DataVersion, query: AssetQuery,
         next_cursor=make_cursor(query, assets[-1], version) if len(rows) > page_size else None,
         data_version=str(version),
     )
+
+
+def assets_of(rows: Sequence[tuple]) -> list[Asset]:
+    """Rows of ASSET_COLUMNS as Assets, their sources the stored JSON (written as is)."""
+    raw = msgspec.Raw
+    return [
+        Asset(asset_id, symbol, name, rank, price, cap, volume, change, status, raw(sources), updated)
+        for asset_id, symbol, name, rank, price, cap, volume, change, status, sources, updated in rows
+    ]  # unpacked in the comprehension, not sliced and starred per row: half the time for a page
 
 
 def count_assets(conn: sqlite3.Connection, query: AssetQuery, commit: Commit) -> int:
@@ -1724,7 +1847,7 @@ def read_page_as_of(uri: str, query: AssetQuery, commit: Commit) -> AssetPage:
 # narrower ones from raw observations: every kind is merged across listings the same way (merge_candles).
 INTERVALS = {"raw": 0, "5m": 300, "15m": 900, "1h": 3_600, "4h": 14_400, "1d": 86_400}
 KEPT_WIDTHS = (3_600, 86_400)  # the candle widths store.sql keeps
-HISTORY_PARAMS = ("interval", "from", "to", "source", "limit", "cursor")
+HISTORY_PARAMS = ("interval", "from", "to", "source", "limit", "cursor", "format")
 HISTORY_LIMIT = 1_000
 RAW_WINDOW = 86_400  # the default window of raw points; candles: 100 intervals
 UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}")
@@ -1753,6 +1876,7 @@ class HistoryQuery:
     source: str | None = None
     limit: int = HISTORY_LIMIT
     cursor: str | None = None
+    format: str = "json"
 
     @property
     def width(self) -> int:
@@ -1763,7 +1887,7 @@ class HistoryQuery:
         return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
     def etag(self, data_version: str, asset_id: str) -> str:
-        key = f"{data_version}\n{self.digest(asset_id)}\n{self.limit}\n{self.cursor}"
+        key = f"{data_version}\n{self.digest(asset_id)}\n{self.limit}\n{self.cursor}\n{self.format}"
         return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
@@ -1785,6 +1909,7 @@ def parse_history_query(params: Mapping[str, str]) -> HistoryQuery:
         source=params.get("source") or None,
         limit=parse_int("limit", params.get("limit", str(HISTORY_LIMIT)), 1, HISTORY_LIMIT),
         cursor=cursor,
+        format=parse_format(params.get("format"), PAGE_FORMATS),
     )
 
 
@@ -1944,6 +2069,168 @@ ANSWERS_BYTES = 16 * 1024 * 1024  # encoded answers kept per worker (pages are ~
 ENTRY_OVERHEAD = 512  # bytes a kept answer costs beyond its body: key, node, object (tracemalloc)
 
 
+GZIP_MIN = 1024  # bytes of body from which it is compressed when the client accepts gzip
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no time, OS unknown (RFC 1952)
+VARY_ENCODING = (b"vary", b"Accept-Encoding")  # on every kept answer: gzip or not, by Accept-Encoding
+VARY_FORMAT = (b"vary", b"Accept, Accept-Encoding")  # where Accept chooses the format too
+Header = tuple[bytes, bytes]
+
+
+def weighted(header: str) -> Iterator[tuple[str, float]]:
+    """The items of a comma-separated header (Accept, Accept-Encoding), lower-case, each with its q (RFC 9110
+    12.4.2: 1 when absent; an unreadable one is 0)."""
+    for item in header.lower().split(","):
+        name, *parameters = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for parameter in parameters:
+            key, _, value = parameter.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        yield name, q
+
+
+@functools.lru_cache(maxsize=256)
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip: gzip (or x-gzip) with q > 0, else `*` with q > 0."""
+    gzip_q = any_q = None
+    for name, q in weighted(accept_encoding):
+        if name in ("gzip", "x-gzip"):
+            gzip_q = q if gzip_q is None else max(gzip_q, q)
+        elif name == "*":
+            any_q = q
+    chosen = gzip_q if gzip_q is not None else any_q
+    return chosen is not None and chosen > 0
+
+
+# Which format each media range of an Accept header names (a range names the formats it covers).
+MEDIA_RANGES = {
+    "application/json": ("json",),
+    "text/csv": ("csv",),
+    "application/x-ndjson": ("ndjson",),
+    "application/*": ("json", "ndjson"),
+    "text/*": ("csv",),
+    "*/*": ("json", "csv", "ndjson"),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def preferred_format(accept: str, formats: tuple[str, ...] = PAGE_FORMATS) -> str:
+    """The format of `formats` an Accept header prefers: each gets the q of the most specific range naming it,
+    the highest q wins, ties and headers naming none go to the first (the default)."""
+    quality: dict[str, tuple[int, float]] = {}  # format: (specificity of the range that set it, q)
+    for media, q in weighted(accept):
+        specificity = 2 - media.count("*")
+        for name in MEDIA_RANGES.get(media, ()):
+            if quality.get(name, (-1, 0.0))[0] < specificity:
+                quality[name] = (specificity, q)
+    best = max(formats, key=lambda name: (quality.get(name, (0, 0.0))[1], -formats.index(name)))
+    return best if quality.get(best, (0, 0.0))[1] > 0 else formats[0]
+
+
+class GzipTail:
+    """A body's unchanging tail deflated once, so that a gzip stream of any short head followed by it is built
+    per request in microseconds: the head goes in a stored deflate block before the tail's blocks, and the
+    head's CRC-32 is carried over the tail by a linear map (zlib's crc32_combine, precomputed for its length)."""
+
+    made = 0  # tails deflated by this process: each kept answer's once, whatever the requests for it
+
+    def __init__(self, tail: bytes | memoryview) -> None:
+        deflate = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate: the gzip wrapper is written here
+        self.deflated = deflate.compress(tail) + deflate.flush()
+        self.tail = tail
+        self.crc = zlib.crc32(tail)
+        self.length = len(tail)
+        self.shift: list[list[int]] | None = None  # made at the second member(): most answers are sent once
+        GzipTail.made += 1
+
+    def _shift(self) -> list[list[int]]:
+        """crc32(head + tail) = M(crc32(head)) ^ crc32(tail), M linear: its value on each bit, by nibble."""
+        zeros = bytes(self.length)
+        base = zlib.crc32(zeros)
+        bits = [zlib.crc32(zeros, 1 << bit) ^ base for bit in range(32)]
+        return [
+            [functools.reduce(int.__xor__, (bits[4 * nibble + b] for b in range(4) if value >> b & 1), 0)
+             for value in range(16)]
+            for nibble in range(8)
+        ]  # fmt: skip
+
+    def member(self, head: bytes) -> bytes:
+        """A gzip stream (RFC 1952) of head + tail; head at most 65,535 bytes."""
+        if self.shift is None and not head:
+            crc = self.crc
+        elif self.shift is None:  # the first: the tail's CRC carried on by reading it once more
+            crc, self.shift = zlib.crc32(self.tail, zlib.crc32(head)), []
+        else:
+            if not self.shift:
+                self.shift = self._shift()
+            head_crc, crc = zlib.crc32(head), self.crc
+            for nibble, table in enumerate(self.shift):
+                crc ^= table[head_crc >> 4 * nibble & 15]
+        size = len(head)
+        stored = b"\x00" + struct.pack("<HH", size, size ^ 0xFFFF)  # a stored block, not the last: then the tail's
+        trailer = struct.pack("<II", crc, (size + self.length) & 0xFFFFFFFF)
+        return b"".join((GZIP_HEADER, stored, head, self.deflated, trailer))
+
+
+def records_body(
+    format: str, records: Sequence[msgspec.Struct], fields: Sequence[str], columns: Sequence[str], header: bool = True
+) -> bytes:
+    """Records (Structs with `columns`) as CSV (a header row unless not `header`, then one row each; a list joined
+    with '|', null empty) or NDJSON (one JSON object a line), keeping `fields` in that order (empty: all)."""
+    if format == "ndjson":
+        if not fields:
+            return encode_lines(records)
+        return encode_lines([{name: getattr(record, name) for name in fields} for record in records])
+    names = fields or columns
+    table = [tuple(csv_cell(getattr(record, name)) for name in names) for record in records]
+    return (csv_lines([names]) if header else b"") + csv_lines(table)
+
+
+def csv_lines(table: Sequence[Sequence[str | int | float | None]]) -> bytes:
+    """Rows of equal length as CSV lines (RFC 4180: CRLF, a field quoted only when it must be; None empty).
+
+    Rows whose text needs no quoting (no comma, quote, backslash or line break), as market data is, are
+    encoded by msgspec as one JSON array of arrays and turned into CSV by byte replacements, 3 to 4 times
+    faster than the csv module (whose float formatting dominates an export); others by the csv module.
+    """
+    if not table:
+        return b""
+    body = encode(table)
+    width = len(table[0])
+    # No escape, no comma in a text, and more than one column (a line of one null must be written "").
+    if width > 1 and b"\\" not in body and body.count(b",") == len(table) * width - 1:
+        lines = b"\n" + body[2:-2].replace(b"],[", b"\n") + b"\n"
+        for null, empty in ((b",null,", b",,"), (b",null,", b",,"), (b"\nnull,", b"\n,"), (b",null\n", b",\n"),
+                            (b"\nnull\n", b"\n\n"), (b"\nnull\n", b"\n\n")):  # fmt: skip
+            lines = lines.replace(null, empty)  # twice where nulls may be next to each other
+        return lines[1:].replace(b'"', b"").replace(b"\n", b"\r\n")
+    out = io.StringIO()
+    csv.writer(out).writerows(table)
+    return out.getvalue().encode()
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell: a list (or a stored JSON list) joined with '|'; None is written empty."""
+    if isinstance(value, msgspec.Raw):  # an asset's sources, as stored
+        return joined_list(bytes(value))
+    return "|".join(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=1024)
+def joined_list(stored: bytes | str) -> str:
+    """A stored JSON list of text (an asset's sources) joined with '|'; the few distinct ones are kept."""
+    return "|".join(decode_sources(stored))
+
+
+def link_next(path: str, params: Mapping[str, str], cursor: str) -> Header:
+    """An RFC 8288 Link header to the next page: the same query with `cursor` for its page."""
+    query = {name: value for name, value in params.items() if name not in ("page", "cursor")} | {"cursor": cursor}
+    return b"link", f'<{path}?{urllib.parse.urlencode(query)}>; rel="next"'.encode()
+
+
 def current_copy(if_none_match: str, tag: str) -> bool:
     """Whether an If-None-Match header names the weak ETag `tag` (or any, `*`): the client's copy is current."""
     candidates = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
@@ -1952,20 +2239,35 @@ def current_copy(if_none_match: str, tag: str) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class Answer:
-    """The status and encoded JSON body of a GET, kept until the store's next commit (Commit.number) or
-    until `until` (wall clock). A stamped body was encoded with a blank request_id and api_latency_ms,
-    and each request splices its own in."""
+    """The status and encoded body of a GET, kept until the store's next commit (Commit.number) or until
+    `until` (wall clock). A stamped body was encoded with a blank request_id and api_latency_ms, and each
+    request splices its own in. A body of GZIP_MIN bytes or more is deflated once, when first asked for
+    gzip, and each such request wraps it (GzipTail)."""
 
     commit: int
     body: bytes
-    etag: str | None = None  # weak: W/"etag"
+    etag: str | None = None  # weak: W/"etag"; the same for the gzip coding, a representation of equal meaning
     status: int = 200
     stamped: bool = False
     until: float = math.inf
     route: str = ""  # the route template it answers (AnswerCache sets it): the front door's label and check
+    content_type: bytes = b"application/json"
+    headers: tuple[Header, ...] = (VARY_ENCODING,)  # sent with it (but Content-Type, -Length and ETag)
 
     def __post_init__(self) -> None:
         assert not self.stamped or self.body.startswith(BLANK_HEAD), "a stamped answer starts with BLANK_HEAD"
+
+    @property
+    def compressible(self) -> bool:
+        return len(self.body) >= GZIP_MIN
+
+    @functools.cached_property
+    def _gzip_tail(self) -> GzipTail:
+        return GzipTail(self._tail if self.stamped else self.body)
+
+    @functools.cached_property
+    def _gzipped(self) -> bytes:
+        return self._gzip_tail.member(b"")
 
     @property
     def size(self) -> int:
@@ -1979,27 +2281,36 @@ class Answer:
     def _tail(self) -> memoryview:
         return memoryview(self.body)[len(BLANK_HEAD) :]
 
-    def reply(self, request_id: str, started: float, if_none_match: str | None) -> tuple[int, bytes]:
-        """The status and body for one request: 304 and no body when If-None-Match names the ETag."""
+    def reply(
+        self, request_id: str, started: float, if_none_match: str | None, gzip: bool = False
+    ) -> tuple[int, bytes]:
+        """The status and body for one request: 304 and no body when If-None-Match names the ETag; the body
+        gzip-compressed when `gzip` and the answer is compressible."""
         if self.etag is not None and if_none_match is not None and current_copy(if_none_match, self.etag):
             return 304, b""
         if not self.stamped:
-            return self.status, self.body
+            return self.status, self._gzipped if gzip and len(self.body) >= GZIP_MIN else self.body
         latency = round((time.perf_counter() - started) * 1e6) / 1e3  # ms to the microsecond
-        return self.status, b"".join(
-            (b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency), self._tail)
-        )
+        head = b"".join((b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency)))
+        if gzip and len(self.body) >= GZIP_MIN:
+            return self.status, self._gzip_tail.member(head)
+        return self.status, b"".join((head, self._tail))
 
 
 def send_answer(req: falcon.asgi.Request, resp: falcon.asgi.Response, answer: Answer) -> None:
-    """Falcon's side of Answer.reply: the same status, ETag and body as the front door sends."""
-    status, body = answer.reply(req.scope[REQUEST_ID_KEY], req.scope[STARTED], req.get_header("If-None-Match"))
+    """Falcon's side of Answer.reply: the same status, headers and body as the front door sends."""
+    gzip = answer.compressible and accepts_gzip(req.get_header("Accept-Encoding") or "")
+    status, body = answer.reply(req.scope[REQUEST_ID_KEY], req.scope[STARTED], req.get_header("If-None-Match"), gzip)
     resp.status = status
     if answer.etag is not None:
         resp.etag = f'W/"{answer.etag}"'
+    for name, value in answer.headers:
+        resp.append_header(name.decode(), value.decode())
     if status != 304:
-        resp.content_type = falcon.MEDIA_JSON
+        resp.content_type = answer.content_type.decode()
         resp.data = body
+        if gzip:
+            resp.set_header("Content-Encoding", "gzip")
 
 
 AnswerKey = tuple[str, bytes]  # the request's path and raw query string, as the ASGI scope gives them
@@ -2108,6 +2419,8 @@ class AnswerCache:
 class IndexResource:
     """GET /: what the service is and where its endpoints are."""
 
+    constant_bodies = True
+
     def __init__(self, endpoints: list[str]) -> None:
         self.body = encode(Index(message="Kasparro Backend Service", version=__version__, endpoints=endpoints))
 
@@ -2120,12 +2433,21 @@ class KeptResource:
     """A resource whose answers the AnswerCache keeps: make() builds one from the store at a commit, and GET
     (HEAD too) sends it. The front door calls answer() itself for a GET of the route with no query string."""
 
+    formats = False  # whether its records come in FORMATS: then Accept chooses one when `format` is absent
+
     def __init__(self, store: Store, answers: AnswerCache) -> None:
         self.store = store
         self.answers = answers
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, **fields: str) -> None:
-        answer = await self.answer(req.uri_template, answer_key(req.scope), req.params, **fields)
+        key, params = answer_key(req.scope), req.params
+        accept = req.get_header("Accept")
+        if self.formats and accept and "format" not in params:
+            chosen = preferred_format(accept)
+            if chosen != "json":  # the same answer as to the query with format=chosen: kept under that key
+                key = (key[0], key[1] + (b"&" if key[1] else b"") + b"format=" + chosen.encode())
+                params = {**params, "format": chosen}
+        answer = await self.answer(req.uri_template, key, params, **fields)
         if answer is None:
             raise falcon.HTTPNotFound(description=self.missing(**fields))
         send_answer(req, resp, answer)
@@ -2142,7 +2464,11 @@ class KeptResource:
 
 
 class AssetPagesResource(KeptResource):
-    """GET /data: a page of unified records, read on the loop when it is a short index range."""
+    """GET /data: a page of unified records, read on the loop when it is a short index range. As JSON, the page
+    object; as CSV or NDJSON, its records alone, with the paging in headers: X-Total-Count (total_items),
+    X-Data-Version and, but on the last page, Link rel="next" (the URL of the next page, by cursor)."""
+
+    formats = True
 
     async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
         query = parse_asset_query(params)  # single values: QueryParameters saw to it
@@ -2152,21 +2478,38 @@ class AssetPagesResource(KeptResource):
                 page = read_page(conn, version, query, commit)
             else:  # in a reader's thread, but from a connection of the market's own
                 page = read_page_as_of(self.store._uri(), query, commit)
-            return Answer(commit.number, encode(page), etag=query.etag(page.data_version), stamped=True)
+            etag = query.etag(page.data_version)
+            if query.format == "json":
+                if query.fields:
+                    data = [{name: getattr(asset, name) for name in query.fields} for asset in page.data]
+                    page = msgspec.structs.replace(page, data=data)  # type: ignore[arg-type]
+                return Answer(commit.number, encode(page), etag=etag, stamped=True, headers=(VARY_FORMAT,))
+            headers = [VARY_FORMAT, (b"x-total-count", b"%d" % page.total_items)]
+            headers.append((b"x-data-version", page.data_version.encode()))
+            if page.next_cursor is not None:
+                headers.append(link_next("/data", params, page.next_cursor))
+            body = records_body(query.format, page.data, query.fields, ASSET_FIELDS)
+            media = FORMATS[query.format].encode()
+            return Answer(commit.number, body, etag=etag, content_type=media, headers=tuple(headers))
 
         on_loop = query.as_of is None and page_fits_on_loop(query, commit)
         return await self.store.read(read, on_loop=on_loop)
 
 
 class AssetResource(KeptResource):
-    """GET /data/{asset_id}: one unified record with the latest quote of each source."""
+    """GET /data/{asset_id}: one unified record with the latest quote of each source (or `fields` of it)."""
 
     async def make(self, commit: Commit, params: Mapping[str, str], asset_id: str) -> Answer | None:
+        check_params(params, ("fields",))
+        fields = parse_fields(params.get("fields"), DETAIL_FIELDS)
+
         def read(conn: sqlite3.Connection, version: DataVersion) -> Answer | None:
             detail = read_asset(conn, version, asset_id)
             if detail is None:
                 return None
-            return Answer(commit.number, encode(detail), etag=asset_etag(str(version), asset_id))
+            body = encode({name: getattr(detail, name) for name in fields} if fields else detail)
+            etag = asset_etag(f"{version}\n{','.join(fields)}", asset_id)
+            return Answer(commit.number, body, etag=etag)
 
         return await self.store.read(read, on_loop=True)
 
@@ -2175,7 +2518,10 @@ class AssetResource(KeptResource):
 
 
 class AssetHistoryResource(KeptResource):
-    """GET /data/{asset_id}/history: the asset's raw observations or candles over a window, read in a thread."""
+    """GET /data/{asset_id}/history: the asset's raw observations or candles over a window, read in a thread. As
+    CSV or NDJSON: the points alone, with X-Data-Version and, when more follow, Link rel="next"."""
+
+    formats = True
 
     async def make(self, commit: Commit, params: Mapping[str, str], asset_id: str) -> Answer | None:
         query = parse_history_query(params)
@@ -2185,12 +2531,127 @@ class AssetHistoryResource(KeptResource):
             if history is None:
                 return None
             etag = query.etag(history.data_version, asset_id)
-            return Answer(commit.number, encode(history), etag=etag, stamped=True)
+            if query.format == "json":
+                return Answer(commit.number, encode(history), etag=etag, stamped=True, headers=(VARY_FORMAT,))
+            headers = [VARY_FORMAT, (b"x-data-version", history.data_version.encode())]
+            if history.next_cursor is not None:
+                path = f"/data/{urllib.parse.quote(asset_id, safe='')}/history"
+                headers.append(link_next(path, params, history.next_cursor))
+            columns = (Candle if query.width else PricePoint).__struct_fields__
+            body = records_body(query.format, history.points, (), columns)
+            media = FORMATS[query.format].encode()
+            return Answer(commit.number, body, etag=etag, content_type=media, headers=tuple(headers))
 
         return await self.store.read(read)
 
     def missing(self, asset_id: str) -> str:
         return f"no asset with asset_id {asset_id[:100]!r}"
+
+
+class ClientGone(Exception):
+    """The client of a streamed body went away, or stopped reading: the stream ends there."""
+
+
+# Where the front door leaves the request's ASGI receive, for a streamed body to notice the client leave.
+RECEIVE_KEY = "kasparro.receive"
+
+
+class AssetExport:
+    """The body of GET /data/export, as Falcon reads it: the query's assets in its order, CHUNK rows a read, all
+    from one Snapshot (one data version), encoded (and gzip-compressed) on the snapshot's thread. Falcon closes
+    it at the end; when the client leaves, the next read raises ClientGone."""
+
+    CHUNK = 5_000
+
+    def __init__(self, snapshot: Snapshot, query: AssetQuery, gzip: bool, receive: Callable[..., Any] | None) -> None:
+        self.snapshot = snapshot
+        self.query = query
+        self.compressor = zlib.compressobj(1, zlib.DEFLATED, 31) if gzip else None  # level 1: ~4x, and fast
+        self.after: CursorToken | None = None
+        self.first = True
+        self.done = False
+        self.watcher = asyncio.get_running_loop().create_task(self._watch(receive)) if receive else None
+
+    @staticmethod
+    async def _watch(receive: Callable[..., Any]) -> None:
+        """Return when the client disconnects (the request had no body: the next event is the disconnect)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def read(self, size: int = -1) -> bytes:
+        """The next encoded chunk (maybe more than `size`); b"" after the last."""
+        while not self.done:
+            if self.watcher is not None and self.watcher.done():
+                raise ClientGone("the client disconnected during an export")
+            chunk = await self.snapshot.read(self._next_chunk)
+            if chunk:
+                return chunk
+        return b""
+
+    def _next_chunk(self, conn: sqlite3.Connection, version: DataVersion) -> bytes:
+        rows = read_rows(conn, self.query, self.after, 0, self.CHUNK)
+        self.done = len(rows) < self.CHUNK
+        if rows:
+            self.after = position_of(self.query, rows[-1])
+        query = self.query
+        if query.format == "csv":  # from the rows themselves: an Asset apiece would cost more than the CSV
+            names = query.fields or ASSET_FIELDS
+            body = (csv_lines([names]) if self.first else b"") + csv_lines(csv_table(rows, names))
+        else:
+            body = records_body(query.format, assets_of(rows), query.fields, ASSET_FIELDS)
+        self.first = False
+        if self.compressor is not None:
+            body = self.compressor.compress(body) + (self.compressor.flush() if self.done else b"")
+        return body
+
+    async def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+        await self.snapshot.close()
+
+
+SOURCES_AT = ASSET_FIELDS.index("sources")
+
+
+def csv_table(rows: Sequence[tuple], names: Sequence[str]) -> list[tuple]:
+    """Rows of ASSET_COLUMNS as CSV cells of the fields `names`: sources joined with '|'."""
+    if tuple(names) == ASSET_FIELDS:
+        return [(a, b, c, d, e, f, g, h, i, joined_list(j), k) for a, b, c, d, e, f, g, h, i, j, k in rows]
+    at = [ASSET_FIELDS.index(name) for name in names]
+    return [tuple(joined_list(row[i]) if i == SOURCES_AT else row[i] for i in at) for row in rows]
+
+
+async def unknown_length() -> AsyncIterator[bytes]:
+    """The body of a HEAD of a streamed GET: its length is known only once sent (RFC 9110 9.3.2)."""
+    yield b""
+
+
+class AssetExportResource:
+    """GET /data/export: every asset that filter_by (and sort, fields) selects, in one CSV or NDJSON response
+    streamed from one snapshot of the store (X-Data-Version), in constant memory, as an attachment."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        params = req.params
+        accept = req.get_header("Accept")
+        if accept and "format" not in params:
+            params = {**params, "format": preferred_format(accept, EXPORT_FORMATS)}
+        query = parse_asset_query(params, EXPORT_PARAMS, EXPORT_FORMATS)
+        gzip = accepts_gzip(req.get_header("Accept-Encoding") or "")
+        resp.content_type = FORMATS[query.format]
+        resp.downloadable_as = f"assets.{query.format}"
+        resp.vary = ("Accept", "Accept-Encoding")
+        if gzip:
+            resp.set_header("Content-Encoding", "gzip")
+        if req.method == "HEAD":  # GET's headers, without opening a snapshot Falcon would not close
+            resp.set_header("X-Data-Version", str((await self.store.watch()).version))
+            resp.stream = unknown_length()  # never read: it keeps Falcon from saying Content-Length: 0
+            return
+        snapshot = await self.store.snapshot()
+        resp.set_header("X-Data-Version", str(snapshot.version))
+        resp.stream = AssetExport(snapshot, query, gzip, req.scope.get(RECEIVE_KEY))
 
 
 def run_is_live(store: Store, replica: bool) -> bool:
@@ -2668,8 +3129,13 @@ class MetricsResource:
         except (StoreUnavailable, sqlite3.DatabaseError):
             families, readable = [], False
         up = GaugeMetricFamily("kasparro_store_up", "1 when the store can be read", value=float(readable))
+        compressed = CounterMetricFamily(
+            "kasparro_answers_compressed",
+            "Kept answers gzip-compressed by this worker process: each once per data version, whatever its requests",
+            value=GzipTail.made,
+        )
         resp.content_type = CONTENT_TYPE_LATEST
-        resp.data = generate_latest(self.registry) + generate_latest(MetricFamilies([up, *families]))
+        resp.data = generate_latest(self.registry) + generate_latest(MetricFamilies([up, compressed, *families]))
 
 
 def metrics_registry(config: Config) -> tuple[CollectorRegistry, CollectorRegistry]:
@@ -2847,6 +3313,13 @@ def openapi_document(config: Config) -> dict[str, Any]:
         ref_template=SCHEMA_REF,
     )  # fmt: skip
     index, page, detail, history, _, _, health, stats, runs, run, comparison, problem = refs
+    # With `fields`, a record holds only the fields named: the same properties, none required.
+    for name, whole in (("AssetFields", "Asset"), ("AssetDetailFields", "AssetDetail")):
+        schemas[name] = {key: value for key, value in schemas[whole].items() if key != "required"}
+        schemas[name]["title"] = f"{whole}, the fields named by `fields` only"
+    schemas["AssetPage"]["properties"]["data"]["items"] = {
+        "anyOf": [{"$ref": SCHEMA_REF.format(name="Asset")}, {"$ref": SCHEMA_REF.format(name="AssetFields")}]
+    }
     example = {name: msgspec.to_builtins(body) for name, body in examples().items()}
     string = {"type": "string"}
     request_id = {
@@ -2924,6 +3397,28 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "headers": {**request_id, **etag},
     }
     paths: dict[str, Any] = {}
+    sample = [EXAMPLE_ASSET]
+    csv_example = records_body("csv", sample, (), ASSET_FIELDS).decode()
+    ndjson_example = records_body("ndjson", sample, (), ASSET_FIELDS).decode()
+    paging = {
+        "X-Total-Count": {"description": "CSV and NDJSON: total_items", "schema": {"type": "integer", "minimum": 0}},
+        "Link": {
+            "description": 'CSV and NDJSON: the next page\'s URL, rel="next" (absent on the last)',
+            "schema": string,
+        },
+        "X-Data-Version": {"description": "CSV and NDJSON: data_version", "schema": string},
+    }
+
+    def with_records(response: dict, csv_sample: str, ndjson_sample: str, **headers: Any) -> dict:
+        """A JSON response that CSV and NDJSON can take the place of (format=, or Accept)."""
+        content = {
+            **response["content"],
+            "text/csv": {"schema": {**string, "description": "a header row, then a record a row"},
+                         "example": csv_sample},
+            "application/x-ndjson": {"schema": {**string, "description": "a JSON record a line"},
+                                     "example": ndjson_sample},
+        }  # fmt: skip
+        return {**response, "headers": {**response["headers"], **headers}, "content": content}
 
     def operation(
         path: str, ok: dict, *errors: str, parameters: Sequence[dict] = (), description: str = "", **more: dict
@@ -3008,6 +3503,26 @@ def openapi_document(config: Config) -> dict[str, Any]:
         },
         if_none_match,
     ]
+    fields_alternatives = "|".join(ASSET_FIELDS)
+    fields_parameter = {
+        "name": "fields",
+        "in": "query",
+        "description": "keep only these fields of each record, in this order, each once; unknown field: 400",
+        "schema": {"type": "string", "pattern": f"^(?:(?:{fields_alternatives})(?:,(?:{fields_alternatives}))*)?$"},
+        "example": "asset_id,symbol,price_usd",
+    }
+
+    def format_parameter(formats: Sequence[str]) -> dict:
+        return {
+            "name": "format",
+            "in": "query",
+            "description": "media type of the records: " + ", ".join(f"{name} ({FORMATS[name].split(';')[0]})"
+                           for name in formats) + "; absent: the one Accept prefers, else the default. In CSV a"
+                           " list is joined with '|' and null is an empty cell",
+            "schema": {"type": "string", "enum": list(formats), "default": formats[0]},
+        }  # fmt: skip
+
+    data_parameters[-1:-1] = [fields_parameter, format_parameter(PAGE_FORMATS)]
     asset_id = {
         "name": "asset_id",
         "in": "path",
@@ -3025,18 +3540,58 @@ def openapi_document(config: Config) -> dict[str, Any]:
     operation("/", body("the service", index, example["index"]))
     operation(
         "/data",
-        body("a page of assets", page, example["page"], **etag),
+        with_records(body("a page of assets", page, example["page"], **etag), csv_example, ndjson_example, **paging),
         "400",
         "503",
         parameters=data_parameters,
+        description="As CSV or NDJSON the body holds the page's records alone; the paging is in headers.",
         **{"304": refer("NotModified")},
     )
+    export = {
+        "description": "every selected asset, streamed; gzip-compressed when Accept-Encoding allows",
+        "headers": {
+            **request_id,
+            "Content-Disposition": {"required": True, "schema": {**string, "pattern": "^attachment"}},
+            "X-Data-Version": {
+                "required": True,
+                "description": "the one data version every record was read at",
+                "schema": string,
+            },
+        },
+        "content": {
+            "text/csv": {"schema": string, "example": csv_example},
+            "application/x-ndjson": {"schema": string, "example": ndjson_example},
+        },
+    }
+    operation(
+        "/data/export",
+        export,
+        "400",
+        "503",
+        parameters=[
+            *(p for p in data_parameters if p["name"] in EXPORT_PARAMS and p["name"] != "format"),
+            format_parameter(EXPORT_FORMATS),
+        ],
+        description="Every asset that filter_by selects, in the sort's order, in one response read from one"
+        " snapshot of the store (one data version), in constant memory however many.",
+    )
+    detail_parameters = [
+        asset_id,
+        {
+            **fields_parameter,
+            "description": fields_parameter["description"],
+            "schema": {"type": "string", "pattern": "^(?:(?:{0})(?:,(?:{0}))*)?$".format("|".join(DETAIL_FIELDS))},
+        },
+        if_none_match,
+    ]
+    detail_schema = {"anyOf": [detail, {"$ref": SCHEMA_REF.format(name="AssetDetailFields")}]}
     operation(
         "/data/{asset_id}",
-        body("the asset with the latest quote of each source", detail, example["detail"], **etag),
+        body("the asset with the latest quote of each source", detail_schema, example["detail"], **etag),
+        "400",
         "503",
         "404",
-        parameters=[asset_id, if_none_match],
+        parameters=detail_parameters,
         **{"304": refer("NotModified")},
     )
     history_parameters = [
@@ -3072,11 +3627,21 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "schema": {"type": "string", "pattern": f"^(?:{CURSOR.pattern})?$"},
             "description": "next_cursor of the previous response, for the same window",
         },
+        format_parameter(PAGE_FORMATS),
         if_none_match,
     ]
+    candles = examples()["history"].points  # type: ignore[attr-defined]
+    history_csv = records_body("csv", candles, (), Candle.__struct_fields__).decode()
+    history_ndjson = records_body("ndjson", candles, (), Candle.__struct_fields__).decode()
     operation(
         "/data/{asset_id}/history",
-        body("points in time order", history, example["history"], **etag),
+        with_records(
+            body("points in time order", history, example["history"], **etag),
+            history_csv,
+            history_ndjson,
+            Link=paging["Link"],
+            **{"X-Data-Version": paging["X-Data-Version"]},
+        ),
         "400",
         "503",
         "404",
@@ -3130,6 +3695,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "description": "Unified crypto-asset market data, loaded by the ETL and served read-only.\n\n"
             "Every GET path answers HEAD too: the same status and headers, no body. An empty query parameter"
             " is an absent one; filter_by given twice means both; any other parameter given twice is a 400.\n\n"
+            "A body of 1 kB or more is gzip-compressed when Accept-Encoding allows it (Vary: Accept-Encoding; the"
+            " ETag, weak, is the same either way). Browser pages may call the API from the origins of"
+            " KASPARRO_CORS_ORIGINS: an OPTIONS preflight is answered 204 (403 for another origin or a method but"
+            " GET and HEAD), and ETag, X-Request-ID, Retry-After, RateLimit-*, Link, X-Total-Count, X-Data-Version"
+            " and Content-Disposition are exposed.\n\n"
             "Read it as [interactive docs](/docs) (Swagger UI: try each request) or as a [reference](/redoc)"
             " (ReDoc).",
         },
@@ -3213,6 +3783,7 @@ class DocsResource:
     """GET /docs (Swagger UI over /openapi.json), GET /redoc (ReDoc over it), their files by path, and
     GET /openapi.json, all held in memory."""
 
+    constant_bodies = True  # each compressed once (Compression)
     CACHE = "public, max-age=3600"
 
     def __init__(self, document: dict[str, Any]) -> None:
@@ -3351,6 +3922,93 @@ class HttpMetrics:
         self.flush()
 
 
+class Cors:
+    """Cross-origin calls from browsers (the Fetch standard's CORS) from the origins of KASPARRO_CORS_ORIGINS:
+    `*` any (the API is read-only market data, and sends no cookies), a list, or none. A request with an
+    allowed Origin gets Access-Control-Allow-Origin and the headers a client reads exposed; a preflight (OPTIONS
+    with Access-Control-Request-Method) is answered here, 204, with no API key asked (browsers send none then),
+    or 403 for another origin or a method but GET and HEAD."""
+
+    METHODS = b"GET, HEAD"
+    REQUEST_HEADERS = b"Authorization, X-API-Key, X-Request-ID, If-None-Match, Accept"
+    EXPOSED = (
+        b"ETag, X-Request-ID, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Link,"
+        b" X-Total-Count, X-Data-Version, Content-Disposition"
+    )
+    MAX_AGE = b"600"  # seconds a browser may keep a preflight's answer
+
+    def __init__(self, origins: Sequence[str]) -> None:
+        self.any = "*" in origins
+        self.origins = frozenset(origin.encode() for origin in origins)
+        # Sent on every response: with a list, what is sent depends on Origin, and caches must know.
+        self.always: list[Header] = [] if self.any or not origins else [(b"vary", b"Origin")]
+        exposed = (b"access-control-expose-headers", self.EXPOSED)
+        self._any = [(b"access-control-allow-origin", b"*"), exposed]
+        self._of: dict[bytes, list[Header]] = {
+            origin: [*self.always, (b"access-control-allow-origin", origin), exposed] for origin in self.origins
+        }
+
+    def headers(self, origin: bytes | None) -> list[Header]:
+        """The CORS headers of a response to a request from `origin` (None: no Origin header)."""
+        if origin is None:
+            return self.always
+        if self.any:
+            return self._any
+        return self._of.get(origin, self.always)
+
+    def allows(self, origin: bytes) -> bool:
+        return self.any or origin in self.origins
+
+    def preflight(self, origin: bytes, method: bytes) -> tuple[int, list[Header], bytes]:
+        """Status, headers and body of the answer to a preflight from `origin` for `method`."""
+        if not self.allows(origin) or method not in (b"GET", b"HEAD"):
+            why = (f"method {method.decode('latin-1')[:20]!r}: only GET and HEAD" if self.allows(origin)
+                   else f"origin {origin.decode('latin-1')[:100]!r} is not in KASPARRO_CORS_ORIGINS")  # fmt: skip
+            problem = Problem(
+                type="about:blank",
+                title="Forbidden",
+                status=403,
+                detail=f"cross-origin request refused: {why}",
+                request_id=REQUEST_ID.get(),
+                api_latency_ms=0.0,
+            )
+            return 403, [*self.always, (b"content-type", MEDIA_PROBLEM.encode())], encode(problem)
+        allowed = [
+            (b"access-control-allow-origin", b"*" if self.any else origin),
+            (b"access-control-allow-methods", self.METHODS),
+            (b"access-control-allow-headers", self.REQUEST_HEADERS),
+            (b"access-control-max-age", self.MAX_AGE),
+        ]
+        return 204, [*self.always, *allowed], b""
+
+
+class Compression:
+    """Falcon middleware: a body of GZIP_MIN bytes or more gzip-compressed when Accept-Encoding allows, where
+    the responder did not (a kept answer is compressed once, by send_answer). A resource whose bodies are
+    constants (`constant_bodies`) has each compressed once."""
+
+    def __init__(self) -> None:
+        self.constants: dict[int, tuple[bytes, bytes]] = {}  # id of a constant body: (it, its gzip)
+
+    async def process_response(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        data = resp.data
+        if data is None or resp.get_header("Vary"):  # a kept answer's: send_answer has seen to it
+            return
+        resp.append_header("Vary", "Accept-Encoding")
+        if len(data) < GZIP_MIN or not accepts_gzip(req.get_header("Accept-Encoding") or ""):
+            return
+        if getattr(resource, "constant_bodies", False):
+            kept = self.constants.get(id(data))
+            if kept is None or kept[0] is not data:
+                kept = self.constants[id(data)] = (data, zlib.compress(data, 6, 31))
+            resp.data = kept[1]
+        else:
+            resp.data = zlib.compress(data, 6, 31)
+        resp.set_header("Content-Encoding", "gzip")
+
+
 class Router(falcon.routing.CompiledRouter):
     """Falcon's router, with HEAD mapped to the GET responder of every route that has no on_head: Falcon then
     sends GET's status and headers, Content-Length included, and no body."""
@@ -3371,11 +4029,14 @@ class FrontDoor:
     other request, and every one it cannot answer (an error, a missing asset), goes through Falcon.
     """
 
+    STALLED_CLIENT = 60.0  # seconds a client may leave a part of a streamed body unread before it is let go
+
     def __init__(
         self, app: falcon.asgi.App, *, router: Router, answers: AnswerCache, kept_routes: frozenset[str],
-        metrics: HttpMetrics, log_requests: bool,
+        metrics: HttpMetrics, log_requests: bool, cors: Cors,
     ) -> None:  # fmt: skip
         self.app = app
+        self.cors = cors
         self.router = router
         self.answers = answers
         self.kept_routes = kept_routes
@@ -3388,6 +4049,7 @@ class FrontDoor:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         offered, if_none_match = "", None
+        accept = accept_encoding = origin = None
         headers = scope["headers"]
         if type(headers) is not list:  # ASGI allows any iterable, even one read only once: Falcon reads it again
             headers = scope["headers"] = [(name, value) for name, value in headers]
@@ -3396,22 +4058,44 @@ class FrontDoor:
                 offered = value.decode("latin-1")
             elif name == b"if-none-match":
                 if_none_match = value.decode("latin-1")
+            elif name == b"accept-encoding":
+                accept_encoding = value
+            elif name == b"accept":
+                accept = value
+            elif name == b"origin":
+                origin = value
         request_id = offered if offered and SANE_REQUEST_ID.fullmatch(offered) else new_request_id()
         REQUEST_ID.set(request_id)
         scope[REQUEST_ID_KEY], scope[STARTED] = request_id, started
         self.metrics.in_flight += 1
         try:
-            answer = await self.kept_answer(scope) if scope["method"] in READS else None
+            method = scope["method"]
+            if method == "OPTIONS" and origin is not None:
+                asked = next((value for name, value in headers if name == b"access-control-request-method"), None)
+                if asked is not None:
+                    status, cors, body = self.cors.preflight(origin, asked)
+                    cors = [(b"x-request-id", request_id.encode()), *cors, (b"content-length", b"%d" % len(body))]
+                    await send({"type": "http.response.start", "status": status, "headers": cors})
+                    await send({"type": "http.response.body", "body": body})
+                    return self.done(scope, "(preflight)", status, started)
+            # A record format chosen by Accept is Falcon's to negotiate (and key).
+            plain = accept is None or preferred_format(accept.decode("latin-1")) == "json"
+            answer = await self.kept_answer(scope) if method in READS and plain else None
             if answer is None:
-                status = await self.through_falcon(scope, receive, send)
+                status = await self.through_falcon(scope, receive, send, origin)
                 route = scope.get(ROUTE)
             else:
-                status, body = answer.reply(request_id, started, if_none_match)
-                headers = [(b"x-request-id", request_id.encode())]
+                gzip = accept_encoding is not None and answer.compressible and accepts_gzip(accept_encoding.decode())
+                status, body = answer.reply(request_id, started, if_none_match, gzip)
+                headers = [(b"x-request-id", request_id.encode()), *answer.headers]
                 if answer.etag is not None:
                     headers.append((b"etag", answer.etag_header))
                 if status != 304:
-                    headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+                    headers += [(b"content-type", answer.content_type), (b"content-length", b"%d" % len(body))]
+                    if gzip:
+                        headers.append((b"content-encoding", b"gzip"))
+                if origin is not None or self.cors.always:
+                    headers += self.cors.headers(origin)
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
                 route = answer.route
@@ -3436,19 +4120,32 @@ class FrontDoor:
         except Exception:  # Falcon's path meets it again, and answers it as it answers every error
             return None
 
-    async def through_falcon(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> int:
-        """Let Falcon answer, with the X-Request-ID header added; return the status it sent."""
+    async def through_falcon(
+        self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any], origin: bytes | None = None
+    ) -> int:
+        """Let Falcon answer, with the X-Request-ID and CORS headers added; return the status it sent. A streamed
+        body's client that leaves, or reads nothing for STALLED_CLIENT seconds, ends the stream."""
         status = 0
-        request_id = scope[REQUEST_ID_KEY].encode()
+        added = [(b"x-request-id", scope[REQUEST_ID_KEY].encode()), *self.cors.headers(origin)]
+        scope[RECEIVE_KEY] = receive
 
         async def send_with_id(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                message["headers"] = [*message.get("headers", ()), *added]
+            elif message.get("more_body"):
+                try:
+                    async with asyncio.timeout(self.STALLED_CLIENT):
+                        return await send(message)
+                except TimeoutError:
+                    raise ClientGone(f"the client read nothing for {self.STALLED_CLIENT:g} s") from None
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientGone as gone:  # the response started: the connection ends without the body's end
+            log.info("client gone", reason=str(gone))
         return status
 
     def done(self, scope: dict[str, Any], route: str | None, status: int, started: float) -> None:
@@ -3656,6 +4353,12 @@ ROUTES = (
     Route("/", IndexResource, summary="Index: the service and its endpoints"),
     Route("/data", AssetPagesResource, summary="Assets: a page of unified records", guarded=True, kept=True),
     Route(
+        "/data/export",
+        AssetExportResource,
+        summary="Export: every selected asset, streamed as CSV or NDJSON",
+        guarded=True,
+    ),
+    Route(
         "/data/{asset_id}",
         AssetResource,
         summary="Asset: one unified record with its quotes",
@@ -3714,6 +4417,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> F
         AssetPagesResource: AssetPagesResource(store, answers),
         AssetResource: AssetResource(store, answers),
         AssetHistoryResource: AssetHistoryResource(store, answers),
+        AssetExportResource: AssetExportResource(store),
         HealthResource: HealthResource(store, answers, config.etl_max_age, replica),
         StatsResource: StatsResource(store, answers, replica),
         RunsResource: RunsResource(store, answers, replica),
@@ -3732,7 +4436,13 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> F
     router = Router()
     app = falcon.asgi.App(
         router=router,
-        middleware=[RouteLabel(), *guards, QueryParameters(), Lifespan(store, metrics, config.metrics_dir)],
+        middleware=[
+            RouteLabel(),
+            *guards,
+            QueryParameters(),
+            Compression(),
+            Lifespan(store, metrics, config.metrics_dir),
+        ],
     )
     app.req_options.keep_blank_qs_values = False  # an empty parameter is an absent one (QueryParameters)
     app.resp_options.secure_cookies_by_default = config.env == "production"
@@ -3755,6 +4465,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> F
         kept_routes=open_routes,
         metrics=metrics,
         log_requests=log_level(config.log_level) <= logging.INFO,
+        cors=Cors(config.cors_origins),
     )
 
 

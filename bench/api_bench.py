@@ -16,7 +16,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +47,7 @@ MIN_RESPONSES = 1_000  # fewer in a measured run are shown next to the figures
 SETTLE_TIMEOUT = 300.0  # seconds a server may stay busy after wrk has stopped
 WRK_TIMEOUT = 10  # seconds; slower responses count as socket errors and leave wrk's percentiles
 RSS_LIMIT_MB = 100
+EXPORT_GROWTH_MB = 50  # the most an export of every asset may add to the server's RSS (flat: a chunk at a time)
 
 
 # --- scenarios and targets ------------------------------------------------
@@ -61,6 +64,7 @@ class Measure:
     socket_errors: int
     seconds: float | None = None  # wall time of a finite walk
     note: str = ""
+    growth_mb: float | None = None  # an export's: peak RSS of the server during it, minus its RSS before
 
     @property
     def errors(self) -> int:
@@ -71,25 +75,36 @@ class Measure:
 class Target:
     """Issue 7's bar for a scenario; None where it sets none."""
 
-    min_ratio: float | None = None  # of the ceiling's requests/s
+    min_ratio: float | None = None  # of the ceiling's requests/s (or of the scenario's `versus`)
     max_p99_ms: float | None = None
     max_seconds: float | None = None
+    min_rate: float | None = None  # requests (an export: rows) a second
+    max_growth_mb: float | None = None
 
     def __str__(self) -> str:
         parts = []
         if self.min_ratio is not None:
-            parts.append(f">= {self.min_ratio:.0%} of ceiling")
+            parts.append(f">= {self.min_ratio:.0%} of {self.versus or 'ceiling'}")
+        if self.min_rate is not None:
+            parts.append(f">= {self.min_rate:,.0f}/s")
+        if self.max_growth_mb is not None:
+            parts.append(f"RSS growth <= {self.max_growth_mb:g} MB")
         if self.max_p99_ms is not None:
             parts.append(f"p99 <= {self.max_p99_ms:g} ms")
         if self.max_seconds is not None:
             parts.append(f"<= {self.max_seconds:g} s")
         return ", ".join([*parts, "0 errors"])
 
+    versus: str | None = None  # the scenario min_ratio is of, measured in the same run; None: the ceiling
+
     def met(self, measure: Measure, ceiling: float) -> bool:
         ratio_ok = self.min_ratio is None or measure.requests_per_s >= self.min_ratio * ceiling
         p99_ok = self.max_p99_ms is None or measure.p99_ms <= self.max_p99_ms  # False when nan
         time_ok = self.max_seconds is None or (measure.seconds is not None and measure.seconds <= self.max_seconds)
-        return ratio_ok and p99_ok and time_ok and measure.errors == 0
+        rate_ok = self.min_rate is None or measure.requests_per_s >= self.min_rate
+        growth = measure.growth_mb
+        memory_ok = self.max_growth_mb is None or (growth is not None and growth <= self.max_growth_mb)
+        return ratio_ok and p99_ok and time_ok and rate_ok and memory_ok and measure.errors == 0
 
 
 @dataclass(frozen=True)
@@ -105,12 +120,21 @@ class Scenario:
     walk: bool = False  # a keyset walk by a Python client instead of wrk
     mixed: bool | None = None  # the dashboard load of bench/mixed_load.py on its own store; True: with ETL writes
     ids: str = "sample"  # the ids file random_asset.lua draws from: "sample" (SAMPLE_IDS), "all" or "zipf"
+    headers: tuple[str, ...] = ()  # sent with every request by wrk
+    export: bool = False  # one GET of `path`, streamed and counted by a Python client, the server's RSS sampled
 
 
 SCENARIOS = (
     Scenario("ceiling", "ceiling: bare ASGI, constant JSON", on_ceiling=True),
     Scenario("health", "GET /health", "/health", target=Target(min_ratio=0.60)),
     Scenario("first-page", "GET /data?page_size=100", "/data?page_size=100", target=Target(min_ratio=0.50)),
+    Scenario(
+        "first-page-gzip",
+        "GET /data?page_size=100, Accept-Encoding: gzip (a kept answer compressed once)",
+        "/data?page_size=100",
+        headers=("Accept-Encoding: gzip",),
+        target=Target(min_ratio=0.90, versus="first-page"),
+    ),
     Scenario(
         "filtered-sorted",
         "GET /data?filter_by=active&page_size=100&sort=-market_cap_usd",
@@ -140,6 +164,21 @@ SCENARIOS = (
     # The same lookups within a working set small enough to stay in the answer cache (no target of its own).
     Scenario("asset-hot", "GET /data/{asset_id}, random ids of SAMPLE", script="random_asset.lua"),
     Scenario("keyset", "keyset walk, all assets by next_cursor", walk=True, target=Target(max_seconds=30)),
+    Scenario(
+        "export",
+        "GET /data/export (CSV of all assets), rows/s",
+        "/data/export",
+        export=True,
+        target=Target(min_rate=100_000, max_growth_mb=EXPORT_GROWTH_MB),
+    ),
+    Scenario(
+        "export-gzip",
+        "GET /data/export, Accept-Encoding: gzip, rows/s",
+        "/data/export",
+        headers=("Accept-Encoding: gzip",),
+        export=True,
+        target=Target(min_rate=100_000, max_growth_mb=EXPORT_GROWTH_MB),
+    ),
     Scenario("mixed", "a dashboard's mix, 64 connections, 200,000 assets", mixed=False, target=Target(max_p99_ms=50)),
     Scenario(
         "mixed-writes",
@@ -385,6 +424,8 @@ def wrk(server: Server, scenario: Scenario, seconds: float, env: dict[str, str],
     argv = ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{seconds:g}s", f"--timeout={WRK_TIMEOUT}s", "--latency"]
     if scenario.script:
         argv += ["-s", str(BENCH / scenario.script)]
+    for header in scenario.headers:
+        argv += ["-H", header]
     argv.append(f"http://{HOST}:{server.port}{scenario.path}")
     done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -471,6 +512,52 @@ def keyset_walk(server: Server, expected: int) -> Measure:
     )
 
 
+def export_stream(server: Server, scenario: Scenario, expected: int) -> Measure:
+    """One GET of the export, read to the end in 1 MB pieces (decompressed when gzip), its rows counted, and the
+    server's RSS sampled every 50 ms meanwhile: rows/s, and the peak RSS during it minus the RSS before; and the
+    server's CPU time, whose rows per CPU-second other tenants of the machine do not change."""
+    rss_before = server.memory_mb()[0]
+    ticks = server.cpu_ticks()
+    peak, done = [rss_before], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):  # sampling interval
+            peak[0] = max(peak[0], server.memory_mb()[0])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
+    headers = dict(header.split(": ", 1) for header in scenario.headers)
+    started = time.perf_counter()
+    conn.request("GET", scenario.path, headers=headers)
+    response = conn.getresponse()
+    first = time.perf_counter() - started
+    inflate = zlib.decompressobj(31) if response.getheader("Content-Encoding") == "gzip" else None
+    lines = received = 0
+    while piece := response.read(1 << 20):
+        received += len(piece)
+        lines += (inflate.decompress(piece) if inflate else piece).count(b"\n")
+    seconds = time.perf_counter() - started
+    cpu = (server.cpu_ticks() - ticks) / os.sysconf("SC_CLK_TCK")
+    done.set()
+    sampler.join()
+    conn.close()
+    rows = lines - 1  # the header row
+    growth = peak[0] - rss_before
+    return Measure(
+        requests_per_s=rows / seconds,
+        p50_ms=first * 1000,  # time to the first byte
+        p99_ms=seconds * 1000,  # time to the last
+        non_2xx=int(response.status != 200 or rows != expected),
+        socket_errors=0,
+        seconds=seconds,
+        note=f"{rows:,} rows, {received / 1e6:,.0f} MB in {seconds:.1f} s; server CPU {cpu:.1f} s,"
+        f" {rows / cpu if cpu else math.inf:,.0f} rows per CPU-second; server RSS {rss_before:.0f} MB before,"
+        f" peak {peak[0]:.0f} MB during (+{growth:.0f} MB); p50 = first byte, p99 = last",
+        growth_mb=growth,
+    )
+
+
 # --- report ---------------------------------------------------------------
 
 
@@ -503,13 +590,18 @@ def table(results: list[Result], memory: tuple[float, float] | None, pages: int)
         scenario, measure = result.scenario, result.measure
         ceiling = result.ceiling.requests_per_s if result.ceiling else math.inf
         ratio = f"{measure.requests_per_s / ceiling:.1%}" if result.ceiling else ""
+        versus = scenario.target.versus if scenario.target else None
+        base = next((r.measure for r in results if r.scenario.name == versus and not r.scenario.on_ceiling), None)
+        if versus is not None:  # the target is a share of that scenario's throughput in this run
+            ceiling = base.requests_per_s if base else math.inf
+            ratio = f"{measure.requests_per_s / ceiling:.1%} of {versus}" if base else f"(no {versus})"
         if scenario.on_ceiling:
             ratio = "100.0%"
         if scenario.walk:
             ratio = f"{measure.seconds:.1f} s total"
         target = str(scenario.target) if scenario.target else ""
         verdict = ("PASS" if scenario.target.met(measure, ceiling) else "FAIL") if scenario.target else ""
-        if scenario.target and scenario.target.min_ratio is not None and not result.ceiling:
+        if scenario.target and scenario.target.min_ratio is not None and not result.ceiling and not base:
             verdict = "(no ceiling)"
         title = scenario.title.replace("PAGES", str(pages)).replace("SAMPLE", f"{SAMPLE_IDS:,}")
         if result.before is not None:
@@ -596,6 +688,8 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [BY_NAME[name] for name in args.scenario] if args.scenario else list(SCENARIOS)
     if any(s.target and s.target.min_ratio for s in chosen) and BY_NAME["ceiling"] not in chosen:
         chosen.insert(0, BY_NAME["ceiling"])  # ratios need the ceiling of this run
+    for versus in {s.target.versus for s in chosen if s.target and s.target.versus} - {s.name for s in chosen}:
+        chosen.append(BY_NAME[versus])  # a share of another scenario needs that one measured in the same run
     chosen.sort(key=SCENARIOS.index)
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -615,6 +709,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{scenario.name}{label} ...", flush=True)
         if scenario.walk:
             return keyset_walk(server, args.rows)
+        if scenario.export:
+            return export_stream(server, scenario, args.rows)
         if scenario.mixed is not None:
             import mixed_load  # it builds on this module: imported once this one is whole
 
@@ -636,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(Result(CEILING, run(ceiling, CEILING)))
         for scenario in api_runs:
             assert api is not None
-            alone = scenario.walk or scenario.mixed is not None  # no ratio to the ceiling
+            alone = scenario.walk or scenario.export or scenario.mixed is not None  # no ratio to the ceiling
             paired = None if ceiling is None or alone else run(ceiling, CEILING, f" (before {scenario.name})")
             if paired is not None:
                 results.append(Result(CEILING, paired, before=scenario))

@@ -77,11 +77,30 @@ def test_document_with_api_keys_declares_security(sample_store: Path) -> None:
 
 
 def test_every_path_and_parameter_is_documented(document: dict[str, Any]) -> None:
-    assert set(document["paths"]) == {"/", "/data", "/data/{asset_id}", "/data/{asset_id}/history", "/health", "/stats",
-                                      "/runs", "/runs/{run_id}", "/runs/compare", "/metrics", "/openapi.json", "/docs",
-                                      "/redoc"}  # fmt: skip
+    assert set(document["paths"]) == {"/", "/data", "/data/export", "/data/{asset_id}", "/data/{asset_id}/history",
+                                      "/health", "/stats", "/runs", "/runs/{run_id}", "/runs/compare", "/metrics",
+                                      "/openapi.json", "/docs", "/redoc"}  # fmt: skip
     data = {p["name"]: p for p in document["paths"]["/data"]["get"]["parameters"]}
-    assert set(data) == {"page", "page_size", "filter_by", "sort", "cursor", "as_of", "If-None-Match"}
+    params = {"page", "page_size", "filter_by", "sort", "cursor", "as_of", "fields", "format", "If-None-Match"}
+    assert set(data) == params
+    assert data["format"]["schema"]["enum"] == ["json", "csv", "ndjson"]
+    export = {p["name"]: p for p in document["paths"]["/data/export"]["get"]["parameters"]}
+    assert set(export) == {"filter_by", "sort", "fields", "format"}
+    assert export["format"]["schema"]["enum"] == ["csv", "ndjson"]
+    assert set(document["paths"]["/data/export"]["get"]["responses"]["200"]["content"]) == {
+        "text/csv",
+        "application/x-ndjson",
+    }
+    for path in ("/data", "/data/{asset_id}/history"):
+        assert set(document["paths"][path]["get"]["responses"]["200"]["content"]) == {
+            "application/json",
+            "text/csv",
+            "application/x-ndjson",
+        }
+    history = {p["name"] for p in document["paths"]["/data/{asset_id}/history"]["get"]["parameters"]}
+    assert "format" in history
+    detail = {p["name"] for p in document["paths"]["/data/{asset_id}"]["get"]["parameters"]}
+    assert detail == {"asset_id", "fields", "If-None-Match"}
     assert all(p.get("allowEmptyValue", False) == (p["in"] == "query") for p in data.values())  # empty: absent
     assert data["page_size"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 100, "default": 10}
     assert set(data["sort"]["schema"]["enum"]) == set(SORTS)
@@ -115,6 +134,18 @@ def test_examples_match_their_schemas(document: dict[str, Any]) -> None:
         ("/data", {"filter_by": "colour:red"}, "/data", 400),
         ("/data", {"filter_by": "RANK>5"}, "/data", 400),
         ("/data", {"cursor": "O0qbI0CkfJ9O4M7Dr"}, "/data", 400),
+        ("/data", {"fields": "asset_id,price_usd"}, "/data", 200),
+        ("/data", {"fields": "asset_id,colour"}, "/data", 400),
+        ("/data", {"format": "csv", "page_size": "100"}, "/data", 200),
+        ("/data", {"format": "ndjson", "fields": "sources"}, "/data", 200),
+        ("/data", {"format": "xml"}, "/data", 400),
+        ("/data/export", None, "/data/export", 200),
+        ("/data/export", {"format": "ndjson", "filter_by": "rank<=3", "fields": "symbol"}, "/data/export", 200),
+        ("/data/export", {"format": "json"}, "/data/export", 400),
+        ("/data/export", {"page": "2"}, "/data/export", 400),
+        ("/data/bitcoin", {"fields": "asset_id,quotes"}, "/data/{asset_id}", 200),
+        ("/data/bitcoin", {"fields": "quote"}, "/data/{asset_id}", 400),
+        ("/data/bitcoin/history", {"format": "csv"}, "/data/{asset_id}/history", 200),
         ("/data/bitcoin", None, "/data/{asset_id}", 200),
         ("/data/no-such-coin", None, "/data/{asset_id}", 404),
         ("/data/bitcoin/history", None, "/data/{asset_id}/history", 200),
@@ -169,7 +200,7 @@ def test_auth_failures_match_the_document(make_client: Any, store_path: Path) ->
     client = make_client(Config(db=store_path, api_keys=("k1",), log_level="warning"))
     for path, template in (("/data", "/data"), ("/data/bitcoin", "/data/{asset_id}"), ("/stats", "/stats"),
                            ("/data/bitcoin/history", "/data/{asset_id}/history"), ("/runs", "/runs"),
-                           ("/runs/1", "/runs/{run_id}"),
+                           ("/runs/1", "/runs/{run_id}"), ("/data/export", "/data/export"),
                            ("/runs/compare", "/runs/compare")):  # fmt: skip
         result = client.get(path)
         assert result.status_code == 401
@@ -201,6 +232,7 @@ def test_unreadable_store_answers_match_the_document(make_client: Any, tmp_path:
                            ("/data/x/history", "/data/{asset_id}/history"), ("/runs", "/runs"),
                            ("/runs/1", "/runs/{run_id}"),
                            ("/runs/compare?a=1&b=2", "/runs/compare"), ("/health", "/health"),
+                           ("/data/export", "/data/export"),
                            ("/metrics", "/metrics")):  # fmt: skip
         path, _, query = path.partition("?")
         result = client.get(path, query_string=query or None)
