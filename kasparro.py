@@ -1148,9 +1148,8 @@ COVERED_SORTS = frozenset({"rank"})  # their index holds every column (store.sql
 SORT_EXPRESSIONS = {field: field for field in SORT_FIELDS} | {"name": "name COLLATE NOCASE"}
 STATUSES = ("active", "inactive")
 DATA_PARAMS = ("page", "page_size", "filter_by", "sort", "cursor", "as_of", "fields", "format")
-# The selection of /data, not its paging. Named one by one: a parameter of /data that changes where its rows are
-# read from (as_of reads a market built apart) must be wired into AssetExport before the export accepts it.
-EXPORT_PARAMS = ("filter_by", "sort", "fields", "format")
+# The selection of /data, not its paging: an export with as_of reads the moment's market (MarketSnapshot).
+EXPORT_PARAMS = ("filter_by", "sort", "as_of", "fields", "format")
 # The media types of records: `format` names one, else the Accept header chooses (preferred_format).
 FORMATS = {"json": falcon.MEDIA_JSON, "csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 PAGE_FORMATS = ("json", "csv", "ndjson")  # the first is the default
@@ -1833,13 +1832,36 @@ class Markets:
             return market
 
 
+def market_at(uri: str, as_of: int, commit: Commit) -> Market:
+    """The market at `as_of`, built from the store at `uri` unless `commit` keeps it (call in a reader's thread)."""
+    return commit.facts.setdefault("markets", Markets()).get(uri, as_of, commit.version)
+
+
 def read_page_as_of(uri: str, query: AssetQuery, commit: Commit) -> AssetPage:
-    """read_page() over the market at query.as_of (blank request_id and api_latency_ms), built from the store at
-    `uri` unless `commit` keeps it."""
+    """read_page() over the market at query.as_of (blank request_id and api_latency_ms)."""
     assert query.as_of is not None
-    market = commit.facts.setdefault("markets", Markets()).get(uri, query.as_of, commit.version)
+    market = market_at(uri, query.as_of, commit)
     with market.lock:
         return read_page(market.conn, market.version, query, market.commit)
+
+
+class MarketSnapshot:
+    """A Snapshot's reads over a moment's market: its own connection, read under its lock in a worker thread. The
+    market is fixed once built, so every read sees the same `version`."""
+
+    def __init__(self, market: Market) -> None:
+        self.market = market
+        self.version = market.version
+
+    async def read(self, read: Read[T]) -> T:
+        return await asyncio.to_thread(self._read, read)
+
+    def _read(self, read: Read[T]) -> T:
+        with self.market.lock:
+            return read(self.market.conn, self.market.version)
+
+    async def close(self) -> None:
+        """Nothing to end: the market's connection closes with the market, once no one holds it."""
 
 
 # An asset's history: its listings' raw observations (raw_observation) and candles (candle), by store.sql's
@@ -2563,7 +2585,9 @@ class AssetExport:
 
     CHUNK = 5_000
 
-    def __init__(self, snapshot: Snapshot, query: AssetQuery, gzip: bool, receive: Callable[..., Any] | None) -> None:
+    def __init__(
+        self, snapshot: Snapshot | MarketSnapshot, query: AssetQuery, gzip: bool, receive: Callable[..., Any] | None
+    ) -> None:
         self.snapshot = snapshot
         self.query = query
         self.compressor = zlib.compressobj(1, zlib.DEFLATED, 31) if gzip else None  # level 1: ~4x, and fast
@@ -2627,8 +2651,9 @@ async def unknown_length() -> AsyncIterator[bytes]:
 
 
 class AssetExportResource:
-    """GET /data/export: every asset that filter_by (and sort, fields) selects, in one CSV or NDJSON response
-    streamed from one snapshot of the store (X-Data-Version), in constant memory, as an attachment."""
+    """GET /data/export: every asset that filter_by (and sort, as_of, fields) selects, in one CSV or NDJSON response
+    streamed from one snapshot of the store or of the moment's market (X-Data-Version), in constant memory, as an
+    attachment."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -2649,7 +2674,13 @@ class AssetExportResource:
             resp.set_header("X-Data-Version", str((await self.store.watch()).version))
             resp.stream = unknown_length()  # never read: it keeps Falcon from saying Content-Length: 0
             return
-        snapshot = await self.store.snapshot()
+        snapshot: Snapshot | MarketSnapshot
+        if query.as_of is None:
+            snapshot = await self.store.snapshot()
+        else:
+            commit = await self.store.watch()
+            as_of, uri = query.as_of, self.store._uri()
+            snapshot = MarketSnapshot(await self.store.read(lambda conn, version: market_at(uri, as_of, commit)))
         resp.set_header("X-Data-Version", str(snapshot.version))
         resp.stream = AssetExport(snapshot, query, gzip, req.scope.get(RECEIVE_KEY))
 
@@ -3572,8 +3603,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
             *(p for p in data_parameters if p["name"] in EXPORT_PARAMS and p["name"] != "format"),
             format_parameter(EXPORT_FORMATS),
         ],
-        description="Every asset that filter_by selects, in the sort's order, in one response read from one"
-        " snapshot of the store (one data version), in constant memory however many.",
+        description="Every asset that filter_by selects (as of as_of, when given), in the sort's order, in one"
+        " response read from one snapshot of the store or of that moment's market (one data version), in constant"
+        " memory however many.",
     )
     detail_parameters = [
         asset_id,

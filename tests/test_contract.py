@@ -85,7 +85,7 @@ def test_every_path_and_parameter_is_documented(document: dict[str, Any]) -> Non
     assert set(data) == params
     assert data["format"]["schema"]["enum"] == ["json", "csv", "ndjson"]
     export = {p["name"]: p for p in document["paths"]["/data/export"]["get"]["parameters"]}
-    assert set(export) == {"filter_by", "sort", "fields", "format"}
+    assert set(export) == {"filter_by", "sort", "as_of", "fields", "format"}
     assert export["format"]["schema"]["enum"] == ["csv", "ndjson"]
     assert set(document["paths"]["/data/export"]["get"]["responses"]["200"]["content"]) == {
         "text/csv",
