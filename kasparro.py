@@ -1368,8 +1368,15 @@ def parse_number(field: str, text: str) -> float:
     return value
 
 
+# RFC 3339's date and date-time (seconds and offset optional: UTC when none): fromisoformat alone also takes ISO 8601's
+# basic and week forms, which would read 1764072000000 (milliseconds) as 1764-07-20 and 2026-W48 as a date.
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d(?:[Tt ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:[Zz]|[+-]\d\d:\d\d)?)?")
+
+
 def read_rfc3339(text: str) -> datetime | None:
     """An RFC 3339 time or date as an aware datetime (UTC when it names no offset); None when it is not one."""
+    if not RFC3339.fullmatch(text):
+        return None
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
@@ -1942,7 +1949,8 @@ def parse_moment(name: str, text: str, rounding: Callable[[float], int] = math.c
         return int(text)
     moment = read_rfc3339(text)
     if moment is None:
-        raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds, got {text[:40]!r}")
+        hint = " (Unix seconds, not milliseconds)" if text.isdigit() and 12 <= len(text) <= 14 else ""
+        raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{hint}, got {text[:40]!r}")
     return rounding(moment.timestamp())
 
 

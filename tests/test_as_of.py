@@ -334,12 +334,17 @@ def test_an_empty_as_of_is_an_absent_one(clients: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["yesterday", "2026-11-01T25:00:00Z", "1.5", "1e9", "2026-11-01 12:00:00 UTC", "0x10", "１２３"]
-)
+    "value",
+    ["yesterday", "2026-11-01T25:00:00Z", "1.5", "1e9", "2026-11-01 12:00:00 UTC", "0x10", "１２３",
+     "1764072000000", "2026-W48", "2026-W48-1", "2026-330", "20261125T120000Z"],
+)  # fmt: skip
 def test_a_bad_as_of_is_a_400_naming_it(clients: Any, value: str) -> None:
+    """ISO 8601's basic and week forms too: fromisoformat alone reads 1764072000000 (milliseconds) as 1764-07-20."""
     body = clients["kept"].get("/data", params={"as_of": value})
     assert body.status_code == 400
     assert body.json["detail"].startswith("as_of: expected an RFC 3339 time or Unix seconds")
+    if value == "1764072000000":
+        assert "not milliseconds" in body.json["detail"]
 
 
 def test_as_of_given_twice_is_a_400(clients: Any) -> None:
