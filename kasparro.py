@@ -874,11 +874,7 @@ class Store:
     async def snapshot(self) -> Snapshot:
         """A Snapshot of the store as it is now, on a new read-only connection: close it when done. ReadersBusy
         when SNAPSHOTS are open for READER_WAIT seconds; StoreUnavailable when the store cannot be read."""
-        try:
-            async with asyncio.timeout(self.READER_WAIT):
-                await self._snapshots.acquire()
-        except TimeoutError:
-            raise ReadersBusy(f"{self.SNAPSHOTS} exports of {self.path} are running; none ended in time") from None
+        await self._take_snapshot_slot()
         try:
             await self._ready_pool()
             conn = await self._connect()
@@ -899,6 +895,19 @@ class Store:
         snapshot = Snapshot(conn, version, lambda: self._snapshot_closed(snapshot))
         self._open_snapshots.add(snapshot)
         return snapshot
+
+    async def _take_snapshot_slot(self) -> None:
+        """One of the SNAPSHOTS slots, within READER_WAIT seconds; else ReadersBusy."""
+        try:
+            async with asyncio.timeout(self.READER_WAIT):
+                await self._snapshots.acquire()
+        except TimeoutError:
+            raise ReadersBusy(f"{self.SNAPSHOTS} exports of {self.path} are running; none ended in time") from None
+
+    async def snapshot_possible(self) -> None:
+        """What snapshot() would wait for, without a snapshot (HEAD of an export): ReadersBusy as it would."""
+        await self._take_snapshot_slot()
+        self._snapshots.release()
 
     def _snapshot_closed(self, snapshot: Snapshot) -> None:
         self._open_snapshots.discard(snapshot)
@@ -2673,24 +2682,30 @@ class AssetExportResource:
             params = {**params, "format": preferred_format(accept, EXPORT_FORMATS)}
         query = parse_asset_query(params, EXPORT_PARAMS, EXPORT_FORMATS)
         gzip = accepts_gzip(req.get_header("Accept-Encoding") or "")
-        resp.content_type = FORMATS[query.format]
-        resp.downloadable_as = f"assets.{query.format}"
         resp.vary = ("Accept", "Accept-Encoding")
-        if gzip:
-            resp.set_header("Content-Encoding", "gzip")
-        if req.method == "HEAD":  # GET's headers, without opening a snapshot Falcon would not close
-            resp.set_header("X-Data-Version", str((await self.store.watch()).version))
-            resp.stream = unknown_length()  # never read: it keeps Falcon from saying Content-Length: 0
-            return
-        snapshot: Snapshot | MarketSnapshot
-        if query.as_of is None:
+        snapshot: Snapshot | MarketSnapshot | None = None
+        if req.method == "HEAD":  # GET's status and headers, without a snapshot Falcon would not close
+            if query.as_of is None:
+                await self.store.snapshot_possible()
+            version = (await self.store.watch()).version
+        elif query.as_of is None:
             snapshot = await self.store.snapshot()
+            version = snapshot.version
         else:
             commit = await self.store.watch()
             as_of, uri = query.as_of, self.store._uri()
             snapshot = MarketSnapshot(await self.store.read(lambda conn, version: market_at(uri, as_of, commit)))
-        resp.set_header("X-Data-Version", str(snapshot.version))
-        resp.stream = AssetExport(snapshot, query, gzip, req.scope.get(RECEIVE_KEY))
+            version = snapshot.version
+        # The file's headers only once it will be sent: an error is no attachment.
+        resp.content_type = FORMATS[query.format]
+        resp.downloadable_as = f"assets.{query.format}"
+        if gzip:
+            resp.set_header("Content-Encoding", "gzip")
+        resp.set_header("X-Data-Version", str(version))
+        if snapshot is None:
+            resp.stream = unknown_length()  # never read: it keeps Falcon from saying Content-Length: 0
+        else:
+            resp.stream = AssetExport(snapshot, query, gzip, req.scope.get(RECEIVE_KEY))
 
 
 def run_is_live(store: Store, replica: bool) -> bool:

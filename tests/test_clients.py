@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from test_api import valid_queries
 
 from conftest import exchange, http_get, run_etl, write_csv
-from kasparro import ASSET_FIELDS, DETAIL_FIELDS, csv_lines
+from kasparro import ASSET_FIELDS, DETAIL_FIELDS, Config, Store, csv_lines
 
 PROPERTY_SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -248,6 +248,24 @@ def test_an_export_left_by_its_client_lets_go_of_its_snapshot(live_server: Any, 
         time.sleep(0.05)  # poll interval of the log
     status, _, body = get(server, "/data/export", {"filter_by": "rank<=3"})
     assert status == 200 and len(read_csv(body)) == 3
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_refused_export_is_a_problem_and_no_attachment(
+    make_client: Any, store_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Every export slot taken (none here): GET and HEAD alike wait READER_WAIT, then a 503 problem with Retry-After,
+    and without the file's headers, which would have curl -OJ or a browser save the problem as assets.csv."""
+    monkeypatch.setattr(Store, "SNAPSHOTS", 0)
+    monkeypatch.setattr(Store, "READER_WAIT", 0.05)
+    client = make_client(Config(db=store_path, log_level="warning"))
+    refused = client.request(method, "/data/export", params={"format": "ndjson"})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert not {"content-disposition", "content-encoding", "x-data-version"} & {h.lower() for h in refused.headers}
+    monkeypatch.setattr(Store, "SNAPSHOTS", 2)
+    served = make_client(Config(db=store_path, log_level="warning")).request(method, "/data/export")
+    assert served.status_code == 200 and served.headers["content-disposition"] == 'attachment; filename="assets.csv"'
 
 
 def without_latency(body: bytes) -> dict[str, Any]:
