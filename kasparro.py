@@ -89,6 +89,13 @@ class Config:
         keys = tuple(k.strip() for k in environ.get("KASPARRO_API_KEYS", "").split(",") if k.strip())
         if environ.get("KASPARRO_ROLE", "primary") not in ROLES:
             raise SystemExit(f"kasparro: KASPARRO_ROLE must be primary or replica, not {environ['KASPARRO_ROLE']!r}")
+        origins = [o.strip() for o in environ.get("KASPARRO_CORS_ORIGINS", "*").split(",") if o.strip()]
+        for origin in origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):  # a browser's Origin never equals it: refused silently
+                raise SystemExit(
+                    f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not an origin; expected '*' or origins"
+                    " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path)"
+                )
         try:
             return cls._read(environ, keys)
         except ValueError as error:
@@ -110,6 +117,7 @@ class Config:
 
 
 ROLES = ("primary", "replica")
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # as a browser sends it (RFC 6454): scheme://host[:port]
 
 # --- logs -----------------------------------------------------------------
 

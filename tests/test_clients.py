@@ -268,6 +268,20 @@ def test_a_refused_export_is_a_problem_and_no_attachment(
     assert served.status_code == 200 and served.headers["content-disposition"] == 'attachment; filename="assets.csv"'
 
 
+@pytest.mark.parametrize("origins", ["a.example", "https://a.example/", "https://a.example, dash", "https://x/y"])
+def test_an_origin_a_browser_cannot_send_is_refused_at_start(origins: str) -> None:
+    """An origin without its scheme, or with a path, would match no browser's Origin header: every call refused."""
+    with pytest.raises(SystemExit, match=r"KASPARRO_CORS_ORIGINS: .* is not an origin"):
+        Config.from_env({"KASPARRO_CORS_ORIGINS": origins})
+
+
+@pytest.mark.parametrize("origins", ["*", "", " ", "https://a.example, http://localhost:3000", "app://desk"])
+def test_origins_a_browser_sends_are_taken(origins: str) -> None:
+    assert set(Config.from_env({"KASPARRO_CORS_ORIGINS": origins}).cors_origins) == {
+        o.strip() for o in origins.split(",") if o.strip()
+    }
+
+
 def without_latency(body: bytes) -> dict[str, Any]:
     return {k: v for k, v in json.loads(body).items() if k != "api_latency_ms"}
 
