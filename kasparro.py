@@ -89,7 +89,7 @@ class Config:
         keys = tuple(k.strip() for k in environ.get("KASPARRO_API_KEYS", "").split(",") if k.strip())
         if environ.get("KASPARRO_ROLE", "primary") not in ROLES:
             raise SystemExit(f"kasparro: KASPARRO_ROLE must be primary or replica, not {environ['KASPARRO_ROLE']!r}")
-        origins = [o.strip() for o in environ.get("KASPARRO_CORS_ORIGINS", "*").split(",") if o.strip()]
+        origins = tuple(o.strip() for o in environ.get("KASPARRO_CORS_ORIGINS", "*").split(",") if o.strip())
         for origin in origins:
             if origin != "*" and not ORIGIN.fullmatch(origin):  # a browser's Origin never equals it: refused silently
                 raise SystemExit(
@@ -97,12 +97,12 @@ class Config:
                     " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path)"
                 )
         try:
-            return cls._read(environ, keys)
+            return cls._read(environ, keys, origins)
         except ValueError as error:
             raise SystemExit(f"kasparro: bad number in the environment: {error}") from None
 
     @classmethod
-    def _read(cls, environ: Mapping[str, str], keys: tuple[str, ...]) -> Config:
+    def _read(cls, environ: Mapping[str, str], keys: tuple[str, ...], origins: tuple[str, ...]) -> Config:
         return cls(
             db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
             etl_max_age=int(environ.get("KASPARRO_ETL_MAX_AGE", "21600")),
@@ -112,7 +112,7 @@ class Config:
             env=environ.get("ENV", "development"),
             metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"]) if environ.get("PROMETHEUS_MULTIPROC_DIR") else None,
             role=environ.get("KASPARRO_ROLE", "primary"),
-            cors_origins=tuple(o.strip() for o in environ.get("KASPARRO_CORS_ORIGINS", "*").split(",") if o.strip()),
+            cors_origins=origins,
         )
 
 
@@ -870,10 +870,15 @@ class Store:
                         raise
             return await self._read_in_thread(read)
         except sqlite3.Error as error:
-            if sqlite_code(error) not in STORE_FAULTS:
-                raise
-            await self.fail(error)
-            raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
+            raise await self._fault(error) from None
+
+    async def _fault(self, error: sqlite3.Error) -> StoreUnavailable:
+        """For a store fault (STORE_FAULTS): fail() (the store is reopened later) and the StoreUnavailable to raise;
+        any other SQLite error is raised again as it is."""
+        if sqlite_code(error) not in STORE_FAULTS:
+            raise error
+        await self.fail(error)
+        return StoreUnavailable(f"store {self.path} is not readable: {error}")
 
     def _applying(self, error: sqlite3.Error) -> bool:
         """Whether a read on the loop's connection found a replica's copy locked by an apply."""
@@ -893,10 +898,7 @@ class Store:
                 raise
         except sqlite3.Error as error:
             self._snapshots.release()
-            if sqlite_code(error) not in STORE_FAULTS:
-                raise
-            await self.fail(error)
-            raise StoreUnavailable(f"store {self.path} is not readable: {error}") from None
+            raise await self._fault(error) from None
         except BaseException:
             self._snapshots.release()
             raise
@@ -2222,6 +2224,11 @@ class GzipTail:
         return b"".join((GZIP_HEADER, stored, head, self.deflated, trailer))
 
 
+def picked(record: msgspec.Struct, fields: Sequence[str]) -> dict[str, Any]:
+    """The record's `fields` (fields=), in that order."""
+    return {name: getattr(record, name) for name in fields}
+
+
 def records_body(
     format: str, records: Sequence[msgspec.Struct], fields: Sequence[str], columns: Sequence[str], header: bool = True
 ) -> bytes:
@@ -2230,7 +2237,7 @@ def records_body(
     if format == "ndjson":
         if not fields:
             return encode_lines(records)
-        return encode_lines([{name: getattr(record, name) for name in fields} for record in records])
+        return encode_lines([picked(record, fields) for record in records])
     names = fields or columns
     table = [tuple(csv_cell(getattr(record, name)) for name in names) for record in records]
     return (csv_lines([names]) if header else b"") + csv_lines(table)
@@ -2336,10 +2343,10 @@ class Answer:
         if self.etag is not None and if_none_match is not None and current_copy(if_none_match, self.etag):
             return 304, b""
         if not self.stamped:
-            return self.status, self._gzipped if gzip and len(self.body) >= GZIP_MIN else self.body
+            return self.status, self._gzipped if gzip and self.compressible else self.body
         latency = round((time.perf_counter() - started) * 1e6) / 1e3  # ms to the microsecond
         head = b"".join((b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency)))
-        if gzip and len(self.body) >= GZIP_MIN:
+        if gzip and self.compressible:
             return self.status, self._gzip_tail.member(head)
         return self.status, b"".join((head, self._tail))
 
@@ -2528,7 +2535,7 @@ class AssetPagesResource(KeptResource):
             etag = query.etag(page.data_version)
             if query.format == "json":
                 if query.fields:
-                    data = [{name: getattr(asset, name) for name in query.fields} for asset in page.data]
+                    data = [picked(asset, query.fields) for asset in page.data]
                     page = msgspec.structs.replace(page, data=data)  # type: ignore[arg-type]
                 return Answer(commit.number, encode(page), etag=etag, stamped=True, headers=(VARY_FORMAT,))
             headers = [VARY_FORMAT, (b"x-total-count", b"%d" % page.total_items)]
@@ -2554,7 +2561,7 @@ class AssetResource(KeptResource):
             detail = read_asset(conn, version, asset_id)
             if detail is None:
                 return None
-            body = encode({name: getattr(detail, name) for name in fields} if fields else detail)
+            body = encode(picked(detail, fields) if fields else detail)
             etag = asset_etag(f"{version}\n{','.join(fields)}", asset_id)
             return Answer(commit.number, body, etag=etag)
 
