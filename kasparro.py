@@ -307,8 +307,11 @@ def configure_logging(level: str) -> None:
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
         uvicorn_logger.setLevel(threshold)
-    # The app logs one line per request itself; uvicorn's access line would repeat it.
-    logging.getLogger("uvicorn.access").setLevel(max(threshold, logging.WARNING))
+    # The app logs one line per request itself; uvicorn's access line would repeat it. With no handler on its
+    # way up, uvicorn does not even build that line's arguments (it asks once per connection).
+    access = logging.getLogger("uvicorn.access")
+    access.setLevel(max(threshold, logging.WARNING))
+    access.propagate = False
 
 
 # --- wire types -----------------------------------------------------------

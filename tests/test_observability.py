@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import kasparro
@@ -274,6 +275,18 @@ def test_lines_above_the_threshold_are_not_even_built(monkeypatch: Any) -> None:
     finally:
         kasparro.configure_logging("info")
     assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["kept"]
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning"])
+def test_uvicorn_builds_no_access_line(level: str) -> None:
+    """uvicorn formats its access line's arguments whenever its access logger has a handler on its way up (it
+    asks hasHandlers() once per connection): the app's own request line replaces it, at every level."""
+    kasparro.configure_logging(level)
+    try:
+        assert not logging.getLogger("uvicorn.access").hasHandlers()
+        assert logging.getLogger("uvicorn.error").hasHandlers()  # uvicorn's other lines still come out as JSON
+    finally:
+        kasparro.configure_logging("info")
 
 
 # --- GET /docs -----------------------------------------------------------
