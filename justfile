@@ -60,6 +60,10 @@ bench-runs *args:
 bench-history *args:
     {{py}} bench/history.py {{args}}
 
+# the API's ratios to the bare ASGI ceiling in server instructions per response under wrk (valgrind): figures other work on the machine does not move
+bench-instructions *args:
+    {{py}} bench/instructions.py {{args}}
+
 # CPU microseconds of the API's per-request log line, in process, written to a pipe (and its instructions, with valgrind)
 bench-log *args:
     {{py}} bench/log_cost.py {{args}}

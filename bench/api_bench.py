@@ -370,9 +370,9 @@ def running(name: str, argv: list[str], env: dict[str, str], port: int, ready_pa
             process.wait()
 
 
-def wait_ready(server: Server, path: str, log: Path) -> None:
-    """Poll until the server answers 200, it dies, or READY_TIMEOUT passes."""
-    deadline = time.monotonic() + READY_TIMEOUT
+def wait_ready(server: Server, path: str, log: Path, timeout: float = READY_TIMEOUT) -> None:
+    """Poll until the server answers 200, it dies, or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             sys.exit(f"{server.name} exited with code {server.process.returncode}; see {log}")
@@ -385,7 +385,7 @@ def wait_ready(server: Server, path: str, log: Path) -> None:
             finally:
                 conn.close()
         time.sleep(0.05)
-    sys.exit(f"{server.name} did not answer {path} within {READY_TIMEOUT:g} s; see {log}")
+    sys.exit(f"{server.name} did not answer {path} within {timeout:g} s; see {log}")
 
 
 # --- load -----------------------------------------------------------------
