@@ -1,0 +1,70 @@
+"""History, as_of and retention at their edges, as a newcomer tried them (issue 17): times no datetime holds, leap
+seconds, retention settings, forged cursors. The real etl.py, uvicorn on 127.0.0.1 and SQLite files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from test_real_inputs import outcome
+
+from etl_support import etl_against, last_run, query, run_etl
+from upstream import coingecko_pages, load_fixture
+
+HEADER = "id,symbol,name,price_usd,last_updated\n"
+# Times a datetime cannot hold, or cannot write in UTC: a row with one was once a traceback ending the whole run.
+UNHELD_TIMES = {
+    "9999-12-31T23:59:59-01:00": "after 9999-12-31T23:59:59Z",
+    "-99999999999": "before 2009 (read as Unix seconds)",
+    "-90000000000000": "before 2009 (read as Unix milliseconds)",
+    "1e400": "a number too large to be a time",
+}
+
+
+# --- observation times ---------------------------------------------------------------
+
+
+def test_a_csv_time_no_datetime_holds_rejects_its_row_and_the_rest_load(tmp_path: Path) -> None:
+    rows = [f"c{n},C{n},Coin {n},{n + 1},{value}\n" for n, value in enumerate(UNHELD_TIMES)]
+    feed = tmp_path / "feed.csv"
+    feed.write_text(HEADER + "".join(rows) + "good,GOOD,Good Coin,1.5,2026-11-25T12:00:00Z\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    run = last_run(db)
+    assert (run["status"], run["rows_read"], run["rows_loaded"], run["rows_rejected"]) == ("partial", 5, 1, 4)
+    assert query(db, "SELECT line, reason FROM reject ORDER BY line") == [
+        (line, f"observed_at: {why}: {value!r}") for line, (value, why) in enumerate(UNHELD_TIMES.items(), start=2)
+    ]
+    assert query(db, "SELECT asset_id FROM asset") == [("good-coin",)]
+
+
+def test_an_upstream_time_no_datetime_holds_takes_the_fetch_time(upstream: Any, tmp_path: Path) -> None:
+    record = load_fixture("coingecko_markets_hodl.json")[0]
+    coingecko_pages(upstream, [[{**record, "last_updated": value} for value in ("9999-12-31T23:59:59-01:00",)]])
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    run = last_run(db)
+    assert (run["status"], run["rows_loaded"]) == ("success", 1)
+    (observed,) = query(db, "SELECT strftime('%Y-%m-%dT%H:%M:%SZ', observed_at, 'unixepoch') FROM raw_observation")[0]
+    assert run["started_at"] <= observed <= run["ended_at"]
+    drift = outcome(db, "coingecko")["drift"]
+    assert drift == {"invalid field 'last_updated': after 9999-12-31T23:59:59Z": 1}
+
+
+def test_a_leap_second_is_the_second_before_it(tmp_path: Path) -> None:
+    """RFC 3339 allows 23:59:60; POSIX seconds have none, so it stays in its own minute, hour and day."""
+    feed = tmp_path / "feed.csv"
+    feed.write_text(HEADER + "btc,BTC,Bitcoin,1,2016-12-31T23:59:60Z\nbtc,BTC,Bitcoin,2,2016-12-31T23:59:60.5+00:00\n"
+                    "eth,ETH,Ethereum,3,2017-01-01T05:29:60+05:30\n")  # fmt: skip
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    assert last_run(db)["rows_rejected"] == 0
+    assert query(db, "SELECT asset_id, updated_at FROM asset ORDER BY asset_id") == [
+        ("bitcoin", "2016-12-31T23:59:59Z"), ("ethereum", "2016-12-31T23:59:59Z")
+    ]  # fmt: skip
+    assert query(db, "SELECT width, t, observations FROM candle WHERE listing_id = 1 ORDER BY width") == [
+        (3_600, 1483225200, 1), (86_400, 1483142400, 1)
+    ]  # fmt: skip
