@@ -173,23 +173,28 @@ def request_rate(environ: Mapping[str, str], name: str, default: float) -> float
 
 DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")
 DURATION_UNITS = {"d": DAY, "h": HOUR, "m": 60, "s": 1}
+# Longer than any history: a span beyond it keeps everything, as it would, and stays an integer SQLite holds.
+LONGEST_SPAN = 10_000 * 365 * DAY
 
 
 def retention(environ: Mapping[str, str]) -> Retention:
     """KASPARRO_KEEP_RAW and KASPARRO_KEEP_HOURLY ('7d', '36h'), or UsageError; raw may not outlast hourly."""
-    spans = {}
+    spans, given = {}, {}
     for tier, name in (("raw", "KASPARRO_KEEP_RAW"), ("hourly", "KASPARRO_KEEP_HOURLY")):
         value = environ.get(name, "").strip()
         if not value:
             spans[tier] = getattr(Retention, tier)
+            given[tier] = f"{spans[tier] // DAY}d, the default"
             continue
         match = DURATION.fullmatch(value)
         if not match or int(match.group(1)) == 0:
             raise UsageError(f"{name} must be a positive duration such as 7d, 36h or 90m, not {value!r}")
-        spans[tier] = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+        spans[tier] = min(int(match.group(1)) * DURATION_UNITS[match.group(2)], LONGEST_SPAN)
+        given[tier] = value
     if spans["hourly"] < spans["raw"]:
         raise UsageError(
-            "KASPARRO_KEEP_HOURLY must be at least KASPARRO_KEEP_RAW: hourly candles are made from raw observations"
+            f"KASPARRO_KEEP_HOURLY ({given['hourly']}) must be at least KASPARRO_KEEP_RAW ({given['raw']}):"
+            " hourly candles are made from raw observations"
         )
     return Retention(**spans)
 

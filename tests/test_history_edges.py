@@ -68,3 +68,28 @@ def test_a_leap_second_is_the_second_before_it(tmp_path: Path) -> None:
     assert query(db, "SELECT width, t, observations FROM candle WHERE listing_id = 1 ORDER BY width") == [
         (3_600, 1483225200, 1), (86_400, 1483142400, 1)
     ]  # fmt: skip
+
+
+# --- retention settings ------------------------------------------------------------------
+
+
+def test_a_retention_longer_than_any_history_keeps_everything(tmp_path: Path) -> None:
+    """A span SQLite's integers cannot hold was once an OverflowError ending the run at its first batch."""
+    feed = tmp_path / "feed.csv"
+    days = ["2026-11-01", "2026-11-10", "2026-11-20"]
+    feed.write_text(HEADER + "".join(f"btc,BTC,Bitcoin,{n + 1},{day}T12:00:00Z\n" for n, day in enumerate(days)))
+    db = tmp_path / "store.db"
+    huge = "99999999999999999999d"
+    result = run_etl(db, f"csv:{feed}", KASPARRO_KEEP_RAW=huge, KASPARRO_KEEP_HOURLY=huge)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert last_run(db)["status"] == "success"
+    assert query(db, "SELECT count(*) FROM raw_observation") == [(3,)]
+    assert query(db, "SELECT width, count(*) FROM candle GROUP BY width") == [(3_600, 3), (86_400, 3)]
+    assert query(db, "SELECT raw_before, hourly_before FROM listing") == [(0, 0)]
+
+
+def test_a_raw_retention_beyond_the_default_hourly_one_says_which_is_the_default(tmp_path: Path) -> None:
+    result = run_etl(tmp_path / "store.db", KASPARRO_KEEP_RAW="60d")
+    assert result.returncode == 2
+    assert "KASPARRO_KEEP_HOURLY (30d, the default) must be at least KASPARRO_KEEP_RAW (60d)" in result.stderr
+    assert not (tmp_path / "store.db").exists()
