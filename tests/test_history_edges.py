@@ -3,6 +3,9 @@ seconds, retention settings, forged cursors. The real etl.py, uvicorn on 127.0.0
 
 from __future__ import annotations
 
+import json
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +96,57 @@ def test_a_raw_retention_beyond_the_default_hourly_one_says_which_is_the_default
     assert result.returncode == 2
     assert "KASPARRO_KEEP_HOURLY (30d, the default) must be at least KASPARRO_KEEP_RAW (60d)" in result.stderr
     assert not (tmp_path / "store.db").exists()
+
+
+# --- times the API reads -------------------------------------------------------------------
+
+TIME_PARAMETERS = [
+    ("/data/bitcoin/history", "from"),
+    ("/data/bitcoin/history", "to"),
+    ("/data", "as_of"),
+    ("/data/export", "as_of"),
+    ("/data", "filter_by=updated_at>"),
+    ("/data", "filter_by=updated_at<"),
+]
+# Beyond what a datetime holds in UTC, or what RFC 3339 can write back (a history window's from and to).
+FAR_TIMES = ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59.5Z", "-99999999999",
+             "-50000000000", "0001-01-01"]  # fmt: skip
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def time_query(path: str, name: str, value: str) -> str:
+    joined = name if name.endswith(("<", ">")) else name + "="
+    return f"{path}?{joined}{urllib.parse.quote(value, safe='')}"
+
+
+def test_a_far_time_is_a_400_naming_its_parameter_or_an_answer_in_rfc3339(live_server: Any, store_path: Path) -> None:
+    """Once a 500 (an OverflowError) in filter_by, and a history window echoed as from '-1199-02-11T10:13:21Z'."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    for path, name in TIME_PARAMETERS:
+        for value in FAR_TIMES:
+            status, headers, body = server.get(time_query(path, name, value))
+            assert status in (200, 400), (path, name, value, status, body[:300])
+            if status == 400:
+                assert headers["content-type"] == "application/problem+json"
+                assert json.loads(body)["detail"].startswith(name.split("=")[0].rstrip("<>")), body
+            elif path.endswith("/history"):
+                window = json.loads(body)
+                assert RFC3339_UTC.fullmatch(window["from"]) and RFC3339_UTC.fullmatch(window["to"]), window
+
+
+def test_a_leap_second_is_read_as_rfc3339_allows(live_server: Any, store_path: Path) -> None:
+    server = live_server(store_path, LOG_LEVEL="warning")
+    for path, name in TIME_PARAMETERS:
+        status, _, body = server.get(time_query(path, name, "2016-12-31T23:59:60Z"))
+        assert status == 200, (path, name, body[:300])
+    window = json.loads(server.get("/data/bitcoin/history?interval=raw&from=2016-12-31T23:59:60Z")[2])
+    assert window["from"] == "2016-12-31T23:59:59Z"
+
+
+def test_an_offset_whose_plus_the_url_made_a_space_gets_a_hint(live_server: Any, store_path: Path) -> None:
+    server = live_server(store_path, LOG_LEVEL="warning")
+    for path, name in TIME_PARAMETERS:
+        status, _, body = server.get(time_query(path, name, "2026-11-25T12:00:00+05:30").replace("%2B", "+"))
+        assert status == 400, (path, name)
+        assert "write the offset's + as %2B" in json.loads(body)["detail"], body
+        assert server.get(time_query(path, name, "2026-11-25T12:00:00+05:30"))[0] == 200
