@@ -1930,7 +1930,7 @@ class HistoryCursor(msgspec.Struct, array_like=True, frozen=True):
     """What a history next_cursor carries: query digest and the last point's time, source and source id."""
 
     query_digest: str
-    at: int
+    at: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # what SQLite's integers hold: a forged token's time is bound
     source: str
     source_id: str
 

@@ -3,12 +3,15 @@ seconds, retention settings, forged cursors. The real etl.py, uvicorn on 127.0.0
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import msgspec
+from test_hostile import forge
 from test_real_inputs import outcome
 
 from etl_support import etl_against, last_run, query, run_etl
@@ -150,3 +153,28 @@ def test_an_offset_whose_plus_the_url_made_a_space_gets_a_hint(live_server: Any,
         assert status == 400, (path, name)
         assert "write the offset's + as %2B" in json.loads(body)["detail"], body
         assert server.get(time_query(path, name, "2026-11-25T12:00:00+05:30"))[0] == 200
+
+
+# --- forged cursors ------------------------------------------------------------------------
+
+
+def test_a_forged_history_cursor_is_a_400_or_harmless(live_server: Any, tmp_path: Path) -> None:
+    """The tag's key is not secret (tests/test_hostile.py): a time SQLite's integers cannot hold was a 500."""
+    feed = tmp_path / "feed.csv"
+    feed.write_text(HEADER + "".join(f"btc,BTC,Bitcoin,{hour + 1},2026-11-25T{hour:02}:00:00Z\n" for hour in range(6)))
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    server = live_server(db, LOG_LEVEL="warning")
+    for interval in ("raw", "1h"):
+        window = f"/data/bitcoin/history?interval={interval}&from=2026-11-25&limit=2"
+        page = json.loads(server.get(window)[2])
+        cursor = page["next_cursor"]
+        query_digest = msgspec.msgpack.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))[:-8])[0]
+        for at in (2**63, 2**64 - 1, 2**63 - 1, -(2**63), 0):
+            for source, source_id in (("csv:feed", "btc"), ("'; DROP TABLE listing; --", "\x00")):
+                token = forge([query_digest, at, source, source_id], page["data_version"])
+                status, _, body = server.get(f"{window}&cursor={token}")
+                assert status in (200, 400), (interval, at, source, status, body[:300])
+                if status == 400:
+                    assert json.loads(body)["detail"].startswith("cursor:"), body
+        assert json.loads(server.get(window)[2])["points"] == page["points"]
