@@ -173,23 +173,28 @@ def request_rate(environ: Mapping[str, str], name: str, default: float) -> float
 
 DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")
 DURATION_UNITS = {"d": DAY, "h": HOUR, "m": 60, "s": 1}
+# Longer than any history: a span beyond it keeps everything, as it would, and stays an integer SQLite holds.
+LONGEST_SPAN = 10_000 * 365 * DAY
 
 
 def retention(environ: Mapping[str, str]) -> Retention:
     """KASPARRO_KEEP_RAW and KASPARRO_KEEP_HOURLY ('7d', '36h'), or UsageError; raw may not outlast hourly."""
-    spans = {}
+    spans, given = {}, {}
     for tier, name in (("raw", "KASPARRO_KEEP_RAW"), ("hourly", "KASPARRO_KEEP_HOURLY")):
         value = environ.get(name, "").strip()
         if not value:
             spans[tier] = getattr(Retention, tier)
+            given[tier] = f"{spans[tier] // DAY}d, the default"
             continue
         match = DURATION.fullmatch(value)
         if not match or int(match.group(1)) == 0:
             raise UsageError(f"{name} must be a positive duration such as 7d, 36h or 90m, not {value!r}")
-        spans[tier] = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+        spans[tier] = min(int(match.group(1)) * DURATION_UNITS[match.group(2)], LONGEST_SPAN)
+        given[tier] = value
     if spans["hourly"] < spans["raw"]:
         raise UsageError(
-            "KASPARRO_KEEP_HOURLY must be at least KASPARRO_KEEP_RAW: hourly candles are made from raw observations"
+            f"KASPARRO_KEEP_HOURLY ({given['hourly']}) must be at least KASPARRO_KEEP_RAW ({given['raw']}):"
+            " hourly candles are made from raw observations"
         )
     return Retention(**spans)
 
@@ -1289,30 +1294,44 @@ def time_after(stored: str, delta: timedelta) -> str:
     return format_time(datetime.fromisoformat(stored) + delta)
 
 
+# RFC 3339's leap second (23:59:60): the store's times are POSIX seconds, which have none, so it reads as the
+# second before it, in the minute, hour and day it was observed in.
+LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.,Zz+-]|$)")
+
+
 @functools.lru_cache(maxsize=4096)  # snapshot rows share a few timestamps
 def parse_time(text: str) -> str:
     """An RFC 3339 time, or Unix seconds or milliseconds, as the store's time format.
 
     A bare number is a Unix time, never an ISO date: below 1e11 seconds, else below 1e14
-    milliseconds. ValueProblem for micro- or nanoseconds, unreadable text and times before 2009.
+    milliseconds. ValueProblem for micro- or nanoseconds, unreadable text, times before 2009
+    and after 9999 (which no datetime holds: they must not end the run).
     """
-    unit = ""
     if DECIMAL.fullmatch(text):
         number = float(text)
         if abs(number) >= 1e14:
-            raise ValueProblem("a Unix time in micro- or nanoseconds, expected seconds or milliseconds")
+            raise ValueProblem(
+                "a Unix time in micro- or nanoseconds, expected seconds or milliseconds"
+                if math.isfinite(number)
+                else "a number too large to be a time"
+            )
         unit = "seconds" if abs(number) < 1e11 else "milliseconds"
-        moment = datetime.fromtimestamp(number if unit == "seconds" else number / 1000, UTC)
-    else:
-        try:
-            moment = datetime.fromisoformat(text.replace("z", "Z"))
-        except ValueError:
-            raise ValueProblem("not an RFC 3339 time or Unix seconds or milliseconds") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
+        seconds = number if unit == "seconds" else number / 1000
+        if seconds < EARLIEST.timestamp():
+            raise ValueProblem(f"before 2009 (read as Unix {unit})")
+        return format_time(datetime.fromtimestamp(seconds, UTC))
+    try:
+        moment = datetime.fromisoformat(LEAP_SECOND.sub("59", text).replace("z", "Z"))
+    except ValueError:
+        raise ValueProblem("not an RFC 3339 time or Unix seconds or milliseconds") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
     if moment < EARLIEST:
-        raise ValueProblem(f"before 2009 (read as Unix {unit})" if unit else "before 2009")
-    return format_time(moment)
+        raise ValueProblem("before 2009")
+    try:
+        return format_time(moment)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00: after the last second a datetime holds
+        raise ValueProblem("after 9999-12-31T23:59:59Z") from None
 
 
 def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) -> Observation:

@@ -1395,22 +1395,47 @@ def parse_number(field: str, text: str) -> float:
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\d(?:[Tt ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:[Zz]|[+-]\d\d:\d\d)?)?")
 
 
+# RFC 3339's leap second (23:59:60) reads as the second before it: Unix seconds have none (etl.py does the same).
+LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.Zz+-]|$)")
+# A '+' written raw in a query string arrives as a space: 12:00:00 05:30 was 12:00:00+05:30.
+PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)")
+# The times the API reads, in Unix seconds: from Unix time 0 to the last second RFC 3339 can write, so that none
+# overflows a datetime and every time it answers with (a history window's from and to) is RFC 3339.
+FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
+
+
 def read_rfc3339(text: str) -> datetime | None:
     """An RFC 3339 time or date as an aware datetime (UTC when it names no offset); None when it is not one."""
     if not RFC3339.fullmatch(text):
         return None
     try:
-        moment = datetime.fromisoformat(text.replace("z", "Z"))
+        moment = datetime.fromisoformat(LEAP_SECOND.sub("59", text).replace("z", "Z"))
     except ValueError:
         return None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def plus_hint(text: str) -> str:
+    """A hint for an unreadable time whose offset's '+' the URL turned into a space ('' for any other)."""
+    unspaced = read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None
+    return " (a '+' in a URL reads as a space: write the offset's + as %2B)" if unspaced else ""
+
+
+def within_range(name: str, seconds: int, text: str) -> int:
+    """Unix seconds the API reads (FIRST_SECOND to LAST_SECOND), or InvalidQuery naming `name`."""
+    if seconds < FIRST_SECOND:
+        raise InvalidQuery(f"{name}: before 1970-01-01T00:00:00Z (Unix time 0), got {text[:40]!r}")
+    if seconds > LAST_SECOND:
+        raise InvalidQuery(f"{name}: after 9999-12-31T23:59:59Z, got {text[:40]!r}")
+    return seconds
 
 
 def parse_time(field: str, text: str) -> str:
     """An RFC 3339 time or date, in the store's text form (so text order is time order)."""
     moment = read_rfc3339(text)
     if moment is None:
-        raise InvalidQuery(f"filter_by: {field} needs an RFC 3339 time, got {text[:40]!r}")
+        raise InvalidQuery(f"filter_by: {field} needs an RFC 3339 time{plus_hint(text)}, got {text[:40]!r}")
+    within_range(f"filter_by: {field}", math.floor(moment.timestamp()), text)
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -1908,7 +1933,7 @@ class HistoryCursor(msgspec.Struct, array_like=True, frozen=True):
     """What a history next_cursor carries: query digest and the last point's time, source and source id."""
 
     query_digest: str
-    at: int
+    at: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # what SQLite's integers hold: a forged token's time is bound
     source: str
     source_id: str
 
@@ -1966,14 +1991,15 @@ def parse_history_query(params: Mapping[str, str]) -> HistoryQuery:
 
 def parse_moment(name: str, text: str, rounding: Callable[[float], int] = math.ceil) -> int:
     """An RFC 3339 time (UTC when it names no offset) or Unix seconds, as Unix seconds (rounded up, or by
-    `rounding`)."""
+    `rounding`) from FIRST_SECOND to LAST_SECOND; InvalidQuery naming `name` otherwise."""
     if UNIX_SECONDS.fullmatch(text):
-        return int(text)
+        return within_range(name, int(text), text)
     moment = read_rfc3339(text)
     if moment is None:
-        hint = " (Unix seconds, not milliseconds)" if text.isdigit() and 12 <= len(text) <= 14 else ""
+        milliseconds = text.isdigit() and 12 <= len(text) <= 14
+        hint = plus_hint(text) or (" (Unix seconds, not milliseconds)" if milliseconds else "")
         raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{hint}, got {text[:40]!r}")
-    return rounding(moment.timestamp())
+    return within_range(name, rounding(moment.timestamp()), text)
 
 
 def utc_text(seconds: int) -> str:
