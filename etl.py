@@ -1399,6 +1399,10 @@ CREATE TEMP TABLE IF NOT EXISTS assigned (source_id TEXT PRIMARY KEY, asset_id T
 CREATE TEMP TABLE IF NOT EXISTS observed (
     listing_id INTEGER, observed_at INTEGER, PRIMARY KEY (listing_id, observed_at)
 ) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS late (
+    listing_id INTEGER, observed_at INTEGER, price_usd REAL, market_cap_usd REAL, volume_24h_usd REAL,
+    hourly INTEGER NOT NULL
+);
 """
 
 INSERT_STAGING = """
@@ -1480,14 +1484,30 @@ WHERE observed >= l.raw_before ORDER BY s.line
 RETURNING listing_id, observed_at
 """
 
+# Observations older than their listing's pruned raw history (a backfill loaded after newer data): their day
+# is kept as candles only. One is new when its time lies outside its daily candle's span (or there is no such
+# candle); it then joins that candle, and its hourly one while its day's hourly candles are kept. One inside the
+# span is taken for one loaded before: a candle cannot tell (README, History). Of one time, the first line.
+STAGE_LATE = """
+INSERT INTO temp.late (listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd, hourly)
+SELECT o.listing_id, o.observed, s.price_usd, s.market_cap_usd, s.volume_24h_usd, o.observed >= o.hourly_before
+FROM (SELECT s.listing_id, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed, min(s.line) AS line,
+             l.hourly_before
+      FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id
+      WHERE s.price_usd IS NOT NULL AND observed < l.raw_before GROUP BY 1, 2) o
+JOIN temp.staging s ON s.line = o.line
+LEFT JOIN candle c ON c.listing_id = o.listing_id AND c.width = 86400 AND c.t = o.observed / 86400 * 86400
+WHERE c.listing_id IS NULL OR o.observed NOT BETWEEN c.first_at AND c.last_at
+"""
+
 # Each new observation joins its candle of width ?1, by store.sql's candle rule.
-ROLL_UP = """
+ROLL_UP_ROWS = """
 INSERT INTO candle (listing_id, width, t, open, high, low, close, market_cap_usd, volume_24h_usd,
                     observations, first_at, last_at)
 SELECT r.listing_id, ?1, r.observed_at / ?1 * ?1, r.price_usd, r.price_usd, r.price_usd, r.price_usd,
        r.market_cap_usd, r.volume_24h_usd, 1, r.observed_at, r.observed_at
-FROM temp.observed n JOIN raw_observation r ON r.listing_id = n.listing_id AND r.observed_at = n.observed_at
-WHERE r.price_usd IS NOT NULL
+FROM {rows}
+WHERE r.price_usd IS NOT NULL{also}
 ON CONFLICT (listing_id, width, t) DO UPDATE SET
     open = iif(excluded.first_at < first_at, excluded.open, open),
     high = max(high, excluded.high),
@@ -1499,6 +1519,11 @@ ON CONFLICT (listing_id, width, t) DO UPDATE SET
     first_at = min(first_at, excluded.first_at),
     last_at = max(last_at, excluded.last_at)
 """
+ROLL_UP = ROLL_UP_ROWS.format(
+    rows="temp.observed n JOIN raw_observation r ON r.listing_id = n.listing_id AND r.observed_at = n.observed_at",
+    also="",
+)
+ROLL_UP_LATE = ROLL_UP_ROWS.format(rows="temp.late r", also=" AND (?1 = 86400 OR r.hourly)")  # daily: every one
 
 # The listings whose retention horizons moved (once a UTC day each): ?1 and ?2 are KEEP_RAW and KEEP_HOURLY.
 # A listing's newest observation is taken from the batch, never from a store that may hold one dated
@@ -1834,7 +1859,8 @@ class Loader:
         return loaded
 
     def _add_history(self) -> int:
-        """Store the staged observations that are new, roll them up and prune; return how many were new."""
+        """Store the staged observations that are new, roll them up and prune; return how many were new (those
+        older than their listing's raw history go into its candles: STAGE_LATE)."""
         conn = self.conn
         conn.execute(INSERT_LISTING_KEYS, (self.source,))
         conn.execute(STAGE_LISTING_KEYS, (self.source,))
@@ -1851,7 +1877,12 @@ class Loader:
             conn.executemany(
                 f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
             )
-        return len(observed)
+        conn.execute("DELETE FROM temp.late")
+        late = conn.execute(STAGE_LATE).rowcount
+        if late:
+            for width in (HOUR, DAY):
+                conn.execute(ROLL_UP_LATE, (width,))
+        return len(observed) + late
 
     def _assign(self, assigned: Iterable[tuple[str, str]], fresh: bool) -> None:
         """Give the staged rows of each source id its asset."""
