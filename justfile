@@ -64,6 +64,10 @@ bench-history *args:
 bench-instructions *args:
     {{py}} bench/instructions.py {{args}}
 
+# CPU and instructions of an uncached history read (read_history and encoding) in process, on the store bench-history left
+bench-history-reads *args:
+    {{py}} bench/history_reads.py {{args}}
+
 # CPU microseconds of the API's per-request log line, in process, written to a pipe (and its instructions, with valgrind)
 bench-log *args:
     {{py}} bench/log_cost.py {{args}}

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import importlib.util
 import io
+import itertools
 import logging
 import math
 import os
@@ -2002,6 +2003,7 @@ def parse_moment(name: str, text: str, rounding: Callable[[float], int] = math.c
     return within_range(name, rounding(moment.timestamp()), text)
 
 
+@functools.lru_cache(maxsize=8_192)  # bucket starts and a run's observation times repeat across assets
 def utc_text(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
@@ -2027,30 +2029,36 @@ def raw_sql(listings: int, after: bool, priced: bool) -> str:
 
 
 def candle_sql(listings: int) -> str:
-    """Kept candles of one width of `listings` listings with bucket starts in [?, ?)."""
+    """Kept candles of one width of `listings` listings (given twice, in order of source and source id) with
+    bucket starts in [?, ?): rows of t, open, high, low, close, cap, volume, observations, last_at and the
+    listing's place in that order, ordered by t, first_at and place (so a wider bucket's open comes first)."""
     marks = ", ".join("?" * listings)
+    places = " ".join(f"WHEN ? THEN {place}" for place in range(listings))
     return (
-        "SELECT c.t, c.open, c.high, c.low, c.close, c.market_cap_usd, c.volume_24h_usd, c.observations,"
-        " c.first_at, c.last_at, l.source, l.source_id FROM candle c JOIN listing l ON l.listing_id = c.listing_id"
-        f" WHERE c.listing_id IN ({marks}) AND c.width = ? AND c.t >= ? AND c.t < ?"
+        "SELECT t, open, high, low, close, market_cap_usd, volume_24h_usd, observations, last_at,"
+        f" CASE listing_id {places} END AS place FROM candle"
+        f" WHERE listing_id IN ({marks}) AND width = ? AND t >= ? AND t < ? ORDER BY t, first_at, place"
     )
 
 
 def merge_candles(parts: Iterable[tuple], width: int) -> list[tuple[int, Candle]]:
-    """Candles of `width` seconds, each with its bucket's start (Unix seconds), in time order, from parts (rows of
-    candle_sql: t, open, high, low, close, cap, volume, observations, first_at, last_at, source, source_id) of
-    narrower buckets or of several listings: open of the first (by first_at, source, source id), close, cap and
-    volume of the last, the greatest high, the least low, the observations summed."""
-    buckets: dict[int, list[tuple]] = {}
-    for part in parts:
-        buckets.setdefault(part[0] // width * width, []).append(part)
+    """Candles of `width` seconds, each with its bucket's start (Unix seconds), in time order, from parts (t, open,
+    high, low, close, cap, volume, observations, last_at, place of the listing) of narrower buckets or of several
+    listings, in order of t and open (first_at, source, source id): open of the first, close, cap and volume of
+    the last (by last_at and place), the greatest high, the least low, the observations summed."""
     candles = []
-    for start in sorted(buckets):
-        members = buckets[start]
-        first = min(members, key=lambda p: (p[8], p[10], p[11]))
-        last = max(members, key=lambda p: (p[9], p[10], p[11]))
-        high, low, observations = max(p[2] for p in members), min(p[3] for p in members), sum(p[7] for p in members)
-        candles.append((start, Candle(utc_text(start), first[1], high, low, last[4], last[5], last[6], observations)))
+    for start, members in itertools.groupby(parts, key=lambda part: part[0] - part[0] % width):
+        first, *others = members
+        closing, high, low, count = first, first[2], first[3], first[7]
+        for part in others:
+            if (part[8], part[9]) > (closing[8], closing[9]):
+                closing = part
+            if part[2] > high:
+                high = part[2]
+            if part[3] < low:
+                low = part[3]
+            count += part[7]
+        candles.append((start, Candle(utc_text(start), first[1], high, low, *closing[4:7], count)))
     return candles
 
 
@@ -2114,13 +2122,12 @@ def read_candles(
 ) -> list[tuple[int, Candle]]:
     """The candles of `width` of the listings merged, for buckets starting in [start, end)."""
     first, past = -(-start // width) * width, -(-end // width) * width  # the buckets that start in [start, end)
-    if width in KEPT_WIDTHS:
-        parts = conn.execute(candle_sql(len(ids)), (*ids, width, first, past)).fetchall()
-    elif width > KEPT_WIDTHS[0]:
-        parts = conn.execute(candle_sql(len(ids)), (*ids, KEPT_WIDTHS[0], first, past)).fetchall()
-    else:  # from raw observations: each one a candle of its own
+    if width >= KEPT_WIDTHS[0]:
+        kept = width if width in KEPT_WIDTHS else KEPT_WIDTHS[0]
+        parts = conn.execute(candle_sql(len(ids)), (*ids, *ids, kept, first, past)).fetchall()
+    else:  # from raw observations, in order of time, source and source id: each one a candle of its own
         raw = conn.execute(raw_sql(len(ids), False, True), (*ids, first, past)).fetchall()
-        parts = [(t, price, price, price, price, cap, volume, 1, t, t, source, source_id)
+        parts = [(t, price, price, price, price, cap, volume, 1, t, (source, source_id))
                  for t, source, source_id, price, cap, volume in raw]  # fmt: skip
     return merge_candles(parts, width)
 

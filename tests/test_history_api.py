@@ -23,14 +23,15 @@ def utc(t: int) -> str:
 
 @pytest.fixture(scope="module")
 def market(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Seen]]:
-    """Two CSV sources over two days of four coins, loaded in four runs; the observations as given."""
+    """Two CSV sources over two days of four coins, loaded in four runs; the observations as given. Source b is
+    loaded first, so its listings' keys come before a's, against the (source, source id) order of the merge."""
     folder = tmp_path_factory.mktemp("history-api")
     alpha = observations("a", START, END, seed=11)
     beta = observations("b", START, END, seed=12, step=900)
     feeds = []
     for half in range(2):
         lo, hi = START + half * DAY, START + (half + 1) * DAY
-        for name, seen in (("a", alpha), ("b", beta)):
+        for name, seen in (("b", beta), ("a", alpha)):
             feeds.append((name, write_feed(folder / f"{name}{half}.csv", [o for o in seen if lo <= o.t < hi])))
     db = folder / "kasparro.db"
     load(db, feeds, KASPARRO_KEEP_RAW="7d", KASPARRO_KEEP_HOURLY="30d")
