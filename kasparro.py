@@ -1867,6 +1867,7 @@ def build_market(uri: str, as_of: int, identity: MarketIdentity | None) -> tuple
         conn.execute("COMMIT")
         if identity is None or identity.version != version:
             identity = MarketIdentity(version, conn.serialize(name="identity"))
+        conn.execute("DETACH DATABASE identity")  # its copy is not kept with the market
     except BaseException:
         conn.close()
         raise
