@@ -1743,10 +1743,10 @@ CREATE TABLE identity.listing (
     """
 INSERT INTO identity.listing
 SELECT m.asset_id, row_number() OVER (ORDER BY m.asset_id, m.source, m.source_id), l.listing_id, l.raw_before,
-       l.hourly_before, m.source, (SELECT count(*) > count(DISTINCT x.source) OR max(x.pinned)
-                                   FROM main.source_map x WHERE x.asset_id = m.asset_id),
-       m.pinned, m.symbol, m.name, m.status
+       l.hourly_before, m.source, a.special, m.pinned, m.symbol, m.name, m.status
 FROM main.source_map m CROSS JOIN main.listing l ON l.source = m.source AND l.source_id = m.source_id
+JOIN (SELECT asset_id, count(*) > count(DISTINCT source) OR max(pinned) AS special
+      FROM main.source_map GROUP BY asset_id) a ON a.asset_id = m.asset_id
 """,
 )
 
