@@ -68,6 +68,10 @@ bench-instructions *args:
 bench-history-reads *args:
     {{py}} bench/history_reads.py {{args}}
 
+# /data?as_of= at 15,000 listings in minutes: a store of a year's shape (identity through the Loader, history by SQL), the CPU of a moment's build in each tier, then (--api) wrk on one worker
+bench-as-of *args:
+    {{py}} bench/as_of.py {{args}}
+
 # CPU microseconds of the API's per-request log line, in process, written to a pipe (and its instructions, with valgrind)
 bench-log *args:
     {{py}} bench/log_cost.py {{args}}

@@ -1745,73 +1745,119 @@ def asset_etag(data_version: str, asset_id: str) -> str:
     return hashlib.blake2b(f"{data_version}\n{asset_id}".encode(), digest_size=12).hexdigest()
 
 
-# The market as of a moment (as_of on /data), built by SQL in a connection of its own: each listing's latest
-# observation at or before the moment, from raw_observation while that is kept, else the close of its latest kept
-# candle that ended by then (hourly, else daily), as a source_map row of that moment (listing by listing: the
-# CROSS JOINs keep SQLite from scanning the history instead); then each asset unified from those rows by the
-# ETL's rule (etl.unify; tests/test_as_of.py proves the two agree). The store keeps no history of a listing's
+# The market as of a moment (as_of on /data), built by one SQL statement in a connection of its own. Each
+# listing's state then is its latest observation at or before the moment, from raw_observation while that is
+# kept, else the close of its latest kept candle that ended by then (hourly, else daily): a seek per tier it is
+# looked for in (MARKET_STATES). Each asset is unified from its listings' states by the ETL's rule (etl.unify;
+# tests/test_as_of.py proves the two agree) as they are read, asset by asset (MARKET_UNIFY), into a TEMP table
+# named asset (the store's own definition), which the connection's statements read before the store's: /data's
+# SQL filters, sorts, counts and pages it as it does the store's. The store keeps no history of a listing's
 # symbol and name (its identity) and candles keep no rank, change or status: a listing read from a candle has its
-# current symbol, name and status, and no rank or change. The rows go in TEMP tables named asset and source_map,
-# made from the store's own definitions, which the connection's statements read before the store's: /data's SQL
-# filters, sorts, counts and pages them as it does the store's.
-MARKET_DDL = """
-SELECT sql FROM sqlite_master WHERE name IN ('asset', 'source_map', 'source_map_asset') ORDER BY type = 'index'
-"""
-# A listing's history before its raw_before (hourly_before) is pruned: a listing whose pruned part holds the moment
-# is not looked for there. A listing found in one tier is not looked for in the next.
-MARKET_ROWS = """
-INSERT INTO temp.source_map (source, source_id, asset_id, pinned, symbol, name, rank, price_usd, market_cap_usd,
-                             volume_24h_usd, change_24h_pct, status, observed_at)
-SELECT m.source, m.source_id, m.asset_id, m.pinned, m.symbol, m.name, {values}
-FROM main.listing l CROSS JOIN main.source_map m ON m.source = l.source AND m.source_id = l.source_id
-CROSS JOIN {table} ON {match}
-WHERE {kept}
-"""
-UNSEEN = "NOT EXISTS (SELECT 1 FROM temp.source_map t WHERE t.source = m.source AND t.source_id = m.source_id)"
-MARKET_FROM_RAW = MARKET_ROWS.format(
-    values="r.rank, r.price_usd, r.market_cap_usd, r.volume_24h_usd, r.change_24h_pct,"
-    " iif(r.active, 'active', 'inactive'), strftime('%Y-%m-%dT%H:%M:%SZ', r.observed_at, 'unixepoch')",
-    table="main.raw_observation r",
-    match="r.listing_id = l.listing_id AND r.observed_at = ("
-    "SELECT max(observed_at) FROM main.raw_observation WHERE listing_id = l.listing_id AND observed_at <= ?1)",
-    kept="l.raw_before <= ?1",
+# current symbol, name and status, and no rank or change.
+MARKET_ASSET = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'asset'"
+# What a build needs of a listing besides its history is the same at every moment of one data version: made once
+# per version (MARKET_IDENTITY) and copied into each build's connection as an attached in-memory database
+# (deserialize: a copy of its pages), a build reads it in key order instead of seeking source_map and listing for
+# every listing. n numbers the listings asset by asset in the order of etl.unify's tie-break (source, source id);
+# special marks the listings of an asset with a listing pinned by hand or two listings in one source.
+MARKET_IDENTITY = (
+    """
+CREATE TABLE identity.listing (
+    asset_id TEXT NOT NULL, n INTEGER NOT NULL, listing_id INTEGER NOT NULL, raw_before INTEGER NOT NULL,
+    hourly_before INTEGER NOT NULL, source TEXT NOT NULL, special INTEGER NOT NULL, pinned INTEGER NOT NULL,
+    symbol TEXT, name TEXT, status TEXT,
+    PRIMARY KEY (asset_id, n)
+) WITHOUT ROWID
+""",
+    """
+INSERT INTO identity.listing
+SELECT m.asset_id, row_number() OVER (ORDER BY m.asset_id, m.source, m.source_id), l.listing_id, l.raw_before,
+       l.hourly_before, m.source, a.special, m.pinned, m.symbol, m.name, m.status
+FROM main.source_map m CROSS JOIN main.listing l ON l.source = m.source AND l.source_id = m.source_id
+JOIN (SELECT asset_id, count(*) > count(DISTINCT source) OR max(pinned) AS special
+      FROM main.source_map GROUP BY asset_id) a ON a.asset_id = m.asset_id
+""",
 )
-MARKET_FROM_CANDLES = MARKET_ROWS.format(
-    values="NULL, c.close, c.market_cap_usd, c.volume_24h_usd, NULL, m.status,"
-    " strftime('%Y-%m-%dT%H:%M:%SZ', c.last_at, 'unixepoch')",
-    table="main.candle c",
-    match="c.listing_id = l.listing_id AND c.width = ?2 AND c.t = (SELECT t FROM main.candle"
-    " WHERE listing_id = l.listing_id AND width = ?2 AND t <= ?1 AND last_at <= ?1 ORDER BY t DESC LIMIT 1)",
-    kept=f"(?2 = 86400 OR l.hourly_before <= ?1) AND {UNSEEN}",  # daily candles are kept forever
-)
-# etl.unify in SQL: symbol, name and status from the newest listing not pinned by hand (else the newest), each
-# number from the newest listing that has one (newest: by observed time, then source and source id), every source,
-# the newest time. One index and a look-up per field: a window per field would sort the whole market once each.
-MARKET_NEWEST = "CREATE INDEX temp.source_map_newest ON source_map (asset_id, observed_at DESC, source, source_id)"
 
 
-def newest_listing_sql(column: str, condition: str) -> str:
+def latest_candle_sql(width: int, looked_for: str) -> str:
+    """The start of a listing's latest candle of `width` that ended by ?1, when `looked_for` (else NULL: no seek)."""
     return (
-        f"(SELECT {column} FROM temp.source_map s WHERE s.asset_id = a.asset_id AND {condition}"
-        " ORDER BY observed_at DESC, source, source_id LIMIT 1)"
+        f"CASE WHEN {looked_for} THEN (SELECT t FROM main.candle WHERE listing_id = i.listing_id AND width = {width}"
+        " AND t <= ?1 AND last_at <= ?1 ORDER BY t DESC LIMIT 1) END"
     )
 
 
+# Each listing's state at ?1: a listing whose pruned part of a tier (before raw_before, hourly_before) holds the
+# moment is not looked for in it, nor is one found in an earlier tier (the CASEs leave the later joins' keys NULL,
+# which SQLite does not seek). observed_at is in Unix seconds.
+MARKET_STATES = f"""
+SELECT i.asset_id, i.n, i.source, i.special, i.pinned, i.symbol, i.name, r.listing_id AS raw,
+       iif(r.listing_id IS NULL, i.status, iif(r.active, 'active', 'inactive')) AS status,
+       coalesce(r.observed_at, h.last_at, d.last_at) AS observed_at, r.rank,
+       iif(r.listing_id IS NULL, coalesce(h.close, d.close), r.price_usd) AS price_usd,
+       CASE WHEN r.listing_id IS NOT NULL THEN r.market_cap_usd WHEN h.listing_id IS NOT NULL THEN h.market_cap_usd
+            ELSE d.market_cap_usd END AS market_cap_usd,
+       CASE WHEN r.listing_id IS NOT NULL THEN r.volume_24h_usd WHEN h.listing_id IS NOT NULL THEN h.volume_24h_usd
+            ELSE d.volume_24h_usd END AS volume_24h_usd,
+       r.change_24h_pct
+FROM identity.listing i
+LEFT JOIN main.raw_observation r ON r.listing_id = i.listing_id AND r.observed_at = CASE WHEN i.raw_before <= ?1 THEN
+    (SELECT max(observed_at) FROM main.raw_observation WHERE listing_id = i.listing_id AND observed_at <= ?1) END
+LEFT JOIN main.candle h ON h.listing_id = i.listing_id AND h.width = 3600
+    AND h.t = {latest_candle_sql(3600, "r.listing_id IS NULL AND i.hourly_before <= ?1")}
+LEFT JOIN main.candle d ON d.listing_id = i.listing_id AND d.width = 86400
+    AND d.t = {latest_candle_sql(86400, "r.listing_id IS NULL AND h.listing_id IS NULL")}
+WHERE coalesce(r.observed_at, h.last_at, d.last_at) IS NOT NULL
+"""  # daily candles are kept forever
+
+
+def asset_states_sql(columns: str, condition: str = "true", order: str = "") -> str:
+    """`columns` of the states of asset g.asset_id's listings that meet `condition`, in `order`."""
+    return f"(SELECT {columns} FROM ({MARKET_STATES}) s WHERE s.asset_id = g.asset_id AND {condition} {order})"
+
+
+def newest_listing_sql(column: str) -> str:
+    """An asset's `column` from its newest listing that has one (newest: by observed time, then source, source id)."""
+    return asset_states_sql(f"s.{column}", f"s.{column} IS NOT NULL", "ORDER BY s.observed_at DESC, s.n LIMIT 1")
+
+
+# etl.unify as the states are read, asset by asset (the identity's key order, so no sort): the one max() gives the
+# row of the newest listing not pinned by hand (else the newest), and SQLite takes the group's other bare columns
+# (symbol, name, status, numbers, time) from that row. With no pin and no source listing the asset twice (not
+# special), that row is the newest and its sources arrive in the key's order, sorted and distinct; then its
+# number is the asset's unless it has none while another listing is there (that may have one: rank and change
+# only raw observations have); only then, or for a special asset, are the asset's states read again.
+MARKET_NUMBERS = {"rank": " AND raws", "price_usd": "", "market_cap_usd": "", "volume_24h_usd": "",
+                  "change_24h_pct": " AND raws"}  # fmt: skip
 MARKET_UNIFY = f"""
 INSERT INTO temp.asset (asset_id, symbol, name, rank, price_usd, market_cap_usd, volume_24h_usd, change_24h_pct,
                         status, sources, updated_at)
-SELECT a.asset_id,
-       {", ".join(f"coalesce({newest_listing_sql(c, 'pinned = 0')}, {newest_listing_sql(c, 'true')})"
-                  for c in ("symbol", "name"))},
-       {", ".join(newest_listing_sql(c, f"{c} IS NOT NULL")
-                  for c in ("rank", "price_usd", "market_cap_usd", "volume_24h_usd", "change_24h_pct"))},
-       coalesce({newest_listing_sql("status", "pinned = 0")}, {newest_listing_sql("status", "true")}),
-       (SELECT json_group_array(source) FROM (
-            SELECT DISTINCT source FROM temp.source_map s WHERE s.asset_id = a.asset_id ORDER BY source)),
-       max(a.observed_at)
-FROM temp.source_map a GROUP BY a.asset_id
+SELECT asset_id, symbol, name,
+       {", ".join(f"iif(special OR ({c} IS NULL AND listings > 1{raw}), {newest_listing_sql(c)}, {c})"
+                  for c, raw in MARKET_NUMBERS.items())},
+       status, iif(special, {asset_states_sql("json_group_array(DISTINCT s.source)")}, sources),
+       strftime('%Y-%m-%dT%H:%M:%SZ', iif(special, {asset_states_sql("max(s.observed_at)")}, observed_at), 'unixepoch')
+FROM (SELECT asset_id, max(iif(pinned, 0, 1 << 62) + (observed_at << 30) - n), symbol, name, status, observed_at,
+             {", ".join(MARKET_NUMBERS)}, special, count(*) AS listings, count(raw) AS raws,
+             json_group_array(source) AS sources
+      FROM ({MARKET_STATES}) GROUP BY asset_id) g
 """  # fmt: skip
-MARKET_LISTINGS_KEPT = 200_000  # listings in the markets a commit keeps, in all (~250 B each in memory)
+# /data's source filter reads source_map (asset_id, source, observed_at not null): the market's is its assets'
+# sources, read from their lists when a query asks.
+MARKET_SOURCES = """
+CREATE TEMP VIEW source_map AS
+SELECT a.asset_id, j.value AS source, a.updated_at AS observed_at FROM temp.asset a, json_each(a.sources) j
+"""
+MARKET_ASSETS_KEPT = 100_000  # assets in the markets a commit keeps, in all
+
+
+@dataclass(frozen=True)
+class MarketIdentity:
+    """identity.listing (MARKET_IDENTITY) of one data version, serialized."""
+
+    version: DataVersion
+    pages: bytes
 
 
 @dataclass(eq=False)
@@ -1821,45 +1867,53 @@ class Market:
 
     conn: sqlite3.Connection
     version: DataVersion
-    listings: int  # rows of its source_map
+    assets: int  # rows of its asset table
     commit: Commit
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def build_market(uri: str, as_of: int) -> Market:
-    """The market at `as_of` (Unix seconds) as the store at `uri` (read-only) keeps it now."""
+def build_market(uri: str, as_of: int, identity: MarketIdentity | None) -> tuple[Market, MarketIdentity]:
+    """The market at `as_of` (Unix seconds) as the store at `uri` (read-only) keeps it now, and the identity it was
+    built from (`identity` when that is of the store's version now, else made afresh)."""
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {Store.BUSY_TIMEOUT_MS}")
         # No mmap_size: a store overwritten in place under a mapping would end the process with SIGBUS (issue 22).
         conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("ATTACH ':memory:' AS identity")  # not within a transaction
+        if identity is not None:
+            conn.deserialize(identity.pages, name="identity")
         conn.execute("BEGIN")
         version = read_version(conn)
-        for (sql,) in conn.execute(MARKET_DDL).fetchall():
-            conn.execute(re.sub(r"^CREATE TABLE ", "CREATE TEMP TABLE ", sql))  # its index follows it there
-        found, listed = conn.execute(MARKET_FROM_RAW, (as_of,)).rowcount, 0
-        if found < conn.execute("SELECT count(*) FROM main.listing").fetchone()[0]:
-            for width in KEPT_WIDTHS:  # hourly first: a daily close found after an hourly one is never later
-                listed += conn.execute(MARKET_FROM_CANDLES, (as_of, width)).rowcount
-        conn.execute(MARKET_NEWEST)
-        conn.execute(MARKET_UNIFY)
+        if identity is None or identity.version != version:
+            conn.execute("DROP TABLE IF EXISTS identity.listing")
+            for sql in MARKET_IDENTITY:
+                conn.execute(sql)
+        ((sql,),) = conn.execute(MARKET_ASSET).fetchall()
+        conn.execute(re.sub(r"^CREATE TABLE ", "CREATE TEMP TABLE ", sql))
+        conn.execute(MARKET_SOURCES)
+        assets = conn.execute(MARKET_UNIFY, (as_of,)).rowcount
         conn.execute("COMMIT")
+        if identity is None or identity.version != version:
+            identity = MarketIdentity(version, conn.serialize(name="identity"))
+        conn.execute("DETACH DATABASE identity")  # its copy is not kept with the market
     except BaseException:
         conn.close()
         raise
-    return Market(conn, version, found + listed, Commit(0, version))
+    return Market(conn, version, assets, Commit(0, version)), identity
 
 
 class Markets:
     """The markets of the moments read lately at one commit, least recently used out first, up to
-    MARKET_LISTINGS_KEPT listings in all (a larger one is not kept). A moment's market is built once however many
-    requests ask for it at once; other moments' are built meanwhile. One let go is closed when the last read of it
-    ends (its connection is freed with it)."""
+    MARKET_ASSETS_KEPT assets in all (a larger one is not kept), and the identity they are built from. A moment's
+    market is built once however many requests ask for it at once; other moments' are built meanwhile. One let go
+    is closed when the last read of it ends (its connection is freed with it)."""
 
     def __init__(self) -> None:
         self.kept: OrderedDict[int, Market] = OrderedDict()
         self.building: dict[int, threading.Lock] = {}
-        self.lock = threading.Lock()  # over kept and building
+        self.identity: MarketIdentity | None = None
+        self.lock = threading.Lock()  # over kept, building and identity
 
     def get(self, uri: str, as_of: int, version: DataVersion) -> Market:
         """The market at `as_of`, kept if it was built from the store at `version`."""
@@ -1871,8 +1925,9 @@ class Markets:
                 if market is not None:
                     self.kept.move_to_end(as_of)
                     return market
+                identity = self.identity
             try:
-                market = build_market(uri, as_of)
+                market, identity = build_market(uri, as_of, identity)
             except BaseException:
                 with self.lock:
                     self.building.pop(as_of, None)
@@ -1880,10 +1935,12 @@ class Markets:
             with self.lock:
                 self.building.pop(as_of, None)
                 # Not one built after the ETL committed since the request looked, nor one too large to keep
-                if market.version == version and market.listings <= MARKET_LISTINGS_KEPT:
-                    self.kept[as_of] = market
-                    while sum(kept.listings for kept in self.kept.values()) > MARKET_LISTINGS_KEPT:
-                        self.kept.popitem(last=False)
+                if market.version == version:
+                    self.identity = identity
+                    if market.assets <= MARKET_ASSETS_KEPT:
+                        self.kept[as_of] = market
+                        while sum(kept.assets for kept in self.kept.values()) > MARKET_ASSETS_KEPT:
+                            self.kept.popitem(last=False)
             return market
 
 

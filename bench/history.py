@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -173,8 +174,8 @@ def wrk_run(port: int, env: dict[str, str], seconds: float) -> tuple[float, floa
     return measure.p50_ms, measure.p99_ms, answered, measure.errors
 
 
-def measure_api(db: Path, listings: int) -> None:
-    """wrk p50/p99 of each API_SCENARIOS request, uncached and cached, against one worker over the store at db."""
+def measure_api(db: Path, listings: int, scenarios: Sequence[tuple] = API_SCENARIOS) -> None:
+    """wrk p50/p99 of each of `scenarios`' requests, uncached and cached, against one worker over the store at db."""
     conn = etl.sqlite3.connect(db)
     try:
         (newest,) = conn.execute("SELECT max(observed_at) FROM raw_observation").fetchone()
@@ -188,7 +189,7 @@ def measure_api(db: Path, listings: int) -> None:
         p50, p99, answered, _ = wrk_run(ceiling.port, ceiling_env, WRK_SECONDS)
         print(f"ceiling (bare ASGI, constant JSON), 1 connection: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {answered:,}")
     with serve("api-history", "kasparro:app", api_env, "/health", DEFAULT) as api:
-        for label, path, back, span, target in API_SCENARIOS:
+        for label, path, back, span, target in scenarios:
             first = newest + back - (SHIFT if span == 0 else span // 100)
             for kind, shift, coins_drawn in (("uncached", SHIFT, coins), ("cached", 0, 1)):
                 env = {"BENCH_PATH": path, "BENCH_FROM": str(first), "BENCH_SHIFT": str(shift),

@@ -33,6 +33,9 @@ LISTINGS = [
     ("a", "SOL", "Solana"), ("a", "ADA", "Cardano"), ("b", "DOGE", "Dogecoin"), ("b", "XRP", "Ripple"),
 ]  # fmt: skip
 KEEP = {"kept": ("30d", "30d"), "pruned": ("1d", "2d")}  # KASPARRO_KEEP_RAW, KASPARRO_KEEP_HOURLY
+# Source b stops listing Ethereum after two days, so its history is pruned less far than the others': in the
+# pruned store, ETH's two listings are read from different tiers over the second day (b raw, a from candles).
+ENDED = {"b-ethereum": START + 2 * DAY}
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def observations(seed: int = 17) -> list[Seen]:
             )  # fmt: skip
     first: dict[tuple, Seen] = {}
     for o in seen:  # one observation per (listing, time): a repeated one is the same observation
-        first.setdefault((o.source, o.source_id, o.t), o)
+        if o.t < ENDED.get(o.source_id, o.t + 1):
+            first.setdefault((o.source, o.source_id, o.t), o)
     return list(first.values())
 
 
@@ -243,10 +247,18 @@ def test_as_of_pages_equal_a_brute_force_unification(
 
 
 def test_the_pruned_store_answers_from_candles_where_raw_observations_are_gone(stores: dict[str, Path]) -> None:
-    """The premise of the test above: its instants reach the daily tier, the hourly tier and the raw one."""
-    ((raw_from, hourly_from),) = query(stores["pruned"], "SELECT min(raw_before), min(hourly_before) FROM listing")
-    assert (raw_from, hourly_from) == (START + 2 * DAY, START + DAY)
-    assert query(stores["pruned"], "SELECT min(observed_at) FROM raw_observation") >= [(START + 2 * DAY,)]
+    """The premise of the test above: its instants reach the daily tier, the hourly tier and the raw one, and
+    (b-ethereum, ended early) an asset whose listings are read from different tiers at once."""
+    horizons = query(stores["pruned"], "SELECT source_id, raw_before, hourly_before FROM listing")
+    ended = [(source_id, raw, hourly) for source_id, raw, hourly in horizons if source_id in ENDED]
+    assert ended == [("b-ethereum", START, START - DAY)]
+    assert {(raw, hourly) for source_id, raw, hourly in horizons if source_id not in ENDED} == {
+        (START + 2 * DAY, START + DAY)
+    }
+    older = "SELECT DISTINCT l.source_id FROM {} JOIN listing l USING (listing_id) WHERE {} < ?"
+    for table, time, before in (("raw_observation", "observed_at", START + 2 * DAY), ("candle", "t", START + DAY)):
+        assert query(stores["pruned"], older.format(table, time) + " AND width = 3600" * (table == "candle"),
+                     (before,)) == [("b-ethereum",)]  # fmt: skip
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -353,16 +365,83 @@ def test_as_of_given_twice_is_a_400(clients: Any) -> None:
     assert "as_of" in body.json["detail"]
 
 
-def test_a_listing_pinned_by_hand_gives_no_name_or_status(stores: dict[str, Path], tmp_path: Path) -> None:
-    """etl.unify's rule for pins holds at any instant: symbol, name and status come from the newest listing not
-    pinned (both BTC listings are pinned by hand, then one: the other names the asset)."""
-    db = tmp_path / "pinned.db"
-    with etl.sqlite3.connect(stores["kept"]) as source, etl.sqlite3.connect(db) as copy:
-        source.backup(copy)
+def copy_of(db: Path, copy: Path) -> Path:
+    with etl.sqlite3.connect(db) as source, etl.sqlite3.connect(copy) as target:
+        source.backup(target)
+    return copy
+
+
+def by_name(client: Any, db: Path, instant: int, kind: str) -> list[dict[str, Any]]:
+    """The market at `instant` by name, as served, once it is checked equal to the brute force's."""
+    body = client.get("/data", params={"as_of": str(instant), "page_size": "100", "sort": "name"})
+    assert body.status_code == 200, body.text
+    assert body.json["data"] == selected(brute_force(db, SEEN, instant, KEEP[kind]), "", "name")
+    return body.json["data"]
+
+
+def tied(*source_ids: str) -> list[int]:
+    """The times at which every one of these listings was observed."""
+    return sorted(set.intersection(*({o.t for o in SEEN if o.source_id == sid} for sid in source_ids)))
+
+
+@pytest.mark.parametrize("kind", list(KEEP))
+def test_a_listing_pinned_by_hand_gives_no_name_or_status(stores: dict[str, Path], tmp_path: Path, kind: str) -> None:
+    """etl.unify's rule for pins holds at any instant and in every tier: symbol, name and status come from the
+    newest listing not pinned (both BTC listings are pinned by hand, then one: the other names the asset)."""
+    db = copy_of(stores[kind], tmp_path / "pinned.db")
     for pinned in (("a-bitcoin", "b-bitcoin"), ("b-bitcoin",)):
         with etl.sqlite3.connect(db) as conn:
             conn.execute("UPDATE source_map SET pinned = (source_id IN (?, ?))", (*pinned, *pinned)[:2])
         with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
-            for instant in (START + DAY + 1234, START + 3 * DAY + 99):
-                body = client.get("/data", params={"as_of": str(instant), "page_size": "100", "sort": "name"})
-                assert body.json["data"] == selected(brute_force(db, SEEN, instant, KEEP["kept"]), "", "name")
+            for instant in (START + DAY // 2 + 4321, START + DAY + 1234, START + 3 * DAY + 99, *tied(*pinned)[-2:]):
+                by_name(client, db, instant, kind)
+
+
+@pytest.mark.parametrize("kind", list(KEEP))
+def test_listings_observed_at_the_same_time_unify_in_source_order(clients: Any, stores: dict[str, Path],
+                                                                  kind: str) -> None:  # fmt: skip
+    """A tie in time between two sources' listings of an asset goes to the first source, as etl.unify orders them."""
+    instants = [t for t in tied("a-bitcoin", "b-bitcoin") if t >= START + 2 * DAY]  # raw in both stores
+    assert len(instants) >= 4
+    for instant in instants[:2] + instants[-2:]:
+        bitcoin = next(r for r in by_name(clients[kind], stores[kind], instant, kind) if r["symbol"] == "BTC")
+        (first,) = (o for o in SEEN if o.source_id == "a-bitcoin" and o.t == instant)
+        assert (bitcoin["updated_at"], bitcoin["status"]) == (utc(instant), first.status)
+
+
+@pytest.mark.parametrize("kind", list(KEEP))
+@pytest.mark.parametrize("pinned", [0, 1])
+def test_two_listings_of_one_source_tie_by_source_id(stores: dict[str, Path], tmp_path: Path, kind: str,
+                                                     pinned: int) -> None:  # fmt: skip
+    """An asset listed twice by one source (a-ethereum mapped to Bitcoin by hand, pinned or not): observed at the
+    same time, its listings order by source id, and its sources name that source once."""
+    db = copy_of(stores[kind], tmp_path / "twice.db")
+    with etl.sqlite3.connect(db) as conn:
+        conn.execute("UPDATE source_map SET asset_id = 'bitcoin', pinned = ? WHERE source_id = 'a-ethereum'", (pinned,))
+    instants = [t for t in tied("a-bitcoin", "a-ethereum") if t >= START + 2 * DAY]  # raw in both stores
+    assert len(instants) >= 4
+    with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
+        for instant in instants[:2] + instants[-2:]:
+            bitcoin = next(r for r in by_name(client, db, instant, kind) if r["asset_id"] == "bitcoin")
+            assert bitcoin["sources"] == ["csv:a", "csv:b"]
+
+
+def test_an_asset_read_from_two_tiers_takes_each_number_from_its_newest_listing_with_one(
+    clients: Any, stores: dict[str, Path]
+) -> None:
+    """Over the second day of the pruned store, ETH's listing a is read from hourly candles (no rank, no change)
+    and b (ended early, pruned less) from raw observations: where a's candle is the newer, the price is a's and the
+    rank b's."""
+    horizons = {sid: rest for sid, *rest in query(stores["pruned"], "SELECT source_id, raw_before, hourly_before "
+                                                                     "FROM listing")}  # fmt: skip
+    listings = {sid: [o for o in SEEN if o.source_id == sid] for sid in ("a-ethereum", "b-ethereum")}
+    mixed = 0
+    for instant in range(START + DAY + 600, START + 2 * DAY, 13 * 60):
+        ethereum = next(r for r in by_name(clients["pruned"], stores["pruned"], instant, "pruned")
+                        if r["symbol"] == "ETH")  # fmt: skip
+        a, b = (state_at(listings[sid], instant, *horizons[sid]) for sid in listings)
+        assert a is not None and b is not None and a[1] is None  # a from a candle: no rank
+        if a[0] > b[0] and a[2] is not None and b[1] is not None:
+            assert (ethereum["price_usd"], ethereum["rank"]) == (a[2], b[1])
+            mixed += 1
+    assert mixed >= 5
