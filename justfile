@@ -92,11 +92,11 @@ soak *args:
 vendor-redoc:
     tmp="$(mktemp -d)" && trap 'rm -rf "$tmp"' EXIT && cd "$tmp" && npm pack --silent "redoc@$(cat "{{justfile_directory()}}/vendor/redoc/VERSION")" >/dev/null && tar xzf redoc-*.tgz && cd package && sha256sum --strict -c "{{justfile_directory()}}/vendor/redoc/SHA256SUMS" && cp --parents LICENSE bundles/redoc.standalone.js bundles/redoc.standalone.js.LICENSE.txt "{{justfile_directory()}}/vendor/redoc/"
 
-# read replicas: primary, SFTP store, two Litestream followers and haproxy in network namespaces (root); lag, load, recovery
+# read replicas: primary, SFTP store, two Litestream followers and haproxy in network namespaces (root); lag (idle, and under uncached reads), load, recovery
 replicas *args:
     {{py}} bench/replicas.py {{args}}
 
-# how long a Litestream follower's apply waits for its lock while 1, 2, 4 threads of one process read the copy
+# how long a Litestream follower's apply waits for its lock while 1, 2, 4 threads of one process read the copy, and their read rate, as reads begin freely, one at a time, or after a pending apply
 bench-apply-wait *args:
     {{py}} bench/apply_wait.py {{args}}
 

@@ -27,6 +27,7 @@ import stat
 import statistics
 import struct
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -685,6 +686,11 @@ class ReaderPool:
     identity: StoreIdentity  # of the file the connections opened
     written: tuple[int, int]  # its (size, mtime) when last read afresh
     broken: bool = False
+    # A replica's descriptor of its copy, to look for a pending apply (apply_pending); closed once the pool is
+    # broken and none of its connections (readers, snapshots) is left open: closing any descriptor of the file
+    # drops every POSIX lock this process holds on it, SQLite's shared locks of the reads in progress included.
+    probe: int | None = None
+    users: int = 0  # the pool's connections not closed yet
 
 
 # What a reader's statements may do: read, call functions, begin and end its transaction. Anything else
@@ -716,6 +722,43 @@ def store_file(path: Path) -> os.stat_result | None:
     except OSError:
         return None
     return info if stat.S_ISREG(info.st_mode) else None
+
+
+PENDING_BYTE = 0x40000000  # SQLite's lock bytes (os_unix.c): a writer holds PENDING while it waits for the readers
+FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, length, pid
+APPLY_POLL = 0.001  # seconds between two looks for an apply's end
+
+
+def lock_conflicts(fd: int, lock_type: int, start: int = 0, length: int = 0) -> bool:
+    """Whether another process holds a lock on fd's file that a `lock_type` lock of `length` bytes at `start` (0:
+    to the end) would conflict with: F_GETLK, tested and never taken (the process's own locks never conflict)."""
+    probe = struct.pack(FLOCK, lock_type, os.SEEK_SET, start, length, 0)
+    return struct.unpack(FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0] != fcntl.F_UNLCK
+
+
+def apply_pending(probe: int) -> bool:
+    """Whether another process (Litestream's follower) holds the copy's PENDING byte: an apply waits for the
+    readers to let go, or holds the copy. SQLite lets a connection join a shared lock its process already holds
+    without looking at PENDING, so reads begun meanwhile would keep the apply out for as long as they overlap."""
+    return lock_conflicts(probe, fcntl.F_RDLCK, PENDING_BYTE, 1)
+
+
+def apply_busy() -> sqlite3.OperationalError:
+    """The error a read that waits for an apply gets: SQLITE_BUSY, as when SQLite finds the copy locked."""
+    error = sqlite3.OperationalError("database is locked: an apply of the replica's copy is pending")
+    error.sqlite_errorcode, error.sqlite_errorname = sqlite3.SQLITE_BUSY, "SQLITE_BUSY"
+    return error
+
+
+def after_apply(probe: int, within: float, begin: Callable[..., T], *args: Any) -> T:
+    """`begin(*args)` (what begins a read transaction) once no apply of the copy is pending, on the reader's own
+    thread; apply_busy() when one still is after `within` seconds."""
+    ends = time.monotonic() + within
+    while apply_pending(probe):
+        if time.monotonic() >= ends:
+            raise apply_busy()
+        time.sleep(APPLY_POLL)  # the reads in progress end, the apply takes the copy and lets go
+    return begin(*args)
 
 
 Read = Callable[[sqlite3.Connection, DataVersion], T]  # a read: the connection, and the data version it sees
@@ -768,7 +811,9 @@ class Store:
 
     `replica`: the file is a follower copy (rollback journal) that Litestream writes commits into under an
     exclusive lock. The loop's connection then never waits for that lock: watch() keeps the last commit
-    until the apply ends, and a read on the loop that finds the copy locked waits on a reader's thread.
+    until the apply ends, and a read on the loop that finds the copy locked waits on a reader's thread. No
+    read transaction begins while an apply is pending (apply_pending), so the reads in progress end and leave
+    the apply a moment without readers, however many requests come.
     """
 
     BUSY_TIMEOUT_MS = 5_000
@@ -837,6 +882,8 @@ class Store:
         conn = self._loop_conn
         assert conn is not None
         try:
+            if self._apply_pending():
+                raise apply_busy()
             change = conn.execute("PRAGMA data_version").fetchone()[0]
             if change != self._change or self._commit is None:
                 self._commits += 1
@@ -892,21 +939,24 @@ class Store:
         """A Snapshot of the store as it is now, on a new read-only connection: close it when done. ReadersBusy
         when SNAPSHOTS are open for READER_WAIT seconds; StoreUnavailable when the store cannot be read."""
         await self._take_snapshot_slot()
+        pool: ReaderPool | None = None
         try:
-            await self._ready_pool()
+            pool = await self._ready_pool()
+            pool.users += 1
             conn = await self._connect()
             try:
-                version = await conn._execute(begin_snapshot, conn._conn)
+                version = await self._begin(pool, conn, begin_snapshot, conn._conn)
             except BaseException:
                 await conn.close()
                 raise
-        except sqlite3.Error as error:
+        except BaseException as error:
             self._snapshots.release()
-            raise await self._fault(error) from None
-        except BaseException:
-            self._snapshots.release()
+            if pool is not None:
+                self._let_go(pool)
+            if isinstance(error, sqlite3.Error):
+                raise await self._fault(error) from None
             raise
-        snapshot = Snapshot(conn, version, lambda: self._snapshot_closed(snapshot))
+        snapshot = Snapshot(conn, version, lambda: self._snapshot_closed(snapshot, pool))
         self._open_snapshots.add(snapshot)
         return snapshot
 
@@ -923,19 +973,39 @@ class Store:
         await self._take_snapshot_slot()
         self._snapshots.release()
 
-    def _snapshot_closed(self, snapshot: Snapshot) -> None:
+    def _snapshot_closed(self, snapshot: Snapshot, pool: ReaderPool) -> None:
         self._open_snapshots.discard(snapshot)
         self._snapshots.release()
+        self._let_go(pool)
+
+    async def _begin(self, pool: ReaderPool, conn: aiosqlite.Connection, begin: Callable[..., T], *args: Any) -> T:
+        """`begin(*args)` on the connection's thread; on a replica, once no apply is pending (after_apply)."""
+        # aiosqlite runs each connection's calls on that connection's thread; _execute is the door its
+        # own methods use (aiosqlite is pinned): the whole read is one trip there, not one per statement.
+        if pool.probe is None:
+            return await conn._execute(begin, *args)
+        return await conn._execute(after_apply, pool.probe, self.BUSY_TIMEOUT_MS / 1000, begin, *args)
+
+    def _let_go(self, pool: ReaderPool) -> None:
+        """One of the pool's connections is closed; the last of a broken pool's closes its probe."""
+        pool.users -= 1
+        if pool.broken and pool.users == 0 and pool.probe is not None:
+            os.close(pool.probe)
+            pool.probe = None
+
+    def _apply_pending(self) -> bool:
+        """Whether an apply of the replica's copy is pending (never, on a primary)."""
+        pool = self._pool
+        return pool is not None and pool.probe is not None and apply_pending(pool.probe)
 
     async def _read_in_thread(self, read: Read[T]) -> T:
         pool, conn = await self._borrow()
         try:
-            # aiosqlite runs each connection's calls on that connection's thread; _execute is the door its
-            # own methods use (aiosqlite is pinned): the whole read is one trip there, not one per statement.
-            return await conn._execute(read_in_transaction, conn._conn, read)
+            return await self._begin(pool, conn, read_in_transaction, conn._conn, read)
         finally:
             if pool.broken:  # a dropped pool's busy connection is closed by the read that had it
                 await conn.close()
+                self._let_go(pool)
             else:
                 pool.idle.put_nowait(conn)
 
@@ -976,6 +1046,8 @@ class Store:
                     if conn is None:
                         raise StoreUnavailable(f"store {self.path} is not open")
                     if version is None:
+                        if self._apply_pending():  # the read waits for it on a reader's thread
+                            raise apply_busy()
                         conn.execute("BEGIN")
                         version = read_version(conn)
                     future.set_result(context.run(read, conn, version))
@@ -1015,15 +1087,22 @@ class Store:
     async def _open_pool(self) -> ReaderPool:
         info = store_file(self.path)
         connections: list[aiosqlite.Connection] = []
+        probe: int | None = None
         try:
             if info is None:
                 raise OSError(f"no file at {self.path}")
+            if self.replica:  # before any connection: it is closed once they all are
+                probe = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                if os.fstat(probe).st_ino != info.st_ino:
+                    raise OSError(f"{self.path} was replaced while it was opened")
             for _ in range(self.readers):
                 connections.append(await self._connect())
             loop_conn = self._connect_on_loop()
         except (sqlite3.Error, OSError) as error:
             for conn in connections:
                 await conn.close()
+            if probe is not None:
+                os.close(probe)
             self._next_attempt = time.monotonic() + self.reopen_interval
             raise StoreUnavailable(f"cannot open store {self.path}: {error}") from None
         finally:
@@ -1032,7 +1111,7 @@ class Store:
         for conn in connections:
             idle.put_nowait(conn)
         identity, written = (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns)
-        self._pool, self._loop_conn = ReaderPool(idle, identity, written), loop_conn
+        self._pool, self._loop_conn = ReaderPool(idle, identity, written, probe=probe, users=self.readers), loop_conn
         self._next_check = time.monotonic() + self.reopen_interval
         log.info("store opened", db=str(self.path), readers=self.readers)
         return self._pool
@@ -1091,7 +1170,10 @@ class Store:
         if written != pool.written:
             pool.written = written
             try:
-                await asyncio.to_thread(self._read_afresh)
+                if pool.probe is None:
+                    await asyncio.to_thread(self._read_afresh)
+                else:
+                    await asyncio.to_thread(after_apply, pool.probe, self.BUSY_TIMEOUT_MS / 1000, self._read_afresh)
             except sqlite3.Error as error:
                 log.warning("store unreadable", db=str(self.path), reason=str(error))
                 if sqlite_code(error) == sqlite3.SQLITE_BUSY:  # locked past the busy timeout by an apply: not broken
@@ -1122,10 +1204,13 @@ class Store:
             self._forget_loop_conn()
             self._next_attempt = time.monotonic() + (self.reopen_interval if retry_in is None else retry_in)
         pool.broken = True
+        pool.users += 1  # held while its idle readers close: a pool with none left open closes its probe below
         while not pool.idle.empty():
             conn = pool.idle.get_nowait()
             if conn is not None:
                 await conn.close()
+                self._let_go(pool)
+        self._let_go(pool)
         pool.idle.put_nowait(None)  # wakes the requests waiting for a reader of it: they go to the new pool
 
     async def _borrow(self) -> tuple[ReaderPool, aiosqlite.Connection]:
@@ -1149,13 +1234,11 @@ class Store:
         except OSError:
             return False
         try:
-            probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-            lock_type = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0]
+            return lock_conflicts(fd, fcntl.F_WRLCK)
         except OSError:
             return False
         finally:
             os.close(fd)
-        return lock_type != fcntl.F_UNLCK
 
 
 # --- queries --------------------------------------------------------------
@@ -2706,14 +2789,27 @@ RECEIVE_KEY = "kasparro.receive"
 class AssetExport:
     """The body of GET /data/export, as Falcon reads it: the query's assets in its order, CHUNK rows a read, all
     from one Snapshot (one data version), encoded (and gzip-compressed) on the snapshot's thread. Falcon closes
-    it at the end; when the client leaves, the next read raises ClientGone."""
+    it at the end; when the client leaves, the next read raises ClientGone.
+
+    `spool` (a replica's Snapshot): every chunk is written to a temporary file first, in one trip to the snapshot's
+    thread, and the snapshot closed before the client reads any: its read transaction lasts as long as reading the
+    store takes, not as long as the client takes, which would keep Litestream's apply out of the copy meanwhile.
+    """
 
     CHUNK = 5_000
+    SPOOLED_READ = 256 * 1024  # bytes a read of the spooled body returns at most
 
     def __init__(
-        self, snapshot: Snapshot | MarketSnapshot, query: AssetQuery, gzip: bool, receive: Callable[..., Any] | None
+        self,
+        snapshot: Snapshot | MarketSnapshot,
+        query: AssetQuery,
+        gzip: bool,
+        receive: Callable[..., Any] | None,
+        spool: bool = False,
     ) -> None:
         self.snapshot = snapshot
+        self.spool = spool
+        self.spooled: BinaryIO | None = None
         self.query = query
         self.compressor = zlib.compressobj(1, zlib.DEFLATED, 31) if gzip else None  # level 1: ~4x, and fast
         self.after: CursorToken | None = None
@@ -2729,6 +2825,8 @@ class AssetExport:
 
     async def read(self, size: int = -1) -> bytes:
         """The next encoded chunk (maybe more than `size`); b"" after the last."""
+        if self.spool:
+            return await self._read_spooled()
         while not self.done:
             if self.watcher is not None and self.watcher.done():
                 raise ClientGone("the client disconnected during an export")
@@ -2736,6 +2834,25 @@ class AssetExport:
             if chunk:
                 return chunk
         return b""
+
+    async def _read_spooled(self) -> bytes:
+        if self.watcher is not None and self.watcher.done():
+            raise ClientGone("the client disconnected during an export")
+        if self.spooled is None:
+            self.spooled = await self.snapshot.read(self._spool_all)
+            await self.snapshot.close()
+        return await asyncio.to_thread(self.spooled.read, self.SPOOLED_READ)
+
+    def _spool_all(self, conn: sqlite3.Connection, version: DataVersion) -> BinaryIO:
+        spooled = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        try:
+            while not self.done:
+                spooled.write(self._next_chunk(conn, version))
+            spooled.seek(0)
+        except BaseException:
+            spooled.close()
+            raise
+        return spooled
 
     def _next_chunk(self, conn: sqlite3.Connection, version: DataVersion) -> bytes:
         rows = read_rows(conn, self.query, self.after, 0, self.CHUNK)
@@ -2756,6 +2873,8 @@ class AssetExport:
     async def close(self) -> None:
         if self.watcher is not None:
             self.watcher.cancel()
+        if self.spooled is not None:
+            self.spooled.close()
         await self.snapshot.close()
 
 
@@ -2813,7 +2932,8 @@ class AssetExportResource:
         if snapshot is None:
             resp.stream = unknown_length()  # never read: it keeps Falcon from saying Content-Length: 0
         else:
-            resp.stream = AssetExport(snapshot, query, gzip, req.scope.get(RECEIVE_KEY))
+            spool = self.store.replica and isinstance(snapshot, Snapshot)
+            resp.stream = AssetExport(snapshot, query, gzip, req.scope.get(RECEIVE_KEY), spool)
 
 
 def run_is_live(store: Store, replica: bool) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +48,7 @@ CONNECTIONS, THREADS = 64, 2
 # stop, so Litestream's fsyncs, made while it holds the lock the replica's reads wait on, protect nothing.
 COPIES = "/dev/shm"  # noqa: S108 - the parent of a mkdtemp directory (mode 700)
 CONVERGE_TIMEOUT = 60.0  # seconds a replica may take to serve the primary's data version
+FLOOD_SECONDS = 60  # of wrk flooding the replicas with uncached reads while ETL runs are timed one after another
 COMPARED = ("/data?page_size=100", "/data?sort=-price_usd&page_size=50&filter_by=active", "/data/coin-42",
             "/data?page=7&page_size=100")  # fmt: skip
 NAMES = ("primary", "store", "r1", "r2", "lb")
@@ -451,16 +454,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def wrk(demo: Demo, seconds: float, during: list[tuple[float, str]] | None = None) -> tuple[Measure, dict]:
-    """wrk through haproxy at CONNECTIONS while the ETL commits every 2 s and `during` (seconds, action) happen."""
+def wrk(
+    demo: Demo,
+    seconds: float,
+    during: list[tuple[float, str]] | None = None,
+    script: str = "random_page.lua",
+    commits: Callable[[Demo, threading.Event], None] | None = None,
+) -> tuple[Measure, dict]:
+    """wrk (bench/`script`) through haproxy at CONNECTIONS while `commits` makes ETL runs until stopped (default:
+    one every ~2 s) and `during` (seconds, action) happen."""
     before = demo.haproxy_stats()
     argv = ["ip", "netns", "exec", demo.lab.ns("lb"), "wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{seconds:g}s",
-            "--timeout=5s", "--latency", "-s", str(ROOT / "bench" / "random_page.lua"),
+            "--timeout=5s", "--latency", "-s", str(ROOT / "bench" / script),
             f"http://127.0.0.1:{BALANCER_PORT}"]  # fmt: skip
     load = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={**os.environ, "BENCH_PAGES": "50"})
     started = time.monotonic()
     stop = threading.Event()
-    committer = threading.Thread(target=commit_every, args=(demo, 2.0, stop))
+    committer = threading.Thread(target=commits or functools.partial(commit_every, interval=2.0), args=(demo, stop))
     committer.start()
     for at, action in sorted(during or []):
         time.sleep(max(0.0, at - (time.monotonic() - started)))
@@ -474,12 +484,21 @@ def wrk(demo: Demo, seconds: float, during: list[tuple[float, str]] | None = Non
     return measure, delta
 
 
-def commit_every(demo: Demo, interval: float, stop: threading.Event) -> None:
+def commit_every(demo: Demo, stop: threading.Event, interval: float) -> None:
     """ETL runs one after another, each starting `interval` seconds after the last began, until `stop`."""
     while not stop.is_set():
         began = time.monotonic()
         demo.commit()
         stop.wait(max(0.0, interval - (time.monotonic() - began)))
+
+
+def timed_commits(timed: list[dict[str, float]], demo: Demo, stop: threading.Event) -> None:
+    """ETL runs one after another until `stop`, each timed to the replicas serving it (converge) into `timed`."""
+    while not stop.is_set():
+        demo.commit()
+        seen = converge(demo)
+        if not stop.is_set():  # served while the load ran
+            timed.append(seen)
 
 
 def act(demo: Demo, action: str) -> None:
@@ -524,6 +543,17 @@ def api_warnings(lab: Lab) -> dict[str, dict[str, int]]:
                     server = counts.setdefault(log.stem, {})
                     server[key] = server.get(key, 0) + 1
     return counts
+
+
+def show_lags(demo: Demo, timed: list[dict[str, float]]) -> None:
+    """Each replica's commit-to-served lag over the runs `timed`, and its parts (stages)."""
+    for replica in ("r1", "r2"):
+        values = [lag_of(seen)[replica] for seen in timed]
+        print(f"  {replica}: p50 {statistics.median(values):.2f} s, p99 {percentile(values, 0.99):.2f} s,"
+              f" max {max(values):.2f} s; p50 / max of its parts: "
+              + ", ".join(f"{part} {statistics.median(parts):.2f} / {max(parts):.2f} s"
+                          for part, parts in stages(demo, replica, timed).items() if parts))  # fmt: skip
+    print(f"load average: {' '.join(f'{value:.2f}' for value in os.getloadavg())}", flush=True)
 
 
 def show_load(label: str, measure: Measure, delta: dict) -> None:
@@ -573,13 +603,15 @@ def demo_run(runs: int) -> None:
             demo.commit()
             timed.append(converge(demo))
         print(f"commit-to-served lag over {runs} ETL runs of {ASSETS:,} assets (primary's API to replica's API):")
-        for replica in ("r1", "r2"):
-            values = [lag_of(seen)[replica] for seen in timed]
-            print(f"  {replica}: p50 {statistics.median(values):.2f} s, p99 {percentile(values, 0.99):.2f} s,"
-                  f" max {max(values):.2f} s; p50 / max of its parts: "
-                  + ", ".join(f"{part} {statistics.median(parts):.2f} / {max(parts):.2f} s"
-                              for part, parts in stages(demo, replica, timed).items() if parts))  # fmt: skip
-        print(f"load average: {' '.join(f'{value:.2f}' for value in os.getloadavg())}", flush=True)
+        show_lags(demo, timed)
+
+        flooded: list[dict[str, float]] = []
+        measure, delta = wrk(demo, FLOOD_SECONDS, script="name_scan.lua",
+                             commits=functools.partial(timed_commits, flooded))  # fmt: skip
+        print(f"the same, {len(flooded)} ETL runs one after another while wrk floods the replicas through haproxy"
+              " with reads nothing kept serves (bench/name_scan.lua):")  # fmt: skip
+        show_lags(demo, flooded)
+        show_load("the flood", measure, delta)
 
         print(f"through haproxy, wrk {CONNECTIONS} connections, ETL committing every ~2 s:", flush=True)
         show_load("ETL commits", *wrk(demo, 20))

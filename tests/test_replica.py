@@ -6,14 +6,19 @@ Needs the litestream binary of requirements-replica.txt in this Python's bin dir
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
+import itertools
 import json
 import os
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_clients import dechunk, read_csv
 
 import etl
 from etl_support import ROOT, query, run_etl, store_content
@@ -338,6 +344,89 @@ def test_sigterm_stops_a_replica_while_its_copy_is_locked(live_server: Any, stor
                 request.result()
     print(f"stopped in {stopped_in:.2f} s")
     assert stopped_in < STOP_WITHIN_S, f"still running {stopped_in:.1f} s after SIGTERM\n{replica.output.read_text()}"
+
+
+APPLIES = 5  # applies taken one after another under the flood
+APPLY_WITHIN = 10.0  # seconds an apply may wait for its lock: the reads begun before it end, on a loaded machine
+# Requests no answer is kept for, each a full scan of big_clean's 200,000 assets (a name filter no index serves): a
+# read transaction of milliseconds on a reader's thread; asked by twice as many clients at once as the API has
+# readers (4), so one is always waiting to begin.
+FLOOD, FLOODING_CLIENTS = "/data?filter_by=name~{n}&page_size=5", 8
+
+
+def take_apply_lock(db: Path, within: float) -> float | None:
+    """Take and let go the lock Litestream's follower applies a commit under, from this process, as it does: PENDING
+    write-locked first (a reader's momentary read lock on it may be in the way), then the SHARED range, waiting
+    for the readers. Seconds it took, or None when `within` seconds were not enough."""
+    started = time.monotonic()
+    with db.open("r+b") as copy:
+        for length, start in ((1, PENDING_BYTE), (SHARED_RANGE[1], SHARED_RANGE[0])):
+            while True:
+                try:
+                    fcntl.lockf(copy, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+                    break
+                except OSError:
+                    if time.monotonic() - started > within:
+                        return None
+                    time.sleep(0.001)  # poll interval: a lock held by the API's reads
+        return time.monotonic() - started  # closing the file releases both
+
+
+def test_an_apply_gets_the_copy_while_uncached_reads_flood_the_replica(
+    live_server: Any, big_clean: Path, tmp_path: Path
+) -> None:
+    """SQLite lets a connection join the shared lock its process holds without looking at another process's
+    pending lock: reads that overlap without a gap would keep an apply out for as long as they come."""
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(big_clean, copy)
+    replica = live_server(rollback_journal(copy), KASPARRO_ROLE="replica", LOG_LEVEL="warning")
+    stop, answered = threading.Event(), collections.Counter[int]()
+
+    def ask(client: int) -> None:
+        for n in itertools.count(client, FLOODING_CLIENTS):  # every request its own filter: nothing kept serves it
+            if stop.is_set():
+                return
+            answered[replica.get(FLOOD.format(n=n))[0]] += 1
+
+    with ThreadPoolExecutor(FLOODING_CLIENTS) as pool:
+        clients = [pool.submit(ask, client) for client in range(FLOODING_CLIENTS)]
+        try:
+            poll(lambda: answered.total() >= 2 * FLOODING_CLIENTS, 120, "the flood under way")
+            waits = []
+            for _ in range(APPLIES):
+                waits.append(take_apply_lock(copy, APPLY_WITHIN))
+                assert waits[-1] is not None, f"apply {len(waits)} kept out {APPLY_WITHIN:g} s by the reads; {waits}"
+                flooded = answered.total() + FLOODING_CLIENTS  # the flood going again before the next apply
+                poll(lambda: answered.total() >= flooded, 120, "the flood after an apply")  # noqa: B023
+            print(f"applies waited {', '.join(f'{wait * 1000:.0f}' for wait in waits)} ms; answered {answered}")
+        finally:
+            stop.set()
+            for client in clients:
+                client.result()
+    assert set(answered) == {200}, answered
+
+
+def test_an_apply_gets_the_copy_while_a_client_stalls_an_export(
+    live_server: Any, big_clean: Path, tmp_path: Path
+) -> None:
+    """An export is one read transaction: on a replica it must not last as long as its client takes, and the
+    client still gets every asset of the version it began with."""
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(big_clean, copy)
+    replica = live_server(rollback_journal(copy), KASPARRO_ROLE="replica", LOG_LEVEL="warning")
+    total = json.loads(replica.get("/data?page_size=1")[2])["total_items"]
+    port = int(replica.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(b"GET /data/export HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        received = bytearray(client.recv(4096))
+        assert received.startswith(b"HTTP/1.1 200 "), received[:200]
+        # The client reads no more for now: every asset (~20 MB of CSV) cannot fit in the sockets' buffers.
+        assert take_apply_lock(copy, APPLY_WITHIN) is not None, f"apply kept out {APPLY_WITHIN:g} s by the export"
+        while chunk := client.recv(1 << 20):
+            received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert len(read_csv(dechunk(body))) == total
 
 
 def test_an_unknown_role_is_refused() -> None:
