@@ -982,9 +982,13 @@ class Store:
         """`begin(*args)` on the connection's thread; on a replica, once no apply is pending (after_apply)."""
         # aiosqlite runs each connection's calls on that connection's thread; _execute is the door its
         # own methods use (aiosqlite is pinned): the whole read is one trip there, not one per statement.
+        return await conn._execute(self._gated(pool, begin), *args)
+
+    def _gated(self, pool: ReaderPool, begin: Callable[..., T]) -> Callable[..., T]:
+        """`begin`, or on a replica `begin` once no apply is pending (after_apply, within the busy timeout)."""
         if pool.probe is None:
-            return await conn._execute(begin, *args)
-        return await conn._execute(after_apply, pool.probe, self.BUSY_TIMEOUT_MS / 1000, begin, *args)
+            return begin
+        return functools.partial(after_apply, pool.probe, self.BUSY_TIMEOUT_MS / 1000, begin)
 
     def _let_go(self, pool: ReaderPool) -> None:
         """One of the pool's connections is closed; the last of a broken pool's closes its probe."""
@@ -1170,10 +1174,7 @@ class Store:
         if written != pool.written:
             pool.written = written
             try:
-                if pool.probe is None:
-                    await asyncio.to_thread(self._read_afresh)
-                else:
-                    await asyncio.to_thread(after_apply, pool.probe, self.BUSY_TIMEOUT_MS / 1000, self._read_afresh)
+                await asyncio.to_thread(self._gated(pool, self._read_afresh))
             except sqlite3.Error as error:
                 log.warning("store unreadable", db=str(self.path), reason=str(error))
                 if sqlite_code(error) == sqlite3.SQLITE_BUSY:  # locked past the busy timeout by an apply: not broken
