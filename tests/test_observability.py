@@ -263,6 +263,68 @@ def test_every_level_and_path_of_a_log_line_has_its_fields(monkeypatch: Any) -> 
         assert abs((datetime.now(UTC) - stamped).total_seconds()) < 60
 
 
+def test_lines_from_threads_and_the_loop_are_all_written_in_each_ones_order() -> None:
+    """Reader threads hold and write lines while the loop holds its own: none is lost or written twice, and each
+    writer's lines keep their order (holding a line takes no lock, only writing does)."""
+    stream = io.BytesIO()
+    lines = LogLines(stream)
+    writers, each = 4, 3_000
+
+    def write(writer: int) -> None:
+        for n in range(each):
+            (lines.warning if n % 500 == 0 else lines.info)(f"{writer} {n}".encode())  # some write at once
+
+    async def loop_writes() -> None:
+        with ThreadPoolExecutor(writers) as pool:
+            done = [asyncio.get_running_loop().run_in_executor(pool, write, w) for w in range(writers)]
+            for n in range(each):
+                lines.info(f"loop {n}".encode())
+                if n % 100 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.gather(*done)
+        lines.flush()
+
+    asyncio.run(loop_writes())
+    written = stream.getvalue().decode().splitlines()
+    assert len(written) == (writers + 1) * each
+    for writer in [*map(str, range(writers)), "loop"]:
+        assert [int(line.split()[1]) for line in written if line.split()[0] == writer] == list(range(each))
+
+
+@pytest.mark.parametrize(
+    "moments",
+    [
+        [1_700_000_000_999_999_999, 1_700_000_001_000_000_000, 1_700_000_001_000_000_999],  # a second's edge
+        [1_700_000_001_500_000_000, 1_700_000_000_000_001_000, 1_700_000_001_000_999_000],  # the clock set back
+        [0, 59_000_000, 86_399_999_999_000, 253_402_300_799_123_456_000],  # the epoch to 9999-12-31
+    ],
+)
+def test_timestamps_follow_the_clock_to_the_microsecond(monkeypatch: Any, moments: list[int]) -> None:
+    """The stamp keeps each second's text and formats the digits below it from tables: it must agree with the
+    clock at every moment, whichever way the clock moves."""
+    clock = iter(moments)
+    monkeypatch.setattr(kasparro.time, "time_ns", lambda: next(clock))
+    stamp = kasparro.stamper()
+    for moment in moments:
+        expected = datetime.fromtimestamp(moment // 10**9, UTC).replace(microsecond=moment // 1000 % 1_000_000)
+        assert stamp(None, "info", {})["timestamp"] == expected.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_bound_context_and_a_missing_event_take_structlogs_own_path(monkeypatch: Any) -> None:
+    stream = io.BytesIO()
+    monkeypatch.setattr(kasparro.sys, "stdout", io.TextIOWrapper(stream))
+    kasparro.configure_logging("info")
+    try:
+        kasparro.log.bind(run_id=7).info("loaded", rows=3)
+        kasparro.log.bind().info(rows=4)
+        kasparro.log_lines.flush()
+    finally:
+        kasparro.configure_logging("info")
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (first["run_id"], first["event"], first["rows"], first["level"]) == (7, "loaded", 3, "info")
+    assert "event" not in second and second["rows"] == 4 and second["level"] == "info"
+
+
 def test_lines_above_the_threshold_are_not_even_built(monkeypatch: Any) -> None:
     stream = io.BytesIO()
     monkeypatch.setattr(kasparro.sys, "stdout", io.TextIOWrapper(stream))
