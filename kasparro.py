@@ -1284,6 +1284,12 @@ FILTER = re.compile(FILTER_SYNTAX)
 
 OPERATOR = re.compile(r">=|<=|[:~<>]")
 NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# What one filter_by may ask, within SQLite's limits: each condition and each alternative of a `~` is a term of one
+# SQL expression (at most 1,000 deep), and each `~` text a LIKE pattern (at most 50,000 bytes). Stored names are at
+# most 200 characters and source names a file name's length, so a longer text matches nothing anyway.
+MAX_CONDITIONS = 100
+MAX_CONTAINS = 100  # alternatives of one `~` condition
+MAX_CONTAINS_TEXT = 1_000  # characters of one `~` text
 ASSET_COLUMNS = ", ".join(Asset.__struct_fields__)  # in the order of the Struct, which is built from the row
 QUOTE_COLUMNS = ", ".join(Quote.__struct_fields__)
 
@@ -1427,7 +1433,10 @@ def parse_sort(text: str | None) -> Sort:
 
 def parse_filter(text: str) -> tuple[Condition, ...]:
     """filter_by: comma-separated conditions, normalised, deduplicated and ordered."""
-    conditions = {parse_condition(part.strip()) for part in text.split(",")} if text.strip() else set()
+    parts = text.split(",") if text.strip() else []
+    if len(parts) > MAX_CONDITIONS:
+        raise InvalidQuery(f"filter_by: at most {MAX_CONDITIONS} conditions, got {len(parts)}")
+    conditions = {parse_condition(part.strip()) for part in parts}
     if not FILTER.fullmatch(text):
         part = next((part for part in text.split(",") if not CONDITION_PART.fullmatch(part)), text)
         raise InvalidQuery(
@@ -1460,6 +1469,13 @@ def parse_condition(text: str) -> Condition:
         if op not in ":~":
             raise InvalidQuery(f"filter_by: {field} is text: use {field}:value or {field}~text, not {op!r}")
         values: list[str | float] = [value.lower() for value in alternatives]
+        if op == "~" and len(set(values)) > MAX_CONTAINS:
+            raise InvalidQuery(f"filter_by: {field}~ takes at most {MAX_CONTAINS} alternatives, got {len(set(values))}")
+        if op == "~" and (longest := max(map(len, alternatives))) > MAX_CONTAINS_TEXT:
+            raise InvalidQuery(
+                f"filter_by: a {field}~ text of {longest:,} characters; at most {MAX_CONTAINS_TEXT:,}"
+                f" (no {field} is longer)"
+            )
         if field == "status" and op == ":" and not set(values) <= set(STATUSES):
             raise InvalidQuery(f"filter_by: status is {' or '.join(STATUSES)}, got {raw[:40]!r}")
     elif op == "~":
@@ -3449,6 +3465,8 @@ FILTER_GRAMMAR_TEXT = f"""Comma-separated conditions; all must hold.
 - `>`, `>=`, `<`, `<=` compare numbers and `updated_at` (an RFC 3339 time or date).
 - Text fields: {", ".join(TEXT_FIELDS)}. Number fields: {", ".join(NUMBER_FIELDS)}. Time: updated_at.
 - Field names and bare statuses are lower-case; plain spaces may surround conditions.
+- At most {MAX_CONDITIONS} conditions; a `~` takes at most {MAX_CONTAINS} alternatives, each of at most
+  {MAX_CONTAINS_TEXT:,} characters.
 
 Anything else (unknown field, bad number or time, empty condition) is a 400 problem naming it."""
 

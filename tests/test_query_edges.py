@@ -8,6 +8,16 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+AS_OF = "2026-11-25T12:00:00Z"  # the sample's time: the moment's market is the whole sample
+ROUTES = (
+    "/data?page_size=100",
+    f"/data?page_size=100&as_of={AS_OF}",
+    "/data/export",
+    f"/data/export?as_of={AS_OF}&format=ndjson",
+)
+
 
 def with_filter(route: str, filter_by: str) -> str:
     return route + ("&" if "?" in route else "?") + "filter_by=" + urllib.parse.quote(filter_by, safe="")
@@ -20,6 +30,17 @@ def problem(server: Any, path: str) -> str:
     return json.loads(body)["detail"]
 
 
+def asset_ids(server: Any, path: str) -> set[str]:
+    """Every asset_id path answers (a page of 100, or the whole export)."""
+    status, _, body = server.get(path)
+    assert status == 200, body[:300]
+    if path.startswith("/data/export?as_of"):  # NDJSON
+        return {json.loads(line)["asset_id"] for line in body.splitlines()}
+    if path.startswith("/data/export"):  # CSV: asset_id is the first column, and no id holds a comma
+        return {line.split(b",")[0].decode() for line in body.splitlines()[1:]}
+    return {asset["asset_id"] for asset in json.loads(body)["data"]}
+
+
 def test_a_long_filter_refused_by_its_syntax_answers_at_once(live_server: Any, store_path: Path) -> None:
     """Checking filter_by's syntax took time quadratic in a value's length (12 kB: 6 s with the event loop held)."""
     server = live_server(store_path, LOG_LEVEL="warning")
@@ -27,3 +48,46 @@ def test_a_long_filter_refused_by_its_syntax_answers_at_once(live_server: Any, s
     # http_get gives up after 10 s; the old check took minutes here, during which /health waited too.
     assert problem(server, with_filter("/data", hostile)).startswith("filter_by: '\\trank>1' is not field, operator")
     assert server.get("/health")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("filter_by", "detail"),
+    [
+        ("name~" + "a" * 51_000, "filter_by: a name~ text of 51,000 characters; at most 1,000 (no name is longer)"),
+        (
+            "name~" + "|".join(f"q{n}" for n in range(1_500)),
+            "filter_by: name~ takes at most 100 alternatives, got 1500",
+        ),
+        (
+            "source~" + "|".join(f"q{n}" for n in range(900)),
+            "filter_by: source~ takes at most 100 alternatives, got 900",
+        ),
+        (",".join(f"rank>{n}" for n in range(1_500)), "filter_by: at most 100 conditions, got 1500"),
+    ],
+    ids=["long-contains", "many-contains", "many-source-contains", "many-conditions"],
+)
+def test_a_filter_beyond_sqlites_limits_is_a_400_problem(
+    live_server: Any, store_path: Path, filter_by: str, detail: str
+) -> None:
+    """Each was a 500 from SQLite (LIKE pattern too complex, expression tree too large), and the export a 200
+    whose body ended empty."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    for route in ROUTES:
+        assert problem(server, with_filter(route, filter_by)) == detail, route
+
+
+def test_filters_at_the_limits_answer_as_the_store_says(
+    live_server: Any, store_path: Path, sample_assets: list[dict[str, Any]]
+) -> None:
+    server = live_server(store_path, LOG_LEVEL="warning")
+    named = {a["asset_id"] for a in sample_assets if "bitcoin" in a["name"].lower() or "ether" in a["name"].lower()}
+    contains = "name~" + "|".join(["bitcoin", "ether", *(f"zz{n}" for n in range(98))])
+    top = {a["asset_id"] for a in sample_assets if a["rank"] is not None and a["rank"] <= 50}
+    ranks = ",".join(f"rank<={50 + n}" for n in range(99))  # 99 conditions, all implied by the first
+    long_text = "name~" + "b" * 1_000
+    assert 2 < len(named) < 100 and 2 < len(top) <= 50
+    active = {a["asset_id"] for a in sample_assets if a["status"] == "active"}
+    for route in ROUTES:
+        assert asset_ids(server, with_filter(route, contains)) == named, route
+        assert asset_ids(server, with_filter(route, ranks + ",active")) == top & active, route
+        assert asset_ids(server, with_filter(route, long_text)) == set(), route
