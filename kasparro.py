@@ -1653,7 +1653,7 @@ def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
     except msgspec.DecodeError:
         raise InvalidQuery("cursor: not a token given by next_cursor") from None
     if token.query_digest != query.digest:
-        raise InvalidQuery("cursor: issued for another filter_by or sort than this request's")
+        raise InvalidQuery("cursor: issued for another filter_by, sort or as_of than this request's")
     numeric = query.sort.nullable
     if token.in_nulls != (token.value is None) or (token.value is not None and isinstance(token.value, str) == numeric):
         raise InvalidQuery("cursor: does not fit the sort")
@@ -3761,7 +3761,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "schema": string,
         "description": "an ETag of an earlier answer: 304 when it is still current",
     }
-    moment = {"type": "string", "examples": ["2026-11-25T12:00:00Z", "1764072000"]}
+    moment = {"type": "string", "examples": ["2026-11-25T12:00:00Z", "1795608000"]}  # one moment, the sample's
     data_parameters = [
         {
             "name": "page",
@@ -3797,7 +3797,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "name": "cursor",
             "in": "query",
             "schema": {"type": "string", "pattern": f"^(?:{CURSOR.pattern})?$"},
-            "description": "next_cursor of the previous page, for the same filter_by and sort; page is then ignored",
+            "description": "next_cursor of the previous page, for the same filter_by, sort and as_of; page is then"
+            " ignored",
         },
         {
             "name": "as_of",

@@ -91,3 +91,41 @@ def test_filters_at_the_limits_answer_as_the_store_says(
         assert asset_ids(server, with_filter(route, contains)) == named, route
         assert asset_ids(server, with_filter(route, ranks + ",active")) == top & active, route
         assert asset_ids(server, with_filter(route, long_text)) == set(), route
+
+
+def test_a_cursor_taken_to_another_as_of_is_refused_naming_as_of(live_server: Any, store_path: Path) -> None:
+    server = live_server(store_path, LOG_LEVEL="warning")
+    status, _, body = server.get(f"/data?page_size=2&as_of={AS_OF}")
+    cursor = json.loads(body)["next_cursor"]
+    assert status == 200 and cursor
+    assert server.get(f"/data?page_size=2&as_of={AS_OF}&cursor={cursor}")[0] == 200
+    for other in ("", "&as_of=2026-11-25T11:00:00Z"):
+        detail = problem(server, f"/data?page_size=2&cursor={cursor}{other}")
+        assert detail == "cursor: issued for another filter_by, sort or as_of than this request's"
+
+
+def test_the_documented_examples_of_a_time_name_one_moment(live_server: Any, store_path: Path) -> None:
+    """The Unix-seconds example was 2025's moment beside 2026's RFC 3339 one: /docs showed an empty market for it."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    document = json.loads(server.get("/openapi.json")[2])
+    times = {
+        (path, parameter["name"]): parameter["schema"]["examples"]
+        for path, item in document["paths"].items()
+        for parameter in item["get"].get("parameters", [])
+        if parameter["name"] in ("as_of", "from", "to")
+    }
+    assert {name for _, name in times} == {"as_of", "from", "to"}
+    for (path, name), examples in times.items():
+        answers = set()
+        for example in examples:
+            target = path.replace("{asset_id}", "bitcoin") + f"?{name}={example}"
+            target += "&fields=asset_id,price_usd,updated_at" if path == "/data" else ""
+            status, _, body = server.get(target)
+            assert status == 200, (target, body[:300])
+            answer = json.loads(body) if path != "/data/export" else body
+            if isinstance(answer, dict):
+                del answer["request_id"], answer["api_latency_ms"]
+            answers.add(json.dumps(answer, sort_keys=True) if isinstance(answer, dict) else answer)
+        assert len(answers) == 1, (path, name, examples)
+    status, _, body = server.get(f"/data?as_of={times['/data', 'as_of'][-1]}")
+    assert json.loads(body)["total_items"] > 0
