@@ -1033,7 +1033,9 @@ PLACEHOLDER_FORMS = frozenset(
     "".join(letters) for word in PLACEHOLDERS for letters in itertools.product(*({c, c.upper()} for c in word))
 )
 ZERO_IS_UNKNOWN = frozenset(["rank", "market_cap_usd"])
-DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# One way to match each text (the dot before a fraction is not optional), so a long cell of digits and a letter
+# is refused in linear time; `\d+\.?\d*`, the same language, tries each split of the digits (quadratic).
+DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 FUTURE_SLACK = timedelta(minutes=5)  # clocks of upstreams and of this host disagree by a little
 
 STATUS_WORDS = {
