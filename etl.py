@@ -222,6 +222,10 @@ class Interrupted(Exception):
     """The process was asked to stop (SIGTERM); the open batch rolls back."""
 
 
+class CutShort(Exception):
+    """A response body shorter than it says: the connection closed early, or its gzip stream ends early."""
+
+
 class RecordLost(Exception):
     """The run's end could not be written to its record; the next run records it as failed.
 
@@ -525,7 +529,11 @@ class HttpClient:
                 status, headers, body = self._fetch(url)
             except TimeoutError:
                 problem = f"no answer within {policy.read_timeout:g} s"
-            except (OSError, http.client.HTTPException, zlib.error) as error:
+            except CutShort as error:  # a dropped connection: retried, like one that sent nothing
+                problem = str(error)
+            except zlib.error as error:
+                problem = f"the gzip body does not inflate ({str(error).rpartition(': ')[2]})"
+            except (OSError, http.client.HTTPException) as error:
                 problem = f"{type(error).__name__}: {error}"
             else:
                 if status == 200:
@@ -591,6 +599,8 @@ class HttpClient:
             body = inflate.decompress(body, self.policy.max_body)
             if inflate.unconsumed_tail:
                 raise SourceError(f"{safe_url(url)}: body over {self.policy.max_body} bytes when decompressed")
+            if not inflate.eof:  # what a body without Content-Length shows of a connection closed early
+                raise CutShort(f"the gzip body ends early, after {len(body):,} bytes inflated")
         return response.status, headers, body
 
     def _read(self, response: http.client.HTTPResponse) -> bytes:
@@ -602,6 +612,8 @@ class HttpClient:
             if self.clock() > self.deadline:
                 raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading")
             chunks.append(chunk)
+        if response.length:  # bytes still due: the connection closed early (http.client's read() does not say)
+            raise CutShort(f"the connection closed after {size:,} of {size + response.length:,} bytes")
         return b"".join(chunks)
 
     def _headers(self) -> dict[str, str]:
