@@ -755,18 +755,47 @@ def decoded_lines(stream: BinaryIO, position: ReadPosition) -> Iterator[str]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            byte = raw[error.start]
-            guess = " (Windows-1252 or Latin-1?)" if byte >= 0x80 else ""
             raise SourceError(
-                f"line {position.line} is not UTF-8: byte 0x{byte:02x} at byte {error.start + 1} of the line{guess};"
-                " save the file as UTF-8, or UTF-16 with a byte-order mark"
+                f"{not_utf8(raw, error, position.line)}; save the file as UTF-8, or UTF-16 with a byte-order mark"
             ) from None
         yield text
+
+
+def not_utf8(raw: bytes, error: UnicodeDecodeError, line: int) -> str:
+    """Where line number `line` (its bytes `raw`) stops being UTF-8, and what it may be instead."""
+    byte = raw[error.start]
+    guess = " (Windows-1252 or Latin-1?)" if byte >= 0x80 else ""
+    return f"line {line} is not UTF-8: byte 0x{byte:02x} at byte {error.start + 1} of the line{guess}"
 
 
 # Byte-order marks of the encodings decoded besides UTF-8 (the longer UTF-32 ones first).
 BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
+def utf8_document(body: bytes, where: str) -> bytes:
+    """An upstream body as UTF-8 without a byte-order mark: UTF-16 or UTF-32 with one is transcoded.
+
+    SourceError naming the line where the UTF-16 or UTF-32 text breaks.
+    """
+    encoding = next((name for bom, name in BOMS if body.startswith(bom)), None)
+    if encoding is None:
+        return body.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode(encoding).encode("utf-8")
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].decode(encoding, "replace").count("\n") + 1
+        raise SourceError(f"{where}: line {line} is not valid {encoding.upper()}: {error.reason}") from None
+
+
+def utf8_fault(body: bytes) -> str:
+    """Where a body that is not UTF-8 first breaks, as a CSV file's line is reported."""
+    for line, raw in enumerate(body.split(b"\n"), start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return not_utf8(raw, error, line)
+    return "not UTF-8"
 
 
 def utf8_stream(path: Path) -> BinaryIO:
@@ -949,17 +978,66 @@ def record_cells(source: HttpSource, record: object, intake: Intake) -> list[obj
 decode_json = msgspec.json.Decoder(float_hook=float).decode
 
 
+# msgspec's words for a document that ends early, and for where it found a fault.
+JSON_ENDS_EARLY = "Input data was truncated"
+JSON_FAULT = re.compile(r"(?:JSON is malformed: )?(?P<what>.*?) \(byte (?P<at>\d+)\)")
+# Each escape of a JSON string, left to right: a UTF-16 pair, half of one (the other half cut off upstream, as by a
+# name truncated inside an emoji: valid JSON that msgspec refuses whole), or any other.
+JSON_ESCAPE = re.compile(rb"\\(?:ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}|(ud[89a-f][0-9a-f]{2})|.)", re.S | re.I)
+
+
+def mend_half_pairs(body: bytes) -> tuple[bytes, int]:
+    """The body with each escaped half of a UTF-16 pair replaced by U+FFFD, and how many there were."""
+    halves = 0
+
+    def mend(escape: re.Match[bytes]) -> bytes:
+        nonlocal halves
+        if escape[1] is None:
+            return escape[0]
+        halves += 1
+        return b"\\ufffd"
+
+    return JSON_ESCAPE.sub(mend, body), halves
+
+
 def decode_records(body: bytes, where: str) -> list[object]:
-    """The JSON array of records in a response body, or SourceError saying what came instead."""
+    """The JSON array of records in a response body (UTF-8 with or without a byte-order mark, or UTF-16 or
+    UTF-32 with one), or SourceError saying what came instead."""
+    body = utf8_document(body, where)
     try:
-        records = decode_json(body)
+        try:
+            records = decode_json(body)
+        except msgspec.DecodeError:
+            mended, halves = mend_half_pairs(body)
+            if not halves:
+                raise
+            records = decode_json(mended)
+            log.warning("half UTF-16 pairs replaced by U+FFFD", url=where, count=halves)
     except msgspec.DecodeError as error:
-        raise SourceError(f"{where}: not valid JSON ({error}) in {len(body)} bytes") from None
+        raise SourceError(f"{where}: {json_fault(body, str(error))}") from None
+    except UnicodeDecodeError:  # msgspec reads the text of strings as it goes
+        raise SourceError(f"{where}: {utf8_fault(body)}") from None
     except RecursionError:
         raise SourceError(f"{where}: JSON nested too deeply") from None
     if not isinstance(records, list):
         raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
     return records
+
+
+def json_fault(body: bytes, message: str) -> str:
+    """What is wrong with a body that is not JSON, in a reader's words: where, and how it starts."""
+    if not body.strip():
+        return "an empty body, not JSON"
+    starts = f"{len(body):,} bytes starting {printable(body[:40])!r}"
+    if message == JSON_ENDS_EARLY:
+        return f"not valid JSON: it ends early, in {starts}"
+    fault = JSON_FAULT.fullmatch(message)
+    if fault is None:
+        return f"not valid JSON, in {starts}"
+    at = int(fault["at"])
+    line = body.count(b"\n", 0, at) + 1
+    column = at - (body.rfind(b"\n", 0, at) + 1) + 1
+    return f"not valid JSON: {fault['what']} at line {line}, column {column}, in {starts}"
 
 
 # A page to load: the response, the record count of a full page (fewer ends

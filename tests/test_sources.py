@@ -117,7 +117,7 @@ def test_a_read_timeout_beyond_the_budget_fails_the_source_and_keeps_old_data(up
     ("reply", "reason"),
     [
         # a complete response holding half a document
-        (Reply(body=json.dumps(PAPRIKA)[:5000]), "not valid JSON"),
+        (Reply(body=json.dumps(PAPRIKA)[:5000]), "not valid JSON: it ends early, in 5,000 bytes"),
         # the connection drops before Content-Length is reached, at every attempt
         (Reply(body=PAPRIKA, truncate=5000), "the connection closed after 5,000 of"),
     ],

@@ -3,6 +3,7 @@ The real etl.py against a fake CoinGecko on 127.0.0.1, into a real SQLite store.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import zlib
@@ -45,6 +46,64 @@ def fails_clearly(result: Any, db: Path) -> str:
     return source_error(db)
 
 
+# --- encodings ----------------------------------------------------------------------
+
+
+def test_a_body_that_is_not_utf8_fails_the_source_naming_the_line_and_byte(upstream: Any, tmp_path: Path) -> None:
+    """A Windows-1252 body was a UnicodeDecodeError traceback that left the run 'running'."""
+    text = json.dumps(markets(NAMES[:3]), indent=1, ensure_ascii=False)
+    line = next(n for n, content in enumerate(text.split("\n"), start=1) if "Café" in content)
+    column = text.split("\n")[line - 1].encode("cp1252").index("é".encode("cp1252")) + 1
+    upstream.route(COINGECKO_MARKETS, Reply(body=text.encode("cp1252")))
+    db = tmp_path / "store.db"
+    error = fails_clearly(etl_against(upstream, db, "coingecko"), db)
+    assert error.endswith(
+        f": line {line} is not UTF-8: byte 0xe9 at byte {column} of the line (Windows-1252 or Latin-1?)"
+    )
+    assert query(db, "SELECT count(*) FROM source_map") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: codecs.BOM_UTF8 + text.encode("utf-8"),
+        lambda text: text.encode("utf-16"),  # little-endian, with its byte-order mark
+        lambda text: codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+        lambda text: text.encode("utf-32"),
+    ],
+    ids=["utf-8-bom", "utf-16-le", "utf-16-be", "utf-32"],
+)
+def test_a_body_with_a_byte_order_mark_loads(upstream: Any, tmp_path: Path, encode: Any) -> None:
+    """SPEC's input hygiene: UTF-8 with or without a BOM, UTF-16 with one; they failed as 'not valid JSON'."""
+    upstream.route(COINGECKO_MARKETS, Reply(body=encode(json.dumps(markets(), ensure_ascii=False))))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert loaded_names(db) == NAMES
+
+
+def test_a_broken_utf16_body_fails_naming_its_line(upstream: Any, tmp_path: Path) -> None:
+    body = json.dumps(markets(), indent=1).encode("utf-16")[:-1]  # the last character loses a byte
+    upstream.route(COINGECKO_MARKETS, Reply(body=body))
+    db = tmp_path / "store.db"
+    lines = json.dumps(markets(), indent=1).count("\n") + 1
+    assert fails_clearly(etl_against(upstream, db, "coingecko"), db).endswith(
+        f": line {lines} is not valid UTF-16: truncated data"
+    )
+
+
+def test_a_record_with_half_a_utf16_pair_loads_with_a_replacement_character(upstream: Any, tmp_path: Path) -> None:
+    """A name cut inside an emoji upstream ('\\ud83d' alone: valid JSON) failed the whole page as 'truncated'."""
+    body = json.dumps(markets()).replace("\\ud83d\\ude80", "\\ud83d")  # json.dumps escapes the emoji as a pair
+    assert "\\ud83d" in body and "\\ude80" not in body
+    upstream.route(COINGECKO_MARKETS, Reply(body=body))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert loaded_names(db) == [*NAMES[:3], "Rocket \ufffd"]
+    assert (last_run(db)["status"], last_run(db)["rows_loaded"]) == ("success", 4)
+
+
 # --- bodies cut short ---------------------------------------------------------------
 
 
@@ -85,3 +144,28 @@ def test_a_body_always_cut_short_fails_the_source_saying_so(
     error = fails_clearly(etl_against(upstream, db, "coingecko"), db)
     assert error.endswith(f"{problem} after {etl.HttpPolicy.attempts} attempts")
     assert len(upstream.requests) == etl.HttpPolicy.attempts
+
+
+# --- not JSON -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "an empty body, not JSON"),
+        (b"<html>rate limited</html>", "not valid JSON: invalid character at line 1, column 1, in 25 bytes"
+         " starting '<html>rate limited</html>'"),
+        (b'[{"id": "a"},\n {"id": "b"},\n]', "not valid JSON: trailing comma in array at line 3, column 1,"
+         " in 29 bytes starting '[{\"id\": \"a\"},? {\"id\": \"b\"},?]'"),
+        (b'[{"id": "a"', "not valid JSON: it ends early, in 11 bytes starting '[{\"id\": \"a\"'"),
+    ],
+    ids=["empty", "html", "trailing-comma", "ends-early"],
+)  # fmt: skip
+def test_a_body_that_is_not_json_says_where_in_a_readers_words(
+    upstream: Any, tmp_path: Path, body: bytes, reason: str
+) -> None:
+    """The parser's own words ('JSON is malformed: invalid character (byte 0)', 'Input data was truncated') were
+    the error."""
+    upstream.route(COINGECKO_MARKETS, Reply(body=body))
+    db = tmp_path / "store.db"
+    assert fails_clearly(etl_against(upstream, db, "coingecko"), db).endswith(f": {reason}")
