@@ -1197,6 +1197,11 @@ class ValueProblem(Exception):
         self.unreadable = unreadable
 
 
+# The unknown fields (or columns) a run's drift names, the most frequent first; the others share one entry, so
+# records that each carry new keys (ids as keys) cannot bloat the run record, /runs, /stats and the log line.
+UNKNOWN_NAMED = 50
+
+
 @dataclass
 class Intake:
     """How one source's records are read in one run, and the drift counted while reading them.
@@ -1219,10 +1224,14 @@ class Intake:
         `absent` maps each name the source could have given a field it did not send to that field.
         """
         word = "field" if self.upstream else "column"
-        report = collections.Counter({f"unknown {word} {name!r}": n for name, n in self.unknown.items()})
+        named = dict(self.unknown.most_common(UNKNOWN_NAMED))
+        report = collections.Counter({f"unknown {word} {name!r}": n for name, n in named.items()})
+        if len(self.unknown) > len(named):
+            more = f"{len(self.unknown) - len(named):,} more unknown {word}s, each rarer"
+            report[more] = self.unknown.total() - sum(named.values())
         report.update({f"missing field {name!r}": n for name, n in self.missing.items()})
-        for known, unknown, score in likely_renames(absent, self.unknown):
-            report[f"likely rename {known!r} \u2192 {unknown!r} (similarity {score:.2f})"] = self.unknown[unknown]
+        for known, unknown, score in likely_renames(absent, named):
+            report[f"likely rename {known!r} \u2192 {unknown!r} (similarity {score:.2f})"] = named[unknown]
         report.update(self.drift)
         return dict(report)
 

@@ -169,3 +169,27 @@ def test_a_body_that_is_not_json_says_where_in_a_readers_words(
     upstream.route(COINGECKO_MARKETS, Reply(body=body))
     db = tmp_path / "store.db"
     assert fails_clearly(etl_against(upstream, db, "coingecko"), db).endswith(f": {reason}")
+
+
+# --- drift --------------------------------------------------------------------------
+
+
+def test_drift_names_the_most_frequent_unknown_fields_and_counts_the_rest(upstream: Any, tmp_path: Path) -> None:
+    """Records that each carry new keys (ids as keys) made a drift entry per key: 100,000 of them were 8 MB in the
+    run record, in every /runs and /stats answer and in one log line."""
+    records = markets()
+    for n, record in enumerate(records):
+        record["price_current"] = record.pop("current_price")  # renamed in every record
+        record.update({f"coin-{n}-{k}": k for k in range(100)})  # 400 names, each once
+    upstream.route(COINGECKO_MARKETS, Reply(body=records))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (text,) = query(db, "SELECT drift FROM run_source")[0]
+    drift = json.loads(text)
+    named = [entry for entry in drift if entry.startswith("unknown field ")]
+    assert len(named) == etl.UNKNOWN_NAMED and drift["unknown field 'price_current'"] == len(records)
+    assert drift[f"{401 - etl.UNKNOWN_NAMED} more unknown fields, each rarer"] == 400 - (etl.UNKNOWN_NAMED - 1)
+    assert drift["missing field 'current_price'"] == len(records)
+    assert [entry for entry in drift if entry.startswith("likely rename 'current_price' \u2192 'price_current'")]
+    assert len(text) < 5_000
