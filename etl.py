@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, BinaryIO, ClassVar
+from typing import Annotated, BinaryIO, ClassVar, TypeVar
 
 import msgspec
 import structlog
@@ -129,46 +129,66 @@ class EtlConfig:
         sources = tuple(s.strip() for s in environ.get("KASPARRO_SOURCES", "").split(",") if s.strip())
         plan = environ.get("KASPARRO_COINGECKO_PLAN", "demo").strip().lower()
         paprika_key = environ.get("COINPAPRIKA_API_KEY") or None
-        try:
-            http = HttpPolicy(
-                read_timeout=float(environ.get("KASPARRO_HTTP_TIMEOUT", HttpPolicy.read_timeout)),
-                connect_timeout=float(environ.get("KASPARRO_HTTP_TIMEOUT", HttpPolicy.connect_timeout)),
-                budget=float(environ.get("KASPARRO_HTTP_BUDGET", HttpPolicy.budget)),
-                max_requests=int(environ.get("KASPARRO_HTTP_MAX_REQUESTS", HttpPolicy.max_requests)),
-                backoff=float(environ.get("KASPARRO_HTTP_BACKOFF", HttpPolicy.backoff)),
-            )
-            return cls(
-                db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
-                sources=sources or (f"csv:{SAMPLE_CSV}",),
-                log_level=environ.get("LOG_LEVEL", "info").lower(),
-                env=environ.get("ENV", "development"),
-                coingecko_url=environ.get("KASPARRO_COINGECKO_URL")
-                or (COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL),
-                coingecko_key=environ.get("COINGECKO_API_KEY") or None,
-                coingecko_plan=plan,
-                coingecko_max_pages=int(environ.get("KASPARRO_COINGECKO_MAX_PAGES", "20")),
-                coingecko_rate=request_rate(environ, "KASPARRO_COINGECKO_RATE", cls.coingecko_rate),
-                coinpaprika_rate=request_rate(environ, "KASPARRO_COINPAPRIKA_RATE", cls.coinpaprika_rate),
-                coinpaprika_url=environ.get("KASPARRO_COINPAPRIKA_URL")
-                or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
-                coinpaprika_key=paprika_key,
-                raw_keep_runs=int(environ.get("KASPARRO_RAW_KEEP_RUNS", "48")),
-                retention=retention(environ),
-                busy_timeout=float(environ.get("KASPARRO_BUSY_TIMEOUT", "15")),
-                wal_checkpoint=wal_checkpoint_mode(environ.get("KASPARRO_WAL_CHECKPOINT", "truncate")),
-                batch_rows=max(1, int(environ.get("KASPARRO_BATCH_ROWS", "50000"))),
-                http=http,
-            )
-        except ValueError as error:
-            raise UsageError(f"bad number in the environment: {error}") from None
+        http = HttpPolicy(
+            read_timeout=setting(environ, "KASPARRO_HTTP_TIMEOUT", HttpPolicy.read_timeout, SECONDS),
+            connect_timeout=setting(environ, "KASPARRO_HTTP_TIMEOUT", HttpPolicy.connect_timeout, SECONDS),
+            budget=setting(environ, "KASPARRO_HTTP_BUDGET", HttpPolicy.budget, SECONDS),
+            max_requests=setting(environ, "KASPARRO_HTTP_MAX_REQUESTS", HttpPolicy.max_requests, COUNT),
+            backoff=setting(environ, "KASPARRO_HTTP_BACKOFF", HttpPolicy.backoff, (0, DAY)),
+        )
+        return cls(
+            db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
+            sources=sources or (f"csv:{SAMPLE_CSV}",),
+            log_level=environ.get("LOG_LEVEL", "info").lower(),
+            env=environ.get("ENV", "development"),
+            coingecko_url=environ.get("KASPARRO_COINGECKO_URL")
+            or (COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL),
+            coingecko_key=environ.get("COINGECKO_API_KEY") or None,
+            coingecko_plan=plan,
+            coingecko_max_pages=setting(environ, "KASPARRO_COINGECKO_MAX_PAGES", cls.coingecko_max_pages, COUNT),
+            coingecko_rate=request_rate(environ, "KASPARRO_COINGECKO_RATE", cls.coingecko_rate),
+            coinpaprika_rate=request_rate(environ, "KASPARRO_COINPAPRIKA_RATE", cls.coinpaprika_rate),
+            coinpaprika_url=environ.get("KASPARRO_COINPAPRIKA_URL")
+            or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
+            coinpaprika_key=paprika_key,
+            raw_keep_runs=setting(environ, "KASPARRO_RAW_KEEP_RUNS", cls.raw_keep_runs, (0, COUNT[1])),
+            retention=retention(environ),
+            busy_timeout=setting(environ, "KASPARRO_BUSY_TIMEOUT", cls.busy_timeout, (0, DAY)),
+            wal_checkpoint=wal_checkpoint_mode(environ.get("KASPARRO_WAL_CHECKPOINT", "truncate")),
+            batch_rows=setting(environ, "KASPARRO_BATCH_ROWS", cls.batch_rows, COUNT),
+            http=http,
+        )
+
+
+# The ranges of numeric settings, inclusive: a whole count of things, and seconds a wait may last.
+Number = TypeVar("Number", int, float)
+COUNT = (1, 1_000_000_000)
+SECONDS = (0.001, DAY)
+
+
+def setting(environ: Mapping[str, str], name: str, default: Number, bounds: tuple[float, float]) -> Number:
+    """A number from the environment, of the default's type and within `bounds`; UsageError naming the variable.
+
+    Unset or empty is the default. A value out of range (nan, inf, a negative time) would otherwise surface
+    later as a traceback in the middle of a run, or a run that quietly does nothing.
+    """
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    low, high = bounds
+    try:
+        value = type(default)(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        kind = "a whole number" if isinstance(default, int) else "a number"
+        raise UsageError(f"{name} must be {kind} from {low:,} to {high:,}, not {text[:40]!r}")
+    return value
 
 
 def request_rate(environ: Mapping[str, str], name: str, default: float) -> float:
     """A rate limit in requests a minute from the environment; UsageError unless a positive number."""
-    rate = float(environ.get(name) or default)
-    if not 0 < rate < math.inf:
-        raise UsageError(f"{name} must be a positive number of requests a minute, got {environ[name]!r}")
-    return rate
+    return setting(environ, name, default, (0.001, COUNT[1]))
 
 
 DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")

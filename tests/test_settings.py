@@ -1,0 +1,55 @@
+"""The ETL's numeric settings and arguments at their edges, as a newcomer tried them: each value out of its range is
+a usage error (exit 2) naming it, before anything is written. The real etl.py as a subprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import etl
+from etl_support import run_etl
+
+SECONDS = "a number from 0.001 to 86,400"
+COUNT = "a whole number from 1 to 1,000,000,000"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("KASPARRO_BUSY_TIMEOUT", "nan", "a number from 0 to 86,400"),  # was a ValueError traceback
+        ("KASPARRO_BUSY_TIMEOUT", "1e400", "a number from 0 to 86,400"),  # an OverflowError traceback
+        ("KASPARRO_HTTP_TIMEOUT", "-1", SECONDS),  # a traceback in the run, left 'running'
+        ("KASPARRO_HTTP_TIMEOUT", "0", SECONDS),  # 'BlockingIOError: Operation now in progress'
+        ("KASPARRO_HTTP_TIMEOUT", "nan", SECONDS),
+        ("KASPARRO_HTTP_BUDGET", "nan", SECONDS),  # a budget that never ends
+        ("KASPARRO_HTTP_BACKOFF", "inf", "a number from 0 to 86,400"),
+        ("KASPARRO_HTTP_MAX_REQUESTS", "0", COUNT),
+        ("KASPARRO_HTTP_MAX_REQUESTS", "ten", COUNT),  # 'invalid literal for int() with base 10', naming nothing
+        ("KASPARRO_COINGECKO_MAX_PAGES", "0", COUNT),  # a run that succeeded loading nothing
+        ("KASPARRO_COINGECKO_MAX_PAGES", "-3", COUNT),
+        ("KASPARRO_RAW_KEEP_RUNS", "99999999999999999999", "a whole number from 0 to 1,000,000,000"),  # OverflowError
+        ("KASPARRO_BATCH_ROWS", "-5", COUNT),  # quietly 1 row a transaction
+        ("KASPARRO_COINGECKO_RATE", "fast", "a number from 0.001 to 1,000,000,000"),
+    ],
+)
+def test_a_numeric_setting_out_of_range_is_a_usage_error_naming_it(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    db = tmp_path / "store.db"
+    result = run_etl(db, "coingecko", **{name: value})
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: {name} must be {expected}, not {value!r}\n",
+    )
+    assert not db.exists()
+
+
+def test_numeric_settings_in_range_are_taken(tmp_path: Path) -> None:
+    config = etl.EtlConfig.from_env(
+        {"KASPARRO_HTTP_TIMEOUT": " 0.5 ", "KASPARRO_BUSY_TIMEOUT": "0", "KASPARRO_RAW_KEEP_RUNS": "0",
+         "KASPARRO_COINGECKO_MAX_PAGES": "3", "KASPARRO_BATCH_ROWS": "", "KASPARRO_HTTP_BACKOFF": "0"}
+    )  # fmt: skip
+    assert (config.http.read_timeout, config.http.connect_timeout, config.busy_timeout) == (0.5, 0.5, 0.0)
+    assert (config.raw_keep_runs, config.coingecko_max_pages, config.batch_rows) == (0, 3, etl.EtlConfig.batch_rows)
+    assert config.http.backoff == 0.0
