@@ -472,6 +472,7 @@ class ReplaySource:
 
 
 Source = CsvSource | HttpSource | ReplaySource
+MAX_RUN_ID = 2**63 - 1
 
 
 def parse_source(spec: str, config: EtlConfig) -> Source:
@@ -483,7 +484,13 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
             if not path:
                 raise UsageError(f"source {spec!r} names no file: expected csv:NAME=PATH")
             return CsvSource(Path(path), label)
-        return CsvSource(Path(rest))
+        source = CsvSource(Path(rest))
+        if "," in source.name or "|" in source.name:
+            raise UsageError(
+                f"source {spec!r} would be named {source.name!r}, but ',' and '|' separate names in"
+                " filter_by=source:… and in a CSV's sources cells; name it with csv:NAME=PATH"
+            )
+        return source
     if spec == "coinpaprika":
         headers = {"Authorization": config.coinpaprika_key} if config.coinpaprika_key else {}
         policy = dataclasses.replace(config.http, rate=config.coinpaprika_rate)
@@ -498,7 +505,9 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
         return CoinGecko(config.coingecko_url, headers, policy, config.coingecko_max_pages)
     if kind == "replay" and sep:
         name, _, run = rest.rpartition("@")
-        if name in ("coinpaprika", "coingecko") and run.isdigit():
+        if name in ("coinpaprika", "coingecko") and run.isascii() and run.isdigit():
+            if int(run) > MAX_RUN_ID:
+                raise UsageError(f"source {spec!r}: no run has an id over {MAX_RUN_ID} (SQLite's largest integer)")
             return ReplaySource(int(run), parse_source(name, config))  # type: ignore[arg-type]
     raise UsageError(
         f"unknown source {spec!r}: expected csv:PATH, csv:NAME=PATH, coinpaprika, coingecko or replay:NAME@RUN_ID"

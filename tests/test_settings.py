@@ -53,3 +53,31 @@ def test_numeric_settings_in_range_are_taken(tmp_path: Path) -> None:
     assert (config.http.read_timeout, config.http.connect_timeout, config.busy_timeout) == (0.5, 0.5, 0.0)
     assert (config.raw_keep_runs, config.coingecko_max_pages, config.batch_rows) == (0, 3, etl.EtlConfig.batch_rows)
     assert config.http.backoff == 0.0
+
+
+def test_a_replay_of_a_run_id_sqlite_cannot_hold_is_a_usage_error(tmp_path: Path) -> None:
+    """It was an OverflowError traceback that left the run 'running'."""
+    db = tmp_path / "store.db"
+    result = run_etl(db, "replay:coingecko@99999999999999999999999")
+    assert result.returncode == etl.EXIT_USAGE
+    assert result.stderr == (
+        "etl.py: error: source 'replay:coingecko@99999999999999999999999': no run has an id over"
+        f" {2**63 - 1} (SQLite's largest integer)\n"
+    )
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("stem", ["a|b", "markets,2026-11-25"])
+def test_a_csv_whose_stem_cannot_be_a_source_name_must_be_named(tmp_path: Path, stem: str) -> None:
+    """A stem with ',' or '|' made a source name that filter_by=source: splits and a CSV sources cell garbles."""
+    feed = tmp_path / f"{stem}.csv"
+    feed.write_text("symbol,name,price\nBTC,Bitcoin,1\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: source 'csv:{feed}' would be named 'csv:{stem}', but ',' and '|' separate names in"
+        " filter_by=source:… and in a CSV's sources cells; name it with csv:NAME=PATH\n",
+    )
+    assert not db.exists()
+    assert run_etl(db, f"csv:feed={feed}").returncode == 0
