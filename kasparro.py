@@ -98,24 +98,38 @@ class Config:
                     f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not an origin; expected '*' or origins"
                     " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path)"
                 )
-        try:
-            return cls._read(environ, keys, origins)
-        except ValueError as error:
-            raise SystemExit(f"kasparro: bad number in the environment: {error}") from None
+        return cls._read(environ, keys, origins)
 
     @classmethod
     def _read(cls, environ: Mapping[str, str], keys: tuple[str, ...], origins: tuple[str, ...]) -> Config:
         return cls(
             db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
-            etl_max_age=int(environ.get("KASPARRO_ETL_MAX_AGE", "21600")),
+            etl_max_age=setting(environ, "KASPARRO_ETL_MAX_AGE", cls.etl_max_age, (1, 10**10)),
             api_keys=keys,
-            rate_limit=float(environ.get("KASPARRO_RATE_LIMIT", "0")),
+            rate_limit=setting(environ, "KASPARRO_RATE_LIMIT", cls.rate_limit, (0, 10**9)),
             log_level=environ.get("LOG_LEVEL", "info").lower(),
             env=environ.get("ENV", "development"),
             metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"]) if environ.get("PROMETHEUS_MULTIPROC_DIR") else None,
             role=environ.get("KASPARRO_ROLE", "primary"),
             cors_origins=origins,
         )
+
+
+def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple[float, float]) -> Any:
+    """A number from the environment, of the default's type and within `bounds` (unset or empty: the default), or
+    SystemExit naming the variable: a negative or infinite one would otherwise pass, or stop the start with a
+    traceback."""
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = type(default)(text)
+    except ValueError:
+        value = None
+    if value is None or not bounds[0] <= value <= bounds[1]:
+        kind = "a whole number" if isinstance(default, int) else "a number"
+        raise SystemExit(f"kasparro: {name} must be {kind} from {bounds[0]:,} to {bounds[1]:,}, not {text[:40]!r}")
+    return value
 
 
 ROLES = ("primary", "replica")

@@ -1,14 +1,18 @@
-"""The ETL's numeric settings and arguments at their edges, as a newcomer tried them: each value out of its range is
-a usage error (exit 2) naming it, before anything is written. The real etl.py as a subprocess."""
+"""Numeric settings and arguments at their edges, as a newcomer tried them: each value out of its range is a usage
+error (the ETL's exit 2) naming it, before anything is written or served. The real etl.py and uvicorn as
+subprocesses."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import etl
-from etl_support import run_etl
+from etl_support import ROOT, run_etl
 
 SECONDS = "a number from 0.001 to 86,400"
 COUNT = "a whole number from 1 to 1,000,000,000"
@@ -81,3 +85,26 @@ def test_a_csv_whose_stem_cannot_be_a_source_name_must_be_named(tmp_path: Path, 
     )
     assert not db.exists()
     assert run_etl(db, f"csv:feed={feed}").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("KASPARRO_RATE_LIMIT", "nan", "a number from 0 to 1,000,000,000"),  # was a ValueError traceback at start
+        ("KASPARRO_RATE_LIMIT", "-1", "a number from 0 to 1,000,000,000"),
+        ("KASPARRO_ETL_MAX_AGE", "-5", "a whole number from 1 to 10,000,000,000"),  # taken: /health always degraded
+        ("KASPARRO_ETL_MAX_AGE", "6h", "a whole number from 1 to 10,000,000,000"),  # 'invalid literal for int()'
+    ],
+)
+def test_an_api_setting_out_of_range_stops_the_start_naming_it(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KASPARRO_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "kasparro:app", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, env={**environ, "KASPARRO_DB": str(tmp_path / "store.db"), name: value},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"kasparro: {name} must be {expected}, not {value!r}" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
