@@ -615,12 +615,13 @@ class HttpClient:
             raise SourceError(f"unsupported URL scheme in {safe_url(url)}")
         try:
             conn.connect()
-            conn.sock.settimeout(min(self.policy.read_timeout, remaining))
+            sock = conn.sock  # the response reads from it after getresponse() lets conn go of it
+            sock.settimeout(min(self.policy.read_timeout, remaining))
             target = parts.path + (f"?{parts.query}" if parts.query else "")
             conn.request("GET", target or "/", headers=self._headers())
             response = conn.getresponse()
             headers = {k.lower(): v for k, v in response.getheaders()}
-            body = self._read(response)
+            body = self._read(response, sock)
         finally:
             conn.close()
         if headers.get("content-encoding", "identity").lower() == "gzip":
@@ -632,14 +633,26 @@ class HttpClient:
                 raise CutShort(f"the gzip body ends early, after {len(body):,} bytes inflated")
         return response.status, headers, body
 
-    def _read(self, response: http.client.HTTPResponse) -> bytes:
+    def _read(self, response: http.client.HTTPResponse, sock: socket.socket) -> bytes:
+        """The body, read as it arrives: each wait for more ends with the read timeout or the time budget,
+        whichever comes first, so a body that drips in cannot hold the run past its budget."""
         chunks, size = [], 0
-        while chunk := response.read(65536):
+        while True:
+            wait = min(self.policy.read_timeout, self.deadline - self.clock())
+            if wait <= 0:
+                raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading")
+            sock.settimeout(wait)
+            try:
+                chunk = response.read1(65536)  # what has arrived, not a full 64 kB
+            except TimeoutError:
+                if wait < self.policy.read_timeout:  # the budget ran out first
+                    raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading") from None
+                raise
+            if not chunk:
+                break
             size += len(chunk)
             if size > self.policy.max_body:
                 raise SourceError(f"response over {self.policy.max_body} bytes")
-            if self.clock() > self.deadline:
-                raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading")
             chunks.append(chunk)
         if response.length:  # bytes still due: the connection closed early (http.client's read() does not say)
             raise CutShort(f"the connection closed after {size:,} of {size + response.length:,} bytes")

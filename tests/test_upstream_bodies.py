@@ -6,14 +6,17 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import threading
+import time
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import etl
-from etl_support import etl_against, last_run, query
+from etl_support import etl_against, last_run, query, run_etl
 from upstream import COINGECKO_MARKETS, Reply
 
 NAMES = ["Bitcoin", "Café Coin", "Ünïcode Tökén", "Rocket 🚀"]
@@ -193,3 +196,55 @@ def test_drift_names_the_most_frequent_unknown_fields_and_counts_the_rest(upstre
     assert drift["missing field 'current_price'"] == len(records)
     assert [entry for entry in drift if entry.startswith("likely rename 'current_price' \u2192 'price_current'")]
     assert len(text) < 5_000
+
+
+# --- slow bodies ----------------------------------------------------------------------
+
+
+def test_a_body_that_drips_in_ends_with_the_time_budget(tmp_path: Path) -> None:
+    """A body was read 64 kB at a time, each read waiting as long as bytes kept coming within the read timeout:
+    an upstream sending a byte every 0.4 s held a run with a 2 s budget for the whole body (27 s for 61 bytes)."""
+    sent: list[int] = []
+    stop = threading.Event()
+
+    class Drip(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet."""
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(DOCUMENT)))
+            self.end_headers()
+            count = 0
+            try:
+                for byte in DOCUMENT:  # one byte every 0.2 s, well within the 1 s read timeout
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    count += 1
+                    if stop.wait(0.2):
+                        break
+            except OSError:  # the ETL hung up
+                pass
+            sent.append(count)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        db = tmp_path / "store.db"
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = run_etl(
+            db, "coingecko", KASPARRO_COINGECKO_URL=url, KASPARRO_HTTP_BUDGET="2", KASPARRO_HTTP_TIMEOUT="1"
+        )
+        assert fails_clearly(result, db) == "time budget of 2 s spent while reading"
+        deadline = time.monotonic() + 30
+        while not sent and time.monotonic() < deadline:
+            stop.wait(0.05)  # the handler sees the hang-up at its next byte
+        assert sent and sent[0] < len(DOCUMENT) // 2, sent  # the ETL hung up long before the body's end
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
