@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, BinaryIO, ClassVar
+from typing import Annotated, BinaryIO, ClassVar, TypeVar
 
 import msgspec
 import structlog
@@ -129,46 +129,66 @@ class EtlConfig:
         sources = tuple(s.strip() for s in environ.get("KASPARRO_SOURCES", "").split(",") if s.strip())
         plan = environ.get("KASPARRO_COINGECKO_PLAN", "demo").strip().lower()
         paprika_key = environ.get("COINPAPRIKA_API_KEY") or None
-        try:
-            http = HttpPolicy(
-                read_timeout=float(environ.get("KASPARRO_HTTP_TIMEOUT", HttpPolicy.read_timeout)),
-                connect_timeout=float(environ.get("KASPARRO_HTTP_TIMEOUT", HttpPolicy.connect_timeout)),
-                budget=float(environ.get("KASPARRO_HTTP_BUDGET", HttpPolicy.budget)),
-                max_requests=int(environ.get("KASPARRO_HTTP_MAX_REQUESTS", HttpPolicy.max_requests)),
-                backoff=float(environ.get("KASPARRO_HTTP_BACKOFF", HttpPolicy.backoff)),
-            )
-            return cls(
-                db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
-                sources=sources or (f"csv:{SAMPLE_CSV}",),
-                log_level=environ.get("LOG_LEVEL", "info").lower(),
-                env=environ.get("ENV", "development"),
-                coingecko_url=environ.get("KASPARRO_COINGECKO_URL")
-                or (COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL),
-                coingecko_key=environ.get("COINGECKO_API_KEY") or None,
-                coingecko_plan=plan,
-                coingecko_max_pages=int(environ.get("KASPARRO_COINGECKO_MAX_PAGES", "20")),
-                coingecko_rate=request_rate(environ, "KASPARRO_COINGECKO_RATE", cls.coingecko_rate),
-                coinpaprika_rate=request_rate(environ, "KASPARRO_COINPAPRIKA_RATE", cls.coinpaprika_rate),
-                coinpaprika_url=environ.get("KASPARRO_COINPAPRIKA_URL")
-                or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
-                coinpaprika_key=paprika_key,
-                raw_keep_runs=int(environ.get("KASPARRO_RAW_KEEP_RUNS", "48")),
-                retention=retention(environ),
-                busy_timeout=float(environ.get("KASPARRO_BUSY_TIMEOUT", "15")),
-                wal_checkpoint=wal_checkpoint_mode(environ.get("KASPARRO_WAL_CHECKPOINT", "truncate")),
-                batch_rows=max(1, int(environ.get("KASPARRO_BATCH_ROWS", "50000"))),
-                http=http,
-            )
-        except ValueError as error:
-            raise UsageError(f"bad number in the environment: {error}") from None
+        http = HttpPolicy(
+            read_timeout=setting(environ, "KASPARRO_HTTP_TIMEOUT", HttpPolicy.read_timeout, SECONDS),
+            connect_timeout=setting(environ, "KASPARRO_HTTP_TIMEOUT", HttpPolicy.connect_timeout, SECONDS),
+            budget=setting(environ, "KASPARRO_HTTP_BUDGET", HttpPolicy.budget, SECONDS),
+            max_requests=setting(environ, "KASPARRO_HTTP_MAX_REQUESTS", HttpPolicy.max_requests, COUNT),
+            backoff=setting(environ, "KASPARRO_HTTP_BACKOFF", HttpPolicy.backoff, (0, DAY)),
+        )
+        return cls(
+            db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
+            sources=sources or (f"csv:{SAMPLE_CSV}",),
+            log_level=environ.get("LOG_LEVEL", "info").lower(),
+            env=environ.get("ENV", "development"),
+            coingecko_url=environ.get("KASPARRO_COINGECKO_URL")
+            or (COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL),
+            coingecko_key=environ.get("COINGECKO_API_KEY") or None,
+            coingecko_plan=plan,
+            coingecko_max_pages=setting(environ, "KASPARRO_COINGECKO_MAX_PAGES", cls.coingecko_max_pages, COUNT),
+            coingecko_rate=request_rate(environ, "KASPARRO_COINGECKO_RATE", cls.coingecko_rate),
+            coinpaprika_rate=request_rate(environ, "KASPARRO_COINPAPRIKA_RATE", cls.coinpaprika_rate),
+            coinpaprika_url=environ.get("KASPARRO_COINPAPRIKA_URL")
+            or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
+            coinpaprika_key=paprika_key,
+            raw_keep_runs=setting(environ, "KASPARRO_RAW_KEEP_RUNS", cls.raw_keep_runs, (0, COUNT[1])),
+            retention=retention(environ),
+            busy_timeout=setting(environ, "KASPARRO_BUSY_TIMEOUT", cls.busy_timeout, (0, DAY)),
+            wal_checkpoint=wal_checkpoint_mode(environ.get("KASPARRO_WAL_CHECKPOINT", "truncate")),
+            batch_rows=setting(environ, "KASPARRO_BATCH_ROWS", cls.batch_rows, COUNT),
+            http=http,
+        )
+
+
+# The ranges of numeric settings, inclusive: a whole count of things, and seconds a wait may last.
+Number = TypeVar("Number", int, float)
+COUNT = (1, 1_000_000_000)
+SECONDS = (0.001, DAY)
+
+
+def setting(environ: Mapping[str, str], name: str, default: Number, bounds: tuple[float, float]) -> Number:
+    """A number from the environment, of the default's type and within `bounds`; UsageError naming the variable.
+
+    Unset or empty is the default. A value out of range (nan, inf, a negative time) would otherwise surface
+    later as a traceback in the middle of a run, or a run that quietly does nothing.
+    """
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    low, high = bounds
+    try:
+        value = type(default)(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        kind = "a whole number" if isinstance(default, int) else "a number"
+        raise UsageError(f"{name} must be {kind} from {low:,} to {high:,}, not {text[:40]!r}")
+    return value
 
 
 def request_rate(environ: Mapping[str, str], name: str, default: float) -> float:
     """A rate limit in requests a minute from the environment; UsageError unless a positive number."""
-    rate = float(environ.get(name) or default)
-    if not 0 < rate < math.inf:
-        raise UsageError(f"{name} must be a positive number of requests a minute, got {environ[name]!r}")
-    return rate
+    return setting(environ, name, default, (0.001, COUNT[1]))
 
 
 DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")
@@ -220,6 +240,10 @@ class SourceError(Exception):
 
 class Interrupted(Exception):
     """The process was asked to stop (SIGTERM); the open batch rolls back."""
+
+
+class CutShort(Exception):
+    """A response body shorter than it says: the connection closed early, or its gzip stream ends early."""
 
 
 class RecordLost(Exception):
@@ -448,6 +472,7 @@ class ReplaySource:
 
 
 Source = CsvSource | HttpSource | ReplaySource
+MAX_RUN_ID = 2**63 - 1
 
 
 def parse_source(spec: str, config: EtlConfig) -> Source:
@@ -459,7 +484,13 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
             if not path:
                 raise UsageError(f"source {spec!r} names no file: expected csv:NAME=PATH")
             return CsvSource(Path(path), label)
-        return CsvSource(Path(rest))
+        source = CsvSource(Path(rest))
+        if "," in source.name or "|" in source.name:
+            raise UsageError(
+                f"source {spec!r} would be named {source.name!r}, but ',' and '|' separate names in"
+                " filter_by=source:… and in a CSV's sources cells; name it with csv:NAME=PATH"
+            )
+        return source
     if spec == "coinpaprika":
         headers = {"Authorization": config.coinpaprika_key} if config.coinpaprika_key else {}
         policy = dataclasses.replace(config.http, rate=config.coinpaprika_rate)
@@ -474,7 +505,9 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
         return CoinGecko(config.coingecko_url, headers, policy, config.coingecko_max_pages)
     if kind == "replay" and sep:
         name, _, run = rest.rpartition("@")
-        if name in ("coinpaprika", "coingecko") and run.isdigit():
+        if name in ("coinpaprika", "coingecko") and run.isascii() and run.isdigit():
+            if int(run) > MAX_RUN_ID:
+                raise UsageError(f"source {spec!r}: no run has an id over {MAX_RUN_ID} (SQLite's largest integer)")
             return ReplaySource(int(run), parse_source(name, config))  # type: ignore[arg-type]
     raise UsageError(
         f"unknown source {spec!r}: expected csv:PATH, csv:NAME=PATH, coinpaprika, coingecko or replay:NAME@RUN_ID"
@@ -525,7 +558,11 @@ class HttpClient:
                 status, headers, body = self._fetch(url)
             except TimeoutError:
                 problem = f"no answer within {policy.read_timeout:g} s"
-            except (OSError, http.client.HTTPException, zlib.error) as error:
+            except CutShort as error:  # a dropped connection: retried, like one that sent nothing
+                problem = str(error)
+            except zlib.error as error:
+                problem = f"the gzip body does not inflate ({str(error).rpartition(': ')[2]})"
+            except (OSError, http.client.HTTPException) as error:
                 problem = f"{type(error).__name__}: {error}"
             else:
                 if status == 200:
@@ -578,12 +615,13 @@ class HttpClient:
             raise SourceError(f"unsupported URL scheme in {safe_url(url)}")
         try:
             conn.connect()
-            conn.sock.settimeout(min(self.policy.read_timeout, remaining))
+            sock = conn.sock  # the response reads from it after getresponse() lets conn go of it
+            sock.settimeout(min(self.policy.read_timeout, remaining))
             target = parts.path + (f"?{parts.query}" if parts.query else "")
             conn.request("GET", target or "/", headers=self._headers())
             response = conn.getresponse()
             headers = {k.lower(): v for k, v in response.getheaders()}
-            body = self._read(response)
+            body = self._read(response, sock)
         finally:
             conn.close()
         if headers.get("content-encoding", "identity").lower() == "gzip":
@@ -591,17 +629,33 @@ class HttpClient:
             body = inflate.decompress(body, self.policy.max_body)
             if inflate.unconsumed_tail:
                 raise SourceError(f"{safe_url(url)}: body over {self.policy.max_body} bytes when decompressed")
+            if not inflate.eof:  # what a body without Content-Length shows of a connection closed early
+                raise CutShort(f"the gzip body ends early, after {len(body):,} bytes inflated")
         return response.status, headers, body
 
-    def _read(self, response: http.client.HTTPResponse) -> bytes:
+    def _read(self, response: http.client.HTTPResponse, sock: socket.socket) -> bytes:
+        """The body, read as it arrives: each wait for more ends with the read timeout or the time budget,
+        whichever comes first, so a body that drips in cannot hold the run past its budget."""
         chunks, size = [], 0
-        while chunk := response.read(65536):
+        while True:
+            wait = min(self.policy.read_timeout, self.deadline - self.clock())
+            if wait <= 0:
+                raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading")
+            sock.settimeout(wait)
+            try:
+                chunk = response.read1(65536)  # what has arrived, not a full 64 kB
+            except TimeoutError:
+                if wait < self.policy.read_timeout:  # the budget ran out first
+                    raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading") from None
+                raise
+            if not chunk:
+                break
             size += len(chunk)
             if size > self.policy.max_body:
                 raise SourceError(f"response over {self.policy.max_body} bytes")
-            if self.clock() > self.deadline:
-                raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading")
             chunks.append(chunk)
+        if response.length:  # bytes still due: the connection closed early (http.client's read() does not say)
+            raise CutShort(f"the connection closed after {size:,} of {size + response.length:,} bytes")
         return b"".join(chunks)
 
     def _headers(self) -> dict[str, str]:
@@ -743,18 +797,47 @@ def decoded_lines(stream: BinaryIO, position: ReadPosition) -> Iterator[str]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            byte = raw[error.start]
-            guess = " (Windows-1252 or Latin-1?)" if byte >= 0x80 else ""
             raise SourceError(
-                f"line {position.line} is not UTF-8: byte 0x{byte:02x} at byte {error.start + 1} of the line{guess};"
-                " save the file as UTF-8, or UTF-16 with a byte-order mark"
+                f"{not_utf8(raw, error, position.line)}; save the file as UTF-8, or UTF-16 with a byte-order mark"
             ) from None
         yield text
+
+
+def not_utf8(raw: bytes, error: UnicodeDecodeError, line: int) -> str:
+    """Where line number `line` (its bytes `raw`) stops being UTF-8, and what it may be instead."""
+    byte = raw[error.start]
+    guess = " (Windows-1252 or Latin-1?)" if byte >= 0x80 else ""
+    return f"line {line} is not UTF-8: byte 0x{byte:02x} at byte {error.start + 1} of the line{guess}"
 
 
 # Byte-order marks of the encodings decoded besides UTF-8 (the longer UTF-32 ones first).
 BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
+def utf8_document(body: bytes, where: str) -> bytes:
+    """An upstream body as UTF-8 without a byte-order mark: UTF-16 or UTF-32 with one is transcoded.
+
+    SourceError naming the line where the UTF-16 or UTF-32 text breaks.
+    """
+    encoding = next((name for bom, name in BOMS if body.startswith(bom)), None)
+    if encoding is None:
+        return body.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode(encoding).encode("utf-8")
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].decode(encoding, "replace").count("\n") + 1
+        raise SourceError(f"{where}: line {line} is not valid {encoding.upper()}: {error.reason}") from None
+
+
+def utf8_fault(body: bytes) -> str:
+    """Where a body that is not UTF-8 first breaks, as a CSV file's line is reported."""
+    for line, raw in enumerate(body.split(b"\n"), start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return not_utf8(raw, error, line)
+    return "not UTF-8"
 
 
 def utf8_stream(path: Path) -> BinaryIO:
@@ -937,17 +1020,66 @@ def record_cells(source: HttpSource, record: object, intake: Intake) -> list[obj
 decode_json = msgspec.json.Decoder(float_hook=float).decode
 
 
+# msgspec's words for a document that ends early, and for where it found a fault.
+JSON_ENDS_EARLY = "Input data was truncated"
+JSON_FAULT = re.compile(r"(?:JSON is malformed: )?(?P<what>.*?) \(byte (?P<at>\d+)\)")
+# Each escape of a JSON string, left to right: a UTF-16 pair, half of one (the other half cut off upstream, as by a
+# name truncated inside an emoji: valid JSON that msgspec refuses whole), or any other.
+JSON_ESCAPE = re.compile(rb"\\(?:ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}|(ud[89a-f][0-9a-f]{2})|.)", re.S | re.I)
+
+
+def mend_half_pairs(body: bytes) -> tuple[bytes, int]:
+    """The body with each escaped half of a UTF-16 pair replaced by U+FFFD, and how many there were."""
+    halves = 0
+
+    def mend(escape: re.Match[bytes]) -> bytes:
+        nonlocal halves
+        if escape[1] is None:
+            return escape[0]
+        halves += 1
+        return b"\\ufffd"
+
+    return JSON_ESCAPE.sub(mend, body), halves
+
+
 def decode_records(body: bytes, where: str) -> list[object]:
-    """The JSON array of records in a response body, or SourceError saying what came instead."""
+    """The JSON array of records in a response body (UTF-8 with or without a byte-order mark, or UTF-16 or
+    UTF-32 with one), or SourceError saying what came instead."""
+    body = utf8_document(body, where)
     try:
-        records = decode_json(body)
+        try:
+            records = decode_json(body)
+        except msgspec.DecodeError:
+            mended, halves = mend_half_pairs(body)
+            if not halves:
+                raise
+            records = decode_json(mended)
+            log.warning("half UTF-16 pairs replaced by U+FFFD", url=where, count=halves)
     except msgspec.DecodeError as error:
-        raise SourceError(f"{where}: not valid JSON ({error}) in {len(body)} bytes") from None
+        raise SourceError(f"{where}: {json_fault(body, str(error))}") from None
+    except UnicodeDecodeError:  # msgspec reads the text of strings as it goes
+        raise SourceError(f"{where}: {utf8_fault(body)}") from None
     except RecursionError:
         raise SourceError(f"{where}: JSON nested too deeply") from None
     if not isinstance(records, list):
         raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
     return records
+
+
+def json_fault(body: bytes, message: str) -> str:
+    """What is wrong with a body that is not JSON, in a reader's words: where, and how it starts."""
+    if not body.strip():
+        return "an empty body, not JSON"
+    starts = f"{len(body):,} bytes starting {printable(body[:40])!r}"
+    if message == JSON_ENDS_EARLY:
+        return f"not valid JSON: it ends early, in {starts}"
+    fault = JSON_FAULT.fullmatch(message)
+    if fault is None:
+        return f"not valid JSON, in {starts}"
+    at = int(fault["at"])
+    line = body.count(b"\n", 0, at) + 1
+    column = at - (body.rfind(b"\n", 0, at) + 1) + 1
+    return f"not valid JSON: {fault['what']} at line {line}, column {column}, in {starts}"
 
 
 # A page to load: the response, the record count of a full page (fewer ends
@@ -1033,7 +1165,9 @@ PLACEHOLDER_FORMS = frozenset(
     "".join(letters) for word in PLACEHOLDERS for letters in itertools.product(*({c, c.upper()} for c in word))
 )
 ZERO_IS_UNKNOWN = frozenset(["rank", "market_cap_usd"])
-DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# One way to match each text (the dot before a fraction is not optional), so a long cell of digits and a letter
+# is refused in linear time; `\d+\.?\d*`, the same language, tries each split of the digits (quadratic).
+DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 FUTURE_SLACK = timedelta(minutes=5)  # clocks of upstreams and of this host disagree by a little
 
 STATUS_WORDS = {
@@ -1105,6 +1239,11 @@ class ValueProblem(Exception):
         self.unreadable = unreadable
 
 
+# The unknown fields (or columns) a run's drift names, the most frequent first; the others share one entry, so
+# records that each carry new keys (ids as keys) cannot bloat the run record, /runs, /stats and the log line.
+UNKNOWN_NAMED = 50
+
+
 @dataclass
 class Intake:
     """How one source's records are read in one run, and the drift counted while reading them.
@@ -1127,10 +1266,14 @@ class Intake:
         `absent` maps each name the source could have given a field it did not send to that field.
         """
         word = "field" if self.upstream else "column"
-        report = collections.Counter({f"unknown {word} {name!r}": n for name, n in self.unknown.items()})
+        named = dict(self.unknown.most_common(UNKNOWN_NAMED))
+        report = collections.Counter({f"unknown {word} {name!r}": n for name, n in named.items()})
+        if len(self.unknown) > len(named):
+            more = f"{len(self.unknown) - len(named):,} more unknown {word}s, each rarer"
+            report[more] = self.unknown.total() - sum(named.values())
         report.update({f"missing field {name!r}": n for name, n in self.missing.items()})
-        for known, unknown, score in likely_renames(absent, self.unknown):
-            report[f"likely rename {known!r} \u2192 {unknown!r} (similarity {score:.2f})"] = self.unknown[unknown]
+        for known, unknown, score in likely_renames(absent, named):
+            report[f"likely rename {known!r} \u2192 {unknown!r} (similarity {score:.2f})"] = named[unknown]
         report.update(self.drift)
         return dict(report)
 

@@ -98,24 +98,38 @@ class Config:
                     f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not an origin; expected '*' or origins"
                     " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path)"
                 )
-        try:
-            return cls._read(environ, keys, origins)
-        except ValueError as error:
-            raise SystemExit(f"kasparro: bad number in the environment: {error}") from None
+        return cls._read(environ, keys, origins)
 
     @classmethod
     def _read(cls, environ: Mapping[str, str], keys: tuple[str, ...], origins: tuple[str, ...]) -> Config:
         return cls(
             db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
-            etl_max_age=int(environ.get("KASPARRO_ETL_MAX_AGE", "21600")),
+            etl_max_age=setting(environ, "KASPARRO_ETL_MAX_AGE", cls.etl_max_age, (1, 10**10)),
             api_keys=keys,
-            rate_limit=float(environ.get("KASPARRO_RATE_LIMIT", "0")),
+            rate_limit=setting(environ, "KASPARRO_RATE_LIMIT", cls.rate_limit, (0, 10**9)),
             log_level=environ.get("LOG_LEVEL", "info").lower(),
             env=environ.get("ENV", "development"),
             metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"]) if environ.get("PROMETHEUS_MULTIPROC_DIR") else None,
             role=environ.get("KASPARRO_ROLE", "primary"),
             cors_origins=origins,
         )
+
+
+def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple[float, float]) -> Any:
+    """A number from the environment, of the default's type and within `bounds` (unset or empty: the default), or
+    SystemExit naming the variable: a negative or infinite one would otherwise pass, or stop the start with a
+    traceback."""
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = type(default)(text)
+    except ValueError:
+        value = None
+    if value is None or not bounds[0] <= value <= bounds[1]:
+        kind = "a whole number" if isinstance(default, int) else "a number"
+        raise SystemExit(f"kasparro: {name} must be {kind} from {bounds[0]:,} to {bounds[1]:,}, not {text[:40]!r}")
+    return value
 
 
 ROLES = ("primary", "replica")
@@ -1285,11 +1299,14 @@ CURSOR = re.compile(r"[A-Za-z0-9_-]{12,512}")
 
 # The syntax of filter_by, in the dialect shared by Python and JSON Schema (ECMA-262): the parser's
 # words, lower-case, with plain spaces. The API refuses what it does not match, so the pattern that
-# the OpenAPI document publishes is exactly as strict as the API.
+# the OpenAPI document publishes is exactly as strict as the API. A value (spaces, then something) has one
+# way to match, so refusing a long filter costs time linear in its length, on the event loop; written
+# `[^,]*[^ ,][^,]*`, the same language, it backtracks through a quadratic number of ways.
+VALUE_SYNTAX = " *[^ ,][^,]*"
 CONDITION_SYNTAX = (
     f"(?:{'|'.join(STATUSES)}"
-    f"|(?:{'|'.join(TEXT_FIELDS)}) *[:~][^,]*[^ ,][^,]*"
-    f"|(?:{'|'.join(NUMBER_FIELDS + TIME_FIELDS)}) *(?::|[<>]=?)[^,]*[^ ,][^,]*)"
+    f"|(?:{'|'.join(TEXT_FIELDS)}) *[:~]{VALUE_SYNTAX}"
+    f"|(?:{'|'.join(NUMBER_FIELDS + TIME_FIELDS)}) *(?::|[<>]=?){VALUE_SYNTAX})"
 )
 FILTER_SYNTAX = f" *(?:{CONDITION_SYNTAX} *(?:, *{CONDITION_SYNTAX} *)*)?"
 CONDITION_PART = re.compile(f" *{CONDITION_SYNTAX} *")
@@ -1297,6 +1314,12 @@ FILTER = re.compile(FILTER_SYNTAX)
 
 OPERATOR = re.compile(r">=|<=|[:~<>]")
 NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# What one filter_by may ask, within SQLite's limits: each condition and each alternative of a `~` is a term of one
+# SQL expression (at most 1,000 deep), and each `~` text a LIKE pattern (at most 50,000 bytes). Stored names are at
+# most 200 characters and source names a file name's length, so a longer text matches nothing anyway.
+MAX_CONDITIONS = 100
+MAX_CONTAINS = 100  # alternatives of one `~` condition
+MAX_CONTAINS_TEXT = 1_000  # characters of one `~` text
 ASSET_COLUMNS = ", ".join(Asset.__struct_fields__)  # in the order of the Struct, which is built from the row
 QUOTE_COLUMNS = ", ".join(Quote.__struct_fields__)
 
@@ -1440,7 +1463,10 @@ def parse_sort(text: str | None) -> Sort:
 
 def parse_filter(text: str) -> tuple[Condition, ...]:
     """filter_by: comma-separated conditions, normalised, deduplicated and ordered."""
-    conditions = {parse_condition(part.strip()) for part in text.split(",")} if text.strip() else set()
+    parts = text.split(",") if text.strip() else []
+    if len(parts) > MAX_CONDITIONS:
+        raise InvalidQuery(f"filter_by: at most {MAX_CONDITIONS} conditions, got {len(parts)}")
+    conditions = {parse_condition(part.strip()) for part in parts}
     if not FILTER.fullmatch(text):
         part = next((part for part in text.split(",") if not CONDITION_PART.fullmatch(part)), text)
         raise InvalidQuery(
@@ -1473,6 +1499,13 @@ def parse_condition(text: str) -> Condition:
         if op not in ":~":
             raise InvalidQuery(f"filter_by: {field} is text: use {field}:value or {field}~text, not {op!r}")
         values: list[str | float] = [value.lower() for value in alternatives]
+        if op == "~" and len(set(values)) > MAX_CONTAINS:
+            raise InvalidQuery(f"filter_by: {field}~ takes at most {MAX_CONTAINS} alternatives, got {len(set(values))}")
+        if op == "~" and (longest := max(map(len, alternatives))) > MAX_CONTAINS_TEXT:
+            raise InvalidQuery(
+                f"filter_by: a {field}~ text of {longest:,} characters; at most {MAX_CONTAINS_TEXT:,}"
+                f" (no {field} is longer)"
+            )
         if field == "status" and op == ":" and not set(values) <= set(STATUSES):
             raise InvalidQuery(f"filter_by: status is {' or '.join(STATUSES)}, got {raw[:40]!r}")
     elif op == "~":
@@ -1650,7 +1683,7 @@ def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
     except msgspec.DecodeError:
         raise InvalidQuery("cursor: not a token given by next_cursor") from None
     if token.query_digest != query.digest:
-        raise InvalidQuery("cursor: issued for another filter_by or sort than this request's")
+        raise InvalidQuery("cursor: issued for another filter_by, sort or as_of than this request's")
     numeric = query.sort.nullable
     if token.in_nulls != (token.value is None) or (token.value is not None and isinstance(token.value, str) == numeric):
         raise InvalidQuery("cursor: does not fit the sort")
@@ -3462,6 +3495,8 @@ FILTER_GRAMMAR_TEXT = f"""Comma-separated conditions; all must hold.
 - `>`, `>=`, `<`, `<=` compare numbers and `updated_at` (an RFC 3339 time or date).
 - Text fields: {", ".join(TEXT_FIELDS)}. Number fields: {", ".join(NUMBER_FIELDS)}. Time: updated_at.
 - Field names and bare statuses are lower-case; plain spaces may surround conditions.
+- At most {MAX_CONDITIONS} conditions; a `~` takes at most {MAX_CONTAINS} alternatives, each of at most
+  {MAX_CONTAINS_TEXT:,} characters.
 
 Anything else (unknown field, bad number or time, empty condition) is a 400 problem naming it."""
 
@@ -3756,7 +3791,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "schema": string,
         "description": "an ETag of an earlier answer: 304 when it is still current",
     }
-    moment = {"type": "string", "examples": ["2026-11-25T12:00:00Z", "1764072000"]}
+    moment = {"type": "string", "examples": ["2026-11-25T12:00:00Z", "1795608000"]}  # one moment, the sample's
     data_parameters = [
         {
             "name": "page",
@@ -3792,7 +3827,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "name": "cursor",
             "in": "query",
             "schema": {"type": "string", "pattern": f"^(?:{CURSOR.pattern})?$"},
-            "description": "next_cursor of the previous page, for the same filter_by and sort; page is then ignored",
+            "description": "next_cursor of the previous page, for the same filter_by, sort and as_of; page is then"
+            " ignored",
         },
         {
             "name": "as_of",

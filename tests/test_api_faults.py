@@ -444,8 +444,12 @@ def test_rate_limit_from_the_environment() -> None:
     assert Config.from_env({}).rate_limit == 0
     assert Config.from_env({"KASPARRO_RATE_LIMIT": "2.5"}).rate_limit == 2.5
     for bad in ("-1", "nan", "inf"):
-        with pytest.raises(ValueError, match="KASPARRO_RATE_LIMIT"):
-            create_app(Config.from_env({"KASPARRO_RATE_LIMIT": bad}))
+        with pytest.raises(
+            SystemExit, match=f"KASPARRO_RATE_LIMIT must be a number from 0 to 1,000,000,000, not '{bad}'"
+        ):
+            Config.from_env({"KASPARRO_RATE_LIMIT": bad})
+        with pytest.raises(ValueError, match="KASPARRO_RATE_LIMIT"):  # a Config built by hand is checked too
+            create_app(Config(rate_limit=float(bad)))
 
 
 def test_a_client_over_the_limit_gets_429_with_retry_after(make_client: Any, store_path: Path) -> None:

@@ -1,0 +1,131 @@
+"""Queries at their edges, as a newcomer tried them: filter_by very long or with very many conditions, a cursor taken
+to another as_of, the documented examples. Real uvicorn on 127.0.0.1 over a copy of the sample store."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+AS_OF = "2026-11-25T12:00:00Z"  # the sample's time: the moment's market is the whole sample
+ROUTES = (
+    "/data?page_size=100",
+    f"/data?page_size=100&as_of={AS_OF}",
+    "/data/export",
+    f"/data/export?as_of={AS_OF}&format=ndjson",
+)
+
+
+def with_filter(route: str, filter_by: str) -> str:
+    return route + ("&" if "?" in route else "?") + "filter_by=" + urllib.parse.quote(filter_by, safe="")
+
+
+def problem(server: Any, path: str) -> str:
+    """The detail of the 400 problem that path must answer."""
+    status, headers, body = server.get(path)
+    assert (status, headers["content-type"]) == (400, "application/problem+json"), body[:300]
+    return json.loads(body)["detail"]
+
+
+def asset_ids(server: Any, path: str) -> set[str]:
+    """Every asset_id path answers (a page of 100, or the whole export)."""
+    status, _, body = server.get(path)
+    assert status == 200, body[:300]
+    if path.startswith("/data/export?as_of"):  # NDJSON
+        return {json.loads(line)["asset_id"] for line in body.splitlines()}
+    if path.startswith("/data/export"):  # CSV: asset_id is the first column, and no id holds a comma
+        return {line.split(b",")[0].decode() for line in body.splitlines()[1:]}
+    return {asset["asset_id"] for asset in json.loads(body)["data"]}
+
+
+def test_a_long_filter_refused_by_its_syntax_answers_at_once(live_server: Any, store_path: Path) -> None:
+    """Checking filter_by's syntax took time quadratic in a value's length (12 kB: 6 s with the event loop held)."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    hostile = "name:" + "a" * 30_000 + ",\trank>1"  # a tab is not a plain space: refused, after the long value
+    # http_get gives up after 10 s; the old check took minutes here, during which /health waited too.
+    assert problem(server, with_filter("/data", hostile)).startswith("filter_by: '\\trank>1' is not field, operator")
+    assert server.get("/health")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("filter_by", "detail"),
+    [
+        ("name~" + "a" * 51_000, "filter_by: a name~ text of 51,000 characters; at most 1,000 (no name is longer)"),
+        (
+            "name~" + "|".join(f"q{n}" for n in range(1_500)),
+            "filter_by: name~ takes at most 100 alternatives, got 1500",
+        ),
+        (
+            "source~" + "|".join(f"q{n}" for n in range(900)),
+            "filter_by: source~ takes at most 100 alternatives, got 900",
+        ),
+        (",".join(f"rank>{n}" for n in range(1_500)), "filter_by: at most 100 conditions, got 1500"),
+    ],
+    ids=["long-contains", "many-contains", "many-source-contains", "many-conditions"],
+)
+def test_a_filter_beyond_sqlites_limits_is_a_400_problem(
+    live_server: Any, store_path: Path, filter_by: str, detail: str
+) -> None:
+    """Each was a 500 from SQLite (LIKE pattern too complex, expression tree too large), and the export a 200
+    whose body ended empty."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    for route in ROUTES:
+        assert problem(server, with_filter(route, filter_by)) == detail, route
+
+
+def test_filters_at_the_limits_answer_as_the_store_says(
+    live_server: Any, store_path: Path, sample_assets: list[dict[str, Any]]
+) -> None:
+    server = live_server(store_path, LOG_LEVEL="warning")
+    named = {a["asset_id"] for a in sample_assets if "bitcoin" in a["name"].lower() or "ether" in a["name"].lower()}
+    contains = "name~" + "|".join(["bitcoin", "ether", *(f"zz{n}" for n in range(98))])
+    top = {a["asset_id"] for a in sample_assets if a["rank"] is not None and a["rank"] <= 50}
+    ranks = ",".join(f"rank<={50 + n}" for n in range(99))  # 99 conditions, all implied by the first
+    long_text = "name~" + "b" * 1_000
+    assert 2 < len(named) < 100 and 2 < len(top) <= 50
+    active = {a["asset_id"] for a in sample_assets if a["status"] == "active"}
+    for route in ROUTES:
+        assert asset_ids(server, with_filter(route, contains)) == named, route
+        assert asset_ids(server, with_filter(route, ranks + ",active")) == top & active, route
+        assert asset_ids(server, with_filter(route, long_text)) == set(), route
+
+
+def test_a_cursor_taken_to_another_as_of_is_refused_naming_as_of(live_server: Any, store_path: Path) -> None:
+    server = live_server(store_path, LOG_LEVEL="warning")
+    status, _, body = server.get(f"/data?page_size=2&as_of={AS_OF}")
+    cursor = json.loads(body)["next_cursor"]
+    assert status == 200 and cursor
+    assert server.get(f"/data?page_size=2&as_of={AS_OF}&cursor={cursor}")[0] == 200
+    for other in ("", "&as_of=2026-11-25T11:00:00Z"):
+        detail = problem(server, f"/data?page_size=2&cursor={cursor}{other}")
+        assert detail == "cursor: issued for another filter_by, sort or as_of than this request's"
+
+
+def test_the_documented_examples_of_a_time_name_one_moment(live_server: Any, store_path: Path) -> None:
+    """The Unix-seconds example was 2025's moment beside 2026's RFC 3339 one: /docs showed an empty market for it."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    document = json.loads(server.get("/openapi.json")[2])
+    times = {
+        (path, parameter["name"]): parameter["schema"]["examples"]
+        for path, item in document["paths"].items()
+        for parameter in item["get"].get("parameters", [])
+        if parameter["name"] in ("as_of", "from", "to")
+    }
+    assert {name for _, name in times} == {"as_of", "from", "to"}
+    for (path, name), examples in times.items():
+        answers = set()
+        for example in examples:
+            target = path.replace("{asset_id}", "bitcoin") + f"?{name}={example}"
+            target += "&fields=asset_id,price_usd,updated_at" if path == "/data" else ""
+            status, _, body = server.get(target)
+            assert status == 200, (target, body[:300])
+            answer = json.loads(body) if path != "/data/export" else body
+            if isinstance(answer, dict):
+                del answer["request_id"], answer["api_latency_ms"]
+            answers.add(json.dumps(answer, sort_keys=True) if isinstance(answer, dict) else answer)
+        assert len(answers) == 1, (path, name, examples)
+    status, _, body = server.get(f"/data?as_of={times['/data', 'as_of'][-1]}")
+    assert json.loads(body)["total_items"] > 0

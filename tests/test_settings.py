@@ -1,0 +1,110 @@
+"""Numeric settings and arguments at their edges, as a newcomer tried them: each value out of its range is a usage
+error (the ETL's exit 2) naming it, before anything is written or served. The real etl.py and uvicorn as
+subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import etl
+from etl_support import ROOT, run_etl
+
+SECONDS = "a number from 0.001 to 86,400"
+COUNT = "a whole number from 1 to 1,000,000,000"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("KASPARRO_BUSY_TIMEOUT", "nan", "a number from 0 to 86,400"),  # was a ValueError traceback
+        ("KASPARRO_BUSY_TIMEOUT", "1e400", "a number from 0 to 86,400"),  # an OverflowError traceback
+        ("KASPARRO_HTTP_TIMEOUT", "-1", SECONDS),  # a traceback in the run, left 'running'
+        ("KASPARRO_HTTP_TIMEOUT", "0", SECONDS),  # 'BlockingIOError: Operation now in progress'
+        ("KASPARRO_HTTP_TIMEOUT", "nan", SECONDS),
+        ("KASPARRO_HTTP_BUDGET", "nan", SECONDS),  # a budget that never ends
+        ("KASPARRO_HTTP_BACKOFF", "inf", "a number from 0 to 86,400"),
+        ("KASPARRO_HTTP_MAX_REQUESTS", "0", COUNT),
+        ("KASPARRO_HTTP_MAX_REQUESTS", "ten", COUNT),  # 'invalid literal for int() with base 10', naming nothing
+        ("KASPARRO_COINGECKO_MAX_PAGES", "0", COUNT),  # a run that succeeded loading nothing
+        ("KASPARRO_COINGECKO_MAX_PAGES", "-3", COUNT),
+        ("KASPARRO_RAW_KEEP_RUNS", "99999999999999999999", "a whole number from 0 to 1,000,000,000"),  # OverflowError
+        ("KASPARRO_BATCH_ROWS", "-5", COUNT),  # quietly 1 row a transaction
+        ("KASPARRO_COINGECKO_RATE", "fast", "a number from 0.001 to 1,000,000,000"),
+    ],
+)
+def test_a_numeric_setting_out_of_range_is_a_usage_error_naming_it(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    db = tmp_path / "store.db"
+    result = run_etl(db, "coingecko", **{name: value})
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: {name} must be {expected}, not {value!r}\n",
+    )
+    assert not db.exists()
+
+
+def test_numeric_settings_in_range_are_taken(tmp_path: Path) -> None:
+    config = etl.EtlConfig.from_env(
+        {"KASPARRO_HTTP_TIMEOUT": " 0.5 ", "KASPARRO_BUSY_TIMEOUT": "0", "KASPARRO_RAW_KEEP_RUNS": "0",
+         "KASPARRO_COINGECKO_MAX_PAGES": "3", "KASPARRO_BATCH_ROWS": "", "KASPARRO_HTTP_BACKOFF": "0"}
+    )  # fmt: skip
+    assert (config.http.read_timeout, config.http.connect_timeout, config.busy_timeout) == (0.5, 0.5, 0.0)
+    assert (config.raw_keep_runs, config.coingecko_max_pages, config.batch_rows) == (0, 3, etl.EtlConfig.batch_rows)
+    assert config.http.backoff == 0.0
+
+
+def test_a_replay_of_a_run_id_sqlite_cannot_hold_is_a_usage_error(tmp_path: Path) -> None:
+    """It was an OverflowError traceback that left the run 'running'."""
+    db = tmp_path / "store.db"
+    result = run_etl(db, "replay:coingecko@99999999999999999999999")
+    assert result.returncode == etl.EXIT_USAGE
+    assert result.stderr == (
+        "etl.py: error: source 'replay:coingecko@99999999999999999999999': no run has an id over"
+        f" {2**63 - 1} (SQLite's largest integer)\n"
+    )
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("stem", ["a|b", "markets,2026-11-25"])
+def test_a_csv_whose_stem_cannot_be_a_source_name_must_be_named(tmp_path: Path, stem: str) -> None:
+    """A stem with ',' or '|' made a source name that filter_by=source: splits and a CSV sources cell garbles."""
+    feed = tmp_path / f"{stem}.csv"
+    feed.write_text("symbol,name,price\nBTC,Bitcoin,1\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: source 'csv:{feed}' would be named 'csv:{stem}', but ',' and '|' separate names in"
+        " filter_by=source:… and in a CSV's sources cells; name it with csv:NAME=PATH\n",
+    )
+    assert not db.exists()
+    assert run_etl(db, f"csv:feed={feed}").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("KASPARRO_RATE_LIMIT", "nan", "a number from 0 to 1,000,000,000"),  # was a ValueError traceback at start
+        ("KASPARRO_RATE_LIMIT", "-1", "a number from 0 to 1,000,000,000"),
+        ("KASPARRO_ETL_MAX_AGE", "-5", "a whole number from 1 to 10,000,000,000"),  # taken: /health always degraded
+        ("KASPARRO_ETL_MAX_AGE", "6h", "a whole number from 1 to 10,000,000,000"),  # 'invalid literal for int()'
+    ],
+)
+def test_an_api_setting_out_of_range_stops_the_start_naming_it(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KASPARRO_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "kasparro:app", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, env={**environ, "KASPARRO_DB": str(tmp_path / "store.db"), name: value},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"kasparro: {name} must be {expected}, not {value!r}" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -1,0 +1,250 @@
+"""Upstream bodies as a newcomer met them: other encodings, bodies cut short, half UTF-16 pairs, no JSON at all.
+The real etl.py against a fake CoinGecko on 127.0.0.1, into a real SQLite store."""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import json
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import etl
+from etl_support import etl_against, last_run, query, run_etl
+from upstream import COINGECKO_MARKETS, Reply
+
+NAMES = ["Bitcoin", "Café Coin", "Ünïcode Tökén", "Rocket 🚀"]
+
+
+def markets(names: list[str] = NAMES) -> list[dict[str, Any]]:
+    """A short (so last) page of CoinGecko /coins/markets records with these names."""
+    return [
+        {"id": f"coin-{n}", "symbol": f"c{n}", "name": name, "current_price": 1.5 + n, "market_cap": 1000 + n,
+         "market_cap_rank": n + 1, "total_volume": 10.0, "price_change_percentage_24h": 0.5,
+         "last_updated": "2026-11-25T12:00:00Z"}
+        for n, name in enumerate(names)
+    ]  # fmt: skip
+
+
+def loaded_names(db: Path) -> list[str]:
+    return [name for (name,) in query(db, "SELECT name FROM source_map ORDER BY source_id")]
+
+
+def source_error(db: Path) -> str:
+    (error,) = query(db, "SELECT error FROM run_source WHERE source = 'coingecko' ORDER BY run_id DESC LIMIT 1")[0]
+    return error
+
+
+def fails_clearly(result: Any, db: Path) -> str:
+    """The source's error of a run that failed with a message, not a traceback, and was recorded as failed."""
+    assert result.returncode == etl.EXIT_FAILED, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last_run(db)["status"] == "failed"
+    return source_error(db)
+
+
+# --- encodings ----------------------------------------------------------------------
+
+
+def test_a_body_that_is_not_utf8_fails_the_source_naming_the_line_and_byte(upstream: Any, tmp_path: Path) -> None:
+    """A Windows-1252 body was a UnicodeDecodeError traceback that left the run 'running'."""
+    text = json.dumps(markets(NAMES[:3]), indent=1, ensure_ascii=False)
+    line = next(n for n, content in enumerate(text.split("\n"), start=1) if "Café" in content)
+    column = text.split("\n")[line - 1].encode("cp1252").index("é".encode("cp1252")) + 1
+    upstream.route(COINGECKO_MARKETS, Reply(body=text.encode("cp1252")))
+    db = tmp_path / "store.db"
+    error = fails_clearly(etl_against(upstream, db, "coingecko"), db)
+    assert error.endswith(
+        f": line {line} is not UTF-8: byte 0xe9 at byte {column} of the line (Windows-1252 or Latin-1?)"
+    )
+    assert query(db, "SELECT count(*) FROM source_map") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: codecs.BOM_UTF8 + text.encode("utf-8"),
+        lambda text: text.encode("utf-16"),  # little-endian, with its byte-order mark
+        lambda text: codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+        lambda text: text.encode("utf-32"),
+    ],
+    ids=["utf-8-bom", "utf-16-le", "utf-16-be", "utf-32"],
+)
+def test_a_body_with_a_byte_order_mark_loads(upstream: Any, tmp_path: Path, encode: Any) -> None:
+    """SPEC's input hygiene: UTF-8 with or without a BOM, UTF-16 with one; they failed as 'not valid JSON'."""
+    upstream.route(COINGECKO_MARKETS, Reply(body=encode(json.dumps(markets(), ensure_ascii=False))))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert loaded_names(db) == NAMES
+
+
+def test_a_broken_utf16_body_fails_naming_its_line(upstream: Any, tmp_path: Path) -> None:
+    body = json.dumps(markets(), indent=1).encode("utf-16")[:-1]  # the last character loses a byte
+    upstream.route(COINGECKO_MARKETS, Reply(body=body))
+    db = tmp_path / "store.db"
+    lines = json.dumps(markets(), indent=1).count("\n") + 1
+    assert fails_clearly(etl_against(upstream, db, "coingecko"), db).endswith(
+        f": line {lines} is not valid UTF-16: truncated data"
+    )
+
+
+def test_a_record_with_half_a_utf16_pair_loads_with_a_replacement_character(upstream: Any, tmp_path: Path) -> None:
+    """A name cut inside an emoji upstream ('\\ud83d' alone: valid JSON) failed the whole page as 'truncated'."""
+    body = json.dumps(markets()).replace("\\ud83d\\ude80", "\\ud83d")  # json.dumps escapes the emoji as a pair
+    assert "\\ud83d" in body and "\\ude80" not in body
+    upstream.route(COINGECKO_MARKETS, Reply(body=body))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert loaded_names(db) == [*NAMES[:3], "Rocket \ufffd"]
+    assert (last_run(db)["status"], last_run(db)["rows_loaded"]) == ("success", 4)
+
+
+# --- bodies cut short ---------------------------------------------------------------
+
+
+def test_a_body_cut_short_is_fetched_again(upstream: Any, tmp_path: Path) -> None:
+    """The connection closed before Content-Length: read as a whole body, it failed the source as bad JSON."""
+    upstream.route(COINGECKO_MARKETS, Reply(body=markets(), truncate=100), Reply(body=markets()))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(upstream.requests) == 2
+    assert loaded_names(db) == NAMES
+    size = len(json.dumps(markets()).encode())
+    retries = [json.loads(line) for line in result.stdout.splitlines() if '"retrying"' in line]
+    assert [r["problem"] for r in retries] == [f"the connection closed after 100 of {size:,} bytes"]
+
+
+DOCUMENT = json.dumps(markets()).encode()
+CUT_GZIP = gzip.compress(DOCUMENT)[:-30]  # the deflate stream's end and the gzip trailer are missing
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [
+        (Reply(body=DOCUMENT, truncate=100), f"the connection closed after 100 of {len(DOCUMENT):,} bytes"),
+        (
+            Reply(body=CUT_GZIP, headers={"Content-Encoding": "gzip"}),  # Content-Length is the cut body's
+            f"the gzip body ends early, after {len(zlib.decompressobj(wbits=31).decompress(CUT_GZIP)):,} bytes"
+            " inflated",
+        ),
+    ],
+    ids=["content-length", "gzip-stream"],
+)
+def test_a_body_always_cut_short_fails_the_source_saying_so(
+    upstream: Any, tmp_path: Path, reply: Reply, problem: str
+) -> None:
+    upstream.route(COINGECKO_MARKETS, reply)
+    db = tmp_path / "store.db"
+    error = fails_clearly(etl_against(upstream, db, "coingecko"), db)
+    assert error.endswith(f"{problem} after {etl.HttpPolicy.attempts} attempts")
+    assert len(upstream.requests) == etl.HttpPolicy.attempts
+
+
+# --- not JSON -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "an empty body, not JSON"),
+        (b"<html>rate limited</html>", "not valid JSON: invalid character at line 1, column 1, in 25 bytes"
+         " starting '<html>rate limited</html>'"),
+        (b'[{"id": "a"},\n {"id": "b"},\n]', "not valid JSON: trailing comma in array at line 3, column 1,"
+         " in 29 bytes starting '[{\"id\": \"a\"},? {\"id\": \"b\"},?]'"),
+        (b'[{"id": "a"', "not valid JSON: it ends early, in 11 bytes starting '[{\"id\": \"a\"'"),
+    ],
+    ids=["empty", "html", "trailing-comma", "ends-early"],
+)  # fmt: skip
+def test_a_body_that_is_not_json_says_where_in_a_readers_words(
+    upstream: Any, tmp_path: Path, body: bytes, reason: str
+) -> None:
+    """The parser's own words ('JSON is malformed: invalid character (byte 0)', 'Input data was truncated') were
+    the error."""
+    upstream.route(COINGECKO_MARKETS, Reply(body=body))
+    db = tmp_path / "store.db"
+    assert fails_clearly(etl_against(upstream, db, "coingecko"), db).endswith(f": {reason}")
+
+
+# --- drift --------------------------------------------------------------------------
+
+
+def test_drift_names_the_most_frequent_unknown_fields_and_counts_the_rest(upstream: Any, tmp_path: Path) -> None:
+    """Records that each carry new keys (ids as keys) made a drift entry per key: 100,000 of them were 8 MB in the
+    run record, in every /runs and /stats answer and in one log line."""
+    records = markets()
+    for n, record in enumerate(records):
+        record["price_current"] = record.pop("current_price")  # renamed in every record
+        record.update({f"coin-{n}-{k}": k for k in range(100)})  # 400 names, each once
+    upstream.route(COINGECKO_MARKETS, Reply(body=records))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (text,) = query(db, "SELECT drift FROM run_source")[0]
+    drift = json.loads(text)
+    named = [entry for entry in drift if entry.startswith("unknown field ")]
+    assert len(named) == etl.UNKNOWN_NAMED and drift["unknown field 'price_current'"] == len(records)
+    assert drift[f"{401 - etl.UNKNOWN_NAMED} more unknown fields, each rarer"] == 400 - (etl.UNKNOWN_NAMED - 1)
+    assert drift["missing field 'current_price'"] == len(records)
+    assert [entry for entry in drift if entry.startswith("likely rename 'current_price' \u2192 'price_current'")]
+    assert len(text) < 5_000
+
+
+# --- slow bodies ----------------------------------------------------------------------
+
+
+def test_a_body_that_drips_in_ends_with_the_time_budget(tmp_path: Path) -> None:
+    """A body was read 64 kB at a time, each read waiting as long as bytes kept coming within the read timeout:
+    an upstream sending a byte every 0.4 s held a run with a 2 s budget for the whole body (27 s for 61 bytes)."""
+    sent: list[int] = []
+    stop = threading.Event()
+
+    class Drip(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet."""
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(DOCUMENT)))
+            self.end_headers()
+            count = 0
+            try:
+                for byte in DOCUMENT:  # one byte every 0.2 s, well within the 1 s read timeout
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    count += 1
+                    if stop.wait(0.2):
+                        break
+            except OSError:  # the ETL hung up
+                pass
+            sent.append(count)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        db = tmp_path / "store.db"
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = run_etl(
+            db, "coingecko", KASPARRO_COINGECKO_URL=url, KASPARRO_HTTP_BUDGET="2", KASPARRO_HTTP_TIMEOUT="1"
+        )
+        assert fails_clearly(result, db) == "time budget of 2 s spent while reading"
+        deadline = time.monotonic() + 30
+        while not sent and time.monotonic() < deadline:
+            stop.wait(0.05)  # the handler sees the hang-up at its next byte
+        assert sent and sent[0] < len(DOCUMENT) // 2, sent  # the ETL hung up long before the body's end
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
