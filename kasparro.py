@@ -7,6 +7,7 @@ import atexit
 import base64
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import csv
@@ -1921,9 +1922,10 @@ def latest_candle_sql(width: int, looked_for: str) -> str:
     )
 
 
-# Each listing's state at ?1: a listing whose pruned part of a tier (before raw_before, hourly_before) holds the
-# moment is not looked for in it, nor is one found in an earlier tier (the CASEs leave the later joins' keys NULL,
-# which SQLite does not seek). observed_at is in Unix seconds.
+# Each listing's state at ?1, of the assets ?2 to ?3 (a part of the market: MARKET_PARTS): a listing whose pruned
+# part of a tier (before raw_before, hourly_before) holds the moment is not looked for in it, nor is one found in
+# an earlier tier (the CASEs leave the later joins' keys NULL, which SQLite does not seek). observed_at is in Unix
+# seconds.
 MARKET_STATES = f"""
 SELECT i.asset_id, i.n, i.source, i.special, i.pinned, i.symbol, i.name, r.listing_id AS raw,
        iif(r.listing_id IS NULL, i.status, iif(r.active, 'active', 'inactive')) AS status,
@@ -1941,8 +1943,8 @@ LEFT JOIN main.candle h ON h.listing_id = i.listing_id AND h.width = 3600
     AND h.t = {latest_candle_sql(3600, "r.listing_id IS NULL AND i.hourly_before <= ?1")}
 LEFT JOIN main.candle d ON d.listing_id = i.listing_id AND d.width = 86400
     AND d.t = {latest_candle_sql(86400, "r.listing_id IS NULL AND h.listing_id IS NULL")}
-WHERE coalesce(r.observed_at, h.last_at, d.last_at) IS NOT NULL
-"""  # daily candles are kept forever
+WHERE i.asset_id BETWEEN ?2 AND ?3 AND coalesce(r.observed_at, h.last_at, d.last_at) IS NOT NULL
+"""  # daily candles are kept forever; ?2, ?3: the first and last asset of the part of the market built
 
 
 def asset_states_sql(columns: str, condition: str = "true", order: str = "") -> str:
@@ -1983,14 +1985,21 @@ CREATE TEMP VIEW source_map AS
 SELECT a.asset_id, j.value AS source, a.updated_at AS observed_at FROM temp.asset a, json_each(a.sources) j
 """
 MARKET_ASSETS_KEPT = 100_000  # assets in the markets a commit keeps, in all
+# A market is built in this many parts at once, each a range of assets holding about as many listings, each in a
+# connection and thread of its own (SQLite lets go of the GIL while it works), then copied into one: a build's
+# time is its CPU divided among the machine's cores. A part's temp database comes back serialized.
+MARKET_PARTS = max(1, min(4, os.cpu_count() or 1))
+MARKET_BUILDERS = concurrent.futures.ThreadPoolExecutor(max(1, MARKET_PARTS - 1), thread_name_prefix="market")
 
 
 @dataclass(frozen=True)
 class MarketIdentity:
-    """identity.listing (MARKET_IDENTITY) of one data version, serialized."""
+    """identity.listing (MARKET_IDENTITY) of one data version, serialized, and the first and last asset of each
+    part of a market built from it (MARKET_PARTS)."""
 
     version: DataVersion
     pages: bytes
+    parts: tuple[tuple[str, str], ...]
 
 
 @dataclass(eq=False)
@@ -2005,9 +2014,13 @@ class Market:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def build_market(uri: str, as_of: int, identity: MarketIdentity | None) -> tuple[Market, MarketIdentity]:
-    """The market at `as_of` (Unix seconds) as the store at `uri` (read-only) keeps it now, and the identity it was
-    built from (`identity` when that is of the store's version now, else made afresh)."""
+class MarketMoved(Exception):
+    """A part of a market was read at another data version than the identity it was built from."""
+
+
+def market_connection(uri: str, identity: MarketIdentity | None) -> sqlite3.Connection:
+    """A connection to the store at `uri` (read-only) with `identity` attached as `identity` (empty when None) and
+    the store's definition of asset as a TEMP table."""
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {Store.BUSY_TIMEOUT_MS}")
@@ -2016,24 +2029,79 @@ def build_market(uri: str, as_of: int, identity: MarketIdentity | None) -> tuple
         conn.execute("ATTACH ':memory:' AS identity")  # not within a transaction
         if identity is not None:
             conn.deserialize(identity.pages, name="identity")
-        conn.execute("BEGIN")
-        version = read_version(conn)
-        if identity is None or identity.version != version:
-            conn.execute("DROP TABLE IF EXISTS identity.listing")
-            for sql in MARKET_IDENTITY:
-                conn.execute(sql)
         ((sql,),) = conn.execute(MARKET_ASSET).fetchall()
         conn.execute(re.sub(r"^CREATE TABLE ", "CREATE TEMP TABLE ", sql))
-        conn.execute(MARKET_SOURCES)
-        assets = conn.execute(MARKET_UNIFY, (as_of,)).rowcount
-        conn.execute("COMMIT")
-        if identity is None or identity.version != version:
-            identity = MarketIdentity(version, conn.serialize(name="identity"))
-        conn.execute("DETACH DATABASE identity")  # its copy is not kept with the market
     except BaseException:
         conn.close()
         raise
-    return Market(conn, version, assets, Commit(0, version)), identity
+    return conn
+
+
+def make_identity(conn: sqlite3.Connection, version: DataVersion) -> MarketIdentity:
+    """The identity of `version` made in `conn` (in its read transaction), split into MARKET_PARTS ranges of
+    assets holding about as many listings each (n numbers the listings in asset order from 1)."""
+    conn.execute("DROP TABLE IF EXISTS identity.listing")
+    for sql in MARKET_IDENTITY:
+        conn.execute(sql)
+    ((listings,),) = conn.execute("SELECT count(*) FROM identity.listing").fetchall()
+    marks = ", ".join(str(1 + listings * k // MARKET_PARTS) for k in range(MARKET_PARTS))
+    firsts = [a for (a,) in conn.execute(f"SELECT DISTINCT asset_id FROM identity.listing WHERE n IN ({marks})")]
+    firsts.sort()
+    lasts = [conn.execute("SELECT max(asset_id) FROM identity.listing WHERE asset_id < ?", (after,)).fetchone()[0]
+             for after in firsts[1:]]  # fmt: skip
+    lasts += [a for (a,) in conn.execute("SELECT max(asset_id) FROM identity.listing")][: len(firsts)]
+    return MarketIdentity(version, conn.serialize(name="identity"), tuple(zip(firsts, lasts, strict=True)))
+
+
+def build_part(uri: str, as_of: int, identity: MarketIdentity, part: tuple[str, str]) -> tuple[bytes, int]:
+    """One part of the market at `as_of` (its temp database, serialized) and its assets; MarketMoved when the
+    store is no longer at the identity's version."""
+    conn = market_connection(uri, identity)
+    try:
+        conn.execute("BEGIN")
+        if read_version(conn) != identity.version:
+            raise MarketMoved
+        assets = conn.execute(MARKET_UNIFY, (as_of, *part)).rowcount
+        conn.execute("COMMIT")
+        return conn.serialize(name="temp"), assets
+    finally:
+        conn.close()
+
+
+def build_market(uri: str, as_of: int, identity: MarketIdentity | None) -> tuple[Market, MarketIdentity]:
+    """The market at `as_of` (Unix seconds) as the store at `uri` (read-only) keeps it now, and the identity it was
+    built from (`identity` when that is of the store's version now, else made afresh). Its first part is built in
+    the calling thread, the others at once in MARKET_BUILDERS; one read at another version (the ETL committed
+    in between) builds it again."""
+    while True:
+        conn = market_connection(uri, identity)
+        others: list[concurrent.futures.Future[tuple[bytes, int]]] = []
+        try:
+            conn.execute("BEGIN")
+            version = read_version(conn)
+            if identity is None or identity.version != version:
+                identity = make_identity(conn, version)
+            others = [MARKET_BUILDERS.submit(build_part, uri, as_of, identity, part) for part in identity.parts[1:]]
+            assets = sum(conn.execute(MARKET_UNIFY, (as_of, *part)).rowcount for part in identity.parts[:1])
+            conn.execute("COMMIT")
+            conn.execute("DETACH DATABASE identity")  # its copy is not kept with the market
+            for other in others:
+                pages, count = other.result()
+                conn.execute("ATTACH ':memory:' AS part")
+                conn.deserialize(pages, name="part")
+                conn.execute("INSERT INTO temp.asset SELECT * FROM part.asset")
+                conn.execute("DETACH DATABASE part")
+                assets += count
+            conn.execute(MARKET_SOURCES)
+        except BaseException as error:
+            for other in others:
+                other.cancel()
+            concurrent.futures.wait(others)
+            conn.close()
+            if isinstance(error, MarketMoved):
+                continue  # read the store anew: its version, and the identity of it
+            raise
+        return Market(conn, version, assets, Commit(0, version)), identity
 
 
 class Markets:

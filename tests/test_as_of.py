@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from test_history import load
 
 import etl
+import kasparro
 from conftest import SyncConductor
 from etl_support import query
 from kasparro import SORTS, Config, create_app
@@ -445,3 +446,62 @@ def test_an_asset_read_from_two_tiers_takes_each_number_from_its_newest_listing_
             assert (ethereum["price_usd"], ethereum["rank"]) == (a[2], b[1])
             mixed += 1
     assert mixed >= 5
+
+
+def market_rows(market: Any) -> list[tuple]:
+    return market.conn.execute("SELECT * FROM asset ORDER BY asset_id").fetchall()
+
+
+@pytest.mark.parametrize("kind", list(KEEP))
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_a_market_built_in_parts_equals_the_brute_force(stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                        kind: str, parts: int) -> None:  # fmt: skip
+    """However many parts a market is built in at once (MARKET_PARTS follows the machine's cores), its assets are
+    the brute force's: none lost or repeated at a part's edge."""
+    monkeypatch.setattr(kasparro, "MARKET_PARTS", parts)
+    uri = f"file:{stores[kind]}?mode=ro"
+    for instant in (START + DAY // 2 + 4321, START + 2 * DAY + 777, START + 3 * DAY + 99):
+        market, identity = kasparro.build_market(uri, instant, None)
+        try:
+            bounds = [asset for part in identity.parts for asset in part]  # first <= last < next first
+            assert bounds == sorted(bounds) and all(a < b for a, b in zip(bounds[1::2], bounds[2::2], strict=False))
+            assert 1 < len(identity.parts) <= parts or parts == len(identity.parts) == 1
+            expected = selected(brute_force(stores[kind], SEEN, instant, KEEP[kind]), "", "name")
+            served = [row[0] for row in market_rows(market)]
+            assert served == sorted(r["asset_id"] for r in expected)
+            assert market.assets == len(expected)
+        finally:
+            market.conn.close()
+
+
+def test_a_part_read_at_another_version_builds_the_market_again(stores: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A commit between the reads of a market's parts (each its own connection) would mix two versions of the
+    store: the part that sees the other version is refused (MarketMoved) and the whole market read again."""
+    db = copy_of(stores["kept"], tmp_path / "moving.db")
+    uri = f"file:{db}?mode=ro"
+    monkeypatch.setattr(kasparro, "MARKET_PARTS", 2)
+    instant = START + 2 * DAY + 777
+    before, identity = kasparro.build_market(uri, instant, None)
+    before_rows = market_rows(before)
+    before.conn.close()
+    real_part, commits = kasparro.build_part, []
+
+    def part_after_a_commit(*args: Any) -> Any:
+        if not commits:  # the ETL commits once, after the first part's read began
+            with etl.sqlite3.connect(db) as conn:
+                conn.execute("UPDATE asset SET name = name WHERE 0")
+                conn.execute("UPDATE store_meta SET generation = generation + 1")
+            commits.append(1)
+        return real_part(*args)
+
+    monkeypatch.setattr(kasparro, "build_part", part_after_a_commit)
+    market, again = kasparro.build_market(uri, instant, identity)
+    try:
+        assert commits and market.version.generation == identity.version.generation + 1
+        assert again.version == market.version != identity.version
+        with pytest.raises(kasparro.MarketMoved):
+            real_part(uri, instant, identity, identity.parts[0])
+        assert market_rows(market) == before_rows
+    finally:
+        market.conn.close()
