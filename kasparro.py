@@ -2274,49 +2274,64 @@ WHERE m.asset_id = ? ORDER BY l.source, l.source_id
 RAW_COLUMNS = "r.observed_at, l.source, l.source_id, r.price_usd, r.market_cap_usd, r.volume_24h_usd"
 
 
-def raw_sql(listings: int, after: bool, priced: bool) -> str:
+def raw_sql(listings: int, after: bool) -> str:
     """Raw observations of `listings` listings in [?, ?), in point order; after: past a (time, source, id)."""
     marks = ", ".join("?" * listings)
     return (
         f"SELECT {RAW_COLUMNS} FROM raw_observation r JOIN listing l ON l.listing_id = r.listing_id"
         f" WHERE r.listing_id IN ({marks}) AND r.observed_at >= ? AND r.observed_at < ?"
-        + (" AND r.price_usd IS NOT NULL" if priced else "")
         + (" AND (r.observed_at, l.source, l.source_id) > (?, ?, ?)" if after else "")
         + " ORDER BY r.observed_at, l.source, l.source_id"
     )
 
 
-def candle_sql(listings: int) -> str:
-    """Kept candles of one width of `listings` listings (given twice, in order of source and source id) with
-    bucket starts in [?, ?): rows of t, open, high, low, close, cap, volume, observations, last_at and the
-    listing's place in that order, ordered by t, first_at and place (so a wider bucket's open comes first)."""
-    marks = ", ".join("?" * listings)
-    places = " ".join(f"WHEN ? THEN {place}" for place in range(listings))
+def candle_sql(listings: int, kept: bool) -> str:
+    """The parts of candles of `listings` listings (?1 to ?n, in order of source and source id) in [?n+1, ?n+2):
+    their kept candles of width ?n+3 (by bucket start), or (not kept) their priced raw observations, each a candle
+    of its own. Rows of t, open, high, low, close, cap, volume, observations and a closing key, last_at * n + place
+    of the listing (so ordered as (last_at, place) are), ordered by t, first_at and place (so a wider bucket's
+    open comes first). The rows go to merge_candles as SQLite gives them: no list of them is made."""
+    ids = [f"?{number}" for number in range(1, listings + 1)]
+    place = "CASE listing_id " + " ".join(f"WHEN {mark} THEN {n}" for n, mark in enumerate(ids)) + " END"
+    lower, upper, width = (f"?{listings + n}" for n in (1, 2, 3))
+    if kept:
+        return (
+            "SELECT t, open, high, low, close, market_cap_usd, volume_24h_usd, observations,"
+            f" last_at * {listings} + {place} FROM candle WHERE listing_id IN ({', '.join(ids)}) AND width = {width}"
+            f" AND t >= {lower} AND t < {upper} ORDER BY t, first_at, {place}"
+        )
     return (
-        "SELECT t, open, high, low, close, market_cap_usd, volume_24h_usd, observations, last_at,"
-        f" CASE listing_id {places} END AS place FROM candle"
-        f" WHERE listing_id IN ({marks}) AND width = ? AND t >= ? AND t < ? ORDER BY t, first_at, place"
+        "SELECT observed_at, price_usd, price_usd, price_usd, price_usd, market_cap_usd, volume_24h_usd, 1,"
+        f" observed_at * {listings} + {place} FROM raw_observation WHERE listing_id IN ({', '.join(ids)})"
+        f" AND observed_at >= {lower} AND observed_at < {upper} AND price_usd IS NOT NULL ORDER BY observed_at, {place}"
     )
 
 
+CLOSED = (math.nan, 0.0, 0.0, 0.0, 0.0, None, None, 0, 0)  # a part after the last: its bucket equals no other
+
+
 def merge_candles(parts: Iterable[tuple], width: int) -> list[tuple[int, Candle]]:
-    """Candles of `width` seconds, each with its bucket's start (Unix seconds), in time order, from parts (t, open,
-    high, low, close, cap, volume, observations, last_at, place of the listing) of narrower buckets or of several
-    listings, in order of t and open (first_at, source, source id): open of the first, close, cap and volume of
-    the last (by last_at and place), the greatest high, the least low, the observations summed."""
+    """Candles of `width` seconds, each with its bucket's start (Unix seconds), in time order, from
+    candle_sql's parts of narrower buckets or of several listings: open of the first, close, cap and volume of
+    the one with the greatest closing key, the greatest high, the least low, the observations summed."""
     candles = []
-    for start, members in itertools.groupby(parts, key=lambda part: part[0] - part[0] % width):
-        first, *others = members
-        closing, high, low, count = first, first[2], first[3], first[7]
-        for part in others:
-            if (part[8], part[9]) > (closing[8], closing[9]):
-                closing = part
-            if part[2] > high:
-                high = part[2]
-            if part[3] < low:
-                low = part[3]
-            count += part[7]
-        candles.append((start, Candle(utc_text(start), first[1], high, low, *closing[4:7], count)))
+    bucket, first, top, bottom, last_close, last_cap, last_volume, total, last = None, *CLOSED[1:]
+    for t, opening, high, low, close, cap, volume, count, closing in itertools.chain(parts, (CLOSED,)):
+        start = t - t % width
+        if start == bucket:
+            if closing > last:
+                last, last_close, last_cap, last_volume = closing, close, cap, volume
+            if high > top:
+                top = high
+            if low < bottom:
+                bottom = low
+            total += count
+            continue
+        if bucket is not None:
+            candle = Candle(utc_text(bucket), first, top, bottom, last_close, last_cap, last_volume, total)
+            candles.append((bucket, candle))
+        bucket, first, top, bottom, total = start, opening, high, low, count
+        last, last_close, last_cap, last_volume = closing, close, cap, volume
     return candles
 
 
@@ -2350,13 +2365,13 @@ def read_history(
     limit = query.limit
     if not query.width:
         position = (after.at, after.source, after.source_id) if after else ()
-        rows = conn.execute(raw_sql(len(ids), after is not None, False) + " LIMIT ?", (*ids, start, end, *position,
+        rows = conn.execute(raw_sql(len(ids), after is not None) + " LIMIT ?", (*ids, start, end, *position,
                             limit + 1)).fetchall()  # fmt: skip
         points: list[Any] = [PricePoint(utc_text(t), source, *values) for t, source, _, *values in rows[:limit]]
         last = rows[limit - 1] if len(rows) > limit else None
         position = (last[0], last[1], last[2]) if last else None
     else:
-        candles = [(at, c) for at, c in read_candles(conn, ids, query.width, start, end) if not after or at > after.at]
+        candles = read_candles(conn, ids, query.width, start, end, after.at if after else None)
         points = [candle for _, candle in candles[:limit]]
         position = (candles[limit - 1][0], "", "") if len(candles) > limit else None
     return AssetHistory(
@@ -2376,17 +2391,19 @@ def read_history(
 
 
 def read_candles(
-    conn: sqlite3.Connection, ids: Sequence[int], width: int, start: int, end: int
+    conn: sqlite3.Connection, ids: Sequence[int], width: int, start: int, end: int, after: int | None = None
 ) -> list[tuple[int, Candle]]:
-    """The candles of `width` of the listings merged, for buckets starting in [start, end)."""
+    """The candles of `width` of the listings merged, for buckets starting in [start, end) (and after `after`)."""
     first, past = -(-start // width) * width, -(-end // width) * width  # the buckets that start in [start, end)
+    if after is not None:
+        first = min(max(first, (after // width + 1) * width), past)
+    if not ids:
+        return []
     if width >= KEPT_WIDTHS[0]:
         kept = width if width in KEPT_WIDTHS else KEPT_WIDTHS[0]
-        parts = conn.execute(candle_sql(len(ids)), (*ids, *ids, kept, first, past)).fetchall()
+        parts = conn.execute(candle_sql(len(ids), True), (*ids, first, past, kept))
     else:  # from raw observations, in order of time, source and source id: each one a candle of its own
-        raw = conn.execute(raw_sql(len(ids), False, True), (*ids, first, past)).fetchall()
-        parts = [(t, price, price, price, price, cap, volume, 1, t, (source, source_id))
-                 for t, source, source_id, price, cap, volume in raw]  # fmt: skip
+        parts = conn.execute(candle_sql(len(ids), False), (*ids, first, past))
     return merge_candles(parts, width)
 
 

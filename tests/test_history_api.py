@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -180,3 +182,23 @@ def test_any_window_answers_ordered_points_inside_it(
     times = [p["observed_at" if interval == "raw" else "t"] for p in body.json["points"]]
     assert times == sorted(times) and len(times) <= limit
     assert all(utc(start) <= t < utc(start + span) for t in times)
+
+
+def test_an_asset_listed_twice_by_one_source_merges_both_listings(market: Any, tmp_path: Path) -> None:
+    """A listing pinned by hand to another asset of its source: the asset's candles merge three listings, two of
+    one source, ordered by source id where their times tie."""
+    db, seen = market
+    pinned = tmp_path / "pinned.db"
+    with sqlite3.connect(db) as source, sqlite3.connect(pinned) as copy:
+        source.backup(copy)
+    with sqlite3.connect(pinned) as conn:
+        (btc,) = conn.execute("SELECT asset_id FROM source_map WHERE source_id = 'a-bitcoin'").fetchone()
+        conn.execute("UPDATE source_map SET asset_id = ?, pinned = 1 WHERE source_id = 'a-ethereum'", (btc,))
+    merged = [dataclasses.replace(o, asset="BTC") if o.source_id == "a-ethereum" else o for o in seen]
+    with SyncConductor(create_app(Config(db=pinned, log_level="warning"))) as client:
+        for interval, width in (("5m", 300), ("1h", HOUR), ("4h", 4 * HOUR), ("1d", DAY)):
+            params = {"interval": interval, "from": str(START), "to": str(END)}
+            body = client.get(f"/data/{btc}/history", params=params)
+            assert body.status_code == 200, body.text
+            expected = candle_dicts(candles(merged, width, "asset"), ("BTC",), START, END, width)
+            assert body.json["points"] == expected and expected, interval
