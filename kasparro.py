@@ -26,6 +26,7 @@ import re
 import sqlite3
 import stat
 import statistics
+import string
 import struct
 import sys
 import tempfile
@@ -2335,6 +2336,9 @@ def merge_candles(parts: Iterable[tuple], width: int) -> list[tuple[int, Candle]
     return candles
 
 
+ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # SQLite's NOCASE folding
+
+
 def read_history(
     conn: sqlite3.Connection, version: DataVersion, asset_id: str, query: HistoryQuery
 ) -> AssetHistory | None:
@@ -2343,10 +2347,15 @@ def read_history(
     listings = conn.execute(LISTINGS_SQL, (asset_id,)).fetchall()
     if not listings and conn.execute("SELECT 1 FROM asset WHERE asset_id = ?", (asset_id,)).fetchone() is None:
         return None
-    if query.source is not None:
-        listings = [listing for listing in listings if listing[1] == query.source]
+    source = query.source
+    if source is not None:
+        # As filter_by=source: compares (COLLATE NOCASE): ASCII letters in either case.
+        listings = [
+            listing for listing in listings if listing[1].translate(ASCII_LOWER) == source.translate(ASCII_LOWER)
+        ]
         if not listings:
-            raise falcon.HTTPNotFound(description=f"asset {asset_id[:100]!r} has no listing of {query.source[:60]!r}")
+            raise falcon.HTTPNotFound(description=f"asset {asset_id[:100]!r} has no listing of {source[:60]!r}")
+        source = listings[0][1]  # the stored name, as every point gives it
     ids = [listing[0] for listing in listings]
     end = query.end if query.end is not None else newest_observation(conn, ids) + 1
     start = query.start if query.start is not None else end - (query.width * 100 or RAW_WINDOW)
@@ -2379,7 +2388,7 @@ def read_history(
         api_latency_ms=0.0,
         asset_id=asset_id,
         interval=query.interval,  # type: ignore[arg-type]
-        source=query.source,
+        source=source,
         from_=utc_text(start),
         to=utc_text(end),
         points=points,
@@ -4035,7 +4044,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "description": "end, exclusive: RFC 3339 or Unix seconds; default: just after the newest observation",
             "schema": moment,
         },
-        {"name": "source", "in": "query", "description": "one source's listing only", "schema": string},
+        {"name": "source", "in": "query", "description": "one source's listing only (its name's letters in either case, as in filter_by)", "schema": string},
         {
             "name": "limit",
             "in": "query",
