@@ -4044,7 +4044,12 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "description": "end, exclusive: RFC 3339 or Unix seconds; default: just after the newest observation",
             "schema": moment,
         },
-        {"name": "source", "in": "query", "description": "one source's listing only (its name's letters in either case, as in filter_by)", "schema": string},
+        {
+            "name": "source",
+            "in": "query",
+            "description": "one source's listing only (its name's letters in either case, as in filter_by)",
+            "schema": string,
+        },
         {
             "name": "limit",
             "in": "query",
