@@ -2170,15 +2170,17 @@ def raw_sql(listings: int, after: bool, priced: bool) -> str:
 
 
 def candle_sql(listings: int) -> str:
-    """Kept candles of one width of `listings` listings (given twice, in order of source and source id) with
-    bucket starts in [?, ?): rows of t, open, high, low, close, cap, volume, observations, last_at and the
-    listing's place in that order, ordered by t, first_at and place (so a wider bucket's open comes first)."""
+    """Kept candles of one width of `listings` listings with bucket starts in [start, end), closed and open: its
+    parameters are the listings in order of source and source id, then listings, width, start and end twice; rows
+    of t, open, high, low, close, cap, volume, observations, last_at and the listing's place in that order,
+    ordered by t, first_at and place (so a wider bucket's open comes first)."""
     marks = ", ".join("?" * listings)
     places = " ".join(f"WHEN ? THEN {place}" for place in range(listings))
+    kept = f"WHERE listing_id IN ({marks}) AND width = ? AND t >= ? AND t < ?"
     return (
         "SELECT t, open, high, low, close, market_cap_usd, volume_24h_usd, observations, last_at,"
-        f" CASE listing_id {places} END AS place FROM candle"
-        f" WHERE listing_id IN ({marks}) AND width = ? AND t >= ? AND t < ? ORDER BY t, first_at, place"
+        f" CASE listing_id {places} END AS place"
+        f" FROM (SELECT * FROM candle {kept} UNION ALL SELECT * FROM open_candle {kept}) ORDER BY t, first_at, place"
     )
 
 
@@ -2265,7 +2267,8 @@ def read_candles(
     first, past = -(-start // width) * width, -(-end // width) * width  # the buckets that start in [start, end)
     if width >= KEPT_WIDTHS[0]:
         kept = width if width in KEPT_WIDTHS else KEPT_WIDTHS[0]
-        parts = conn.execute(candle_sql(len(ids)), (*ids, *ids, kept, first, past)).fetchall()
+        where = (*ids, kept, first, past)
+        parts = conn.execute(candle_sql(len(ids)), (*ids, *where, *where)).fetchall()
     else:  # from raw observations, in order of time, source and source id: each one a candle of its own
         raw = conn.execute(raw_sql(len(ids), False, True), (*ids, first, past)).fetchall()
         parts = [(t, price, price, price, price, cap, volume, 1, t, (source, source_id))
@@ -2280,7 +2283,10 @@ def newest_observation(conn: sqlite3.Connection, ids: Sequence[int]) -> int:
         f"SELECT max(observed_at) FROM raw_observation WHERE listing_id IN ({marks})", ids
     ).fetchone() if ids else (None,)  # fmt: skip
     if row[0] is None and ids:
-        row = conn.execute(f"SELECT max(last_at) FROM candle WHERE listing_id IN ({marks})", ids).fetchone()
+        row = conn.execute(
+            f"SELECT max(last_at) FROM (SELECT last_at FROM candle WHERE listing_id IN ({marks})"
+            f" UNION ALL SELECT last_at FROM open_candle WHERE listing_id IN ({marks}))", (*ids, *ids)
+        ).fetchone()  # fmt: skip
     return row[0] if row[0] is not None else int(time.time())
 
 
