@@ -48,7 +48,7 @@ from msgspec import Meta
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "store.sql"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SAMPLE_CSV = HERE / "data" / "sample.csv"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
@@ -1540,12 +1540,14 @@ CREATE TEMP TABLE IF NOT EXISTS staging (
 );
 CREATE TEMP TABLE IF NOT EXISTS assigned (source_id TEXT PRIMARY KEY, asset_id TEXT NOT NULL);
 CREATE TEMP TABLE IF NOT EXISTS observed (
-    listing_id INTEGER, observed_at INTEGER, PRIMARY KEY (listing_id, observed_at)
+    listing_id INTEGER, observed_at INTEGER, price_usd REAL, market_cap_usd REAL, volume_24h_usd REAL,
+    PRIMARY KEY (listing_id, observed_at)
 ) WITHOUT ROWID;
 CREATE TEMP TABLE IF NOT EXISTS late (
     listing_id INTEGER, observed_at INTEGER, price_usd REAL, market_cap_usd REAL, volume_24h_usd REAL,
     hourly INTEGER NOT NULL
 );
+CREATE TEMP TABLE IF NOT EXISTS opening (listing_id INTEGER PRIMARY KEY, t INTEGER NOT NULL);
 """
 
 INSERT_STAGING = """
@@ -1624,7 +1626,7 @@ SELECT s.listing_id, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed,
        s.market_cap_usd, s.volume_24h_usd, s.change_24h_pct, s.status = 'active'
 FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id
 WHERE observed >= l.raw_before ORDER BY s.line
-RETURNING listing_id, observed_at
+RETURNING listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd
 """
 
 # Observations older than their listing's pruned raw history (a backfill loaded after newer data): their day
@@ -1643,15 +1645,16 @@ LEFT JOIN candle c ON c.listing_id = o.listing_id AND c.width = 86400 AND c.t = 
 WHERE c.listing_id IS NULL OR o.observed NOT BETWEEN c.first_at AND c.last_at
 """
 
-# Each new observation joins its candle of width ?1, by store.sql's candle rule.
+# Each new observation joins its candle of width ?1, by store.sql's candle rule: in open_candle when it lies in
+# its listing's open bucket, else in candle.
 ROLL_UP_ROWS = """
-INSERT INTO candle (listing_id, width, t, open, high, low, close, market_cap_usd, volume_24h_usd,
-                    observations, first_at, last_at)
+INSERT INTO {table} (listing_id, width, t, open, high, low, close, market_cap_usd, volume_24h_usd,
+                     observations, first_at, last_at)
 SELECT r.listing_id, ?1, r.observed_at / ?1 * ?1, r.price_usd, r.price_usd, r.price_usd, r.price_usd,
        r.market_cap_usd, r.volume_24h_usd, 1, r.observed_at, r.observed_at
 FROM {rows}
 WHERE r.price_usd IS NOT NULL{also}
-ON CONFLICT (listing_id, width, t) DO UPDATE SET
+ON CONFLICT {key} DO UPDATE SET
     open = iif(excluded.first_at < first_at, excluded.open, open),
     high = max(high, excluded.high),
     low = min(low, excluded.low),
@@ -1662,11 +1665,44 @@ ON CONFLICT (listing_id, width, t) DO UPDATE SET
     first_at = min(first_at, excluded.first_at),
     last_at = max(last_at, excluded.last_at)
 """
+NEW_ROWS = "temp.observed r"  # the batch's new observations, with what their candles take
+CANDLE_KEY, OPEN_KEY = "(listing_id, width, t)", "(listing_id, width)"
+
+# The bucket of width ?1 each listing of the batch has open once it is stored: the newest of its open one and
+# its new priced observations'.
+STAGE_OPENING = f"""
+INSERT INTO temp.opening (listing_id, t)
+SELECT r.listing_id,
+       max(max(r.observed_at / ?1 * ?1),
+           coalesce((SELECT o.t FROM open_candle o WHERE o.listing_id = r.listing_id AND o.width = ?1), 0))
+FROM {NEW_ROWS} WHERE r.price_usd IS NOT NULL GROUP BY r.listing_id
+"""
+
+# An open candle whose bucket a new observation has passed is closed: it moves to candle (which holds no candle
+# of that bucket: only buckets older than the open one go there).
+CLOSE_CANDLES = """
+INSERT INTO candle SELECT o.* FROM temp.opening g JOIN open_candle o ON o.listing_id = g.listing_id AND o.width = ?1
+WHERE o.t < g.t
+"""
+DROP_CLOSED = """
+DELETE FROM open_candle WHERE width = ?1 AND listing_id IN (
+    SELECT g.listing_id FROM temp.opening g JOIN open_candle o ON o.listing_id = g.listing_id AND o.width = ?1
+    WHERE o.t < g.t)
+"""
+ROLL_UP_OPEN = ROLL_UP_ROWS.format(
+    table="open_candle", key=OPEN_KEY, rows=f"{NEW_ROWS} JOIN temp.opening g ON g.listing_id = r.listing_id",
+    also=" AND r.observed_at / ?1 * ?1 = g.t",
+)  # fmt: skip
 ROLL_UP = ROLL_UP_ROWS.format(
-    rows="temp.observed n JOIN raw_observation r ON r.listing_id = n.listing_id AND r.observed_at = n.observed_at",
-    also="",
-)
-ROLL_UP_LATE = ROLL_UP_ROWS.format(rows="temp.late r", also=" AND (?1 = 86400 OR r.hourly)")  # daily: every one
+    table="candle", key=CANDLE_KEY, rows=f"{NEW_ROWS} JOIN temp.opening g ON g.listing_id = r.listing_id",
+    also=" AND r.observed_at / ?1 * ?1 < g.t",
+)  # fmt: skip
+# Late observations lie before their listing's raw history, so before its open buckets too.
+ROLL_UP_LATE = ROLL_UP_ROWS.format(
+    table="candle", key=CANDLE_KEY, rows="temp.late r", also=" AND (?1 = 86400 OR r.hourly)"
+)  # daily: every one
+
+CLOSE_STALE = "INSERT INTO candle SELECT * FROM open_candle WHERE listing_id = ?1 AND t < ?2"
 
 # The listings whose retention horizons moved (once a UTC day each): ?1 and ?2 are KEEP_RAW and KEEP_HOURLY.
 # A listing's newest observation is taken from the batch, never from a store that may hold one dated
@@ -2010,13 +2046,22 @@ class Loader:
         observed = conn.execute(INSERT_OBSERVATIONS).fetchall()
         if observed:
             conn.execute("DELETE FROM temp.observed")
-            conn.executemany("INSERT INTO temp.observed VALUES (?, ?)", observed)
+            conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
             for width in (HOUR, DAY):
+                conn.execute("DELETE FROM temp.opening")
+                conn.execute(STAGE_OPENING, (width,))
+                conn.execute(CLOSE_CANDLES, (width,))
+                conn.execute(DROP_CLOSED, (width,))
+                conn.execute(ROLL_UP_OPEN, (width,))
                 conn.execute(ROLL_UP, (width,))
             moved = conn.execute(ADVANCE_HORIZONS, (self.retention.raw, self.retention.hourly)).fetchall()
             conn.executemany(
                 "DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", [m[:2] for m in moved]
             )
+            # An open candle older than the raw history (its listing's prices stopped) is closed: every candle
+            # a moment before the raw history reads is in candle.
+            conn.executemany(CLOSE_STALE, [m[:2] for m in moved])
+            conn.executemany("DELETE FROM open_candle WHERE listing_id = ? AND t < ?", [m[:2] for m in moved])
             conn.executemany(
                 f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
             )

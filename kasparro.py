@@ -2288,18 +2288,21 @@ def raw_sql(listings: int, after: bool) -> str:
 
 def candle_sql(listings: int, kept: bool) -> str:
     """The parts of candles of `listings` listings (?1 to ?n, in order of source and source id) in [?n+1, ?n+2):
-    their kept candles of width ?n+3 (by bucket start), or (not kept) their priced raw observations, each a candle
-    of its own. Rows of t, open, high, low, close, cap, volume, observations and a closing key, last_at * n + place
-    of the listing (so ordered as (last_at, place) are), ordered by t, first_at and place (so a wider bucket's
-    open comes first). The rows go to merge_candles as SQLite gives them: no list of them is made."""
+    their kept candles of width ?n+3, closed and open (by bucket start), or (not kept) their priced raw
+    observations, each a candle of its own. Rows of t, open, high, low, close, cap, volume, observations and a
+    closing key, last_at * n + place of the listing (so ordered as (last_at, place) are), ordered by t, first_at
+    and place (so a wider bucket's open comes first). The rows go to merge_candles as SQLite gives them: no list
+    of them is made."""
     ids = [f"?{number}" for number in range(1, listings + 1)]
     place = "CASE listing_id " + " ".join(f"WHEN {mark} THEN {n}" for n, mark in enumerate(ids)) + " END"
     lower, upper, width = (f"?{listings + n}" for n in (1, 2, 3))
     if kept:
+        where = f"WHERE listing_id IN ({', '.join(ids)}) AND width = {width} AND t >= {lower} AND t < {upper}"
         return (
             "SELECT t, open, high, low, close, market_cap_usd, volume_24h_usd, observations,"
-            f" last_at * {listings} + {place} FROM candle WHERE listing_id IN ({', '.join(ids)}) AND width = {width}"
-            f" AND t >= {lower} AND t < {upper} ORDER BY t, first_at, {place}"
+            f" last_at * {listings} + {place}"
+            f" FROM (SELECT * FROM candle {where} UNION ALL SELECT * FROM open_candle {where})"
+            f" ORDER BY t, first_at, {place}"
         )
     return (
         "SELECT observed_at, price_usd, price_usd, price_usd, price_usd, market_cap_usd, volume_24h_usd, 1,"
@@ -2423,7 +2426,10 @@ def newest_observation(conn: sqlite3.Connection, ids: Sequence[int]) -> int:
         f"SELECT max(observed_at) FROM raw_observation WHERE listing_id IN ({marks})", ids
     ).fetchone() if ids else (None,)  # fmt: skip
     if row[0] is None and ids:
-        row = conn.execute(f"SELECT max(last_at) FROM candle WHERE listing_id IN ({marks})", ids).fetchone()
+        row = conn.execute(
+            f"SELECT max(last_at) FROM (SELECT last_at FROM candle WHERE listing_id IN ({marks})"
+            f" UNION ALL SELECT last_at FROM open_candle WHERE listing_id IN ({marks}))", (*ids, *ids)
+        ).fetchone()  # fmt: skip
     return row[0] if row[0] is not None else int(time.time())
 
 

@@ -4,7 +4,7 @@
 -- changes nothing but what is missing: that is how etl.py migrates an older
 -- store in place (version 1 -> 2 added raw_payload, 2 -> 3 made the rank
 -- index covering, 3 -> 4 added run_totals, 4 -> 5 made history lean and
--- tiered). `PRAGMA user_version`
+-- tiered, 5 -> 6 put each listing's open candles in a table of their own). `PRAGMA user_version`
 -- records the schema version; etl.py refuses a store newer than it knows.
 -- Times are RFC 3339 UTC text ('2026-11-25T12:00:00Z'), so text order is
 -- time order; in the history tables they are Unix seconds.
@@ -89,6 +89,16 @@ CREATE INDEX IF NOT EXISTS source_map_identity ON source_map (symbol, name_key);
 -- neither). Whole days go at once, so every UTC hour and day bucket is
 -- either wholly in raw_observation or wholly out of it; the work is a
 -- batch's own listings', however long the history.
+--
+-- A listing's open candles (of its newest priced observation's hour and
+-- day) are rows of open_candle, keyed by listing, so that a run's candle
+-- writes land in a few dense pages: in candle, a listing's newest rows sit
+-- in a page of their own once its history is long, and a run would dirty
+-- two such pages an observation. When an observation opens a later bucket,
+-- the open candle it replaces moves to candle in the same transaction, and
+-- so does one that raw_before passes (a listing whose prices stopped):
+-- open candles lie within the raw history, so a reader that looks before
+-- it (as_of) finds every candle it needs in candle.
 
 -- One row per listing (a source's id of a coin) that has ever been observed.
 -- raw_before and hourly_before are how far its history has been pruned: an
@@ -156,6 +166,25 @@ CREATE TABLE IF NOT EXISTS candle (
     PRIMARY KEY (listing_id, width, t)
 ) WITHOUT ROWID;
 
+-- Each listing's newest candle of each width (its open hour and day) while
+-- it starts at or after the listing's raw_before, by the rule above; every
+-- other candle is in candle. A candle is in exactly one of the two tables.
+CREATE TABLE IF NOT EXISTS open_candle (
+    listing_id      INTEGER NOT NULL REFERENCES listing (listing_id),
+    width           INTEGER NOT NULL CHECK (width IN (3600, 86400)),
+    t               INTEGER NOT NULL,
+    open            REAL NOT NULL,
+    high            REAL NOT NULL,
+    low             REAL NOT NULL,
+    close           REAL NOT NULL,
+    market_cap_usd  REAL,
+    volume_24h_usd  REAL,
+    observations    INTEGER NOT NULL,
+    first_at        INTEGER NOT NULL,
+    last_at         INTEGER NOT NULL,
+    PRIMARY KEY (listing_id, width)
+) WITHOUT ROWID;
+
 -- Version 4 -> 5: a store's observation table (one row an observation,
 -- keyed by text) becomes the raw tier, and its candles are made from it.
 -- In a newer store an empty table stands in for it and nothing is copied,
@@ -175,8 +204,9 @@ FROM observation o JOIN listing l ON l.source = o.source AND l.source_id = o.sou
 DROP TABLE observation;
 
 -- The candles of every bucket that has raw observations and no candle yet
--- (all of them, in a store just upgraded; none, in one loaded by etl.py,
--- which keeps candles as it loads).
+-- (all of them, in a store just upgraded from version 4; none, in one loaded
+-- by etl.py, which keeps candles as it loads, but the open ones, which the
+-- version 5 -> 6 step below takes back out of candle).
 INSERT OR IGNORE INTO candle
 SELECT b.listing_id, b.width, b.t, opening.price_usd, b.high, b.low, closing.price_usd, closing.market_cap_usd,
        closing.volume_24h_usd, b.observations, b.first_at, b.last_at
@@ -188,6 +218,14 @@ FROM (SELECT r.listing_id, w.width, r.observed_at / w.width * w.width AS t, max(
       GROUP BY r.listing_id, w.width, t) b
 JOIN raw_observation opening ON opening.listing_id = b.listing_id AND opening.observed_at = b.first_at
 JOIN raw_observation closing ON closing.listing_id = b.listing_id AND closing.observed_at = b.last_at;
+
+-- Version 5 -> 6: each listing's newest candle of each width becomes its open one (a seek each).
+INSERT OR IGNORE INTO open_candle
+SELECT c.* FROM listing l CROSS JOIN (SELECT 3600 AS width UNION ALL SELECT 86400) w
+JOIN candle c ON c.listing_id = l.listing_id AND c.width = w.width
+    AND c.t = (SELECT max(t) FROM candle WHERE listing_id = l.listing_id AND width = w.width)
+WHERE c.t >= l.raw_before;
+DELETE FROM candle WHERE (listing_id, width, t) IN (SELECT listing_id, width, t FROM open_candle);
 
 -- One row per ETL run, written when it starts and again when it ends.
 CREATE TABLE IF NOT EXISTS etl_run (
@@ -361,4 +399,4 @@ BEGIN
     WHERE scope = NEW.source;
 END;
 
-PRAGMA user_version = 5;
+PRAGMA user_version = 6;

@@ -6,9 +6,14 @@ the ETL's own Loader (identity, listings, raw observations, roll-ups, pruning) i
 simulated clock. Only the observations whose traces the store keeps are loaded: every 10-minute
 snapshot inside raw retention, one an hour inside hourly retention, one a day before that; each
 leaves the rows a full year would (a candle has one row however many observations it holds).
+Consecutive snapshots of a source share a Loader commit up to --batch-rows rows (the ETL's own
+batch size for a CSV file by default: a file holding several snapshots loads the same way), and
+the simulation's connection has a 256 MB page cache; neither changes the rows the store ends with.
 
 Then the real etl.py loads one more 10-minute snapshot of every listing, on that store and on one
-holding a day of history, in alternation, and prints both durations and their ratio.
+holding a day of history, in alternation, and prints both durations and their ratio; then the
+pages each store's commits write over the next hour's six runs (WAL frames, in process).
+`--runs-only` measures this, and the API part, on the stores a previous run left.
 
 Last, the API serves the year's store as the README runs it (one uvicorn worker, default log level), and wrk
 (one connection: each figure is a request's own latency) times history and /data?as_of= requests that each miss
@@ -55,10 +60,10 @@ class Market:
     def move(self) -> None:
         self.prices = [price * self.rng.uniform(0.99, 1.01) for price in self.prices]
 
-    def rows(self, when: str) -> list[tuple]:
-        """One snapshot as the Loader's staged rows: (line, *Observation fields)."""
+    def rows(self, when: str, first_line: int = 1) -> list[tuple]:
+        """One snapshot as the Loader's staged rows: (line, *Observation fields), lines from first_line."""
         return [
-            (n + 1, f"coin-{n:06d}", f"C{n}", f"Coin {n}", f"coin{n}", n + 1, price, price * 1e7, price * 1e5,
+            (first_line + n, f"coin-{n:06d}", f"C{n}", f"Coin {n}", f"coin{n}", n + 1, price, price * 1e7, price * 1e5,
              0.5, "active", when)
             for n, price in enumerate(self.prices)
         ]  # fmt: skip
@@ -83,31 +88,47 @@ def kept_instants(end: int, days: int, retention: etl.Retention) -> list[int]:
     return instants
 
 
-def simulate(db: Path, market: Market, end: int, days: int) -> None:
-    """Load the kept snapshots of `days` days of runs into a new store through etl.Loader."""
-    retention = etl.Retention()
-    sources = [etl.CsvSource(Path(f"{name}.csv"), name) for name in SOURCES]
+SOURCES_AS_CSV = [etl.CsvSource(Path(f"{name}.csv"), name) for name in SOURCES]
+
+
+def commit_rows(conn: etl.sqlite3.Connection, run_id: int, rows: list[tuple], label: str, wal: Path) -> list[int]:
+    """Load staged rows as every source's batch, one Loader commit each, as a run of etl.py would; return how many
+    bytes the store's WAL grew by in each commit."""
+    grown = []
+    for source in SOURCES_AS_CSV:
+        before = wal.stat().st_size if wal.exists() else 0
+        batch = etl.Batch(observations=rows, read=len(rows), end=etl.ReadPosition(0, len(rows)), final=True)
+        with etl.Loader(conn, run_id, source.name, etl.Retention()) as loader:
+            loader.commit(batch, label, batch.end, complete=True)
+        grown.append(wal.stat().st_size - before)
+    return grown
+
+
+def simulate(db: Path, market: Market, end: int, days: int, batch_rows: int) -> None:
+    """Load the kept snapshots of `days` days of runs into a new store through etl.Loader, consecutive snapshots
+    of a source in one commit up to `batch_rows` rows."""
     conn = etl.connect(db, 60)
+    conn.execute("PRAGMA cache_size = -262144")  # a commit of several snapshots dirties more than 16 MB
     etl.apply_schema(conn)
-    instants = kept_instants(end, days, retention)
+    instants = kept_instants(end, days, etl.Retention())
+    per_commit = max(1, batch_rows // market.coins)
     started, day, shown = time.monotonic(), None, 0
     run_id = 0
-    for number, t in enumerate(instants):
-        if t // etl.DAY != day:  # one recorded run a simulated day: run records are not what is measured
-            day = t // etl.DAY
+    for first in range(0, len(instants), per_commit):
+        chunk = instants[first : first + per_commit]
+        if chunk[0] // etl.DAY != day:  # one recorded run a simulated day: run records are not what is measured
+            day = chunk[0] // etl.DAY
             if run_id:
                 etl.end_run(conn, run_id, "success", 0, None)
-            run_id = etl.start_run(conn, sources)
-        if number * 10 // len(instants) > shown:
-            shown = number * 10 // len(instants)
+            run_id = etl.start_run(conn, SOURCES_AS_CSV)
+        if first * 10 // len(instants) > shown:
+            shown = first * 10 // len(instants)
             print(f"  {shown}0 % of {len(instants):,} snapshots, {time.monotonic() - started:,.0f} s", flush=True)
-        market.move()
-        when = etl.format_time(datetime.fromtimestamp(t, UTC))
-        rows = market.rows(when)
-        for source in sources:
-            batch = etl.Batch(observations=rows, read=len(rows), end=etl.ReadPosition(0, len(rows)), final=True)
-            with etl.Loader(conn, run_id, source.name, retention) as loader:
-                loader.commit(batch, f"simulated {t}", batch.end, complete=True)
+        rows: list[tuple] = []
+        for t in chunk:
+            market.move()
+            rows += market.rows(etl.format_time(datetime.fromtimestamp(t, UTC)), len(rows) + 1)
+        commit_rows(conn, run_id, rows, f"simulated {chunk[0]}-{chunk[-1]}", Path(f"{db}-wal"))
     etl.end_run(conn, run_id, "success", 0, None)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -121,11 +142,46 @@ def tiers(db: Path) -> str:
     conn = etl.sqlite3.connect(db)
     try:
         raw = conn.execute("SELECT count(*) FROM raw_observation").fetchone()[0]
-        hourly, daily = (conn.execute("SELECT count(*) FROM candle WHERE width = ?", (w,)).fetchone()[0]
-                         for w in (etl.HOUR, etl.DAY))  # fmt: skip
+        hourly, daily = (
+            conn.execute("SELECT (SELECT count(*) FROM candle WHERE width = ?1)"
+                         " + (SELECT count(*) FROM open_candle WHERE width = ?1)", (w,)).fetchone()[0]
+            for w in (etl.HOUR, etl.DAY)
+        )  # fmt: skip
     finally:
         conn.close()
     return f"{raw:,} raw observations, {hourly:,} hourly candles, {daily:,} daily candles"
+
+
+def newest(db: Path) -> int:
+    """The time of the newest raw observation of the store at db (Unix seconds)."""
+    conn = etl.sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT max(observed_at) FROM raw_observation").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def pages_written(db: Path, market: Market, instants: Sequence[int]) -> list[int]:
+    """The pages each Loader commit writes (WAL frames, no checkpoint in between) for one snapshot of every
+    listing at each of `instants`, loaded in process as etl.py's runs would."""
+    conn = etl.connect(db, 60)
+    try:
+        etl.apply_schema(conn)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        frame = conn.execute("PRAGMA page_size").fetchone()[0] + 24
+        written = []
+        for t in instants:
+            market.move()
+            rows = market.rows(etl.format_time(datetime.fromtimestamp(t, UTC)))
+            run_id = etl.start_run(conn, SOURCES_AS_CSV)
+            grown = commit_rows(conn, run_id, rows, f"measured {t}", Path(f"{db}-wal"))
+            written += [size // frame for size in grown]
+            etl.end_run(conn, run_id, "success", 0, None)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return written
 
 
 def real_run(db: Path, market: Market, t: int) -> float:
@@ -208,25 +264,36 @@ def main() -> None:
     parser.add_argument("--listings", type=int, default=15_000, help="listings in all (half per source)")
     parser.add_argument("--days", type=int, default=365, help="days of history in the long store")
     parser.add_argument("--rounds", type=int, default=3, help="real runs on each store, alternating")
+    parser.add_argument("--batch-rows", type=int, default=etl.EtlConfig.batch_rows,
+                        help="rows a simulated commit holds at most (whole snapshots)")  # fmt: skip
     parser.add_argument("--api-only", action="store_true", help="only time the API, on the year's store left before")
+    parser.add_argument("--runs-only", action="store_true", help="reuse the stores left before: no simulation")
+    parser.add_argument("--no-api", action="store_true", help="leave out the API part")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.api_only:
         measure_api(OUT / "year.db", args.listings)
         return
-    # The last simulated run is a little before now, so the real runs after it are not in the future.
-    end = (int(time.time()) - 4 * STEP) // STEP * STEP
     stores = {"year": OUT / "year.db", "day": OUT / "day.db"}
-    markets = {}
-    for label, days in (("day", 1), ("year", args.days)):
-        for path in OUT.glob(stores[label].name + "*"):
-            path.unlink()
-        markets[label] = Market(args.listings // len(SOURCES))
-        print(f"building {label} store: {days} days of 10-minute runs over {args.listings:,} listings", flush=True)
-        started = time.monotonic()
-        simulate(stores[label], markets[label], end, days)
-        print(f"  built in {time.monotonic() - started:,.0f} s: {store_size(stores[label]) / 1e9:.3f} GB;"
-              f" {tiers(stores[label])}", flush=True)  # fmt: skip
+    markets = {label: Market(args.listings // len(SOURCES)) for label in stores}
+    if args.runs_only:
+        for store in stores.values():  # a store of an older schema is upgraded before any run is timed
+            conn = etl.connect(store, 60)
+            etl.apply_schema(conn)
+            conn.close()
+        end = max(newest(store) for store in stores.values())
+    else:
+        # The last simulated run is far enough before now that the real and measured runs after it are not in
+        # the future (etl.py refuses observations more than 5 minutes after its start).
+        end = (int(time.time()) - (args.rounds + 10) * STEP) // STEP * STEP
+        for label, days in (("day", 1), ("year", args.days)):
+            for path in OUT.glob(stores[label].name + "*"):
+                path.unlink()
+            print(f"building {label} store: {days} days of 10-minute runs over {args.listings:,} listings", flush=True)
+            started = time.monotonic()
+            simulate(stores[label], markets[label], end, days, args.batch_rows)
+            print(f"  built in {time.monotonic() - started:,.0f} s: {store_size(stores[label]) / 1e9:.3f} GB;"
+                  f" {tiers(stores[label])}", flush=True)  # fmt: skip
     seconds: dict[str, list[float]] = {"year": [], "day": []}
     for round_ in range(1, args.rounds + 1):
         for label in ("year", "day"):
@@ -243,7 +310,15 @@ def main() -> None:
     with contextlib.suppress(OSError):
         for feed in OUT.glob("*.csv"):
             feed.unlink()
-    measure_api(stores["year"], args.listings)
+    # The next hour's six runs: one of them opens a new hour (and closes the last one's candles).
+    after = [end + (args.rounds + n) * STEP for n in range(1, 7)]
+    for label in ("year", "day"):
+        written = pages_written(stores[label], markets[label], after)
+        rows = args.listings // len(SOURCES)
+        print(f"pages written by a {rows:,}-row commit on the {label} store over the next hour's runs"
+              f" (WAL frames): {written}, median {statistics.median(written):,.0f}", flush=True)  # fmt: skip
+    if not args.no_api:
+        measure_api(stores["year"], args.listings)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
         conn.close()
 
 
+# Every kept candle, closed (candle) or open (open_candle): a candle is in exactly one of the two.
+CANDLES = "(SELECT * FROM candle UNION ALL SELECT * FROM open_candle)"
+
 # Every kept observation in the store's text form: source, source id, RFC 3339 time, values.
 OBSERVATIONS = (
     "SELECT l.source, l.source_id, strftime('%Y-%m-%dT%H:%M:%SZ', o.observed_at, 'unixepoch') AS observed_at,"
@@ -115,8 +118,8 @@ def store_content(db: Path) -> dict[str, Any]:
         "candles": query(
             db,
             "SELECT l.source, l.source_id, c.width, c.t, c.open, c.high, c.low, c.close, c.market_cap_usd,"
-            " c.volume_24h_usd, c.observations, c.first_at, c.last_at FROM candle c JOIN listing l USING (listing_id)"
-            " ORDER BY l.source, l.source_id, c.width, c.t",
+            f" c.volume_24h_usd, c.observations, c.first_at, c.last_at FROM {CANDLES} c"
+            " JOIN listing l USING (listing_id) ORDER BY l.source, l.source_id, c.width, c.t",
         ),
         "horizons": query(
             db, "SELECT source, source_id, raw_before, hourly_before FROM listing ORDER BY source, source_id"

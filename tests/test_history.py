@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import etl
-from etl_support import ROOT, last_run, query, run_etl, start_etl, store_content, wait_for_event
+from etl_support import CANDLES, ROOT, last_run, query, run_etl, start_etl, store_content, wait_for_event
 
 HOUR, DAY = 3_600, 86_400
 START = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())
@@ -23,6 +23,8 @@ HEADER = "id,symbol,name,price,market_cap,volume_24h,last_updated\n"
 COINS = [("BTC", "Bitcoin"), ("ETH", "Ethereum"), ("SOL", "Solana"), ("DOGE", "Dogecoin")]
 # The last commit whose store has schema version 4 (the text-keyed observation table).
 V4_COMMIT = "da2a157cbbc85696d50cdb8291bc52adcf6aebfc"
+# The last commit whose store has schema version 5 (open candles in candle).
+V5_COMMIT = "82c55e84af40d75c9d4699994c1fedde88b461ce"
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def stored_candles(db: Path, width: int) -> dict[tuple, tuple]:
     rows = query(
         db,
         "SELECT l.source, l.source_id, c.t, c.open, c.high, c.low, c.close, c.market_cap_usd, c.volume_24h_usd,"
-        " c.observations FROM candle c JOIN listing l USING (listing_id) WHERE c.width = ?",
+        f" c.observations FROM {CANDLES} c JOIN listing l USING (listing_id) WHERE c.width = ?",
         (width,),
     )
     return {(source, source_id, t): tuple(values) for source, source_id, t, *values in rows}
@@ -108,7 +110,7 @@ def merged_candles(db: Path, width: int) -> dict[tuple, tuple]:
     rows = query(
         db,
         "SELECT m.symbol, l.source, l.source_id, c.t, c.open, c.high, c.low, c.close, c.market_cap_usd,"
-        " c.volume_24h_usd, c.observations, c.first_at, c.last_at FROM candle c JOIN listing l USING (listing_id)"
+        f" c.volume_24h_usd, c.observations, c.first_at, c.last_at FROM {CANDLES} c JOIN listing l USING (listing_id)"
         " JOIN source_map m ON m.source = l.source AND m.source_id = l.source_id WHERE c.width = ?",
         (width,),
     )
@@ -124,6 +126,18 @@ def merged_candles(db: Path, width: int) -> dict[tuple, tuple]:
             sum(p[8] for p in parts),
         )  # fmt: skip
     return result
+
+
+def assert_open_candles_are_the_newest(db: Path) -> None:
+    """open_candle holds each listing's candle of its newest priced observation's bucket, of each width, and
+    candle only older buckets."""
+    newest = query(db, "SELECT listing_id, max(observed_at) FROM raw_observation WHERE price_usd IS NOT NULL"
+                       " GROUP BY listing_id")  # fmt: skip
+    for width in (HOUR, DAY):
+        opened = query(db, "SELECT listing_id, t FROM open_candle WHERE width = ? ORDER BY listing_id", (width,))
+        assert opened == [(listing, t // width * width) for listing, t in sorted(newest)]
+        assert query(db, "SELECT count(*) FROM candle c JOIN open_candle o USING (listing_id, width)"
+                         " WHERE c.width = ? AND c.t >= o.t", (width,)) == [(0,)]  # fmt: skip
 
 
 def kept_raw(db: Path) -> list[tuple]:
@@ -181,6 +195,7 @@ def test_candles_equal_an_independent_computation_per_listing_and_merged(tmp_pat
         assert stored_candles(db, width) == candles(every, width, "listing")
         assert merged_candles(db, width) == candles(every, width, "asset")
     assert sum(v[6] for v in candles(every, DAY, "listing").values()) == sum(o.price is not None for o in every)
+    assert_open_candles_are_the_newest(db)
 
 
 def test_reloading_the_same_observations_changes_nothing(tmp_path):
@@ -220,12 +235,13 @@ def test_retention_keeps_the_store_bounded_while_candles_stay_exact(tmp_path):
         hourly = candles(loaded, HOUR, "listing")
         assert stored_candles(db, HOUR) == {k: v for k, v in hourly.items() if k[2] >= hourly_from}
         assert stored_candles(db, DAY) == candles(loaded, DAY, "listing")
+        assert_open_candles_are_the_newest(db)
         raw_counts.append(query(db, "SELECT count(*) FROM raw_observation")[0][0])
     # Two days' worth at the most (the newest day and the one before it, whole), however many days loaded.
     per_day = len(COINS) * DAY // 600
     assert max(raw_counts) <= 2 * per_day
     assert raw_counts[-1] == raw_counts[-3]
-    assert query(db, "SELECT count(*) FROM candle WHERE width = 3600")[0][0] <= 3 * 24 * len(COINS)
+    assert query(db, f"SELECT count(*) FROM {CANDLES} WHERE width = 3600")[0][0] <= 3 * 24 * len(COINS)
 
     # Observations before the pruned horizon, loaded again, change nothing: they are rolled up already.
     before = store_content(db)
@@ -234,6 +250,30 @@ def test_retention_keeps_the_store_bounded_while_candles_stay_exact(tmp_path):
     after = store_content(db)
     del before["checkpoints"], after["checkpoints"]
     assert after == before
+
+
+def test_open_candles_of_a_listing_whose_prices_stopped_close_as_its_raw_history_passes_them(tmp_path):
+    """A coin priced for two days, then observed without a price for four: its last priced hour and day leave
+    open_candle when raw retention passes them, and every candle stays exact and in one of the two tables."""
+    db = tmp_path / "store.db"
+    loaded: list[Seen] = []
+    for day in range(6):
+        seen = [
+            Seen("csv:a", "a-bitcoin", "BTC", t, 100.0 + (t - START) / DAY if day < 2 else None, 1e9, 1e6)
+            for t in range(START + day * DAY, START + (day + 1) * DAY, 600)
+        ]  # fmt: skip
+        load(db, [("a", write_feed(tmp_path / f"day{day}.csv", seen))], **RETENTION)
+        loaded += seen
+        hourly_from = (max(o.t for o in loaded) - 2 * DAY) // DAY * DAY
+        hourly = candles(loaded, HOUR, "listing")
+        assert stored_candles(db, HOUR) == {k: v for k, v in hourly.items() if k[2] >= hourly_from}
+        assert stored_candles(db, DAY) == candles(loaded, DAY, "listing")
+        assert_open_candles_are_the_newest(db)
+    last_priced = START + 2 * DAY - 600
+    assert query(db, "SELECT count(*) FROM open_candle") == [(0,)]
+    assert query(db, "SELECT t, close FROM candle WHERE width = 86400 ORDER BY t DESC LIMIT 1") == [
+        (START + DAY, 100.0 + (last_priced - START) / DAY)
+    ]  # fmt: skip
 
 
 def test_retention_settings_are_checked(tmp_path):
@@ -276,29 +316,35 @@ def test_kills_during_roll_up_and_pruning_converge_to_one_clean_run(tmp_path):
         assert query(killed, "PRAGMA integrity_check") == [("ok",)]
     load(killed, [("a", second)], **env)
     assert store_content(killed) == store_content(clean)
-    assert query(killed, "SELECT min(t) FROM candle WHERE width = 3600") == [(START + 9 * DAY,)]  # newest - 2d
+    assert_open_candles_are_the_newest(killed)
+    assert query(killed, f"SELECT min(t) FROM {CANDLES} WHERE width = 3600") == [(START + 9 * DAY,)]  # newest - 2d
 
 
 # --- upgrade -------------------------------------------------------------------------
 
 
-def test_a_store_of_version_4_is_upgraded_in_place(tmp_path):
-    """main's etl.py (schema 4) makes a store; this one turns its observations into the tiers and goes on."""
-    old = tmp_path / "v4"
-    old.mkdir()
+def load_with(commit: str, db: Path, feeds: Sequence[tuple[str, Path]], workdir: Path) -> None:
+    """Load the feeds with the etl.py and store.sql of an earlier commit."""
+    workdir.mkdir()
     for name in ("etl.py", "store.sql"):
         text = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{V4_COMMIT}:{name}"], capture_output=True, text=True, check=True
+            ["git", "-C", str(ROOT), "show", f"{commit}:{name}"], capture_output=True, text=True, check=True
         ).stdout
-        (old / name).write_text(text)
+        (workdir / name).write_text(text)
+    for name, feed in feeds:
+        made = subprocess.run(
+            [sys.executable, str(workdir / "etl.py"), "--db", str(db), f"csv:{name}={feed}"],
+            cwd=workdir, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+
+
+def test_a_store_of_version_4_is_upgraded_in_place(tmp_path):
+    """main's etl.py (schema 4) makes a store; this one turns its observations into the tiers and goes on."""
     seen = observations("a", START, START + 2 * DAY, seed=30)
     feed = write_feed(tmp_path / "a.csv", seen)
     db = tmp_path / "store.db"
-    made = subprocess.run(
-        [sys.executable, str(old / "etl.py"), "--db", str(db), f"csv:a={feed}"],
-        cwd=old, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    load_with(V4_COMMIT, db, [("a", feed)], tmp_path / "v4")
     assert query(db, "PRAGMA user_version") == [(4,)]
     v4_rows = query(
         db,
@@ -320,3 +366,31 @@ def test_a_store_of_version_4_is_upgraded_in_place(tmp_path):
     for width in (HOUR, DAY):
         assert stored_candles(db, width) == candles(every, width, "listing")
     assert json.loads(query(db, "SELECT sources FROM asset LIMIT 1")[0][0]) == ["csv:a"]
+    assert_open_candles_are_the_newest(db)
+
+
+def test_a_store_of_version_5_is_upgraded_in_place(tmp_path):
+    """A store whose open candles are in candle (schema 5): each listing's newest ones move to open_candle, and
+    later loads, retention and reads go on from there as in a store made by this etl.py."""
+    first = observations("a", START, START + 3 * DAY, seed=40)
+    feeds = [("a", write_feed(tmp_path / "a.csv", first))]
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    load_with(V5_COMMIT, old, feeds, tmp_path / "v5")
+    assert query(old, "PRAGMA user_version") == [(5,)]
+    v5_candles = query(old, "SELECT * FROM candle ORDER BY listing_id, width, t")
+    load(new, feeds)
+    assert query(new, f"SELECT * FROM {CANDLES} ORDER BY listing_id, width, t") == v5_candles
+
+    more = observations("a", START + 3 * DAY, START + 5 * DAY, seed=41)
+    feeds = [("a", write_feed(tmp_path / "more.csv", more))]
+    load(old, feeds)
+    load(new, feeds)
+    assert query(old, "PRAGMA user_version") == [(etl.SCHEMA_VERSION,)]
+    assert store_content(old) == store_content(new)
+    assert_open_candles_are_the_newest(old)
+    every = first + more
+    hourly_from = (max(o.t for o in every) - etl.Retention.hourly) // DAY * DAY
+    for width in (HOUR, DAY):
+        assert stored_candles(old, width) == {
+            key: value for key, value in candles(every, width, "listing").items() if key[2] >= hourly_from
+        }

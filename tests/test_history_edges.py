@@ -14,7 +14,7 @@ import msgspec
 from test_hostile import forge
 from test_real_inputs import outcome
 
-from etl_support import etl_against, last_run, query, run_etl
+from etl_support import CANDLES, etl_against, last_run, query, run_etl
 from upstream import coingecko_pages, load_fixture
 
 HEADER = "id,symbol,name,price_usd,last_updated\n"
@@ -71,7 +71,7 @@ def test_a_leap_second_is_the_second_before_it(tmp_path: Path) -> None:
     assert query(db, "SELECT asset_id, updated_at FROM asset ORDER BY asset_id") == [
         ("bitcoin", "2016-12-31T23:59:59Z"), ("ethereum", "2016-12-31T23:59:59Z")
     ]  # fmt: skip
-    assert query(db, "SELECT width, t, observations FROM candle WHERE listing_id = 1 ORDER BY width") == [
+    assert query(db, f"SELECT width, t, observations FROM {CANDLES} WHERE listing_id = 1 ORDER BY width") == [
         (3_600, 1483225200, 1), (86_400, 1483142400, 1)
     ]  # fmt: skip
 
@@ -90,7 +90,7 @@ def test_a_retention_longer_than_any_history_keeps_everything(tmp_path: Path) ->
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert last_run(db)["status"] == "success"
     assert query(db, "SELECT count(*) FROM raw_observation") == [(3,)]
-    assert query(db, "SELECT width, count(*) FROM candle GROUP BY width") == [(3_600, 3), (86_400, 3)]
+    assert query(db, f"SELECT width, count(*) FROM {CANDLES} GROUP BY width") == [(3_600, 3), (86_400, 3)]
     assert query(db, "SELECT raw_before, hourly_before FROM listing") == [(0, 0)]
 
 

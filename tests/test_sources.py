@@ -293,7 +293,7 @@ def test_raw_payloads_are_kept_bounded_and_replayable(upstream, tmp_path):
     with sqlite3.connect(db) as source, sqlite3.connect(replayed) as target:
         source.backup(target)
     with sqlite3.connect(replayed) as conn:
-        conn.executescript("DELETE FROM raw_observation; DELETE FROM candle;")
+        conn.executescript("DELETE FROM raw_observation; DELETE FROM candle; DELETE FROM open_candle;")
     result = run_etl(replayed, "replay:coingecko@3")
     assert result.returncode == 0, result.stdout
     assert last_run(replayed)["rows_loaded"] == 287
