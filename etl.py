@@ -1629,6 +1629,32 @@ WHERE observed >= l.raw_before ORDER BY s.line
 RETURNING listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd
 """
 
+# Staged observations whose listing holds one at the same second with other values, loaded first by an earlier
+# line, batch or run (INSERT_OBSERVATIONS kept it and ignored these). Every staged row within raw retention
+# meets its stored twin here: itself, or the one loaded first.
+CONFLICTS = """
+SELECT s.line, s.source_id, s.observed_at, s.symbol, s.name,
+       r.rank, r.price_usd, r.market_cap_usd, r.volume_24h_usd, r.change_24h_pct, r.active,
+       s.rank, s.price_usd, s.market_cap_usd, s.volume_24h_usd, s.change_24h_pct, s.status = 'active'
+FROM temp.staging s
+JOIN raw_observation r ON r.listing_id = s.listing_id
+                      AND r.observed_at = CAST(strftime('%s', s.observed_at) AS INTEGER)
+WHERE r.rank IS NOT s.rank OR r.price_usd IS NOT s.price_usd OR r.market_cap_usd IS NOT s.market_cap_usd
+   OR r.volume_24h_usd IS NOT s.volume_24h_usd OR r.change_24h_pct IS NOT s.change_24h_pct
+   OR r.active IS NOT (s.status = 'active')
+ORDER BY s.line
+"""
+
+COMPARED = ("rank", "price_usd", "market_cap_usd", "volume_24h_usd", "change_24h_pct", "status")
+
+
+def shown(field: str, value: object) -> object:
+    """A stored or staged value as a conflict's reject names it: the status by its word."""
+    if field == "status":
+        return "active" if value else "inactive"
+    return value
+
+
 # Observations older than their listing's pruned raw history (a backfill loaded after newer data): their day
 # is kept as candles only. One is new when its time lies outside its daily candle's span (or there is no such
 # candle); it then joins that candle, and its hourly one while its day's hourly candles are kept. One inside the
@@ -1963,14 +1989,15 @@ class Loader:
     def commit(
         self, batch: Batch, fingerprint: str, position: ReadPosition, complete: bool, raw: RawPage | None = None
     ) -> int:
-        """Apply one batch, its checkpoint and raw payload in one transaction; return new observations."""
+        """Apply one batch, its checkpoint and raw payload in one transaction; return new observations. An
+        observation that conflicts with one loaded first joins batch.rejects (Loader._conflicts)."""
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             if self.bulk:
                 for (name,) in conn.execute(ASSET_INDEXES).fetchall():
                     conn.execute(f'DROP INDEX "{name}"')
-            loaded = self._load(batch.observations) if batch.observations else 0
+            loaded = self._load(batch.observations, batch.rejects) if batch.observations else 0
             conn.executemany(
                 "INSERT OR IGNORE INTO reject (run_id, source, line, reason, raw) VALUES (?, ?, ?, ?, ?)",
                 [(self.run_id, self.source, line, reason, raw) for line, reason, raw in batch.rejects],
@@ -2005,7 +2032,7 @@ class Loader:
             raise
         return loaded
 
-    def _load(self, observations: list[tuple]) -> int:
+    def _load(self, observations: list[tuple], rejects: list[tuple[int, str, str]]) -> int:
         conn = self.conn
         conn.execute("DELETE FROM temp.staging")
         conn.executemany(INSERT_STAGING, observations)
@@ -2019,7 +2046,7 @@ class Loader:
         unmatched = conn.execute(UNMATCHED).fetchall()
         self._assign(self._new_asset_ids(unmatched), fresh=True)
         conn.execute(UPSERT_LISTINGS, (self.source, self.latest))
-        loaded = self._add_history()
+        loaded = self._add_history(rejects)
         changed = conn.execute(INSERT_FRESH_ASSETS, (self.source,)).rowcount
         listings = conn.execute(TOUCHED_LISTINGS, (self.latest,)).fetchall()
         if listings:
@@ -2037,13 +2064,16 @@ class Loader:
             conn.execute(f"PRAGMA application_id = {generation % 2**31}")
         return loaded
 
-    def _add_history(self) -> int:
+    def _add_history(self, rejects: list[tuple[int, str, str]]) -> int:
         """Store the staged observations that are new, roll them up and prune; return how many were new (those
-        older than their listing's raw history go into its candles: STAGE_LATE)."""
+        older than their listing's raw history go into its candles: STAGE_LATE). One that conflicts with an
+        observation loaded first is added to `rejects`."""
         conn = self.conn
         conn.execute(INSERT_LISTING_KEYS, (self.source,))
         conn.execute(STAGE_LISTING_KEYS, (self.source,))
         observed = conn.execute(INSERT_OBSERVATIONS).fetchall()
+        if len(observed) < conn.execute("SELECT count(*) FROM temp.staging").fetchone()[0]:
+            rejects.extend(self._conflicts())
         if observed:
             conn.execute("DELETE FROM temp.observed")
             conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
@@ -2071,6 +2101,38 @@ class Loader:
             for width in (HOUR, DAY):
                 conn.execute(ROLL_UP_LATE, (width,))
         return len(observed) + late
+
+    def _conflicts(self) -> list[tuple[int, str, str]]:
+        """Rejects (line, reason, raw) of the staged observations that differ from the one of their listing and
+        second loaded first: the store keeps the first (a reload changes nothing), and the other is named."""
+        found = self.conn.execute(CONFLICTS).fetchall()
+        if not found:
+            return []
+        first_lines: dict[tuple[str, str], int] = {}
+        for line, source_id, observed_at in self.conn.execute(
+            "SELECT line, source_id, observed_at FROM temp.staging ORDER BY line"
+        ):
+            first_lines.setdefault((source_id, observed_at), line)
+        rejects = []
+        for line, source_id, observed_at, symbol, name, *values in found:
+            kept, here = values[:6], values[6:]
+            first = first_lines[source_id, observed_at]
+            unit = "line" if self.source.startswith("csv:") else "record"
+            where = f"{unit} {first} of this input" if first < line else "an earlier batch or run"
+            differences = ", ".join(
+                f"{field} {json.dumps(shown(field, a))} kept, {json.dumps(shown(field, b))} here"
+                for field, a, b in zip(COMPARED, kept, here, strict=True)
+                if a != b
+            )
+            reason = (
+                f"another observation of {source_id} at {observed_at}, from {where}, was loaded first: {differences}"
+            )
+            raw = json.dumps(
+                {"id": source_id, "symbol": symbol, "name": name, "observed_at": observed_at}
+                | {field: shown(field, value) for field, value in zip(COMPARED, here, strict=True)}
+            )
+            rejects.append((line, reason, raw))
+        return rejects
 
     def _assign(self, assigned: Iterable[tuple[str, str]], fresh: bool) -> None:
         """Give the staged rows of each source id its asset."""

@@ -63,7 +63,7 @@ def test_an_upstream_time_no_datetime_holds_takes_the_fetch_time(upstream: Any, 
 def test_a_leap_second_is_the_second_before_it(tmp_path: Path) -> None:
     """RFC 3339 allows 23:59:60; POSIX seconds have none, so it stays in its own minute, hour and day."""
     feed = tmp_path / "feed.csv"
-    feed.write_text(HEADER + "btc,BTC,Bitcoin,1,2016-12-31T23:59:60Z\nbtc,BTC,Bitcoin,2,2016-12-31T23:59:60.5+00:00\n"
+    feed.write_text(HEADER + "btc,BTC,Bitcoin,1,2016-12-31T23:59:60Z\nbtc,BTC,Bitcoin,1,2016-12-31T23:59:60.5+00:00\n"
                     "eth,ETH,Ethereum,3,2017-01-01T05:29:60+05:30\n")  # fmt: skip
     db = tmp_path / "store.db"
     assert run_etl(db, f"csv:{feed}").returncode == 0
