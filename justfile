@@ -80,6 +80,10 @@ bench-log *args:
 bench-detail *args:
     {{py}} bench/detail_bounds.py {{args}}
 
+# CPU and instructions per GET /data/{asset_id} answered in process (a miss, a kept answer, the Zipf stream) on the store of `just bench`
+bench-detail-cost *args:
+    {{py}} bench/detail_cost.py {{args}}
+
 # fuzz the running service ($KASPARRO_PORT) against its OpenAPI document, as tests/test_contract.py does (its .schemathesis/ cache goes in a temporary folder)
 schemathesis:
     cd "$(mktemp -d)" && trap 'rm -rf "$PWD"' EXIT && {{py}} -m schemathesis.cli run http://127.0.0.1:{{port}}/openapi.json --checks all --exclude-checks positive_data_acceptance --max-examples 150

@@ -1861,18 +1861,25 @@ def read_rows(
     return rows
 
 
-QUOTES_SQL = f"""
-SELECT {QUOTE_COLUMNS} FROM source_map
-WHERE asset_id = ? AND observed_at IS NOT NULL ORDER BY source, source_id
-"""
+# One statement: the asset's row once per quote (or once with NULL quote columns: source is never NULL in a
+# quote), the quotes in source_map_asset's order (asset_id, source, then the key's source_id), so no sort. A
+# lookup is mostly the cost of crossing into SQLite, and this crosses once instead of twice.
+ASSET_DETAIL_SQL = f"""
+SELECT {", ".join(f"a.{column}" for column in ASSET_FIELDS)},
+       {", ".join(f"m.{column}" for column in Quote.__struct_fields__)}
+FROM asset a LEFT JOIN source_map m ON m.asset_id = a.asset_id AND m.observed_at IS NOT NULL
+WHERE a.asset_id = ? ORDER BY m.source, m.source_id
+"""  # fmt: skip
+QUOTE_AT = len(ASSET_FIELDS)  # where a row's quote columns begin
 
 
 def read_asset(conn: sqlite3.Connection, version: DataVersion, asset_id: str) -> AssetDetail | None:
     """One asset with the latest quote of each source listing it; None when there is no such asset."""
-    row = conn.execute(f"SELECT {ASSET_COLUMNS} FROM asset WHERE asset_id = ?", (asset_id,)).fetchone()
-    if row is None:
+    rows = conn.execute(ASSET_DETAIL_SQL, (asset_id,)).fetchall()
+    if not rows:
         return None
-    quotes = [Quote(*quote) for quote in conn.execute(QUOTES_SQL, (asset_id,))]
+    row = rows[0]
+    quotes = [Quote(*quote[QUOTE_AT:]) for quote in rows] if row[QUOTE_AT] is not None else []
     return AssetDetail(*row[:9], msgspec.Raw(row[9]), row[10], quotes)
 
 
@@ -2751,7 +2758,7 @@ class AnswerCache:
 
     async def _make(self, key: AnswerKey, route: str, make: Make, commit: Commit) -> Answer | None:
         answer = await make(commit)
-        if answer is not None:
+        if answer is not None and answer.route != route:  # a copy costs a lookup's encoding twice over
             answer = dataclasses.replace(answer, route=route)
         if (
             answer is not None
@@ -2876,6 +2883,9 @@ class AssetPagesResource(KeptResource):
         return await self.store.read(read, on_loop=on_loop)
 
 
+DETAIL_ROUTE = "/data/{asset_id}"
+
+
 class AssetResource(KeptResource):
     """GET /data/{asset_id}: one unified record with the latest quote of each source (or `fields` of it)."""
 
@@ -2889,7 +2899,7 @@ class AssetResource(KeptResource):
                 return None
             body = encode(picked(detail, fields) if fields else detail)
             etag = asset_etag(f"{version}\n{','.join(fields)}", asset_id)
-            return Answer(commit.number, body, etag=etag)
+            return Answer(commit.number, body, etag=etag, route=DETAIL_ROUTE)
 
         return await self.store.read(read, on_loop=True)
 
@@ -4800,7 +4810,7 @@ ROUTES = (
         guarded=True,
     ),
     Route(
-        "/data/{asset_id}",
+        DETAIL_ROUTE,
         AssetResource,
         summary="Asset: one unified record with its quotes",
         guarded=True,

@@ -253,6 +253,37 @@ def test_asset_detail_has_quotes(client: Any) -> None:
     assert client.get("/data/usdc", headers={"If-None-Match": result.headers["etag"]}).status_code == 304
 
 
+def test_asset_detail_quotes_are_every_observed_listing_in_source_and_id_order(
+    make_client: Any, store_path: Path
+) -> None:
+    """The detail's one statement gives what reading the asset and its quotes apart gives: every listing with an
+    observation, by source then source id, pinned mappings without one left out, and no quotes when none has."""
+    quoted = "source, source_id, symbol, name, rank, price_usd, market_cap_usd, volume_24h_usd, change_24h_pct, status"
+    with sqlite3.connect(store_path) as conn:
+        (usdc,) = conn.execute(f"SELECT {quoted}, observed_at FROM source_map WHERE asset_id = 'usdc'").fetchall()
+        extra = [  # after and before usdc's own listing in (source, source_id) order, and within one source
+            ("zz-exchange", "b-usdc", *usdc[2:]),
+            ("zz-exchange", "a-usdc", *usdc[2:]),
+            ("aa-exchange", "z-usdc", *usdc[2:]),
+            ("aa-exchange", "pinned-usdc", *(None,) * 9),  # pinned by hand: no observation
+        ]
+        conn.executemany(
+            f"INSERT INTO source_map (asset_id, pinned, {quoted}, observed_at)"
+            " VALUES ('usdc', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(int(row[-1] is None), *row) for row in extra],
+        )
+        conn.execute("UPDATE source_map SET observed_at = NULL, pinned = 1 WHERE asset_id = 'dai'")
+    client = make_client(Config(db=store_path, log_level="warning"))
+    quotes = client.get("/data/usdc").json["quotes"]
+    assert [(q["source"], q["source_id"]) for q in quotes] == [
+        ("aa-exchange", "z-usdc"), (usdc[0], usdc[1]), ("zz-exchange", "a-usdc"), ("zz-exchange", "b-usdc"),
+    ]  # fmt: skip
+    assert all(q["price_usd"] == usdc[5] and q["observed_at"] for q in quotes)
+    dai = client.get("/data/dai").json
+    assert (dai["asset_id"], dai["quotes"]) == ("dai", [])
+    assert client.get("/data/usdc", params={"fields": "quotes"}).json == {"quotes": quotes}
+
+
 def test_unknown_asset_is_a_404_problem(client: Any) -> None:
     assert "no-such-coin" in problem(client.get("/data/no-such-coin"), 404)["detail"]
 
