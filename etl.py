@@ -2046,7 +2046,7 @@ class Loader:
         unmatched = conn.execute(UNMATCHED).fetchall()
         self._assign(self._new_asset_ids(unmatched), fresh=True)
         conn.execute(UPSERT_LISTINGS, (self.source, self.latest))
-        loaded = self._add_history(rejects)
+        loaded = self._add_history(len(observations), rejects)
         changed = conn.execute(INSERT_FRESH_ASSETS, (self.source,)).rowcount
         listings = conn.execute(TOUCHED_LISTINGS, (self.latest,)).fetchall()
         if listings:
@@ -2064,15 +2064,15 @@ class Loader:
             conn.execute(f"PRAGMA application_id = {generation % 2**31}")
         return loaded
 
-    def _add_history(self, rejects: list[tuple[int, str, str]]) -> int:
+    def _add_history(self, staged: int, rejects: list[tuple[int, str, str]]) -> int:
         """Store the staged observations that are new, roll them up and prune; return how many were new (those
-        older than their listing's raw history go into its candles: STAGE_LATE). One that conflicts with an
-        observation loaded first is added to `rejects`."""
+        older than their listing's raw history go into its candles: STAGE_LATE). Of the `staged` ones, one that
+        conflicts with an observation loaded first is added to `rejects`."""
         conn = self.conn
         conn.execute(INSERT_LISTING_KEYS, (self.source,))
         conn.execute(STAGE_LISTING_KEYS, (self.source,))
         observed = conn.execute(INSERT_OBSERVATIONS).fetchall()
-        if len(observed) < conn.execute("SELECT count(*) FROM temp.staging").fetchone()[0]:
+        if len(observed) < staged:
             rejects.extend(self._conflicts())
         if observed:
             conn.execute("DELETE FROM temp.observed")
@@ -2113,11 +2113,11 @@ class Loader:
             "SELECT line, source_id, observed_at FROM temp.staging ORDER BY line"
         ):
             first_lines.setdefault((source_id, observed_at), line)
+        unit = "line" if self.source.startswith("csv:") else "record"
         rejects = []
         for line, source_id, observed_at, symbol, name, *values in found:
             kept, here = values[:6], values[6:]
             first = first_lines[source_id, observed_at]
-            unit = "line" if self.source.startswith("csv:") else "record"
             where = f"{unit} {first} of this input" if first < line else "an earlier batch or run"
             differences = ", ".join(
                 f"{field} {json.dumps(shown(field, a))} kept, {json.dumps(shown(field, b))} here"

@@ -2360,9 +2360,8 @@ def read_history(
     source = query.source
     if source is not None:
         # As filter_by=source: compares (COLLATE NOCASE): ASCII letters in either case.
-        listings = [
-            listing for listing in listings if listing[1].translate(ASCII_LOWER) == source.translate(ASCII_LOWER)
-        ]
+        folded = source.translate(ASCII_LOWER)
+        listings = [listing for listing in listings if listing[1].translate(ASCII_LOWER) == folded]
         if not listings:
             raise falcon.HTTPNotFound(description=f"asset {asset_id[:100]!r} has no listing of {source[:60]!r}")
         source = listings[0][1]  # the stored name, as every point gives it
@@ -2386,7 +2385,7 @@ def read_history(
         position = (after.at, after.source, after.source_id) if after else ()
         rows = conn.execute(raw_sql(len(ids), after is not None) + " LIMIT ?", (*ids, start, end, *position,
                             limit + 1)).fetchall()  # fmt: skip
-        points: list[Any] = [PricePoint(utc_text(t), source, *values) for t, source, _, *values in rows[:limit]]
+        points: list[Any] = [PricePoint(utc_text(t), name, *values) for t, name, _, *values in rows[:limit]]
         last = rows[limit - 1] if len(rows) > limit else None
         position = (last[0], last[1], last[2]) if last else None
     else:
