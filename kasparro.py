@@ -3211,6 +3211,10 @@ def dict_rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
+# A run recorded as running whose process is gone, as the next run will record it (etl.py adds which run found it).
+DIED = {"status": "failed", "error": "the run's process died or could not record its end"}
+
+
 @dataclass(frozen=True)
 class RunRows:
     """Rows of etl_run (newest first) and of their run_source outcomes, as one read transaction saw them."""
@@ -3232,8 +3236,9 @@ class RunRows:
         return any(run["run_id"] == self.newest and run["status"] == "running" for run in self.runs)
 
     def records(self, live: bool) -> list[Run]:
-        """The runs as Runs. One recorded as running is failed, its running sources too, unless it is the newest
-        and `live` (its process still holds the writer lock): its process is gone, and the next run marks it so."""
+        """The runs as Runs. One recorded as running is failed with DIED's error, its running sources too, unless
+        it is the newest and `live` (its process still holds the writer lock): its process is gone, and the next
+        run marks it so."""
         by_run: dict[int, list[dict[str, Any]]] = {}
         for row in self.outcomes:
             by_run.setdefault(row["run_id"], []).append(row)
@@ -3244,11 +3249,11 @@ class RunRows:
                 RunSourceOutcome(
                     **{name: part[name] for name in RunSourceOutcome.__struct_fields__}
                     | {"drift": decode_drift(part["drift"]) if part["drift"] else {}}
-                    | ({"status": "failed"} if dead and part["status"] == "running" else {})
+                    | (DIED if dead and part["status"] == "running" else {})
                 )
                 for part in by_run.get(row["run_id"], [])
             ]
-            fields = row | {"sources": decode_sources(row["sources"])} | ({"status": "failed"} if dead else {})
+            fields = row | {"sources": decode_sources(row["sources"])} | (DIED if dead else {})
             records.append(Run(**fields, outcomes=parts))
         return records
 

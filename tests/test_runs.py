@@ -109,6 +109,9 @@ def test_runs_are_listed_newest_first_with_their_sources_counts(live_server: Any
     assert get_json(server, "/runs?limit=")["limit"] == 20  # empty is absent
 
 
+DIED = "the run's process died or could not record its end"
+
+
 def test_a_run_whose_process_is_gone_reads_failed_and_a_live_one_running(live_server: Any, tmp_path: Path) -> None:
     db = tmp_path / "kasparro.db"
     etl_ok(db, f"csv:{market_csv(tmp_path / 'market.csv', 5, minute=1)}")
@@ -122,11 +125,17 @@ def test_a_run_whose_process_is_gone_reads_failed_and_a_live_one_running(live_se
         dead = get_json(server, path)
         run = dead["runs"][0] if "runs" in dead else dead.get("b", dead)
         assert run["status"] == "failed" and [part["status"] for part in run["outcomes"]] == ["failed"], path
+        assert [run["error"], *(part["error"] for part in run["outcomes"])] == [DIED] * 2, path
+    stats = get_json(server, "/stats")["recent_runs"][0]
+    assert (stats["status"], stats["error"]) == ("failed", DIED)
     with writer_lock_held(db):
         live = get_json(server, "/runs/2")
-        assert live["status"] == "running" and live["outcomes"][0]["status"] == "running"
+        assert (live["status"], live["error"], live["outcomes"][0]["status"]) == ("running", None, "running")
         assert get_json(server, "/runs")["runs"][0]["status"] == "running"
         assert get_json(server, "/runs/compare?a=2&b=2")["anomalies"] == []  # a running source is not judged yet
+    etl_ok(db, f"csv:{market_csv(tmp_path / 'market.csv', 5, minute=2)}")  # the next run records what was read
+    found = get_json(server, "/runs/2")
+    assert (found["status"], found["error"]) == ("failed", f"{DIED}; found by run 3")
 
 
 def test_compare_sets_two_runs_side_by_side_and_flags_the_anomalies(live_server: Any, steady: Path) -> None:
