@@ -30,6 +30,7 @@ import sqlite3
 import ssl
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 import urllib.parse
@@ -240,6 +241,10 @@ class SourceError(Exception):
 
 class Interrupted(Exception):
     """The process was asked to stop (SIGTERM); the open batch rolls back."""
+
+
+class BudgetSpent(SourceError):
+    """A source's time budget ended during a request (BudgetWatch)."""
 
 
 class CutShort(Exception):
@@ -552,10 +557,13 @@ class HttpClient:
     def get(self, url: str) -> bytes:
         """The body of a 200 answer to GET url (decompressed), or SourceError saying why not."""
         policy = self.policy
+        problem = None
         for attempt in range(1, policy.attempts + 1):
             retry_after = None
             try:
                 status, headers, body = self._fetch(url)
+            except BudgetSpent as spent:  # within an attempt: what the attempts before it met says more
+                raise SourceError(f"{safe_url(url)}: {problem}; {spent}" if problem else str(spent)) from None
             except TimeoutError:
                 problem = f"no answer within {policy.read_timeout:g} s"
             except CutShort as error:  # a dropped connection: retried, like one that sent nothing
@@ -618,10 +626,12 @@ class HttpClient:
             sock = conn.sock  # the response reads from it after getresponse() lets conn go of it
             sock.settimeout(min(self.policy.read_timeout, remaining))
             target = parts.path + (f"?{parts.query}" if parts.query else "")
-            conn.request("GET", target or "/", headers=self._headers())
-            response = conn.getresponse()
-            headers = {k.lower(): v for k, v in response.getheaders()}
-            body = self._read(response, sock)
+            with BudgetWatch(sock, self.deadline - self.clock(), self.policy.budget) as watch:
+                conn.request("GET", target or "/", headers=self._headers())
+                response = conn.getresponse()  # a hang-up ends it as if the headers were complete
+                watch.now_doing("while reading")
+                headers = {k.lower(): v for k, v in response.getheaders()}
+                body = self._read(response, sock)
         finally:
             conn.close()
         if headers.get("content-encoding", "identity").lower() == "gzip":
@@ -640,13 +650,13 @@ class HttpClient:
         while True:
             wait = min(self.policy.read_timeout, self.deadline - self.clock())
             if wait <= 0:
-                raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading")
+                raise BudgetSpent(f"time budget of {self.policy.budget:g} s spent while reading")
             sock.settimeout(wait)
             try:
                 chunk = response.read1(65536)  # what has arrived, not a full 64 kB
             except TimeoutError:
                 if wait < self.policy.read_timeout:  # the budget ran out first
-                    raise SourceError(f"time budget of {self.policy.budget:g} s spent while reading") from None
+                    raise BudgetSpent(f"time budget of {self.policy.budget:g} s spent while reading") from None
                 raise
             if not chunk:
                 break
@@ -665,6 +675,46 @@ class HttpClient:
             "User-Agent": "kasparro-etl/1",
             **self.source.headers,
         }
+
+
+class BudgetWatch:
+    """Hang up a request's socket when the time budget ends, whatever it is waiting for.
+
+    Each wait for bytes ends with the read timeout, but a status line and headers that drip in, a byte
+    within each timeout, would hold the run past its budget: http.client reads them in many waits. After
+    the hang-up whatever was read is cut short, so the request ends with BudgetSpent, saying what it was
+    doing, however the reads took the hang-up (an error, or an end that looks like one).
+    """
+
+    def __init__(self, sock: socket.socket, seconds: float, budget: float) -> None:
+        self.sock, self.budget = sock, budget
+        self.doing = "waiting for the response"
+        self.spent = threading.Event()
+        self.timer = threading.Timer(max(0.0, seconds), self._hang_up)
+        self.timer.daemon = True
+
+    def _hang_up(self) -> None:
+        self.spent.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> BudgetWatch:
+        self.timer.start()
+        return self
+
+    def now_doing(self, doing: str) -> None:
+        """Go on to the next part of the request, unless the budget ended in this one."""
+        if self.spent.is_set():
+            raise self._over()
+        self.doing = doing
+
+    def _over(self) -> BudgetSpent:
+        return BudgetSpent(f"time budget of {self.budget:g} s spent {self.doing}")
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        self.timer.cancel()
+        if self.spent.is_set() and (error is None or isinstance(error, Exception)):
+            raise self._over() from None
 
 
 def safe_url(url: str) -> str:

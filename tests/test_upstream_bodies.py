@@ -4,12 +4,14 @@ The real etl.py against a fake CoinGecko on 127.0.0.1, into a real SQLite store.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import json
+import socketserver
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,26 +203,25 @@ def test_drift_names_the_most_frequent_unknown_fields_and_counts_the_rest(upstre
 # --- slow bodies ----------------------------------------------------------------------
 
 
-def test_a_body_that_drips_in_ends_with_the_time_budget(tmp_path: Path) -> None:
-    """A body was read 64 kB at a time, each read waiting as long as bytes kept coming within the read timeout:
-    an upstream sending a byte every 0.4 s held a run with a 2 s budget for the whole body (27 s for 61 bytes)."""
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(DOCUMENT)
+UNSIZED = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"  # the body ends with it
+
+
+@contextlib.contextmanager
+def dripping_upstream(reply: bytes, at_once: int) -> Iterator[tuple[str, list[int]]]:
+    """A fake CoinGecko on 127.0.0.1 that answers every GET with reply[:at_once], then the rest a byte every
+    0.2 s, well within a 1 s read timeout. Yields its URL and, per request, the bytes it sent before the hang-up."""
     sent: list[int] = []
     stop = threading.Event()
 
-    class Drip(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            """Quiet."""
-
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(DOCUMENT)))
-            self.end_headers()
+    class Drip(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while self.rfile.readline() not in (b"\r\n", b""):  # the request's lines
+                pass
             count = 0
             try:
-                for byte in DOCUMENT:  # one byte every 0.2 s, well within the 1 s read timeout
+                self.wfile.write(reply[:at_once])
+                for byte in reply[at_once:]:
                     self.wfile.write(bytes([byte]))
                     self.wfile.flush()
                     count += 1
@@ -230,21 +231,41 @@ def test_a_body_that_drips_in_ends_with_the_time_budget(tmp_path: Path) -> None:
                 pass
             sent.append(count)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Drip)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        db = tmp_path / "store.db"
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        result = run_etl(
-            db, "coingecko", KASPARRO_COINGECKO_URL=url, KASPARRO_HTTP_BUDGET="2", KASPARRO_HTTP_TIMEOUT="1"
-        )
-        assert fails_clearly(result, db) == "time budget of 2 s spent while reading"
+        yield f"http://127.0.0.1:{server.server_address[1]}", sent
         deadline = time.monotonic() + 30
         while not sent and time.monotonic() < deadline:
             stop.wait(0.05)  # the handler sees the hang-up at its next byte
-        assert sent and sent[0] < len(DOCUMENT) // 2, sent  # the ETL hung up long before the body's end
     finally:
         stop.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("head", "at_once", "doing"),
+    [
+        (HEAD, len(HEAD), "while reading"),  # the body drips in
+        (UNSIZED, len(UNSIZED), "while reading"),  # a body that the hang-up would seem to end
+        (HEAD, 0, "waiting for the response"),  # the status line drips in
+        (HEAD, len(HEAD) // 2, "waiting for the response"),  # the headers do
+    ],
+    ids=["body", "unsized-body", "status-line", "headers"],
+)
+def test_an_answer_that_drips_in_ends_with_the_time_budget(
+    tmp_path: Path, head: bytes, at_once: int, doing: str
+) -> None:
+    """Each wait for bytes ended with the read timeout, not the budget: a body sent a byte every 0.4 s held a run
+    with a 2 s budget for the whole body (27 s for 61 bytes), and a status line or headers that dripped in held
+    it for as long as they lasted (http.client reads them in many waits)."""
+    db = tmp_path / "store.db"
+    reply = head + DOCUMENT
+    with dripping_upstream(reply, at_once) as (url, sent):
+        result = run_etl(
+            db, "coingecko", KASPARRO_COINGECKO_URL=url, KASPARRO_HTTP_BUDGET="2", KASPARRO_HTTP_TIMEOUT="1"
+        )
+        assert fails_clearly(result, db) == f"time budget of 2 s spent {doing}"
+    assert sent and sent[0] < (len(reply) - at_once) // 2, sent  # the ETL hung up long before the reply's end
