@@ -695,8 +695,8 @@ class BudgetWatch:
 
     def _hang_up(self) -> None:
         self.spent.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):  # the socket's own shutdown: an SSLSocket's would drop its TLS state
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # under the thread reading it
 
     def __enter__(self) -> BudgetWatch:
         self.timer.start()
