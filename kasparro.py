@@ -1515,7 +1515,7 @@ def parse_condition(text: str) -> Condition:
     elif field in NUMBER_FIELDS:
         values = [parse_number(field, value) for value in alternatives]
     else:
-        values = [parse_time(field, value) for value in alternatives]
+        values = [parse_time(field, op, value) for value in alternatives]
     return Condition(field, op, tuple(sorted(set(values), key=str)))
 
 
@@ -1566,13 +1566,18 @@ def within_range(name: str, seconds: int, text: str) -> int:
     return seconds
 
 
-def parse_time(field: str, text: str) -> str:
-    """An RFC 3339 time or date, in the store's text form (so text order is time order)."""
+def parse_time(field: str, op: str, text: str) -> str:
+    """An RFC 3339 time or date, in the store's text form (so text order is time order), compared by `op` with
+    stored times (whole seconds) as with the instant itself: a time between two seconds is the later one for
+    `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
     moment = read_rfc3339(text)
     if moment is None:
         raise InvalidQuery(f"filter_by: {field} needs an RFC 3339 time{plus_hint(text)}, got {text[:40]!r}")
-    within_range(f"filter_by: {field}", math.floor(moment.timestamp()), text)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    seconds = int(moment.replace(microsecond=0).timestamp()) + (moment.microsecond > 0 and op in (">=", "<"))
+    within_range(f"filter_by: {field}", seconds, text)
+    if moment.microsecond and op == ":":
+        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_text(seconds)
 
 
 def condition_sql(condition: Condition) -> tuple[str, tuple]:

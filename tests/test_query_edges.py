@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +131,33 @@ def test_the_documented_examples_of_a_time_name_one_moment(live_server: Any, sto
         assert len(answers) == 1, (path, name, examples)
     status, _, body = server.get(f"/data?as_of={times['/data', 'as_of'][-1]}")
     assert json.loads(body)["total_items"] > 0
+
+
+@pytest.mark.parametrize("moment", ["2026-11-25T11:59:59.5Z", "2026-11-25T11:59:59.001Z", "2026-11-25T11:59:59Z"])
+def test_an_updated_at_bound_with_a_fraction_compares_at_that_instant(
+    live_server: Any, store_path: Path, sample_assets: list[dict[str, Any]], moment: str
+) -> None:
+    """A stored time is whole seconds; a bound between two seconds was read as the second before it, so
+    updated_at>=11:59:59.5 kept the assets of 11:59:59 (and < lost them, and : matched them)."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    at = datetime.fromisoformat(moment).timestamp()
+    tests: dict[str, Callable[[float], bool]] = {
+        ">": lambda t: t > at,
+        ">=": lambda t: t >= at,
+        "<": lambda t: t < at,
+        "<=": lambda t: t <= at,
+        ":": lambda t: t == at,
+    }
+    for op, holds in tests.items():
+        expected = {a["asset_id"] for a in sample_assets if holds(datetime.fromisoformat(a["updated_at"]).timestamp())}
+        assert 0 < len(expected) < len(sample_assets) or op == ":", op
+        for route in ROUTES:
+            got = set()
+            path = with_filter(route, f"updated_at{op}{moment}")
+            while path:  # every page of /data (100 a page), or the one export
+                status, _, body = server.get(path)
+                assert status == 200, body[:300]
+                got |= asset_ids(server, path)
+                cursor = json.loads(body)["next_cursor"] if path.startswith("/data?") else None
+                path = with_filter(route, f"updated_at{op}{moment}") + f"&cursor={cursor}" if cursor else ""
+            assert got == expected, (route, op)
