@@ -3,7 +3,10 @@ to another as_of, the documented examples. Real uvicorn on 127.0.0.1 over a copy
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import urllib.parse
 from collections.abc import Callable
 from datetime import datetime
@@ -161,3 +164,33 @@ def test_an_updated_at_bound_with_a_fraction_compares_at_that_instant(
                 cursor = json.loads(body)["next_cursor"] if path.startswith("/data?") else None
                 path = with_filter(route, f"updated_at{op}{moment}") + f"&cursor={cursor}" if cursor else ""
             assert got == expected, (route, op)
+
+
+def test_a_csv_number_is_written_as_in_json_whatever_its_neighbours(
+    live_server: Any, store_path: Path, sample_assets: list[dict[str, Any]]
+) -> None:
+    """A CSV body with a comma in some name, or of one column, went through the csv module, which writes
+    0.00001532 as 1.532e-05: a coin's price read one way on /data?format=csv's first page and another in the
+    export, or with fields=price_usd alone."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    assert any("," in a["name"] for a in sample_assets)
+    _, _, body = server.get("/data?filter_by=price_usd<0.0001&fields=asset_id,price_usd&format=ndjson&page_size=100")
+    as_json = dict(re.fullmatch(rb'{"asset_id":"(.*)","price_usd":(.*)}', line).groups() for line in body.splitlines())
+    assert len(as_json) == len([a for a in sample_assets if (a["price_usd"] or 1) < 1e-4]) > 2
+    paths: list[tuple[str, str | None]] = [  # and the asset of a body without asset_id
+        ("/data/export", None),
+        ("/data/export?fields=price_usd,asset_id", None),
+        ("/data/export?filter_by=price_usd<0.0001&fields=asset_id,price_usd", None),
+        ("/data?page_size=100&page=3&format=csv", None),
+        ("/data?filter_by=price_usd<0.0001&page_size=100&format=csv&fields=asset_id,price_usd", None),
+    ]
+    for asset in map(bytes.decode, as_json):
+        paths.append((f"/data/{asset}/history?interval=raw&format=csv", asset))
+        paths.append((f"/data?filter_by=asset_id:{asset}&format=csv&fields=price_usd", asset))
+    for path, asset in paths:
+        status, _, body = server.get(path)
+        rows = list(csv.DictReader(io.StringIO(body.decode())))
+        assert status == 200 and rows, path
+        for row in rows:
+            text = as_json.get((asset or row["asset_id"]).encode())
+            assert text is None or row["price_usd"].encode() == text, (path, row)
