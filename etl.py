@@ -2500,14 +2500,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+EVERY = (SECONDS[0], 365 * DAY)  # a slot longer than a year is no schedule, and time.sleep takes no time_t past it
+
+
 def interval_seconds(text: str) -> float:
-    """--every's value: a positive finite number of seconds."""
+    """--every's value: a number of seconds within EVERY."""
     try:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not EVERY[0] <= seconds <= EVERY[1]:  # nan too
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds from {EVERY[0]:g} to {EVERY[1]:,} (a year), got {text!r}"
+        )
     return seconds
 
 

@@ -71,6 +71,20 @@ def test_a_replay_of_a_run_id_sqlite_cannot_hold_is_a_usage_error(tmp_path: Path
     assert not db.exists()
 
 
+@pytest.mark.parametrize("value", ["99999999999", "1e300", "0.0001", "1e-300", "0", "-1", "nan", "inf", "soon"])
+def test_an_every_out_of_range_is_a_usage_error_before_the_first_run(tmp_path: Path, value: str) -> None:
+    """--every 99999999999 ran once, then ended in an OverflowError traceback (time_t) instead of waiting;
+    1e-300 ran back to back, logging skipped slots by the 10**300."""
+    db = tmp_path / "store.db"
+    result = run_etl(db, "--every", value)
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (
+        etl.EXIT_USAGE,
+        "etl.py: error: argument --every: expected a number of seconds from 0.001 to 31,536,000 (a year),"
+        f" got {value!r}",
+    )
+    assert not db.exists()
+
+
 @pytest.mark.parametrize("stem", ["a|b", "markets,2026-11-25"])
 def test_a_csv_whose_stem_cannot_be_a_source_name_must_be_named(tmp_path: Path, stem: str) -> None:
     """A stem with ',' or '|' made a source name that filter_by=source: splits and a CSV sources cell garbles."""
