@@ -1419,6 +1419,10 @@ def name_key(name: str) -> str:
     return NOT_ALNUM.sub("", unicodedata.normalize("NFKC", name).casefold())
 
 
+# What the API's paths mean after /data/ (GET /data/export): an asset with such an id could not be read there.
+ROUTE_WORDS = frozenset({"export"})
+
+
 def slugify(text: str) -> str:
     """ASCII slug of a name: 'Wrapped SOL' -> 'wrapped-sol'."""
     if not text.isascii():
@@ -2143,7 +2147,7 @@ class Loader:
     def _new_asset_ids(self, unmatched: list[tuple[str, str, str, str]]) -> list[tuple[str, str]]:
         """Give each new coin (source id, symbol, name key, name) a stable slug that no other asset has."""
         bases = [slugify(name) or slugify(symbol) or f"asset-{key[:16]}" for _, symbol, key, name in unmatched]
-        taken = {row[0] for row in self.conn.execute(TAKEN_IDS, (json.dumps(bases),))}
+        taken = {row[0] for row in self.conn.execute(TAKEN_IDS, (json.dumps(bases),))} | ROUTE_WORDS
         assigned = []
         for (source_id, symbol, _key, _name), base in zip(unmatched, bases, strict=True):
             candidate = base

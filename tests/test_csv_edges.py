@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from etl_support import last_run, query, run_etl
 
@@ -23,3 +25,22 @@ def test_a_time_cell_of_many_digits_and_a_letter_is_rejected_and_the_rest_load(t
         (2, f"observed_at: not an RFC 3339 time or Unix seconds or milliseconds: {'1' * 40!r}")
     ]
     assert query(db, "SELECT asset_id FROM asset") == [("coin-b",)]
+
+
+def test_a_coin_named_like_a_route_gets_an_asset_id_the_api_can_serve(live_server: Any, tmp_path: Path) -> None:
+    """A coin named Export was given asset_id 'export', whose /data/export is the export: its record could not be
+    read. It takes a suffix, as a slug another asset holds does; a coin named History is served as any other."""
+    feed = tmp_path / "routes.csv"
+    feed.write_text("symbol,name,price\nEXP,Export,1.5\nHIS,History,2.5\nEXP2,export,3.5\n")
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    ids = {name: asset_id for asset_id, name in query(db, "SELECT asset_id, name FROM asset")}
+    assert "export" not in ids.values() and len(set(ids.values())) == 3
+    server = live_server(db, LOG_LEVEL="warning")
+    for name, asset_id in ids.items():
+        status, _, body = server.get(f"/data/{asset_id}")
+        assert status == 200 and json.loads(body)["name"] == name, (asset_id, body[:200])
+        status, _, body = server.get(f"/data/{asset_id}/history?interval=raw")
+        assert status == 200 and len(json.loads(body)["points"]) == 1, (asset_id, body[:200])
+    status, headers, body = server.get("/data/export")
+    assert status == 200 and headers["content-type"].startswith("text/csv") and len(body.splitlines()) == 4
