@@ -94,11 +94,17 @@ class Config:
         if environ.get("KASPARRO_ROLE", "primary") not in ROLES:
             raise SystemExit(f"kasparro: KASPARRO_ROLE must be primary or replica, not {environ['KASPARRO_ROLE']!r}")
         origins = tuple(o.strip() for o in environ.get("KASPARRO_CORS_ORIGINS", "*").split(",") if o.strip())
-        for origin in origins:
-            if origin != "*" and not ORIGIN.fullmatch(origin):  # a browser's Origin never equals it: refused silently
+        for origin in origins:  # one a browser's Origin never equals would refuse every call silently
+            sent = "*" if origin == "*" else browser_origin(origin)
+            if sent is None:
                 raise SystemExit(
                     f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not an origin; expected '*' or origins"
                     " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path)"
+                )
+            if sent != origin:
+                raise SystemExit(
+                    f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not how a browser sends that origin:"
+                    f" write {sent!r}"
                 )
         return cls._read(environ, keys, origins)
 
@@ -135,7 +141,26 @@ def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple
 
 
 ROLES = ("primary", "replica")
-ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # as a browser sends it (RFC 6454): scheme://host[:port]
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port]
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def browser_origin(text: str) -> str | None:
+    """An origin as a browser sends it in Origin (RFC 6454: host lower-case and in punycode, no user, no default
+    port), or None when `text` is no origin (no scheme or host, a path, a port that is not one)."""
+    if not ORIGIN.fullmatch(text):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port, host = parts.port, parts.hostname
+        host = host if host is None or host.isascii() else host.encode("idna").decode()
+    except (ValueError, UnicodeError):
+        return None
+    if not host:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS.get(parts.scheme)) else f":{port}")
+
 
 # --- logs -----------------------------------------------------------------
 
