@@ -4673,9 +4673,20 @@ class ApiKeyAuth:
         matches = [hmac.compare_digest(offered.encode(), key) for key in self.keys]
         if not offered or not any(matches):
             raise falcon.HTTPUnauthorized(
-                description="this endpoint needs an API key: Authorization: Bearer <key> or X-API-Key",
-                challenges=['Bearer realm="kasparro"'],
+                description=self.refusal(req, offered), challenges=['Bearer realm="kasparro"']
             )
+
+    @staticmethod
+    def refusal(req: falcon.asgi.Request, offered: str) -> str:
+        """Why a request's key is refused: none sent, one sent in another scheme than Bearer, or not a key."""
+        scheme, _, credentials = (req.get_header("Authorization") or "").partition(" ")
+        if scheme and scheme.lower() != "bearer":
+            if not credentials.strip():
+                return "Authorization: send Bearer <key>, or the key in X-API-Key"
+            return f"Authorization: {scheme[:20]} is not taken here: send Authorization: Bearer <key> or X-API-Key"
+        if offered:
+            return "the API key sent is not one of this service's keys"
+        return "this endpoint needs an API key: Authorization: Bearer <key> or X-API-Key"
 
 
 class QueryParameters:
