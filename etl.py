@@ -1309,8 +1309,14 @@ RENAME_CUTOFF = 0.7
 def name_similarity(known: str, unknown: str) -> float:
     """0..1: the mean of difflib's ratio of two field names and of their words sorted.
 
-    Reordered words ('price_current' for 'current_price') score half way between the two ratios.
+    Reordered words ('price_current' for 'current_price') score half way between the two ratios. Nested names
+    are compared below their common parent ('price' and 'extra' of quotes.USD), which would make up most of both.
     """
+    known_parts, unknown_parts = known.split("."), unknown.split(".")
+    shared = 0
+    while shared < min(len(known_parts), len(unknown_parts)) - 1 and known_parts[shared] == unknown_parts[shared]:
+        shared += 1
+    known, unknown = ".".join(known_parts[shared:]), ".".join(unknown_parts[shared:])
     words = ["_".join(sorted(re.split(r"[_\W]+", name.casefold()))) for name in (known, unknown)]
     by_letters = difflib.SequenceMatcher(None, known.casefold(), unknown.casefold()).ratio()
     return (by_letters + difflib.SequenceMatcher(None, *words).ratio()) / 2

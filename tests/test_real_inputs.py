@@ -507,6 +507,35 @@ def test_a_renamed_upstream_field_is_named_as_a_likely_rename(upstream, tmp_path
     assert run["outcomes"][0]["drift"][rename] == n
 
 
+@pytest.mark.parametrize(
+    ("rename", "expected"),
+    [
+        (("price", "extra"), []),  # unrelated: only their parent path quotes.USD made them look alike (0.75)
+        (("price", "delta"), []),
+        (("price", "price_usd"), ["likely rename 'quotes.USD.price' \u2192 'quotes.USD.price_usd' (similarity 0.71)"]),
+    ],
+    ids=["unrelated", "unrelated-2", "renamed"],
+)
+def test_a_nested_upstream_field_is_a_likely_rename_by_its_own_name_not_its_parents(
+    upstream, tmp_path, rename: tuple[str, str], expected: list[str]
+):
+    """CoinPaprika's numbers sit under quotes.USD: any new field there was named a likely rename of a missing one,
+    as the shared 'quotes.USD.' made up most of the two paths."""
+    tickers = copy.deepcopy(load_fixture("coinpaprika_tickers.json"))
+    old, new = rename
+    for ticker in tickers:
+        ticker["quotes"]["USD"][new] = ticker["quotes"]["USD"].pop(old)
+    paprika_tickers(upstream, tickers)
+    db = tmp_path / "store.db"
+    assert etl_against(upstream, db, "coinpaprika").returncode == 0
+    drift = outcome(db, "coinpaprika")["drift"]
+    assert drift[f"unknown field 'quotes.USD.{new}'"] == drift[f"missing field 'quotes.USD.{old}'"] == len(tickers)
+    assert [key.split(" (similarity")[0] for key in drift if key.startswith("likely rename")] == [
+        e.split(" (similarity")[0] for e in expected
+    ]
+    assert [key for key in drift if key.startswith("likely rename")] == expected
+
+
 def test_a_misspelt_csv_column_is_named_as_a_likely_rename(tmp_path):
     feed = tmp_path / "feed.csv"
     feed.write_text("symbol,name,Price USDT\nBTC,Bitcoin,95000\n")
