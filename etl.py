@@ -1176,6 +1176,7 @@ STATUS_WORDS = {
     "delisted": "inactive", "dead": "inactive",
 }  # fmt: skip
 EARLIEST = datetime(2009, 1, 3, tzinfo=UTC)  # the genesis block
+TOO_EARLY = "before 2009-01-03, Bitcoin's genesis block"
 NOT_ALNUM = re.compile(r"[\W_]+")
 NOT_SLUG = re.compile(r"[^a-z0-9]+")
 
@@ -1457,7 +1458,7 @@ def parse_time(text: str) -> str:
     """An RFC 3339 time, or Unix seconds or milliseconds, as the store's time format.
 
     A bare number is a Unix time, never an ISO date: below 1e11 seconds, else below 1e14
-    milliseconds. ValueProblem for micro- or nanoseconds, unreadable text, times before 2009
+    milliseconds. ValueProblem for micro- or nanoseconds, unreadable text, times before EARLIEST
     and after 9999 (which no datetime holds: they must not end the run).
     """
     if DECIMAL.fullmatch(text):
@@ -1471,7 +1472,7 @@ def parse_time(text: str) -> str:
         unit = "seconds" if abs(number) < 1e11 else "milliseconds"
         seconds = number if unit == "seconds" else number / 1000
         if seconds < EARLIEST.timestamp():
-            raise ValueProblem(f"before 2009 (read as Unix {unit})")
+            raise ValueProblem(f"{TOO_EARLY} (read as Unix {unit})")
         return format_time(datetime.fromtimestamp(seconds, UTC))
     try:
         moment = datetime.fromisoformat(LEAP_SECOND.sub("59", text).replace("z", "Z"))
@@ -1480,7 +1481,7 @@ def parse_time(text: str) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     if moment < EARLIEST:
-        raise ValueProblem("before 2009")
+        raise ValueProblem(TOO_EARLY)
     try:
         return format_time(moment)
     except OverflowError:  # 9999-12-31T23:59:59-01:00: after the last second a datetime holds

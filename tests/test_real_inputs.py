@@ -270,8 +270,8 @@ def test_times_are_rfc3339_or_unix_seconds_or_milliseconds(text, stored):
     [
         ("1764072000000000", "a Unix time in micro- or nanoseconds, expected seconds or milliseconds"),
         ("1764072000000000000", "a Unix time in micro- or nanoseconds, expected seconds or milliseconds"),
-        ("2026", "before 2009 (read as Unix seconds)"),
-        ("20261125", "before 2009 (read as Unix seconds)"),
+        ("2026", "before 2009-01-03, Bitcoin's genesis block (read as Unix seconds)"),
+        ("20261125", "before 2009-01-03, Bitcoin's genesis block (read as Unix seconds)"),
         ("25/11/2026", "not an RFC 3339 time or Unix seconds or milliseconds"),
     ],
 )
