@@ -2537,6 +2537,9 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         sources = parse_sources(args.sources or config.sources, config)
         if not db.parent.is_dir():
             raise UsageError(f"directory of the store does not exist: {db.parent}")
+        if db.is_dir() or (db.exists() and not db.is_file()):  # '' names the current directory
+            what = "is a directory" if db.is_dir() else "is not a regular file"
+            raise UsageError(f"the store {str(db)!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)")
         if args.every is not None:
             return every(args.every, db, sources, config)
         lock = acquire_lock(db)

@@ -93,6 +93,9 @@ class Config:
         keys = tuple(k.strip() for k in environ.get("KASPARRO_API_KEYS", "").split(",") if k.strip())
         if environ.get("KASPARRO_ROLE", "primary") not in ROLES:
             raise SystemExit(f"kasparro: KASPARRO_ROLE must be primary or replica, not {environ['KASPARRO_ROLE']!r}")
+        db = environ.get("KASPARRO_DB", "kasparro.db")
+        if Path(db).is_dir() or (Path(db).exists() and not Path(db).is_file()):  # '' names the current directory
+            raise SystemExit(f"kasparro: KASPARRO_DB must be the path of the store's file, not {db!r}")
         origins = tuple(o.strip() for o in environ.get("KASPARRO_CORS_ORIGINS", "*").split(",") if o.strip())
         for origin in origins:  # one a browser's Origin never equals would refuse every call silently
             sent = "*" if origin == "*" else browser_origin(origin)
