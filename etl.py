@@ -764,6 +764,10 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
             found[target] = index
     missing = [name for name in REQUIRED_COLUMNS if name not in found]
     if missing:
+        if not any(name.strip().lstrip("\ufeff").strip() for name in header):  # a blank line, or a lone BOM
+            raise SourceError(
+                "the first line is blank, where the header row belongs (symbol, name and the other columns)"
+            )
         if any("\x00" in name for name in header):
             raise SourceError("the header holds NUL bytes: is it UTF-16 without a byte-order mark? Save it as UTF-8")
         delimiter = next((d for d in DELIMITERS if len(header) == 1 and d in header[0]), None)
@@ -772,7 +776,8 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
                 f"the file looks {DELIMITERS[delimiter]}-delimited: its header is one column"
                 f" {header[0][:120]!r}; only comma-separated files are read"
             )
-        raise SourceError(f"header has no {' or '.join(missing)} column (header: {list(header)!r})")
+        shown = ", ".join(repr(name[:40]) for name in header[:20]) + (", …" if len(header) > 20 else "")
+        raise SourceError(f"header has no {' or '.join(missing)} column; its columns: {shown}")
     columns = tuple(found.get(name) for name in CSV_ALIASES)
     first = header[0].strip().lstrip("\ufeff").casefold()
     return CsvLayout(len(header), columns, tuple(ignored), tuple(map(header_key, header)), first)

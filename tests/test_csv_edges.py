@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from etl_support import last_run, query, run_etl
 
 HEADER = "id,symbol,name,price_usd,last_updated\n"
@@ -44,3 +46,29 @@ def test_a_coin_named_like_a_route_gets_an_asset_id_the_api_can_serve(live_serve
         assert status == 200 and len(json.loads(body)["points"]) == 1, (asset_id, body[:200])
     status, headers, body = server.get("/data/export")
     assert status == 200 and headers["content-type"].startswith("text/csv") and len(body.splitlines()) == 4
+
+
+BLANK_FIRST_LINE = "the first line is blank, where the header row belongs (symbol, name and the other columns)"
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"\n\nsymbol,name\nBTC,Bitcoin\n", BLANK_FIRST_LINE),
+        (b"   \r\n", BLANK_FIRST_LINE),
+        (b"\xef\xbb\xbf", BLANK_FIRST_LINE),
+        (b"\xef\xbb\xbf\r\nsymbol,name\n", BLANK_FIRST_LINE),
+        (b"BTC,Bitcoin,95000\n", "header has no symbol or name column; its columns: 'BTC', 'Bitcoin', '95000'"),
+        (b"ticker,title\nBTC,Bitcoin\n", "header has no name column; its columns: 'ticker', 'title'"),
+    ],
+    ids=["blank-lines", "spaces", "bom-only", "bom-then-blank", "no-header", "no-name"],
+)
+def test_a_header_that_is_not_there_is_described_in_plain_words(tmp_path: Path, content: bytes, error: str) -> None:
+    """A blank first line, or only a byte-order mark, failed with "header has no symbol or name column (header:
+    ['\\ufeff'])": a Python list, of a character no one sees."""
+    feed = tmp_path / "feed.csv"
+    feed.write_bytes(content)
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert query(db, "SELECT error FROM run_source") == [(error,)]
