@@ -563,7 +563,7 @@ class HttpClient:
             except zlib.error as error:
                 problem = f"the gzip body does not inflate ({str(error).rpartition(': ')[2]})"
             except (OSError, http.client.HTTPException) as error:
-                problem = f"{type(error).__name__}: {error}"
+                problem = transport_problem(error)
             else:
                 if status == 200:
                     return body
@@ -672,7 +672,25 @@ def safe_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     query = urllib.parse.parse_qsl(parts.query)
     shown = "&".join(f"{k}={'***' if 'key' in k.lower() else v}" for k, v in query)
-    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, shown, ""))
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = host if parts.port is None else f"{host}:{parts.port}"  # the port asked, as an operator wrote it
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, shown, ""))
+
+
+def transport_problem(error: OSError | http.client.HTTPException) -> str:
+    """A failed exchange in the system's words ('connection refused'), else the HTTP client's."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error) or type(error).__name__
+
+
+def json_kind(value: object) -> str:
+    """A decoded JSON value's type in JSON's words: null, true, a number, an array, ..."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = ((str, "a string"), (int | float, "a number"), (list, "an array"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), "an object")
 
 
 def printable(data: bytes) -> str:
@@ -996,7 +1014,7 @@ def dig(record: object, path: Sequence[str]) -> object:
 def record_cells(source: HttpSource, record: object, intake: Intake) -> list[object]:
     """One upstream record as canonical cells, counting schema drift; Rejected when it is void."""
     if not isinstance(record, dict):
-        raise Rejected(f"expected a JSON object, got {type(record).__name__}")
+        raise Rejected(f"expected a JSON object, got {json_kind(record)}")
     for key in record.keys() - source.known:
         intake.unknown[key[:60]] += 1
     for label, known in source.known_nested.items():
@@ -1067,7 +1085,7 @@ def decode_records(body: bytes, where: str) -> list[object]:
     except RecursionError:
         raise SourceError(f"{where}: JSON nested too deeply") from None
     if not isinstance(records, list):
-        raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
+        raise SourceError(f"{where}: expected a JSON array of records, got {json_kind(records)}")
     return records
 
 
