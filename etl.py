@@ -1453,10 +1453,13 @@ def name_key(name: str) -> str:
 ROUTE_WORDS = frozenset({"export"})
 
 
-def slugify(text: str) -> str:
-    """ASCII slug of a name: 'Wrapped SOL' -> 'wrapped-sol'."""
+def slugify(text: str, mark: str = "") -> str:
+    """ASCII slug of a name: 'Wrapped SOL' -> 'wrapped-sol', 'Pokémon' -> 'pokemon'; an accent (a combining mark
+    once decomposed) becomes `mark`. Source ids made for rows without one pass " " ('poke-mon'), their form before
+    accents were dropped, as stored listings are keyed by them."""
     if not text.isascii():
-        spaced = "".join(ch if ch.isalnum() else " " for ch in unicodedata.normalize("NFKD", text))
+        decomposed = unicodedata.normalize("NFKD", text)
+        spaced = "".join(ch if ch.isalnum() else mark if unicodedata.combining(ch) else " " for ch in decomposed)
         text = spaced.encode("ascii", "ignore").decode()
     return NOT_SLUG.sub("-", text.lower()).strip("-")[:64].strip("-")
 
@@ -1543,7 +1546,7 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
         raise Rejected(f"name: has no letters or digits: {quoted(name)}")
     rank, price, market_cap, volume, change = numbers
     return Observation(
-        source_id=fold_text(source_id) if source_id else f"{slugify(name) or key}-{symbol.lower()}",
+        source_id=fold_text(source_id) if source_id else f"{slugify(name, ' ') or key}-{symbol.lower()}",
         symbol=symbol,
         name=name,
         name_key=key,

@@ -72,3 +72,16 @@ def test_a_header_that_is_not_there_is_described_in_plain_words(tmp_path: Path, 
     result = run_etl(db, f"csv:{feed}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert query(db, "SELECT error FROM run_source") == [(error,)]
+
+
+def test_an_accent_does_not_split_a_new_assets_slug(tmp_path: Path) -> None:
+    """Each combining mark became a hyphen: 'Über' was given asset_id 'u-ber', 'Pokémon' 'poke-mon'. The source id
+    made for a row without one keeps its old form ('u-ber-ub'): stored listings are keyed by it, and a new one would
+    make the same coin a second asset at the next load of the file."""
+    with_ids, without = tmp_path / "with.csv", tmp_path / "without.csv"
+    with_ids.write_text("id,symbol,name,price\nuber,UB,Über,1\npkm,PKM,Pokémon,2\n", encoding="utf-8")
+    without.write_text("symbol,name,price\nCF,Café Über,3\n", encoding="utf-8")
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{with_ids}", f"csv:{without}").returncode == 0
+    assert sorted(query(db, "SELECT asset_id FROM asset")) == [("cafe-uber",), ("pokemon",), ("uber",)]
+    assert query(db, "SELECT source_id FROM source_map WHERE source = 'csv:without'") == [("cafe-u-ber-cf",)]
