@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 import uuid
 import zlib
@@ -1208,6 +1209,7 @@ class Store:
     def _read_only(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
         conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
         conn.execute("PRAGMA query_only = 1")
+        conn.create_function("fold", 1, fold_sql, deterministic=True)
         conn.set_authorizer(authorize_read)
 
     def _forget_loop_conn(self) -> None:
@@ -1528,7 +1530,7 @@ def parse_condition(text: str) -> Condition:
     if field in TEXT_FIELDS:
         if op not in ":~":
             raise InvalidQuery(f"filter_by: {field} is text: use {field}:value or {field}~text, not {op!r}")
-        values: list[str | float] = [value.lower() for value in alternatives]
+        values: list[str | float] = [fold(value) for value in alternatives]
         if op == "~" and len(set(values)) > MAX_CONTAINS:
             raise InvalidQuery(f"filter_by: {field}~ takes at most {MAX_CONTAINS} alternatives, got {len(set(values))}")
         if op == "~" and (longest := max(map(len, alternatives))) > MAX_CONTAINS_TEXT:
@@ -1608,14 +1610,29 @@ def parse_time(field: str, op: str, text: str) -> str:
     return utc_text(seconds)
 
 
+def fold(text: str) -> str:
+    """Text as filter_by compares it, letters in any case: ASCII lower-cased (as SQLite's NOCASE and LIKE fold it),
+    anything else in NFKC (the names' stored form) and lower-cased, which NOCASE and LIKE do not do."""
+    return text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).lower()
+
+
+def fold_sql(value: object) -> object:
+    """fold() as the SQL function fold(), which the API's connections have."""
+    return fold(value) if isinstance(value, str) else value
+
+
 def condition_sql(condition: Condition) -> tuple[str, tuple]:
-    """One condition as SQL; identifiers come from the allow-lists, values are bound."""
+    """One condition as SQL; identifiers come from the allow-lists, values are bound. A text beyond ASCII is
+    compared through fold(), which no index serves; others as SQLite's NOCASE and LIKE do."""
     field, op, values = condition.field, condition.op, condition.values
     marks = ", ".join("?" * len(values))
+    beyond_ascii = not all(str(value).isascii() for value in values)
     if op == "~":
         patterns = tuple("%" + re.sub(r"([\\%_])", r"\\\1", str(v)) + "%" for v in values)
         column = "m.source" if field == "source" else field
         test = " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for _ in values)
+        if beyond_ascii:
+            patterns, test = values, " OR ".join(f"instr(fold({column}), ?) > 0" for _ in values)
     elif field == "source":
         column, test, patterns = "m.source", f"m.source COLLATE NOCASE IN ({marks})", values
     elif op == ":":
@@ -1623,6 +1640,8 @@ def condition_sql(condition: Condition) -> tuple[str, tuple]:
         if field == "symbol":
             patterns = tuple(str(v).upper() for v in values)
         test = f"{field} COLLATE NOCASE IN ({marks})" if field == "name" else f"{field} IN ({marks})"
+        if field == "name" and beyond_ascii:
+            test = f"fold(name) IN ({marks})"
     else:
         column, test, patterns = field, f"{field} {op} ?", values
     if column == "m.source":
@@ -2067,6 +2086,7 @@ def market_connection(uri: str, identity: MarketIdentity | None) -> sqlite3.Conn
         conn.execute(f"PRAGMA busy_timeout = {Store.BUSY_TIMEOUT_MS}")
         # No mmap_size: a store overwritten in place under a mapping would end the process with SIGBUS (issue 22).
         conn.execute("PRAGMA temp_store = MEMORY")
+        conn.create_function("fold", 1, fold_sql, deterministic=True)
         conn.execute("ATTACH ':memory:' AS identity")  # not within a transaction
         if identity is not None:
             conn.deserialize(identity.pages, name="identity")

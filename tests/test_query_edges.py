@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from etl_support import query, run_etl
+
 AS_OF = "2026-11-25T12:00:00Z"  # the sample's time: the moment's market is the whole sample
 ROUTES = (
     "/data?page_size=100",
@@ -194,3 +196,39 @@ def test_a_csv_number_is_written_as_in_json_whatever_its_neighbours(
         for row in rows:
             text = as_json.get((asset or row["asset_id"]).encode())
             assert text is None or row["price_usd"].encode() == text, (path, row)
+
+
+def test_text_filters_ignore_the_case_of_letters_beyond_ascii(live_server: Any, tmp_path: Path) -> None:
+    """SQLite's NOCASE and LIKE fold ASCII letters only, and the value was lower-cased first: name:Über, written as
+    stored, matched nothing, nor did name~über or symbol~äö."""
+    feed = tmp_path / "letters.csv"
+    feed.write_text(
+        "id,symbol,name,price,last_updated\n"
+        "uber,UB,Über,1,2026-11-25T12:00:00Z\n"
+        "uni,UNI,Ünïcode Tökén,2,2026-11-25T12:00:00Z\n"
+        "strasse,STR,Straße Coin,3,2026-11-25T12:00:00Z\n"
+        "sigma,ÄÖ,ΣΙΓΜΑ,4,2026-11-25T12:00:00Z\n"
+        "btc,BTC,Bitcoin,5,2026-11-25T12:00:00Z\n",
+        encoding="utf-8",
+    )
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    server = live_server(db, LOG_LEVEL="warning")
+    ids = dict(query(db, "SELECT source_id, asset_id FROM source_map"))
+    cases = {
+        "name:Über": {"uber"},
+        "name:über|bitcoin": {"uber", "btc"},
+        "name:ÜBER": {"uber"},
+        "name:ünïcode tökén": {"uni"},
+        "name:STRAßE COIN": {"strasse"},
+        "name~üb": {"uber"},
+        "name~TÖKÉN|coin": {"uni", "strasse", "btc"},
+        "name~σιγ": {"sigma"},
+        "symbol~äö": {"sigma"},
+        "name:Ubex": set(),
+        "name~BITCOIN": {"btc"},
+    }
+    routes = ("/data?page_size=100", f"/data?page_size=100&as_of={AS_OF}", "/data/export")
+    for filter_by, expected in cases.items():
+        for route in routes:
+            assert asset_ids(server, with_filter(route, filter_by)) == {ids[i] for i in expected}, (filter_by, route)
