@@ -571,7 +571,7 @@ class HttpClient:
             except zlib.error as error:
                 problem = f"the gzip body does not inflate ({str(error).rpartition(': ')[2]})"
             except (OSError, http.client.HTTPException) as error:
-                problem = f"{type(error).__name__}: {error}"
+                problem = transport_problem(error)
             else:
                 if status == 200:
                     return body
@@ -634,13 +634,19 @@ class HttpClient:
                 body = self._read(response, sock)
         finally:
             conn.close()
-        if headers.get("content-encoding", "identity").lower() == "gzip":
-            inflate = zlib.decompressobj(wbits=31)
+        codings = [coding.strip().lower() for coding in headers.get("content-encoding", "").split(",")]
+        for coding in reversed([coding for coding in codings if coding not in ("", "identity")]):  # undone last first
+            if coding not in CODINGS:
+                raise SourceError(
+                    f"{safe_url(url)}: a body in the {coding[:20]!r} coding, which the ETL does not read"
+                    " (it asks for gzip)"
+                )
+            inflate = zlib.decompressobj(wbits=CODINGS[coding])
             body = inflate.decompress(body, self.policy.max_body)
             if inflate.unconsumed_tail:
                 raise SourceError(f"{safe_url(url)}: body over {self.policy.max_body} bytes when decompressed")
             if not inflate.eof:  # what a body without Content-Length shows of a connection closed early
-                raise CutShort(f"the gzip body ends early, after {len(body):,} bytes inflated")
+                raise CutShort(f"the {coding} body ends early, after {len(body):,} bytes inflated")
         return response.status, headers, body
 
     def _read(self, response: http.client.HTTPResponse, sock: socket.socket) -> bytes:
@@ -717,12 +723,34 @@ class BudgetWatch:
             raise self._over() from None
 
 
+# The HTTP content codings a body is inflated from, as zlib's wbits: gzip (and its old name x-gzip), deflate (zlib).
+CODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
 def safe_url(url: str) -> str:
     """A URL fit for logs: no user info, no query values that could be keys."""
     parts = urllib.parse.urlsplit(url)
     query = urllib.parse.parse_qsl(parts.query)
     shown = "&".join(f"{k}={'***' if 'key' in k.lower() else v}" for k, v in query)
-    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, shown, ""))
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = host if parts.port is None else f"{host}:{parts.port}"  # the port asked, as an operator wrote it
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, shown, ""))
+
+
+def transport_problem(error: OSError | http.client.HTTPException) -> str:
+    """A failed exchange in the system's words ('connection refused'), else the HTTP client's."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error) or type(error).__name__
+
+
+def json_kind(value: object) -> str:
+    """A decoded JSON value's type in JSON's words: null, true, a number, an array, ..."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = ((str, "a string"), (int | float, "a number"), (list, "an array"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), "an object")
 
 
 def printable(data: bytes) -> str:
@@ -814,6 +842,10 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
             found[target] = index
     missing = [name for name in REQUIRED_COLUMNS if name not in found]
     if missing:
+        if not any(name.strip().lstrip("\ufeff").strip() for name in header):  # a blank line, or a lone BOM
+            raise SourceError(
+                "the first line is blank, where the header row belongs (symbol, name and the other columns)"
+            )
         if any("\x00" in name for name in header):
             raise SourceError("the header holds NUL bytes: is it UTF-16 without a byte-order mark? Save it as UTF-8")
         delimiter = next((d for d in DELIMITERS if len(header) == 1 and d in header[0]), None)
@@ -822,7 +854,8 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
                 f"the file looks {DELIMITERS[delimiter]}-delimited: its header is one column"
                 f" {header[0][:120]!r}; only comma-separated files are read"
             )
-        raise SourceError(f"header has no {' or '.join(missing)} column (header: {list(header)!r})")
+        shown = ", ".join(repr(name[:40]) for name in header[:20]) + (", …" if len(header) > 20 else "")
+        raise SourceError(f"header has no {' or '.join(missing)} column; its columns: {shown}")
     columns = tuple(found.get(name) for name in CSV_ALIASES)
     first = header[0].strip().lstrip("\ufeff").casefold()
     return CsvLayout(len(header), columns, tuple(ignored), tuple(map(header_key, header)), first)
@@ -1041,7 +1074,7 @@ def dig(record: object, path: Sequence[str]) -> object:
 def record_cells(source: HttpSource, record: object, intake: Intake) -> list[object]:
     """One upstream record as canonical cells, counting schema drift; Rejected when it is void."""
     if not isinstance(record, dict):
-        raise Rejected(f"expected a JSON object, got {type(record).__name__}")
+        raise Rejected(f"expected a JSON object, got {json_kind(record)}")
     for key in record.keys() - source.known:
         intake.unknown[key[:60]] += 1
     for label, known in source.known_nested.items():
@@ -1112,7 +1145,7 @@ def decode_records(body: bytes, where: str) -> list[object]:
     except RecursionError:
         raise SourceError(f"{where}: JSON nested too deeply") from None
     if not isinstance(records, list):
-        raise SourceError(f"{where}: expected a JSON array of records, got {type(records).__name__}")
+        raise SourceError(f"{where}: expected a JSON array of records, got {json_kind(records)}")
     return records
 
 
@@ -1226,6 +1259,7 @@ STATUS_WORDS = {
     "delisted": "inactive", "dead": "inactive",
 }  # fmt: skip
 EARLIEST = datetime(2009, 1, 3, tzinfo=UTC)  # the genesis block
+TOO_EARLY = "before 2009-01-03, Bitcoin's genesis block"
 NOT_ALNUM = re.compile(r"[\W_]+")
 NOT_SLUG = re.compile(r"[^a-z0-9]+")
 
@@ -1359,8 +1393,14 @@ RENAME_CUTOFF = 0.7
 def name_similarity(known: str, unknown: str) -> float:
     """0..1: the mean of difflib's ratio of two field names and of their words sorted.
 
-    Reordered words ('price_current' for 'current_price') score half way between the two ratios.
+    Reordered words ('price_current' for 'current_price') score half way between the two ratios. Nested names
+    are compared below their common parent ('price' and 'extra' of quotes.USD), which would make up most of both.
     """
+    known_parts, unknown_parts = known.split("."), unknown.split(".")
+    shared = 0
+    while shared < min(len(known_parts), len(unknown_parts)) - 1 and known_parts[shared] == unknown_parts[shared]:
+        shared += 1
+    known, unknown = ".".join(known_parts[shared:]), ".".join(unknown_parts[shared:])
     words = ["_".join(sorted(re.split(r"[_\W]+", name.casefold()))) for name in (known, unknown)]
     by_letters = difflib.SequenceMatcher(None, known.casefold(), unknown.casefold()).ratio()
     return (by_letters + difflib.SequenceMatcher(None, *words).ratio()) / 2
@@ -1469,10 +1509,17 @@ def name_key(name: str) -> str:
     return NOT_ALNUM.sub("", unicodedata.normalize("NFKC", name).casefold())
 
 
-def slugify(text: str) -> str:
-    """ASCII slug of a name: 'Wrapped SOL' -> 'wrapped-sol'."""
+# What the API's paths mean after /data/ (GET /data/export): an asset with such an id could not be read there.
+ROUTE_WORDS = frozenset({"export"})
+
+
+def slugify(text: str, mark: str = "") -> str:
+    """ASCII slug of a name: 'Wrapped SOL' -> 'wrapped-sol', 'Pokémon' -> 'pokemon'; an accent (a combining mark
+    once decomposed) becomes `mark`. Source ids made for rows without one pass " " ('poke-mon'), their form before
+    accents were dropped, as stored listings are keyed by them."""
     if not text.isascii():
-        spaced = "".join(ch if ch.isalnum() else " " for ch in unicodedata.normalize("NFKD", text))
+        decomposed = unicodedata.normalize("NFKD", text)
+        spaced = "".join(ch if ch.isalnum() else mark if unicodedata.combining(ch) else " " for ch in decomposed)
         text = spaced.encode("ascii", "ignore").decode()
     return NOT_SLUG.sub("-", text.lower()).strip("-")[:64].strip("-")
 
@@ -1497,7 +1544,7 @@ def parse_time(text: str) -> str:
     """An RFC 3339 time, or Unix seconds or milliseconds, as the store's time format.
 
     A bare number is a Unix time, never an ISO date: below 1e11 seconds, else below 1e14
-    milliseconds. ValueProblem for micro- or nanoseconds, unreadable text, times before 2009
+    milliseconds. ValueProblem for micro- or nanoseconds, unreadable text, times before EARLIEST
     and after 9999 (which no datetime holds: they must not end the run).
     """
     if DECIMAL.fullmatch(text):
@@ -1511,7 +1558,7 @@ def parse_time(text: str) -> str:
         unit = "seconds" if abs(number) < 1e11 else "milliseconds"
         seconds = number if unit == "seconds" else number / 1000
         if seconds < EARLIEST.timestamp():
-            raise ValueProblem(f"before 2009 (read as Unix {unit})")
+            raise ValueProblem(f"{TOO_EARLY} (read as Unix {unit})")
         return format_time(datetime.fromtimestamp(seconds, UTC))
     try:
         moment = datetime.fromisoformat(LEAP_SECOND.sub("59", text).replace("z", "Z"))
@@ -1520,7 +1567,7 @@ def parse_time(text: str) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     if moment < EARLIEST:
-        raise ValueProblem("before 2009")
+        raise ValueProblem(TOO_EARLY)
     try:
         return format_time(moment)
     except OverflowError:  # 9999-12-31T23:59:59-01:00: after the last second a datetime holds
@@ -1559,7 +1606,7 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
         raise Rejected(f"name: has no letters or digits: {quoted(name)}")
     rank, price, market_cap, volume, change = numbers
     return Observation(
-        source_id=fold_text(source_id) if source_id else f"{slugify(name) or key}-{symbol.lower()}",
+        source_id=fold_text(source_id) if source_id else f"{slugify(name, ' ') or key}-{symbol.lower()}",
         symbol=symbol,
         name=name,
         name_key=key,
@@ -2193,7 +2240,7 @@ class Loader:
     def _new_asset_ids(self, unmatched: list[tuple[str, str, str, str]]) -> list[tuple[str, str]]:
         """Give each new coin (source id, symbol, name key, name) a stable slug that no other asset has."""
         bases = [slugify(name) or slugify(symbol) or f"asset-{key[:16]}" for _, symbol, key, name in unmatched]
-        taken = {row[0] for row in self.conn.execute(TAKEN_IDS, (json.dumps(bases),))}
+        taken = {row[0] for row in self.conn.execute(TAKEN_IDS, (json.dumps(bases),))} | ROUTE_WORDS
         assigned = []
         for (source_id, symbol, _key, _name), base in zip(unmatched, bases, strict=True):
             candidate = base
@@ -2550,14 +2597,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+EVERY = (SECONDS[0], 365 * DAY)  # a slot longer than a year is no schedule, and time.sleep takes no time_t past it
+
+
 def interval_seconds(text: str) -> float:
-    """--every's value: a positive finite number of seconds."""
+    """--every's value: a number of seconds within EVERY."""
     try:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not EVERY[0] <= seconds <= EVERY[1]:  # nan too
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds from {EVERY[0]:g} to {EVERY[1]:,} (a year), got {text!r}"
+        )
     return seconds
 
 
@@ -2571,6 +2623,9 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         sources = parse_sources(args.sources or config.sources, config)
         if not db.parent.is_dir():
             raise UsageError(f"directory of the store does not exist: {db.parent}")
+        if db.is_dir() or (db.exists() and not db.is_file()):  # '' names the current directory
+            what = "is a directory" if db.is_dir() else "is not a regular file"
+            raise UsageError(f"the store {str(db)!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)")
         if args.every is not None:
             return every(args.every, db, sources, config)
         lock = acquire_lock(db)

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 import uuid
 import zlib
@@ -93,12 +94,21 @@ class Config:
         keys = tuple(k.strip() for k in environ.get("KASPARRO_API_KEYS", "").split(",") if k.strip())
         if environ.get("KASPARRO_ROLE", "primary") not in ROLES:
             raise SystemExit(f"kasparro: KASPARRO_ROLE must be primary or replica, not {environ['KASPARRO_ROLE']!r}")
+        db = environ.get("KASPARRO_DB", "kasparro.db")
+        if Path(db).is_dir() or (Path(db).exists() and not Path(db).is_file()):  # '' names the current directory
+            raise SystemExit(f"kasparro: KASPARRO_DB must be the path of the store's file, not {db!r}")
         origins = tuple(o.strip() for o in environ.get("KASPARRO_CORS_ORIGINS", "*").split(",") if o.strip())
-        for origin in origins:
-            if origin != "*" and not ORIGIN.fullmatch(origin):  # a browser's Origin never equals it: refused silently
+        for origin in origins:  # one a browser's Origin never equals would refuse every call silently
+            sent = "*" if origin == "*" else browser_origin(origin)
+            if sent is None:
                 raise SystemExit(
                     f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not an origin; expected '*' or origins"
                     " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path)"
+                )
+            if sent != origin:
+                raise SystemExit(
+                    f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not how a browser sends that origin:"
+                    f" write {sent!r}"
                 )
         return cls._read(environ, keys, origins)
 
@@ -135,7 +145,26 @@ def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple
 
 
 ROLES = ("primary", "replica")
-ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # as a browser sends it (RFC 6454): scheme://host[:port]
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port]
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def browser_origin(text: str) -> str | None:
+    """An origin as a browser sends it in Origin (RFC 6454: host lower-case and in punycode, no user, no default
+    port), or None when `text` is no origin (no scheme or host, a path, a port that is not one)."""
+    if not ORIGIN.fullmatch(text):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port, host = parts.port, parts.hostname
+        host = host if host is None or host.isascii() else host.encode("idna").decode()
+    except (ValueError, UnicodeError):
+        return None
+    if not host:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS.get(parts.scheme)) else f":{port}")
+
 
 # --- logs -----------------------------------------------------------------
 
@@ -1180,6 +1209,7 @@ class Store:
     def _read_only(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
         conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
         conn.execute("PRAGMA query_only = 1")
+        conn.create_function("fold", 1, fold_sql, deterministic=True)
         conn.set_authorizer(authorize_read)
 
     def _forget_loop_conn(self) -> None:
@@ -1500,7 +1530,7 @@ def parse_condition(text: str) -> Condition:
     if field in TEXT_FIELDS:
         if op not in ":~":
             raise InvalidQuery(f"filter_by: {field} is text: use {field}:value or {field}~text, not {op!r}")
-        values: list[str | float] = [value.lower() for value in alternatives]
+        values: list[str | float] = [fold(value) for value in alternatives]
         if op == "~" and len(set(values)) > MAX_CONTAINS:
             raise InvalidQuery(f"filter_by: {field}~ takes at most {MAX_CONTAINS} alternatives, got {len(set(values))}")
         if op == "~" and (longest := max(map(len, alternatives))) > MAX_CONTAINS_TEXT:
@@ -1515,7 +1545,7 @@ def parse_condition(text: str) -> Condition:
     elif field in NUMBER_FIELDS:
         values = [parse_number(field, value) for value in alternatives]
     else:
-        values = [parse_time(field, value) for value in alternatives]
+        values = [parse_time(field, op, value) for value in alternatives]
     return Condition(field, op, tuple(sorted(set(values), key=str)))
 
 
@@ -1566,23 +1596,43 @@ def within_range(name: str, seconds: int, text: str) -> int:
     return seconds
 
 
-def parse_time(field: str, text: str) -> str:
-    """An RFC 3339 time or date, in the store's text form (so text order is time order)."""
+def parse_time(field: str, op: str, text: str) -> str:
+    """An RFC 3339 time or date, in the store's text form (so text order is time order), compared by `op` with
+    stored times (whole seconds) as with the instant itself: a time between two seconds is the later one for
+    `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
     moment = read_rfc3339(text)
     if moment is None:
         raise InvalidQuery(f"filter_by: {field} needs an RFC 3339 time{plus_hint(text)}, got {text[:40]!r}")
-    within_range(f"filter_by: {field}", math.floor(moment.timestamp()), text)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    seconds = int(moment.replace(microsecond=0).timestamp()) + (moment.microsecond > 0 and op in (">=", "<"))
+    within_range(f"filter_by: {field}", seconds, text)
+    if moment.microsecond and op == ":":
+        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_text(seconds)
+
+
+def fold(text: str) -> str:
+    """Text as filter_by compares it, letters in any case: ASCII lower-cased (as SQLite's NOCASE and LIKE fold it),
+    anything else in NFKC (the names' stored form) and lower-cased, which NOCASE and LIKE do not do."""
+    return text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).lower()
+
+
+def fold_sql(value: object) -> object:
+    """fold() as the SQL function fold(), which the API's connections have."""
+    return fold(value) if isinstance(value, str) else value
 
 
 def condition_sql(condition: Condition) -> tuple[str, tuple]:
-    """One condition as SQL; identifiers come from the allow-lists, values are bound."""
+    """One condition as SQL; identifiers come from the allow-lists, values are bound. A text beyond ASCII is
+    compared through fold(), which no index serves; others as SQLite's NOCASE and LIKE do."""
     field, op, values = condition.field, condition.op, condition.values
     marks = ", ".join("?" * len(values))
+    beyond_ascii = not all(str(value).isascii() for value in values)
     if op == "~":
         patterns = tuple("%" + re.sub(r"([\\%_])", r"\\\1", str(v)) + "%" for v in values)
         column = "m.source" if field == "source" else field
         test = " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for _ in values)
+        if beyond_ascii:
+            patterns, test = values, " OR ".join(f"instr(fold({column}), ?) > 0" for _ in values)
     elif field == "source":
         column, test, patterns = "m.source", f"m.source COLLATE NOCASE IN ({marks})", values
     elif op == ":":
@@ -1590,6 +1640,8 @@ def condition_sql(condition: Condition) -> tuple[str, tuple]:
         if field == "symbol":
             patterns = tuple(str(v).upper() for v in values)
         test = f"{field} COLLATE NOCASE IN ({marks})" if field == "name" else f"{field} IN ({marks})"
+        if field == "name" and beyond_ascii:
+            test = f"fold(name) IN ({marks})"
     else:
         column, test, patterns = field, f"{field} {op} ?", values
     if column == "m.source":
@@ -2034,6 +2086,7 @@ def market_connection(uri: str, identity: MarketIdentity | None) -> sqlite3.Conn
         conn.execute(f"PRAGMA busy_timeout = {Store.BUSY_TIMEOUT_MS}")
         # No mmap_size: a store overwritten in place under a mapping would end the process with SIGBUS (issue 22).
         conn.execute("PRAGMA temp_store = MEMORY")
+        conn.create_function("fold", 1, fold_sql, deterministic=True)
         conn.execute("ATTACH ':memory:' AS identity")  # not within a transaction
         if identity is not None:
             conn.deserialize(identity.pages, name="identity")
@@ -2580,7 +2633,8 @@ def csv_lines(table: Sequence[Sequence[str | int | float | None]]) -> bytes:
 
     Rows whose text needs no quoting (no comma, quote, backslash or line break), as market data is, are
     encoded by msgspec as one JSON array of arrays and turned into CSV by byte replacements, 3 to 4 times
-    faster than the csv module (whose float formatting dominates an export); others by the csv module.
+    faster than the csv module (whose float formatting dominates an export); others by the csv module, with
+    numbers in the same text.
     """
     if not table:
         return b""
@@ -2593,8 +2647,8 @@ def csv_lines(table: Sequence[Sequence[str | int | float | None]]) -> bytes:
                             (b"\nnull\n", b"\n\n"), (b"\nnull\n", b"\n\n")):  # fmt: skip
             lines = lines.replace(null, empty)  # twice where nulls may be next to each other
         return lines[1:].replace(b'"', b"").replace(b"\n", b"\r\n")
-    out = io.StringIO()
-    csv.writer(out).writerows(table)
+    out = io.StringIO()  # numbers written as msgspec writes them above, and in JSON (0.00001532, not 1.532e-05)
+    csv.writer(out).writerows([encode(cell).decode() if type(cell) is float else cell for cell in row] for row in table)
     return out.getvalue().encode()
 
 
@@ -4647,9 +4701,20 @@ class ApiKeyAuth:
         matches = [hmac.compare_digest(offered.encode(), key) for key in self.keys]
         if not offered or not any(matches):
             raise falcon.HTTPUnauthorized(
-                description="this endpoint needs an API key: Authorization: Bearer <key> or X-API-Key",
-                challenges=['Bearer realm="kasparro"'],
+                description=self.refusal(req, offered), challenges=['Bearer realm="kasparro"']
             )
+
+    @staticmethod
+    def refusal(req: falcon.asgi.Request, offered: str) -> str:
+        """Why a request's key is refused: none sent, one sent in another scheme than Bearer, or not a key."""
+        scheme, _, credentials = (req.get_header("Authorization") or "").partition(" ")
+        if scheme and scheme.lower() != "bearer":
+            if not credentials.strip():
+                return "Authorization: send Bearer <key>, or the key in X-API-Key"
+            return f"Authorization: {scheme[:20]} is not taken here: send Authorization: Bearer <key> or X-API-Key"
+        if offered:
+            return "the API key sent is not one of this service's keys"
+        return "this endpoint needs an API key: Authorization: Bearer <key> or X-API-Key"
 
 
 class QueryParameters:

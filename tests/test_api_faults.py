@@ -374,6 +374,34 @@ def test_wrong_or_missing_keys_are_401_problems(guarded: Any, headers: dict[str,
         assert "test-key" not in result.text
 
 
+NO_KEY = "this endpoint needs an API key: Authorization: Bearer <key> or X-API-Key"
+NOT_A_KEY = "the API key sent is not one of this service's keys"
+NOT_BEARER = "Authorization: {} is not taken here: send Authorization: Bearer <key> or X-API-Key"
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({}, NO_KEY),
+        ({"Authorization": "Bearer "}, NO_KEY),
+        ({"X-API-Key": ""}, NO_KEY),
+        ({"Authorization": "Bearer s3cret-test-ke"}, NOT_A_KEY),
+        ({"X-API-Key": "wrong"}, NOT_A_KEY),
+        ({"Authorization": "Bearer wrong", "X-API-Key": "k1-public-test-key"}, NOT_A_KEY),
+        ({"Authorization": "Basic czNjcmV0LXRlc3Qta2V5"}, NOT_BEARER.format("Basic")),
+        ({"Authorization": "basic czNjcmV0LXRlc3Qta2V5", "X-API-Key": "wrong"}, NOT_BEARER.format("basic")),
+        ({"Authorization": "s3cret-test-key"}, "Authorization: send Bearer <key>, or the key in X-API-Key"),
+    ],
+    ids=lambda value: repr(value)[:40],
+)
+def test_a_401_says_whether_a_key_was_missing_wrong_or_sent_in_another_scheme(
+    guarded: Any, headers: dict[str, str], detail: str
+) -> None:
+    """Every refusal said the endpoint needs a key, also to a client that had sent one: a wrong key, or one sent
+    as Basic credentials, read as if the header had not arrived."""
+    assert problem(guarded.get("/data", headers=headers), 401)["detail"] == detail
+
+
 @pytest.mark.parametrize(
     "headers",
     [

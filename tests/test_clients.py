@@ -275,7 +275,45 @@ def test_an_origin_a_browser_cannot_send_is_refused_at_start(origins: str) -> No
         Config.from_env({"KASPARRO_CORS_ORIGINS": origins})
 
 
-@pytest.mark.parametrize("origins", ["*", "", " ", "https://a.example, http://localhost:3000", "app://desk"])
+@pytest.mark.parametrize(
+    ("origin", "sent"),
+    [
+        ("https://A.Example", "https://a.example"),
+        ("https://a.example:443", "https://a.example"),
+        ("http://localhost:80", "http://localhost"),
+        ("https://user@a.example", "https://a.example"),
+        ("https://ä.example", "https://xn--4ca.example"),
+        ("http://[::1]:08080", "http://[::1]:8080"),
+    ],
+)
+def test_an_origin_written_otherwise_than_a_browser_sends_it_is_refused_naming_that(origin: str, sent: str) -> None:
+    """Taken as written, these matched no browser's Origin (lower-case host, no default port, no user, an IDN in
+    punycode): every call from that page was refused, with nothing said."""
+    with pytest.raises(SystemExit) as stopped:
+        Config.from_env({"KASPARRO_CORS_ORIGINS": f"https://ok.example,{origin}"})
+    assert str(stopped.value) == (
+        f"kasparro: KASPARRO_CORS_ORIGINS: {origin!r} is not how a browser sends that origin: write {sent!r}"
+    )
+
+
+@pytest.mark.parametrize("origins", ["https://a.example:99999", "https://a.example:x", "https://[::1", "http://:80"])
+def test_an_origin_with_no_host_or_a_bad_port_is_refused(origins: str) -> None:
+    with pytest.raises(SystemExit, match=r"KASPARRO_CORS_ORIGINS: .* is not an origin"):
+        Config.from_env({"KASPARRO_CORS_ORIGINS": origins})
+
+
+@pytest.mark.parametrize(
+    "origins",
+    [
+        "*",
+        "",
+        " ",
+        "https://a.example, http://localhost:3000",
+        "app://desk",
+        "http://[::1]:8080",
+        "https://xn--4ca.example",
+    ],
+)
 def test_origins_a_browser_sends_are_taken(origins: str) -> None:
     assert set(Config.from_env({"KASPARRO_CORS_ORIGINS": origins}).cors_origins) == {
         o.strip() for o in origins.split(",") if o.strip()

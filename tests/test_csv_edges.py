@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from etl_support import last_run, query, run_etl
 
@@ -23,3 +27,61 @@ def test_a_time_cell_of_many_digits_and_a_letter_is_rejected_and_the_rest_load(t
         (2, f"observed_at: not an RFC 3339 time or Unix seconds or milliseconds: {'1' * 40!r}")
     ]
     assert query(db, "SELECT asset_id FROM asset") == [("coin-b",)]
+
+
+def test_a_coin_named_like_a_route_gets_an_asset_id_the_api_can_serve(live_server: Any, tmp_path: Path) -> None:
+    """A coin named Export was given asset_id 'export', whose /data/export is the export: its record could not be
+    read. It takes a suffix, as a slug another asset holds does; a coin named History is served as any other."""
+    feed = tmp_path / "routes.csv"
+    feed.write_text("symbol,name,price\nEXP,Export,1.5\nHIS,History,2.5\nEXP2,export,3.5\n")
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    ids = {name: asset_id for asset_id, name in query(db, "SELECT asset_id, name FROM asset")}
+    assert "export" not in ids.values() and len(set(ids.values())) == 3
+    server = live_server(db, LOG_LEVEL="warning")
+    for name, asset_id in ids.items():
+        status, _, body = server.get(f"/data/{asset_id}")
+        assert status == 200 and json.loads(body)["name"] == name, (asset_id, body[:200])
+        status, _, body = server.get(f"/data/{asset_id}/history?interval=raw")
+        assert status == 200 and len(json.loads(body)["points"]) == 1, (asset_id, body[:200])
+    status, headers, body = server.get("/data/export")
+    assert status == 200 and headers["content-type"].startswith("text/csv") and len(body.splitlines()) == 4
+
+
+BLANK_FIRST_LINE = "the first line is blank, where the header row belongs (symbol, name and the other columns)"
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"\n\nsymbol,name\nBTC,Bitcoin\n", BLANK_FIRST_LINE),
+        (b"   \r\n", BLANK_FIRST_LINE),
+        (b"\xef\xbb\xbf", BLANK_FIRST_LINE),
+        (b"\xef\xbb\xbf\r\nsymbol,name\n", BLANK_FIRST_LINE),
+        (b"BTC,Bitcoin,95000\n", "header has no symbol or name column; its columns: 'BTC', 'Bitcoin', '95000'"),
+        (b"ticker,title\nBTC,Bitcoin\n", "header has no name column; its columns: 'ticker', 'title'"),
+    ],
+    ids=["blank-lines", "spaces", "bom-only", "bom-then-blank", "no-header", "no-name"],
+)
+def test_a_header_that_is_not_there_is_described_in_plain_words(tmp_path: Path, content: bytes, error: str) -> None:
+    """A blank first line, or only a byte-order mark, failed with "header has no symbol or name column (header:
+    ['\\ufeff'])": a Python list, of a character no one sees."""
+    feed = tmp_path / "feed.csv"
+    feed.write_bytes(content)
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert query(db, "SELECT error FROM run_source") == [(error,)]
+
+
+def test_an_accent_does_not_split_a_new_assets_slug(tmp_path: Path) -> None:
+    """Each combining mark became a hyphen: 'Über' was given asset_id 'u-ber', 'Pokémon' 'poke-mon'. The source id
+    made for a row without one keeps its old form ('u-ber-ub'): stored listings are keyed by it, and a new one would
+    make the same coin a second asset at the next load of the file."""
+    with_ids, without = tmp_path / "with.csv", tmp_path / "without.csv"
+    with_ids.write_text("id,symbol,name,price\nuber,UB,Über,1\npkm,PKM,Pokémon,2\n", encoding="utf-8")
+    without.write_text("symbol,name,price\nCF,Café Über,3\n", encoding="utf-8")
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{with_ids}", f"csv:{without}").returncode == 0
+    assert sorted(query(db, "SELECT asset_id FROM asset")) == [("cafe-uber",), ("pokemon",), ("uber",)]
+    assert query(db, "SELECT source_id FROM source_map WHERE source = 'csv:without'") == [("cafe-u-ber-cf",)]

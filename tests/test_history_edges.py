@@ -21,8 +21,8 @@ HEADER = "id,symbol,name,price_usd,last_updated\n"
 # Times a datetime cannot hold, or cannot write in UTC: a row with one was once a traceback ending the whole run.
 UNHELD_TIMES = {
     "9999-12-31T23:59:59-01:00": "after 9999-12-31T23:59:59Z",
-    "-99999999999": "before 2009 (read as Unix seconds)",
-    "-90000000000000": "before 2009 (read as Unix milliseconds)",
+    "-99999999999": "before 2009-01-03, Bitcoin's genesis block (read as Unix seconds)",
+    "-90000000000000": "before 2009-01-03, Bitcoin's genesis block (read as Unix milliseconds)",
     "1e400": "a number too large to be a time",
 }
 
@@ -44,6 +44,26 @@ def test_a_csv_time_no_datetime_holds_rejects_its_row_and_the_rest_load(tmp_path
         (line, f"observed_at: {why}: {value!r}") for line, (value, why) in enumerate(UNHELD_TIMES.items(), start=2)
     ]
     assert query(db, "SELECT asset_id FROM asset") == [("good-coin",)]
+
+
+def test_a_time_before_the_genesis_block_is_refused_naming_that_day(tmp_path: Path) -> None:
+    """The first day taken is 2009-01-03, but the reason said "before 2009": 2009-01-01 and 02 were refused as if
+    they lay in 2008."""
+    times = ["2009-01-01T00:00:00Z", "1230940799", "2009-01-02T23:59:59.5Z", "2009-01-03T00:00:00Z", "1230940800000"]
+    feed = tmp_path / "feed.csv"
+    feed.write_text(HEADER + "".join(f"c{n},C{n},Coin {n},1.5,{value}\n" for n, value in enumerate(times)))
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    why = "before 2009-01-03, Bitcoin's genesis block"
+    assert query(db, "SELECT line, reason FROM reject ORDER BY line") == [
+        (2, f"observed_at: {why}: '2009-01-01T00:00:00Z'"),
+        (3, f"observed_at: {why} (read as Unix seconds): '1230940799'"),
+        (4, f"observed_at: {why}: '2009-01-02T23:59:59.5Z'"),
+    ]
+    assert query(db, "SELECT symbol, updated_at FROM asset ORDER BY symbol") == [
+        ("C3", "2009-01-03T00:00:00Z"),
+        ("C4", "2009-01-03T00:00:00Z"),
+    ]
 
 
 def test_an_upstream_time_no_datetime_holds_takes_the_fetch_time(upstream: Any, tmp_path: Path) -> None:

@@ -3,12 +3,19 @@ to another as_of, the documented examples. Real uvicorn on 127.0.0.1 over a copy
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import urllib.parse
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from etl_support import query, run_etl
 
 AS_OF = "2026-11-25T12:00:00Z"  # the sample's time: the moment's market is the whole sample
 ROUTES = (
@@ -129,3 +136,99 @@ def test_the_documented_examples_of_a_time_name_one_moment(live_server: Any, sto
         assert len(answers) == 1, (path, name, examples)
     status, _, body = server.get(f"/data?as_of={times['/data', 'as_of'][-1]}")
     assert json.loads(body)["total_items"] > 0
+
+
+@pytest.mark.parametrize("moment", ["2026-11-25T11:59:59.5Z", "2026-11-25T11:59:59.001Z", "2026-11-25T11:59:59Z"])
+def test_an_updated_at_bound_with_a_fraction_compares_at_that_instant(
+    live_server: Any, store_path: Path, sample_assets: list[dict[str, Any]], moment: str
+) -> None:
+    """A stored time is whole seconds; a bound between two seconds was read as the second before it, so
+    updated_at>=11:59:59.5 kept the assets of 11:59:59 (and < lost them, and : matched them)."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    at = datetime.fromisoformat(moment).timestamp()
+    tests: dict[str, Callable[[float], bool]] = {
+        ">": lambda t: t > at,
+        ">=": lambda t: t >= at,
+        "<": lambda t: t < at,
+        "<=": lambda t: t <= at,
+        ":": lambda t: t == at,
+    }
+    for op, holds in tests.items():
+        expected = {a["asset_id"] for a in sample_assets if holds(datetime.fromisoformat(a["updated_at"]).timestamp())}
+        assert 0 < len(expected) < len(sample_assets) or op == ":", op
+        for route in ROUTES:
+            got = set()
+            path = with_filter(route, f"updated_at{op}{moment}")
+            while path:  # every page of /data (100 a page), or the one export
+                status, _, body = server.get(path)
+                assert status == 200, body[:300]
+                got |= asset_ids(server, path)
+                cursor = json.loads(body)["next_cursor"] if path.startswith("/data?") else None
+                path = with_filter(route, f"updated_at{op}{moment}") + f"&cursor={cursor}" if cursor else ""
+            assert got == expected, (route, op)
+
+
+def test_a_csv_number_is_written_as_in_json_whatever_its_neighbours(
+    live_server: Any, store_path: Path, sample_assets: list[dict[str, Any]]
+) -> None:
+    """A CSV body with a comma in some name, or of one column, went through the csv module, which writes
+    0.00001532 as 1.532e-05: a coin's price read one way on /data?format=csv's first page and another in the
+    export, or with fields=price_usd alone."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    assert any("," in a["name"] for a in sample_assets)
+    _, _, body = server.get("/data?filter_by=price_usd<0.0001&fields=asset_id,price_usd&format=ndjson&page_size=100")
+    as_json = dict(re.fullmatch(rb'{"asset_id":"(.*)","price_usd":(.*)}', line).groups() for line in body.splitlines())
+    assert len(as_json) == len([a for a in sample_assets if (a["price_usd"] or 1) < 1e-4]) > 2
+    paths: list[tuple[str, str | None]] = [  # and the asset of a body without asset_id
+        ("/data/export", None),
+        ("/data/export?fields=price_usd,asset_id", None),
+        ("/data/export?filter_by=price_usd<0.0001&fields=asset_id,price_usd", None),
+        ("/data?page_size=100&page=3&format=csv", None),
+        ("/data?filter_by=price_usd<0.0001&page_size=100&format=csv&fields=asset_id,price_usd", None),
+    ]
+    for asset in map(bytes.decode, as_json):
+        paths.append((f"/data/{asset}/history?interval=raw&format=csv", asset))
+        paths.append((f"/data?filter_by=asset_id:{asset}&format=csv&fields=price_usd", asset))
+    for path, asset in paths:
+        status, _, body = server.get(path)
+        rows = list(csv.DictReader(io.StringIO(body.decode())))
+        assert status == 200 and rows, path
+        for row in rows:
+            text = as_json.get((asset or row["asset_id"]).encode())
+            assert text is None or row["price_usd"].encode() == text, (path, row)
+
+
+def test_text_filters_ignore_the_case_of_letters_beyond_ascii(live_server: Any, tmp_path: Path) -> None:
+    """SQLite's NOCASE and LIKE fold ASCII letters only, and the value was lower-cased first: name:Über, written as
+    stored, matched nothing, nor did name~über or symbol~äö."""
+    feed = tmp_path / "letters.csv"
+    feed.write_text(
+        "id,symbol,name,price,last_updated\n"
+        "uber,UB,Über,1,2026-11-25T12:00:00Z\n"
+        "uni,UNI,Ünïcode Tökén,2,2026-11-25T12:00:00Z\n"
+        "strasse,STR,Straße Coin,3,2026-11-25T12:00:00Z\n"
+        "sigma,ÄÖ,ΣΙΓΜΑ,4,2026-11-25T12:00:00Z\n"
+        "btc,BTC,Bitcoin,5,2026-11-25T12:00:00Z\n",
+        encoding="utf-8",
+    )
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    server = live_server(db, LOG_LEVEL="warning")
+    ids = dict(query(db, "SELECT source_id, asset_id FROM source_map"))
+    cases = {
+        "name:Über": {"uber"},
+        "name:über|bitcoin": {"uber", "btc"},
+        "name:ÜBER": {"uber"},
+        "name:ünïcode tökén": {"uni"},
+        "name:STRAßE COIN": {"strasse"},
+        "name~üb": {"uber"},
+        "name~TÖKÉN|coin": {"uni", "strasse", "btc"},
+        "name~σιγ": {"sigma"},
+        "symbol~äö": {"sigma"},
+        "name:Ubex": set(),
+        "name~BITCOIN": {"btc"},
+    }
+    routes = ("/data?page_size=100", f"/data?page_size=100&as_of={AS_OF}", "/data/export")
+    for filter_by, expected in cases.items():
+        for route in routes:
+            assert asset_ids(server, with_filter(route, filter_by)) == {ids[i] for i in expected}, (filter_by, route)

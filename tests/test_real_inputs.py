@@ -270,8 +270,8 @@ def test_times_are_rfc3339_or_unix_seconds_or_milliseconds(text, stored):
     [
         ("1764072000000000", "a Unix time in micro- or nanoseconds, expected seconds or milliseconds"),
         ("1764072000000000000", "a Unix time in micro- or nanoseconds, expected seconds or milliseconds"),
-        ("2026", "before 2009 (read as Unix seconds)"),
-        ("20261125", "before 2009 (read as Unix seconds)"),
+        ("2026", "before 2009-01-03, Bitcoin's genesis block (read as Unix seconds)"),
+        ("20261125", "before 2009-01-03, Bitcoin's genesis block (read as Unix seconds)"),
         ("25/11/2026", "not an RFC 3339 time or Unix seconds or milliseconds"),
     ],
 )
@@ -505,6 +505,35 @@ def test_a_renamed_upstream_field_is_named_as_a_likely_rename(upstream, tmp_path
     stats = api_get(make_client, db, "/stats").json
     (run,) = stats["recent_runs"]
     assert run["outcomes"][0]["drift"][rename] == n
+
+
+@pytest.mark.parametrize(
+    ("rename", "expected"),
+    [
+        (("price", "extra"), []),  # unrelated: only their parent path quotes.USD made them look alike (0.75)
+        (("price", "delta"), []),
+        (("price", "price_usd"), ["likely rename 'quotes.USD.price' \u2192 'quotes.USD.price_usd' (similarity 0.71)"]),
+    ],
+    ids=["unrelated", "unrelated-2", "renamed"],
+)
+def test_a_nested_upstream_field_is_a_likely_rename_by_its_own_name_not_its_parents(
+    upstream, tmp_path, rename: tuple[str, str], expected: list[str]
+):
+    """CoinPaprika's numbers sit under quotes.USD: any new field there was named a likely rename of a missing one,
+    as the shared 'quotes.USD.' made up most of the two paths."""
+    tickers = copy.deepcopy(load_fixture("coinpaprika_tickers.json"))
+    old, new = rename
+    for ticker in tickers:
+        ticker["quotes"]["USD"][new] = ticker["quotes"]["USD"].pop(old)
+    paprika_tickers(upstream, tickers)
+    db = tmp_path / "store.db"
+    assert etl_against(upstream, db, "coinpaprika").returncode == 0
+    drift = outcome(db, "coinpaprika")["drift"]
+    assert drift[f"unknown field 'quotes.USD.{new}'"] == drift[f"missing field 'quotes.USD.{old}'"] == len(tickers)
+    assert [key.split(" (similarity")[0] for key in drift if key.startswith("likely rename")] == [
+        e.split(" (similarity")[0] for e in expected
+    ]
+    assert [key for key in drift if key.startswith("likely rename")] == expected
 
 
 def test_a_misspelt_csv_column_is_named_as_a_likely_rename(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import etl
-from etl_support import ROOT, run_etl
+from etl_support import ROOT, etl_env, run_etl
 
 SECONDS = "a number from 0.001 to 86,400"
 COUNT = "a whole number from 1 to 1,000,000,000"
@@ -71,6 +71,37 @@ def test_a_replay_of_a_run_id_sqlite_cannot_hold_is_a_usage_error(tmp_path: Path
     assert not db.exists()
 
 
+@pytest.mark.parametrize("value", ["99999999999", "1e300", "0.0001", "1e-300", "0", "-1", "nan", "inf", "soon"])
+def test_an_every_out_of_range_is_a_usage_error_before_the_first_run(tmp_path: Path, value: str) -> None:
+    """--every 99999999999 ran once, then ended in an OverflowError traceback (time_t) instead of waiting;
+    1e-300 ran back to back, logging skipped slots by the 10**300."""
+    db = tmp_path / "store.db"
+    result = run_etl(db, "--every", value)
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (
+        etl.EXIT_USAGE,
+        "etl.py: error: argument --every: expected a number of seconds from 0.001 to 31,536,000 (a year),"
+        f" got {value!r}",
+    )
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("where", ["empty", "directory", "device"])
+def test_a_store_path_that_cannot_be_a_file_is_a_usage_error(tmp_path: Path, where: str) -> None:
+    """An empty --db or KASPARRO_DB was a ValueError traceback ('PosixPath('.') has an empty name'); a directory
+    said to check that it exists, and /dev/null that its disk failed a read or write."""
+    path, shown = {"empty": ("", "."), "directory": (str(tmp_path), str(tmp_path)), "device": ("/dev/null",) * 2}[where]
+    what = "is not a regular file" if where == "device" else "is a directory"
+    for args, env in ((["--db", path], {}), ([], {"KASPARRO_DB": path})):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "etl.py"), *args], cwd=ROOT, env=etl_env(**env), capture_output=True, text=True
+        )
+        assert (result.returncode, result.stderr) == (
+            etl.EXIT_USAGE,
+            f"etl.py: error: the store {shown!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)\n",
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("stem", ["a|b", "markets,2026-11-25"])
 def test_a_csv_whose_stem_cannot_be_a_source_name_must_be_named(tmp_path: Path, stem: str) -> None:
     """A stem with ',' or '|' made a source name that filter_by=source: splits and a CSV sources cell garbles."""
@@ -94,6 +125,9 @@ def test_a_csv_whose_stem_cannot_be_a_source_name_must_be_named(tmp_path: Path, 
         ("KASPARRO_RATE_LIMIT", "-1", "a number from 0 to 1,000,000,000"),
         ("KASPARRO_ETL_MAX_AGE", "-5", "a whole number from 1 to 10,000,000,000"),  # taken: /health always degraded
         ("KASPARRO_ETL_MAX_AGE", "6h", "a whole number from 1 to 10,000,000,000"),  # 'invalid literal for int()'
+        ("KASPARRO_DB", "", "the path of the store's file"),  # served 503s forever, waiting for '.' to appear
+        ("KASPARRO_DB", "/", "the path of the store's file"),
+        ("KASPARRO_DB", "/dev/null", "the path of the store's file"),
     ],
 )
 def test_an_api_setting_out_of_range_stops_the_start_naming_it(

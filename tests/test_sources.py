@@ -136,7 +136,27 @@ def test_not_an_array_fails_the_source(upstream, tmp_path):
     upstream.route(COINPAPRIKA_TICKERS, Reply(body={"status": {"error_code": 10005, "error_message": "plan"}}))
     db = tmp_path / "store.db"
     assert etl_against(upstream, db, "coinpaprika").returncode == etl.EXIT_FAILED
-    assert "expected a JSON array of records, got dict" in source_row(db, "coinpaprika")["error"]
+    assert "expected a JSON array of records, got an object" in source_row(db, "coinpaprika")["error"]
+
+
+def test_records_of_other_json_types_are_rejected_naming_the_type_in_jsons_words(upstream, tmp_path):
+    """They were named by Python's types: 'expected a JSON object, got NoneType' for a null, dict for an object."""
+    upstream.route(COINPAPRIKA_TICKERS, Reply(body=[None, 1, 2.5, "x", [1], True]))
+    db = tmp_path / "store.db"
+    assert etl_against(upstream, db, "coinpaprika").returncode == etl.EXIT_OK
+    kinds = ["null", "a number", "a number", "a string", "an array", "true"]
+    expected = [(n, f"expected a JSON object, got {kind}") for n, kind in enumerate(kinds, start=1)]
+    assert query(db, "SELECT line, reason FROM reject ORDER BY line") == expected
+
+
+def test_a_refused_connection_names_the_address_with_its_port_in_plain_words(tmp_path):
+    """It read 'http://127.0.0.1/...: ConnectionRefusedError: [Errno 111] Connection refused after 5 attempts': the
+    port asked (9) dropped from the address, and the problem in Python's words."""
+    db = tmp_path / "store.db"
+    assert run_etl(db, "coinpaprika").returncode == etl.EXIT_FAILED  # etl_env points it at 127.0.0.1:9
+    assert source_row(db, "coinpaprika")["error"] == (
+        "http://127.0.0.1:9/v1/tickers: connection refused after 5 attempts"
+    )
 
 
 def test_an_empty_list_fails_the_source_and_loads_nothing(upstream, tmp_path):
