@@ -244,7 +244,7 @@ class Interrupted(Exception):
 
 
 class BudgetSpent(SourceError):
-    """A source's time budget ended during a request (BudgetWatch)."""
+    """A source's time budget ended before or during a request; HttpClient.get says which URL, after what."""
 
 
 class CutShort(Exception):
@@ -562,8 +562,8 @@ class HttpClient:
             retry_after = None
             try:
                 status, headers, body = self._fetch(url)
-            except BudgetSpent as spent:  # within an attempt: what the attempts before it met says more
-                raise SourceError(f"{safe_url(url)}: {problem}; {spent}" if problem else str(spent)) from None
+            except BudgetSpent as spent:  # what the attempts before it met, if any, is the cause
+                raise SourceError(f"{safe_url(url)}: {f'{problem}; ' if problem else ''}{spent}") from None
             except TimeoutError:
                 problem = f"no answer within {policy.read_timeout:g} s"
             except CutShort as error:  # a dropped connection: retried, like one that sent nothing
@@ -596,8 +596,8 @@ class HttpClient:
         wait = self.next_start - self.clock()
         if wait > 0:
             if self.clock() + wait >= self.deadline:
-                raise SourceError(
-                    f"{safe_url(url)}: time budget of {self.policy.budget:g} s spent waiting"
+                raise BudgetSpent(
+                    f"time budget of {self.policy.budget:g} s spent waiting"
                     f" for the rate limit of {self.policy.rate:g} requests a minute"
                 )
             log.debug("pacing", url=safe_url(url), wait_s=round(wait, 3))
@@ -611,7 +611,7 @@ class HttpClient:
         self._pace(url)
         remaining = self.deadline - self.clock()
         if remaining <= 0:
-            raise SourceError(f"{safe_url(url)}: time budget of {self.policy.budget:g} s spent")
+            raise BudgetSpent(f"time budget of {self.policy.budget:g} s spent")
         self.requests += 1
         parts = urllib.parse.urlsplit(url)
         timeout = min(self.policy.connect_timeout, remaining)
