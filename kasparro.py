@@ -797,6 +797,17 @@ Read = Callable[[sqlite3.Connection, DataVersion], T]  # a read: the connection,
 LOOP_SLICE = 0.004  # seconds of reads on the loop run back to back before the loop takes in new requests
 
 
+def pass_outcome(target: asyncio.Future[T], source: asyncio.Future[T]) -> None:
+    """Give `target` the result, exception or cancellation of `source`, unless it is done already (cancelled)."""
+    if source.cancelled():
+        target.cancel()
+    elif (error := source.exception()) is not None:  # retrieved, even when target is done
+        if not target.done():
+            target.set_exception(error)
+    elif not target.done():
+        target.set_result(source.result())
+
+
 def read_in_transaction(conn: sqlite3.Connection, read: Read[T]) -> T:
     """Run `read` in a read transaction of its own, on the connection's thread."""
     conn.execute("BEGIN")
@@ -939,21 +950,39 @@ class Store:
 
     async def read(self, read: Read[T], *, on_loop: bool = False) -> T:
         """`read(conn, version)` in one read transaction: on the loop's own connection when `on_loop` (for reads
-        of at most a few hundred microseconds: call watch() first), else on a pooled reader's thread.
+        of at most a few hundred microseconds: call watch() first; see read_soon()), else on a pooled reader's
+        thread.
 
         A store fault (STORE_FAULTS) is a StoreUnavailable, and a broken store is reopened later;
         ReadersBusy when no reader comes free within READER_WAIT seconds.
         """
+        if on_loop:
+            return await self.read_soon(read)
         try:
-            if on_loop:
-                try:
-                    return await self._read_on_loop(read)
-                except sqlite3.Error as error:
-                    if not self._applying(error):
-                        raise
             return await self._read_in_thread(read)
         except sqlite3.Error as error:
             raise await self._fault(error) from None
+
+    def read_soon(self, read: Read[T]) -> asyncio.Future[T]:
+        """read(read, on_loop=True) as a future, for a caller that shares it without a task of its own: call watch()
+        first. The read is queued for the loop's connection: one task runs the queue in the order asked for, back
+        to back, letting the loop take in new requests every LOOP_SLICE seconds, so no request waits more than a
+        slice beyond those ahead of it. A cancelled future's read does not run."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queued.append((future, contextvars.copy_context(), read))  # its log lines keep the request's id
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run_queued())
+        return future
+
+    async def _after_loop_failure(self, read: Read[T], error: sqlite3.Error) -> T:
+        """The end of read(on_loop=True) whose read on the loop failed with a store fault, or found a replica's copy
+        locked by an apply (then it reads on a reader's thread instead)."""
+        try:
+            if not self._applying(error):
+                raise error
+            return await self._read_in_thread(read)
+        except sqlite3.Error as failure:
+            raise await self._fault(failure) from None
 
     async def _fault(self, error: sqlite3.Error) -> StoreUnavailable:
         """For a store fault (STORE_FAULTS): fail() (the store is reopened later) and the StoreUnavailable to raise;
@@ -1045,16 +1074,6 @@ class Store:
             else:
                 pool.idle.put_nowait(conn)
 
-    async def _read_on_loop(self, read: Read[T]) -> T:
-        """Queue the read for the loop's connection: one task runs the queue in the order asked for, back to
-        back, letting the loop take in new requests every LOOP_SLICE seconds, so no request waits more than
-        a slice beyond those ahead of it."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((future, contextvars.copy_context(), read))  # its log lines keep the request's id
-        if self._runner is None:
-            self._runner = asyncio.create_task(self._run_queued())
-        return await future
-
     async def _run_queued(self) -> None:
         try:
             while self._queued:
@@ -1088,9 +1107,14 @@ class Store:
                         version = read_version(conn)
                     future.set_result(context.run(read, conn, version))
                 except sqlite3.Error as error:  # the next read begins afresh, if the store still lets it
-                    future.set_exception(error)
                     self._rollback(conn)
                     version = None
+                    if self._applying(error) or sqlite_code(error) in STORE_FAULTS:
+                        ending = self._after_loop_failure(read, error)
+                        task = asyncio.get_running_loop().create_task(ending, context=context)
+                        task.add_done_callback(functools.partial(pass_outcome, future))
+                    else:  # the read's own (a bug), not the store's
+                        future.set_exception(error)
                 except Exception as error:  # the request's own task raises it
                     future.set_exception(error)
                 if time.perf_counter() >= ends:
@@ -2707,6 +2731,14 @@ def answer_key(scope: dict[str, Any]) -> AnswerKey:
     return scope["path"], scope["query_string"]
 
 
+@dataclass(eq=False, slots=True)
+class Making:
+    """An answer being made at one commit (Commit.number), and the requests waiting for it."""
+
+    commit: int
+    waiters: list[asyncio.Future[Answer | None]] = field(default_factory=list)
+
+
 class AnswerCache:
     """Answers of GET requests by path and query string, least recently used out first within `budget` bytes.
 
@@ -2723,7 +2755,7 @@ class AnswerCache:
         self.entries: OrderedDict[AnswerKey, Answer] = OrderedDict()
         self.size = 0
         self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of keys made once lately, oldest first
-        self._making: dict[AnswerKey, tuple[int, asyncio.Task[Answer | None]]] = {}  # key: (commit, its making)
+        self._making: dict[AnswerKey, Making] = {}
 
     async def lookup(self, key: AnswerKey) -> Answer | None:
         """The answer kept for key if it still holds; the store is looked at only when one is kept."""
@@ -2741,38 +2773,52 @@ class AnswerCache:
         """The answer to key: kept, else the one being made for it at this commit, else make(commit)'s, which is
         then offered to keep. None (no such thing) is shared, not kept.
 
-        Requests that miss the same key at one commit share one making, a task of its own: right after a
-        commit every answer is gone, and a request that goes away does not cancel it for the others.
+        Requests that miss the same key at one commit share one making: right after a commit every answer is
+        gone. Each waits on a future of its own, so a request that goes away does not cancel the making for the
+        others: make(commit) runs as a task of its own, or is a future no request awaits (Store.read_soon).
         """
         answer = await self.lookup(key)
         if answer is not None:
             return answer
-        commit = await self.store.watch()
+        commit = self.store.seen or await self.store.watch()
         making = self._making.get(key)
-        if making is None or making[0] != commit.number:
-            task = asyncio.get_running_loop().create_task(self._make(key, route, make, commit))
-            making = self._making[key] = (commit.number, task)
-            task.add_done_callback(functools.partial(self._made, key))
-        return await asyncio.shield(making[1])
+        if making is None or making.commit != commit.number:
+            made = make(commit)
+            if not isinstance(made, asyncio.Future):
+                made = asyncio.get_running_loop().create_task(made)  # type: ignore[arg-type]
+            making = self._making[key] = Making(commit.number)
+            made.add_done_callback(functools.partial(self._made, key, route, making))
+        waiter: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
+        making.waiters.append(waiter)
+        return await waiter
 
-    async def _make(self, key: AnswerKey, route: str, make: Make, commit: Commit) -> Answer | None:
-        answer = await make(commit)
-        if answer is not None and answer.route != route:  # a copy costs a lookup's encoding twice over
-            answer = dataclasses.replace(answer, route=route)
-        if (
-            answer is not None
-            and answer.status == 200
-            and answer.commit == commit.number
-            and answer.until > time.time()
-        ):
-            self.put(key, answer)
-        return answer
-
-    def _made(self, key: AnswerKey, task: asyncio.Task[Answer | None]) -> None:
-        if self._making.get(key, (None, None))[1] is task:
+    def _made(self, key: AnswerKey, route: str, making: Making, made: asyncio.Future[Answer | None]) -> None:
+        """Offer the answer made to keep, and give it (or the error) to every request still waiting for it."""
+        if self._making.get(key) is making:
             del self._making[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: every request waiting on it had it raised already, or went away
+        if made.cancelled():  # the loop is closing
+            for waiter in making.waiters:
+                waiter.cancel()
+            return
+        error, answer = made.exception(), None
+        if error is None:
+            answer = made.result()
+            if answer is not None and answer.route != route:  # a copy costs a lookup's encoding twice over
+                answer = dataclasses.replace(answer, route=route)
+            if (
+                answer is not None
+                and answer.status == 200
+                and answer.commit == making.commit
+                and answer.until > time.time()
+            ):
+                self.put(key, answer)
+        for waiter in making.waiters:
+            if waiter.done():  # its request went away
+                continue
+            if error is None:
+                waiter.set_result(answer)
+            else:
+                waiter.set_exception(error)
 
     def put(self, key: AnswerKey, answer: Answer) -> None:
         """Keep an answer, if its key was made before lately."""
@@ -2842,7 +2888,8 @@ class KeptResource:
         """The answer to a request of this route, key, query parameters and path fields; None: no such thing."""
         return await self.answers.read(key, route, lambda commit: self.make(commit, params, **fields))
 
-    async def make(self, commit: Commit, params: Mapping[str, str], **fields: str) -> Answer | None:
+    def make(self, commit: Commit, params: Mapping[str, str], **fields: str) -> Awaitable[Answer | None]:
+        """The answer at `commit` (None: no such thing): a coroutine, or a read's future (Store.read_soon)."""
         raise NotImplementedError
 
     def missing(self, **fields: str) -> str:
@@ -2888,7 +2935,7 @@ DETAIL_ROUTE = "/data/{asset_id}"
 class AssetResource(KeptResource):
     """GET /data/{asset_id}: one unified record with the latest quote of each source (or `fields` of it)."""
 
-    async def make(self, commit: Commit, params: Mapping[str, str], asset_id: str) -> Answer | None:
+    def make(self, commit: Commit, params: Mapping[str, str], asset_id: str) -> asyncio.Future[Answer | None]:
         check_params(params, ("fields",))
         fields = parse_fields(params.get("fields"), DETAIL_FIELDS)
 
@@ -2900,7 +2947,7 @@ class AssetResource(KeptResource):
             etag = asset_etag(f"{version}\n{','.join(fields)}", asset_id)
             return Answer(commit.number, body, etag=etag, route=DETAIL_ROUTE)
 
-        return await self.store.read(read, on_loop=True)
+        return self.store.read_soon(read)
 
     def missing(self, asset_id: str) -> str:
         return f"no asset with asset_id {asset_id[:100]!r}"

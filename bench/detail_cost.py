@@ -112,6 +112,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "bench"))
         import api_bench
 
+        api_bench.OUT.mkdir(parents=True, exist_ok=True)
         args.db, _ = api_bench.build_store(1_000_000, api_bench.etl_source(None))
         api_bench.sample_ids(args.db, api_bench.SAMPLE_IDS), api_bench.sample_ids(args.db, None)
         api_bench.zipf_ids(args.db)
