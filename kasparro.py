@@ -11,7 +11,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import csv
-import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -709,6 +708,10 @@ class DataVersion:
     generation: int
 
     def __str__(self) -> str:
+        return self.text
+
+    @functools.cached_property
+    def text(self) -> str:
         return f"{self.store_id}-{self.generation}"
 
 
@@ -824,6 +827,17 @@ def after_apply(probe: int, within: float, begin: Callable[..., T], *args: Any) 
 
 Read = Callable[[sqlite3.Connection, DataVersion], T]  # a read: the connection, and the data version it sees
 LOOP_SLICE = 0.004  # seconds of reads on the loop run back to back before the loop takes in new requests
+
+
+def pass_outcome(target: asyncio.Future[T], source: asyncio.Future[T]) -> None:
+    """Give `target` the result, exception or cancellation of `source`, unless it is done already (cancelled)."""
+    if source.cancelled():
+        target.cancel()
+    elif (error := source.exception()) is not None:  # retrieved, even when target is done
+        if not target.done():
+            target.set_exception(error)
+    elif not target.done():
+        target.set_result(source.result())
 
 
 def read_in_transaction(conn: sqlite3.Connection, read: Read[T]) -> T:
@@ -968,21 +982,39 @@ class Store:
 
     async def read(self, read: Read[T], *, on_loop: bool = False) -> T:
         """`read(conn, version)` in one read transaction: on the loop's own connection when `on_loop` (for reads
-        of at most a few hundred microseconds: call watch() first), else on a pooled reader's thread.
+        of at most a few hundred microseconds: call watch() first; see read_soon()), else on a pooled reader's
+        thread.
 
         A store fault (STORE_FAULTS) is a StoreUnavailable, and a broken store is reopened later;
         ReadersBusy when no reader comes free within READER_WAIT seconds.
         """
+        if on_loop:
+            return await self.read_soon(read)
         try:
-            if on_loop:
-                try:
-                    return await self._read_on_loop(read)
-                except sqlite3.Error as error:
-                    if not self._applying(error):
-                        raise
             return await self._read_in_thread(read)
         except sqlite3.Error as error:
             raise await self._fault(error) from None
+
+    def read_soon(self, read: Read[T]) -> asyncio.Future[T]:
+        """read(read, on_loop=True) as a future, for a caller that shares it without a task of its own: call watch()
+        first. The read is queued for the loop's connection: one task runs the queue in the order asked for, back
+        to back, letting the loop take in new requests every LOOP_SLICE seconds, so no request waits more than a
+        slice beyond those ahead of it. A cancelled future's read does not run."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queued.append((future, contextvars.copy_context(), read))  # its log lines keep the request's id
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run_queued())
+        return future
+
+    async def _after_loop_failure(self, read: Read[T], error: sqlite3.Error) -> T:
+        """The end of read(on_loop=True) whose read on the loop failed with a store fault, or found a replica's copy
+        locked by an apply (then it reads on a reader's thread instead)."""
+        try:
+            if not self._applying(error):
+                raise error
+            return await self._read_in_thread(read)
+        except sqlite3.Error as failure:
+            raise await self._fault(failure) from None
 
     async def _fault(self, error: sqlite3.Error) -> StoreUnavailable:
         """For a store fault (STORE_FAULTS): fail() (the store is reopened later) and the StoreUnavailable to raise;
@@ -1074,16 +1106,6 @@ class Store:
             else:
                 pool.idle.put_nowait(conn)
 
-    async def _read_on_loop(self, read: Read[T]) -> T:
-        """Queue the read for the loop's connection: one task runs the queue in the order asked for, back to
-        back, letting the loop take in new requests every LOOP_SLICE seconds, so no request waits more than
-        a slice beyond those ahead of it."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((future, contextvars.copy_context(), read))  # its log lines keep the request's id
-        if self._runner is None:
-            self._runner = asyncio.create_task(self._run_queued())
-        return await future
-
     async def _run_queued(self) -> None:
         try:
             while self._queued:
@@ -1117,9 +1139,14 @@ class Store:
                         version = read_version(conn)
                     future.set_result(context.run(read, conn, version))
                 except sqlite3.Error as error:  # the next read begins afresh, if the store still lets it
-                    future.set_exception(error)
                     self._rollback(conn)
                     version = None
+                    if self._applying(error) or sqlite_code(error) in STORE_FAULTS:
+                        ending = self._after_loop_failure(read, error)
+                        task = asyncio.get_running_loop().create_task(ending, context=context)
+                        task.add_done_callback(functools.partial(pass_outcome, future))
+                    else:  # the read's own (a bug), not the store's
+                        future.set_exception(error)
                 except Exception as error:  # the request's own task raises it
                     future.set_exception(error)
                 if time.perf_counter() >= ends:
@@ -1468,10 +1495,10 @@ def parse_format(text: str | None, formats: Sequence[str]) -> str:
 
 
 def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
-    """InvalidQuery naming the first parameter not in `known`."""
-    unknown = sorted(set(params) - set(known))
+    """InvalidQuery naming the first parameter not in `known` (in sorted order)."""
+    unknown = [name for name in params if name not in known]
     if unknown:
-        raise InvalidQuery(f"unknown parameter {unknown[0][:40]!r}; known: {', '.join(known) or 'none'}")
+        raise InvalidQuery(f"unknown parameter {min(unknown)[:40]!r}; known: {', '.join(known) or 'none'}")
 
 
 def parse_int(name: str, text: str, low: int, high: int) -> int:
@@ -1935,8 +1962,17 @@ def read_asset(conn: sqlite3.Connection, version: DataVersion, asset_id: str) ->
     return AssetDetail(*row[:9], msgspec.Raw(row[9]), row[10], quotes)
 
 
-def asset_etag(data_version: str, asset_id: str) -> str:
-    return hashlib.blake2b(f"{data_version}\n{asset_id}".encode(), digest_size=12).hexdigest()
+def asset_etag(version: DataVersion, fields: tuple[str, ...], asset_id: str) -> str:
+    """The ETag of an asset's record (`fields` of it; all: ()) at a data version: 24 hex digits."""
+    tag = etag_start(version.text, fields).copy()
+    tag.update(asset_id.encode())
+    return tag.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def etag_start(data_version: str, fields: tuple[str, ...]) -> Any:
+    """The blake2b state of an asset ETag's hash once it has read all but the asset's id: copied per lookup."""
+    return hashlib.blake2b(f"{data_version}\n{','.join(fields)}\n".encode(), digest_size=12)
 
 
 # The market as of a moment (as_of on /data), built by one SQL statement in a connection of its own. Each
@@ -2677,12 +2713,13 @@ def current_copy(if_none_match: str, tag: str) -> bool:
     return f'"{tag}"' in candidates or "*" in candidates
 
 
-@dataclass(frozen=True, eq=False)
-class Answer:
+class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
     """The status and encoded body of a GET, kept until the store's next commit (Commit.number) or until
     `until` (wall clock). A stamped body was encoded with a blank request_id and api_latency_ms, and each
     request splices its own in. A body of GZIP_MIN bytes or more is deflated once, when first asked for
-    gzip, and each such request wraps it (GzipTail)."""
+    gzip, and each such request wraps it (GzipTail). A Struct, not a dataclass: one is built for every
+    answer made, and a frozen dataclass's __init__ (a call of object.__setattr__ a field) costs ~6 times
+    as much. `dict`: room for the cached properties."""
 
     commit: int
     body: bytes
@@ -2761,6 +2798,14 @@ def answer_key(scope: dict[str, Any]) -> AnswerKey:
     return scope["path"], scope["query_string"]
 
 
+@dataclass(eq=False, slots=True)
+class Making:
+    """An answer being made at one commit (Commit.number), and the requests waiting for it."""
+
+    commit: int
+    waiters: list[asyncio.Future[Answer | None]] = field(default_factory=list)
+
+
 class AnswerCache:
     """Answers of GET requests by path and query string, least recently used out first within `budget` bytes.
 
@@ -2777,7 +2822,7 @@ class AnswerCache:
         self.entries: OrderedDict[AnswerKey, Answer] = OrderedDict()
         self.size = 0
         self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of keys made once lately, oldest first
-        self._making: dict[AnswerKey, tuple[int, asyncio.Task[Answer | None]]] = {}  # key: (commit, its making)
+        self._making: dict[AnswerKey, Making] = {}
 
     async def lookup(self, key: AnswerKey) -> Answer | None:
         """The answer kept for key if it still holds; the store is looked at only when one is kept."""
@@ -2795,38 +2840,52 @@ class AnswerCache:
         """The answer to key: kept, else the one being made for it at this commit, else make(commit)'s, which is
         then offered to keep. None (no such thing) is shared, not kept.
 
-        Requests that miss the same key at one commit share one making, a task of its own: right after a
-        commit every answer is gone, and a request that goes away does not cancel it for the others.
+        Requests that miss the same key at one commit share one making: right after a commit every answer is
+        gone. Each waits on a future of its own, so a request that goes away does not cancel the making for the
+        others: make(commit) runs as a task of its own, or is a future no request awaits (Store.read_soon).
         """
         answer = await self.lookup(key)
         if answer is not None:
             return answer
-        commit = await self.store.watch()
+        commit = self.store.seen or await self.store.watch()
         making = self._making.get(key)
-        if making is None or making[0] != commit.number:
-            task = asyncio.get_running_loop().create_task(self._make(key, route, make, commit))
-            making = self._making[key] = (commit.number, task)
-            task.add_done_callback(functools.partial(self._made, key))
-        return await asyncio.shield(making[1])
+        if making is None or making.commit != commit.number:
+            made = make(commit)
+            if not isinstance(made, asyncio.Future):
+                made = asyncio.get_running_loop().create_task(made)  # type: ignore[arg-type]
+            making = self._making[key] = Making(commit.number)
+            made.add_done_callback(functools.partial(self._made, key, route, making))
+        waiter: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
+        making.waiters.append(waiter)
+        return await waiter
 
-    async def _make(self, key: AnswerKey, route: str, make: Make, commit: Commit) -> Answer | None:
-        answer = await make(commit)
-        if answer is not None and answer.route != route:  # a copy costs a lookup's encoding twice over
-            answer = dataclasses.replace(answer, route=route)
-        if (
-            answer is not None
-            and answer.status == 200
-            and answer.commit == commit.number
-            and answer.until > time.time()
-        ):
-            self.put(key, answer)
-        return answer
-
-    def _made(self, key: AnswerKey, task: asyncio.Task[Answer | None]) -> None:
-        if self._making.get(key, (None, None))[1] is task:
+    def _made(self, key: AnswerKey, route: str, making: Making, made: asyncio.Future[Answer | None]) -> None:
+        """Offer the answer made to keep, and give it (or the error) to every request still waiting for it."""
+        if self._making.get(key) is making:
             del self._making[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: every request waiting on it had it raised already, or went away
+        if made.cancelled():  # the loop is closing
+            for waiter in making.waiters:
+                waiter.cancel()
+            return
+        error, answer = made.exception(), None
+        if error is None:
+            answer = made.result()
+            if answer is not None and answer.route != route:  # a copy costs a lookup's encoding twice over
+                answer = msgspec.structs.replace(answer, route=route)
+            if (
+                answer is not None
+                and answer.status == 200
+                and answer.commit == making.commit
+                and answer.until > time.time()
+            ):
+                self.put(key, answer)
+        for waiter in making.waiters:
+            if waiter.done():  # its request went away
+                continue
+            if error is None:
+                waiter.set_result(answer)
+            else:
+                waiter.set_exception(error)
 
     def put(self, key: AnswerKey, answer: Answer) -> None:
         """Keep an answer, if its key was made before lately."""
@@ -2896,7 +2955,8 @@ class KeptResource:
         """The answer to a request of this route, key, query parameters and path fields; None: no such thing."""
         return await self.answers.read(key, route, lambda commit: self.make(commit, params, **fields))
 
-    async def make(self, commit: Commit, params: Mapping[str, str], **fields: str) -> Answer | None:
+    def make(self, commit: Commit, params: Mapping[str, str], **fields: str) -> Awaitable[Answer | None]:
+        """The answer at `commit` (None: no such thing): a coroutine, or a read's future (Store.read_soon)."""
         raise NotImplementedError
 
     def missing(self, **fields: str) -> str:
@@ -2942,7 +3002,7 @@ DETAIL_ROUTE = "/data/{asset_id}"
 class AssetResource(KeptResource):
     """GET /data/{asset_id}: one unified record with the latest quote of each source (or `fields` of it)."""
 
-    async def make(self, commit: Commit, params: Mapping[str, str], asset_id: str) -> Answer | None:
+    def make(self, commit: Commit, params: Mapping[str, str], asset_id: str) -> asyncio.Future[Answer | None]:
         check_params(params, ("fields",))
         fields = parse_fields(params.get("fields"), DETAIL_FIELDS)
 
@@ -2951,10 +3011,10 @@ class AssetResource(KeptResource):
             if detail is None:
                 return None
             body = encode(picked(detail, fields) if fields else detail)
-            etag = asset_etag(f"{version}\n{','.join(fields)}", asset_id)
+            etag = asset_etag(version, fields, asset_id)
             return Answer(commit.number, body, etag=etag, route=DETAIL_ROUTE)
 
-        return await self.store.read(read, on_loop=True)
+        return self.store.read_soon(read)
 
     def missing(self, asset_id: str) -> str:
         return f"no asset with asset_id {asset_id[:100]!r}"

@@ -437,11 +437,12 @@ def wrk(server: Server, scenario: Scenario, seconds: float, env: dict[str, str],
 def load(
     server: Server, scenario: Scenario, warmup: float, duration: float, env: dict[str, str], profile: bool = False
 ) -> Measure:
-    """A wrk warm-up, then the measured wrk run, each started with the server idle."""
-    wrk(server, scenario, warmup, env, "warmup")
+    """A wrk warm-up, then the measured wrk run, each started with the server idle; a script that draws at random
+    (random_asset.lua) draws with another seed in each."""
+    wrk(server, scenario, warmup, {**env, "BENCH_SEED": "7"}, "warmup")
     server.settle()
     profiler = profiled(server, scenario, duration) if profile else None
-    measure = wrk(server, scenario, duration, env, "measured")
+    measure = wrk(server, scenario, duration, {**env, "BENCH_SEED": "8"}, "measured")
     if profiler is not None:
         profiler.wait()
     busy = server.settle()

@@ -7,7 +7,9 @@ with no server or client around it. Streams, over the store of bench/api_bench.p
 - hit: WAVE ids asked for until kept, then again and again: a kept answer;
 - zipf: the bench's Zipf (s = 1.1) draws, after a warm-up of --warm draws.
 With valgrind installed it also counts instructions (cachegrind, the stream minus its warm-up alone,
-PYTHONHASHSEED fixed): a figure other work on the machine does not move.
+PYTHONHASHSEED fixed): a figure other work on the machine does not move. Under valgrind every read on the loop is
+VALGRIND_SLOWDOWN times slower, so the loop's slice of reads (kasparro.LOOP_SLICE, wall-clock) is that much longer
+there: a slice holds as many lookups as it does at full speed (a wave's misses), not a few.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WAVE = 32  # requests a turn of the loop takes in, as wrk's connections send them
 STREAMS = ("miss", "hit", "zipf")
+VALGRIND_SLOWDOWN = 50  # how much slower the API runs under cachegrind (no cache simulation) than natively
 
 
 def stream_ids(db: Path, stream: str, warm: int, count: int) -> tuple[list[str], list[str]]:
@@ -47,13 +50,15 @@ def scope(path: str) -> dict:
     }  # fmt: skip
 
 
-def run(db: Path, stream: str, warm: int, count: int, measured: bool) -> float:
-    """Serve the warm-up, then (when `measured`) the measured ids; CPU microseconds per measured response."""
+def run(db: Path, stream: str, warm: int, count: int, measured: bool, slowdown: float = 1) -> float:
+    """Serve the warm-up, then (when `measured`) the measured ids; CPU microseconds per measured response.
+    `slowdown`: how many times slower than natively this process runs (valgrind)."""
     sys.path.insert(0, str(ROOT))
     import uvloop
 
     import kasparro
 
+    kasparro.LOOP_SLICE *= slowdown
     app = kasparro.create_app(kasparro.Config(db=db, etl_max_age=10 * 365 * 86_400))
     warm_ids, ids = stream_ids(db, stream, warm, count)
     statuses: list[int] = []
@@ -88,7 +93,8 @@ def run(db: Path, stream: str, warm: int, count: int, measured: bool) -> float:
 
 def instructions(db: Path, stream: str, warm: int, count: int, measured: bool) -> int:
     valgrind = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
-    argv = [*valgrind, sys.executable, __file__, "--child", "--db", str(db), "--stream", stream]
+    argv = [*valgrind, sys.executable, __file__, "--child", "--db", str(db), "--stream", stream, "--slowdown"]
+    argv.append(str(VALGRIND_SLOWDOWN))
     argv += ["--warm", str(warm), "--count", str(count)] + ([] if measured else ["--warm-only"])
     done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=True,
                           env={**os.environ, "PYTHONHASHSEED": "0"})  # fmt: skip
@@ -104,14 +110,17 @@ def main() -> None:
     parser.add_argument("--no-instructions", dest="count_instructions", action="store_false", help="CPU time only")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--slowdown", type=float, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(f"{run(args.db, args.stream[0], args.warm, args.count, not args.warm_only):.2f}", file=sys.stderr)
+        micros = run(args.db, args.stream[0], args.warm, args.count, not args.warm_only, args.slowdown)
+        print(f"{micros:.2f}", file=sys.stderr)
         return
     if args.db is None:
         sys.path.insert(0, str(ROOT / "bench"))
         import api_bench
 
+        api_bench.OUT.mkdir(parents=True, exist_ok=True)
         args.db, _ = api_bench.build_store(1_000_000, api_bench.etl_source(None))
         api_bench.sample_ids(args.db, api_bench.SAMPLE_IDS), api_bench.sample_ids(args.db, None)
         api_bench.zipf_ids(args.db)

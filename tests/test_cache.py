@@ -381,3 +381,92 @@ def test_a_request_that_goes_away_does_not_cancel_the_read_the_others_wait_on(st
     left, *stayed = read_together(store_path, reads)
     assert calls == ["read"] and isinstance(left[0], asyncio.CancelledError)
     assert stayed[0] is stayed[1] and stayed[0].body == health.body
+
+
+def asset_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The asset ids read_asset is asked for from now on (the loop's read of a detail)."""
+    asked: list[str] = []
+    read_asset = kasparro.read_asset
+
+    def counted(conn: sqlite3.Connection, version: kasparro.DataVersion, asset_id: str) -> Any:
+        asked.append(asset_id)
+        return read_asset(conn, version, asset_id)
+
+    monkeypatch.setattr(kasparro, "read_asset", counted)
+    return asked
+
+
+def detail(answers: kasparro.AnswerCache, asset_id: str) -> Awaitable[Any]:
+    """GET /data/{asset_id} as the front door asks the AnswerCache for it: a read queued on the loop, no task."""
+    resource = kasparro.AssetResource(answers.store, answers)
+    return resource.answer(kasparro.DETAIL_ROUTE, (f"/data/{asset_id}", b""), {}, asset_id=asset_id)
+
+
+def test_concurrent_misses_of_one_asset_share_one_read_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch, store_path: Path
+) -> None:
+    asked = asset_reads(monkeypatch)
+    making: list[Any] = []
+
+    def reads(answers: kasparro.AnswerCache) -> list[Awaitable[Any]]:
+        async def after_all() -> Any:
+            making.append(dict(answers._making))
+            return await detail(answers, "no-such-coin")
+
+        return [*(detail(answers, "bitcoin") for _ in range(5)), detail(answers, "ethereum"), after_all()]
+
+    *bitcoin, ethereum, missing = read_together(store_path, reads)
+    assert asked == ["bitcoin", "ethereum", "no-such-coin"]  # one read per key, in the order asked
+    assert all(answer is bitcoin[0] for answer in bitcoin) and ethereum is not bitcoin[0]
+    assert kasparro.msgspec.json.decode(bitcoin[0].body)["asset_id"] == "bitcoin" and missing is None
+    assert bitcoin[0].route == kasparro.DETAIL_ROUTE and list(making[0]) == [
+        ("/data/bitcoin", b""),
+        ("/data/ethereum", b""),
+    ]
+
+
+def test_a_request_that_goes_away_does_not_cancel_the_loop_read_the_others_wait_on(
+    monkeypatch: pytest.MonkeyPatch, store_path: Path
+) -> None:
+    """The first to miss queued the read; it leaves before the read runs, and the read still runs for the others.
+    When every request has gone, the read still ends, and is forgotten."""
+    asked = asset_reads(monkeypatch)
+    outcomes: dict[str, Any] = {}
+
+    def reads(answers: kasparro.AnswerCache) -> list[Awaitable[Any]]:
+        async def leaves(asset_id: str) -> None:
+            first = asyncio.ensure_future(detail(answers, asset_id))
+            await asyncio.sleep(0)  # its read is queued, not run yet
+            assert asset_id not in asked and (f"/data/{asset_id}", b"") in answers._making
+            first.cancel()
+            outcomes[asset_id] = await asyncio.gather(first, return_exceptions=True)
+
+        async def stays() -> Any:
+            await asyncio.sleep(0)  # arrives while the first waits
+            return await detail(answers, "bitcoin")
+
+        async def alone() -> Any:
+            await leaves("ethereum")  # nobody else asks
+            while answers._making:
+                await asyncio.sleep(0)
+            return answers._making
+
+        return [leaves("bitcoin"), stays(), stays(), alone()]
+
+    _, stayed, also, making = read_together(store_path, reads)
+    assert asked == ["bitcoin", "ethereum"]  # one read each, though every request for ethereum went away
+    assert isinstance(outcomes["bitcoin"][0], asyncio.CancelledError)
+    assert isinstance(outcomes["ethereum"][0], asyncio.CancelledError)
+    assert stayed is also and kasparro.msgspec.json.decode(stayed.body)["asset_id"] == "bitcoin"
+    assert making == {}
+
+
+def test_a_loop_read_that_fails_fails_every_request_waiting_on_it(
+    monkeypatch: pytest.MonkeyPatch, store_path: Path
+) -> None:
+    def broken(conn: sqlite3.Connection, version: kasparro.DataVersion, asset_id: str) -> Any:
+        raise ValueError("a bug in the read")
+
+    monkeypatch.setattr(kasparro, "read_asset", broken)
+    results = read_together(store_path, lambda answers: [detail(answers, "bitcoin") for _ in range(3)])
+    assert [type(result) for result in results] == [ValueError] * 3 and results[0] is results[1]
