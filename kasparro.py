@@ -3238,7 +3238,8 @@ class HealthResource(KeptResource):
         super().__init__(store, answers)
         self.max_age = max_age
         self.replica = replica
-        self.unhealthy = Answer(0, encode(UNHEALTHY), status=503)
+        # Retry-After as every 503: a store being replaced or repaired reads unhealthy for a moment
+        self.unhealthy = Answer(0, encode(UNHEALTHY), status=503, headers=(VARY_ENCODING, (b"retry-after", b"1")))
 
     async def answer(self, route: str, key: AnswerKey, params: Mapping[str, str], **fields: str) -> Answer | None:
         try:

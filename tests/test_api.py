@@ -328,7 +328,7 @@ def test_health_tells_a_live_run_from_a_dead_one(client: Any, store_path: Path) 
 def test_health_is_unhealthy_without_a_store(make_client: Any, tmp_path: Path) -> None:
     client = make_client(Config(db=tmp_path / "absent.db", log_level="warning"))
     result = client.get("/health")
-    assert result.status_code == 503
+    assert (result.status_code, result.headers["retry-after"]) == (503, "1")
     assert result.json == {"status": "unhealthy", "db_connected": False, "etl_last_run": None, "etl_status": None}
 
 

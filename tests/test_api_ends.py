@@ -244,7 +244,8 @@ def test_every_request_ends_and_sigterm_stops_the_server_while_the_etl_commits(
     seen = set()
     for path, status, media, retry_after in load.answers:
         seen.add((route_of(path), status))
-        assert status in (200, 304) or (status == 503 and media == PROBLEM and retry_after.isdigit()), (
+        unhealthy = path == "/health" and media == "application/json"  # a store replaced reads so for a moment
+        assert status in (200, 304) or (status == 503 and (media == PROBLEM or unhealthy) and retry_after.isdigit()), (
             path, status, media, retry_after,
         )  # fmt: skip
     assert {route for route, status in seen if status == 200} == {
