@@ -631,7 +631,7 @@ class HttpClient:
                 response = conn.getresponse()  # a hang-up ends it as if the headers were complete
                 watch.now_doing("while reading")
                 headers = {k.lower(): v for k, v in response.getheaders()}
-                body = self._read(response, sock)
+                body = self._read(response)
         finally:
             conn.close()
         codings = [coding.strip().lower() for coding in headers.get("content-encoding", "").split(",")]
@@ -649,21 +649,12 @@ class HttpClient:
                 raise CutShort(f"the {coding} body ends early, after {len(body):,} bytes inflated")
         return response.status, headers, body
 
-    def _read(self, response: http.client.HTTPResponse, sock: socket.socket) -> bytes:
-        """The body, read as it arrives: each wait for more ends with the read timeout or the time budget,
-        whichever comes first, so a body that drips in cannot hold the run past its budget."""
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        """The body, read as it arrives; each wait ends with the read timeout, and BudgetWatch hangs up a body
+        that drips in past the time budget."""
         chunks, size = [], 0
         while True:
-            wait = min(self.policy.read_timeout, self.deadline - self.clock())
-            if wait <= 0:
-                raise BudgetSpent(f"time budget of {self.policy.budget:g} s spent while reading")
-            sock.settimeout(wait)
-            try:
-                chunk = response.read1(65536)  # what has arrived, not a full 64 kB
-            except TimeoutError:
-                if wait < self.policy.read_timeout:  # the budget ran out first
-                    raise BudgetSpent(f"time budget of {self.policy.budget:g} s spent while reading") from None
-                raise
+            chunk = response.read1(65536)  # what has arrived, not a full 64 kB
             if not chunk:
                 break
             size += len(chunk)
