@@ -298,7 +298,7 @@ def test_kills_during_roll_up_and_pruning_converge_to_one_clean_run(tmp_path):
     """SIGKILL at random instants of a run whose batches roll up and prune, then a clean finish."""
     first = write_feed(tmp_path / "first.csv", observations("a", START, START + 3 * DAY, seed=20))
     second = write_feed(tmp_path / "second.csv", observations("a", START + 3 * DAY, START + 12 * DAY, seed=21))
-    env = {**RETENTION, "KASPARRO_BATCH_ROWS": "250"}
+    env = {**RETENTION, "KASPARRO_BATCH_ROWS": "100"}  # batches enough that each of the kills finds work left
     clean = tmp_path / "clean.db"
     load(clean, [("a", first), ("a", second)], **env)
     killed = tmp_path / "killed.db"
