@@ -328,6 +328,7 @@ class HttpSource:
     fields: ClassVar[dict[str, Field]]
     known: ClassVar[frozenset[str]]
     known_nested: ClassVar[dict[str, frozenset[str]]] = {}
+    page_limit: ClassVar[str] = ""  # the setting that caps how many pages a run reads, for a paged source
 
     def __init__(self, base_url: str, headers: dict[str, str], policy: HttpPolicy) -> None:
         self.base_url = base_url.rstrip("/")
@@ -410,6 +411,7 @@ class CoinGecko(HttpSource):
 
     name = "coingecko"
     per_page = 250
+    page_limit = "KASPARRO_COINGECKO_MAX_PAGES"
     fields: ClassVar[dict[str, Field]] = {
         "symbol": Field(("symbol",), required=True),
         "name": Field(("name",), required=True),
@@ -978,6 +980,7 @@ class Batch:
     end: ReadPosition = field(default_factory=ReadPosition)  # where the input stands after this batch
     final: bool = False  # the input ends here
     payload: RawPage | None = None  # the upstream response the rows came from
+    repeated: bool = False  # an upstream page held only listings read before in this run: paging ended there
 
 
 def csv_header(reader: Iterator[list[str]], path: Path) -> list[str]:
@@ -1189,9 +1192,12 @@ def page_batches(upstream: HttpSource, pages: Iterator[Page], intake: Intake) ->
     """Normalise each page's records into one batch, stamped with the page and records reached.
 
     Records are numbered across pages from 1 (a reject's `line`); SourceError for a body that is
-    not a JSON array of records, or an empty first page.
+    not a JSON array of records, or an empty first page. A later page that holds only listings read
+    before (an upstream that ignores `page` answers page 1 every time) is not loaded: an empty final
+    batch marked `repeated` ends the paging.
     """
     run_latest, index = intake.latest, 0
+    read_ids: set[str] = set()
     for raw, full_page, final in pages:
         records = decode_records(raw.body, raw.url)
         if not records and raw.page == 1:
@@ -1209,6 +1215,12 @@ def page_batches(upstream: HttpSource, pages: Iterator[Page], intake: Intake) ->
                 batch.rejects.append((index, str(reason), raw_record))
             else:
                 batch.observations.append((index, *msgspec.structs.astuple(observation)))
+        ids = {row[1] for row in batch.observations}  # (index, source_id, ...)
+        if raw.page > 1 and ids and ids <= read_ids:
+            index -= batch.read
+            yield Batch(end=ReadPosition(offset=raw.page - 1, line=index), final=True, repeated=True)
+            return
+        read_ids |= ids
         batch.end = ReadPosition(offset=raw.page, line=index)
         batch.final = final or (full_page is not None and len(records) < full_page)
         yield batch
@@ -2333,18 +2345,32 @@ def load_pages(
     """Normalise and load upstream pages, each committed with its checkpoint (and raw payload)."""
     labels = [spec.label if (spec := upstream.fields.get(name)) else name for name in ROW_FIELDS]
     tally = Tally()
+    batch = Batch(final=True)
     with Loader(conn, run_id, upstream.name, retention) as loader:
         intake = Intake(loader.latest, upstream=True, labels=labels)
         for batch in page_batches(upstream, pages, intake):
             raw = batch.payload
             loaded = loader.commit(batch, f"run {run_id}", batch.end, batch.final, raw if keep_raw else None)
             tally.add(Tally(batch.read, loaded, len(batch.rejects)))
-            log.info("page loaded", url=raw.url, page=raw.page, records=batch.read, loaded=loaded)
+            if raw is not None:
+                log.info("page loaded", url=raw.url, page=raw.page, records=batch.read, loaded=loaded)
     drift = intake.report({label: label for label in intake.missing})
     if drift:
         renames = [key for key in drift if key.startswith("likely rename")]
         log.warning("schema drift", source=upstream.name, drift=drift, likely_renames=renames)
-    return Loaded(tally, None, drift)
+    detail = None
+    if batch.repeated:
+        page = batch.end.offset + 1
+        detail = (
+            f"page {page} held only listings read from earlier pages"
+            " (the upstream seems to ignore the page parameter): paging stopped"
+        )
+        log.warning("paging stopped: a page repeated earlier ones", source=upstream.name, page=page)
+    elif not batch.final:
+        pages_read = batch.end.offset
+        detail = f"stopped at the page limit, {pages_read} pages ({upstream.page_limit}): more listings may follow"
+        log.warning("paging stopped at the page limit", source=upstream.name, pages=pages_read)
+    return Loaded(tally, detail, drift)
 
 
 def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:

@@ -373,6 +373,63 @@ def test_a_path_with_an_equals_sign_stays_a_path(tmp_path):
     assert query(db, "SELECT source FROM run_source") == [("csv:a=b",)]
 
 
+# --- 6b. paging ----------------------------------------------------------------------------------------------
+
+
+def gecko_page(tag: str) -> list[dict[str, Any]]:
+    """GECKO_PAGE1's 250 coins as other coins: each id, symbol and name marked with `tag`."""
+    page = copy.deepcopy(GECKO_PAGE1)
+    for coin in page:
+        coin.update(id=f"{coin['id']}-{tag}", symbol=f"{coin['symbol']}{tag}", name=f"{coin['name']} {tag}")
+    return page
+
+
+def test_an_upstream_that_ignores_page_is_read_once_and_said(upstream, tmp_path):
+    upstream.route(COINGECKO_MARKETS, Reply(body=GECKO_PAGE1))  # page 1 whatever `page` asks
+    db = tmp_path / "store.db"
+    assert etl_against(upstream, db, "coingecko").returncode == 0
+    assert len(upstream.requests) == 2  # page 2 was page 1 again: no page 3 asked
+    row = outcome(db, "coingecko")
+    assert (row["status"], row["rows_read"], row["rows_loaded"], row["rows_rejected"]) == ("success", 250, 250, 0)
+    assert "page 2 held only listings read from earlier pages" in row["detail"]
+    assert query(db, "SELECT count(*) FROM listing") == [(250,)]
+
+
+def test_a_later_page_repeating_earlier_ones_ends_the_paging(upstream, tmp_path):
+    first, second = GECKO_PAGE1, gecko_page("b")
+    mixed = first[:100] + second[100:]  # every coin read before, from two pages
+    coingecko_pages(upstream, [first, second, mixed, gecko_page("d")])
+    db = tmp_path / "store.db"
+    assert etl_against(upstream, db, "coingecko").returncode == 0
+    assert len(upstream.requests) == 3
+    row = outcome(db, "coingecko")
+    assert (row["rows_read"], row["rows_loaded"]) == (500, 500)
+    assert row["detail"].startswith("page 3 held only listings read from earlier pages")
+
+
+def test_coins_moving_between_pages_keep_the_paging_going(upstream, tmp_path):
+    first, second = GECKO_PAGE1, gecko_page("b")
+    moved = [first[-1], *second[:-1]]  # the market moved between requests: page 1's last coin is page 2's first
+    coingecko_pages(upstream, [first, moved, second[-1:]])
+    db = tmp_path / "store.db"
+    assert etl_against(upstream, db, "coingecko").returncode == 0
+    assert len(upstream.requests) == 3  # the short page 3 ended it
+    row = outcome(db, "coingecko")
+    assert (row["rows_read"], row["detail"]) == (501, None)
+    assert query(db, "SELECT count(*) FROM listing") == [(500,)]
+
+
+def test_a_load_stopped_by_the_page_limit_says_so(upstream, tmp_path):
+    coingecko_pages(upstream, [GECKO_PAGE1, gecko_page("b"), gecko_page("c")])
+    db = tmp_path / "store.db"
+    assert etl_against(upstream, db, "coingecko", KASPARRO_COINGECKO_MAX_PAGES="2").returncode == 0
+    assert len(upstream.requests) == 2
+    row = outcome(db, "coingecko")
+    assert (row["status"], row["rows_read"], row["rows_loaded"]) == ("success", 500, 500)
+    limit = "stopped at the page limit, 2 pages (KASPARRO_COINGECKO_MAX_PAGES): more listings may follow"
+    assert row["detail"] == limit
+
+
 # --- 7. indexes ----------------------------------------------------------------------------------------------
 
 
@@ -550,7 +607,7 @@ def test_a_misspelt_csv_column_is_named_as_a_likely_rename(tmp_path):
 
 
 def test_requests_are_spaced_to_the_rate_limit(upstream, tmp_path):
-    coingecko_pages(upstream, [GECKO_PAGE1, GECKO_PAGE1, GECKO_PAGE2])
+    coingecko_pages(upstream, [GECKO_PAGE1, gecko_page("b"), GECKO_PAGE2])
     db = tmp_path / "store.db"
     assert etl_against(upstream, db, "coingecko", KASPARRO_COINGECKO_RATE="240").returncode == 0
     times = [seen.at for seen in upstream.requests]
