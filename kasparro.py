@@ -4732,12 +4732,19 @@ class FrontDoor:
 
 
 class RouteLabel:
-    """Tell the front door which route template Falcon matched: the label of the request's metrics."""
+    """Tell the front door the route template of the request's path, the label of its metrics and log line: the
+    one Falcon matched, or for a request refused before routing (RateLimit's 429) the one its path matches."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
 
     async def process_response(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, req_succeeded: bool
     ) -> None:
-        req.scope[ROUTE] = req.uri_template
+        template = req.uri_template
+        if template is None and (found := self.router.find(req.path)) is not None:
+            template = found[3]
+        req.scope[ROUTE] = template
 
 
 def offered_api_key(req: falcon.asgi.Request) -> str:
@@ -5018,7 +5025,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> F
     app = falcon.asgi.App(
         router=router,
         middleware=[
-            RouteLabel(),
+            RouteLabel(router),
             *guards,
             QueryParameters(),
             Compression(),
