@@ -577,7 +577,7 @@ class HttpClient:
                     return body
                 problem = f"HTTP {status}"
                 if status != 429 and status < 500:
-                    raise SourceError(f"{safe_url(url)} answered HTTP {status}: {printable(body[:200])}")
+                    raise SourceError(f"{safe_url(url)} answered {self.refusal(status, headers, body)}")
                 retry_after = parse_retry_after(headers.get("retry-after"))
             if attempt == policy.attempts:
                 break
@@ -590,6 +590,17 @@ class HttpClient:
             log.warning("retrying", url=safe_url(url), attempt=attempt, problem=problem, wait_s=round(delay, 3))
             self.sleep(delay)
         raise SourceError(f"{safe_url(url)}: {problem} after {policy.attempts} attempts")
+
+    def refusal(self, status: int, headers: dict[str, str], body: bytes) -> str:
+        """What an answer that is not retried was, in an operator's words: a redirect names where it points."""
+        if 300 <= status < 400:
+            location = headers.get("location", "").strip()
+            target = safe_url(printable(location.encode()[:300])) if location else "no address (no Location header)"
+            return (
+                f"HTTP {status}, a redirect to {target}, which the ETL does not follow: set"
+                f" KASPARRO_{self.source.name.upper()}_URL to the address it moved to"
+            )
+        return f"HTTP {status}: {printable(body[:200])}" if body.strip() else f"HTTP {status} with an empty body"
 
     def _pace(self, url: str) -> None:
         """Wait until the rate limit lets the next request start, or SourceError if the budget ends first."""
