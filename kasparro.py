@@ -2456,7 +2456,7 @@ def read_history(
         source = listings[0][1]  # the stored name, as every point gives it
     ids = [listing[0] for listing in listings]
     end = query.end if query.end is not None else newest_observation(conn, ids) + 1
-    start = query.start if query.start is not None else end - (query.width * 100 or RAW_WINDOW)
+    start = query.start if query.start is not None else max(FIRST_SECOND, end - (query.width * 100 or RAW_WINDOW))
     if start > end:
         raise InvalidQuery(f"from: {utc_text(start)} is after to, {utc_text(end)} (the default: just after the newest"
                            " observation)")  # fmt: skip
