@@ -3288,14 +3288,12 @@ SELECT scope, runs, successes, partials, failures, rows_read, rows_loaded, rows_
 FROM run_totals ORDER BY scope
 """
 RUNNING_SQL = """
-SELECT '' AS scope, count(*) AS runs, sum(rows_read) AS rows_read, sum(rows_loaded) AS rows_loaded,
-       sum(rows_rejected) AS rows_rejected
-FROM etl_run WHERE status = 'running'
+SELECT run_id, '' AS scope, started_at, rows_read, rows_loaded, rows_rejected FROM etl_run WHERE status = 'running'
 UNION ALL
-SELECT source, count(*), sum(rows_read), sum(rows_loaded), sum(rows_rejected) FROM run_source
-WHERE run_id IN (SELECT run_id FROM etl_run WHERE status = 'running') AND status = 'running' GROUP BY source
+SELECT run_id, source, started_at, rows_read, rows_loaded, rows_rejected FROM run_source
+WHERE run_id IN (SELECT run_id FROM etl_run WHERE status = 'running') AND status = 'running'
 """
-COUNTS = ("runs", "rows_read", "rows_loaded", "rows_rejected")  # what a running run adds so far
+COUNTS = ("rows_read", "rows_loaded", "rows_rejected")  # what a running run adds so far
 NO_RUNS = {
     **dict.fromkeys(("runs", "successes", "partials", "failures", "rows_read", "rows_loaded", "rows_rejected"), 0),
     **dict.fromkeys(("last_success_at", "last_failure_at", "last_error", "avg_duration_ms")),
@@ -3381,18 +3379,35 @@ class RunHistoryResource(KeptResource):
         super().__init__(store, answers)
         self.replica = replica
 
-    def answer_of(self, commit: Commit, rows: RunRows, body: Callable[[list[Run]], msgspec.Struct]) -> Answer:
-        runs = rows.records(live=rows.running and run_is_live(self.store, self.replica))
+    def live(self, rows: RunRows) -> bool:
+        """Whether the newest run, recorded as running, still runs."""
+        return rows.running and run_is_live(self.store, self.replica)
+
+    def answer_of(
+        self, commit: Commit, rows: RunRows, body: Callable[[list[Run]], msgspec.Struct], live: bool | None = None
+    ) -> Answer:
+        """The answer of `body` over the runs; `live`: self.live(rows), when the caller has judged it already."""
+        runs = rows.records(live=self.live(rows) if live is None else live)
         return Answer(commit.number, encode(body(runs)), until=0.0 if rows.running else math.inf)
 
 
-def run_totals(finished: Sequence[dict[str, Any]], running: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Totals by scope ('' overall, else a source): the finished runs' sums, and what the running ones read so far."""
+def run_totals(
+    finished: Sequence[dict[str, Any]], running: Sequence[dict[str, Any]], live_run: int | None
+) -> dict[str, dict[str, Any]]:
+    """Totals by scope ('' overall, else a source): the finished runs' sums, and what the ones recorded as running
+    read so far. Of those, all but `live_run` (the newest, while its process holds the writer lock) are failures
+    with DIED's error, as GET /runs reads them: such a run is the newest its scope has, and its start the last
+    moment known of it (the next run records the moment it finds it)."""
     totals = {"": dict(NO_RUNS)} | {row.pop("scope"): row for row in finished}
     for row in running:
         scope = totals.setdefault(row["scope"], dict(NO_RUNS))
+        scope["runs"] += 1
         for count in COUNTS:
             scope[count] += row[count] or 0
+        if row["run_id"] != live_run:
+            scope["failures"] += 1
+            scope["last_failure_at"] = max(scope["last_failure_at"] or row["started_at"], row["started_at"])
+            scope["last_error"] = DIED["error"]
     return totals
 
 
@@ -3400,11 +3415,15 @@ class StatsResource(RunHistoryResource):
     """GET /stats: ETL outcomes overall, per source, and the last runs."""
 
     async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
-        def read(conn: sqlite3.Connection, version: DataVersion) -> tuple[dict[str, dict[str, Any]], RunRows]:
-            totals = run_totals(dict_rows(conn.execute(TOTALS_SQL)), dict_rows(conn.execute(RUNNING_SQL)))
-            return totals, RunRows.read(conn, version, dict_rows(conn.execute(RUNS_SQL, (RECENT_RUNS,))))
+        def read(
+            conn: sqlite3.Connection, version: DataVersion
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], RunRows]:
+            finished, running = dict_rows(conn.execute(TOTALS_SQL)), dict_rows(conn.execute(RUNNING_SQL))
+            return finished, running, RunRows.read(conn, version, dict_rows(conn.execute(RUNS_SQL, (RECENT_RUNS,))))
 
-        totals, rows = await self.store.read(read)
+        finished, running, rows = await self.store.read(read)
+        live = self.live(rows)
+        totals = run_totals(finished, running, rows.newest if live else None)
         return self.answer_of(
             commit,
             rows,
@@ -3414,6 +3433,7 @@ class StatsResource(RunHistoryResource):
                 sources=[SourceTotals(source=source, **row) for source, row in sorted(totals.items())],
                 recent_runs=runs,
             ),
+            live,
         )
 
 
