@@ -1909,11 +1909,11 @@ def sort_indexes() -> dict[str, str]:
     return schema_indexes("asset")
 
 
-def restore_indexes(conn: sqlite3.Connection) -> list[str]:
-    """Create every index of store.sql that the store lacks; return their names.
+def restore_indexes(conn: sqlite3.Connection, event: str = "indexes restored") -> list[str]:
+    """Create every index of store.sql that the store lacks, logging `event` with their names; return them.
 
-    A load into an empty store drops the sort indexes and builds them when it ends; one that was
-    killed leaves them to the next run, which calls this first.
+    A load into an empty store drops the sort indexes and builds them when it ends ('indexes built'); one
+    that was killed leaves them to the next run, which calls this first ('indexes restored').
     """
     present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     missing = {name: sql for name, sql in schema_indexes().items() if name not in present}
@@ -1926,7 +1926,7 @@ def restore_indexes(conn: sqlite3.Connection) -> list[str]:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        log.info("indexes restored", indexes=sorted(missing))
+        log.info(event, indexes=sorted(missing))
     return sorted(missing)
 
 
@@ -2097,7 +2097,7 @@ class Loader:
         if not self.bulk or (kind is not None and (kind is Interrupted or not issubclass(kind, Exception))):
             return  # SIGTERM or ^C: stop now; the next run builds them
         try:
-            restore_indexes(self.conn)
+            restore_indexes(self.conn, "indexes built")
         except sqlite3.Error as failure:
             if error is None:
                 raise
