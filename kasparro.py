@@ -1595,6 +1595,7 @@ PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)")
 # The times the API reads, in Unix seconds: from Unix time 0 to the last second RFC 3339 can write, so that none
 # overflows a datetime and every time it answers with (a history window's from and to) is RFC 3339.
 FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
+UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}")  # below 10**11, as the ETL reads seconds: longer is milliseconds
 
 
 def read_rfc3339(text: str) -> datetime | None:
@@ -1608,10 +1609,12 @@ def read_rfc3339(text: str) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def plus_hint(text: str) -> str:
-    """A hint for an unreadable time whose offset's '+' the URL turned into a space ('' for any other)."""
-    unspaced = read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None
-    return " (a '+' in a URL reads as a space: write the offset's + as %2B)" if unspaced else ""
+def time_hint(text: str) -> str:
+    """A hint for an unreadable time: its offset's '+' the URL turned into a space, or Unix milliseconds ('' for
+    any other)."""
+    if read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None:
+        return " (a '+' in a URL reads as a space: write the offset's + as %2B)"
+    return " (Unix seconds, not milliseconds)" if text.isdigit() and 12 <= len(text) <= 14 else ""
 
 
 def within_range(name: str, seconds: int, text: str) -> int:
@@ -1624,12 +1627,16 @@ def within_range(name: str, seconds: int, text: str) -> int:
 
 
 def parse_time(field: str, op: str, text: str) -> str:
-    """An RFC 3339 time or date, in the store's text form (so text order is time order), compared by `op` with
-    stored times (whole seconds) as with the instant itself: a time between two seconds is the later one for
-    `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
+    """An RFC 3339 time or date, or Unix seconds, in the store's text form (so text order is time order), compared
+    by `op` with stored times (whole seconds) as with the instant itself: a time between two seconds is the later
+    one for `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
+    if UNIX_SECONDS.fullmatch(text):
+        return utc_text(within_range(f"filter_by: {field}", int(text), text))
     moment = read_rfc3339(text)
     if moment is None:
-        raise InvalidQuery(f"filter_by: {field} needs an RFC 3339 time{plus_hint(text)}, got {text[:40]!r}")
+        raise InvalidQuery(
+            f"filter_by: {field} needs an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}"
+        )
     seconds = int(moment.replace(microsecond=0).timestamp()) + (moment.microsecond > 0 and op in (">=", "<"))
     within_range(f"filter_by: {field}", seconds, text)
     if moment.microsecond and op == ":":
@@ -2282,7 +2289,6 @@ KEPT_WIDTHS = (3_600, 86_400)  # the candle widths store.sql keeps
 HISTORY_PARAMS = ("interval", "from", "to", "source", "limit", "cursor", "format")
 HISTORY_LIMIT = 1_000
 RAW_WINDOW = 86_400  # the default window of raw points; candles: 100 intervals
-UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}")
 
 
 class HistoryCursor(msgspec.Struct, array_like=True, frozen=True):
@@ -2352,9 +2358,7 @@ def parse_moment(name: str, text: str, rounding: Callable[[float], int] = math.c
         return within_range(name, int(text), text)
     moment = read_rfc3339(text)
     if moment is None:
-        milliseconds = text.isdigit() and 12 <= len(text) <= 14
-        hint = plus_hint(text) or (" (Unix seconds, not milliseconds)" if milliseconds else "")
-        raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{hint}, got {text[:40]!r}")
+        raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}")
     return within_range(name, rounding(moment.timestamp()), text)
 
 
@@ -3741,7 +3745,7 @@ FILTER_GRAMMAR_TEXT = f"""Comma-separated conditions; all must hold.
 
 - `field:value` equals; on text it ignores case, and `a|b` means either.
 - `field~text` contains, ignoring case (text fields only).
-- `>`, `>=`, `<`, `<=` compare numbers and `updated_at` (an RFC 3339 time or date).
+- `>`, `>=`, `<`, `<=` compare numbers and `updated_at` (an RFC 3339 time or date, or Unix seconds).
 - Text fields: {", ".join(TEXT_FIELDS)}. Number fields: {", ".join(NUMBER_FIELDS)}. Time: updated_at.
 - Field names and bare statuses are lower-case; plain spaces may surround conditions.
 - At most {MAX_CONDITIONS} conditions; a `~` takes at most {MAX_CONTAINS} alternatives, each of at most
