@@ -2584,8 +2584,8 @@ def acquire_lock(db: Path) -> int:
     A POSIX record lock (not flock): the kernel drops it when the process dies,
     and the API can test for it with F_GETLK without ever taking it.
     """
-    lock_path = db.with_name(db.name + ".etl-lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    real = Path(os.path.realpath(db))  # one lock per store file, whatever path (a symlink) names it
+    fd = os.open(real.with_name(real.name + ".etl-lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:

@@ -922,8 +922,10 @@ class Store:
 
     @property
     def lock_path(self) -> Path:
-        """The file the ETL holds an exclusive POSIX lock on while it runs."""
-        return self.path.with_name(self.path.name + ".etl-lock")
+        """The file the ETL holds an exclusive POSIX lock on while it runs: beside the store's own file, whatever
+        path (a symlink) names it, as etl.acquire_lock takes it."""
+        real = Path(os.path.realpath(self.path))
+        return real.with_name(real.name + ".etl-lock")
 
     async def open(self) -> None:
         """Open the pool now if it is not open; a failure is remembered, not raised."""

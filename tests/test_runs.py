@@ -138,6 +138,30 @@ def test_a_run_whose_process_is_gone_reads_failed_and_a_live_one_running(live_se
     assert (found["status"], found["error"]) == ("failed", f"{DIED}; found by run 3")
 
 
+def test_a_store_named_through_a_symlink_has_the_one_writer_lock(live_server: Any, tmp_path: Path) -> None:
+    """The lock file was named after the path given, not the file: a run given a symlink to the store took another
+    lock, wrote beside the running one and recorded it 'died ... found by run N' while it ran; an API given the
+    symlink read a running run as failed."""
+    (tmp_path / "data").mkdir()
+    db, link, market = tmp_path / "data" / "kasparro.db", tmp_path / "link.db", tmp_path / "market.csv"
+    link.symlink_to(db)
+    etl_ok(db, f"csv:{market_csv(market, 5, minute=1)}")
+    conn = etl.connect(db, busy_timeout=5)
+    try:
+        etl.start_run(conn, [etl.CsvSource(market)])  # run 2, recorded running; its process holds the lock below
+    finally:
+        conn.close()
+    server = live_server(link, LOG_LEVEL="warning")
+    with writer_lock_held(db):
+        result = run_etl(link, f"csv:{market_csv(tmp_path / 'other.csv', 5, minute=2)}")
+        assert result.returncode == etl.EXIT_LOCKED, result.stderr + result.stdout
+        assert [run["status"] for run in get_json(server, "/runs")["runs"]] == ["running", "success"]
+        assert get_json(server, "/health")["etl_status"] == "running"
+    with writer_lock_held(link):
+        assert run_etl(db, f"csv:{market}").returncode == etl.EXIT_LOCKED
+    assert not (tmp_path / "link.db.etl-lock").exists()
+
+
 def test_stats_count_a_run_whose_process_is_gone_as_a_failure(live_server: Any, tmp_path: Path) -> None:
     """/stats listed such a run as failed in recent_runs while its totals counted it in runs alone: failures 0,
     last_error and last_failure_at null, beside /health's etl_status 'failed', until the next run recorded it."""
