@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -579,7 +580,7 @@ class HttpClient:
                     return body
                 problem = f"HTTP {status}"
                 if status != 429 and status < 500:
-                    raise SourceError(f"{safe_url(url)} answered HTTP {status}: {printable(body[:200])}")
+                    raise SourceError(f"{safe_url(url)} answered {self.refusal(status, headers, body)}")
                 retry_after = parse_retry_after(headers.get("retry-after"))
             if attempt == policy.attempts:
                 break
@@ -592,6 +593,17 @@ class HttpClient:
             log.warning("retrying", url=safe_url(url), attempt=attempt, problem=problem, wait_s=round(delay, 3))
             self.sleep(delay)
         raise SourceError(f"{safe_url(url)}: {problem} after {policy.attempts} attempts")
+
+    def refusal(self, status: int, headers: dict[str, str], body: bytes) -> str:
+        """What an answer that is not retried was, in an operator's words: a redirect names where it points."""
+        if 300 <= status < 400:
+            location = headers.get("location", "").strip()
+            target = safe_url(printable(location.encode()[:300])) if location else "no address (no Location header)"
+            return (
+                f"HTTP {status}, a redirect to {target}, which the ETL does not follow: set"
+                f" KASPARRO_{self.source.name.upper()}_URL to the address it moved to"
+            )
+        return f"HTTP {status}: {printable(body[:200])}" if body.strip() else f"HTTP {status} with an empty body"
 
     def _pace(self, url: str) -> None:
         """Wait until the rate limit lets the next request start, or SourceError if the budget ends first."""
@@ -1732,6 +1744,8 @@ RETURNING listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd
 # Staged observations whose listing holds one at the same second with other values, loaded first by an earlier
 # line, batch or run (INSERT_OBSERVATIONS kept it and ignored these). Every staged row within raw retention
 # meets its stored twin here: itself, or the one loaded first.
+# Staged rows whose values differ from the stored observation of their listing and second, and the rows of ?1 (a
+# JSON array of lines: those under another symbol or name than the batch's first row of that listing and second).
 CONFLICTS = """
 SELECT s.line, s.source_id, s.observed_at, s.symbol, s.name,
        r.rank, r.price_usd, r.market_cap_usd, r.volume_24h_usd, r.change_24h_pct, r.active,
@@ -1741,11 +1755,27 @@ JOIN raw_observation r ON r.listing_id = s.listing_id
                       AND r.observed_at = CAST(strftime('%s', s.observed_at) AS INTEGER)
 WHERE r.rank IS NOT s.rank OR r.price_usd IS NOT s.price_usd OR r.market_cap_usd IS NOT s.market_cap_usd
    OR r.volume_24h_usd IS NOT s.volume_24h_usd OR r.change_24h_pct IS NOT s.change_24h_pct
-   OR r.active IS NOT (s.status = 'active')
+   OR r.active IS NOT (s.status = 'active') OR s.line IN (SELECT value FROM json_each(?1))
 ORDER BY s.line
 """
 
 COMPARED = ("rank", "price_usd", "market_cap_usd", "volume_24h_usd", "change_24h_pct", "status")
+
+
+def renamed_rows(observations: list[tuple]) -> dict[int, tuple[str, str]]:
+    """Staged rows (INSERT_STAGING's tuples) by line that give a listing and second an earlier row of the batch
+    gave under another symbol or name, each with that first row's symbol and name, which the listing takes. The
+    history keeps no symbol or name (they are the listing's identity), so only rows of one batch are compared."""
+    listing_second = operator.itemgetter(1, 11)
+    if len(set(map(listing_second, observations))) == len(observations):
+        return {}  # no listing and second twice: the usual batch, checked without a Python loop
+    firsts: dict[tuple[str, str], tuple] = {}
+    renamed = {}
+    for row in observations:
+        first = firsts.setdefault(listing_second(row), row)
+        if first[2:4] != row[2:4]:
+            renamed[row[0]] = first[2:4]
+    return renamed
 
 
 def shown(field: str, value: object) -> object:
@@ -1891,11 +1921,11 @@ def sort_indexes() -> dict[str, str]:
     return schema_indexes("asset")
 
 
-def restore_indexes(conn: sqlite3.Connection) -> list[str]:
-    """Create every index of store.sql that the store lacks; return their names.
+def restore_indexes(conn: sqlite3.Connection, event: str = "indexes restored") -> list[str]:
+    """Create every index of store.sql that the store lacks, logging `event` with their names; return them.
 
-    A load into an empty store drops the sort indexes and builds them when it ends; one that was
-    killed leaves them to the next run, which calls this first.
+    A load into an empty store drops the sort indexes and builds them when it ends ('indexes built'); one
+    that was killed leaves them to the next run, which calls this first ('indexes restored').
     """
     present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     missing = {name: sql for name, sql in schema_indexes().items() if name not in present}
@@ -1908,7 +1938,7 @@ def restore_indexes(conn: sqlite3.Connection) -> list[str]:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        log.info("indexes restored", indexes=sorted(missing))
+        log.info(event, indexes=sorted(missing))
     return sorted(missing)
 
 
@@ -2079,7 +2109,7 @@ class Loader:
         if not self.bulk or (kind is not None and (kind is Interrupted or not issubclass(kind, Exception))):
             return  # SIGTERM or ^C: stop now; the next run builds them
         try:
-            restore_indexes(self.conn)
+            restore_indexes(self.conn, "indexes built")
         except sqlite3.Error as failure:
             if error is None:
                 raise
@@ -2146,7 +2176,7 @@ class Loader:
         unmatched = conn.execute(UNMATCHED).fetchall()
         self._assign(self._new_asset_ids(unmatched), fresh=True)
         conn.execute(UPSERT_LISTINGS, (self.source, self.latest))
-        loaded = self._add_history(len(observations), rejects)
+        loaded = self._add_history(observations, rejects)
         changed = conn.execute(INSERT_FRESH_ASSETS, (self.source,)).rowcount
         listings = conn.execute(TOUCHED_LISTINGS, (self.latest,)).fetchall()
         if listings:
@@ -2164,16 +2194,16 @@ class Loader:
             conn.execute(f"PRAGMA application_id = {generation % 2**31}")
         return loaded
 
-    def _add_history(self, staged: int, rejects: list[tuple[int, str, str]]) -> int:
+    def _add_history(self, staged: list[tuple], rejects: list[tuple[int, str, str]]) -> int:
         """Store the staged observations that are new, roll them up and prune; return how many were new (those
         older than their listing's raw history go into its candles: STAGE_LATE). Of the `staged` ones, one that
-        conflicts with an observation loaded first is added to `rejects`."""
+        conflicts with an observation loaded first, in values or in symbol or name, is added to `rejects`."""
         conn = self.conn
         conn.execute(INSERT_LISTING_KEYS, (self.source,))
         conn.execute(STAGE_LISTING_KEYS, (self.source,))
         observed = conn.execute(INSERT_OBSERVATIONS).fetchall()
-        if len(observed) < staged:
-            rejects.extend(self._conflicts())
+        if len(observed) < len(staged):
+            rejects.extend(self._conflicts(renamed_rows(staged)))
         if observed:
             conn.execute("DELETE FROM temp.observed")
             conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
@@ -2202,10 +2232,11 @@ class Loader:
                 conn.execute(ROLL_UP_LATE, (width,))
         return len(observed) + late
 
-    def _conflicts(self) -> list[tuple[int, str, str]]:
+    def _conflicts(self, renamed: dict[int, tuple[str, str]]) -> list[tuple[int, str, str]]:
         """Rejects (line, reason, raw) of the staged observations that differ from the one of their listing and
-        second loaded first: the store keeps the first (a reload changes nothing), and the other is named."""
-        found = self.conn.execute(CONFLICTS).fetchall()
+        second loaded first, in values or (`renamed`) in symbol or name: the store keeps the first (a reload
+        changes nothing), and the other is named."""
+        found = self.conn.execute(CONFLICTS, (json.dumps(list(renamed)),)).fetchall()
         if not found:
             return []
         first_lines: dict[tuple[str, str], int] = {}
@@ -2216,12 +2247,17 @@ class Loader:
         unit = "line" if self.source.startswith("csv:") else "record"
         rejects = []
         for line, source_id, observed_at, symbol, name, *values in found:
-            kept, here = values[:6], values[6:]
+            kept, here = values[: len(COMPARED)], values[len(COMPARED) :]
             first = first_lines[source_id, observed_at]
             where = f"{unit} {first} of this input" if first < line else "an earlier batch or run"
             differences = ", ".join(
                 f"{field} {json.dumps(shown(field, a))} kept, {json.dumps(shown(field, b))} here"
-                for field, a, b in zip(COMPARED, kept, here, strict=True)
+                for field, a, b in zip(
+                    (*COMPARED, "symbol", "name"),
+                    (*kept, *renamed.get(line, (symbol, name))),
+                    (*here, symbol, name),
+                    strict=True,
+                )
                 if a != b
             )
             reason = (
@@ -2574,8 +2610,8 @@ def acquire_lock(db: Path) -> int:
     A POSIX record lock (not flock): the kernel drops it when the process dies,
     and the API can test for it with F_GETLK without ever taking it.
     """
-    lock_path = db.with_name(db.name + ".etl-lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    real = Path(os.path.realpath(db))  # one lock per store file, whatever path (a symlink) names it
+    fd = os.open(real.with_name(real.name + ".etl-lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:

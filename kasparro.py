@@ -922,8 +922,10 @@ class Store:
 
     @property
     def lock_path(self) -> Path:
-        """The file the ETL holds an exclusive POSIX lock on while it runs."""
-        return self.path.with_name(self.path.name + ".etl-lock")
+        """The file the ETL holds an exclusive POSIX lock on while it runs: beside the store's own file, whatever
+        path (a symlink) names it, as etl.acquire_lock takes it."""
+        real = Path(os.path.realpath(self.path))
+        return real.with_name(real.name + ".etl-lock")
 
     async def open(self) -> None:
         """Open the pool now if it is not open; a failure is remembered, not raised."""
@@ -1595,6 +1597,7 @@ PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)")
 # The times the API reads, in Unix seconds: from Unix time 0 to the last second RFC 3339 can write, so that none
 # overflows a datetime and every time it answers with (a history window's from and to) is RFC 3339.
 FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
+UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}")  # below 10**11, as the ETL reads seconds: longer is milliseconds
 
 
 def read_rfc3339(text: str) -> datetime | None:
@@ -1608,10 +1611,12 @@ def read_rfc3339(text: str) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def plus_hint(text: str) -> str:
-    """A hint for an unreadable time whose offset's '+' the URL turned into a space ('' for any other)."""
-    unspaced = read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None
-    return " (a '+' in a URL reads as a space: write the offset's + as %2B)" if unspaced else ""
+def time_hint(text: str) -> str:
+    """A hint for an unreadable time: its offset's '+' the URL turned into a space, or Unix milliseconds ('' for
+    any other)."""
+    if read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None:
+        return " (a '+' in a URL reads as a space: write the offset's + as %2B)"
+    return " (Unix seconds, not milliseconds)" if text.isdigit() and 12 <= len(text) <= 14 else ""
 
 
 def within_range(name: str, seconds: int, text: str) -> int:
@@ -1624,12 +1629,16 @@ def within_range(name: str, seconds: int, text: str) -> int:
 
 
 def parse_time(field: str, op: str, text: str) -> str:
-    """An RFC 3339 time or date, in the store's text form (so text order is time order), compared by `op` with
-    stored times (whole seconds) as with the instant itself: a time between two seconds is the later one for
-    `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
+    """An RFC 3339 time or date, or Unix seconds, in the store's text form (so text order is time order), compared
+    by `op` with stored times (whole seconds) as with the instant itself: a time between two seconds is the later
+    one for `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
+    if UNIX_SECONDS.fullmatch(text):
+        return utc_text(within_range(f"filter_by: {field}", int(text), text))
     moment = read_rfc3339(text)
     if moment is None:
-        raise InvalidQuery(f"filter_by: {field} needs an RFC 3339 time{plus_hint(text)}, got {text[:40]!r}")
+        raise InvalidQuery(
+            f"filter_by: {field} needs an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}"
+        )
     seconds = int(moment.replace(microsecond=0).timestamp()) + (moment.microsecond > 0 and op in (">=", "<"))
     within_range(f"filter_by: {field}", seconds, text)
     if moment.microsecond and op == ":":
@@ -2282,7 +2291,6 @@ KEPT_WIDTHS = (3_600, 86_400)  # the candle widths store.sql keeps
 HISTORY_PARAMS = ("interval", "from", "to", "source", "limit", "cursor", "format")
 HISTORY_LIMIT = 1_000
 RAW_WINDOW = 86_400  # the default window of raw points; candles: 100 intervals
-UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}")
 
 
 class HistoryCursor(msgspec.Struct, array_like=True, frozen=True):
@@ -2352,9 +2360,7 @@ def parse_moment(name: str, text: str, rounding: Callable[[float], int] = math.c
         return within_range(name, int(text), text)
     moment = read_rfc3339(text)
     if moment is None:
-        milliseconds = text.isdigit() and 12 <= len(text) <= 14
-        hint = plus_hint(text) or (" (Unix seconds, not milliseconds)" if milliseconds else "")
-        raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{hint}, got {text[:40]!r}")
+        raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}")
     return within_range(name, rounding(moment.timestamp()), text)
 
 
@@ -2456,7 +2462,7 @@ def read_history(
         source = listings[0][1]  # the stored name, as every point gives it
     ids = [listing[0] for listing in listings]
     end = query.end if query.end is not None else newest_observation(conn, ids) + 1
-    start = query.start if query.start is not None else end - (query.width * 100 or RAW_WINDOW)
+    start = query.start if query.start is not None else max(FIRST_SECOND, end - (query.width * 100 or RAW_WINDOW))
     if start > end:
         raise InvalidQuery(f"from: {utc_text(start)} is after to, {utc_text(end)} (the default: just after the newest"
                            " observation)")  # fmt: skip
@@ -3288,14 +3294,12 @@ SELECT scope, runs, successes, partials, failures, rows_read, rows_loaded, rows_
 FROM run_totals ORDER BY scope
 """
 RUNNING_SQL = """
-SELECT '' AS scope, count(*) AS runs, sum(rows_read) AS rows_read, sum(rows_loaded) AS rows_loaded,
-       sum(rows_rejected) AS rows_rejected
-FROM etl_run WHERE status = 'running'
+SELECT run_id, '' AS scope, started_at, rows_read, rows_loaded, rows_rejected FROM etl_run WHERE status = 'running'
 UNION ALL
-SELECT source, count(*), sum(rows_read), sum(rows_loaded), sum(rows_rejected) FROM run_source
-WHERE run_id IN (SELECT run_id FROM etl_run WHERE status = 'running') AND status = 'running' GROUP BY source
+SELECT run_id, source, started_at, rows_read, rows_loaded, rows_rejected FROM run_source
+WHERE run_id IN (SELECT run_id FROM etl_run WHERE status = 'running') AND status = 'running'
 """
-COUNTS = ("runs", "rows_read", "rows_loaded", "rows_rejected")  # what a running run adds so far
+COUNTS = ("rows_read", "rows_loaded", "rows_rejected")  # what a running run adds so far
 NO_RUNS = {
     **dict.fromkeys(("runs", "successes", "partials", "failures", "rows_read", "rows_loaded", "rows_rejected"), 0),
     **dict.fromkeys(("last_success_at", "last_failure_at", "last_error", "avg_duration_ms")),
@@ -3381,18 +3385,35 @@ class RunHistoryResource(KeptResource):
         super().__init__(store, answers)
         self.replica = replica
 
-    def answer_of(self, commit: Commit, rows: RunRows, body: Callable[[list[Run]], msgspec.Struct]) -> Answer:
-        runs = rows.records(live=rows.running and run_is_live(self.store, self.replica))
+    def live(self, rows: RunRows) -> bool:
+        """Whether the newest run, recorded as running, still runs."""
+        return rows.running and run_is_live(self.store, self.replica)
+
+    def answer_of(
+        self, commit: Commit, rows: RunRows, body: Callable[[list[Run]], msgspec.Struct], live: bool | None = None
+    ) -> Answer:
+        """The answer of `body` over the runs; `live`: self.live(rows), when the caller has judged it already."""
+        runs = rows.records(live=self.live(rows) if live is None else live)
         return Answer(commit.number, encode(body(runs)), until=0.0 if rows.running else math.inf)
 
 
-def run_totals(finished: Sequence[dict[str, Any]], running: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Totals by scope ('' overall, else a source): the finished runs' sums, and what the running ones read so far."""
+def run_totals(
+    finished: Sequence[dict[str, Any]], running: Sequence[dict[str, Any]], live_run: int | None
+) -> dict[str, dict[str, Any]]:
+    """Totals by scope ('' overall, else a source): the finished runs' sums, and what the ones recorded as running
+    read so far. Of those, all but `live_run` (the newest, while its process holds the writer lock) are failures
+    with DIED's error, as GET /runs reads them: such a run is the newest its scope has, and its start the last
+    moment known of it (the next run records the moment it finds it)."""
     totals = {"": dict(NO_RUNS)} | {row.pop("scope"): row for row in finished}
     for row in running:
         scope = totals.setdefault(row["scope"], dict(NO_RUNS))
+        scope["runs"] += 1
         for count in COUNTS:
             scope[count] += row[count] or 0
+        if row["run_id"] != live_run:
+            scope["failures"] += 1
+            scope["last_failure_at"] = max(scope["last_failure_at"] or row["started_at"], row["started_at"])
+            scope["last_error"] = DIED["error"]
     return totals
 
 
@@ -3400,11 +3421,15 @@ class StatsResource(RunHistoryResource):
     """GET /stats: ETL outcomes overall, per source, and the last runs."""
 
     async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
-        def read(conn: sqlite3.Connection, version: DataVersion) -> tuple[dict[str, dict[str, Any]], RunRows]:
-            totals = run_totals(dict_rows(conn.execute(TOTALS_SQL)), dict_rows(conn.execute(RUNNING_SQL)))
-            return totals, RunRows.read(conn, version, dict_rows(conn.execute(RUNS_SQL, (RECENT_RUNS,))))
+        def read(
+            conn: sqlite3.Connection, version: DataVersion
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], RunRows]:
+            finished, running = dict_rows(conn.execute(TOTALS_SQL)), dict_rows(conn.execute(RUNNING_SQL))
+            return finished, running, RunRows.read(conn, version, dict_rows(conn.execute(RUNS_SQL, (RECENT_RUNS,))))
 
-        totals, rows = await self.store.read(read)
+        finished, running, rows = await self.store.read(read)
+        live = self.live(rows)
+        totals = run_totals(finished, running, rows.newest if live else None)
         return self.answer_of(
             commit,
             rows,
@@ -3414,6 +3439,7 @@ class StatsResource(RunHistoryResource):
                 sources=[SourceTotals(source=source, **row) for source, row in sorted(totals.items())],
                 recent_runs=runs,
             ),
+            live,
         )
 
 
@@ -3721,7 +3747,7 @@ FILTER_GRAMMAR_TEXT = f"""Comma-separated conditions; all must hold.
 
 - `field:value` equals; on text it ignores case, and `a|b` means either.
 - `field~text` contains, ignoring case (text fields only).
-- `>`, `>=`, `<`, `<=` compare numbers and `updated_at` (an RFC 3339 time or date).
+- `>`, `>=`, `<`, `<=` compare numbers and `updated_at` (an RFC 3339 time or date, or Unix seconds).
 - Text fields: {", ".join(TEXT_FIELDS)}. Number fields: {", ".join(NUMBER_FIELDS)}. Time: updated_at.
 - Field names and bare statuses are lower-case; plain spaces may surround conditions.
 - At most {MAX_CONDITIONS} conditions; a `~` takes at most {MAX_CONTAINS} alternatives, each of at most
@@ -4732,12 +4758,19 @@ class FrontDoor:
 
 
 class RouteLabel:
-    """Tell the front door which route template Falcon matched: the label of the request's metrics."""
+    """Tell the front door the route template of the request's path, the label of its metrics and log line: the
+    one Falcon matched, or for a request refused before routing (RateLimit's 429) the one its path matches."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
 
     async def process_response(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, req_succeeded: bool
     ) -> None:
-        req.scope[ROUTE] = req.uri_template
+        template = req.uri_template
+        if template is None and (found := self.router.find(req.path)) is not None:
+            template = found[3]
+        req.scope[ROUTE] = template
 
 
 def offered_api_key(req: falcon.asgi.Request) -> str:
@@ -5018,7 +5051,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.monotonic) -> F
     app = falcon.asgi.App(
         router=router,
         middleware=[
-            RouteLabel(),
+            RouteLabel(router),
             *guards,
             QueryParameters(),
             Compression(),

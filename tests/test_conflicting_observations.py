@@ -40,6 +40,36 @@ def test_a_second_observation_of_one_instant_with_other_values_is_rejected_namin
     assert query(db, "SELECT price_usd, updated_at FROM asset") == [(100.0, "2026-11-25T12:00:00Z")]
 
 
+def test_a_second_row_of_one_instant_under_another_symbol_or_name_is_rejected_naming_both(tmp_path: Path) -> None:
+    """Such a row, its values the same, was counted read and dropped without a word: the listing kept the first
+    row's symbol and name, and nothing said another was given for that instant."""
+    feed = tmp_path / "feed.csv"
+    feed.write_text(
+        HEADER
+        + "bitcoin,BTC,Bitcoin,100,2026-11-25T12:00:00Z\n"
+        + "bitcoin,btc,Bitcoin,100,2026-11-25T13:00:00+01:00\n"  # the same symbol once upper-cased: the same
+        + "bitcoin,XBT,Bitcoin,100,2026-11-25T12:00:00Z\n"
+        + "bitcoin,BTC,Bitcoin Two,100,2026-11-25T12:00:00Z\n"
+        + "bitcoin,BTC,Bitcoin Two,101,2026-11-25T12:00:00.400Z\n"
+        + "bitcoin,XBT,Bitcoin Two,100,2026-11-25T12:05:00Z\n"  # a later instant: the listing is renamed
+    )
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = last_run(db)
+    assert (run["status"], run["rows_read"], run["rows_loaded"], run["rows_rejected"]) == ("partial", 6, 2, 3)
+    first = "another observation of bitcoin at 2026-11-25T12:00:00Z, from line 2 of this input, was loaded first:"
+    assert query(db, "SELECT line, reason FROM reject ORDER BY line") == [
+        (4, f'{first} symbol "BTC" kept, "XBT" here'),
+        (5, f'{first} name "Bitcoin" kept, "Bitcoin Two" here'),
+        (6, f'{first} price_usd 100.0 kept, 101.0 here, name "Bitcoin" kept, "Bitcoin Two" here'),
+    ]
+    assert query(db, "SELECT symbol, name FROM source_map") == [("XBT", "Bitcoin Two")]
+    assert query(db, "SELECT observed_at, price_usd FROM raw_observation ORDER BY 1") == [
+        (1795608000, 100.0), (1795608300, 100.0)
+    ]  # fmt: skip
+
+
 def test_a_corrected_file_loaded_again_keeps_what_was_loaded_and_says_which_rows_differ(tmp_path: Path) -> None:
     """The same source's file rewritten with another value for a time already loaded: that row is rejected (the
     store's history does not change under its candles), its new rows load, and an unchanged row is no reject."""

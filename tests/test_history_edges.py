@@ -157,6 +157,21 @@ def test_a_far_time_is_a_400_naming_its_parameter_or_an_answer_in_rfc3339(live_s
                 assert RFC3339_UTC.fullmatch(window["from"]) and RFC3339_UTC.fullmatch(window["to"]), window
 
 
+def test_the_window_a_history_echoes_is_one_the_api_reads_back(live_server: Any, store_path: Path) -> None:
+    """A default from 100 intervals before an early `to` was echoed from 1969 ('1969-09-23T00:00:00Z' for to=0 and
+    1d), a time every parameter refuses: the window starts at Unix time 0 at the earliest."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    for interval in ("raw", "5m", "1h", "1d"):
+        for end in ("0", "1", "3600", "1970-01-01T01:00:00Z"):
+            status, _, body = server.get(f"/data/bitcoin/history?interval={interval}&to={end}")
+            assert status == 200, (interval, end, body[:300])
+            window = json.loads(body)
+            assert window["from"] == "1970-01-01T00:00:00Z", (interval, end, window)
+            again = f"/data/bitcoin/history?interval={interval}&from={window['from']}&to={window['to']}"
+            status, _, body = server.get(again)
+            assert status == 200 and json.loads(body)["from"] == window["from"], (again, body[:300])
+
+
 def test_a_leap_second_is_read_as_rfc3339_allows(live_server: Any, store_path: Path) -> None:
     server = live_server(store_path, LOG_LEVEL="warning")
     for path, name in TIME_PARAMETERS:

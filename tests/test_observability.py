@@ -180,6 +180,28 @@ def test_every_request_has_its_line_at_a_clean_shutdown(live_server: Any, store_
         assert line["duration_ms"] >= 0 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"])
 
 
+def test_a_rate_limited_request_is_counted_and_logged_under_its_route(live_server: Any, store_path: Path) -> None:
+    server = live_server(store_path, LOG_LEVEL="info", KASPARRO_RATE_LIMIT="1")
+    paths = {"/data": "/data", "/data/bitcoin": "/data/{asset_id}", "/runs/1": "/runs/{run_id}"}
+    limited: dict[str, str] = {}  # request id -> the route template of its path
+    for path, template in paths.items():
+        for _ in range(20):  # a burst of 2 at 1 a second: a 429 comes within a few requests
+            status, headers, _ = http_get(server.base, path)
+            if status == 429:
+                limited[headers["x-request-id"]] = template
+                break
+        assert limited and template in limited.values(), path
+    scraped = samples(server.get("/metrics")[2].decode())
+    for template in paths.values():
+        assert count(scraped, template, "429") == 1, template
+    assert count(scraped, "unmatched", "429") == 0
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=10)
+    lines = [json.loads(line) for line in server.output.read_text().splitlines() if line.startswith("{")]
+    routes = {line["request_id"]: line["route"] for line in lines if line["event"] == "request"}
+    assert {request_id: routes[request_id] for request_id in limited} == limited
+
+
 def test_lines_are_held_for_one_turn_of_the_loop_at_most() -> None:
     stream = io.BytesIO()
     lines = LogLines(stream)

@@ -168,6 +168,26 @@ def test_an_updated_at_bound_with_a_fraction_compares_at_that_instant(
             assert got == expected, (route, op)
 
 
+def test_an_updated_at_bound_in_unix_seconds_is_that_moment(live_server: Any, store_path: Path) -> None:
+    """as_of, from and to read Unix seconds, but filter_by=updated_at>1795608000 was a 400 needing RFC 3339."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    for seconds, moment in (("1795607999", "2026-11-25T11:59:59Z"), ("1795608000", "2026-11-25T12:00:00Z")):
+        for op in (">", ">=", "<", "<=", ":"):
+            for route in ROUTES:
+                status, _, body = server.get(with_filter(route, f"updated_at{op}{seconds}"))
+                assert status == 200, (route, op, body[:300])
+                assert asset_ids(server, with_filter(route, f"updated_at{op}{seconds}")) == asset_ids(
+                    server, with_filter(route, f"updated_at{op}{moment}")
+                ), (route, op, seconds)
+    assert problem(server, "/data?filter_by=updated_at>soon") == (
+        "filter_by: updated_at needs an RFC 3339 time or Unix seconds, got 'soon'"
+    )
+    assert problem(server, "/data?filter_by=updated_at>1795608000000") == (
+        "filter_by: updated_at needs an RFC 3339 time or Unix seconds (Unix seconds, not milliseconds),"
+        " got '1795608000000'"
+    )
+
+
 def test_a_csv_number_is_written_as_in_json_whatever_its_neighbours(
     live_server: Any, store_path: Path, sample_assets: list[dict[str, Any]]
 ) -> None:

@@ -454,6 +454,18 @@ def test_a_load_failing_midway_leaves_every_index(upstream, tmp_path):
     assert indexes(db) == set(etl.schema_indexes())
 
 
+def test_a_first_load_says_it_built_the_indexes_not_that_it_restored_them(tmp_path):
+    """A fresh store's first run logged 'indexes restored', as if a killed run had left it broken."""
+    feed = write_csv(tmp_path / "feed.csv", 300)
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert events(result, "indexes restored") == []
+    (built,) = events(result, "indexes built")
+    assert built["indexes"] == sorted(etl.sort_indexes()) and built["source"] == "csv:feed"
+    assert indexes(db) == set(etl.schema_indexes())
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
 def test_a_stopped_load_leaves_the_indexes_to_the_start_of_the_next_run(tmp_path, stop):
     feed = write_csv(tmp_path / "big.csv", 30_000)

@@ -138,6 +138,57 @@ def test_a_run_whose_process_is_gone_reads_failed_and_a_live_one_running(live_se
     assert (found["status"], found["error"]) == ("failed", f"{DIED}; found by run 3")
 
 
+def test_a_store_named_through_a_symlink_has_the_one_writer_lock(live_server: Any, tmp_path: Path) -> None:
+    """The lock file was named after the path given, not the file: a run given a symlink to the store took another
+    lock, wrote beside the running one and recorded it 'died ... found by run N' while it ran; an API given the
+    symlink read a running run as failed."""
+    (tmp_path / "data").mkdir()
+    db, link, market = tmp_path / "data" / "kasparro.db", tmp_path / "link.db", tmp_path / "market.csv"
+    link.symlink_to(db)
+    etl_ok(db, f"csv:{market_csv(market, 5, minute=1)}")
+    conn = etl.connect(db, busy_timeout=5)
+    try:
+        etl.start_run(conn, [etl.CsvSource(market)])  # run 2, recorded running; its process holds the lock below
+    finally:
+        conn.close()
+    server = live_server(link, LOG_LEVEL="warning")
+    with writer_lock_held(db):
+        result = run_etl(link, f"csv:{market_csv(tmp_path / 'other.csv', 5, minute=2)}")
+        assert result.returncode == etl.EXIT_LOCKED, result.stderr + result.stdout
+        assert [run["status"] for run in get_json(server, "/runs")["runs"]] == ["running", "success"]
+        assert get_json(server, "/health")["etl_status"] == "running"
+    with writer_lock_held(link):
+        assert run_etl(db, f"csv:{market}").returncode == etl.EXIT_LOCKED
+    assert not (tmp_path / "link.db.etl-lock").exists()
+
+
+def test_stats_count_a_run_whose_process_is_gone_as_a_failure(live_server: Any, tmp_path: Path) -> None:
+    """/stats listed such a run as failed in recent_runs while its totals counted it in runs alone: failures 0,
+    last_error and last_failure_at null, beside /health's etl_status 'failed', until the next run recorded it."""
+    db, market = tmp_path / "kasparro.db", tmp_path / "market.csv"
+    etl_ok(db, f"csv:{market_csv(market, 5, minute=1)}")
+    conn = etl.connect(db, busy_timeout=5)
+    try:
+        etl.start_run(conn, [etl.CsvSource(market)])  # recorded running; no process runs it
+    finally:
+        conn.close()
+    server = live_server(db, LOG_LEVEL="warning")
+    assert get_json(server, "/health")["etl_status"] == "failed"
+    stats = get_json(server, "/stats")
+    (source,) = stats["sources"]
+    for totals in (stats["overall"], source):
+        assert (totals["runs"], totals["successes"], totals["failures"]) == (2, 1, 1), totals
+        assert totals["last_error"] == DIED and totals["last_failure_at"] == stats["recent_runs"][0]["started_at"]
+    with writer_lock_held(db):  # its process runs: counted, neither a success nor a failure yet
+        for totals in (get_json(server, "/stats")["overall"], get_json(server, "/stats")["sources"][0]):
+            assert (totals["runs"], totals["successes"], totals["failures"], totals["last_error"]) == (2, 1, 0, None)
+    etl_ok(db, f"csv:{market_csv(market, 5, minute=2)}")  # the next run records it: the same counts, and its own
+    stats = get_json(server, "/stats")
+    for totals in (stats["overall"], stats["sources"][0]):
+        assert (totals["runs"], totals["successes"], totals["failures"]) == (3, 2, 1), totals
+        assert totals["last_error"] == f"{DIED}; found by run 3"
+
+
 def test_compare_sets_two_runs_side_by_side_and_flags_the_anomalies(live_server: Any, steady: Path) -> None:
     server = live_server(steady, LOG_LEVEL="warning")
     runs = {run.run_id: run for run in msgspec.json.decode(server.get("/runs?limit=100")[2], type=RunList).runs}

@@ -178,6 +178,29 @@ def test_a_body_in_a_coding_the_etl_does_not_read_fails_naming_it(upstream: Any,
     assert len(upstream.requests) == 1  # not fetched again: it would come back the same
 
 
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (Reply(301, b"", {"Location": "https://api.example/api/v3/coins/markets?x_cg_demo_api_key=secret"}),
+         "answered HTTP 301, a redirect to https://api.example/api/v3/coins/markets?x_cg_demo_api_key=***, which"
+         " the ETL does not follow: set KASPARRO_COINGECKO_URL to the address it moved to"),
+        (Reply(302, b"<a>elsewhere</a>"), "answered HTTP 302, a redirect to no address (no Location header),"
+         " which the ETL does not follow: set KASPARRO_COINGECKO_URL to the address it moved to"),
+        (Reply(204, b""), "answered HTTP 204 with an empty body"),
+        (Reply(404, b'{"error": "not found"}'), 'answered HTTP 404: {"error": "not found"}'),
+    ],
+    ids=["301", "302-no-location", "204-empty", "404-body"],
+)  # fmt: skip
+def test_an_answer_other_than_200_says_what_it_was(upstream: Any, tmp_path: Path, reply: Reply, reason: str) -> None:
+    """A redirect read 'answered HTTP 301: ' (its empty body after the colon), not where it pointed: an http:// base
+    URL that the upstream moves to https:// failed every run without saying so."""
+    upstream.route(COINGECKO_MARKETS, reply)
+    db = tmp_path / "store.db"
+    error = fails_clearly(etl_against(upstream, db, "coingecko"), db)
+    assert error.endswith(f"/api/v3/coins/markets?vs_currency=usd&order=market_cap_desc&per_page=250&page=1 {reason}")
+    assert len(upstream.requests) == 1  # not retried: it would come back the same
+
+
 # --- not JSON -------------------------------------------------------------------------
 
 
