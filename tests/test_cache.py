@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -304,6 +306,34 @@ def test_an_answer_is_kept_when_read_a_second_time(store_path: Path) -> None:
             await store.close()
 
     asyncio.run(main())
+
+
+# What the worker holds from its startup is out of the collector's way.
+STARTED_WORKER = """
+import asyncio, gc, sys
+from pathlib import Path
+import falcon.testing
+import kasparro
+
+async def main():
+    app = kasparro.create_app(kasparro.Config(db=Path(sys.argv[1]), log_level="warning"))
+    born = {id(o) for o in gc.get_objects()}
+    async with falcon.testing.ASGIConductor(app):  # the ASGI lifespan's startup, as uvicorn sends it
+        print(sum(id(o) in born for o in gc.get_objects()), gc.get_freeze_count(), len(born))
+
+asyncio.run(main())
+"""
+
+
+def test_what_a_worker_holds_from_its_startup_is_frozen_out_of_the_collector(store_path: Path) -> None:
+    """Full collections do not walk the modules, the app and its documents again and again (each walk stops the
+    event loop): the lifespan's startup freezes them, once a process."""
+    done = subprocess.run(
+        [sys.executable, "-c", STARTED_WORKER, str(store_path)], capture_output=True, text=True, check=True
+    )
+    left, frozen, born = map(int, done.stdout.split())
+    assert born > 10_000  # the objects the collector tracked before the startup
+    assert (left, frozen > born // 2) == (0, True), done.stdout  # tracked no more: frozen, or collected
 
 
 # --- one read per answer and commit ------------------------------------------
