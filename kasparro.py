@@ -2034,7 +2034,8 @@ SELECT i.asset_id, i.n, i.source, i.special, i.pinned, i.symbol, i.name, r.listi
        r.change_24h_pct
 FROM identity.listing i
 LEFT JOIN main.raw_observation r ON r.listing_id = i.listing_id AND r.observed_at = CASE WHEN i.raw_before <= ?1 THEN
-    (SELECT max(observed_at) FROM main.raw_observation WHERE listing_id = i.listing_id AND observed_at <= ?1) END
+    (SELECT observed_at FROM main.raw_observation WHERE listing_id = i.listing_id AND observed_at <= ?1
+     ORDER BY observed_at DESC LIMIT 1) END
 LEFT JOIN main.candle h ON h.listing_id = i.listing_id AND h.width = 3600
     AND h.t = {latest_candle_sql(3600, "r.listing_id IS NULL AND i.hourly_before <= ?1")}
 LEFT JOIN main.candle d ON d.listing_id = i.listing_id AND d.width = 86400
@@ -2082,9 +2083,14 @@ SELECT a.asset_id, j.value AS source, a.updated_at AS observed_at FROM temp.asse
 """
 MARKET_ASSETS_KEPT = 100_000  # assets in the markets a commit keeps, in all
 # A market is built in this many parts at once, each a range of assets holding about as many listings, each in a
-# connection and thread of its own (SQLite lets go of the GIL while it works), then copied into one: a build's
-# time is its CPU divided among the machine's cores. A part's temp database comes back serialized.
+# connection (MarketBuilders) and thread of its own (SQLite lets go of the GIL while it works), then copied into
+# one: a build's time is its CPU divided among the machine's cores. A part's temp database comes back serialized.
 MARKET_PARTS = max(1, min(4, os.cpu_count() or 1))
+# The page caches of the connections that build parts, in all (each has its share): a build reads a page of every
+# listing's history (~16,000-24,000 pages of 4 KiB at 15,000 listings), and a moment near one built before finds
+# most of them there instead of reading each from the file (a pread). Held while a commit lasts: its Markets'
+# connections close with it.
+MARKET_CACHE_KIB = 131_072
 MARKET_BUILDERS = concurrent.futures.ThreadPoolExecutor(max(1, MARKET_PARTS - 1), thread_name_prefix="market")
 
 
@@ -2150,70 +2156,130 @@ def make_identity(conn: sqlite3.Connection, version: DataVersion) -> MarketIdent
     return MarketIdentity(version, conn.serialize(name="identity"), tuple(zip(firsts, lasts, strict=True)))
 
 
-def build_part(uri: str, as_of: int, identity: MarketIdentity, part: tuple[str, str]) -> tuple[bytes, int]:
-    """One part of the market at `as_of` (its temp database, serialized) and its assets; MarketMoved when the
+class MarketBuilders:
+    """Connections to the store at `uri` that build the parts of markets (market_connection), kept between the builds
+    of one commit (Markets): a kept one has its identity attached already and the store's pages it read last in its
+    page cache (its share of MARKET_CACHE_KIB; SQLite empties it itself when the store has changed since). One is
+    kept idle per part of a market (by its number in MarketIdentity.parts), so that it reads the same listings'
+    pages build after build; one whose work failed is closed."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.idle: dict[int, tuple[sqlite3.Connection, MarketIdentity | None]] = {}  # and the identity attached
+        self.lock = threading.Lock()
+
+    def take(self, identity: MarketIdentity | None, number: int) -> sqlite3.Connection:
+        """The idle connection that built part `number` last, with `identity` attached (when not None), else a new
+        one."""
+        with self.lock:
+            conn, attached = self.idle.pop(number, (None, None))
+        if conn is None:
+            conn = market_connection(self.uri, identity)
+            conn.execute(f"PRAGMA cache_size = -{MARKET_CACHE_KIB // MARKET_PARTS}")
+        elif identity is not None and attached is not identity:
+            conn.deserialize(identity.pages, name="identity")
+        return conn
+
+    def keep(self, conn: sqlite3.Connection, identity: MarketIdentity, number: int) -> None:
+        """`conn` (out of its transaction, `identity` attached) idle again after building part `number`, its rows
+        emptied; closed if another is idle for that part already."""
+        conn.execute("DELETE FROM temp.asset")
+        with self.lock:
+            if number not in self.idle:
+                self.idle[number] = (conn, identity)
+                return
+        conn.close()
+
+
+def unify_part(conn: sqlite3.Connection, as_of: int, part: tuple[str, str]) -> tuple[bytes, int]:
+    """One part of the market at `as_of` made in `conn`, in its read transaction, which it ends: the part's temp
+    database (serialized) and its assets."""
+    assets = conn.execute(MARKET_UNIFY, (as_of, *part)).rowcount
+    conn.execute("COMMIT")
+    return conn.serialize(name="temp"), assets
+
+
+def build_part(builders: MarketBuilders, as_of: int, identity: MarketIdentity, number: int) -> tuple[bytes, int]:
+    """Part `number` of the market at `as_of` (its temp database, serialized) and its assets; MarketMoved when the
     store is no longer at the identity's version."""
-    conn = market_connection(uri, identity)
+    conn = builders.take(identity, number)
     try:
         conn.execute("BEGIN")
         if read_version(conn) != identity.version:
             raise MarketMoved
-        assets = conn.execute(MARKET_UNIFY, (as_of, *part)).rowcount
-        conn.execute("COMMIT")
-        return conn.serialize(name="temp"), assets
-    finally:
+        made = unify_part(conn, as_of, identity.parts[number])
+    except BaseException:
         conn.close()
+        raise
+    builders.keep(conn, identity, number)
+    return made
 
 
-def build_market(uri: str, as_of: int, identity: MarketIdentity | None) -> tuple[Market, MarketIdentity]:
-    """The market at `as_of` (Unix seconds) as the store at `uri` (read-only) keeps it now, and the identity it was
-    built from (`identity` when that is of the store's version now, else made afresh). Its first part is built in
-    the calling thread, the others at once in MARKET_BUILDERS; one read at another version (the ETL committed
-    in between) builds it again."""
+def build_market(
+    builders: MarketBuilders, as_of: int, identity: MarketIdentity | None
+) -> tuple[Market, MarketIdentity]:
+    """The market at `as_of` (Unix seconds) as the store of `builders` keeps it now, and the identity it was built
+    from (`identity` when that is of the store's version now, else made afresh). Its first part is built in the
+    calling thread, the others at once in MARKET_BUILDERS, each in a connection of `builders`; the parts are then
+    copied into a connection of the market's own. One read at another version (the ETL committed in between)
+    builds it again."""
     while True:
-        conn = market_connection(uri, identity)
+        conn = builders.take(identity, 0)
         others: list[concurrent.futures.Future[tuple[bytes, int]]] = []
         try:
             conn.execute("BEGIN")
             version = read_version(conn)
             if identity is None or identity.version != version:
                 identity = make_identity(conn, version)
-            others = [MARKET_BUILDERS.submit(build_part, uri, as_of, identity, part) for part in identity.parts[1:]]
-            assets = sum(conn.execute(MARKET_UNIFY, (as_of, *part)).rowcount for part in identity.parts[:1])
-            conn.execute("COMMIT")
-            conn.execute("DETACH DATABASE identity")  # its copy is not kept with the market
-            for other in others:
-                pages, count = other.result()
-                conn.execute("ATTACH ':memory:' AS part")
-                conn.deserialize(pages, name="part")
-                conn.execute("INSERT INTO temp.asset SELECT * FROM part.asset")
-                conn.execute("DETACH DATABASE part")
-                assets += count
-            conn.execute(MARKET_SOURCES)
+            others = [
+                MARKET_BUILDERS.submit(build_part, builders, as_of, identity, number)
+                for number in range(1, len(identity.parts))
+            ]
+            parts = [unify_part(conn, as_of, identity.parts[0])]
         except BaseException as error:
+            conn.close()
             for other in others:
                 other.cancel()
             concurrent.futures.wait(others)
-            conn.close()
             if isinstance(error, MarketMoved):
                 continue  # read the store anew: its version, and the identity of it
             raise
-        return Market(conn, version, assets, Commit(0, version)), identity
+        builders.keep(conn, identity, 0)
+        market = market_connection(builders.uri, None)
+        try:
+            market.execute("DETACH DATABASE identity")  # the market needs none
+            parts += [other.result() for other in others]
+            for pages, _ in parts:
+                market.execute("ATTACH ':memory:' AS part")
+                market.deserialize(pages, name="part")
+                market.execute("INSERT INTO temp.asset SELECT * FROM part.asset")
+                market.execute("DETACH DATABASE part")
+            market.execute(MARKET_SOURCES)
+        except BaseException as error:
+            market.close()
+            concurrent.futures.wait(others)
+            if isinstance(error, MarketMoved):
+                continue  # as above
+            raise
+        assets = sum(count for _, count in parts)
+        return Market(market, version, assets, Commit(0, version)), identity
 
 
 class Markets:
-    """The markets of the moments read lately at one commit, least recently used out first, up to
-    MARKET_ASSETS_KEPT assets in all (a larger one is not kept), and the identity they are built from. A moment's
-    market is built once however many requests ask for it at once; other moments' are built meanwhile. One let go
-    is closed when the last read of it ends (its connection is freed with it)."""
+    """The markets of the moments read lately at one commit of the store at `uri`, least recently used out first, up
+    to MARKET_ASSETS_KEPT assets in all (a larger one is not kept), the identity they are built from and the
+    connections that build them. A moment's market is built once however many requests ask for it at once; other
+    moments' are built meanwhile. One let go is closed when the last read of it ends (its connection is freed with
+    it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, uri: str) -> None:
         self.kept: OrderedDict[int, Market] = OrderedDict()
         self.building: dict[int, threading.Lock] = {}
         self.identity: MarketIdentity | None = None
+        self.builders = MarketBuilders(uri)
         self.lock = threading.Lock()  # over kept, building and identity
 
-    def get(self, uri: str, as_of: int, version: DataVersion) -> Market:
+    def get(self, as_of: int, version: DataVersion) -> Market:
         """The market at `as_of`, kept if it was built from the store at `version`."""
         with self.lock:
             building = self.building.setdefault(as_of, threading.Lock())
@@ -2225,7 +2291,7 @@ class Markets:
                     return market
                 identity = self.identity
             try:
-                market, identity = build_market(uri, as_of, identity)
+                market, identity = build_market(self.builders, as_of, identity)
             except BaseException:
                 with self.lock:
                     self.building.pop(as_of, None)
@@ -2244,7 +2310,8 @@ class Markets:
 
 def market_at(uri: str, as_of: int, commit: Commit) -> Market:
     """The market at `as_of`, built from the store at `uri` unless `commit` keeps it (call in a reader's thread)."""
-    return commit.facts.setdefault("markets", Markets()).get(uri, as_of, commit.version)
+    markets = commit.facts.get("markets") or commit.facts.setdefault("markets", Markets(uri))
+    return markets.get(as_of, commit.version)
 
 
 def read_page_as_of(uri: str, query: AssetQuery, commit: Commit) -> AssetPage:
