@@ -1989,23 +1989,28 @@ MARKET_ASSET = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'a
 # per version (MARKET_IDENTITY) and copied into each build's connection as an attached in-memory database
 # (deserialize: a copy of its pages), a build reads it in key order instead of seeking source_map and listing for
 # every listing. n numbers the listings asset by asset in the order of etl.unify's tie-break (source, source id);
-# special marks the listings of an asset with a listing pinned by hand or two listings in one source.
+# special marks the listings of an asset with a listing pinned by hand or two listings in one source;
+# asset_listings and asset_sources are the asset's listings and their sources (a JSON array in n's order): an asset
+# not special whose listings all have a state has those sources.
 MARKET_IDENTITY = (
     """
 CREATE TABLE identity.listing (
     asset_id TEXT NOT NULL, n INTEGER NOT NULL, listing_id INTEGER NOT NULL, raw_before INTEGER NOT NULL,
     hourly_before INTEGER NOT NULL, source TEXT NOT NULL, special INTEGER NOT NULL, pinned INTEGER NOT NULL,
-    symbol TEXT, name TEXT, status TEXT,
+    symbol TEXT, name TEXT, status TEXT, asset_listings INTEGER NOT NULL, asset_sources TEXT NOT NULL,
     PRIMARY KEY (asset_id, n)
 ) WITHOUT ROWID
 """,
     """
 INSERT INTO identity.listing
 SELECT m.asset_id, row_number() OVER (ORDER BY m.asset_id, m.source, m.source_id), l.listing_id, l.raw_before,
-       l.hourly_before, m.source, a.special, m.pinned, m.symbol, m.name, m.status
+       l.hourly_before, m.source, a.special, m.pinned, m.symbol, m.name, m.status, count(*) OVER asset,
+       json_group_array(m.source) OVER asset
 FROM main.source_map m CROSS JOIN main.listing l ON l.source = m.source AND l.source_id = m.source_id
 JOIN (SELECT asset_id, count(*) > count(DISTINCT source) OR max(pinned) AS special
       FROM main.source_map GROUP BY asset_id) a ON a.asset_id = m.asset_id
+WINDOW asset AS (PARTITION BY m.asset_id ORDER BY m.source, m.source_id
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
 """,
 )
 
@@ -2023,7 +2028,8 @@ def latest_candle_sql(width: int, looked_for: str) -> str:
 # an earlier tier (the CASEs leave the later joins' keys NULL, which SQLite does not seek). observed_at is in Unix
 # seconds.
 MARKET_STATES = f"""
-SELECT i.asset_id, i.n, i.source, i.special, i.pinned, i.symbol, i.name, r.listing_id AS raw,
+SELECT i.asset_id, i.n, i.source, i.special, i.pinned, i.symbol, i.name, i.asset_listings, i.asset_sources,
+       r.listing_id AS raw,
        iif(r.listing_id IS NULL, i.status, iif(r.active, 'active', 'inactive')) AS status,
        coalesce(r.observed_at, h.last_at, d.last_at) AS observed_at, r.rank,
        iif(r.listing_id IS NULL, coalesce(h.close, d.close), r.price_usd) AS price_usd,
@@ -2057,9 +2063,10 @@ def newest_listing_sql(column: str) -> str:
 # etl.unify as the states are read, asset by asset (the identity's key order, so no sort): the one max() gives the
 # row of the newest listing not pinned by hand (else the newest), and SQLite takes the group's other bare columns
 # (symbol, name, status, numbers, time) from that row. With no pin and no source listing the asset twice (not
-# special), that row is the newest and its sources arrive in the key's order, sorted and distinct; then its
-# number is the asset's unless it has none while another listing is there (that may have one: rank and change
-# only raw observations have); only then, or for a special asset, are the asset's states read again.
+# special), that row is the newest and its sources are sorted and distinct: the identity's when all its listings
+# have a state. Then its number is the asset's unless it has none while another listing is there (that may have
+# one: rank and change only raw observations have); only then, for a special asset, or for the sources of one
+# with a listing that has no state yet, are the asset's states read again.
 MARKET_NUMBERS = {"rank": " AND raws", "price_usd": "", "market_cap_usd": "", "volume_24h_usd": "",
                   "change_24h_pct": " AND raws"}  # fmt: skip
 MARKET_UNIFY = f"""
@@ -2068,11 +2075,12 @@ INSERT INTO temp.asset (asset_id, symbol, name, rank, price_usd, market_cap_usd,
 SELECT asset_id, symbol, name,
        {", ".join(f"iif(special OR ({c} IS NULL AND listings > 1{raw}), {newest_listing_sql(c)}, {c})"
                   for c, raw in MARKET_NUMBERS.items())},
-       status, iif(special, {asset_states_sql("json_group_array(DISTINCT s.source)")}, sources),
+       status, iif(special OR listings < asset_listings, {asset_states_sql("json_group_array(DISTINCT s.source)")},
+                   asset_sources),
        strftime('%Y-%m-%dT%H:%M:%SZ', iif(special, {asset_states_sql("max(s.observed_at)")}, observed_at), 'unixepoch')
 FROM (SELECT asset_id, max(iif(pinned, 0, 1 << 62) + (observed_at << 30) - n), symbol, name, status, observed_at,
-             {", ".join(MARKET_NUMBERS)}, special, count(*) AS listings, count(raw) AS raws,
-             json_group_array(source) AS sources
+             {", ".join(MARKET_NUMBERS)}, special, count(*) AS listings, count(raw) AS raws, asset_listings,
+             asset_sources
       FROM ({MARKET_STATES}) GROUP BY asset_id) g
 """  # fmt: skip
 # /data's source filter reads source_map (asset_id, source, observed_at not null): the market's is its assets'

@@ -380,6 +380,17 @@ def by_name(client: Any, db: Path, instant: int, kind: str) -> list[dict[str, An
     return body.json["data"]
 
 
+def test_an_asset_with_a_listing_not_yet_observed_has_its_observed_sources(clients: Any,
+                                                                          stores: dict[str, Path]) -> None:  # fmt: skip
+    """Bitcoin is listed by both sources; before the second one's first observation (kept raw), its record has the
+    first source alone, not the two the identity knows of."""
+    firsts = sorted(min(o.t for o in SEEN if o.source_id == source_id) for source_id in ("a-bitcoin", "b-bitcoin"))
+    assert firsts[0] < firsts[1]
+    for instant in (firsts[0], firsts[1] - 1, firsts[1]):
+        (bitcoin,) = (r for r in by_name(clients["kept"], stores["kept"], instant, "kept") if r["symbol"] == "BTC")
+        assert len(bitcoin["sources"]) == (2 if instant == firsts[1] else 1)
+
+
 def tied(*source_ids: str) -> list[int]:
     """The times at which every one of these listings was observed."""
     return sorted(set.intersection(*({o.t for o in SEEN if o.source_id == sid} for sid in source_ids)))
