@@ -2009,23 +2009,28 @@ MARKET_ASSET = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'a
 # per version (MARKET_IDENTITY) and copied into each build's connection as an attached in-memory database
 # (deserialize: a copy of its pages), a build reads it in key order instead of seeking source_map and listing for
 # every listing. n numbers the listings asset by asset in the order of etl.unify's tie-break (source, source id);
-# special marks the listings of an asset with a listing pinned by hand or two listings in one source.
+# special marks the listings of an asset with a listing pinned by hand or two listings in one source;
+# asset_listings and asset_sources are the asset's listings and their sources (a JSON array in n's order): an asset
+# not special whose listings all have a state has those sources.
 MARKET_IDENTITY = (
     """
 CREATE TABLE identity.listing (
     asset_id TEXT NOT NULL, n INTEGER NOT NULL, listing_id INTEGER NOT NULL, raw_before INTEGER NOT NULL,
     hourly_before INTEGER NOT NULL, source TEXT NOT NULL, special INTEGER NOT NULL, pinned INTEGER NOT NULL,
-    symbol TEXT, name TEXT, status TEXT,
+    symbol TEXT, name TEXT, status TEXT, asset_listings INTEGER NOT NULL, asset_sources TEXT NOT NULL,
     PRIMARY KEY (asset_id, n)
 ) WITHOUT ROWID
 """,
     """
 INSERT INTO identity.listing
 SELECT m.asset_id, row_number() OVER (ORDER BY m.asset_id, m.source, m.source_id), l.listing_id, l.raw_before,
-       l.hourly_before, m.source, a.special, m.pinned, m.symbol, m.name, m.status
+       l.hourly_before, m.source, a.special, m.pinned, m.symbol, m.name, m.status, count(*) OVER asset,
+       json_group_array(m.source) OVER asset
 FROM main.source_map m CROSS JOIN main.listing l ON l.source = m.source AND l.source_id = m.source_id
 JOIN (SELECT asset_id, count(*) > count(DISTINCT source) OR max(pinned) AS special
       FROM main.source_map GROUP BY asset_id) a ON a.asset_id = m.asset_id
+WINDOW asset AS (PARTITION BY m.asset_id ORDER BY m.source, m.source_id
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
 """,
 )
 
@@ -2043,7 +2048,8 @@ def latest_candle_sql(width: int, looked_for: str) -> str:
 # an earlier tier (the CASEs leave the later joins' keys NULL, which SQLite does not seek). observed_at is in Unix
 # seconds.
 MARKET_STATES = f"""
-SELECT i.asset_id, i.n, i.source, i.special, i.pinned, i.symbol, i.name, r.listing_id AS raw,
+SELECT i.asset_id, i.n, i.source, i.special, i.pinned, i.symbol, i.name, i.asset_listings, i.asset_sources,
+       r.listing_id AS raw,
        iif(r.listing_id IS NULL, i.status, iif(r.active, 'active', 'inactive')) AS status,
        coalesce(r.observed_at, h.last_at, d.last_at) AS observed_at, r.rank,
        iif(r.listing_id IS NULL, coalesce(h.close, d.close), r.price_usd) AS price_usd,
@@ -2054,7 +2060,8 @@ SELECT i.asset_id, i.n, i.source, i.special, i.pinned, i.symbol, i.name, r.listi
        r.change_24h_pct
 FROM identity.listing i
 LEFT JOIN main.raw_observation r ON r.listing_id = i.listing_id AND r.observed_at = CASE WHEN i.raw_before <= ?1 THEN
-    (SELECT max(observed_at) FROM main.raw_observation WHERE listing_id = i.listing_id AND observed_at <= ?1) END
+    (SELECT observed_at FROM main.raw_observation WHERE listing_id = i.listing_id AND observed_at <= ?1
+     ORDER BY observed_at DESC LIMIT 1) END
 LEFT JOIN main.candle h ON h.listing_id = i.listing_id AND h.width = 3600
     AND h.t = {latest_candle_sql(3600, "r.listing_id IS NULL AND i.hourly_before <= ?1")}
 LEFT JOIN main.candle d ON d.listing_id = i.listing_id AND d.width = 86400
@@ -2076,9 +2083,10 @@ def newest_listing_sql(column: str) -> str:
 # etl.unify as the states are read, asset by asset (the identity's key order, so no sort): the one max() gives the
 # row of the newest listing not pinned by hand (else the newest), and SQLite takes the group's other bare columns
 # (symbol, name, status, numbers, time) from that row. With no pin and no source listing the asset twice (not
-# special), that row is the newest and its sources arrive in the key's order, sorted and distinct; then its
-# number is the asset's unless it has none while another listing is there (that may have one: rank and change
-# only raw observations have); only then, or for a special asset, are the asset's states read again.
+# special), that row is the newest and its sources are sorted and distinct: the identity's when all its listings
+# have a state. Then its number is the asset's unless it has none while another listing is there (that may have
+# one: rank and change only raw observations have); only then, for a special asset, or for the sources of one
+# with a listing that has no state yet, are the asset's states read again.
 MARKET_NUMBERS = {"rank": " AND raws", "price_usd": "", "market_cap_usd": "", "volume_24h_usd": "",
                   "change_24h_pct": " AND raws"}  # fmt: skip
 MARKET_UNIFY = f"""
@@ -2087,11 +2095,12 @@ INSERT INTO temp.asset (asset_id, symbol, name, rank, price_usd, market_cap_usd,
 SELECT asset_id, symbol, name,
        {", ".join(f"iif(special OR ({c} IS NULL AND listings > 1{raw}), {newest_listing_sql(c)}, {c})"
                   for c, raw in MARKET_NUMBERS.items())},
-       status, iif(special, {asset_states_sql("json_group_array(DISTINCT s.source)")}, sources),
+       status, iif(special OR listings < asset_listings, {asset_states_sql("json_group_array(DISTINCT s.source)")},
+                   asset_sources),
        strftime('%Y-%m-%dT%H:%M:%SZ', iif(special, {asset_states_sql("max(s.observed_at)")}, observed_at), 'unixepoch')
 FROM (SELECT asset_id, max(iif(pinned, 0, 1 << 62) + (observed_at << 30) - n), symbol, name, status, observed_at,
-             {", ".join(MARKET_NUMBERS)}, special, count(*) AS listings, count(raw) AS raws,
-             json_group_array(source) AS sources
+             {", ".join(MARKET_NUMBERS)}, special, count(*) AS listings, count(raw) AS raws, asset_listings,
+             asset_sources
       FROM ({MARKET_STATES}) GROUP BY asset_id) g
 """  # fmt: skip
 # /data's source filter reads source_map (asset_id, source, observed_at not null): the market's is its assets'
@@ -2102,9 +2111,14 @@ SELECT a.asset_id, j.value AS source, a.updated_at AS observed_at FROM temp.asse
 """
 MARKET_ASSETS_KEPT = 100_000  # assets in the markets a commit keeps, in all
 # A market is built in this many parts at once, each a range of assets holding about as many listings, each in a
-# connection and thread of its own (SQLite lets go of the GIL while it works), then copied into one: a build's
-# time is its CPU divided among the machine's cores. A part's temp database comes back serialized.
+# connection (MarketBuilders) and thread of its own (SQLite lets go of the GIL while it works), then copied into
+# one: a build's time is its CPU divided among the machine's cores. A part's temp database comes back serialized.
 MARKET_PARTS = max(1, min(4, os.cpu_count() or 1))
+# The page caches of the connections that build parts, in all (each has its share): a build reads a page of every
+# listing's history (~16,000-24,000 pages of 4 KiB at 15,000 listings), and a moment near one built before finds
+# most of them there instead of reading each from the file (a pread). Held while a commit lasts: its Markets'
+# connections close with it.
+MARKET_CACHE_KIB = 131_072
 MARKET_BUILDERS = concurrent.futures.ThreadPoolExecutor(max(1, MARKET_PARTS - 1), thread_name_prefix="market")
 
 
@@ -2170,70 +2184,130 @@ def make_identity(conn: sqlite3.Connection, version: DataVersion) -> MarketIdent
     return MarketIdentity(version, conn.serialize(name="identity"), tuple(zip(firsts, lasts, strict=True)))
 
 
-def build_part(uri: str, as_of: int, identity: MarketIdentity, part: tuple[str, str]) -> tuple[bytes, int]:
-    """One part of the market at `as_of` (its temp database, serialized) and its assets; MarketMoved when the
+class MarketBuilders:
+    """Connections to the store at `uri` that build the parts of markets (market_connection), kept between the builds
+    of one commit (Markets): a kept one has its identity attached already and the store's pages it read last in its
+    page cache (its share of MARKET_CACHE_KIB; SQLite empties it itself when the store has changed since). One is
+    kept idle per part of a market (by its number in MarketIdentity.parts), so that it reads the same listings'
+    pages build after build; one whose work failed is closed."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.idle: dict[int, tuple[sqlite3.Connection, MarketIdentity | None]] = {}  # and the identity attached
+        self.lock = threading.Lock()
+
+    def take(self, identity: MarketIdentity | None, number: int) -> sqlite3.Connection:
+        """The idle connection that built part `number` last, with `identity` attached (when not None), else a new
+        one."""
+        with self.lock:
+            conn, attached = self.idle.pop(number, (None, None))
+        if conn is None:
+            conn = market_connection(self.uri, identity)
+            conn.execute(f"PRAGMA cache_size = -{MARKET_CACHE_KIB // MARKET_PARTS}")
+        elif identity is not None and attached is not identity:
+            conn.deserialize(identity.pages, name="identity")
+        return conn
+
+    def keep(self, conn: sqlite3.Connection, identity: MarketIdentity, number: int) -> None:
+        """`conn` (out of its transaction, `identity` attached) idle again after building part `number`, its rows
+        emptied; closed if another is idle for that part already."""
+        conn.execute("DELETE FROM temp.asset")
+        with self.lock:
+            if number not in self.idle:
+                self.idle[number] = (conn, identity)
+                return
+        conn.close()
+
+
+def unify_part(conn: sqlite3.Connection, as_of: int, part: tuple[str, str]) -> tuple[bytes, int]:
+    """One part of the market at `as_of` made in `conn`, in its read transaction, which it ends: the part's temp
+    database (serialized) and its assets."""
+    assets = conn.execute(MARKET_UNIFY, (as_of, *part)).rowcount
+    conn.execute("COMMIT")
+    return conn.serialize(name="temp"), assets
+
+
+def build_part(builders: MarketBuilders, as_of: int, identity: MarketIdentity, number: int) -> tuple[bytes, int]:
+    """Part `number` of the market at `as_of` (its temp database, serialized) and its assets; MarketMoved when the
     store is no longer at the identity's version."""
-    conn = market_connection(uri, identity)
+    conn = builders.take(identity, number)
     try:
         conn.execute("BEGIN")
         if read_version(conn) != identity.version:
             raise MarketMoved
-        assets = conn.execute(MARKET_UNIFY, (as_of, *part)).rowcount
-        conn.execute("COMMIT")
-        return conn.serialize(name="temp"), assets
-    finally:
+        made = unify_part(conn, as_of, identity.parts[number])
+    except BaseException:
         conn.close()
+        raise
+    builders.keep(conn, identity, number)
+    return made
 
 
-def build_market(uri: str, as_of: int, identity: MarketIdentity | None) -> tuple[Market, MarketIdentity]:
-    """The market at `as_of` (Unix seconds) as the store at `uri` (read-only) keeps it now, and the identity it was
-    built from (`identity` when that is of the store's version now, else made afresh). Its first part is built in
-    the calling thread, the others at once in MARKET_BUILDERS; one read at another version (the ETL committed
-    in between) builds it again."""
+def build_market(
+    builders: MarketBuilders, as_of: int, identity: MarketIdentity | None
+) -> tuple[Market, MarketIdentity]:
+    """The market at `as_of` (Unix seconds) as the store of `builders` keeps it now, and the identity it was built
+    from (`identity` when that is of the store's version now, else made afresh). Its first part is built in the
+    calling thread, the others at once in MARKET_BUILDERS, each in a connection of `builders`; the parts are then
+    copied into a connection of the market's own. One read at another version (the ETL committed in between)
+    builds it again."""
     while True:
-        conn = market_connection(uri, identity)
+        conn = builders.take(identity, 0)
         others: list[concurrent.futures.Future[tuple[bytes, int]]] = []
         try:
             conn.execute("BEGIN")
             version = read_version(conn)
             if identity is None or identity.version != version:
                 identity = make_identity(conn, version)
-            others = [MARKET_BUILDERS.submit(build_part, uri, as_of, identity, part) for part in identity.parts[1:]]
-            assets = sum(conn.execute(MARKET_UNIFY, (as_of, *part)).rowcount for part in identity.parts[:1])
-            conn.execute("COMMIT")
-            conn.execute("DETACH DATABASE identity")  # its copy is not kept with the market
-            for other in others:
-                pages, count = other.result()
-                conn.execute("ATTACH ':memory:' AS part")
-                conn.deserialize(pages, name="part")
-                conn.execute("INSERT INTO temp.asset SELECT * FROM part.asset")
-                conn.execute("DETACH DATABASE part")
-                assets += count
-            conn.execute(MARKET_SOURCES)
+            others = [
+                MARKET_BUILDERS.submit(build_part, builders, as_of, identity, number)
+                for number in range(1, len(identity.parts))
+            ]
+            parts = [unify_part(conn, as_of, identity.parts[0])]
         except BaseException as error:
+            conn.close()
             for other in others:
                 other.cancel()
             concurrent.futures.wait(others)
-            conn.close()
             if isinstance(error, MarketMoved):
                 continue  # read the store anew: its version, and the identity of it
             raise
-        return Market(conn, version, assets, Commit(0, version)), identity
+        builders.keep(conn, identity, 0)
+        market = market_connection(builders.uri, None)
+        try:
+            market.execute("DETACH DATABASE identity")  # the market needs none
+            parts += [other.result() for other in others]
+            for pages, _ in parts:
+                market.execute("ATTACH ':memory:' AS part")
+                market.deserialize(pages, name="part")
+                market.execute("INSERT INTO temp.asset SELECT * FROM part.asset")
+                market.execute("DETACH DATABASE part")
+            market.execute(MARKET_SOURCES)
+        except BaseException as error:
+            market.close()
+            concurrent.futures.wait(others)
+            if isinstance(error, MarketMoved):
+                continue  # as above
+            raise
+        assets = sum(count for _, count in parts)
+        return Market(market, version, assets, Commit(0, version)), identity
 
 
 class Markets:
-    """The markets of the moments read lately at one commit, least recently used out first, up to
-    MARKET_ASSETS_KEPT assets in all (a larger one is not kept), and the identity they are built from. A moment's
-    market is built once however many requests ask for it at once; other moments' are built meanwhile. One let go
-    is closed when the last read of it ends (its connection is freed with it)."""
+    """The markets of the moments read lately at one commit of the store at `uri`, least recently used out first, up
+    to MARKET_ASSETS_KEPT assets in all (a larger one is not kept), the identity they are built from and the
+    connections that build them. A moment's market is built once however many requests ask for it at once; other
+    moments' are built meanwhile. One let go is closed when the last read of it ends (its connection is freed with
+    it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, uri: str) -> None:
         self.kept: OrderedDict[int, Market] = OrderedDict()
         self.building: dict[int, threading.Lock] = {}
         self.identity: MarketIdentity | None = None
+        self.builders = MarketBuilders(uri)
         self.lock = threading.Lock()  # over kept, building and identity
 
-    def get(self, uri: str, as_of: int, version: DataVersion) -> Market:
+    def get(self, as_of: int, version: DataVersion) -> Market:
         """The market at `as_of`, kept if it was built from the store at `version`."""
         with self.lock:
             building = self.building.setdefault(as_of, threading.Lock())
@@ -2245,7 +2319,7 @@ class Markets:
                     return market
                 identity = self.identity
             try:
-                market, identity = build_market(uri, as_of, identity)
+                market, identity = build_market(self.builders, as_of, identity)
             except BaseException:
                 with self.lock:
                     self.building.pop(as_of, None)
@@ -2264,7 +2338,8 @@ class Markets:
 
 def market_at(uri: str, as_of: int, commit: Commit) -> Market:
     """The market at `as_of`, built from the store at `uri` unless `commit` keeps it (call in a reader's thread)."""
-    return commit.facts.setdefault("markets", Markets()).get(uri, as_of, commit.version)
+    markets = commit.facts.get("markets") or commit.facts.setdefault("markets", Markets(uri))
+    return markets.get(as_of, commit.version)
 
 
 def read_page_as_of(uri: str, query: AssetQuery, commit: Commit) -> AssetPage:

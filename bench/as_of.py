@@ -10,7 +10,9 @@ reads one leaf page either way.)
 
 Then, in process, it times build_market and the first page of /data?as_of=&page_size=100 over its market
 (time.process_time: CPU, which other work on the machine moves less than wall time) at distinct moments
-in each tier: inside raw retention, in the hourly tier, months back in the daily tier. `--api` also runs
+in each tier: inside raw retention, in the hourly tier, months back in the daily tier, with the read system
+calls each made (the pages its connections' caches did not hold); `--counted` adds the instructions a build
+costs (valgrind cachegrind: figures other work on the machine does not move). `--api` also runs
 bench/history.py's /data?as_of= scenarios under wrk on this store, beside the bare ASGI ceiling.
 """
 
@@ -21,6 +23,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import history  # noqa: E402
+import history_reads  # noqa: E402
 
 import etl  # noqa: E402
 import kasparro  # noqa: E402
@@ -81,9 +85,15 @@ def build_store(db: Path, listings: int, end: int) -> None:
           f" {history.tiers(db)}", flush=True)  # fmt: skip
 
 
-def time_builds(db: Path, builds: int) -> None:
-    """CPU (all threads) and wall time of build_market plus the first page over it, at `builds` distinct moments in
-    each tier; the first build also makes the identity a data version's builds share, and is shown apart."""
+def read_calls() -> int:
+    """The read system calls this process has made (pread: a page SQLite did not have in its cache)."""
+    return int(Path("/proc/self/io").read_text().split("syscr:")[1].split()[0])
+
+
+def time_builds(db: Path, builds: int, tiers: Sequence[tuple[str, int]] = TIERS) -> None:
+    """CPU (all threads), wall time and read system calls of build_market plus the first page over it, at `builds`
+    distinct moments in each of `tiers`, one MarketBuilders for all as in a worker between two commits; the first
+    build also makes the identity a data version's builds share, and is shown apart."""
     uri = f"file:{db.resolve()}?mode=ro"
     conn = etl.sqlite3.connect(db)
     try:
@@ -92,31 +102,43 @@ def time_builds(db: Path, builds: int) -> None:
     finally:
         conn.close()
     rng = random.Random(17)
-    identity = None
-    for tier, back in TIERS:
-        seconds, walls = [], []
+    builders, identity = kasparro.MarketBuilders(uri), None
+    for tier, back in tiers:
+        seconds, walls, reads = [], [], []
         for _ in range(builds + (identity is None)):
             as_of = newest - back - rng.randrange(SHIFT)
             query = kasparro.AssetQuery(as_of=as_of, page_size=100)
-            started, wall = time.process_time(), time.perf_counter()
-            market, made = kasparro.build_market(uri, as_of, identity)
+            started, wall, calls = time.process_time(), time.perf_counter(), read_calls()
+            market, made = kasparro.build_market(builders, as_of, identity)
             page = kasparro.read_page(market.conn, market.version, query, market.commit)
             cpu, wall = time.process_time() - started, time.perf_counter() - wall
+            calls = read_calls() - calls
             market.conn.close()
             assert page.total_items * len(history.SOURCES) == listings, (page.total_items, tier)
             if identity is None:
-                print(f"first build, with the identity: CPU {cpu * 1e3:.1f} ms", flush=True)
+                print(f"first build, with the identity: CPU {cpu * 1e3:.1f} ms, {calls:,} reads", flush=True)
                 identity = made
             else:
                 seconds.append(cpu)
                 walls.append(wall)
+                reads.append(calls)
+        if not builds:
+            continue
         median = statistics.median(seconds)
         print(
             f"{tier}: build + first page, CPU median {median * 1e3:.1f} ms, max {max(seconds) * 1e3:.1f} ms"
             f" over {builds} moments: {median / listings * 1e6:.2f} us a listing ({listings:,}); wall median"
-            f" {statistics.median(walls) * 1e3:.1f} ms in {kasparro.MARKET_PARTS} parts at once",
+            f" {statistics.median(walls) * 1e3:.1f} ms in {kasparro.MARKET_PARTS} parts at once; reads median"
+            f" {statistics.median(reads):,.0f} (first {reads[0]:,})",
             flush=True,
         )
+
+
+def instructions(db: Path, tier: str, builds: int) -> int:
+    """Instructions (valgrind's I refs) of a child that makes the identity and then `builds` builds in `tier`."""
+    return history_reads.cachegrind(
+        [sys.executable, __file__, "--child", tier, "--db", str(db), "--builds", str(builds)]
+    )
 
 
 def main() -> None:
@@ -124,13 +146,25 @@ def main() -> None:
     parser.add_argument("--listings", type=int, default=15_000, help="listings in all (half per source)")
     parser.add_argument("--rebuild", action="store_true", help="build the store again even if one is there")
     parser.add_argument("--builds", type=int, default=20, help="moments timed in each tier")
+    parser.add_argument("--db", type=Path, help="time this store of a year's shape instead (bench-history's year.db)")
+    parser.add_argument(
+        "--counted", type=int, default=0, help="then valgrind's instructions a build: N builds minus none"
+    )
     parser.add_argument("--api", action="store_true", help="then wrk /data?as_of= against one uvicorn worker")
+    parser.add_argument("--child", choices=[tier for tier, _ in TIERS], help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    db = OUT / f"store-{args.listings}.db"
-    if args.rebuild or not db.exists():
+    db = args.db or OUT / f"store-{args.listings}.db"
+    if args.child:
+        time_builds(db, args.builds, [tier for tier in TIERS if tier[0] == args.child])
+        return
+    if args.db is None and (args.rebuild or not db.exists()):
         build_store(db, args.listings, (int(time.time()) - 4 * history.STEP) // history.STEP * history.STEP)
     time_builds(db, args.builds)
+    for tier, _ in TIERS if args.counted else ():
+        counted = instructions(db, tier, args.counted) - instructions(db, tier, 0)
+        print(f"{tier}: {counted / args.counted / 1e6:.1f} M instructions a build + first page (cachegrind,"
+              f" {args.counted} builds minus none)", flush=True)  # fmt: skip
     if args.api:
         history.measure_api(db, args.listings, [s for s in history.API_SCENARIOS if "as_of" in s[1]])
 

@@ -52,10 +52,15 @@ def measure(db: Path, coins: int, scenario: str, reads: int) -> list[float]:
 
 def instructions(db: Path, coins: int, scenario: str, reads: int) -> int:
     """Instructions (valgrind's I refs) of a child making `reads` reads."""
-    valgrind = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
     argv = [sys.executable, __file__, "--child", "--db", str(db), "--coins", str(coins), "--reads", str(reads)]
+    return cachegrind([*argv, "--scenario", scenario])
+
+
+def cachegrind(argv: list[str]) -> int:
+    """Instructions (valgrind's I refs) of running `argv`, with Python's hash seed fixed."""
+    valgrind = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
     done = subprocess.run(
-        [*valgrind, *argv, "--scenario", scenario],
+        [*valgrind, *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -380,6 +380,17 @@ def by_name(client: Any, db: Path, instant: int, kind: str) -> list[dict[str, An
     return body.json["data"]
 
 
+def test_an_asset_with_a_listing_not_yet_observed_has_its_observed_sources(clients: Any,
+                                                                          stores: dict[str, Path]) -> None:  # fmt: skip
+    """Bitcoin is listed by both sources; before the second one's first observation (kept raw), its record has the
+    first source alone, not the two the identity knows of."""
+    firsts = sorted(min(o.t for o in SEEN if o.source_id == source_id) for source_id in ("a-bitcoin", "b-bitcoin"))
+    assert firsts[0] < firsts[1]
+    for instant in (firsts[0], firsts[1] - 1, firsts[1]):
+        (bitcoin,) = (r for r in by_name(clients["kept"], stores["kept"], instant, "kept") if r["symbol"] == "BTC")
+        assert len(bitcoin["sources"]) == (2 if instant == firsts[1] else 1)
+
+
 def tied(*source_ids: str) -> list[int]:
     """The times at which every one of these listings was observed."""
     return sorted(set.intersection(*({o.t for o in SEEN if o.source_id == sid} for sid in source_ids)))
@@ -457,11 +468,12 @@ def market_rows(market: Any) -> list[tuple]:
 def test_a_market_built_in_parts_equals_the_brute_force(stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
                                                         kind: str, parts: int) -> None:  # fmt: skip
     """However many parts a market is built in at once (MARKET_PARTS follows the machine's cores), its assets are
-    the brute force's: none lost or repeated at a part's edge."""
+    the brute force's: none lost or repeated at a part's edge, and none left over from the moment its connections
+    built before."""
     monkeypatch.setattr(kasparro, "MARKET_PARTS", parts)
-    uri = f"file:{stores[kind]}?mode=ro"
+    builders, identity = kasparro.MarketBuilders(f"file:{stores[kind]}?mode=ro"), None
     for instant in (START + DAY // 2 + 4321, START + 2 * DAY + 777, START + 3 * DAY + 99):
-        market, identity = kasparro.build_market(uri, instant, None)
+        market, identity = kasparro.build_market(builders, instant, identity)
         try:
             bounds = [asset for part in identity.parts for asset in part]  # first <= last < next first
             assert bounds == sorted(bounds) and all(a < b for a, b in zip(bounds[1::2], bounds[2::2], strict=False))
@@ -482,7 +494,8 @@ def test_a_part_read_at_another_version_builds_the_market_again(stores: dict[str
     uri = f"file:{db}?mode=ro"
     monkeypatch.setattr(kasparro, "MARKET_PARTS", 2)
     instant = START + 2 * DAY + 777
-    before, identity = kasparro.build_market(uri, instant, None)
+    builders = kasparro.MarketBuilders(uri)
+    before, identity = kasparro.build_market(builders, instant, None)
     before_rows = market_rows(before)
     before.conn.close()
     real_part, commits = kasparro.build_part, []
@@ -496,12 +509,12 @@ def test_a_part_read_at_another_version_builds_the_market_again(stores: dict[str
         return real_part(*args)
 
     monkeypatch.setattr(kasparro, "build_part", part_after_a_commit)
-    market, again = kasparro.build_market(uri, instant, identity)
+    market, again = kasparro.build_market(builders, instant, identity)
     try:
         assert commits and market.version.generation == identity.version.generation + 1
         assert again.version == market.version != identity.version
         with pytest.raises(kasparro.MarketMoved):
-            real_part(uri, instant, identity, identity.parts[0])
+            real_part(builders, instant, identity, 0)
         assert market_rows(market) == before_rows
     finally:
         market.conn.close()
