@@ -164,7 +164,7 @@ def test_filter_grammar(client: Any, sample_assets: list[dict[str, Any]], filter
         ({"filter_by": "symbol:"}, "symbol"),
         ({"filter_by": "symbol:BTC|"}, "symbol"),
         ({"filter_by": "updated_at>yesterday"}, "updated_at"),
-        ({"filter_by": "updated_at>20261125"}, "updated_at"),
+        ({"filter_by": "updated_at>2026.11.25"}, "updated_at"),
         ({"filter_by": "updated_at<2026-W48"}, "updated_at"),
         ({"filter_by": "updated_at>=1764072000000"}, "updated_at"),
         ({"cursor": "not a cursor"}, "cursor"),
