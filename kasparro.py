@@ -3402,9 +3402,14 @@ RUNS_SQL = f"SELECT {RUN_COLUMNS} FROM etl_run ORDER BY run_id DESC LIMIT ?"
 RUN_SQL = f"SELECT {RUN_COLUMNS} FROM etl_run WHERE run_id = ?"
 NEWEST_RUN_SQL = "SELECT max(run_id) FROM etl_run"
 OUTCOMES_SQL = f"SELECT run_id, {OUTCOME_COLUMNS} FROM run_source WHERE run_id BETWEEN ? AND ? ORDER BY run_id, source"
+# etl.py's detail of a source it skipped because its input had not changed since a run that loaded it
+UNCHANGED = "unchanged since run "
+# The runs an anomaly is measured against: the source's earlier loads (finished, not failed, not skipped)
 PREVIOUS_SQL = f"""
 SELECT run_id, rows_read, rows_loaded, duration_ms FROM run_source
-WHERE source = ? AND run_id < ? AND status <> 'running' ORDER BY run_id DESC LIMIT {PREVIOUS_RUNS}
+WHERE source = ? AND run_id < ? AND status IN ('success', 'partial')
+  AND (detail IS NULL OR detail NOT LIKE '{UNCHANGED}%')
+ORDER BY run_id DESC LIMIT {PREVIOUS_RUNS}
 """
 JUDGED = ("rows_read", "rows_loaded", "duration_ms")
 COMPARED = ("rows_read", "rows_loaded", "rows_rejected", "duration_ms")
@@ -3600,7 +3605,8 @@ def compare_runs(
 
 
 def anomalies_of(run: Run, previous: Mapping[tuple[int, str], Sequence[dict[str, Any]]]) -> list[Anomaly]:
-    """The anomalies of each finished source of `run` against that source's previous finished runs (up to 10).
+    """The anomalies of each finished source of `run` against that source's previous loads (up to 10: runs that
+    neither failed nor skipped it for an unchanged input, which is not judged either).
 
     Rows read or loaded are anomalous when they differ from their median over those runs by more than half
     of it; the duration when it is over 3 times its median. A source with no previous run is not judged.
@@ -3608,7 +3614,7 @@ def anomalies_of(run: Run, previous: Mapping[tuple[int, str], Sequence[dict[str,
     found = []
     for part in run.outcomes:
         earlier = previous.get((run.run_id, part.source), ())
-        if part.status == "running" or not earlier:
+        if part.status == "running" or not earlier or (part.detail or "").startswith(UNCHANGED):
             continue
         for name in JUDGED:
             value = getattr(part, name)
@@ -3872,8 +3878,9 @@ COMPARE_TEXT = """Runs a and b side by side, per source of either run: each meas
 rejected, duration) in a, in b, and b minus a; the drift entries that appeared in b or disappeared from a.
 
 `anomalies` judges each of the two runs on its own (once when a = b), each finished source of it against
-that source's previous 10 finished runs, the ones before the run judged (fewer when there were fewer; a
-source with none is not judged):
+that source's previous 10 loads, the ones before the run judged (fewer when there were fewer; a source with
+none is not judged). A load is a run that neither failed nor skipped the source because its input was
+unchanged ("unchanged since run N"); such a skip is not judged either:
 
 - rows read or rows loaded that differ from their median over those runs by more than half of it;
 - a duration over 3 times its median (over the runs that recorded one).

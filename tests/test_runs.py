@@ -285,6 +285,31 @@ def test_the_anomaly_rule_at_its_bounds(
     assert flags(steady_run(len(previous) + 1, rows_read, duration_ms), previous) == flagged
 
 
+def test_anomalies_are_measured_against_loads_not_skips_or_failures(live_server: Any, tmp_path: Path) -> None:
+    """A cron job re-reading an unchanged file recorded runs of 0 rows: each was flagged, and they pulled the
+    medians later loads were judged against to 0."""
+    db, market = tmp_path / "kasparro.db", tmp_path / "market.csv"
+    for minute in range(3):  # runs 1-3: loads of 40 rows
+        etl_ok(db, f"csv:{market_csv(market, 40, minute)}")
+    for _ in range(3):  # runs 4-6: the file unchanged, skipped
+        etl_ok(db, f"csv:{market}")
+    market.write_text("id,symbol\n")  # run 7: failed (no name column), 0 rows
+    etl_ok(db, f"csv:{market}", code=etl.EXIT_FAILED)
+    etl_ok(db, f"csv:{market_csv(market, 4, minute=9)}")  # run 8: 4 rows
+    server = live_server(db, LOG_LEVEL="warning")
+    runs = {run.run_id: run for run in msgspec.json.decode(server.get("/runs")[2], type=RunList).runs}
+    assert [runs[n].outcomes[0].detail for n in (4, 5, 6)] == ["unchanged since run 3"] * 3
+    assert runs[7].status == "failed"
+    for skipped in (4, 5, 6):
+        compared = msgspec.json.decode(server.get(f"/runs/compare?a={skipped}&b={skipped}")[2], type=RunComparison)
+        assert compared.anomalies == [], skipped
+    compared = msgspec.json.decode(server.get("/runs/compare?a=7&b=8")[2], type=RunComparison)
+    found = {(anomaly.run_id, anomaly.measure): anomaly for anomaly in compared.anomalies}
+    assert set(found) == {(7, "rows_read"), (7, "rows_loaded"), (8, "rows_read"), (8, "rows_loaded")}
+    for anomaly in found.values():
+        assert (anomaly.median, anomaly.previous_runs, anomaly.previous_values) == (40.0, [3, 2, 1], [40, 40, 40])
+
+
 def test_unknown_runs_are_404_and_bad_parameters_400_naming_them(live_server: Any, history: Path) -> None:
     server = live_server(history, LOG_LEVEL="warning")
     assert "no run 5" in problem_detail(server, "/runs/5", 404)
