@@ -1227,7 +1227,7 @@ def page_batches(upstream: HttpSource, pages: Iterator[Page], intake: Intake) ->
                 batch.rejects.append((index, str(reason), raw_record))
             else:
                 batch.observations.append((index, *msgspec.structs.astuple(observation)))
-        ids = {row[1] for row in batch.observations}  # (index, source_id, ...)
+        ids = {row[STAGED_AT["source_id"]] for row in batch.observations}
         if raw.page > 1 and ids and ids <= read_ids:
             index -= batch.read
             yield Batch(end=ReadPosition(offset=raw.page - 1, line=index), final=True, repeated=True)
@@ -1662,6 +1662,8 @@ CREATE TEMP TABLE IF NOT EXISTS late (
 CREATE TEMP TABLE IF NOT EXISTS opening (listing_id INTEGER PRIMARY KEY, t INTEGER NOT NULL);
 """
 
+# A staged row: its line, then the Observation's fields (INSERT_STAGING's order); where each field sits in it.
+STAGED_AT = {name: 1 + at for at, name in enumerate(Observation.__struct_fields__)}
 INSERT_STAGING = """
 INSERT INTO temp.staging (line, source_id, symbol, name, name_key, rank, price_usd, market_cap_usd,
                           volume_24h_usd, change_24h_pct, status, observed_at)
@@ -1766,15 +1768,16 @@ def renamed_rows(observations: list[tuple]) -> dict[int, tuple[str, str]]:
     """Staged rows (INSERT_STAGING's tuples) by line that give a listing and second an earlier row of the batch
     gave under another symbol or name, each with that first row's symbol and name, which the listing takes. The
     history keeps no symbol or name (they are the listing's identity), so only rows of one batch are compared."""
-    listing_second = operator.itemgetter(1, 11)
+    listing_second = operator.itemgetter(STAGED_AT["source_id"], STAGED_AT["observed_at"])
     if len(set(map(listing_second, observations))) == len(observations):
         return {}  # no listing and second twice: the usual batch, checked without a Python loop
+    identity = operator.itemgetter(STAGED_AT["symbol"], STAGED_AT["name"])
     firsts: dict[tuple[str, str], tuple] = {}
     renamed = {}
     for row in observations:
         first = firsts.setdefault(listing_second(row), row)
-        if first[2:4] != row[2:4]:
-            renamed[row[0]] = first[2:4]
+        if identity(first) != identity(row):
+            renamed[row[0]] = identity(first)
     return renamed
 
 
