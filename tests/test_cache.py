@@ -317,9 +317,10 @@ import kasparro
 
 async def main():
     app = kasparro.create_app(kasparro.Config(db=Path(sys.argv[1]), log_level="warning"))
-    born = {id(o) for o in gc.get_objects()}
+    born = gc.get_objects()  # held: no object made later can take the address (id) of one of them
+    ids = {id(o) for o in born}
     async with falcon.testing.ASGIConductor(app):  # the ASGI lifespan's startup, as uvicorn sends it
-        print(sum(id(o) in born for o in gc.get_objects()), gc.get_freeze_count(), len(born))
+        print(sum(id(o) in ids for o in gc.get_objects()), gc.get_freeze_count(), len(born))
 
 asyncio.run(main())
 """
