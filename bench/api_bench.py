@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -231,9 +232,17 @@ def remove_store(db: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def require(*tools: str) -> None:
+    """Exit with the Debian packages to install when a tool a benchmark runs is not on PATH."""
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    if missing:
+        raise SystemExit(f"this benchmark runs {', '.join(missing)}: apt-get install -y {' '.join(missing)}")
+
+
 def build_store(rows: int, etl_dir: Path) -> tuple[Path, str]:
     """A store of `rows` generated assets loaded by the real etl.py, reused while etl.py is unchanged."""
     key = store_key(rows, etl_dir)
+    OUT.mkdir(parents=True, exist_ok=True)  # a fresh clone has no bench/out yet
     db = OUT / f"api-{key}.db"
     if db.exists():
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
@@ -692,6 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     for versus in {s.target.versus for s in chosen if s.target and s.target.versus} - {s.name for s in chosen}:
         chosen.append(BY_NAME[versus])  # a share of another scenario needs that one measured in the same run
     chosen.sort(key=SCENARIOS.index)
+    require("wrk")
 
     OUT.mkdir(parents=True, exist_ok=True)
     db, etl_note = build_store(args.rows, etl_source(args.etl_rev))

@@ -40,6 +40,7 @@ from api_bench import (
     build_store,
     etl_source,
     free_port,
+    require,
     sample_ids,
     wait_ready,
     zipf_ids,
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=5_000, help="lookups before a detail scenario's runs")
     parser.add_argument("--no-quiet", dest="quiet", action="store_false", help="skip the LOG_LEVEL=warning runs")
     args = parser.parse_args()
+    require("wrk", "valgrind")
     db, _ = build_store(args.rows, etl_source(None))
     env = {"KASPARRO_DB": str(db), "KASPARRO_ETL_MAX_AGE": str(10 * 365 * 86_400)}
     ids = {"sample": sample_ids(db, SAMPLE_IDS), "all": sample_ids(db, None), "zipf": zipf_ids(db)}

@@ -34,6 +34,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from api_bench import require
+
 from gen_csv import write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,6 +310,8 @@ def main() -> None:
     parser.add_argument("--skip-load", action="store_true", help="only the kill loop")
     parser.add_argument("--skip-kills", action="store_true", help="only the load during writes")
     args = parser.parse_args()
+    if not args.skip_load:
+        require("wrk")
     with tempfile.TemporaryDirectory(prefix="kasparro-soak-") as folder:
         work = Path(folder)
         if not args.skip_load:
