@@ -1792,7 +1792,7 @@ def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
 
 
 # Pages of /data at any depth. Reads run on the loop or in reader threads at once: what they keep is locked.
-BOOKMARK_EVERY = 1_000  # a deep page starts from the nearest bookmark, at most this many rows before it
+BOOKMARK_EVERY = 100  # a deep page starts from the nearest bookmark, at most this many rows before it
 COUNTS_KEPT = 4_096  # filters whose count a commit keeps
 SORT_VALUE = {field: Asset.__struct_fields__.index(field) for field in SORT_FIELDS}
 
@@ -1805,10 +1805,10 @@ class Bookmarks:
     served (so the first of the page after), by offset: a page next to one already served skips nothing.
     """
 
+    digest: str = ""  # of the query whose order this is
     marks: list[CursorToken] = field(default_factory=list)
     complete: bool = False
     page_ends: dict[int, CursorToken] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # over marks and complete
 
     def reaches(self, offset: int) -> bool:
         """Whether the row at `offset` is found without walking."""
@@ -1817,15 +1817,19 @@ class Bookmarks:
 
 class BookmarkSets:
     """The Bookmarks of the filter and sort orders read lately, least recently used out first: at most SETS
-    sets, and PAGE_ENDS page ends across all of them (~200 bytes each), whatever clients page through."""
+    sets, MARKS bookmarks and PAGE_ENDS page ends across all of them (~150 and ~200 bytes each), whatever
+    clients page through. A set being walked is never pushed out by its own walk: one order over more than
+    MARKS * BOOKMARK_EVERY rows holds the marks it needs."""
 
     SETS = 64
+    MARKS = 100_000
     PAGE_ENDS = 50_000
 
     def __init__(self) -> None:
         self.sets: OrderedDict[str, Bookmarks] = OrderedDict()  # by query digest
-        self.page_ends = 0  # across all sets
-        self._lock = threading.Lock()
+        self.marks = 0  # across all sets
+        self.page_ends = 0
+        self._lock = threading.Lock()  # over the sets, the totals and every set's marks and complete
 
     def get(self, digest: str) -> Bookmarks:
         with self._lock:
@@ -1834,20 +1838,43 @@ class BookmarkSets:
                 self.sets.move_to_end(digest)
                 return marks
             while len(self.sets) >= self.SETS:
-                self.page_ends -= len(self.sets.popitem(last=False)[1].page_ends)
-            marks = self.sets[digest] = Bookmarks()
+                self._drop_oldest()
+            marks = self.sets[digest] = Bookmarks(digest)
             return marks
 
     def peek(self, digest: str) -> Bookmarks | None:
         """The set if there is one, without counting it as used."""
         return self.sets.get(digest)
 
+    def found(self, marks: Bookmarks, known: int, row: CursorToken | None) -> None:
+        """The walk from mark `known` found the next mark at `row`, or (None) the end of the order. Nothing
+        changes when another walk got there first."""
+        with self._lock:
+            if len(marks.marks) != known or marks.complete:
+                return
+            if row is None:
+                marks.complete = True
+                return
+            marks.marks.append(row)
+            if self.sets.get(marks.digest) is not marks:  # pushed out meanwhile: it goes with its requests
+                return
+            self.marks += 1
+            while self.marks > self.MARKS and next(iter(self.sets)) != marks.digest:
+                self._drop_oldest()
+
     def page_served(self, marks: Bookmarks, offset: int, last: CursorToken) -> None:
         """Remember where the page after the one served at `offset` starts, while the budget lasts."""
         with self._lock:
-            if offset not in marks.page_ends and self.page_ends < self.PAGE_ENDS:
-                marks.page_ends[offset] = last
+            if offset in marks.page_ends or self.page_ends >= self.PAGE_ENDS:
+                return
+            marks.page_ends[offset] = last
+            if self.sets.get(marks.digest) is marks:
                 self.page_ends += 1
+
+    def _drop_oldest(self) -> None:
+        _, dropped = self.sets.popitem(last=False)
+        self.marks -= len(dropped.marks)
+        self.page_ends -= len(dropped.page_ends)
 
 
 def position_of(query: AssetQuery, row: tuple) -> CursorToken:
@@ -1858,7 +1885,7 @@ def position_of(query: AssetQuery, row: tuple) -> CursorToken:
 
 def page_fits_on_loop(query: AssetQuery, commit: Commit) -> bool:
     """Whether the page is a short index range at this commit: no filter (which may scan), its count known,
-    and at most BOOKMARK_EVERY rows to step over (~1,100 index entries: cheaper than a thread hop)."""
+    and at most BOOKMARK_EVERY rows to step over (cheaper than a thread hop)."""
     if query.conditions or query.filter_text not in commit.counts:
         return False
     if query.cursor or query.offset < BOOKMARK_EVERY:
@@ -1877,7 +1904,7 @@ def read_page(conn: sqlite3.Connection, version: DataVersion, query: AssetQuery,
     page_size, offset, skip, marks = query.page_size, query.offset, 0, None
     if after is None:
         marks = commit.bookmarks.get(query.digest)
-        after, skip = nearest_bookmark(conn, query, marks, offset)
+        after, skip = nearest_bookmark(conn, query, commit.bookmarks, marks, offset)
     rows = read_rows(conn, query, after, skip, page_size + 1)
     if marks is not None and len(rows) > page_size:
         commit.bookmarks.page_served(marks, offset + page_size, position_of(query, rows[page_size - 1]))
@@ -1916,7 +1943,7 @@ def count_assets(conn: sqlite3.Connection, query: AssetQuery, commit: Commit) ->
 
 
 def nearest_bookmark(
-    conn: sqlite3.Connection, query: AssetQuery, marks: Bookmarks, offset: int
+    conn: sqlite3.Connection, query: AssetQuery, bookmarks: BookmarkSets, marks: Bookmarks, offset: int
 ) -> tuple[CursorToken | None, int]:
     """The nearest bookmark at or before `offset` (walking to it as needed), and how many rows lie between."""
     served = marks.page_ends.get(offset)
@@ -1926,13 +1953,7 @@ def nearest_bookmark(
     while len(marks.marks) < wanted and not marks.complete:
         known = len(marks.marks)
         row = read_rows(conn, query, marks.marks[known - 1] if known else None, BOOKMARK_EVERY - 1, 1)
-        with marks.lock:
-            if len(marks.marks) != known:  # a read in another thread walked this far first
-                continue
-            if row:
-                marks.marks.append(position_of(query, row[0]))
-            else:
-                marks.complete = True
+        bookmarks.found(marks, known, position_of(query, row[0]) if row else None)
     found = min(wanted, len(marks.marks))
     if not found:
         return None, offset

@@ -231,6 +231,35 @@ def test_bookmark_sets_bound_their_page_ends_across_all_sets(monkeypatch: pytest
     assert (list(sets.sets), kept()) == (["rank", "price"], 3)
 
 
+def test_bookmark_sets_bound_their_marks_across_all_sets_but_the_one_walked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kasparro.BookmarkSets, "MARKS", 4)
+    sets = kasparro.BookmarkSets()
+
+    def walk(marks: kasparro.Bookmarks, count: int) -> None:
+        for n in range(count):
+            sets.found(marks, len(marks.marks), kasparro.CursorToken(marks.digest, False, n, f"asset-{n}"))
+
+    def kept() -> int:
+        assert sets.marks == sum(len(marks.marks) for marks in sets.sets.values())
+        return sets.marks
+
+    rank, name = sets.get("rank"), sets.get("name")
+    walk(rank, 3)
+    walk(name, 1)
+    sets.found(rank, 1, kasparro.CursorToken("rank", False, 9, "late"))  # another walk got past mark 1 first
+    assert (kept(), len(rank.marks), rank.marks[1].asset_id) == (4, 3, "asset-1")
+    walk(name, 1)  # a fifth mark pushes out the least recently used set
+    assert (list(sets.sets), kept()) == (["name"], 2)
+    walk(name, 5)  # the set walked keeps every mark it finds
+    assert (kept(), len(name.marks)) == (7, 7)
+    sets.found(name, 7, None)
+    assert name.complete and kept() == 7
+    walk(rank, 2)  # a set pushed out goes on with the requests holding it, counted nowhere
+    price = sets.get("price")
+    walk(price, 1)  # and a set walked past the budget is pushed out by the next one walked
+    assert (list(sets.sets), kept(), len(rank.marks), len(name.marks)) == (["price"], 1, 5, 7)
+
+
 def test_what_requests_learn_from_a_commit_is_dropped_with_it(store_path: Path, tmp_path: Path) -> None:
     """Counts, bookmarks and facts live in the Commit: a run's commit (even one with no new data) brings a new one."""
 
