@@ -1387,13 +1387,16 @@ MAX_CONTAINS_TEXT = 1_000  # characters of one `~` text
 ASSET_COLUMNS = ", ".join(Asset.__struct_fields__)  # in the order of the Struct, which is built from the row
 QUOTE_COLUMNS = ", ".join(Quote.__struct_fields__)
 # A page's rows are a thousand cells, and CPython 3.11's sqlite3 lets go of the GIL and takes it back around each
-# cell it converts itself (a third of the cost of reading them). A column named "x [decoded]" is converted by
-# DECODED_TEXT instead, which holds the GIL: the text columns that are never empty (an empty text would read None).
-DECODED_TEXT = "decoded"
+# cell it converts itself (a third of the cost of reading them). A column named "x [decoded]" or "x [whole]" is
+# converted by a converter instead, which holds the GIL: the text columns that are never empty (an empty text would
+# read None: the ETL refuses a missing symbol or name) and the rank (an integer, whose text is exact; a REAL's is not).
+DECODED_TEXT, WHOLE = "decoded", "whole"
 COLUMN_TYPES = sqlite3.PARSE_COLNAMES  # how the API's connections choose converters: by a column's name
 sqlite3.register_converter(DECODED_TEXT, bytes.decode)
-NEVER_EMPTY = frozenset({"asset_id", "status", "sources", "updated_at"})  # a slug, a CHECK, JSON, an RFC 3339 time
-PAGE_COLUMNS = ", ".join(f'{f} AS "{f} [{DECODED_TEXT}]"' if f in NEVER_EMPTY else f for f in Asset.__struct_fields__)
+sqlite3.register_converter(WHOLE, int)
+CONVERTED = {field: DECODED_TEXT for field in ("asset_id", "symbol", "name", "status", "sources", "updated_at")}
+CONVERTED["rank"] = WHOLE
+PAGE_COLUMNS = ", ".join(f'{f} AS "{f} [{CONVERTED[f]}]"' if f in CONVERTED else f for f in Asset.__struct_fields__)
 
 
 class InvalidQuery(Exception):

@@ -260,6 +260,19 @@ def test_bookmark_sets_bound_their_marks_across_all_sets_but_the_one_walked(monk
     assert (list(sets.sets), kept(), len(rank.marks), len(name.marks)) == (["price"], 1, 5, 7)
 
 
+def test_a_page_reads_through_its_converters_the_values_and_types_sqlite_stores(store_path: Path) -> None:
+    """PAGE_COLUMNS converts the rank and the never-empty texts itself (holding the GIL): the same cells as SQLite's."""
+    order = "ORDER BY rank IS NULL, rank, asset_id"
+    with sqlite3.connect(store_path, detect_types=kasparro.COLUMN_TYPES) as conn:
+        converted = conn.execute(f"SELECT {kasparro.PAGE_COLUMNS} FROM asset {order}").fetchall()
+    with sqlite3.connect(store_path) as conn:
+        plain = conn.execute(f"SELECT {kasparro.ASSET_COLUMNS} FROM asset {order}").fetchall()
+    assert len(converted) > 200 and any(row[3] is None for row in plain)  # unranked assets among them
+    assert [[(cell, type(cell)) for cell in row] for row in converted] == [
+        [(cell, type(cell)) for cell in row] for row in plain
+    ]
+
+
 def test_what_requests_learn_from_a_commit_is_dropped_with_it(store_path: Path, tmp_path: Path) -> None:
     """Counts, bookmarks and facts live in the Commit: a run's commit (even one with no new data) brings a new one."""
 
