@@ -1820,7 +1820,7 @@ class Bookmarks:
 
 class BookmarkSets:
     """The Bookmarks of the filter and sort orders read lately, least recently used out first: at most SETS
-    sets, MARKS bookmarks and PAGE_ENDS page ends across all of them (~150 and ~200 bytes each), whatever
+    sets, MARKS bookmarks and PAGE_ENDS page ends across all of them (~170 and ~200 bytes each), whatever
     clients page through. A set being walked is never pushed out by its own walk: one order over more than
     MARKS * BOOKMARK_EVERY rows holds the marks it needs."""
 
