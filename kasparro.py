@@ -1377,7 +1377,7 @@ CONDITION_PART = re.compile(f" *{CONDITION_SYNTAX} *")
 FILTER = re.compile(FILTER_SYNTAX)
 
 OPERATOR = re.compile(r">=|<=|[:~<>]")
-NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)  # re.ASCII: \d is 0-9 only
 # What one filter_by may ask, within SQLite's limits: each condition and each alternative of a `~` is a term of one
 # SQL expression (at most 1,000 deep), and each `~` text a LIKE pattern (at most 50,000 bytes). Stored names are at
 # most 200 characters and source names a file name's length, so a longer text matches nothing anyway.
@@ -1515,9 +1515,9 @@ def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
 
 
 def parse_int(name: str, text: str, low: int, high: int) -> int:
-    """A bounded integer parameter in plain decimal digits, or InvalidQuery naming it."""
+    """A bounded integer parameter in digits 0-9, or InvalidQuery naming it."""
     if not re.fullmatch(r"[0-9]{1,9}", text):
-        raise InvalidQuery(f"{name}: expected an integer from {low} to {high}, got {text[:40]!r}")
+        raise InvalidQuery(f"{name}: expected an integer from {low} to {high}{digits_hint(text)}, got {text[:40]!r}")
     value = int(text)
     if not low <= value <= high:
         raise InvalidQuery(f"{name}: must be from {low} to {high}, got {value}")
@@ -1592,19 +1592,19 @@ def parse_condition(text: str) -> Condition:
 def parse_number(field: str, text: str) -> float:
     value = float(text) if NUMBER.fullmatch(text) else math.nan
     if not math.isfinite(value):
-        raise InvalidQuery(f"filter_by: {field} needs a finite number, got {text[:40]!r}")
+        raise InvalidQuery(f"filter_by: {field} needs a finite number{digits_hint(text)}, got {text[:40]!r}")
     return value
 
 
 # RFC 3339's date and date-time (seconds and offset optional: UTC when none): fromisoformat alone also takes ISO 8601's
 # basic and week forms, which would read 1764072000000 (milliseconds) as 1764-07-20 and 2026-W48 as a date.
-RFC3339 = re.compile(r"\d{4}-\d\d-\d\d(?:[Tt ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:[Zz]|[+-]\d\d:\d\d)?)?")
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d(?:[Tt ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:[Zz]|[+-]\d\d:\d\d)?)?", re.ASCII)
 
 
 # RFC 3339's leap second (23:59:60) reads as the second before it: Unix seconds have none (etl.py does the same).
-LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.Zz+-]|$)")
+LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.Zz+-]|$)", re.ASCII)
 # A '+' written raw in a query string arrives as a space: 12:00:00 05:30 was 12:00:00+05:30.
-PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)")
+PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)", re.ASCII)
 # The times the API reads, in Unix seconds: from Unix time 0 to the last second RFC 3339 can write, so that none
 # overflows a datetime and every time it answers with (a history window's from and to) is RFC 3339.
 FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
@@ -1622,12 +1622,20 @@ def read_rfc3339(text: str) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def digits_hint(text: str) -> str:
+    """A hint for an unreadable number written in another script's digits (Arabic-Indic, fullwidth), which int()
+    and float() would read: '' for any other."""
+    return " (digits 0-9 only)" if any(char.isdigit() and not char.isascii() for char in text) else ""
+
+
 def time_hint(text: str) -> str:
-    """A hint for an unreadable time: its offset's '+' the URL turned into a space, or Unix milliseconds ('' for
-    any other)."""
+    """A hint for an unreadable time: digits other than 0-9, its offset's '+' the URL turned into a space, or Unix
+    milliseconds ('' for any other)."""
+    if digits_hint(text):
+        return digits_hint(text)
     if read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None:
         return " (a '+' in a URL reads as a space: write the offset's + as %2B)"
-    return " (Unix seconds, not milliseconds)" if text.isdigit() and 12 <= len(text) <= 14 else ""
+    return " (Unix seconds, not milliseconds)" if text.isascii() and text.isdigit() and 12 <= len(text) <= 14 else ""
 
 
 def within_range(name: str, seconds: int, text: str) -> int:

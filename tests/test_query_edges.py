@@ -252,3 +252,51 @@ def test_text_filters_ignore_the_case_of_letters_beyond_ascii(live_server: Any, 
     for filter_by, expected in cases.items():
         for route in routes:
             assert asset_ids(server, with_filter(route, filter_by)) == {ids[i] for i in expected}, (filter_by, route)
+
+
+# Each parameter that takes a number: a path with {n} where its digits go, and how its 400's detail starts.
+NUMBER_PARAMETERS = {
+    "page": ("/data?page={n}", "page: "),
+    "page_size": ("/data?page_size={n}", "page_size: "),
+    "as_of": ("/data?as_of={n}", "as_of: "),
+    "export as_of": ("/data/export?as_of={n}", "as_of: "),
+    "as_of date": ("/data?as_of=202{n}-11-25", "as_of: "),
+    "rank": ("/data?filter_by=rank>{n}", "filter_by: rank "),
+    "price_usd": ("/data/export?filter_by=price_usd<={n}.5", "filter_by: price_usd "),
+    "market_cap_usd": ("/data?filter_by=market_cap_usd:{n}e3", "filter_by: market_cap_usd "),
+    "volume_24h_usd": ("/data?filter_by=volume_24h_usd:1|{n}", "filter_by: volume_24h_usd "),
+    "change_24h_pct": ("/data?filter_by=change_24h_pct<-{n}", "filter_by: change_24h_pct "),
+    "updated_at": ("/data?filter_by=updated_at>{n}", "filter_by: updated_at "),
+    "updated_at time": ("/data?filter_by=updated_at<2026-11-25T1{n}:00:00Z", "filter_by: updated_at "),
+    "from": ("/data/bitcoin/history?from={n}", "from: "),
+    "to": ("/data/bitcoin/history?to=2026-11-2{n}", "to: "),
+    "limit": ("/data/bitcoin/history?limit={n}", "limit: "),
+    "runs limit": ("/runs?limit={n}", "limit: "),
+    "a": ("/runs/compare?a={n}&b=1", "a: "),
+    "b": ("/runs/compare?a=1&b={n}", "b: "),
+}
+
+
+@pytest.mark.parametrize(("template", "name"), NUMBER_PARAMETERS.values(), ids=NUMBER_PARAMETERS.keys())
+def test_a_number_in_other_digits_than_0_to_9_is_a_400_naming_the_parameter(
+    live_server: Any, store_path: Path, template: str, name: str
+) -> None:
+    """Python's int() and float() read Arabic-Indic and fullwidth digits: filter_by=rank>\u0663 answered as rank>3
+    (one query, many URLs and cache entries), and times and page numbers in such digits were refused without
+    saying why."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    assert server.get(template.replace("{n}", "1"))[0] == 200, template  # the same number in 0-9 is read
+    for digits in ("٣", "３", "१२", "1٠"):  # Arabic-Indic, fullwidth, Devanagari, mixed
+        path = template.replace("{n}", urllib.parse.quote(digits))
+        detail = problem(server, path)
+        assert detail.startswith(name) and "digits 0-9 only" in detail, (path, detail)
+
+
+def test_a_run_id_in_other_digits_than_0_to_9_is_an_unknown_run(live_server: Any, store_path: Path) -> None:
+    """SPEC: an unknown run is a 404; /runs/٣ answers as /runs/abc does, not as /runs/3."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    assert server.get("/runs/1")[0] == 200
+    for run_id in ("abc", "٣", "１", "१", "+1", "1٠"):
+        status, headers, body = server.get(f"/runs/{urllib.parse.quote(run_id)}")
+        assert (status, headers["content-type"]) == (404, "application/problem+json"), run_id
+        assert json.loads(body)["detail"] == f"no run {run_id!r}: a run id is an integer from 1", run_id
