@@ -1681,10 +1681,9 @@ def fold_sql(value: object) -> object:
 # The stored texts a folded one matches, as an index compares them. A name or symbol (stored in NFKC) beyond ASCII
 # folds to ASCII only when ß or ẞ make its 'ss' (the ETL's upper-case tickers: ẞ, or SS); otherwise an ASCII text
 # (NOCASE folds its letters) or a ticker (upper-cased as the ETL does: dotless i is I) has one spelling. The only
-# ASCII letters in the fold of a character beyond ASCII are those of ß and ẞ (ss) and of İ (i, U+0307): a
-# contained text without them is found by LIKE alone. A source is named after a file as it is (csv:ﬁle folds to
-# csv:file), so its names beyond ASCII are always folded too.
-ASCII_IN_FOLDS = frozenset("si")
+# ASCII letters in the fold of a character beyond ASCII are those of ß and ẞ (ss) and of İ (i, then U+0307): a
+# contained ASCII text with no s, and no i at its end, is found by LIKE alone. A source is named after a file as it
+# is (csv:ﬁle folds to csv:file), so its names beyond ASCII are always folded too.
 SHARP_S = {"s": "ßẞ", "S": "ẞ"}  # what a pair of s may be, in a folded text and in a ticker
 MAX_SPELLINGS = 64  # of one value; a value with more of them (a long run of s) is compared through fold()
 
@@ -1725,6 +1724,7 @@ def beyond_ascii(column: str) -> str:
     return f"length({column}) < length(CAST({column} AS BLOB))"
 
 
+@functools.lru_cache(maxsize=1_024)  # a page reads its conditions two or three times (count, rows, nulls)
 def condition_sql(condition: Condition) -> tuple[str, tuple]:
     """One condition as SQL; identifiers come from the allow-lists, values are bound. A name, symbol or source is
     found through its index (ASCII letters in either case, as SQLite's NOCASE and LIKE fold them; a symbol
@@ -1740,7 +1740,7 @@ def condition_sql(condition: Condition) -> tuple[str, tuple]:
             if value.isascii():
                 tests.append(f"{column} LIKE ? ESCAPE '\\'")
                 patterns.append("%" + re.sub(r"([\\%_])", r"\\\1", value) + "%")
-            if not value.isascii() or field == "source" or not ASCII_IN_FOLDS.isdisjoint(value):
+            if not value.isascii() or field == "source" or "s" in value or value.endswith("i"):
                 folded.append(value)
         if field == "source" and tests:  # a name beyond ASCII may be decomposed: é is e and U+0301 to LIKE
             tests = [f"(NOT {beyond_ascii(column)} AND ({' OR '.join(tests)}))"]

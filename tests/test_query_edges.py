@@ -350,6 +350,8 @@ def test_symbols_and_names_are_found_as_shown_in_any_case_and_form(live_server: 
         "name~STRASSE": {"strasse"},
         "name~ẞ": {"gross", "ssx", "strasse"},
         "name~i̇stanbul": {"istanbul"},
+        "name~bitcoin i": {"ibtc"},  # the fold of İ is i then U+0307: an i at the end of a text may lie in it
+        "name~COIN": {"gross", "ssx", "btc", "ibtc"},
     }.items():
         assert asset_ids(server, with_filter("/data?page_size=100", filter_by)) == {ids[i] for i in expected}, filter_by
 
