@@ -1630,8 +1630,8 @@ def digits_hint(text: str) -> str:
 def time_hint(text: str) -> str:
     """A hint for an unreadable time: digits other than 0-9, its offset's '+' the URL turned into a space, or Unix
     milliseconds ('' for any other)."""
-    if digits_hint(text):
-        return digits_hint(text)
+    if hint := digits_hint(text):
+        return hint
     if read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None:
         return " (a '+' in a URL reads as a space: write the offset's + as %2B)"
     return " (Unix seconds, not milliseconds)" if text.isascii() and text.isdigit() and 12 <= len(text) <= 14 else ""
@@ -1711,6 +1711,8 @@ def spellings(text: str, letter: str) -> list[str] | None:
 
 
 def run_spellings(run: str, sharps: str) -> Iterator[str]:
+    """Each spelling of a run of s: its first as is, then the rest's; or its first two as each sharp s, then the
+    rest's."""
     if len(run) < 2:
         yield run
         return
