@@ -26,7 +26,6 @@ import re
 import sqlite3
 import stat
 import statistics
-import string
 import struct
 import sys
 import tempfile
@@ -1377,7 +1376,7 @@ CONDITION_PART = re.compile(f" *{CONDITION_SYNTAX} *")
 FILTER = re.compile(FILTER_SYNTAX)
 
 OPERATOR = re.compile(r">=|<=|[:~<>]")
-NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)  # re.ASCII: \d is 0-9 only
 # What one filter_by may ask, within SQLite's limits: each condition and each alternative of a `~` is a term of one
 # SQL expression (at most 1,000 deep), and each `~` text a LIKE pattern (at most 50,000 bytes). Stored names are at
 # most 200 characters and source names a file name's length, so a longer text matches nothing anyway.
@@ -1518,9 +1517,9 @@ def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
 
 
 def parse_int(name: str, text: str, low: int, high: int) -> int:
-    """A bounded integer parameter in plain decimal digits, or InvalidQuery naming it."""
+    """A bounded integer parameter in digits 0-9, or InvalidQuery naming it."""
     if not re.fullmatch(r"[0-9]{1,9}", text):
-        raise InvalidQuery(f"{name}: expected an integer from {low} to {high}, got {text[:40]!r}")
+        raise InvalidQuery(f"{name}: expected an integer from {low} to {high}{digits_hint(text)}, got {text[:40]!r}")
     value = int(text)
     if not low <= value <= high:
         raise InvalidQuery(f"{name}: must be from {low} to {high}, got {value}")
@@ -1595,19 +1594,19 @@ def parse_condition(text: str) -> Condition:
 def parse_number(field: str, text: str) -> float:
     value = float(text) if NUMBER.fullmatch(text) else math.nan
     if not math.isfinite(value):
-        raise InvalidQuery(f"filter_by: {field} needs a finite number, got {text[:40]!r}")
+        raise InvalidQuery(f"filter_by: {field} needs a finite number{digits_hint(text)}, got {text[:40]!r}")
     return value
 
 
 # RFC 3339's date and date-time (seconds and offset optional: UTC when none): fromisoformat alone also takes ISO 8601's
 # basic and week forms, which would read 1764072000000 (milliseconds) as 1764-07-20 and 2026-W48 as a date.
-RFC3339 = re.compile(r"\d{4}-\d\d-\d\d(?:[Tt ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:[Zz]|[+-]\d\d:\d\d)?)?")
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d(?:[Tt ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:[Zz]|[+-]\d\d:\d\d)?)?", re.ASCII)
 
 
 # RFC 3339's leap second (23:59:60) reads as the second before it: Unix seconds have none (etl.py does the same).
-LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.Zz+-]|$)")
+LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.Zz+-]|$)", re.ASCII)
 # A '+' written raw in a query string arrives as a space: 12:00:00 05:30 was 12:00:00+05:30.
-PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)")
+PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)", re.ASCII)
 # The times the API reads, in Unix seconds: from Unix time 0 to the last second RFC 3339 can write, so that none
 # overflows a datetime and every time it answers with (a history window's from and to) is RFC 3339.
 FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
@@ -1625,12 +1624,20 @@ def read_rfc3339(text: str) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def digits_hint(text: str) -> str:
+    """A hint for an unreadable number written in another script's digits (Arabic-Indic, fullwidth), which int()
+    and float() would read: '' for any other."""
+    return " (digits 0-9 only)" if any(char.isdigit() and not char.isascii() for char in text) else ""
+
+
 def time_hint(text: str) -> str:
-    """A hint for an unreadable time: its offset's '+' the URL turned into a space, or Unix milliseconds ('' for
-    any other)."""
+    """A hint for an unreadable time: digits other than 0-9, its offset's '+' the URL turned into a space, or Unix
+    milliseconds ('' for any other)."""
+    if hint := digits_hint(text):
+        return hint
     if read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None:
         return " (a '+' in a URL reads as a space: write the offset's + as %2B)"
-    return " (Unix seconds, not milliseconds)" if text.isdigit() and 12 <= len(text) <= 14 else ""
+    return " (Unix seconds, not milliseconds)" if text.isascii() and text.isdigit() and 12 <= len(text) <= 14 else ""
 
 
 def within_range(name: str, seconds: int, text: str) -> int:
@@ -1662,8 +1669,11 @@ def parse_time(field: str, op: str, text: str) -> str:
 
 def fold(text: str) -> str:
     """Text as filter_by compares it, letters in any case: ASCII lower-cased (as SQLite's NOCASE and LIKE fold it),
-    anything else in NFKC (the names' stored form) and lower-cased, which NOCASE and LIKE do not do."""
-    return text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).lower()
+    anything else case-folded in NFKC (the names' stored form), Unicode's default caseless match: ẞ, ß and SS are
+    one, as are İ and its lower case, i and U+0307; dotless i is a letter of its own (a ticker's is stored as I)."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
 
 
 def fold_sql(value: object) -> object:
@@ -1671,33 +1681,107 @@ def fold_sql(value: object) -> object:
     return fold(value) if isinstance(value, str) else value
 
 
+# The stored texts a folded one matches, as an index compares them. A name or symbol (stored in NFKC) beyond ASCII
+# folds to ASCII only when ß or ẞ make its 'ss' (the ETL's upper-case tickers: ẞ, or SS); otherwise an ASCII text
+# (NOCASE folds its letters) or a ticker (upper-cased as the ETL does: dotless i is I) has one spelling. The only
+# ASCII letters in the fold of a character beyond ASCII are those of ß and ẞ (ss) and of İ (i, then U+0307): a
+# contained ASCII text with no s, and no i at its end, is found by LIKE alone. A source is named after a file as it
+# is (csv:ﬁle folds to csv:file), so its names beyond ASCII are always folded too.
+SHARP_S = {"s": "ßẞ", "S": "ẞ"}  # what a pair of s may be, in a folded text and in a ticker
+MAX_SPELLINGS = 64  # of one value; a value with more of them (a long run of s) is compared through fold()
+
+
+def ticker(folded: str) -> str:
+    """A folded text as the ETL stores a symbol: upper-case NFKC."""
+    return folded.upper() if folded.isascii() else unicodedata.normalize("NFKC", folded.upper())
+
+
+def spellings(text: str, letter: str) -> list[str] | None:
+    """`text` with each pair of `letter` (s, or S in a ticker) also written as each sharp s that folds to it; None
+    when there are more than MAX_SPELLINGS."""
+    sharps = SHARP_S[letter]
+    runs = re.split(f"({letter}{letter}+)", text)  # the odd parts are the runs of two or more
+    count = 1
+    for run in runs[1::2]:
+        ways = [1, 1]  # of a run of n: its first letter as is then a run of n - 1, or a sharp s then one of n - 2
+        for _ in run[1:]:
+            ways.append(min(ways[-1] + len(sharps) * ways[-2], MAX_SPELLINGS + 1))
+        count = min(count * ways[-1], MAX_SPELLINGS + 1)
+    if count > MAX_SPELLINGS:
+        return None
+    options = [[part] if at % 2 == 0 else list(run_spellings(part, sharps)) for at, part in enumerate(runs)]
+    return ["".join(parts) for parts in itertools.product(*options)]
+
+
+def run_spellings(run: str, sharps: str) -> Iterator[str]:
+    """Each spelling of a run of s: its first as is, then the rest's; or its first two as each sharp s, then the
+    rest's."""
+    if len(run) < 2:
+        yield run
+        return
+    yield from (run[0] + rest for rest in run_spellings(run[1:], sharps))
+    yield from (sharp + rest for sharp in sharps for rest in run_spellings(run[2:], sharps))
+
+
+def beyond_ascii(column: str) -> str:
+    """SQL true when a text column holds a character beyond ASCII: more bytes than characters in UTF-8 (the
+    store's encoding), as SQLite counts them in C; GLOB '*[^ -~]*' takes four times as long."""
+    return f"length({column}) < length(CAST({column} AS BLOB))"
+
+
+@functools.lru_cache(maxsize=1_024)  # a page reads its conditions two or three times (count, rows, nulls)
 def condition_sql(condition: Condition) -> tuple[str, tuple]:
-    """One condition as SQL; identifiers come from the allow-lists, values are bound. A text beyond ASCII is
-    compared through fold(), which no index serves; others as SQLite's NOCASE and LIKE do."""
+    """One condition as SQL; identifiers come from the allow-lists, values are bound. A name, symbol or source is
+    found through its index (ASCII letters in either case, as SQLite's NOCASE and LIKE fold them; a symbol
+    upper-case) in each spelling its folded value has; a value beyond ASCII, which no index can serve, by fold() of
+    the texts beyond ASCII."""
     field, op, values = condition.field, condition.op, condition.values
-    marks = ", ".join("?" * len(values))
-    beyond_ascii = not all(str(value).isascii() for value in values)
+    column = "m.source" if field == "source" else field
+    tests: list[str] = []
+    patterns: list[object] = []
+    folded: list[object] = []  # the values compared through fold()
     if op == "~":
-        patterns = tuple("%" + re.sub(r"([\\%_])", r"\\\1", str(v)) + "%" for v in values)
-        column = "m.source" if field == "source" else field
-        test = " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for _ in values)
-        if beyond_ascii:
-            patterns, test = values, " OR ".join(f"instr(fold({column}), ?) > 0" for _ in values)
-    elif field == "source":
-        column, test, patterns = "m.source", f"m.source COLLATE NOCASE IN ({marks})", values
+        for value in map(str, values):
+            if value.isascii():
+                tests.append(f"{column} LIKE ? ESCAPE '\\'")
+                patterns.append("%" + re.sub(r"([\\%_])", r"\\\1", value) + "%")
+            if not value.isascii() or field == "source" or "s" in value or value.endswith("i"):
+                folded.append(value)
+        if field == "source" and tests:  # a name beyond ASCII may be decomposed: é is e and U+0301 to LIKE
+            tests = [f"(NOT {beyond_ascii(column)} AND ({' OR '.join(tests)}))"]
+        if folded:
+            each = " OR ".join(f"instr(fold({column}), ?) > 0" for _ in folded)
+            tests.append(f"({beyond_ascii(column)} AND ({each}))")
+            patterns.extend(folded)
+    elif op == ":" and field in ("name", "source", "symbol"):
+        known: list[str] = []
+        for value in map(str, values):
+            if field == "symbol" or value.isascii():
+                plain = ticker(value) if field == "symbol" else value
+                found = spellings(plain, "S" if field == "symbol" else "s")
+                known.extend(found or [plain])
+                if found is None or field == "source":  # too many spellings to list, or a file's name
+                    folded.append(value)
+            else:
+                folded.append(value)
+        if known:
+            collation = "" if field == "symbol" else " COLLATE NOCASE"
+            tests.append(f"{column}{collation} IN ({', '.join('?' * len(known))})")
+            patterns.extend(known)
+        if folded:
+            tests.append(f"({beyond_ascii(column)} AND fold({column}) IN ({', '.join('?' * len(folded))}))")
+            patterns.extend(folded)
     elif op == ":":
-        column, patterns = field, values
-        if field == "symbol":
-            patterns = tuple(str(v).upper() for v in values)
-        test = f"{field} COLLATE NOCASE IN ({marks})" if field == "name" else f"{field} IN ({marks})"
-        if field == "name" and beyond_ascii:
-            test = f"fold(name) IN ({marks})"
+        tests.append(f"{field} IN ({', '.join('?' * len(values))})")
+        patterns.extend(values)
     else:
-        column, test, patterns = field, f"{field} {op} ?", values
+        tests.append(f"{field} {op} ?")
+        patterns.extend(values)
+    test = " OR ".join(tests)
     if column == "m.source":
         listed = "SELECT 1 FROM source_map m WHERE m.asset_id = asset.asset_id AND m.observed_at IS NOT NULL"
-        return f"EXISTS ({listed} AND ({test}))", patterns
-    return f"({test})", patterns
+        return f"EXISTS ({listed} AND ({test}))", tuple(patterns)
+    return f"({test})", tuple(patterns)
 
 
 def where_sql(conditions: Sequence[Condition]) -> tuple[str, tuple]:
@@ -2551,9 +2635,6 @@ def merge_candles(parts: Iterable[tuple], width: int) -> list[tuple[int, Candle]
     return candles
 
 
-ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # SQLite's NOCASE folding
-
-
 def read_history(
     conn: sqlite3.Connection, version: DataVersion, asset_id: str, query: HistoryQuery
 ) -> AssetHistory | None:
@@ -2564,9 +2645,8 @@ def read_history(
         return None
     source = query.source
     if source is not None:
-        # As filter_by=source: compares (COLLATE NOCASE): ASCII letters in either case.
-        folded = source.translate(ASCII_LOWER)
-        listings = [listing for listing in listings if listing[1].translate(ASCII_LOWER) == folded]
+        folded = fold(source)  # as filter_by=source: compares names, letters in any case and any normal form
+        listings = [listing for listing in listings if fold(listing[1]) == folded]
         if not listings:
             raise falcon.HTTPNotFound(description=f"asset {asset_id[:100]!r} has no listing of {source[:60]!r}")
         source = listings[0][1]  # the stored name, as every point gives it
@@ -3862,8 +3942,10 @@ FILTER_GRAMMAR_TEXT = f"""Comma-separated conditions; all must hold.
     op         = ":" | "~" | ">" | ">=" | "<" | "<="
 
 - `field:value` equals; on text it ignores case, and `a|b` means either.
-- `field~text` contains, ignoring case (text fields only).
-- `>`, `>=`, `<`, `<=` compare numbers and `updated_at` (an RFC 3339 time or date, or Unix seconds).
+- `field~text` contains, ignoring case (text fields only). Text is compared case-folded in NFKC, so `Straße`,
+  `STRASSE` and `straße` are one name, and a composed or decomposed `é` one letter.
+- `>`, `>=`, `<`, `<=` compare numbers and `updated_at` (an RFC 3339 time or date, or Unix seconds), written
+  in digits 0-9.
 - Text fields: {", ".join(TEXT_FIELDS)}. Number fields: {", ".join(NUMBER_FIELDS)}. Time: updated_at.
 - Field names and bare statuses are lower-case; plain spaces may surround conditions.
 - At most {MAX_CONDITIONS} conditions; a `~` takes at most {MAX_CONTAINS} alternatives, each of at most

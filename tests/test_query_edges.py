@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Callable
 from datetime import datetime
@@ -218,21 +219,27 @@ def test_a_csv_number_is_written_as_in_json_whatever_its_neighbours(
             assert text is None or row["price_usd"].encode() == text, (path, row)
 
 
+def letters_store(tmp_path: Path, *listings: str) -> Path:
+    """A store that etl.py loaded from a CSV of these listings (id, symbol, name), each at a price of 1 at AS_OF."""
+    feed = tmp_path / "letters.csv"
+    rows = "".join(f"{row},1,{AS_OF}\n" for row in listings)
+    feed.write_text("id,symbol,name,price,last_updated\n" + rows, encoding="utf-8")
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    return db
+
+
 def test_text_filters_ignore_the_case_of_letters_beyond_ascii(live_server: Any, tmp_path: Path) -> None:
     """SQLite's NOCASE and LIKE fold ASCII letters only, and the value was lower-cased first: name:Über, written as
     stored, matched nothing, nor did name~über or symbol~äö."""
-    feed = tmp_path / "letters.csv"
-    feed.write_text(
-        "id,symbol,name,price,last_updated\n"
-        "uber,UB,Über,1,2026-11-25T12:00:00Z\n"
-        "uni,UNI,Ünïcode Tökén,2,2026-11-25T12:00:00Z\n"
-        "strasse,STR,Straße Coin,3,2026-11-25T12:00:00Z\n"
-        "sigma,ÄÖ,ΣΙΓΜΑ,4,2026-11-25T12:00:00Z\n"
-        "btc,BTC,Bitcoin,5,2026-11-25T12:00:00Z\n",
-        encoding="utf-8",
+    db = letters_store(
+        tmp_path,
+        "uber,UB,Über",
+        "uni,UNI,Ünïcode Tökén",
+        "strasse,STR,Straße Coin",
+        "sigma,ÄÖ,ΣΙΓΜΑ",
+        "btc,BTC,Bitcoin",
     )
-    db = tmp_path / "store.db"
-    assert run_etl(db, f"csv:{feed}").returncode == 0
     server = live_server(db, LOG_LEVEL="warning")
     ids = dict(query(db, "SELECT source_id, asset_id FROM source_map"))
     cases = {
@@ -252,3 +259,146 @@ def test_text_filters_ignore_the_case_of_letters_beyond_ascii(live_server: Any, 
     for filter_by, expected in cases.items():
         for route in routes:
             assert asset_ids(server, with_filter(route, filter_by)) == {ids[i] for i in expected}, (filter_by, route)
+
+
+def caseless_spellings(text: str) -> set[str]:
+    """A text as a reader may write it: as shown, in either case, case-folded, composed or decomposed."""
+    cases = {text, text.lower(), text.upper(), text.casefold(), text.title()}
+    return {unicodedata.normalize(form, case) for case in cases for form in ("NFC", "NFD")}
+
+
+def test_source_names_beyond_ascii_are_found_in_any_case_and_form(live_server: Any, tmp_path: Path) -> None:
+    """A CSV source is named after its file, as the file system spells it: csv:Été from a file named in NFD
+    (as macOS writes names) matched neither source:csv:été nor source:csv:Été (NFC), in filter_by or history,
+    and csv:ﬁnal (a ligature) not source:csv:final."""
+    decomposed = tmp_path / unicodedata.normalize("NFD", "Été.csv")
+    composed = tmp_path / "ÖRE.csv"
+    ligature = tmp_path / "\ufb01nal.csv"
+    decomposed.write_text("id,symbol,name,price,last_updated\nbtc,BTC,Bitcoin,5,2026-11-25T12:00:00Z\n")
+    composed.write_text("id,symbol,name,price,last_updated\neth,ETH,Ethereum,4,2026-11-25T12:00:00Z\n")
+    ligature.write_text("id,symbol,name,price,last_updated\nxrp,XRP,XRP,3,2026-11-25T12:00:00Z\n")
+    db = tmp_path / "store.db"
+    assert run_etl(db, *(f"csv:{path}" for path in (decomposed, composed, ligature))).returncode == 0
+    server = live_server(db, LOG_LEVEL="warning")
+    listed = dict(query(db, "SELECT source, asset_id FROM source_map"))
+    assert len(listed) == 3
+    routes = ("/data?page_size=100", f"/data?page_size=100&as_of={AS_OF}", "/data/export")
+    for source, asset in listed.items():
+        for spelling in caseless_spellings(source):
+            for route in routes:
+                assert asset_ids(server, with_filter(route, f"source:{spelling}")) == {asset}, (spelling, route)
+            assert asset_ids(server, with_filter("/data", f"source:{spelling}|csv:nothing")) == {asset}, spelling
+            path = f"/data/{asset}/history?interval=raw&source={urllib.parse.quote(spelling)}"
+            status, _, body = server.get(path)
+            assert status == 200, (spelling, body[:300])
+            answer = json.loads(body)
+            assert answer["source"] == source and {p["source"] for p in answer["points"]} == {source}, spelling
+    final, ore, ete = ({listed["csv:" + path.stem]} for path in (ligature, composed, decomposed))
+    for filter_by, expected in {
+        "source:csv:final": final,
+        "source:CSV:Final": final,
+        "source:csv:fi": set(),
+        "source~FIN": final,
+        "source~e": ore,
+        "source~É": ete,
+    }.items():
+        assert asset_ids(server, with_filter("/data", filter_by)) == expected, filter_by
+    assert asset_ids(server, with_filter("/data", "source:csv:ete")) == set()
+    assert server.get(f"/data/{listed['csv:' + decomposed.stem]}/history?source=csv:ore")[0] == 404
+
+
+def caseless(text: str) -> str:
+    """Unicode's default caseless match of compatibility forms (no Turkish rule: dotless i is not i)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
+def test_symbols_and_names_are_found_as_shown_in_any_case_and_form(live_server: Any, tmp_path: Path) -> None:
+    """A filter lower-cased its value, so symbol:İST (as /data shows it) matched nothing, being upper-cased back to
+    the two characters I and U+0307, and symbol:ẞX found SSX but not ẞX (lower() makes ß, and upper() SS);
+    name:GROSS COIN missed GROẞ Coin, name:STRASSE missed Straße, and name:σοφόσ missed Σοφός."""
+    db = letters_store(
+        tmp_path,
+        "istanbul,İST,İstanbul Token",
+        "gross,ẞX,GROẞ Coin",
+        "ssx,SSX,Gross Coin",
+        "strasse,ß,Straße",
+        "kilic,ınu,Kılıç",
+        "sophos,ΣΟΦ,Σοφός",
+        "btc,BTC,Bitcoin",
+        "ibtc,İBTC,Bitcoin İ",
+    )
+    server = live_server(db, LOG_LEVEL="warning")
+    _, _, body = server.get("/data?page_size=100&fields=asset_id,symbol,name")
+    shown = json.loads(body)["data"]
+    assert len(shown) == 8
+    routes = ("/data?page_size=100", f"/data?page_size=100&as_of={AS_OF}", "/data/export")
+    for field in ("symbol", "name"):
+        for spelling in {s for asset in shown for s in caseless_spellings(asset[field])}:
+            expected = {a["asset_id"] for a in shown if caseless(a[field]) == caseless(spelling)}
+            for route in routes:
+                assert asset_ids(server, with_filter(route, f"{field}:{spelling}")) == expected, (spelling, route)
+    ids = dict(query(db, "SELECT source_id, asset_id FROM source_map"))
+    for filter_by, expected in {
+        "symbol:ınu": {"kilic"},  # as the source wrote it: stored upper-case, INU
+        "symbol:inu": {"kilic"},
+        "symbol:ssx": {"gross", "ssx"},
+        "symbol:ss": {"strasse"},
+        "name:gross coin|bitcoin": {"gross", "ssx", "btc"},
+        "name:STRASSE": {"strasse"},
+        "name:kılıç": {"kilic"},
+        "name:bitcoin i": set(),
+        "name~STRASSE": {"strasse"},
+        "name~ẞ": {"gross", "ssx", "strasse"},
+        "name~i̇stanbul": {"istanbul"},
+        "name~bitcoin i": {"ibtc"},  # the fold of İ is i then U+0307: an i at the end of a text may lie in it
+        "name~COIN": {"gross", "ssx", "btc", "ibtc"},
+    }.items():
+        assert asset_ids(server, with_filter("/data?page_size=100", filter_by)) == {ids[i] for i in expected}, filter_by
+
+
+# Each parameter that takes a number: a path with {n} where its digits go, and how its 400's detail starts.
+NUMBER_PARAMETERS = {
+    "page": ("/data?page={n}", "page: "),
+    "page_size": ("/data?page_size={n}", "page_size: "),
+    "as_of": ("/data?as_of={n}", "as_of: "),
+    "export as_of": ("/data/export?as_of={n}", "as_of: "),
+    "as_of date": ("/data?as_of=202{n}-11-25", "as_of: "),
+    "rank": ("/data?filter_by=rank>{n}", "filter_by: rank "),
+    "price_usd": ("/data/export?filter_by=price_usd<={n}.5", "filter_by: price_usd "),
+    "market_cap_usd": ("/data?filter_by=market_cap_usd:{n}e3", "filter_by: market_cap_usd "),
+    "volume_24h_usd": ("/data?filter_by=volume_24h_usd:1|{n}", "filter_by: volume_24h_usd "),
+    "change_24h_pct": ("/data?filter_by=change_24h_pct<-{n}", "filter_by: change_24h_pct "),
+    "updated_at": ("/data?filter_by=updated_at>{n}", "filter_by: updated_at "),
+    "updated_at time": ("/data?filter_by=updated_at<2026-11-25T1{n}:00:00Z", "filter_by: updated_at "),
+    "from": ("/data/bitcoin/history?from={n}", "from: "),
+    "to": ("/data/bitcoin/history?to=2026-11-2{n}", "to: "),
+    "limit": ("/data/bitcoin/history?limit={n}", "limit: "),
+    "runs limit": ("/runs?limit={n}", "limit: "),
+    "a": ("/runs/compare?a={n}&b=1", "a: "),
+    "b": ("/runs/compare?a=1&b={n}", "b: "),
+}
+
+
+@pytest.mark.parametrize(("template", "name"), NUMBER_PARAMETERS.values(), ids=NUMBER_PARAMETERS.keys())
+def test_a_number_in_other_digits_than_0_to_9_is_a_400_naming_the_parameter(
+    live_server: Any, store_path: Path, template: str, name: str
+) -> None:
+    """Python's int() and float() read Arabic-Indic and fullwidth digits: filter_by=rank>\u0663 answered as rank>3
+    (one query, many URLs and cache entries), and times and page numbers in such digits were refused without
+    saying why."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    assert server.get(template.replace("{n}", "1"))[0] == 200, template  # the same number in 0-9 is read
+    for digits in ("٣", "３", "१२", "1٠"):  # Arabic-Indic, fullwidth, Devanagari, mixed
+        path = template.replace("{n}", urllib.parse.quote(digits))
+        detail = problem(server, path)
+        assert detail.startswith(name) and "digits 0-9 only" in detail, (path, detail)
+
+
+def test_a_run_id_in_other_digits_than_0_to_9_is_an_unknown_run(live_server: Any, store_path: Path) -> None:
+    """SPEC: an unknown run is a 404; /runs/٣ answers as /runs/abc does, not as /runs/3."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    assert server.get("/runs/1")[0] == 200
+    for run_id in ("abc", "٣", "１", "१", "+1", "1٠"):
+        status, headers, body = server.get(f"/runs/{urllib.parse.quote(run_id)}")
+        assert (status, headers["content-type"]) == (404, "application/problem+json"), run_id
+        assert json.loads(body)["detail"] == f"no run {run_id!r}: a run id is an integer from 1", run_id
