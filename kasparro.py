@@ -39,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, ClassVar, Literal, TypeVar
@@ -1610,7 +1611,8 @@ PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)", re.ASCII)
 # The times the API reads, in Unix seconds: from Unix time 0 to the last second RFC 3339 can write, so that none
 # overflows a datetime and every time it answers with (a history window's from and to) is RFC 3339.
 FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
-UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}")  # below 10**11, as the ETL reads seconds: longer is milliseconds
+# Below 10**11, as the ETL reads seconds (longer is milliseconds); a fraction is that instant, as the ETL reads it.
+UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}(?:\.[0-9]+)?")
 
 
 def read_rfc3339(text: str) -> datetime | None:
@@ -1654,7 +1656,12 @@ def parse_time(field: str, op: str, text: str) -> str:
     by `op` with stored times (whole seconds) as with the instant itself: a time between two seconds is the later
     one for `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
     if UNIX_SECONDS.fullmatch(text):
-        return utc_text(within_range(f"filter_by: {field}", int(text), text))
+        exact = Decimal(text)
+        whole = math.floor(exact)
+        seconds = within_range(f"filter_by: {field}", whole + (exact != whole and op in (">=", "<")), text)
+        if exact != whole and op == ":":
+            return f"{utc_text(whole)[:-1]}{format(exact - whole, 'f')[1:]}Z"
+        return utc_text(seconds)
     moment = read_rfc3339(text)
     if moment is None:
         raise InvalidQuery(
@@ -2547,11 +2554,11 @@ def parse_history_query(params: Mapping[str, str]) -> HistoryQuery:
     )
 
 
-def parse_moment(name: str, text: str, rounding: Callable[[float], int] = math.ceil) -> int:
+def parse_moment(name: str, text: str, rounding: Callable[[Decimal | float], int] = math.ceil) -> int:
     """An RFC 3339 time (UTC when it names no offset) or Unix seconds, as Unix seconds (rounded up, or by
     `rounding`) from FIRST_SECOND to LAST_SECOND; InvalidQuery naming `name` otherwise."""
     if UNIX_SECONDS.fullmatch(text):
-        return within_range(name, int(text), text)
+        return within_range(name, rounding(Decimal(text)), text)
     moment = read_rfc3339(text)
     if moment is None:
         raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}")
@@ -3967,12 +3974,13 @@ EXAMPLE_ASSET = Asset(
     updated_at="2026-11-25T12:00:00Z",
 )
 EXAMPLE_REQUEST_ID = "0b7e9c1e-4a8f-4d2b-9a57-2f1c3d5e6a70"
-AS_OF_TEXT = """The market as it was at this moment (RFC 3339, UTC when it names no offset, or Unix seconds): each
-asset unified from its listings' latest observations at or before it, by the rule of today's record; assets with
-none are absent (a moment before any observation: an empty page; one in the future: today's market). Where raw
-observations are no longer kept, a listing's latest candle close that ended by then stands for it: rank and
-change_24h_pct are then null, and symbol, name and status are the listing's current ones (the store keeps no
-history of them). filter_by, sort, paging and cursors apply as without it; a cursor holds for its as_of only."""
+AS_OF_TEXT = """The market as it was at this moment (RFC 3339, UTC when it names no offset, or Unix seconds, a
+fraction allowed): each asset unified from its listings' latest observations at or before it, by the rule of today's
+record; assets with none are absent (a moment before any observation: an empty page; one in the future: today's
+market). Where raw observations are no longer kept, a listing's latest candle close that ended by then stands for
+it: rank and change_24h_pct are then null, and symbol, name and status are the listing's current ones (the store
+keeps no history of them). filter_by, sort, paging and cursors apply as without it; a cursor holds for its as_of
+only."""
 HISTORY_TEXT = """Raw observations (`interval=raw`) or candles (`5m` to `1d`) of every listing of the asset,
 merged, or of one `source`'s. A candle covers the priced observations of one UTC bucket: open, close =
 the first and last price (by observed time, then source), high and low, and the last one's cap and

@@ -348,7 +348,7 @@ def test_an_empty_as_of_is_an_absent_one(clients: Any) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["yesterday", "2026-11-01T25:00:00Z", "1.5", "1e9", "2026-11-01 12:00:00 UTC", "0x10", "１２３",
+    ["yesterday", "2026-11-01T25:00:00Z", "1.", ".5", "1e9", "2026-11-01 12:00:00 UTC", "0x10", "１２３",
      "1764072000000", "2026-W48", "2026-W48-1", "2026-330", "20261125T120000Z"],
 )  # fmt: skip
 def test_a_bad_as_of_is_a_400_naming_it(clients: Any, value: str) -> None:
@@ -358,6 +358,25 @@ def test_a_bad_as_of_is_a_400_naming_it(clients: Any, value: str) -> None:
     assert body.json["detail"].startswith("as_of: expected an RFC 3339 time or Unix seconds")
     if value == "1764072000000":
         assert "not milliseconds" in body.json["detail"]
+
+
+@pytest.mark.parametrize("kind", ["kept", "pruned"])
+def test_as_of_in_unix_seconds_with_a_fraction_is_that_instant(clients: Any, kind: str) -> None:
+    """Observations are whole seconds: as_of=t.5 is the market of t, and t-1 plus any fraction that of t-1 (an
+    instant before an observation at t), as etl.py reads such a time. They were a 400."""
+    latest = max(o.t for o in observations() if o.t < START + DAY)  # inside raw retention of both stores
+    client = clients[kind]
+
+    def market(as_of: str) -> list[dict]:
+        answer = client.get("/data", params={"as_of": as_of, "page_size": 100})
+        assert answer.status_code == 200, answer.json
+        return answer.json["data"]
+
+    at, before = market(str(latest)), market(str(latest - 1))
+    assert at != before  # the observation at `latest` is in one and not the other
+    for fraction in (".5", ".000001", ".999999999", ".0"):
+        assert market(f"{latest}{fraction}") == at, fraction
+        assert market(f"{latest - 1}{fraction}") == before, fraction
 
 
 def test_as_of_given_twice_is_a_400(clients: Any) -> None:

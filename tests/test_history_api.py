@@ -113,6 +113,22 @@ def test_paging_by_cursor_returns_the_same_points_as_one_page(history_client: An
         assert paged == whole and len(whole) > 7, interval
 
 
+def test_a_window_in_unix_seconds_with_a_fraction_bounds_at_that_instant(history_client: Any, market: Any) -> None:
+    """from (inclusive) and to (exclusive) between two whole seconds take the points that instant takes: t-1 plus
+    a fraction keeps an observation at t out of `to` and in `from`, as etl.py reads such a time. They were a 400."""
+    _, seen = market
+    btc = asset_id(history_client, "BTC")
+    times = sorted({o.t for o in seen if o.asset == "BTC"})
+    first, last = times[10], times[20]  # observations at both bounds
+    for fraction in (".5", ".000001", ".999999999"):
+        params = {"interval": "raw", "from": f"{first - 1}{fraction}", "to": f"{last}{fraction}"}
+        body = history_client.get(f"/data/{btc}/history", params=params)
+        assert body.status_code == 200, body.text
+        got = sorted({datetime.fromisoformat(p["observed_at"]).timestamp() for p in body.json["points"]})
+        assert got == times[10:21], fraction
+        assert (body.json["from"], body.json["to"]) == (utc(first), utc(last + 1))
+
+
 def test_the_default_window_ends_just_after_the_newest_observation(history_client: Any, market: Any) -> None:
     _, seen = market
     doge = asset_id(history_client, "DOGE")
