@@ -2000,11 +2000,15 @@ def etag_start(data_version: str, fields: tuple[str, ...]) -> Any:
 # kept, else the close of its latest kept candle that ended by then (hourly, else daily): a seek per tier it is
 # looked for in (MARKET_STATES). Each asset is unified from its listings' states by the ETL's rule (etl.unify;
 # tests/test_as_of.py proves the two agree) as they are read, asset by asset (MARKET_UNIFY), into a TEMP table
-# named asset (the store's own definition), which the connection's statements read before the store's: /data's
-# SQL filters, sorts, counts and pages it as it does the store's. The store keeps no history of a listing's
+# named asset (MARKET_ASSET), which the connection's statements read before the store's: /data's SQL filters,
+# sorts, counts and pages it as it does the store's. The store keeps no history of a listing's
 # symbol and name (its identity) and candles keep no rank, change or status: a listing read from a candle has its
 # current symbol, name and status, and no rank or change.
-MARKET_ASSET = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'asset'"
+# The store's columns of asset with their types, in a rowid table without its key or constraints: a market's rows
+# arrive in asset_id order, one per asset (GROUP BY), so an insert appends to the table's last page, where the
+# store's WITHOUT ROWID b-tree, keyed by text, checked the key and split its pages by rebalancing their neighbours
+# (and a part's rows are copied into the market's table record by record, not decoded and checked again).
+MARKET_ASSET = "CREATE TEMP TABLE asset AS SELECT * FROM main.asset LIMIT 0"
 # What a build needs of a listing besides its history is the same at every moment of one data version: made once
 # per version (MARKET_IDENTITY) and copied into each build's connection as an attached in-memory database
 # (deserialize: a copy of its pages), a build reads it in key order instead of seeking source_map and listing for
@@ -2150,7 +2154,7 @@ class MarketMoved(Exception):
 
 def market_connection(uri: str, identity: MarketIdentity | None) -> sqlite3.Connection:
     """A connection to the store at `uri` (read-only) with `identity` attached as `identity` (empty when None) and
-    the store's definition of asset as a TEMP table."""
+    an empty TEMP table asset (MARKET_ASSET)."""
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {Store.BUSY_TIMEOUT_MS}")
@@ -2160,8 +2164,7 @@ def market_connection(uri: str, identity: MarketIdentity | None) -> sqlite3.Conn
         conn.execute("ATTACH ':memory:' AS identity")  # not within a transaction
         if identity is not None:
             conn.deserialize(identity.pages, name="identity")
-        ((sql,),) = conn.execute(MARKET_ASSET).fetchall()
-        conn.execute(re.sub(r"^CREATE TABLE ", "CREATE TEMP TABLE ", sql))
+        conn.execute(MARKET_ASSET)
     except BaseException:
         conn.close()
         raise
