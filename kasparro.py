@@ -1998,7 +1998,7 @@ def etag_start(data_version: str, fields: tuple[str, ...]) -> Any:
 # The market as of a moment (as_of on /data), built by one SQL statement in a connection of its own. Each
 # listing's state then is its latest observation at or before the moment, from raw_observation while that is
 # kept, else the close of its latest kept candle that ended by then (hourly, else daily): a seek per tier it is
-# looked for in (MARKET_STATES). Each asset is unified from its listings' states by the ETL's rule (etl.unify;
+# looked for in (market_states_sql). Each asset is unified from its listings' states by the ETL's rule (etl.unify;
 # tests/test_as_of.py proves the two agree) as they are read, asset by asset (MARKET_UNIFY), into a TEMP table
 # named asset (MARKET_ASSET), which the connection's statements read before the store's: /data's SQL filters,
 # sorts, counts and pages it as it does the store's. The store keeps no history of a listing's
