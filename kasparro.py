@@ -2113,13 +2113,17 @@ def etag_start(data_version: str, fields: tuple[str, ...]) -> Any:
 # The market as of a moment (as_of on /data), built by one SQL statement in a connection of its own. Each
 # listing's state then is its latest observation at or before the moment, from raw_observation while that is
 # kept, else the close of its latest kept candle that ended by then (hourly, else daily): a seek per tier it is
-# looked for in (MARKET_STATES). Each asset is unified from its listings' states by the ETL's rule (etl.unify;
+# looked for in (market_states_sql). Each asset is unified from its listings' states by the ETL's rule (etl.unify;
 # tests/test_as_of.py proves the two agree) as they are read, asset by asset (MARKET_UNIFY), into a TEMP table
-# named asset (the store's own definition), which the connection's statements read before the store's: /data's
-# SQL filters, sorts, counts and pages it as it does the store's. The store keeps no history of a listing's
+# named asset (MARKET_ASSET), which the connection's statements read before the store's: /data's SQL filters,
+# sorts, counts and pages it as it does the store's. The store keeps no history of a listing's
 # symbol and name (its identity) and candles keep no rank, change or status: a listing read from a candle has its
 # current symbol, name and status, and no rank or change.
-MARKET_ASSET = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'asset'"
+# The store's columns of asset with their types, in a rowid table without its key or constraints: a market's rows
+# arrive in asset_id order, one per asset (GROUP BY), so an insert appends to the table's last page, where the
+# store's WITHOUT ROWID b-tree, keyed by text, checked the key and split its pages by rebalancing their neighbours
+# (and a part's rows are copied into the market's table record by record, not decoded and checked again).
+MARKET_ASSET = "CREATE TEMP TABLE asset AS SELECT * FROM main.asset LIMIT 0"
 # What a build needs of a listing besides its history is the same at every moment of one data version: made once
 # per version (MARKET_IDENTITY) and copied into each build's connection as an attached in-memory database
 # (deserialize: a copy of its pages), a build reads it in key order instead of seeking source_map and listing for
@@ -2151,48 +2155,72 @@ WINDOW asset AS (PARTITION BY m.asset_id ORDER BY m.source, m.source_id
 
 
 def latest_candle_sql(width: int, looked_for: str) -> str:
-    """The start of a listing's latest candle of `width` that ended by ?1, when `looked_for` (else NULL: no seek)."""
-    return (
-        f"CASE WHEN {looked_for} THEN (SELECT t FROM main.candle WHERE listing_id = i.listing_id AND width = {width}"
-        " AND t <= ?1 AND last_at <= ?1 ORDER BY t DESC LIMIT 1) END"
+    """The start of a listing's latest candle of `width` that ended by ?1, when `looked_for` (else NULL: no seek;
+    always when it is empty)."""
+    latest = (
+        f"(SELECT t FROM main.candle WHERE listing_id = i.listing_id AND width = {width} AND t <= ?1 AND last_at <= ?1"
+        " ORDER BY t DESC LIMIT 1)"
     )
+    return f"CASE WHEN {looked_for} THEN {latest} END" if looked_for else latest
 
 
 # Each listing's state at ?1, of the assets ?2 to ?3 (a part of the market: MARKET_PARTS): a listing whose pruned
 # part of a tier (before raw_before, hourly_before) holds the moment is not looked for in it, nor is one found in
-# an earlier tier (the CASEs leave the later joins' keys NULL, which SQLite does not seek). observed_at is in Unix
-# seconds.
-MARKET_STATES = f"""
+# an earlier tier (the CASEs leave the later joins' keys NULL, which SQLite does not seek). A tier that no listing
+# keeps the moment in (before every listing's horizon: MarketIdentity) is left out of the statement, its join and
+# the columns it adds to every listing's row with it. observed_at is in Unix seconds.
+def market_states_sql(tiers: str) -> str:
+    """The states, looked for in the raw tier if `tiers` holds "r", in the hourly one if it holds "h", else in the
+    daily one (kept forever)."""
+    raw = "r" in tiers
+    earlier = ["r"] * raw + ["h"] * ("h" in tiers)  # the joins of the tiers looked in before the daily one
+
+    def latest(raw_column: str, candle_column: str) -> str:
+        """The column of the tier the listing's state was found in."""
+        found = [
+            f"WHEN {t}.listing_id IS NOT NULL THEN {t}.{raw_column if t == 'r' else candle_column}" for t in earlier
+        ]
+        return f"CASE {' '.join(found)} ELSE d.{candle_column} END" if found else f"d.{candle_column}"
+
+    joins = [
+        "LEFT JOIN main.raw_observation r ON r.listing_id = i.listing_id AND r.observed_at = CASE WHEN i.raw_before"
+        " <= ?1 THEN (SELECT observed_at FROM main.raw_observation WHERE listing_id = i.listing_id AND observed_at"
+        " <= ?1 ORDER BY observed_at DESC LIMIT 1) END"
+    ] * raw
+    if "h" in tiers:
+        joins.append(
+            "LEFT JOIN main.candle h ON h.listing_id = i.listing_id AND h.width = 3600 AND h.t ="
+            f" {latest_candle_sql(3600, 'r.listing_id IS NULL AND ' * raw + 'i.hourly_before <= ?1')}"
+        )
+    joins.append(
+        "LEFT JOIN main.candle d ON d.listing_id = i.listing_id AND d.width = 86400 AND d.t ="
+        f" {latest_candle_sql(86400, ' AND '.join(f'{t}.listing_id IS NULL' for t in earlier))}"
+    )
+    joined = "\n".join(joins)
+    return f"""
 SELECT i.asset_id, i.n, i.source, i.special, i.pinned, i.symbol, i.name, i.asset_listings, i.asset_sources,
-       r.listing_id AS raw,
-       iif(r.listing_id IS NULL, i.status, iif(r.active, 'active', 'inactive')) AS status,
-       coalesce(r.observed_at, h.last_at, d.last_at) AS observed_at, r.rank,
-       iif(r.listing_id IS NULL, coalesce(h.close, d.close), r.price_usd) AS price_usd,
-       CASE WHEN r.listing_id IS NOT NULL THEN r.market_cap_usd WHEN h.listing_id IS NOT NULL THEN h.market_cap_usd
-            ELSE d.market_cap_usd END AS market_cap_usd,
-       CASE WHEN r.listing_id IS NOT NULL THEN r.volume_24h_usd WHEN h.listing_id IS NOT NULL THEN h.volume_24h_usd
-            ELSE d.volume_24h_usd END AS volume_24h_usd,
-       r.change_24h_pct
+       {"r.listing_id" if raw else "NULL"} AS raw,
+       {"iif(r.listing_id IS NULL, i.status, iif(r.active, 'active', 'inactive'))" if raw else "i.status"} AS status,
+       {latest("observed_at", "last_at")} AS observed_at, {"r.rank" if raw else "NULL"} AS rank,
+       {latest("price_usd", "close")} AS price_usd, {latest("market_cap_usd", "market_cap_usd")} AS market_cap_usd,
+       {latest("volume_24h_usd", "volume_24h_usd")} AS volume_24h_usd,
+       {"r.change_24h_pct" if raw else "NULL"} AS change_24h_pct
 FROM identity.listing i
-LEFT JOIN main.raw_observation r ON r.listing_id = i.listing_id AND r.observed_at = CASE WHEN i.raw_before <= ?1 THEN
-    (SELECT observed_at FROM main.raw_observation WHERE listing_id = i.listing_id AND observed_at <= ?1
-     ORDER BY observed_at DESC LIMIT 1) END
-LEFT JOIN main.candle h ON h.listing_id = i.listing_id AND h.width = 3600
-    AND h.t = {latest_candle_sql(3600, "r.listing_id IS NULL AND i.hourly_before <= ?1")}
-LEFT JOIN main.candle d ON d.listing_id = i.listing_id AND d.width = 86400
-    AND d.t = {latest_candle_sql(86400, "r.listing_id IS NULL AND h.listing_id IS NULL")}
-WHERE i.asset_id BETWEEN ?2 AND ?3 AND coalesce(r.observed_at, h.last_at, d.last_at) IS NOT NULL
-"""  # daily candles are kept forever; ?2, ?3: the first and last asset of the part of the market built
+{joined}
+WHERE i.asset_id BETWEEN ?2 AND ?3 AND {latest("observed_at", "last_at")} IS NOT NULL
+"""  # ?2, ?3: the first and last asset of the part of the market built
 
 
-def asset_states_sql(columns: str, condition: str = "true", order: str = "") -> str:
-    """`columns` of the states of asset g.asset_id's listings that meet `condition`, in `order`."""
-    return f"(SELECT {columns} FROM ({MARKET_STATES}) s WHERE s.asset_id = g.asset_id AND {condition} {order})"
+def asset_states_sql(states: str, columns: str, condition: str = "true", order: str = "") -> str:
+    """`columns` of the `states` of asset g.asset_id's listings that meet `condition`, in `order`."""
+    return f"(SELECT {columns} FROM ({states}) s WHERE s.asset_id = g.asset_id AND {condition} {order})"
 
 
-def newest_listing_sql(column: str) -> str:
+def newest_listing_sql(states: str, column: str) -> str:
     """An asset's `column` from its newest listing that has one (newest: by observed time, then source, source id)."""
-    return asset_states_sql(f"s.{column}", f"s.{column} IS NOT NULL", "ORDER BY s.observed_at DESC, s.n LIMIT 1")
+    return asset_states_sql(
+        states, f"s.{column}", f"s.{column} IS NOT NULL", "ORDER BY s.observed_at DESC, s.n LIMIT 1"
+    )
 
 
 # etl.unify as the states are read, asset by asset (the identity's key order, so no sort): the one max() gives the
@@ -2201,23 +2229,34 @@ def newest_listing_sql(column: str) -> str:
 # special), that row is the newest and its sources are sorted and distinct: the identity's when all its listings
 # have a state. Then its number is the asset's unless it has none while another listing is there (that may have
 # one: rank and change only raw observations have); only then, for a special asset, or for the sources of one
-# with a listing that has no state yet, are the asset's states read again.
+# with a listing that has no state yet, are the asset's states read again. With no raw tier looked in, no listing
+# has a rank or change to take. updated_at is datetime()'s text with a T for its space and a Z: what
+# strftime('%Y-%m-%dT%H:%M:%SZ') writes, for less work.
 MARKET_NUMBERS = {"rank": " AND raws", "price_usd": "", "market_cap_usd": "", "volume_24h_usd": "",
                   "change_24h_pct": " AND raws"}  # fmt: skip
-MARKET_UNIFY = f"""
+
+
+def market_unify_sql(tiers: str) -> str:
+    """The statement above over the states looked for in `tiers` (market_states_sql)."""
+    states = market_states_sql(tiers)
+    return f"""
 INSERT INTO temp.asset (asset_id, symbol, name, rank, price_usd, market_cap_usd, volume_24h_usd, change_24h_pct,
                         status, sources, updated_at)
 SELECT asset_id, symbol, name,
-       {", ".join(f"iif(special OR ({c} IS NULL AND listings > 1{raw}), {newest_listing_sql(c)}, {c})"
+       {", ".join(f"iif(special OR ({c} IS NULL AND listings > 1{raw}), {newest_listing_sql(states, c)}, {c})"
                   for c, raw in MARKET_NUMBERS.items())},
-       status, iif(special OR listings < asset_listings, {asset_states_sql("json_group_array(DISTINCT s.source)")},
-                   asset_sources),
-       strftime('%Y-%m-%dT%H:%M:%SZ', iif(special, {asset_states_sql("max(s.observed_at)")}, observed_at), 'unixepoch')
+       status, iif(special OR listings < asset_listings,
+                   {asset_states_sql(states, "json_group_array(DISTINCT s.source)")}, asset_sources),
+       replace(datetime(iif(special, {asset_states_sql(states, "max(s.observed_at)")}, observed_at), 'unixepoch'),
+               ' ', 'T') || 'Z'
 FROM (SELECT asset_id, max(iif(pinned, 0, 1 << 62) + (observed_at << 30) - n), symbol, name, status, observed_at,
-             {", ".join(MARKET_NUMBERS)}, special, count(*) AS listings, count(raw) AS raws, asset_listings,
-             asset_sources
-      FROM ({MARKET_STATES}) GROUP BY asset_id) g
+             {", ".join(MARKET_NUMBERS)}, special, count(*) AS listings, {"count(raw)" if "r" in tiers else 0} AS raws,
+             asset_listings, asset_sources
+      FROM ({states}) GROUP BY asset_id) g
 """  # fmt: skip
+
+
+MARKET_UNIFY = {tiers: market_unify_sql(tiers) for tiers in ("rh", "r", "h", "")}
 # /data's source filter reads source_map (asset_id, source, observed_at not null): the market's is its assets'
 # sources, read from their lists when a query asks.
 MARKET_SOURCES = """
@@ -2239,12 +2278,19 @@ MARKET_BUILDERS = concurrent.futures.ThreadPoolExecutor(max(1, MARKET_PARTS - 1)
 
 @dataclass(frozen=True)
 class MarketIdentity:
-    """identity.listing (MARKET_IDENTITY) of one data version, serialized, and the first and last asset of each
-    part of a market built from it (MARKET_PARTS)."""
+    """identity.listing (MARKET_IDENTITY) of one data version, serialized, the first and last asset of each part of a
+    market built from it (MARKET_PARTS), and its listings' earliest raw_before and hourly_before: a moment before
+    one is in no listing's kept part of that tier (market_states_sql)."""
 
     version: DataVersion
     pages: bytes
     parts: tuple[tuple[str, str], ...]
+    raw_from: int
+    hourly_from: int
+
+    def tiers(self, as_of: int) -> str:
+        """The tiers before the daily one that a market at `as_of` looks in (market_states_sql)."""
+        return "r" * (as_of >= self.raw_from) + "h" * (as_of >= self.hourly_from)
 
 
 @dataclass(eq=False)
@@ -2265,7 +2311,7 @@ class MarketMoved(Exception):
 
 def market_connection(uri: str, identity: MarketIdentity | None) -> sqlite3.Connection:
     """A connection to the store at `uri` (read-only) with `identity` attached as `identity` (empty when None) and
-    the store's definition of asset as a TEMP table."""
+    an empty TEMP table asset (MARKET_ASSET)."""
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {Store.BUSY_TIMEOUT_MS}")
@@ -2275,8 +2321,7 @@ def market_connection(uri: str, identity: MarketIdentity | None) -> sqlite3.Conn
         conn.execute("ATTACH ':memory:' AS identity")  # not within a transaction
         if identity is not None:
             conn.deserialize(identity.pages, name="identity")
-        ((sql,),) = conn.execute(MARKET_ASSET).fetchall()
-        conn.execute(re.sub(r"^CREATE TABLE ", "CREATE TEMP TABLE ", sql))
+        conn.execute(MARKET_ASSET)
     except BaseException:
         conn.close()
         raise
@@ -2296,7 +2341,11 @@ def make_identity(conn: sqlite3.Connection, version: DataVersion) -> MarketIdent
     lasts = [conn.execute("SELECT max(asset_id) FROM identity.listing WHERE asset_id < ?", (after,)).fetchone()[0]
              for after in firsts[1:]]  # fmt: skip
     lasts += [a for (a,) in conn.execute("SELECT max(asset_id) FROM identity.listing")][: len(firsts)]
-    return MarketIdentity(version, conn.serialize(name="identity"), tuple(zip(firsts, lasts, strict=True)))
+    ((raw_from, hourly_from),) = conn.execute(
+        "SELECT coalesce(min(raw_before), 0), coalesce(min(hourly_before), 0) FROM identity.listing"
+    ).fetchall()
+    parts = tuple(zip(firsts, lasts, strict=True))
+    return MarketIdentity(version, conn.serialize(name="identity"), parts, raw_from, hourly_from)
 
 
 class MarketBuilders:
@@ -2334,10 +2383,11 @@ class MarketBuilders:
         conn.close()
 
 
-def unify_part(conn: sqlite3.Connection, as_of: int, part: tuple[str, str]) -> tuple[bytes, int]:
-    """One part of the market at `as_of` made in `conn`, in its read transaction, which it ends: the part's temp
-    database (serialized) and its assets."""
-    assets = conn.execute(MARKET_UNIFY, (as_of, *part)).rowcount
+def unify_part(conn: sqlite3.Connection, as_of: int, identity: MarketIdentity, number: int) -> tuple[bytes, int]:
+    """Part `number` of the market at `as_of` made in `conn` (`identity` attached), in its read transaction, which it
+    ends: the part's temp database (serialized) and its assets."""
+    sql = MARKET_UNIFY[identity.tiers(as_of)]
+    assets = conn.execute(sql, (as_of, *identity.parts[number])).rowcount
     conn.execute("COMMIT")
     return conn.serialize(name="temp"), assets
 
@@ -2350,7 +2400,7 @@ def build_part(builders: MarketBuilders, as_of: int, identity: MarketIdentity, n
         conn.execute("BEGIN")
         if read_version(conn) != identity.version:
             raise MarketMoved
-        made = unify_part(conn, as_of, identity.parts[number])
+        made = unify_part(conn, as_of, identity, number)
     except BaseException:
         conn.close()
         raise
@@ -2378,7 +2428,7 @@ def build_market(
                 MARKET_BUILDERS.submit(build_part, builders, as_of, identity, number)
                 for number in range(1, len(identity.parts))
             ]
-            parts = [unify_part(conn, as_of, identity.parts[0])]
+            parts = [unify_part(conn, as_of, identity, 0)]
         except BaseException as error:
             conn.close()
             for other in others:

@@ -104,18 +104,23 @@ def write_feed(path: Path, seen: Iterable[Seen]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same observations loaded day by day, source by source, into a store that keeps them all raw and into
-    one that keeps a day raw and two of hourly candles."""
-    folder = tmp_path_factory.mktemp("as-of")
-    seen = observations()
+def day_feeds(folder: Path, seen: Sequence[Seen]) -> list[tuple[str, Path]]:
+    """`seen` as one feed a day of each source, in the order they are loaded."""
     feeds = []
     for day in range(DAYS):
         lo, hi = START + day * DAY, START + (day + 1) * DAY
         for name in ("a", "b"):
             part = [o for o in seen if o.source == f"csv:{name}" and lo <= o.t < hi]
             feeds.append((name, write_feed(folder / f"{name}{day}.csv", part)))
+    return feeds
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same observations loaded day by day, source by source, into a store that keeps them all raw and into
+    one that keeps a day raw and two of hourly candles."""
+    folder = tmp_path_factory.mktemp("as-of")
+    feeds = day_feeds(folder, observations())
     paths = {}
     for kind, (raw, hourly) in KEEP.items():
         paths[kind] = folder / f"{kind}.db"
@@ -537,3 +542,35 @@ def test_a_part_read_at_another_version_builds_the_market_again(stores: dict[str
         assert market_rows(market) == before_rows
     finally:
         market.conn.close()
+
+
+# Without b-ethereum (which ends early, so its history is pruned less far), every listing has the same horizons
+# when kept 12 hours raw and a day of hourly candles: a moment before them all is read from the daily tier alone,
+# one before raw_before from the hourly and daily tiers, and a build leaves the others out (market_states_sql).
+EVEN = [o for o in SEEN if o.source_id not in ENDED]
+EVEN_KEEP = ("12h", "1d")
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_a_moment_before_every_listings_horizon_equals_the_brute_force(tmp_path: Path, special: bool) -> None:
+    """In the daily tier alone, the hourly and daily ones, and all three; with no special asset, and with one pinned
+    by hand and one listed twice by a source (whose numbers, sources and time are read again from its states)."""
+    db = tmp_path / "even.db"
+    load(db, day_feeds(tmp_path, EVEN), KASPARRO_KEEP_RAW=EVEN_KEEP[0], KASPARRO_KEEP_HOURLY=EVEN_KEEP[1])
+    assert set(query(db, "SELECT raw_before, hourly_before FROM listing")) == {(START + 3 * DAY, START + 2 * DAY)}
+    if special:
+        with etl.sqlite3.connect(db) as conn:
+            conn.execute("UPDATE source_map SET pinned = 1 WHERE source_id = 'b-bitcoin'")
+            conn.execute("UPDATE source_map SET asset_id = 'solana' WHERE source_id = 'a-cardano'")
+    instants = [START + DAY + 1234, START + DAY + DAY // 2 + 77, START + 2 * DAY - 1,  # daily candles alone
+                START + 2 * DAY, START + 2 * DAY + 4321, START + 3 * DAY - 601,  # hourly candles, else daily
+                START + 3 * DAY + 99, START + 4 * DAY]  # fmt: skip
+    with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
+        for instant in instants:
+            expected = brute_force(db, EVEN, instant, EVEN_KEEP)
+            assert len(expected) >= 5
+            for filter_by, sort in (("", "name"), ("active", "-price_usd"), ("source:csv:a", "rank")):
+                params = {"as_of": str(instant), "filter_by": filter_by, "sort": sort, "page_size": "100"}
+                body = client.get("/data", params=params)
+                assert body.status_code == 200, body.text
+                assert body.json["data"] == selected(expected, filter_by, sort)
