@@ -29,6 +29,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -928,12 +929,13 @@ def utf8_fault(body: bytes) -> str:
     return "not UTF-8"
 
 
-def utf8_stream(path: Path) -> BinaryIO:
-    """The file as UTF-8 bytes: UTF-16 or UTF-32 with a byte-order mark is transcoded to a temporary file.
+def utf8_stream(stream: BinaryIO) -> BinaryIO:
+    """An open file as UTF-8 bytes from its start: itself, or (UTF-16 or UTF-32 with a byte-order mark) a temporary
+    file it is transcoded to, which the caller closes.
 
     SourceError naming the line where the UTF-16 or UTF-32 text breaks.
     """
-    stream = path.open("rb")
+    stream.seek(0)
     head = stream.read(4)
     encoding = next((name for bom, name in BOMS if head.startswith(bom)), None)
     stream.seek(0)
@@ -942,20 +944,19 @@ def utf8_stream(path: Path) -> BinaryIO:
     transcoded = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller, who closes it
     decoder = codecs.getincrementaldecoder(encoding)()
     lines = 1
-    with stream:
-        try:
-            while True:
-                state, chunk = decoder.getstate(), stream.read(1 << 20)
-                text = decoder.decode(chunk, final=not chunk)
-                transcoded.write(text.encode("utf-8"))
-                lines += text.count("\n")
-                if not chunk:
-                    break
-        except UnicodeDecodeError as error:
-            transcoded.close()
-            decoder.setstate((b"", state[1]))
-            lines += decoder.decode(error.object[: error.start]).count("\n")
-            raise SourceError(f"line {lines} is not valid {encoding.upper()}: {error.reason}") from None
+    try:
+        while True:
+            state, chunk = decoder.getstate(), stream.read(1 << 20)
+            text = decoder.decode(chunk, final=not chunk)
+            transcoded.write(text.encode("utf-8"))
+            lines += text.count("\n")
+            if not chunk:
+                break
+    except UnicodeDecodeError as error:
+        transcoded.close()
+        decoder.setstate((b"", state[1]))
+        lines += decoder.decode(error.object[: error.start]).count("\n")
+        raise SourceError(f"line {lines} is not valid {encoding.upper()}: {error.reason}") from None
     transcoded.seek(0)
     return transcoded
 
@@ -975,10 +976,56 @@ def csv_problem(error: csv.Error) -> str:
     return next((meaning for start, meaning in CSV_PROBLEMS.items() if start in message), message)
 
 
-def file_fingerprint(path: Path) -> str:
-    """sha256 of the file's bytes: a checkpoint applies only to the same content."""
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
+# What a path that is no regular file names, as os.stat's mode tells (anything else: a device).
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_csv(path: Path) -> BinaryIO:
+    """The CSV file opened for reading; SourceError when it cannot be, or is no regular file.
+
+    A pipe or a device cannot be read twice (its fingerprint, then its rows) nor resumed at a byte offset.
+    """
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISREG(mode):
+            return path.open("rb")
+    except OSError as error:
+        raise SourceError(f"cannot read {path}: {error.strerror or error}") from None
+    kind = next((what for test, what in FILE_KINDS if test(mode)), "a device")
+    raise SourceError(
+        f"{path} is {kind}, not a regular file: a CSV source is read twice (its SHA-256, then its rows) and resumed"
+        " at a byte offset; save it to a file and load that"
+    )
+
+
+def file_state(stream: BinaryIO) -> tuple[int, int]:
+    """An open file's size and modification time in nanoseconds: a write to it changes them."""
+    stats = os.fstat(stream.fileno())
+    return stats.st_size, stats.st_mtime_ns
+
+
+def file_fingerprint(stream: BinaryIO, path: Path) -> tuple[str, tuple[int, int]]:
+    """sha256 of an open file's bytes (a checkpoint applies only to the same content) and the file_state it has;
+    SourceError when it is being written meanwhile."""
+    state = file_state(stream)
+    stream.seek(0)
+    fingerprint = hashlib.file_digest(stream, "sha256").hexdigest()
+    if file_state(stream) != state:
+        raise SourceError(f"{path} changed while it was read (a program is writing it?); the next run reads it again")
+    return fingerprint, state
+
+
+def default_time(modified_ns: int, latest: str) -> tuple[str, str | None]:
+    """The observation time of a CSV row that gives none (the file's modification time, or `latest` if that is
+    later), and why a row cannot take it, if it cannot: before EARLIEST (archives and build tools set 1970)."""
+    try:
+        modified = datetime.fromtimestamp(modified_ns / 1e9, UTC)
+    except (OverflowError, ValueError, OSError):  # after 9999: later than `latest` in any case
+        return latest, None
+    if modified < EARLIEST:
+        when = quoted(format_time(modified))
+        return latest, f"observed_at: missing, and the file's modification time, taken for it, is {TOO_EARLY}: {when}"
+    return min(format_time(modified), latest), None
 
 
 @dataclass
@@ -1358,6 +1405,7 @@ class Intake:
     drift: collections.Counter[str] = field(default_factory=collections.Counter)  # values made null
     unknown: collections.Counter[str] = field(default_factory=collections.Counter)  # fields or columns
     missing: collections.Counter[str] = field(default_factory=collections.Counter)  # fields of records
+    undated: str | None = None  # why a record without a time cannot take the default time, if it cannot
 
     def report(self, absent: Mapping[str, str]) -> dict[str, int]:
         """The source's drift in this run: unknown and missing fields, likely renames, values made null.
@@ -1620,6 +1668,10 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
     if not key:
         raise Rejected(f"name: has no letters or digits: {quoted(name)}")
     rank, price, market_cap, volume, change = numbers
+    status = intake.optional(8, values[8]) or "active"
+    observed_at = intake.optional(9, values[9])
+    if observed_at is None and intake.undated:
+        raise Rejected(intake.undated)
     return Observation(
         source_id=fold_text(source_id) if source_id else f"{slugify(name, ' ') or key}-{symbol.lower()}",
         symbol=symbol,
@@ -1630,8 +1682,8 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
         market_cap_usd=market_cap,  # type: ignore[arg-type]
         volume_24h_usd=volume,  # type: ignore[arg-type]
         change_24h_pct=change,  # type: ignore[arg-type]
-        status=intake.optional(8, values[8]) or "active",  # type: ignore[arg-type]
-        observed_at=intake.optional(9, values[9]) or default_time,  # type: ignore[arg-type]
+        status=status,  # type: ignore[arg-type]
+        observed_at=observed_at or default_time,  # type: ignore[arg-type]
     )
 
 
@@ -2326,12 +2378,20 @@ class Progress:
 def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, config: EtlConfig) -> Loaded:
     """Stream a CSV into the store in batches, each committed with its checkpoint."""
     path = source.path
-    try:
-        fingerprint = file_fingerprint(path)
-        stat = path.stat()
-        default_time = format_time(datetime.fromtimestamp(stat.st_mtime, UTC))
-    except OSError as error:
-        raise SourceError(f"cannot read {path}: {error.strerror or error}") from None
+    with open_csv(path) as original:
+        return load_csv_file(conn, run_id, source, config, original)
+
+
+def load_csv_file(
+    conn: sqlite3.Connection, run_id: int, source: CsvSource, config: EtlConfig, original: BinaryIO
+) -> Loaded:
+    """load_csv of the open file: each batch is committed only while the file is as its fingerprint was taken.
+
+    A program writing the file meanwhile (in place: a rename over it leaves this one whole) fails the source after
+    the batches read before; the next run reads the file again, resuming if it has the same content again.
+    """
+    path = source.path
+    fingerprint, state = file_fingerprint(original, path)
     checkpoint = conn.execute(
         "SELECT fingerprint, position, line, complete, run_id FROM checkpoint WHERE source = ?", (source.name,)
     ).fetchone()
@@ -2340,22 +2400,29 @@ def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, config: E
     resume = checkpoint is not None and checkpoint[0] == fingerprint and checkpoint[1] > 0
     tally = Tally()
     headers: list[int] = []
-    with utf8_stream(path) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
+    with utf8_stream(original) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
         progress = Progress(source.name, os.fstat(stream.fileno()).st_size)
-        default_time = min(default_time, loader.latest)
+        row_time, undated = default_time(state[1], loader.latest)
         position = ReadPosition()
         lines = decoded_lines(stream, position)
         reader = csv.reader(lines, strict=True)
         header = csv_header(reader, path)
         layout = csv_layout(header)
-        intake = Intake(loader.latest, upstream=False, labels=layout.labels(header))
+        intake = Intake(loader.latest, upstream=False, labels=layout.labels(header), undated=undated)
         intake.unknown.update(layout.ignored)
         if resume:
             stream.seek(checkpoint[1])
             position.offset, position.line = checkpoint[1], checkpoint[2]
             log.info("resuming", source=source.name, line=position.line, offset=position.offset)
-        for batch in csv_batches(reader, position, layout, default_time, config.batch_rows, intake):
+        done = position.line  # the last line committed
+        for batch in csv_batches(reader, position, layout, row_time, config.batch_rows, intake):
+            if file_state(original) != state:
+                raise SourceError(
+                    f"{path} changed while it was read, after line {done:,} (a program is writing it?): the lines"
+                    " up to it stay loaded, and the next run reads it again"
+                )
             committed = loader.commit(batch, fingerprint, batch.end, complete=batch.final)
+            done = batch.end.line
             tally.add(Tally(batch.read, committed, len(batch.rejects)))
             headers += batch.headers
             log.debug("batch committed", source=source.name, line=batch.end.line, rows=batch.read, loaded=committed)
