@@ -144,15 +144,17 @@ class EtlConfig:
             sources=sources or (f"csv:{SAMPLE_CSV}",),
             log_level=environ.get("LOG_LEVEL", "info").lower(),
             env=environ.get("ENV", "development"),
-            coingecko_url=environ.get("KASPARRO_COINGECKO_URL")
-            or (COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL),
+            coingecko_url=upstream_url(
+                environ, "KASPARRO_COINGECKO_URL", COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL
+            ),
             coingecko_key=environ.get("COINGECKO_API_KEY") or None,
             coingecko_plan=plan,
             coingecko_max_pages=setting(environ, "KASPARRO_COINGECKO_MAX_PAGES", cls.coingecko_max_pages, COUNT),
             coingecko_rate=request_rate(environ, "KASPARRO_COINGECKO_RATE", cls.coingecko_rate),
             coinpaprika_rate=request_rate(environ, "KASPARRO_COINPAPRIKA_RATE", cls.coinpaprika_rate),
-            coinpaprika_url=environ.get("KASPARRO_COINPAPRIKA_URL")
-            or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
+            coinpaprika_url=upstream_url(
+                environ, "KASPARRO_COINPAPRIKA_URL", COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL
+            ),
             coinpaprika_key=paprika_key,
             raw_keep_runs=setting(environ, "KASPARRO_RAW_KEEP_RUNS", cls.raw_keep_runs, (0, COUNT[1])),
             retention=retention(environ),
@@ -192,6 +194,33 @@ def setting(environ: Mapping[str, str], name: str, default: Number, bounds: tupl
 def request_rate(environ: Mapping[str, str], name: str, default: float) -> float:
     """A rate limit in requests a minute from the environment; UsageError unless a positive number."""
     return setting(environ, name, default, (0.001, COUNT[1]))
+
+
+def upstream_url(environ: Mapping[str, str], name: str, default: str) -> str:
+    """An upstream's base URL from the environment, or `default`; UsageError naming the variable unless http(s)
+    with a host and a port from 1 to 65535 (which would fail the run later, or end it with a traceback)."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError:  # an unclosed [ of an IPv6 host
+        problem = "it cannot be read as a URL"
+    else:
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or over 65535
+            port = 0
+        problem = (
+            "it does not start with http:// or https://" if parts.scheme not in ("http", "https")
+            else "it names no host" if not parts.hostname
+            else "its port is not a number from 1 to 65,535" if port == 0
+            else ""
+        )  # fmt: skip
+    if problem:
+        example = COINGECKO_URL if "GECKO" in name else COINPAPRIKA_URL
+        raise UsageError(f"{name} must be an http:// or https:// address such as {example}: {problem}")
+    return value
 
 
 DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")

@@ -49,6 +49,39 @@ def test_a_numeric_setting_out_of_range_is_a_usage_error_naming_it(
     assert not db.exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("KASPARRO_COINGECKO_URL", "http://[::1", "it cannot be read as a URL"),  # tracebacks, the run left 'running'
+        ("KASPARRO_COINGECKO_URL", "http://localhost:99999", "its port is not a number from 1 to 65,535"),
+        ("KASPARRO_COINPAPRIKA_URL", "http://localhost:80a0", "its port is not a number from 1 to 65,535"),
+        ("KASPARRO_COINPAPRIKA_URL", "localhost:8000", "it does not start with http:// or https://"),  # failed the run
+        ("KASPARRO_COINGECKO_URL", "ftp://mirror.example", "it does not start with http:// or https://"),
+        ("KASPARRO_COINGECKO_URL", "https://", "it names no host"),
+    ],
+)
+def test_an_upstream_url_that_is_not_one_is_a_usage_error_naming_it(
+    tmp_path: Path, name: str, value: str, problem: str
+) -> None:
+    db = tmp_path / "store.db"
+    result = run_etl(db, "coingecko", "coinpaprika", **{name: value})
+    example = etl.COINGECKO_URL if "GECKO" in name else etl.COINPAPRIKA_URL
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: {name} must be an http:// or https:// address such as {example}: {problem}\n",
+    )
+    assert not db.exists()
+
+
+def test_upstream_urls_are_taken_as_given_or_defaulted() -> None:
+    config = etl.EtlConfig.from_env(
+        {"KASPARRO_COINGECKO_URL": " http://[::1]:8080/ ", "KASPARRO_COINPAPRIKA_URL": "", "COINGECKO_API_KEY": "k"}
+    )
+    assert (config.coingecko_url, config.coinpaprika_url) == ("http://[::1]:8080/", etl.COINPAPRIKA_URL)
+    config = etl.EtlConfig.from_env({"KASPARRO_COINGECKO_PLAN": "pro", "COINPAPRIKA_API_KEY": "k"})
+    assert (config.coingecko_url, config.coinpaprika_url) == (etl.COINGECKO_PRO_URL, etl.COINPAPRIKA_PRO_URL)
+
+
 def test_numeric_settings_in_range_are_taken(tmp_path: Path) -> None:
     config = etl.EtlConfig.from_env(
         {"KASPARRO_HTTP_TIMEOUT": " 0.5 ", "KASPARRO_BUSY_TIMEOUT": "0", "KASPARRO_RAW_KEEP_RUNS": "0",
