@@ -2792,6 +2792,9 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(db, sources, config)
+    except (Interrupted, KeyboardInterrupt) as stop:  # before the run was recorded as started
+        print(f"etl.py: error: {str(stop) or 'interrupted'} before the run began", file=sys.stderr)
+        return EXIT_FAILED
     except UsageError as error:
         print(f"etl.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -2818,10 +2821,10 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
     try:
         apply_schema(conn)
         run_id = start_run(conn, sources)
-        structlog.contextvars.bind_contextvars(run_id=run_id)
-        log.info("run started", db=str(db), sources=[s.name for s in sources])
         outcomes: list[SourceOutcome] = []
         try:
+            structlog.contextvars.bind_contextvars(run_id=run_id)
+            log.info("run started", db=str(db), sources=[s.name for s in sources])
             outcomes = [run_source(conn, run_id, source, config) for source in sources]
         except (Interrupted, KeyboardInterrupt) as stop:
             reason = str(stop) or "interrupted"
@@ -2845,8 +2848,11 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
         except sqlite3.Error as fault:
             cause = store_fault(fault, config)
             return record_lost(run_id, error or cause, cause)
-        with cleanup("wal checkpoint"):
-            end_wal(conn, config.wal_checkpoint)
+        try:
+            with cleanup("wal checkpoint"):
+                end_wal(conn, config.wal_checkpoint)
+        except (Interrupted, KeyboardInterrupt) as stop:  # the run's end is recorded, and stands
+            log.warning("wal checkpoint skipped", reason=str(stop) or "interrupted")
         total = Tally()
         for outcome in outcomes:
             total.add(outcome.tally)
