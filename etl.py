@@ -2068,14 +2068,20 @@ class Loaded:
     drift: dict[str, int] = field(default_factory=dict)  # what was counted -> how often
 
 
+def store_uri(db: Path) -> str:
+    """An SQLite URI of the file at `db`: '?', '#' and '%' in its path are escaped, which a URI would read."""
+    return f"file:{urllib.parse.quote(str(db.resolve()))}"
+
+
 def connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
     """A writer connection in autocommit mode; transactions are explicit.
 
     Another process's write transaction is waited for up to `busy_timeout`
     seconds, then the statement fails with "database is locked": the run
-    fails clearly instead of hanging.
+    fails clearly instead of hanging. The store is opened by a URI of its path, as the API opens it, so that
+    any path is one file: given plainly, ':memory:' would be SQLite's in-memory database.
     """
-    conn = sqlite3.connect(db, isolation_level=None, timeout=busy_timeout)
+    conn = sqlite3.connect(store_uri(db), uri=True, isolation_level=None, timeout=busy_timeout)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA synchronous = NORMAL")

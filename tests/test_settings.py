@@ -4,10 +4,14 @@ subprocesses."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,6 +137,31 @@ def test_a_store_path_that_cannot_be_a_file_is_a_usage_error(tmp_path: Path, whe
             f"etl.py: error: the store {shown!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)\n",
         )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [":memory:", "store#1?.db", "100%.db"])
+def test_a_store_path_is_one_file_for_the_etl_and_the_api_whatever_its_characters(
+    live_server: Any, tmp_path: Path, name: str
+) -> None:
+    """KASPARRO_DB=:memory: loaded the sample into SQLite's in-memory database: exit 0, 255 rows 'loaded', nothing
+    kept (the API reads a file of that name). A path with '#' or '?' was written by the ETL and read by the API,
+    which opens it by a URI, only up to that character: unhealthy for as long as it ran."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "etl.py")],
+        cwd=tmp_path,
+        env=etl_env(KASPARRO_DB=name),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    db = tmp_path / name
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM asset").fetchone() == (255,)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [name, f"{name}.etl-lock"]
+    server = live_server(db, LOG_LEVEL="warning")
+    status, _, body = server.get("/data/bitcoin")
+    assert status == 200 and json.loads(body)["symbol"] == "BTC"
 
 
 @pytest.mark.parametrize("stem", ["a|b", "markets,2026-11-25"])
