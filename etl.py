@@ -845,14 +845,14 @@ class CsvLayout:
     columns: tuple[int | None, ...]  # per canonical field: column index or None
     ignored: tuple[str, ...]  # header names that map to no field (schema drift)
     header: tuple[str, ...] = ()  # the header's names as header_key() compares them
-    first: str = ""  # the first name, stripped and case-folded
+    names: frozenset[str] = frozenset()  # the names, stripped and case-folded
 
     def is_header(self, cells: Sequence[str]) -> bool:
-        """Whether a row repeats the header, in any case or spacing (files concatenated with theirs)."""
+        """Whether a row repeats the header's names, in any case, spacing or order (files concatenated with theirs)."""
         return (
             len(cells) == self.width
-            and cells[0].strip().lstrip("\ufeff").casefold() == self.first  # cheap: most rows stop here
-            and tuple(map(header_key, cells)) == self.header
+            and cells[0].strip().lstrip("\ufeff").casefold() in self.names  # cheap: most rows stop here
+            and sorted(map(header_key, cells)) == sorted(self.header)
         )
 
     def labels(self, header: Sequence[str]) -> tuple[str, ...]:
@@ -892,8 +892,8 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
         shown = ", ".join(repr(name[:40]) for name in header[:20]) + (", …" if len(header) > 20 else "")
         raise SourceError(f"header has no {' or '.join(missing)} column; its columns: {shown}")
     columns = tuple(found.get(name) for name in CSV_ALIASES)
-    first = header[0].strip().lstrip("\ufeff").casefold()
-    return CsvLayout(len(header), columns, tuple(ignored), tuple(map(header_key, header)), first)
+    names = frozenset(name.strip().lstrip("\ufeff").casefold() for name in header)
+    return CsvLayout(len(header), columns, tuple(ignored), tuple(map(header_key, header)), names)
 
 
 @dataclass
@@ -1089,11 +1089,15 @@ def csv_batches(
     batch_rows: int,
     intake: Intake,
 ) -> Iterator[Batch]:
-    """Group parsed rows into batches, each stamped with the position it ends at."""
+    """Group parsed rows into batches, each stamped with the position it ends at.
+
+    A repeated header (skipped) whose columns are in another order ends the batch before it, then SourceError:
+    the rows after it, read in the first header's order, would mix up their fields.
+    """
     batch = Batch()
     columns = layout.columns
     while True:
-        first_line = position.line + 1
+        first_line, offset = position.line + 1, position.offset
         try:
             cells = next(reader)
         except StopIteration:
@@ -1105,6 +1109,14 @@ def csv_batches(
         if not cells or cells == [""]:
             continue
         if layout.is_header(cells):
+            if tuple(map(header_key, cells)) != layout.header:
+                batch.end = ReadPosition(offset, first_line - 1)
+                yield batch
+                names = ", ".join(cell.strip().lstrip("\ufeff") for cell in cells[:20])
+                raise SourceError(
+                    f"line {first_line} repeats the header with its columns in another order ({names[:400]}): the rows"
+                    " after it would be read in the first header's order; load them as a file of their own"
+                )
             batch.headers.append(first_line)
             continue
         batch.read += 1

@@ -148,3 +148,28 @@ def test_rows_dated_by_a_file_modified_before_2009_are_rejected_saying_so(tmp_pa
     )
     assert query(db, "SELECT line, reason FROM reject ORDER BY line") == [(3, reason), (4, reason)]
     assert query(db, "SELECT asset_id, updated_at FROM asset") == [("bitcoin", "2026-11-25T12:00:00Z")]
+
+
+@pytest.mark.parametrize(
+    ("header", "batch_rows"),
+    [("name,symbol,price", "50000"), ("\ufeffName , SYMBOL,Price", "1")],
+    ids=["same-case", "bom-case-spacing-one-row-batches"],
+)
+def test_a_header_repeated_in_another_order_stops_the_file_before_it(tmp_path: Path, header: str, batch_rows: str):
+    """Files concatenated with their headers, the second's columns in another order, were read in the first's
+    order: ETH loaded as symbol ETHEREUM named 'ETH', and the header itself was rejected as "price_usd: not a
+    number: 'price'". The rows before it load; the source fails there, saying why, in this run and the next."""
+    feed = tmp_path / "feed.csv"
+    feed.write_text(f"symbol,name,price\nBTC,Bitcoin,95000\n{header}\nEthereum,ETH,3400\nSolana,SOL,240\n")
+    db = tmp_path / "store.db"
+    names = ", ".join(name.strip() for name in header.lstrip("\ufeff").split(","))
+    for run in (1, 2):
+        result = run_etl(db, f"csv:{feed}", KASPARRO_BATCH_ROWS=batch_rows)
+        assert result.returncode == etl.EXIT_FAILED and "Traceback" not in result.stderr
+        (error,) = query(db, "SELECT error FROM run_source WHERE run_id = ?", (run,))[0]
+        assert error == (
+            f"line 3 repeats the header with its columns in another order ({names}): the"
+            " rows after it would be read in the first header's order; load them as a file of their own"
+        ), error
+        assert query(db, "SELECT asset_id, symbol, name FROM asset") == [("bitcoin", "BTC", "Bitcoin")]
+        assert query(db, "SELECT count(*) FROM reject") == [(0,)]
