@@ -130,7 +130,9 @@ class EtlConfig:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> EtlConfig:
         """Build the config from the variables of SPEC.md (and a few HTTP knobs), with defaults."""
         sources = tuple(s.strip() for s in environ.get("KASPARRO_SOURCES", "").split(",") if s.strip())
-        plan = environ.get("KASPARRO_COINGECKO_PLAN", "demo").strip().lower()
+        plan = environ.get("KASPARRO_COINGECKO_PLAN", "").strip().lower() or "demo"
+        if plan not in ("demo", "pro"):  # another word would send a paid key in the demo header, to the public URL
+            raise UsageError(f"KASPARRO_COINGECKO_PLAN must be demo or pro, not {environ['KASPARRO_COINGECKO_PLAN']!r}")
         paprika_key = environ.get("COINPAPRIKA_API_KEY") or None
         http = HttpPolicy(
             read_timeout=setting(environ, "KASPARRO_HTTP_TIMEOUT", HttpPolicy.read_timeout, SECONDS),

@@ -77,12 +77,25 @@ def test_an_upstream_url_that_is_not_one_is_a_usage_error_naming_it(
     assert not db.exists()
 
 
+@pytest.mark.parametrize("plan", ["enterprise", "paid", "analyst"])
+def test_a_coingecko_plan_other_than_demo_or_pro_is_a_usage_error(tmp_path: Path, plan: str) -> None:
+    """Any other word was taken for demo: a paid key went in the demo header to the public URL, and the run
+    failed with CoinGecko's refusal, naming no setting."""
+    db = tmp_path / "store.db"
+    result = run_etl(db, "coingecko", KASPARRO_COINGECKO_PLAN=plan, COINGECKO_API_KEY="k")
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: KASPARRO_COINGECKO_PLAN must be demo or pro, not {plan!r}\n",
+    )
+    assert not db.exists()
+
+
 def test_upstream_urls_are_taken_as_given_or_defaulted() -> None:
     config = etl.EtlConfig.from_env(
         {"KASPARRO_COINGECKO_URL": " http://[::1]:8080/ ", "KASPARRO_COINPAPRIKA_URL": "", "COINGECKO_API_KEY": "k"}
     )
     assert (config.coingecko_url, config.coinpaprika_url) == ("http://[::1]:8080/", etl.COINPAPRIKA_URL)
-    config = etl.EtlConfig.from_env({"KASPARRO_COINGECKO_PLAN": "pro", "COINPAPRIKA_API_KEY": "k"})
+    config = etl.EtlConfig.from_env({"KASPARRO_COINGECKO_PLAN": " Pro ", "COINPAPRIKA_API_KEY": "k"})
     assert (config.coingecko_url, config.coinpaprika_url) == (etl.COINGECKO_PRO_URL, etl.COINPAPRIKA_PRO_URL)
 
 
