@@ -1313,7 +1313,7 @@ def page_batches(upstream: HttpSource, pages: Iterator[Page], intake: Intake) ->
             try:
                 observation = normalise_cells(record_cells(upstream, record, intake), raw.fetched_at, intake)
             except Rejected as reason:
-                raw_record = msgspec.json.encode(record)[:RAW_REJECT_CHARS].decode()
+                raw_record = msgspec.json.encode(record).decode()[:RAW_REJECT_CHARS]  # whole characters
                 batch.rejects.append((index, str(reason), raw_record))
             else:
                 batch.observations.append((index, *msgspec.structs.astuple(observation)))
