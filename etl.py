@@ -906,12 +906,15 @@ class ReadPosition:
     line: int = 0  # a CSV's physical line, or the upstream records read so far
 
 
-def decoded_lines(stream: BinaryIO, position: ReadPosition) -> Iterator[str]:
-    """Yield the stream's lines as text, keeping `position` at the end of the last one.
+def decoded_lines(stream: BinaryIO, position: ReadPosition, end: int) -> Iterator[str]:
+    """Yield the stream's lines as text up to byte `end` (what was there when its fingerprint was taken: the rest
+    was written since), keeping `position` at the end of the last one.
 
     SourceError at the first line that is not UTF-8, naming the line and the byte.
     """
     for raw in stream:
+        if position.offset + len(raw) > end:  # the line was being written then: it is not read
+            return
         position.offset += len(raw)
         position.line += 1
         try:
@@ -960,11 +963,11 @@ def utf8_fault(body: bytes) -> str:
     return "not UTF-8"
 
 
-def utf8_stream(stream: BinaryIO) -> BinaryIO:
+def utf8_stream(stream: BinaryIO, size: int) -> BinaryIO:
     """An open file as UTF-8 bytes from its start: itself, or (UTF-16 or UTF-32 with a byte-order mark) a temporary
-    file it is transcoded to, which the caller closes.
+    file its first `size` bytes are transcoded to, which the caller closes.
 
-    SourceError naming the line where the UTF-16 or UTF-32 text breaks.
+    SourceError naming the line where the UTF-16 or UTF-32 text breaks, or when the file is shorter than `size`.
     """
     stream.seek(0)
     head = stream.read(4)
@@ -977,7 +980,12 @@ def utf8_stream(stream: BinaryIO) -> BinaryIO:
     lines = 1
     try:
         while True:
-            state, chunk = decoder.getstate(), stream.read(1 << 20)
+            state, chunk = decoder.getstate(), stream.read(min(1 << 20, size - stream.tell()))
+            if not chunk and stream.tell() < size:
+                transcoded.close()
+                raise SourceError(
+                    "it became shorter while it was read (a program is writing it?); the next run reads it again"
+                )
             text = decoder.decode(chunk, final=not chunk)
             transcoded.write(text.encode("utf-8"))
             lines += text.count("\n")
@@ -1035,14 +1043,39 @@ def file_state(stream: BinaryIO) -> tuple[int, int]:
     return stats.st_size, stats.st_mtime_ns
 
 
+def file_changed(path: Path, line: int) -> SourceError:
+    """The error of a CSV file whose bytes were rewritten while a run read them, after `line` was committed."""
+    return SourceError(
+        f"{path} changed while it was read, after line {line:,} (a program is writing it?): the lines up to it stay"
+        " loaded, and the next run reads it again"
+    )
+
+
+def ends_line(stream: BinaryIO, end: int) -> bool:
+    """Whether the open file's first `end` bytes end with a line break (or are none)."""
+    return end == 0 or os.pread(stream.fileno(), 1, end - 1) == b"\n"
+
+
+def prefix_fingerprint(stream: BinaryIO, size: int) -> str:
+    """sha256 of the open file's first `size` bytes as they are now ('' when it is shorter), read without moving
+    the stream's position."""
+    digest, offset = hashlib.sha256(), 0
+    while offset < size:
+        chunk = os.pread(stream.fileno(), min(1 << 20, size - offset), offset)
+        if not chunk:
+            return ""
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
 def file_fingerprint(stream: BinaryIO, path: Path) -> tuple[str, tuple[int, int]]:
-    """sha256 of an open file's bytes (a checkpoint applies only to the same content) and the file_state it has;
-    SourceError when it is being written meanwhile."""
+    """sha256 of an open file's bytes (a checkpoint applies only to the same content) and the file_state it had
+    before; SourceError when it becomes shorter meanwhile. Bytes appended meanwhile are not hashed."""
     state = file_state(stream)
-    stream.seek(0)
-    fingerprint = hashlib.file_digest(stream, "sha256").hexdigest()
-    if file_state(stream) != state:
-        raise SourceError(f"{path} changed while it was read (a program is writing it?); the next run reads it again")
+    fingerprint = prefix_fingerprint(stream, state[0])
+    if not fingerprint:
+        raise SourceError(f"{path} became shorter while it was read (a program is writing it?); the next run reads it")
     return fingerprint, state
 
 
@@ -2434,10 +2467,12 @@ def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, config: E
 def load_csv_file(
     conn: sqlite3.Connection, run_id: int, source: CsvSource, config: EtlConfig, original: BinaryIO
 ) -> Loaded:
-    """load_csv of the open file: each batch is committed only while the file is as its fingerprint was taken.
+    """load_csv of the open file: its bytes as they were when the fingerprint was taken, each batch committed only
+    while they still are.
 
-    A program writing the file meanwhile (in place: a rename over it leaves this one whole) fails the source after
-    the batches read before; the next run reads the file again, resuming if it has the same content again.
+    Bytes written after them (an append) are left to the next run. A program rewriting them meanwhile (in place: a
+    rename over the file leaves this one whole) fails the source after the batches read before; the next run reads
+    the file again, resuming if it has the same content again.
     """
     path = source.path
     fingerprint, state = file_fingerprint(original, path)
@@ -2449,11 +2484,13 @@ def load_csv_file(
     resume = checkpoint is not None and checkpoint[0] == fingerprint and checkpoint[1] > 0
     tally = Tally()
     headers: list[int] = []
-    with utf8_stream(original) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
-        progress = Progress(source.name, os.fstat(stream.fileno()).st_size)
+    size = state[0]
+    with utf8_stream(original, size) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
+        end = size if stream is original else os.fstat(stream.fileno()).st_size
+        progress = Progress(source.name, end)
         row_time, undated = default_time(state[1], loader.latest)
         position = ReadPosition()
-        lines = decoded_lines(stream, position)
+        lines = decoded_lines(stream, position, end)
         reader = csv.reader(lines, strict=True)
         header = csv_header(reader, path)
         layout = csv_layout(header)
@@ -2463,13 +2500,16 @@ def load_csv_file(
             stream.seek(checkpoint[1])
             position.offset, position.line = checkpoint[1], checkpoint[2]
             log.info("resuming", source=source.name, line=position.line, offset=position.offset)
-        done = position.line  # the last line committed
+        done, grown = position.line, False  # the last line committed; whether bytes were appended since
         for batch in csv_batches(reader, position, layout, row_time, config.batch_rows, intake):
-            if file_state(original) != state:
-                raise SourceError(
-                    f"{path} changed while it was read, after line {done:,} (a program is writing it?): the lines"
-                    " up to it stay loaded, and the next run reads it again"
-                )
+            if file_state(original) != state:  # written since: only after the bytes read (appended), or among them
+                if prefix_fingerprint(original, size) != fingerprint:
+                    raise file_changed(path, done)
+                state, grown = file_state(original), True
+            # The end not reached (cut short under the reader, or a line being written then), or a last line that a
+            # write since may have gone on with: the next run reads the file as it then is.
+            if batch.final and (batch.end.offset < end or (grown and not ends_line(stream, end))):
+                raise file_changed(path, done)
             committed = loader.commit(batch, fingerprint, batch.end, complete=batch.final)
             done = batch.end.line
             tally.add(Tally(batch.read, committed, len(batch.rejects)))
