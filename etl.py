@@ -1254,6 +1254,27 @@ def mend_half_pairs(body: bytes) -> tuple[bytes, int]:
     return JSON_ESCAPE.sub(mend, body), halves
 
 
+# msgspec's words for an integer longer than it reads: over 4,300 digits, CPython's own limit for int().
+JSON_INTEGER_TOO_LONG = "Integer value out of range"
+
+
+def long_integer(text: str) -> int | float:
+    """A JSON integer as int, or one too long for int() as a float (inf: its field becomes null, as for 1e400)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def no_constant(name: str) -> object:
+    raise ValueError(f"{name} is no JSON value")
+
+
+def decode_long_integers(body: bytes) -> object:
+    """A valid JSON document that msgspec refuses for an integer too long for it, by the stdlib's decoder."""
+    return json.loads(body, parse_int=long_integer, parse_constant=no_constant)
+
+
 def decode_records(body: bytes, where: str) -> list[object]:
     """The JSON array of records in a response body (UTF-8 with or without a byte-order mark, or UTF-16 or
     UTF-32 with one), or SourceError saying what came instead."""
@@ -1261,16 +1282,25 @@ def decode_records(body: bytes, where: str) -> list[object]:
     try:
         try:
             records = decode_json(body)
-        except msgspec.DecodeError:
+        except msgspec.DecodeError as error:
             mended, halves = mend_half_pairs(body)
-            if not halves:
+            if str(error).startswith(JSON_INTEGER_TOO_LONG):
+                records = decode_long_integers(mended)
+            elif halves:
+                records = decode_json(mended)
+            else:
                 raise
-            records = decode_json(mended)
-            log.warning("half UTF-16 pairs replaced by U+FFFD", url=where, count=halves)
+            if halves:
+                log.warning("half UTF-16 pairs replaced by U+FFFD", url=where, count=halves)
     except msgspec.DecodeError as error:
         raise SourceError(f"{where}: {json_fault(body, str(error))}") from None
     except UnicodeDecodeError:  # msgspec reads the text of strings as it goes
         raise SourceError(f"{where}: {utf8_fault(body)}") from None
+    except json.JSONDecodeError as error:
+        at = f"at line {error.lineno}, column {error.colno}, in {len(body):,} bytes starting {printable(body[:40])!r}"
+        raise SourceError(f"{where}: not valid JSON: {error.msg.lower()} {at}") from None
+    except ValueError as error:  # a NaN or Infinity, which decode_long_integers refuses as msgspec does
+        raise SourceError(f"{where}: not valid JSON: {error}") from None
     except RecursionError:
         raise SourceError(f"{where}: JSON nested too deeply") from None
     if not isinstance(records, list):

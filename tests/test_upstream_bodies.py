@@ -348,3 +348,27 @@ def test_a_rejected_record_is_kept_cut_at_a_character_not_inside_one(
         (2, "missing required field 'symbol'", kept[0]),
         (3, "missing required field 'symbol'", kept[1]),
     ]
+
+
+@pytest.mark.parametrize(
+    ("field", "drift"),
+    [
+        ("market_cap", "invalid field 'market_cap': not finite"),
+        ("total_volume", "invalid field 'total_volume': not finite"),
+        ("last_updated", "invalid field 'last_updated': not an RFC 3339 time or Unix seconds or milliseconds"),
+    ],
+)
+def test_an_integer_too_long_to_read_makes_its_field_null_not_the_page_fail(
+    upstream: Any, tmp_path: Path, field: str, drift: str
+) -> None:
+    """An integer of over 4,300 digits is valid JSON that msgspec (like CPython's int()) refuses: the whole page
+    failed as 'not valid JSON', its other records with it, where 1e400 only makes its own field null."""
+    page = markets(["Bitcoin", "Café Coin"])
+    page[1][field] = "an integer"
+    upstream.route(COINGECKO_MARKETS, Reply(body=json.dumps(page).replace('"an integer"', "9" * 5000)))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert loaded_names(db) == NAMES[:2]
+    ((drift_json,),) = query(db, "SELECT drift FROM run_source")
+    assert json.loads(drift_json) == {drift: 1}
