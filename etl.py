@@ -1079,7 +1079,7 @@ def file_fingerprint(stream: BinaryIO, path: Path) -> tuple[str, tuple[int, int]
     return fingerprint, state
 
 
-def default_time(modified_ns: int, latest: str) -> tuple[str, str | None]:
+def time_of_undated_rows(modified_ns: int, latest: str) -> tuple[str, str | None]:
     """The observation time of a CSV row that gives none (the file's modification time, or `latest` if that is
     later), and why a row cannot take it, if it cannot: before EARLIEST (archives and build tools set 1970)."""
     try:
@@ -1267,6 +1267,7 @@ def long_integer(text: str) -> int | float:
 
 
 def no_constant(name: str) -> object:
+    """NaN, Infinity and -Infinity, which the stdlib's decoder takes: no JSON values, and msgspec refuses them."""
     raise ValueError(f"{name} is no JSON value")
 
 
@@ -2518,7 +2519,7 @@ def load_csv_file(
     with utf8_stream(original, size) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
         end = size if stream is original else os.fstat(stream.fileno()).st_size
         progress = Progress(source.name, end)
-        row_time, undated = default_time(state[1], loader.latest)
+        row_time, undated = time_of_undated_rows(state[1], loader.latest)
         position = ReadPosition()
         lines = decoded_lines(stream, position, end)
         reader = csv.reader(lines, strict=True)
