@@ -1141,7 +1141,7 @@ def csv_batches(
             batch.read += 1
             batch.rejects.append((first_line, f"malformed CSV: {csv_problem(error)}", ""))
             continue
-        if not cells or cells == [""]:
+        if not cells or (not cells[0].strip() and not "".join(cells).strip()):  # a blank line, or ',,' of a sheet
             continue
         if layout.is_header(cells):
             if tuple(map(header_key, cells)) != layout.header:

@@ -85,3 +85,17 @@ def test_an_accent_does_not_split_a_new_assets_slug(tmp_path: Path) -> None:
     assert run_etl(db, f"csv:{with_ids}", f"csv:{without}").returncode == 0
     assert sorted(query(db, "SELECT asset_id FROM asset")) == [("cafe-uber",), ("pokemon",), ("uber",)]
     assert query(db, "SELECT source_id FROM source_map WHERE source = 'csv:without'") == [("cafe-u-ber-cf",)]
+
+
+def test_rows_of_empty_cells_are_blank_lines_not_rejected_rows(tmp_path: Path) -> None:
+    """A spreadsheet saves rows whose cells were cleared as ',,' (and ' , ,' where a space was left): each was
+    read as a row and rejected ('symbol: missing'), so a clean export loaded as 'partial'. They are skipped as
+    blank lines are; a row with any value in it is still read."""
+    feed = tmp_path / "feed.csv"
+    feed.write_bytes(b"symbol,name,price\r\n,,\r\nBTC,Bitcoin,1\r\n , ,\r\n,,\r\n,,2\r\n\r\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr
+    run = last_run(db)
+    assert (run["status"], run["rows_read"], run["rows_loaded"], run["rows_rejected"]) == ("partial", 2, 1, 1)
+    assert query(db, "SELECT line, reason FROM reject") == [(6, "symbol: missing")]
