@@ -831,6 +831,13 @@ CSV_ALIASES: dict[str, tuple[str, ...]] = {
     "observed_at": ("last_updated", "updated_at", "observed_at", "timestamp", "time", "date", "as_of"),
 }
 HEADER_TO_FIELD = {alias: name for name, aliases in CSV_ALIASES.items() for alias in aliases}
+# A time column's name with its zone or unit after it, as exports write them ('Last Updated (UTC)', 'timestamp_ms'):
+# the observation time, where no column has a time's plain name.
+SUFFIXED_TIMES = frozenset(
+    f"{alias}_{suffix}"
+    for alias in CSV_ALIASES["observed_at"]
+    for suffix in ("utc", "gmt", "z", "ms", "s", "unix", "iso", "iso8601", "rfc3339")
+)
 REQUIRED_COLUMNS = ("symbol", "name")
 
 
@@ -869,8 +876,10 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
     """Map a header row onto the canonical fields, or raise SourceError."""
     found: dict[str, int] = {}
     ignored = []
-    for index, raw in enumerate(header):
-        target = HEADER_TO_FIELD.get(header_key(raw))
+    keys = [header_key(raw) for raw in header]
+    dated = any(HEADER_TO_FIELD.get(key) == "observed_at" for key in keys)
+    for index, (raw, key) in enumerate(zip(header, keys, strict=True)):
+        target = HEADER_TO_FIELD.get(key) or ("observed_at" if key in SUFFIXED_TIMES and not dated else None)
         if target is None:
             ignored.append(raw)
         elif target in found:
@@ -895,7 +904,7 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
         raise SourceError(f"header has no {' or '.join(missing)} column; its columns: {shown}")
     columns = tuple(found.get(name) for name in CSV_ALIASES)
     names = frozenset(name.strip().lstrip("\ufeff").casefold() for name in header)
-    return CsvLayout(len(header), columns, tuple(ignored), tuple(map(header_key, header)), names)
+    return CsvLayout(len(header), columns, tuple(ignored), tuple(keys), names)
 
 
 @dataclass
