@@ -29,6 +29,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -129,7 +130,9 @@ class EtlConfig:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> EtlConfig:
         """Build the config from the variables of SPEC.md (and a few HTTP knobs), with defaults."""
         sources = tuple(s.strip() for s in environ.get("KASPARRO_SOURCES", "").split(",") if s.strip())
-        plan = environ.get("KASPARRO_COINGECKO_PLAN", "demo").strip().lower()
+        plan = environ.get("KASPARRO_COINGECKO_PLAN", "").strip().lower() or "demo"
+        if plan not in ("demo", "pro"):  # another word would send a paid key in the demo header, to the public URL
+            raise UsageError(f"KASPARRO_COINGECKO_PLAN must be demo or pro, not {environ['KASPARRO_COINGECKO_PLAN']!r}")
         paprika_key = environ.get("COINPAPRIKA_API_KEY") or None
         http = HttpPolicy(
             read_timeout=setting(environ, "KASPARRO_HTTP_TIMEOUT", HttpPolicy.read_timeout, SECONDS),
@@ -143,15 +146,17 @@ class EtlConfig:
             sources=sources or (f"csv:{SAMPLE_CSV}",),
             log_level=environ.get("LOG_LEVEL", "info").lower(),
             env=environ.get("ENV", "development"),
-            coingecko_url=environ.get("KASPARRO_COINGECKO_URL")
-            or (COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL),
+            coingecko_url=upstream_url(
+                environ, "KASPARRO_COINGECKO_URL", COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL
+            ),
             coingecko_key=environ.get("COINGECKO_API_KEY") or None,
             coingecko_plan=plan,
             coingecko_max_pages=setting(environ, "KASPARRO_COINGECKO_MAX_PAGES", cls.coingecko_max_pages, COUNT),
             coingecko_rate=request_rate(environ, "KASPARRO_COINGECKO_RATE", cls.coingecko_rate),
             coinpaprika_rate=request_rate(environ, "KASPARRO_COINPAPRIKA_RATE", cls.coinpaprika_rate),
-            coinpaprika_url=environ.get("KASPARRO_COINPAPRIKA_URL")
-            or (COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL),
+            coinpaprika_url=upstream_url(
+                environ, "KASPARRO_COINPAPRIKA_URL", COINPAPRIKA_PRO_URL if paprika_key else COINPAPRIKA_URL
+            ),
             coinpaprika_key=paprika_key,
             raw_keep_runs=setting(environ, "KASPARRO_RAW_KEEP_RUNS", cls.raw_keep_runs, (0, COUNT[1])),
             retention=retention(environ),
@@ -191,6 +196,33 @@ def setting(environ: Mapping[str, str], name: str, default: Number, bounds: tupl
 def request_rate(environ: Mapping[str, str], name: str, default: float) -> float:
     """A rate limit in requests a minute from the environment; UsageError unless a positive number."""
     return setting(environ, name, default, (0.001, COUNT[1]))
+
+
+def upstream_url(environ: Mapping[str, str], name: str, default: str) -> str:
+    """An upstream's base URL from the environment, or `default`; UsageError naming the variable unless http(s)
+    with a host and a port from 1 to 65535 (which would fail the run later, or end it with a traceback)."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError:  # an unclosed [ of an IPv6 host
+        problem = "it cannot be read as a URL"
+    else:
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or over 65535
+            port = 0
+        problem = (
+            "it does not start with http:// or https://" if parts.scheme not in ("http", "https")
+            else "it names no host" if not parts.hostname
+            else "its port is not a number from 1 to 65,535" if port == 0
+            else ""
+        )  # fmt: skip
+    if problem:
+        example = COINGECKO_URL if "GECKO" in name else COINPAPRIKA_URL
+        raise UsageError(f"{name} must be an http:// or https:// address such as {example}: {problem}")
+    return value
 
 
 DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")
@@ -799,6 +831,13 @@ CSV_ALIASES: dict[str, tuple[str, ...]] = {
     "observed_at": ("last_updated", "updated_at", "observed_at", "timestamp", "time", "date", "as_of"),
 }
 HEADER_TO_FIELD = {alias: name for name, aliases in CSV_ALIASES.items() for alias in aliases}
+# A time column's name with its zone or unit after it, as exports write them ('Last Updated (UTC)', 'timestamp_ms'):
+# the observation time, where no column has a time's plain name.
+SUFFIXED_TIMES = frozenset(
+    f"{alias}_{suffix}"
+    for alias in CSV_ALIASES["observed_at"]
+    for suffix in ("utc", "gmt", "z", "ms", "s", "unix", "iso", "iso8601", "rfc3339")
+)
 REQUIRED_COLUMNS = ("symbol", "name")
 
 
@@ -815,14 +854,14 @@ class CsvLayout:
     columns: tuple[int | None, ...]  # per canonical field: column index or None
     ignored: tuple[str, ...]  # header names that map to no field (schema drift)
     header: tuple[str, ...] = ()  # the header's names as header_key() compares them
-    first: str = ""  # the first name, stripped and case-folded
+    names: frozenset[str] = frozenset()  # the names, stripped and case-folded
 
     def is_header(self, cells: Sequence[str]) -> bool:
-        """Whether a row repeats the header, in any case or spacing (files concatenated with theirs)."""
+        """Whether a row repeats the header's names, in any case, spacing or order (files concatenated with theirs)."""
         return (
             len(cells) == self.width
-            and cells[0].strip().lstrip("\ufeff").casefold() == self.first  # cheap: most rows stop here
-            and tuple(map(header_key, cells)) == self.header
+            and cells[0].strip().lstrip("\ufeff").casefold() in self.names  # cheap: most rows stop here
+            and sorted(map(header_key, cells)) == sorted(self.header)
         )
 
     def labels(self, header: Sequence[str]) -> tuple[str, ...]:
@@ -837,8 +876,10 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
     """Map a header row onto the canonical fields, or raise SourceError."""
     found: dict[str, int] = {}
     ignored = []
-    for index, raw in enumerate(header):
-        target = HEADER_TO_FIELD.get(header_key(raw))
+    keys = [header_key(raw) for raw in header]
+    dated = any(HEADER_TO_FIELD.get(key) == "observed_at" for key in keys)
+    for index, (raw, key) in enumerate(zip(header, keys, strict=True)):
+        target = HEADER_TO_FIELD.get(key) or ("observed_at" if key in SUFFIXED_TIMES and not dated else None)
         if target is None:
             ignored.append(raw)
         elif target in found:
@@ -862,8 +903,8 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
         shown = ", ".join(repr(name[:40]) for name in header[:20]) + (", …" if len(header) > 20 else "")
         raise SourceError(f"header has no {' or '.join(missing)} column; its columns: {shown}")
     columns = tuple(found.get(name) for name in CSV_ALIASES)
-    first = header[0].strip().lstrip("\ufeff").casefold()
-    return CsvLayout(len(header), columns, tuple(ignored), tuple(map(header_key, header)), first)
+    names = frozenset(name.strip().lstrip("\ufeff").casefold() for name in header)
+    return CsvLayout(len(header), columns, tuple(ignored), tuple(keys), names)
 
 
 @dataclass
@@ -874,12 +915,15 @@ class ReadPosition:
     line: int = 0  # a CSV's physical line, or the upstream records read so far
 
 
-def decoded_lines(stream: BinaryIO, position: ReadPosition) -> Iterator[str]:
-    """Yield the stream's lines as text, keeping `position` at the end of the last one.
+def decoded_lines(stream: BinaryIO, position: ReadPosition, end: int) -> Iterator[str]:
+    """Yield the stream's lines as text up to byte `end` (what was there when its fingerprint was taken: the rest
+    was written since), keeping `position` at the end of the last one.
 
     SourceError at the first line that is not UTF-8, naming the line and the byte.
     """
     for raw in stream:
+        if position.offset + len(raw) > end:  # the line was being written then: it is not read
+            return
         position.offset += len(raw)
         position.line += 1
         try:
@@ -928,12 +972,13 @@ def utf8_fault(body: bytes) -> str:
     return "not UTF-8"
 
 
-def utf8_stream(path: Path) -> BinaryIO:
-    """The file as UTF-8 bytes: UTF-16 or UTF-32 with a byte-order mark is transcoded to a temporary file.
+def utf8_stream(stream: BinaryIO, size: int) -> BinaryIO:
+    """An open file as UTF-8 bytes from its start: itself, or (UTF-16 or UTF-32 with a byte-order mark) a temporary
+    file its first `size` bytes are transcoded to, which the caller closes.
 
-    SourceError naming the line where the UTF-16 or UTF-32 text breaks.
+    SourceError naming the line where the UTF-16 or UTF-32 text breaks, or when the file is shorter than `size`.
     """
-    stream = path.open("rb")
+    stream.seek(0)
     head = stream.read(4)
     encoding = next((name for bom, name in BOMS if head.startswith(bom)), None)
     stream.seek(0)
@@ -942,20 +987,24 @@ def utf8_stream(path: Path) -> BinaryIO:
     transcoded = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller, who closes it
     decoder = codecs.getincrementaldecoder(encoding)()
     lines = 1
-    with stream:
-        try:
-            while True:
-                state, chunk = decoder.getstate(), stream.read(1 << 20)
-                text = decoder.decode(chunk, final=not chunk)
-                transcoded.write(text.encode("utf-8"))
-                lines += text.count("\n")
-                if not chunk:
-                    break
-        except UnicodeDecodeError as error:
-            transcoded.close()
-            decoder.setstate((b"", state[1]))
-            lines += decoder.decode(error.object[: error.start]).count("\n")
-            raise SourceError(f"line {lines} is not valid {encoding.upper()}: {error.reason}") from None
+    try:
+        while True:
+            state, chunk = decoder.getstate(), stream.read(min(1 << 20, size - stream.tell()))
+            if not chunk and stream.tell() < size:
+                transcoded.close()
+                raise SourceError(
+                    "it became shorter while it was read (a program is writing it?); the next run reads it again"
+                )
+            text = decoder.decode(chunk, final=not chunk)
+            transcoded.write(text.encode("utf-8"))
+            lines += text.count("\n")
+            if not chunk:
+                break
+    except UnicodeDecodeError as error:
+        transcoded.close()
+        decoder.setstate((b"", state[1]))
+        lines += decoder.decode(error.object[: error.start]).count("\n")
+        raise SourceError(f"line {lines} is not valid {encoding.upper()}: {error.reason}") from None
     transcoded.seek(0)
     return transcoded
 
@@ -975,10 +1024,81 @@ def csv_problem(error: csv.Error) -> str:
     return next((meaning for start, meaning in CSV_PROBLEMS.items() if start in message), message)
 
 
-def file_fingerprint(path: Path) -> str:
-    """sha256 of the file's bytes: a checkpoint applies only to the same content."""
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
+# What a path that is no regular file names, as os.stat's mode tells (anything else: a device).
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_csv(path: Path) -> BinaryIO:
+    """The CSV file opened for reading; SourceError when it cannot be, or is no regular file.
+
+    A pipe or a device cannot be read twice (its fingerprint, then its rows) nor resumed at a byte offset.
+    """
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISREG(mode):
+            return path.open("rb")
+    except OSError as error:
+        raise SourceError(f"cannot read {path}: {error.strerror or error}") from None
+    kind = next((what for test, what in FILE_KINDS if test(mode)), "a device")
+    raise SourceError(
+        f"{path} is {kind}, not a regular file: a CSV source is read twice (its SHA-256, then its rows) and resumed"
+        " at a byte offset; save it to a file and load that"
+    )
+
+
+def file_state(stream: BinaryIO) -> tuple[int, int]:
+    """An open file's size and modification time in nanoseconds: a write to it changes them."""
+    stats = os.fstat(stream.fileno())
+    return stats.st_size, stats.st_mtime_ns
+
+
+def file_changed(path: Path, line: int) -> SourceError:
+    """The error of a CSV file whose bytes were rewritten while a run read them, after `line` was committed."""
+    return SourceError(
+        f"{path} changed while it was read, after line {line:,} (a program is writing it?): the lines up to it stay"
+        " loaded, and the next run reads it again"
+    )
+
+
+def ends_line(stream: BinaryIO, end: int) -> bool:
+    """Whether the open file's first `end` bytes end with a line break (or are none)."""
+    return end == 0 or os.pread(stream.fileno(), 1, end - 1) == b"\n"
+
+
+def prefix_fingerprint(stream: BinaryIO, size: int) -> str:
+    """sha256 of the open file's first `size` bytes as they are now ('' when it is shorter), read without moving
+    the stream's position."""
+    digest, offset = hashlib.sha256(), 0
+    while offset < size:
+        chunk = os.pread(stream.fileno(), min(1 << 20, size - offset), offset)
+        if not chunk:
+            return ""
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def file_fingerprint(stream: BinaryIO, path: Path) -> tuple[str, tuple[int, int]]:
+    """sha256 of an open file's bytes (a checkpoint applies only to the same content) and the file_state it had
+    before; SourceError when it becomes shorter meanwhile. Bytes appended meanwhile are not hashed."""
+    state = file_state(stream)
+    fingerprint = prefix_fingerprint(stream, state[0])
+    if not fingerprint:
+        raise SourceError(f"{path} became shorter while it was read (a program is writing it?); the next run reads it")
+    return fingerprint, state
+
+
+def time_of_undated_rows(modified_ns: int, latest: str) -> tuple[str, str | None]:
+    """The observation time of a CSV row that gives none (the file's modification time, or `latest` if that is
+    later), and why a row cannot take it, if it cannot: before EARLIEST (archives and build tools set 1970)."""
+    try:
+        modified = datetime.fromtimestamp(modified_ns / 1e9, UTC)
+    except (OverflowError, ValueError, OSError):  # after 9999: later than `latest` in any case
+        return latest, None
+    if modified < EARLIEST:
+        when = quoted(format_time(modified))
+        return latest, f"observed_at: missing, and the file's modification time, taken for it, is {TOO_EARLY}: {when}"
+    return min(format_time(modified), latest), None
 
 
 @dataclass
@@ -1013,11 +1133,15 @@ def csv_batches(
     batch_rows: int,
     intake: Intake,
 ) -> Iterator[Batch]:
-    """Group parsed rows into batches, each stamped with the position it ends at."""
+    """Group parsed rows into batches, each stamped with the position it ends at.
+
+    A repeated header (skipped) whose columns are in another order ends the batch before it, then SourceError:
+    the rows after it, read in the first header's order, would mix up their fields.
+    """
     batch = Batch()
     columns = layout.columns
     while True:
-        first_line = position.line + 1
+        first_line, offset = position.line + 1, position.offset
         try:
             cells = next(reader)
         except StopIteration:
@@ -1026,9 +1150,17 @@ def csv_batches(
             batch.read += 1
             batch.rejects.append((first_line, f"malformed CSV: {csv_problem(error)}", ""))
             continue
-        if not cells or cells == [""]:
+        if not cells or (not cells[0].strip() and not "".join(cells).strip()):  # a blank line, or ',,' of a sheet
             continue
         if layout.is_header(cells):
+            if tuple(map(header_key, cells)) != layout.header:
+                batch.end = ReadPosition(offset, first_line - 1)
+                yield batch
+                names = ", ".join(cell.strip().lstrip("\ufeff") for cell in cells[:20])
+                raise SourceError(
+                    f"line {first_line} repeats the header with its columns in another order ({names[:400]}): the rows"
+                    " after it would be read in the first header's order; load them as a file of their own"
+                )
             batch.headers.append(first_line)
             continue
         batch.read += 1
@@ -1131,6 +1263,28 @@ def mend_half_pairs(body: bytes) -> tuple[bytes, int]:
     return JSON_ESCAPE.sub(mend, body), halves
 
 
+# msgspec's words for an integer longer than it reads: over 4,300 digits, CPython's own limit for int().
+JSON_INTEGER_TOO_LONG = "Integer value out of range"
+
+
+def long_integer(text: str) -> int | float:
+    """A JSON integer as int, or one too long for int() as a float (inf: its field becomes null, as for 1e400)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def no_constant(name: str) -> object:
+    """NaN, Infinity and -Infinity, which the stdlib's decoder takes: no JSON values, and msgspec refuses them."""
+    raise ValueError(f"{name} is no JSON value")
+
+
+def decode_long_integers(body: bytes) -> object:
+    """A valid JSON document that msgspec refuses for an integer too long for it, by the stdlib's decoder."""
+    return json.loads(body, parse_int=long_integer, parse_constant=no_constant)
+
+
 def decode_records(body: bytes, where: str) -> list[object]:
     """The JSON array of records in a response body (UTF-8 with or without a byte-order mark, or UTF-16 or
     UTF-32 with one), or SourceError saying what came instead."""
@@ -1138,16 +1292,25 @@ def decode_records(body: bytes, where: str) -> list[object]:
     try:
         try:
             records = decode_json(body)
-        except msgspec.DecodeError:
+        except msgspec.DecodeError as error:
             mended, halves = mend_half_pairs(body)
-            if not halves:
+            if str(error).startswith(JSON_INTEGER_TOO_LONG):
+                records = decode_long_integers(mended)
+            elif halves:
+                records = decode_json(mended)
+            else:
                 raise
-            records = decode_json(mended)
-            log.warning("half UTF-16 pairs replaced by U+FFFD", url=where, count=halves)
+            if halves:
+                log.warning("half UTF-16 pairs replaced by U+FFFD", url=where, count=halves)
     except msgspec.DecodeError as error:
         raise SourceError(f"{where}: {json_fault(body, str(error))}") from None
     except UnicodeDecodeError:  # msgspec reads the text of strings as it goes
         raise SourceError(f"{where}: {utf8_fault(body)}") from None
+    except json.JSONDecodeError as error:
+        at = f"at line {error.lineno}, column {error.colno}, in {len(body):,} bytes starting {printable(body[:40])!r}"
+        raise SourceError(f"{where}: not valid JSON: {error.msg.lower()} {at}") from None
+    except ValueError as error:  # a NaN or Infinity, which decode_long_integers refuses as msgspec does
+        raise SourceError(f"{where}: not valid JSON: {error}") from None
     except RecursionError:
         raise SourceError(f"{where}: JSON nested too deeply") from None
     if not isinstance(records, list):
@@ -1223,7 +1386,7 @@ def page_batches(upstream: HttpSource, pages: Iterator[Page], intake: Intake) ->
             try:
                 observation = normalise_cells(record_cells(upstream, record, intake), raw.fetched_at, intake)
             except Rejected as reason:
-                raw_record = msgspec.json.encode(record)[:RAW_REJECT_CHARS].decode()
+                raw_record = msgspec.json.encode(record).decode()[:RAW_REJECT_CHARS]  # whole characters
                 batch.rejects.append((index, str(reason), raw_record))
             else:
                 batch.observations.append((index, *msgspec.structs.astuple(observation)))
@@ -1358,6 +1521,7 @@ class Intake:
     drift: collections.Counter[str] = field(default_factory=collections.Counter)  # values made null
     unknown: collections.Counter[str] = field(default_factory=collections.Counter)  # fields or columns
     missing: collections.Counter[str] = field(default_factory=collections.Counter)  # fields of records
+    undated: str | None = None  # why a record without a time cannot take the default time, if it cannot
 
     def report(self, absent: Mapping[str, str]) -> dict[str, int]:
         """The source's drift in this run: unknown and missing fields, likely renames, values made null.
@@ -1620,6 +1784,10 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
     if not key:
         raise Rejected(f"name: has no letters or digits: {quoted(name)}")
     rank, price, market_cap, volume, change = numbers
+    status = intake.optional(8, values[8]) or "active"
+    observed_at = intake.optional(9, values[9])
+    if observed_at is None and intake.undated:
+        raise Rejected(intake.undated)
     return Observation(
         source_id=fold_text(source_id) if source_id else f"{slugify(name, ' ') or key}-{symbol.lower()}",
         symbol=symbol,
@@ -1630,8 +1798,8 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
         market_cap_usd=market_cap,  # type: ignore[arg-type]
         volume_24h_usd=volume,  # type: ignore[arg-type]
         change_24h_pct=change,  # type: ignore[arg-type]
-        status=intake.optional(8, values[8]) or "active",  # type: ignore[arg-type]
-        observed_at=intake.optional(9, values[9]) or default_time,  # type: ignore[arg-type]
+        status=status,  # type: ignore[arg-type]
+        observed_at=observed_at or default_time,  # type: ignore[arg-type]
     )
 
 
@@ -1987,14 +2155,20 @@ class Loaded:
     drift: dict[str, int] = field(default_factory=dict)  # what was counted -> how often
 
 
+def store_uri(db: Path) -> str:
+    """An SQLite URI of the file at `db`: '?', '#' and '%' in its path are escaped, which a URI would read."""
+    return f"file:{urllib.parse.quote(str(db.resolve()))}"
+
+
 def connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
     """A writer connection in autocommit mode; transactions are explicit.
 
     Another process's write transaction is waited for up to `busy_timeout`
     seconds, then the statement fails with "database is locked": the run
-    fails clearly instead of hanging.
+    fails clearly instead of hanging. The store is opened by a URI of its path, as the API opens it, so that
+    any path is one file: given plainly, ':memory:' would be SQLite's in-memory database.
     """
-    conn = sqlite3.connect(db, isolation_level=None, timeout=busy_timeout)
+    conn = sqlite3.connect(store_uri(db), uri=True, isolation_level=None, timeout=busy_timeout)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -2326,12 +2500,22 @@ class Progress:
 def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, config: EtlConfig) -> Loaded:
     """Stream a CSV into the store in batches, each committed with its checkpoint."""
     path = source.path
-    try:
-        fingerprint = file_fingerprint(path)
-        stat = path.stat()
-        default_time = format_time(datetime.fromtimestamp(stat.st_mtime, UTC))
-    except OSError as error:
-        raise SourceError(f"cannot read {path}: {error.strerror or error}") from None
+    with open_csv(path) as original:
+        return load_csv_file(conn, run_id, source, config, original)
+
+
+def load_csv_file(
+    conn: sqlite3.Connection, run_id: int, source: CsvSource, config: EtlConfig, original: BinaryIO
+) -> Loaded:
+    """load_csv of the open file: its bytes as they were when the fingerprint was taken, each batch committed only
+    while they still are.
+
+    Bytes written after them (an append) are left to the next run. A program rewriting them meanwhile (in place: a
+    rename over the file leaves this one whole) fails the source after the batches read before; the next run reads
+    the file again, resuming if it has the same content again.
+    """
+    path = source.path
+    fingerprint, state = file_fingerprint(original, path)
     checkpoint = conn.execute(
         "SELECT fingerprint, position, line, complete, run_id FROM checkpoint WHERE source = ?", (source.name,)
     ).fetchone()
@@ -2340,22 +2524,34 @@ def load_csv(conn: sqlite3.Connection, run_id: int, source: CsvSource, config: E
     resume = checkpoint is not None and checkpoint[0] == fingerprint and checkpoint[1] > 0
     tally = Tally()
     headers: list[int] = []
-    with utf8_stream(path) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
-        progress = Progress(source.name, os.fstat(stream.fileno()).st_size)
-        default_time = min(default_time, loader.latest)
+    size = state[0]
+    with utf8_stream(original, size) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
+        end = size if stream is original else os.fstat(stream.fileno()).st_size
+        progress = Progress(source.name, end)
+        row_time, undated = time_of_undated_rows(state[1], loader.latest)
         position = ReadPosition()
-        lines = decoded_lines(stream, position)
+        lines = decoded_lines(stream, position, end)
         reader = csv.reader(lines, strict=True)
         header = csv_header(reader, path)
         layout = csv_layout(header)
-        intake = Intake(loader.latest, upstream=False, labels=layout.labels(header))
+        intake = Intake(loader.latest, upstream=False, labels=layout.labels(header), undated=undated)
         intake.unknown.update(layout.ignored)
         if resume:
             stream.seek(checkpoint[1])
             position.offset, position.line = checkpoint[1], checkpoint[2]
             log.info("resuming", source=source.name, line=position.line, offset=position.offset)
-        for batch in csv_batches(reader, position, layout, default_time, config.batch_rows, intake):
+        done, grown = position.line, False  # the last line committed; whether bytes were appended since
+        for batch in csv_batches(reader, position, layout, row_time, config.batch_rows, intake):
+            if file_state(original) != state:  # written since: only after the bytes read (appended), or among them
+                if prefix_fingerprint(original, size) != fingerprint:
+                    raise file_changed(path, done)
+                state, grown = file_state(original), True
+            # The end not reached (cut short under the reader, or a line being written then), or a last line that a
+            # write since may have gone on with: the next run reads the file as it then is.
+            if batch.final and (batch.end.offset < end or (grown and not ends_line(stream, end))):
+                raise file_changed(path, done)
             committed = loader.commit(batch, fingerprint, batch.end, complete=batch.final)
+            done = batch.end.line
             tally.add(Tally(batch.read, committed, len(batch.rejects)))
             headers += batch.headers
             log.debug("batch committed", source=source.name, line=batch.end.line, rows=batch.read, loaded=committed)
@@ -2696,6 +2892,9 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(db, sources, config)
+    except (Interrupted, KeyboardInterrupt) as stop:  # before the run was recorded as started
+        print(f"etl.py: error: {str(stop) or 'interrupted'} before the run began", file=sys.stderr)
+        return EXIT_FAILED
     except UsageError as error:
         print(f"etl.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -2722,10 +2921,10 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
     try:
         apply_schema(conn)
         run_id = start_run(conn, sources)
-        structlog.contextvars.bind_contextvars(run_id=run_id)
-        log.info("run started", db=str(db), sources=[s.name for s in sources])
         outcomes: list[SourceOutcome] = []
         try:
+            structlog.contextvars.bind_contextvars(run_id=run_id)
+            log.info("run started", db=str(db), sources=[s.name for s in sources])
             outcomes = [run_source(conn, run_id, source, config) for source in sources]
         except (Interrupted, KeyboardInterrupt) as stop:
             reason = str(stop) or "interrupted"
@@ -2749,8 +2948,11 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
         except sqlite3.Error as fault:
             cause = store_fault(fault, config)
             return record_lost(run_id, error or cause, cause)
-        with cleanup("wal checkpoint"):
-            end_wal(conn, config.wal_checkpoint)
+        try:
+            with cleanup("wal checkpoint"):
+                end_wal(conn, config.wal_checkpoint)
+        except (Interrupted, KeyboardInterrupt) as stop:  # the run's end is recorded, and stands
+            log.warning("wal checkpoint skipped", reason=str(stop) or "interrupted")
         total = Tally()
         for outcome in outcomes:
             total.add(outcome.tally)

@@ -1212,7 +1212,7 @@ class Store:
         return self._pool
 
     def _uri(self) -> str:
-        return f"file:{self.path.resolve()}?mode=ro"
+        return f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"  # '?', '#', '%' of a path escaped
 
     async def _connect(self) -> aiosqlite.Connection:
         if not self.path.is_file():

@@ -9,6 +9,7 @@ query_only belong to a connection, not to the file, so no other process can set 
   FAULT_AFTER_BATCHES=K    after K committed batches, FAULT_THEN happens:
   FAULT_THEN=read-only     the store can no longer be written ("attempt to write a readonly database")
   FAULT_THEN=pause         log {"event": "fault paused"} and wait for a line on stdin, then go on
+  FAULT_PAUSE_IN=NAME      pause so (log, then wait for a line on stdin) as etl.NAME begins: apply_schema, end_wal
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,19 @@ def connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+def pause() -> None:
+    print(json.dumps({"event": "fault paused"}), flush=True)
+    sys.stdin.readline()
+
+
+def paused(function: Callable[..., Any]) -> Callable[..., Any]:
+    def pausing(*args: Any, **kwargs: Any) -> Any:
+        pause()
+        return function(*args, **kwargs)
+
+    return pausing
+
+
 def commit(loader: etl.Loader, *args: Any, **kwargs: Any) -> int:
     loaded = real_commit(loader, *args, **kwargs)
     committed[0] += 1
@@ -40,14 +55,15 @@ def commit(loader: etl.Loader, *args: Any, **kwargs: Any) -> int:
         if os.environ["FAULT_THEN"] == "read-only":
             loader.conn.execute("PRAGMA query_only = 1")
         else:
-            print(json.dumps({"event": "fault paused"}), flush=True)
-            sys.stdin.readline()
+            pause()
     return loaded
 
 
 real_connect, real_commit, committed = etl.connect, etl.Loader.commit, [0]
 etl.connect = connect
 etl.Loader.commit = commit
+if "FAULT_PAUSE_IN" in os.environ:
+    setattr(etl, os.environ["FAULT_PAUSE_IN"], paused(getattr(etl, os.environ["FAULT_PAUSE_IN"])))
 
 if __name__ == "__main__":
     sys.exit(etl.main())

@@ -85,3 +85,49 @@ def test_an_accent_does_not_split_a_new_assets_slug(tmp_path: Path) -> None:
     assert run_etl(db, f"csv:{with_ids}", f"csv:{without}").returncode == 0
     assert sorted(query(db, "SELECT asset_id FROM asset")) == [("cafe-uber",), ("pokemon",), ("uber",)]
     assert query(db, "SELECT source_id FROM source_map WHERE source = 'csv:without'") == [("cafe-u-ber-cf",)]
+
+
+def test_rows_of_empty_cells_are_blank_lines_not_rejected_rows(tmp_path: Path) -> None:
+    """A spreadsheet saves rows whose cells were cleared as ',,' (and ' , ,' where a space was left): each was
+    read as a row and rejected ('symbol: missing'), so a clean export loaded as 'partial'. They are skipped as
+    blank lines are; a row with any value in it is still read."""
+    feed = tmp_path / "feed.csv"
+    feed.write_bytes(b"symbol,name,price\r\n,,\r\nBTC,Bitcoin,1\r\n , ,\r\n,,\r\n,,2\r\n\r\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr
+    run = last_run(db)
+    assert (run["status"], run["rows_read"], run["rows_loaded"], run["rows_rejected"]) == ("partial", 2, 1, 1)
+    assert query(db, "SELECT line, reason FROM reject") == [(6, "symbol: missing")]
+
+
+@pytest.mark.parametrize(
+    ("column", "cell"),
+    [
+        ("Last Updated (UTC)", "2026-11-20T12:00:00Z"),
+        ("Timestamp (ms)", "1795176000000"),
+        ("date_utc", "2026-11-20T12:00"),
+    ],
+)
+def test_a_time_column_named_with_its_zone_or_unit_gives_the_observation_time(
+    tmp_path: Path, column: str, cell: str
+) -> None:
+    """'Last Updated (UTC)' was an unknown column (named in the drift as a likely rename), and every row took the
+    file's modification time instead of its own: the market of 2026-11-20 was stored as observed at the load."""
+    feed = tmp_path / "feed.csv"
+    feed.write_text(f'Symbol,Name,Price (USD),"{column}"\nBTC,Bitcoin,95000,{cell}\n')
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr
+    assert query(db, "SELECT updated_at FROM asset") == [("2026-11-20T12:00:00Z",)]
+    assert query(db, "SELECT drift FROM run_source") == [(None,)]
+
+
+def test_a_time_column_with_a_plain_name_wins_over_one_named_with_its_unit(tmp_path: Path) -> None:
+    """Exports that give a time twice ('timestamp' and 'timestamp_ms') load by the plain one; the other is drift."""
+    feed = tmp_path / "feed.csv"
+    feed.write_text("symbol,name,price,timestamp_ms,timestamp\nBTC,Bitcoin,95000,1,2026-11-20T12:00:00Z\n")
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    assert query(db, "SELECT updated_at FROM asset") == [("2026-11-20T12:00:00Z",)]
+    assert json.loads(query(db, "SELECT drift FROM run_source")[0][0]) == {"unknown column 'timestamp_ms'": 1}

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import etl
-from etl_support import ROOT, last_run, query, run_etl, start_etl, store_content, wait_for_event
+from etl_support import ROOT, etl_env, last_run, query, run_etl, start_etl, store_content, wait_for_event
 from kasparro import Config
 from upstream import COINGECKO_MARKETS, FakeUpstream, Reply, load_fixture
 
@@ -88,6 +88,44 @@ def test_a_kill_during_an_http_run_converges_to_one_clean_run(tmp_path):
         assert run_etl(db, "coingecko", KASPARRO_COINGECKO_URL=stuck_upstream.base_url).returncode == 0
     assert served_content(db) == served_content(clean)
     assert [s for (s,) in query(db, "SELECT status FROM etl_run ORDER BY run_id")] == ["failed", "success"]
+
+
+@pytest.mark.parametrize(
+    ("where", "code", "statuses"),
+    [("apply_schema", etl.EXIT_FAILED, ["success"]), ("end_wal", etl.EXIT_OK, ["success"] * 3)],
+    ids=["before-the-run", "in-the-wal-checkpoint"],
+)
+def test_a_sigterm_outside_the_loading_ends_the_run_without_a_traceback(tmp_path, where, code, statuses):
+    """SIGTERM was handled only while sources loaded. Before (the schema, the run's start) or after (the WAL
+    checkpoint, which waits up to a second for the API's readers) it ended etl.py with a traceback and exit 1,
+    after a run its record says succeeded."""
+    db = tmp_path / "store.db"
+    if where == "end_wal":
+        assert run_etl(db).returncode == 0
+    feed = tmp_path / "feed.csv"
+    feed.write_text("symbol,name,price\nBTC,Bitcoin,97000\n")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "faulty_etl.py"), "--db", str(db), f"csv:{feed}"],
+        cwd=ROOT,
+        env=etl_env(FAULT_PAUSE_IN=where),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_event(proc, "fault paused")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and "Traceback" not in err, err
+    if where == "apply_schema":
+        assert err == "etl.py: error: stopped by SIGTERM before the run began\n"
+    else:
+        events = [json.loads(line) for line in out.splitlines()]
+        assert [e["event"] for e in events[-2:]] == ["wal checkpoint skipped", "run finished"]
+        assert events[-2]["reason"] == "stopped by SIGTERM" and events[-1]["status"] == "success"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    assert [s for (s,) in query(db, "SELECT status FROM etl_run ORDER BY run_id")] == statuses
+    assert query(db, "SELECT price_usd FROM asset WHERE asset_id = 'bitcoin'") == [(97000.0,)]
 
 
 # --- a stuck writer and the WAL --------------------------------------------------------

@@ -4,10 +4,14 @@ subprocesses."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +51,52 @@ def test_a_numeric_setting_out_of_range_is_a_usage_error_naming_it(
         f"etl.py: error: {name} must be {expected}, not {value!r}\n",
     )
     assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("KASPARRO_COINGECKO_URL", "http://[::1", "it cannot be read as a URL"),  # tracebacks, the run left 'running'
+        ("KASPARRO_COINGECKO_URL", "http://localhost:99999", "its port is not a number from 1 to 65,535"),
+        ("KASPARRO_COINPAPRIKA_URL", "http://localhost:80a0", "its port is not a number from 1 to 65,535"),
+        ("KASPARRO_COINPAPRIKA_URL", "localhost:8000", "it does not start with http:// or https://"),  # failed the run
+        ("KASPARRO_COINGECKO_URL", "ftp://mirror.example", "it does not start with http:// or https://"),
+        ("KASPARRO_COINGECKO_URL", "https://", "it names no host"),
+    ],
+)
+def test_an_upstream_url_that_is_not_one_is_a_usage_error_naming_it(
+    tmp_path: Path, name: str, value: str, problem: str
+) -> None:
+    db = tmp_path / "store.db"
+    result = run_etl(db, "coingecko", "coinpaprika", **{name: value})
+    example = etl.COINGECKO_URL if "GECKO" in name else etl.COINPAPRIKA_URL
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: {name} must be an http:// or https:// address such as {example}: {problem}\n",
+    )
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("plan", ["enterprise", "paid", "analyst"])
+def test_a_coingecko_plan_other_than_demo_or_pro_is_a_usage_error(tmp_path: Path, plan: str) -> None:
+    """Any other word was taken for demo: a paid key went in the demo header to the public URL, and the run
+    failed with CoinGecko's refusal, naming no setting."""
+    db = tmp_path / "store.db"
+    result = run_etl(db, "coingecko", KASPARRO_COINGECKO_PLAN=plan, COINGECKO_API_KEY="k")
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: KASPARRO_COINGECKO_PLAN must be demo or pro, not {plan!r}\n",
+    )
+    assert not db.exists()
+
+
+def test_upstream_urls_are_taken_as_given_or_defaulted() -> None:
+    config = etl.EtlConfig.from_env(
+        {"KASPARRO_COINGECKO_URL": " http://[::1]:8080/ ", "KASPARRO_COINPAPRIKA_URL": "", "COINGECKO_API_KEY": "k"}
+    )
+    assert (config.coingecko_url, config.coinpaprika_url) == ("http://[::1]:8080/", etl.COINPAPRIKA_URL)
+    config = etl.EtlConfig.from_env({"KASPARRO_COINGECKO_PLAN": " Pro ", "COINPAPRIKA_API_KEY": "k"})
+    assert (config.coingecko_url, config.coinpaprika_url) == (etl.COINGECKO_PRO_URL, etl.COINPAPRIKA_PRO_URL)
 
 
 def test_numeric_settings_in_range_are_taken(tmp_path: Path) -> None:
@@ -100,6 +150,31 @@ def test_a_store_path_that_cannot_be_a_file_is_a_usage_error(tmp_path: Path, whe
             f"etl.py: error: the store {shown!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)\n",
         )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [":memory:", "store#1?.db", "100%.db"])
+def test_a_store_path_is_one_file_for_the_etl_and_the_api_whatever_its_characters(
+    live_server: Any, tmp_path: Path, name: str
+) -> None:
+    """KASPARRO_DB=:memory: loaded the sample into SQLite's in-memory database: exit 0, 255 rows 'loaded', nothing
+    kept (the API reads a file of that name). A path with '#' or '?' was written by the ETL and read by the API,
+    which opens it by a URI, only up to that character: unhealthy for as long as it ran."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "etl.py")],
+        cwd=tmp_path,
+        env=etl_env(KASPARRO_DB=name),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    db = tmp_path / name
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM asset").fetchone() == (255,)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [name, f"{name}.etl-lock"]
+    server = live_server(db, LOG_LEVEL="warning")
+    status, _, body = server.get("/data/bitcoin")
+    assert status == 200 and json.loads(body)["symbol"] == "BTC"
 
 
 @pytest.mark.parametrize("stem", ["a|b", "markets,2026-11-25"])

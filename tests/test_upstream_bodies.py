@@ -19,7 +19,7 @@ import pytest
 
 import etl
 from etl_support import etl_against, last_run, query, run_etl
-from upstream import COINGECKO_MARKETS, Reply
+from upstream import COINGECKO_MARKETS, COINPAPRIKA_TICKERS, Reply
 
 NAMES = ["Bitcoin", "Café Coin", "Ünïcode Tökén", "Rocket 🚀"]
 
@@ -320,3 +320,55 @@ def test_an_answer_that_drips_in_ends_with_the_time_budget(
         error = fails_clearly(result, db)
     assert error.startswith(f"{url}/api/v3/coins/markets?") and error.endswith(f": time budget of 2 s spent {doing}")
     assert sent and sent[0] < (len(reply) - at_once) // 2, sent  # the ETL hung up long before the reply's end
+
+
+# --- rejected records ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["coingecko", "coinpaprika"])
+def test_a_rejected_record_is_kept_cut_at_a_character_not_inside_one(
+    upstream: Any, tmp_path: Path, source: str
+) -> None:
+    """A rejected record is kept as its JSON cut to 1,000 characters. It was cut at 1,000 bytes, then decoded: a
+    character of two to four bytes across the cut (a name in CJK, emoji in a description) ended etl.py with a
+    UnicodeDecodeError traceback, the run left 'running' and the other records of the page not loaded."""
+    rejected = [{"id": "x-cj", "name": "币" * 400}, {"id": "x-emoji", "name": "Rocket", "description": "🚀" * 300}]
+    if source == "coingecko":
+        upstream.route(COINGECKO_MARKETS, Reply(body=[*markets(["Bitcoin"]), *rejected]))
+    else:
+        tickers = [{"id": "btc-bitcoin", "symbol": "BTC", "name": "Bitcoin", "quotes": {"USD": {"price": 1.5}}}]
+        upstream.route(COINPAPRIKA_TICKERS, Reply(body=[*tickers, *rejected]))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, source)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    run = last_run(db)
+    assert (run["status"], run["rows_read"], run["rows_loaded"], run["rows_rejected"]) == ("partial", 3, 1, 2)
+    kept = [json.dumps(record, ensure_ascii=False, separators=(",", ":"))[:1000] for record in rejected]
+    assert query(db, "SELECT line, reason, raw FROM reject ORDER BY line") == [
+        (2, "missing required field 'symbol'", kept[0]),
+        (3, "missing required field 'symbol'", kept[1]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "drift"),
+    [
+        ("market_cap", "invalid field 'market_cap': not finite"),
+        ("total_volume", "invalid field 'total_volume': not finite"),
+        ("last_updated", "invalid field 'last_updated': not an RFC 3339 time or Unix seconds or milliseconds"),
+    ],
+)
+def test_an_integer_too_long_to_read_makes_its_field_null_not_the_page_fail(
+    upstream: Any, tmp_path: Path, field: str, drift: str
+) -> None:
+    """An integer of over 4,300 digits is valid JSON that msgspec (like CPython's int()) refuses: the whole page
+    failed as 'not valid JSON', its other records with it, where 1e400 only makes its own field null."""
+    page = markets(["Bitcoin", "Café Coin"])
+    page[1][field] = "an integer"
+    upstream.route(COINGECKO_MARKETS, Reply(body=json.dumps(page).replace('"an integer"', "9" * 5000)))
+    db = tmp_path / "store.db"
+    result = etl_against(upstream, db, "coingecko")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert loaded_names(db) == NAMES[:2]
+    ((drift_json,),) = query(db, "SELECT drift FROM run_source")
+    assert json.loads(drift_json) == {drift: 1}
