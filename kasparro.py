@@ -1658,19 +1658,18 @@ def parse_time(field: str, op: str, text: str) -> str:
     if UNIX_SECONDS.fullmatch(text):
         exact = Decimal(text)
         whole = math.floor(exact)
-        seconds = within_range(f"filter_by: {field}", whole + (exact != whole and op in (">=", "<")), text)
-        if exact != whole and op == ":":
-            return f"{utc_text(whole)[:-1]}{format(exact - whole, 'f')[1:]}Z"
-        return utc_text(seconds)
-    moment = read_rfc3339(text)
-    if moment is None:
-        raise InvalidQuery(
-            f"filter_by: {field} needs an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}"
-        )
-    seconds = int(moment.replace(microsecond=0).timestamp()) + (moment.microsecond > 0 and op in (">=", "<"))
-    within_range(f"filter_by: {field}", seconds, text)
-    if moment.microsecond and op == ":":
-        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        fraction = format(exact - whole, "f")[1:] if exact != whole else ""  # '.5' of 1795607999.5
+    else:
+        moment = read_rfc3339(text)
+        if moment is None:
+            raise InvalidQuery(
+                f"filter_by: {field} needs an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}"
+            )
+        whole = int(moment.replace(microsecond=0).timestamp())
+        fraction = f".{moment.microsecond:06d}" if moment.microsecond else ""
+    seconds = within_range(f"filter_by: {field}", whole + (bool(fraction) and op in (">=", "<")), text)
+    if fraction and op == ":":
+        return f"{utc_text(whole)[:-1]}{fraction}Z"
     return utc_text(seconds)
 
 
