@@ -1688,6 +1688,17 @@ def name_key(name: str) -> str:
     return NOT_ALNUM.sub("", unicodedata.normalize("NFKC", name).casefold())
 
 
+def made_source_id(name: str, symbol: str) -> str:
+    """The source id of a CSV row that gives none: 'Bitcoin', 'BTC' -> 'bitcoin-btc'."""
+    return f"{slugify(name, ' ') or name_key(name)}-{symbol.lower()}"
+
+
+def is_made_id(source_id: str, name: str, symbol: str) -> bool:
+    """Whether a CSV listing's id is the one made for its name and symbol, in any of its name's spellings with the
+    same normalised name ('usd-coin-usdc' for 'USDCoin'): a listing whose rows gave no id."""
+    return NOT_ALNUM.sub("", source_id) == NOT_ALNUM.sub("", made_source_id(name, symbol))
+
+
 # What the API's paths mean after /data/ (GET /data/export): an asset with such an id could not be read there.
 ROUTE_WORDS = frozenset({"export"})
 
@@ -1789,7 +1800,7 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
     if observed_at is None and intake.undated:
         raise Rejected(intake.undated)
     return Observation(
-        source_id=fold_text(source_id) if source_id else f"{slugify(name, ' ') or key}-{symbol.lower()}",
+        source_id=fold_text(source_id) if source_id else made_source_id(name, symbol),
         symbol=symbol,
         name=name,
         name_key=key,
@@ -1836,6 +1847,17 @@ INSERT_STAGING = """
 INSERT INTO temp.staging (line, source_id, symbol, name, name_key, rank, price_usd, market_cap_usd,
                           volume_24h_usd, change_24h_pct, status, observed_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+# Identity, step 0 (a CSV source): each staged source id with no listing yet, in the order of its first line, with
+# every listing of the source that has its symbol and normalised name, and whether the batch names that listing too.
+SAME_COIN_LISTINGS = """
+SELECT s.source_id, s.symbol, s.name, m.source_id, m.symbol, m.name, m.source_id IN (SELECT source_id FROM temp.staging)
+FROM (SELECT source_id, symbol, name, name_key, min(line) AS first FROM temp.staging GROUP BY source_id) s
+JOIN source_map m ON m.symbol = s.symbol AND m.name_key = s.name_key AND m.source = ?1
+WHERE NOT EXISTS (SELECT 1 FROM source_map o WHERE o.source = ?1 AND o.source_id = s.source_id)
+  AND NOT EXISTS (SELECT 1 FROM listing l WHERE l.source = ?1 AND l.source_id = s.source_id)
+ORDER BY s.first, m.source_id
 """
 
 # Identity, step 1: the source's own id, through the mapping table.
@@ -2343,6 +2365,8 @@ class Loader:
         conn = self.conn
         conn.execute("DELETE FROM temp.staging")
         conn.executemany(INSERT_STAGING, observations)
+        if self.source.startswith("csv:"):
+            observations = self._carry_listings(observations)
         conn.execute(MATCH_BY_SOURCE_ID, (self.source,))
         joined, claimed = {}, set()
         for source_id, asset_id in conn.execute(JOIN_CANDIDATES, (self.source,)).fetchall():
@@ -2446,6 +2470,44 @@ class Loader:
             )
             rejects.append((line, reason, raw))
         return rejects
+
+    def _carry_listings(self, observations: list[tuple]) -> list[tuple]:
+        """Keep a CSV's coin one listing when its file gains or loses an id column; return the staged rows as loaded.
+
+        A new id that the file gives takes over the one listing of its symbol and normalised name whose id was
+        made (is_made_id), unless the batch names that listing too; a row that gives no id joins the one listing
+        of its symbol and normalised name, whatever its id. Two ids that files gave are never one listing.
+        """
+        conn = self.conn
+        taken: set[str] = set()
+        rekeyed: dict[str, str] = {}
+        renamed: list[tuple[str, str, str]] = []
+        rows = conn.execute(SAME_COIN_LISTINGS, (self.source,)).fetchall()
+        for staged, group in itertools.groupby(rows, key=operator.itemgetter(0)):
+            listings = list(group)
+            made = is_made_id(staged, listings[0][2], listings[0][1])
+            usable = [
+                stored
+                for _, _, _, stored, symbol, name, named in listings
+                if made or (is_made_id(stored, name, symbol) and not named)
+            ]
+            if len(usable) != 1 or usable[0] in taken:
+                continue  # none, or no telling which
+            taken.add(usable[0])
+            if made:
+                rekeyed[staged] = usable[0]
+            else:
+                renamed.append((staged, self.source, usable[0]))
+        if renamed:
+            conn.executemany("UPDATE source_map SET source_id = ? WHERE source = ? AND source_id = ?", renamed)
+            conn.executemany("UPDATE listing SET source_id = ? WHERE source = ? AND source_id = ?", renamed)
+            shown = {made: given for given, _, made in renamed[:5]}
+            log.info("listings take the ids the file gives", listings=len(renamed), first=shown)
+        if not rekeyed:
+            return observations
+        conn.executemany("UPDATE temp.staging SET source_id = ?2 WHERE source_id = ?1", rekeyed.items())
+        at = STAGED_AT["source_id"]
+        return [(*row[:at], rekeyed[row[at]], *row[at + 1 :]) if row[at] in rekeyed else row for row in observations]
 
     def _assign(self, assigned: Iterable[tuple[str, str]], fresh: bool) -> None:
         """Give the staged rows of each source id its asset."""
