@@ -557,15 +557,38 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
 def parse_sources(specs: Sequence[str], config: EtlConfig) -> list[Source]:
     """The SOURCE arguments of one run; UsageError for a bad one, or for two that share a name."""
     sources = [parse_source(spec, config) for spec in specs]
-    named: dict[str, str] = {}  # case-folded, as filter_by=source:… compares names
+    named: dict[str, str] = {}
     for spec, source in zip(specs, sources, strict=True):
-        if source.name.casefold() in named:
+        if (key := source_key(source.name)) in named:
             raise UsageError(
-                f"sources {named[source.name.casefold()]!r} and {spec!r} are both named {source.name!r};"
-                " give a CSV source its own name with csv:NAME=PATH"
+                f"sources {named[key]!r} and {spec!r} are both named {source.name!r} (in any case and Unicode form,"
+                " as filter_by=source:… compares names); give a CSV source its own name with csv:NAME=PATH"
             )
-        named[source.name.casefold()] = spec
+        named[key] = spec
     return sources
+
+
+def source_key(name: str) -> str:
+    """A source's name as filter_by=source:… compares it (kasparro.fold): in any case and Unicode normal form."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def stored_names(conn: sqlite3.Connection, sources: Sequence[Source]) -> list[Source]:
+    """The sources, each CSV source under the name the store knows it by when that differs only in case or Unicode
+    form (a file named again otherwise: csv:Feed for csv:feed), so that it stays one source."""
+    checkpoints = conn.execute("SELECT source FROM checkpoint WHERE source LIKE 'csv:%' ORDER BY updated_at")
+    names = [row[0] for row in checkpoints]
+    stored: dict[str, str] = {}
+    for name in names:  # a store loaded before names were compared so holds each spelling: the oldest is taken
+        stored.setdefault(source_key(name), name)
+    renamed = []
+    for source in sources:
+        name = stored.get(source_key(source.name), source.name)
+        if isinstance(source, CsvSource) and name != source.name and source.name not in names:
+            log.info("source loads under its stored name", source=source.name, stored=name)
+            source = dataclasses.replace(source, label=name.removeprefix("csv:"))
+        renamed.append(source)
+    return renamed
 
 
 class HttpClient:
@@ -2982,6 +3005,7 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
     conn = connect(db, config.busy_timeout)
     try:
         apply_schema(conn)
+        sources = stored_names(conn, sources)
         run_id = start_run(conn, sources)
         outcomes: list[SourceOutcome] = []
         try:

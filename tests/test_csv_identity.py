@@ -3,6 +3,8 @@ subprocess, into a real SQLite store."""
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -72,4 +74,49 @@ def test_an_id_less_row_of_a_name_written_otherwise_is_the_same_listing(tmp_path
     load(db, feed, f"symbol,name,price,last_updated\nUSDC,USD Coin,1,{FIRST}\n")
     load(db, feed, f"symbol,name,price,last_updated\nUSDC,USDCoin,1,{SECOND}\n")
     assert query(db, "SELECT source_id, asset_id FROM source_map") == [("usd-coin-usdc", "usd-coin")]
+    assert query(db, "SELECT count(*) FROM raw_observation") == [(2,)]
+
+
+FEED = "id,symbol,name,price,last_updated\nbtc,BTC,Bitcoin,{p},{t}\n"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("Feed.csv", "feed.csv"), ("Été.csv", unicodedata.normalize("NFD", "été.csv")), ("ﬁnal.csv", "FINAL.csv")],
+    ids=["case", "normal-form", "ligature"],
+)
+def test_two_csv_sources_one_filter_calls_the_same_name_a_usage_error(tmp_path: Path, first: str, second: str) -> None:
+    """filter_by=source: compares names in any case and normal form (kasparro.fold): sources named apart only so were
+    two sources in the ETL, one in the API, which mixed them. In one run they are a usage error naming both."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [tmp_path / "a" / first, tmp_path / "b" / second]
+    for path in paths:
+        path.write_text(FEED.format(p=1, t=FIRST))
+    db = tmp_path / "store.db"
+    result = run_etl(db, *(f"csv:{path}" for path in paths))
+    assert result.returncode == 2, result.stderr
+    assert f"'csv:{paths[0]}'" in result.stderr and f"'csv:{paths[1]}'" in result.stderr
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("feed.csv", "FEED.csv"), (unicodedata.normalize("NFD", "été.csv"), "Été.csv")],
+    ids=["case", "normal-form"],
+)
+def test_a_csv_source_named_otherwise_only_in_case_or_form_loads_as_the_stored_source(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """Across runs, a file named again in another case or form is the source already stored, under its stored name:
+    its listings, checkpoint and run records stay one source's."""
+    db = tmp_path / "store.db"
+    for name, price, time in ((first, 1, FIRST), (second, 2, SECOND)):
+        (tmp_path / name).write_text(FEED.format(p=price, t=time))
+        result = run_etl(db, f"csv:{tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-2000:]
+    stored = f"csv:{Path(first).stem}"
+    assert query(db, "SELECT DISTINCT source FROM run_source") == [(stored,)]
+    assert query(db, "SELECT source, source_id, price_usd FROM source_map") == [(stored, "btc", 2.0)]
+    assert [json.loads(sources) for (sources,) in query(db, "SELECT sources FROM asset")] == [[stored]]
     assert query(db, "SELECT count(*) FROM raw_observation") == [(2,)]
