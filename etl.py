@@ -56,6 +56,7 @@ SAMPLE_CSV = HERE / "data" / "sample.csv"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
 RAW_REJECT_CHARS = 1_000
+REJECTS_KEPT = 1_000  # stored rejects of one source in one run; the others are counted only
 
 log = structlog.get_logger("kasparro.etl")
 
@@ -2317,6 +2318,7 @@ class Loader:
         self.source = source
         self.retention = retention
         self.latest = future_limit(conn, run_id)
+        self.rejected = 0  # in this run, committed: each counted, the first REJECTS_KEPT stored
         # Into an empty store, the sort indexes are dropped and built once at
         # the end: random inserts into eight indexes would otherwise rewrite
         # most of their pages at every commit. Nothing is served from an empty
@@ -2350,9 +2352,10 @@ class Loader:
                 for (name,) in conn.execute(ASSET_INDEXES).fetchall():
                     conn.execute(f'DROP INDEX "{name}"')
             loaded = self._load(batch.observations, batch.rejects) if batch.observations else 0
+            stored = batch.rejects[: max(REJECTS_KEPT - self.rejected, 0)]
             conn.executemany(
                 "INSERT OR IGNORE INTO reject (run_id, source, line, reason, raw) VALUES (?, ?, ?, ?, ?)",
-                [(self.run_id, self.source, line, reason, raw) for line, reason, raw in batch.rejects],
+                [(self.run_id, self.source, line, reason, raw) for line, reason, raw in stored],
             )
             if raw is not None:
                 conn.execute(
@@ -2382,7 +2385,20 @@ class Loader:
         except BaseException:
             rollback(conn)
             raise
+        if self.rejected <= REJECTS_KEPT < self.rejected + len(batch.rejects):
+            log.warning("rejects not all stored", source=self.source, stored=REJECTS_KEPT)
+        self.rejected += len(batch.rejects)
         return loaded
+
+    def rejects_note(self) -> list[str]:
+        """A note for the source's outcome when its rejects were not all stored."""
+        if self.rejected <= REJECTS_KEPT:
+            return []
+        unit = "rows" if self.source.startswith("csv:") else "records"
+        return [
+            f"stored the first {REJECTS_KEPT:,} of {self.rejected:,} rejected {unit} in reject; the rest were counted"
+            " only"
+        ]
 
     def _load(self, observations: list[tuple], rejects: list[tuple[int, str, str]]) -> int:
         conn = self.conn
@@ -2647,6 +2663,7 @@ def load_csv_file(
     if drift:
         log.warning("schema drift", source=source.name, drift=drift)
     notes = [f"resumed from line {checkpoint[2]}"] if resume else []
+    notes += loader.rejects_note()
     if headers:
         lines_shown = ", ".join(map(str, headers[:5])) + (", ..." if len(headers) > 5 else "")
         notes.append(f"skipped {len(headers)} repeated header row{'s' * (len(headers) > 1)} (line {lines_shown})")
@@ -2678,19 +2695,19 @@ def load_pages(
     if drift:
         renames = [key for key in drift if key.startswith("likely rename")]
         log.warning("schema drift", source=upstream.name, drift=drift, likely_renames=renames)
-    detail = None
+    notes = loader.rejects_note()
     if batch.repeated:
         page = batch.end.offset + 1
-        detail = (
+        notes.append(
             f"page {page} held only listings read from earlier pages"
             " (the upstream seems to ignore the page parameter): paging stopped"
         )
         log.warning("paging stopped: a page repeated earlier ones", source=upstream.name, page=page)
     elif not batch.final:
         pages_read = batch.end.offset
-        detail = f"stopped at the page limit, {pages_read} pages ({upstream.page_limit}): more listings may follow"
+        notes.append(f"stopped at the page limit, {pages_read} pages ({upstream.page_limit}): more listings may follow")
         log.warning("paging stopped at the page limit", source=upstream.name, pages=pages_read)
-    return Loaded(tally, detail, drift)
+    return Loaded(tally, "; ".join(notes) or None, drift)
 
 
 def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:
