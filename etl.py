@@ -2926,6 +2926,10 @@ def acquire_lock(db: Path) -> int:
     return fd
 
 
+# Held from the end of a run's loading until its end is recorded: a stop in between would leave it 'running'.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def interrupt(signum: int, _frame: object) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
@@ -3029,6 +3033,7 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
             structlog.contextvars.bind_contextvars(run_id=run_id)
             log.info("run started", db=str(db), sources=[s.name for s in sources])
             outcomes = [run_source(conn, run_id, source, config) for source in sources]
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a stop from here waits for the end record
         except (Interrupted, KeyboardInterrupt) as stop:
             reason = str(stop) or "interrupted"
             log.error("run interrupted", reason=reason)
@@ -3050,9 +3055,12 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
             end_run(conn, run_id, status, elapsed_ms(started), error)
         except sqlite3.Error as fault:
             cause = store_fault(fault, config)
+            with contextlib.suppress(Interrupted, KeyboardInterrupt):  # the run ends here in any case
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             return record_lost(run_id, error or cause, cause)
         try:
             with cleanup("wal checkpoint"):
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held since the loading ended acts here
                 end_wal(conn, config.wal_checkpoint)
         except (Interrupted, KeyboardInterrupt) as stop:  # the run's end is recorded, and stands
             log.warning("wal checkpoint skipped", reason=str(stop) or "interrupted")
