@@ -1750,7 +1750,11 @@ def time_after(stored: str, delta: timedelta) -> str:
 
 # RFC 3339's leap second (23:59:60): the store's times are POSIX seconds, which have none, so it reads as the
 # second before it, in the minute, hour and day it was observed in.
-LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.,Zz+-]|$)")
+LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.Zz+-]|$)")
+# RFC 3339's date and date-time, as the API reads them (kasparro.RFC3339): seconds and offset optional (UTC when
+# none). fromisoformat alone also reads ISO 8601's week dates, basic format, offsets without their colon, hours alone
+# and comma fractions.
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d(?:[Tt ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:[Zz]|[+-]\d\d:\d\d)?)?", re.ASCII)
 
 
 @functools.lru_cache(maxsize=4096)  # snapshot rows share a few timestamps
@@ -1778,6 +1782,8 @@ def parse_time(text: str) -> str:
         moment = datetime.fromisoformat(LEAP_SECOND.sub("59", text).replace("z", "Z"))
     except ValueError:
         raise ValueProblem("not an RFC 3339 time or Unix seconds or milliseconds") from None
+    if not RFC3339.fullmatch(text):
+        raise ValueProblem("an ISO 8601 form that is not RFC 3339, expected one like 2026-11-25T12:00:00Z")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     if moment < EARLIEST:
