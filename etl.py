@@ -145,7 +145,7 @@ class EtlConfig:
         return cls(
             db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
             sources=sources or (f"csv:{SAMPLE_CSV}",),
-            log_level=environ.get("LOG_LEVEL", "info").lower(),
+            log_level=log_level_setting(environ),
             env=environ.get("ENV", "development"),
             coingecko_url=upstream_url(
                 environ, "KASPARRO_COINGECKO_URL", COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL
@@ -252,6 +252,18 @@ def retention(environ: Mapping[str, str]) -> Retention:
             " hourly candles are made from raw observations"
         )
     return Retention(**spans)
+
+
+LOG_LEVELS = "debug, info, warning, error or critical"
+
+
+def log_level_setting(environ: Mapping[str, str]) -> str:
+    """LOG_LEVEL lower-cased (unset or empty: info), or UsageError: an unknown one would quietly mean info."""
+    text = environ.get("LOG_LEVEL", "")
+    level = text.strip().lower() or "info"
+    if level == "notset" or level.upper() not in logging.getLevelNamesMapping():  # warn and fatal are taken too
+        raise UsageError(f"LOG_LEVEL must be {LOG_LEVELS} (in any case), not {text!r}")
+    return level
 
 
 WAL_CHECKPOINTS = ("truncate", "passive", "off")
