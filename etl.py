@@ -868,7 +868,7 @@ CSV_ALIASES: dict[str, tuple[str, ...]] = {
 }
 HEADER_TO_FIELD = {alias: name for name, aliases in CSV_ALIASES.items() for alias in aliases}
 # A time column's name with its zone or unit after it, as exports write them ('Last Updated (UTC)', 'timestamp_ms'):
-# the observation time, where no column has a time's plain name.
+# the observation time, where no column has a time's plain name (the first of them; any other is an unknown column).
 SUFFIXED_TIMES = frozenset(
     f"{alias}_{suffix}"
     for alias in CSV_ALIASES["observed_at"]
@@ -915,7 +915,9 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
     keys = [header_key(raw) for raw in header]
     dated = any(HEADER_TO_FIELD.get(key) == "observed_at" for key in keys)
     for index, (raw, key) in enumerate(zip(header, keys, strict=True)):
-        target = HEADER_TO_FIELD.get(key) or ("observed_at" if key in SUFFIXED_TIMES and not dated else None)
+        target = HEADER_TO_FIELD.get(key)
+        if target is None and key in SUFFIXED_TIMES and not dated:  # the first of them, where no plain one is
+            target, dated = "observed_at", True
         if target is None:
             ignored.append(raw)
         elif target in found:
