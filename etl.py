@@ -56,6 +56,7 @@ SAMPLE_CSV = HERE / "data" / "sample.csv"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 75
 RAW_REJECT_CHARS = 1_000
+REJECTS_KEPT = 1_000  # stored rejects of one source in one run; the others are counted only
 
 log = structlog.get_logger("kasparro.etl")
 
@@ -144,7 +145,7 @@ class EtlConfig:
         return cls(
             db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
             sources=sources or (f"csv:{SAMPLE_CSV}",),
-            log_level=environ.get("LOG_LEVEL", "info").lower(),
+            log_level=log_level_setting(environ),
             env=environ.get("ENV", "development"),
             coingecko_url=upstream_url(
                 environ, "KASPARRO_COINGECKO_URL", COINGECKO_PRO_URL if plan == "pro" else COINGECKO_URL
@@ -251,6 +252,18 @@ def retention(environ: Mapping[str, str]) -> Retention:
             " hourly candles are made from raw observations"
         )
     return Retention(**spans)
+
+
+LOG_LEVELS = "debug, info, warning, error or critical"
+
+
+def log_level_setting(environ: Mapping[str, str]) -> str:
+    """LOG_LEVEL lower-cased (unset or empty: info), or UsageError: an unknown one would quietly mean info."""
+    text = environ.get("LOG_LEVEL", "")
+    level = text.strip().lower() or "info"
+    if level == "notset" or level.upper() not in logging.getLevelNamesMapping():  # warn and fatal are taken too
+        raise UsageError(f"LOG_LEVEL must be {LOG_LEVELS} (in any case), not {text!r}")
+    return level
 
 
 WAL_CHECKPOINTS = ("truncate", "passive", "off")
@@ -557,15 +570,38 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
 def parse_sources(specs: Sequence[str], config: EtlConfig) -> list[Source]:
     """The SOURCE arguments of one run; UsageError for a bad one, or for two that share a name."""
     sources = [parse_source(spec, config) for spec in specs]
-    named: dict[str, str] = {}  # case-folded, as filter_by=source:… compares names
+    named: dict[str, str] = {}
     for spec, source in zip(specs, sources, strict=True):
-        if source.name.casefold() in named:
+        if (key := source_key(source.name)) in named:
             raise UsageError(
-                f"sources {named[source.name.casefold()]!r} and {spec!r} are both named {source.name!r};"
-                " give a CSV source its own name with csv:NAME=PATH"
+                f"sources {named[key]!r} and {spec!r} are both named {source.name!r} (in any case and Unicode form,"
+                " as filter_by=source:… compares names); give a CSV source its own name with csv:NAME=PATH"
             )
-        named[source.name.casefold()] = spec
+        named[key] = spec
     return sources
+
+
+def source_key(name: str) -> str:
+    """A source's name as filter_by=source:… compares it (kasparro.fold): in any case and Unicode normal form."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def stored_names(conn: sqlite3.Connection, sources: Sequence[Source]) -> list[Source]:
+    """The sources, each CSV source under the name the store knows it by when that differs only in case or Unicode
+    form (a file named again otherwise: csv:Feed for csv:feed), so that it stays one source."""
+    checkpoints = conn.execute("SELECT source FROM checkpoint WHERE source LIKE 'csv:%' ORDER BY updated_at")
+    names = [row[0] for row in checkpoints]
+    stored: dict[str, str] = {}
+    for name in names:  # a store loaded before names were compared so holds each spelling: the oldest is taken
+        stored.setdefault(source_key(name), name)
+    renamed = []
+    for source in sources:
+        name = stored.get(source_key(source.name), source.name)
+        if isinstance(source, CsvSource) and name != source.name and source.name not in names:
+            log.info("source loads under its stored name", source=source.name, stored=name)
+            source = dataclasses.replace(source, label=name.removeprefix("csv:"))
+        renamed.append(source)
+    return renamed
 
 
 class HttpClient:
@@ -832,7 +868,7 @@ CSV_ALIASES: dict[str, tuple[str, ...]] = {
 }
 HEADER_TO_FIELD = {alias: name for name, aliases in CSV_ALIASES.items() for alias in aliases}
 # A time column's name with its zone or unit after it, as exports write them ('Last Updated (UTC)', 'timestamp_ms'):
-# the observation time, where no column has a time's plain name.
+# the observation time, where no column has a time's plain name (the first of them; any other is an unknown column).
 SUFFIXED_TIMES = frozenset(
     f"{alias}_{suffix}"
     for alias in CSV_ALIASES["observed_at"]
@@ -879,7 +915,9 @@ def csv_layout(header: Sequence[str]) -> CsvLayout:
     keys = [header_key(raw) for raw in header]
     dated = any(HEADER_TO_FIELD.get(key) == "observed_at" for key in keys)
     for index, (raw, key) in enumerate(zip(header, keys, strict=True)):
-        target = HEADER_TO_FIELD.get(key) or ("observed_at" if key in SUFFIXED_TIMES and not dated else None)
+        target = HEADER_TO_FIELD.get(key)
+        if target is None and key in SUFFIXED_TIMES and not dated:  # the first of them, where no plain one is
+            target, dated = "observed_at", True
         if target is None:
             ignored.append(raw)
         elif target in found:
@@ -1688,6 +1726,17 @@ def name_key(name: str) -> str:
     return NOT_ALNUM.sub("", unicodedata.normalize("NFKC", name).casefold())
 
 
+def made_source_id(name: str, symbol: str) -> str:
+    """The source id of a CSV row that gives none: 'Bitcoin', 'BTC' -> 'bitcoin-btc'."""
+    return f"{slugify(name, ' ') or name_key(name)}-{symbol.lower()}"
+
+
+def is_made_id(source_id: str, name: str, symbol: str) -> bool:
+    """Whether a CSV listing's id is the one made for its name and symbol, in any of its name's spellings with the
+    same normalised name ('usd-coin-usdc' for 'USDCoin'): a listing whose rows gave no id."""
+    return NOT_ALNUM.sub("", source_id) == NOT_ALNUM.sub("", made_source_id(name, symbol))
+
+
 # What the API's paths mean after /data/ (GET /data/export): an asset with such an id could not be read there.
 ROUTE_WORDS = frozenset({"export"})
 
@@ -1715,7 +1764,11 @@ def time_after(stored: str, delta: timedelta) -> str:
 
 # RFC 3339's leap second (23:59:60): the store's times are POSIX seconds, which have none, so it reads as the
 # second before it, in the minute, hour and day it was observed in.
-LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.,Zz+-]|$)")
+LEAP_SECOND = re.compile(r"(?<=[Tt ]\d\d:\d\d:)60(?=[.Zz+-]|$)")
+# RFC 3339's date and date-time, as the API reads them (kasparro.RFC3339): seconds and offset optional (UTC when
+# none). fromisoformat alone also reads ISO 8601's week dates, basic format, offsets without their colon, hours alone
+# and comma fractions.
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d(?:[Tt ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:[Zz]|[+-]\d\d:\d\d)?)?", re.ASCII)
 
 
 @functools.lru_cache(maxsize=4096)  # snapshot rows share a few timestamps
@@ -1743,6 +1796,8 @@ def parse_time(text: str) -> str:
         moment = datetime.fromisoformat(LEAP_SECOND.sub("59", text).replace("z", "Z"))
     except ValueError:
         raise ValueProblem("not an RFC 3339 time or Unix seconds or milliseconds") from None
+    if not RFC3339.fullmatch(text):
+        raise ValueProblem("an ISO 8601 form that is not RFC 3339, expected one like 2026-11-25T12:00:00Z")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     if moment < EARLIEST:
@@ -1789,7 +1844,7 @@ def normalise_cells(cells: Sequence[object], default_time: str, intake: Intake) 
     if observed_at is None and intake.undated:
         raise Rejected(intake.undated)
     return Observation(
-        source_id=fold_text(source_id) if source_id else f"{slugify(name, ' ') or key}-{symbol.lower()}",
+        source_id=fold_text(source_id) if source_id else made_source_id(name, symbol),
         symbol=symbol,
         name=name,
         name_key=key,
@@ -1836,6 +1891,17 @@ INSERT_STAGING = """
 INSERT INTO temp.staging (line, source_id, symbol, name, name_key, rank, price_usd, market_cap_usd,
                           volume_24h_usd, change_24h_pct, status, observed_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+# Identity, step 0 (a CSV source): each staged source id with no listing yet, in the order of its first line, with
+# every listing of the source that has its symbol and normalised name, and whether the batch names that listing too.
+SAME_COIN_LISTINGS = """
+SELECT s.source_id, s.symbol, s.name, m.source_id, m.symbol, m.name, m.source_id IN (SELECT source_id FROM temp.staging)
+FROM (SELECT source_id, symbol, name, name_key, min(line) AS first FROM temp.staging GROUP BY source_id) s
+JOIN source_map m ON m.symbol = s.symbol AND m.name_key = s.name_key AND m.source = ?1
+WHERE NOT EXISTS (SELECT 1 FROM source_map o WHERE o.source = ?1 AND o.source_id = s.source_id)
+  AND NOT EXISTS (SELECT 1 FROM listing l WHERE l.source = ?1 AND l.source_id = s.source_id)
+ORDER BY s.first, m.source_id
 """
 
 # Identity, step 1: the source's own id, through the mapping table.
@@ -2272,6 +2338,7 @@ class Loader:
         self.source = source
         self.retention = retention
         self.latest = future_limit(conn, run_id)
+        self.rejected = 0  # in this run, committed: each counted, the first REJECTS_KEPT stored
         # Into an empty store, the sort indexes are dropped and built once at
         # the end: random inserts into eight indexes would otherwise rewrite
         # most of their pages at every commit. Nothing is served from an empty
@@ -2305,9 +2372,10 @@ class Loader:
                 for (name,) in conn.execute(ASSET_INDEXES).fetchall():
                     conn.execute(f'DROP INDEX "{name}"')
             loaded = self._load(batch.observations, batch.rejects) if batch.observations else 0
+            stored = batch.rejects[: max(REJECTS_KEPT - self.rejected, 0)]
             conn.executemany(
                 "INSERT OR IGNORE INTO reject (run_id, source, line, reason, raw) VALUES (?, ?, ?, ?, ?)",
-                [(self.run_id, self.source, line, reason, raw) for line, reason, raw in batch.rejects],
+                [(self.run_id, self.source, line, reason, raw) for line, reason, raw in stored],
             )
             if raw is not None:
                 conn.execute(
@@ -2337,12 +2405,27 @@ class Loader:
         except BaseException:
             rollback(conn)
             raise
+        if self.rejected <= REJECTS_KEPT < self.rejected + len(batch.rejects):
+            log.warning("rejects not all stored", source=self.source, stored=REJECTS_KEPT)
+        self.rejected += len(batch.rejects)
         return loaded
+
+    def rejects_note(self) -> list[str]:
+        """A note for the source's outcome when its rejects were not all stored."""
+        if self.rejected <= REJECTS_KEPT:
+            return []
+        unit = "rows" if self.source.startswith("csv:") else "records"
+        return [
+            f"stored the first {REJECTS_KEPT:,} of {self.rejected:,} rejected {unit} in reject; the rest were counted"
+            " only"
+        ]
 
     def _load(self, observations: list[tuple], rejects: list[tuple[int, str, str]]) -> int:
         conn = self.conn
         conn.execute("DELETE FROM temp.staging")
         conn.executemany(INSERT_STAGING, observations)
+        if self.source.startswith("csv:"):
+            observations = self._carry_listings(observations)
         conn.execute(MATCH_BY_SOURCE_ID, (self.source,))
         joined, claimed = {}, set()
         for source_id, asset_id in conn.execute(JOIN_CANDIDATES, (self.source,)).fetchall():
@@ -2446,6 +2529,44 @@ class Loader:
             )
             rejects.append((line, reason, raw))
         return rejects
+
+    def _carry_listings(self, observations: list[tuple]) -> list[tuple]:
+        """Keep a CSV's coin one listing when its file gains or loses an id column; return the staged rows as loaded.
+
+        A new id that the file gives takes over the one listing of its symbol and normalised name whose id was
+        made (is_made_id), unless the batch names that listing too; a row that gives no id joins the one listing
+        of its symbol and normalised name, whatever its id. Two ids that files gave are never one listing.
+        """
+        conn = self.conn
+        taken: set[str] = set()
+        rekeyed: dict[str, str] = {}
+        renamed: list[tuple[str, str, str]] = []
+        rows = conn.execute(SAME_COIN_LISTINGS, (self.source,)).fetchall()
+        for staged, group in itertools.groupby(rows, key=operator.itemgetter(0)):
+            listings = list(group)
+            made = is_made_id(staged, listings[0][2], listings[0][1])
+            usable = [
+                stored
+                for _, _, _, stored, symbol, name, named in listings
+                if made or (is_made_id(stored, name, symbol) and not named)
+            ]
+            if len(usable) != 1 or usable[0] in taken:
+                continue  # none, or no telling which
+            taken.add(usable[0])
+            if made:
+                rekeyed[staged] = usable[0]
+            else:
+                renamed.append((staged, self.source, usable[0]))
+        if renamed:
+            conn.executemany("UPDATE source_map SET source_id = ? WHERE source = ? AND source_id = ?", renamed)
+            conn.executemany("UPDATE listing SET source_id = ? WHERE source = ? AND source_id = ?", renamed)
+            shown = {made: given for given, _, made in renamed[:5]}
+            log.info("listings take the ids the file gives", listings=len(renamed), first=shown)
+        if not rekeyed:
+            return observations
+        conn.executemany("UPDATE temp.staging SET source_id = ?2 WHERE source_id = ?1", rekeyed.items())
+        at = STAGED_AT["source_id"]
+        return [(*row[:at], rekeyed[row[at]], *row[at + 1 :]) if row[at] in rekeyed else row for row in observations]
 
     def _assign(self, assigned: Iterable[tuple[str, str]], fresh: bool) -> None:
         """Give the staged rows of each source id its asset."""
@@ -2562,6 +2683,7 @@ def load_csv_file(
     if drift:
         log.warning("schema drift", source=source.name, drift=drift)
     notes = [f"resumed from line {checkpoint[2]}"] if resume else []
+    notes += loader.rejects_note()
     if headers:
         lines_shown = ", ".join(map(str, headers[:5])) + (", ..." if len(headers) > 5 else "")
         notes.append(f"skipped {len(headers)} repeated header row{'s' * (len(headers) > 1)} (line {lines_shown})")
@@ -2593,19 +2715,19 @@ def load_pages(
     if drift:
         renames = [key for key in drift if key.startswith("likely rename")]
         log.warning("schema drift", source=upstream.name, drift=drift, likely_renames=renames)
-    detail = None
+    notes = loader.rejects_note()
     if batch.repeated:
         page = batch.end.offset + 1
-        detail = (
+        notes.append(
             f"page {page} held only listings read from earlier pages"
             " (the upstream seems to ignore the page parameter): paging stopped"
         )
         log.warning("paging stopped: a page repeated earlier ones", source=upstream.name, page=page)
     elif not batch.final:
         pages_read = batch.end.offset
-        detail = f"stopped at the page limit, {pages_read} pages ({upstream.page_limit}): more listings may follow"
+        notes.append(f"stopped at the page limit, {pages_read} pages ({upstream.page_limit}): more listings may follow")
         log.warning("paging stopped at the page limit", source=upstream.name, pages=pages_read)
-    return Loaded(tally, detail, drift)
+    return Loaded(tally, "; ".join(notes) or None, drift)
 
 
 def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:
@@ -2824,6 +2946,10 @@ def acquire_lock(db: Path) -> int:
     return fd
 
 
+# Held from the end of a run's loading until its end is recorded: a stop in between would leave it 'running'.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def interrupt(signum: int, _frame: object) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
@@ -2920,12 +3046,14 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
     conn = connect(db, config.busy_timeout)
     try:
         apply_schema(conn)
+        sources = stored_names(conn, sources)
         run_id = start_run(conn, sources)
         outcomes: list[SourceOutcome] = []
         try:
             structlog.contextvars.bind_contextvars(run_id=run_id)
             log.info("run started", db=str(db), sources=[s.name for s in sources])
             outcomes = [run_source(conn, run_id, source, config) for source in sources]
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a stop from here waits for the end record
         except (Interrupted, KeyboardInterrupt) as stop:
             reason = str(stop) or "interrupted"
             log.error("run interrupted", reason=reason)
@@ -2947,9 +3075,12 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
             end_run(conn, run_id, status, elapsed_ms(started), error)
         except sqlite3.Error as fault:
             cause = store_fault(fault, config)
+            with contextlib.suppress(Interrupted, KeyboardInterrupt):  # the run ends here in any case
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             return record_lost(run_id, error or cause, cause)
         try:
             with cleanup("wal checkpoint"):
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop held since the loading ended acts here
                 end_wal(conn, config.wal_checkpoint)
         except (Interrupted, KeyboardInterrupt) as stop:  # the run's end is recorded, and stands
             log.warning("wal checkpoint skipped", reason=str(stop) or "interrupted")

@@ -94,6 +94,12 @@ class Config:
         keys = tuple(k.strip() for k in environ.get("KASPARRO_API_KEYS", "").split(",") if k.strip())
         if environ.get("KASPARRO_ROLE", "primary") not in ROLES:
             raise SystemExit(f"kasparro: KASPARRO_ROLE must be primary or replica, not {environ['KASPARRO_ROLE']!r}")
+        level = environ.get("LOG_LEVEL", "").strip().lower() or "info"
+        if level == "notset" or level.upper() not in logging.getLevelNamesMapping():  # it would quietly mean info
+            raise SystemExit(
+                "kasparro: LOG_LEVEL must be debug, info, warning, error or critical (in any case),"
+                f" not {environ['LOG_LEVEL']!r}"
+            )
         db = environ.get("KASPARRO_DB", "kasparro.db")
         if Path(db).is_dir() or (Path(db).exists() and not Path(db).is_file()):  # '' names the current directory
             raise SystemExit(f"kasparro: KASPARRO_DB must be the path of the store's file, not {db!r}")
@@ -119,7 +125,7 @@ class Config:
             etl_max_age=setting(environ, "KASPARRO_ETL_MAX_AGE", cls.etl_max_age, (1, 10**10)),
             api_keys=keys,
             rate_limit=setting(environ, "KASPARRO_RATE_LIMIT", cls.rate_limit, (0, 10**9)),
-            log_level=environ.get("LOG_LEVEL", "info").lower(),
+            log_level=environ.get("LOG_LEVEL", "").strip().lower() or "info",
             env=environ.get("ENV", "development"),
             metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"]) if environ.get("PROMETHEUS_MULTIPROC_DIR") else None,
             role=environ.get("KASPARRO_ROLE", "primary"),
@@ -299,7 +305,7 @@ atexit.register(log_lines.flush)
 
 
 def log_level(name: str) -> int:
-    """The stdlib level of a LOG_LEVEL name; info when the name is unknown."""
+    """The stdlib level of a LOG_LEVEL name (Config.from_env refuses an unknown one); info for any other."""
     return logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
 
 

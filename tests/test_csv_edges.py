@@ -131,3 +131,49 @@ def test_a_time_column_with_a_plain_name_wins_over_one_named_with_its_unit(tmp_p
     assert run_etl(db, f"csv:{feed}").returncode == 0
     assert query(db, "SELECT updated_at FROM asset") == [("2026-11-20T12:00:00Z",)]
     assert json.loads(query(db, "SELECT drift FROM run_source")[0][0]) == {"unknown column 'timestamp_ms'": 1}
+
+
+@pytest.mark.parametrize(
+    ("header", "ignored"),
+    [("time_utc,time_unix", "time_unix"), ("Timestamp (ms),Last Updated (UTC)", "Last Updated (UTC)")],
+)
+def test_of_two_time_columns_named_with_a_unit_the_first_gives_the_time(
+    tmp_path: Path, header: str, ignored: str
+) -> None:
+    """Exports that give a time twice, each with its unit, failed the file ('both give observed_at'), though either
+    would do: the first one loads, and the other is drift, as one beside a plain time column is."""
+    feed = tmp_path / "feed.csv"
+    first, second = ("2026-11-20T12:00:00Z", "1795000000") if "utc" in header[:9] else ("1795176000000", "1")
+    feed.write_text(f"symbol,name,price,{header}\nBTC,Bitcoin,95000,{first},{second}\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr
+    assert last_run(db)["status"] == "success"
+    assert query(db, "SELECT updated_at FROM asset") == [("2026-11-20T12:00:00Z",)]
+    assert json.loads(query(db, "SELECT drift FROM run_source")[0][0]) == {f"unknown column {ignored!r}": 1}
+
+
+ISO_NOT_RFC3339 = ["2026-W48-3", "2026W483", "2026-329", "20261125T120000Z", "2026-11-25T120000Z",
+                   "2026-11-25T12:00:00+0100", "2026-11-25T12:00:00+01", "2026-11-25T12Z", "2026-11-25T12:00:00,5Z",
+                   "2026-11-25_12:00:00Z"]  # fmt: skip
+
+
+def test_iso_8601_times_that_are_not_rfc_3339_are_rejected_naming_the_value(tmp_path: Path) -> None:
+    """SPEC: RFC 3339, or Unix seconds or milliseconds. fromisoformat read ISO 8601's week and ordinal dates, its basic
+    format, offsets without their colon, hours alone and comma fractions, which RFC 3339 has none of (and which the
+    API refuses in as_of, from and filter_by). The forms RFC 3339 allows, and its date alone, still load."""
+    rows = [f'c{n},C{n},Coin {n},1,"{text}"\n' for n, text in enumerate(ISO_NOT_RFC3339)]
+    kept = ["2026-11-25t12:00:00z", "2026-11-25 13:00:00+01:00", "2026-11-25T12:00", "2026-11-25"]
+    rows += [f"k{n},K{n},Kept {n},1,{text}\n" for n, text in enumerate(kept)]
+    feed = tmp_path / "feed.csv"
+    feed.write_text(HEADER + "".join(rows))
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    reason = "observed_at: an ISO 8601 form that is not RFC 3339, expected one like 2026-11-25T12:00:00Z: {!r}"
+    expected = [(n + 2, reason.format(text)) for n, text in enumerate(ISO_NOT_RFC3339)]
+    expected[2] = (4, "observed_at: not an RFC 3339 time or Unix seconds or milliseconds: '2026-329'")
+    assert query(db, "SELECT line, reason FROM reject ORDER BY line") == expected
+    assert query(db, "SELECT observed_at FROM source_map ORDER BY source_id") == [
+        ("2026-11-25T12:00:00Z",), ("2026-11-25T12:00:00Z",), ("2026-11-25T12:00:00Z",), ("2026-11-25T00:00:00Z",)
+    ]  # fmt: skip

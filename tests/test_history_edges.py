@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from test_hostile import forge
 from test_real_inputs import outcome
 
@@ -66,9 +67,25 @@ def test_a_time_before_the_genesis_block_is_refused_naming_that_day(tmp_path: Pa
     ]
 
 
-def test_an_upstream_time_no_datetime_holds_takes_the_fetch_time(upstream: Any, tmp_path: Path) -> None:
+NOT_RFC3339 = "an ISO 8601 form that is not RFC 3339, expected one like 2026-11-25T12:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("9999-12-31T23:59:59-01:00", "after 9999-12-31T23:59:59Z"),
+        ("2026-W48-3", NOT_RFC3339),  # ISO 8601's week date: fromisoformat read it as 2026-11-25
+        ("20261125T120000Z", NOT_RFC3339),  # and its basic format
+        ("2026-11-25T12:00:00+0100", NOT_RFC3339),
+    ],
+)
+def test_an_upstream_time_that_is_no_usable_rfc_3339_one_takes_the_fetch_time(
+    upstream: Any, tmp_path: Path, value: str, problem: str
+) -> None:
+    """A time no datetime holds, or one in a form of ISO 8601 that RFC 3339 does not have (SPEC's Values: an
+    upstream record is never dropped for an optional field; it takes the fetch time, and the drift counts it)."""
     record = load_fixture("coingecko_markets_hodl.json")[0]
-    coingecko_pages(upstream, [[{**record, "last_updated": value} for value in ("9999-12-31T23:59:59-01:00",)]])
+    coingecko_pages(upstream, [[{**record, "last_updated": value}]])
     db = tmp_path / "store.db"
     result = etl_against(upstream, db, "coingecko")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -77,7 +94,7 @@ def test_an_upstream_time_no_datetime_holds_takes_the_fetch_time(upstream: Any, 
     (observed,) = query(db, "SELECT strftime('%Y-%m-%dT%H:%M:%SZ', observed_at, 'unixepoch') FROM raw_observation")[0]
     assert run["started_at"] <= observed <= run["ended_at"]
     drift = outcome(db, "coingecko")["drift"]
-    assert drift == {"invalid field 'last_updated': after 9999-12-31T23:59:59Z": 1}
+    assert drift == {f"invalid field 'last_updated': {problem}": 1}
 
 
 def test_a_leap_second_is_the_second_before_it(tmp_path: Path) -> None:

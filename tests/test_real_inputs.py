@@ -273,6 +273,9 @@ def test_times_are_rfc3339_or_unix_seconds_or_milliseconds(text, stored):
         ("2026", "before 2009-01-03, Bitcoin's genesis block (read as Unix seconds)"),
         ("20261125", "before 2009-01-03, Bitcoin's genesis block (read as Unix seconds)"),
         ("25/11/2026", "not an RFC 3339 time or Unix seconds or milliseconds"),
+        ("2026-W48-3", "an ISO 8601 form that is not RFC 3339, expected one like 2026-11-25T12:00:00Z"),
+        ("2026-11-25T12:00:00,5Z", "an ISO 8601 form that is not RFC 3339, expected one like 2026-11-25T12:00:00Z"),
+        ("2026-11-25T12:00:00 Z", "an ISO 8601 form that is not RFC 3339, expected one like 2026-11-25T12:00:00Z"),
     ],
 )
 def test_other_times_are_refused_clearly(text, problem):

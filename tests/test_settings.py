@@ -217,3 +217,35 @@ def test_an_api_setting_out_of_range_stops_the_start_naming_it(
     assert result.returncode != 0
     assert f"kasparro: {name} must be {expected}, not {value!r}" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+LEVELS = "debug, info, warning, error or critical"
+
+
+@pytest.mark.parametrize("level", ["verbose", "trace", "inf0"])
+def test_an_unknown_log_level_is_a_usage_error_naming_it(tmp_path: Path, level: str) -> None:
+    """An unknown LOG_LEVEL meant info, silently: LOG_LEVEL=trace asked for more and got less."""
+    db = tmp_path / "store.db"
+    result = run_etl(db, LOG_LEVEL=level)
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: LOG_LEVEL must be {LEVELS} (in any case), not {level!r}\n",
+    )
+    assert not db.exists()
+
+
+def test_known_log_levels_are_taken_in_any_case(tmp_path: Path) -> None:
+    for level in ("WARNING", "Error", ""):
+        assert run_etl(tmp_path / "store.db", LOG_LEVEL=level).returncode == 0, level
+
+
+def test_an_unknown_log_level_stops_the_api_start_naming_it(tmp_path: Path) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KASPARRO_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "kasparro:app", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, env={**environ, "KASPARRO_DB": str(tmp_path / "store.db"), "LOG_LEVEL": "verbose"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"kasparro: LOG_LEVEL must be {LEVELS} (in any case), not 'verbose'" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
