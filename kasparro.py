@@ -4937,7 +4937,11 @@ class FrontDoor:
                 status = await self.through_falcon(scope, receive, send, origin)
                 route = scope.get(ROUTE)
             else:
-                gzip = accept_encoding is not None and answer.compressible and accepts_gzip(accept_encoding.decode())
+                gzip = (
+                    accept_encoding is not None
+                    and answer.compressible
+                    and accepts_gzip(accept_encoding.decode("latin-1"))
+                )
                 status, body = answer.reply(request_id, started, if_none_match, gzip)
                 headers = [(b"x-request-id", request_id.encode()), *answer.headers]
                 if answer.etag is not None:
