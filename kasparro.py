@@ -4863,13 +4863,28 @@ class Compression:
 
 class Router(falcon.routing.CompiledRouter):
     """Falcon's router, with HEAD mapped to the GET responder of every route that has no on_head: Falcon then
-    sends GET's status and headers, Content-Length included, and no body."""
+    sends GET's status and headers, Content-Length included, and no body. OPTIONS (not a CORS preflight, which
+    the front door answers) is a 204 whose Allow names what the route's 405 names: Falcon's own is a 200 that
+    declares JSON and sends none, and leaves OPTIONS out of its Allow."""
 
     def map_http_methods(self, resource: object, **kwargs: Any) -> dict[str, Any]:
         methods = super().map_http_methods(resource, **kwargs)
         if "GET" in methods:
             methods.setdefault("HEAD", methods["GET"])
+        if "OPTIONS" not in methods:
+            methods["OPTIONS"] = allowed_methods_responder(", ".join([*sorted(methods), "OPTIONS"]))
         return methods
+
+
+def allowed_methods_responder(allowed: str) -> Callable[..., Awaitable[None]]:
+    """A route's OPTIONS responder: 204, `allowed` in Allow, no body and no Content-Type."""
+
+    async def on_options(req: falcon.asgi.Request, resp: falcon.asgi.Response, **fields: str) -> None:
+        resp.status = falcon.HTTP_204
+        resp.set_header("Allow", allowed)
+        resp.content_type = None
+
+    return on_options
 
 
 class FrontDoor:

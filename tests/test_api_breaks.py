@@ -32,3 +32,18 @@ def test_a_header_value_that_is_not_utf8_is_read_as_bytes_not_a_500(server: Live
                 status, headers, body = exchange(server.base, "GET", path, {header: value})
                 assert status == 200, (path, value, body[:200])
                 assert headers["content-type"] == plain[1]["content-type"], (path, value)
+
+
+def test_options_of_a_route_is_a_204_that_allows_what_its_405_allows(server: LiveServer) -> None:
+    """A plain OPTIONS (no preflight) says which methods the route takes, with no body: 204, not a 200 that
+    declares JSON and sends nothing, and its Allow names OPTIONS as the route's 405 does."""
+    for path in ("/", "/data", "/data/bitcoin", "/data/bitcoin/history", "/data/export", "/health", "/stats",
+                 "/runs", "/runs/1", "/runs/compare", "/metrics", "/openapi.json", "/docs"):  # fmt: skip
+        refused = exchange(server.base, "DELETE", path)
+        assert refused[0] == 405 and refused[1]["content-type"] == PROBLEM, path
+        status, headers, body = exchange(server.base, "OPTIONS", path)
+        assert (status, body) == (204, b""), path
+        assert "content-type" not in headers, path
+        allowed = {method.strip() for method in headers["allow"].split(",")}
+        assert allowed == {method.strip() for method in refused[1]["allow"].split(",")} == {"GET", "HEAD", "OPTIONS"}
+        assert headers["x-request-id"], path
