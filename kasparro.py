@@ -3672,6 +3672,8 @@ class StatsResource(RunHistoryResource):
     """GET /stats: ETL outcomes overall, per source, and the last runs."""
 
     async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
+        check_params(params, ())
+
         def read(
             conn: sqlite3.Connection, version: DataVersion
         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], RunRows]:

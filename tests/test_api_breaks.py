@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,15 @@ def test_options_of_a_route_is_a_204_that_allows_what_its_405_allows(server: Liv
         allowed = {method.strip() for method in headers["allow"].split(",")}
         assert allowed == {method.strip() for method in refused[1]["allow"].split(",")} == {"GET", "HEAD", "OPTIONS"}
         assert headers["x-request-id"], path
+
+
+@pytest.mark.parametrize("query", ["limit=5", "source=csv:sample", "x=1", "page=2"])
+def test_stats_refuses_a_parameter_it_does_not_take_as_its_sibling_routes_do(server: LiveServer, query: str) -> None:
+    """/stats takes no parameter: one given is a 400 naming it, as on /runs, /runs/{run_id} and /runs/compare,
+    not silently ignored (/stats?limit=5 answered every recent run)."""
+    name = query.split("=")[0]
+    for _ in range(3):
+        status, headers, body = exchange(server.base, "GET", f"/stats?{query}")
+        assert (status, headers["content-type"]) == (400, PROBLEM), body[:200]
+        assert f"unknown parameter {name!r}" in json.loads(body)["detail"]
+    assert exchange(server.base, "GET", "/stats?limit=")[0] == 200  # an empty parameter is an absent one
