@@ -2798,19 +2798,19 @@ VARY_FORMAT = (b"vary", b"Accept, Accept-Encoding")  # where Accept chooses the 
 Header = tuple[bytes, bytes]
 
 
+QVALUE = re.compile(r"0(\.[0-9]*)?|1(\.0*)?")  # RFC 9110 12.4.2, any number of decimals: float() takes '1e5', 'inf'
+
+
 def weighted(header: str) -> Iterator[tuple[str, float]]:
     """The items of a comma-separated header (Accept, Accept-Encoding), lower-case, each with its q (RFC 9110
-    12.4.2: 1 when absent; an unreadable one is 0)."""
+    12.4.2: 1 when absent; one that is not a number from 0 to 1 in digits 0-9 is 0)."""
     for item in header.lower().split(","):
         name, *parameters = (part.strip() for part in item.split(";"))
         q = 1.0
         for parameter in parameters:
             key, _, value = parameter.partition("=")
             if key.strip() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
+                q = float(value) if QVALUE.fullmatch(value.strip()) else 0.0
         yield name, q
 
 

@@ -60,3 +60,29 @@ def test_stats_refuses_a_parameter_it_does_not_take_as_its_sibling_routes_do(ser
         assert (status, headers["content-type"]) == (400, PROBLEM), body[:200]
         assert f"unknown parameter {name!r}" in json.loads(body)["detail"]
     assert exchange(server.base, "GET", "/stats?limit=")[0] == 200  # an empty parameter is an absent one
+
+
+@pytest.mark.parametrize("q", ["inf", "1e5", "1_0", "2", "-1", "nan", "0x1", "1.5", "١"])
+def test_a_q_value_outside_rfc_9110s_grammar_counts_as_0(server: LiveServer, q: str) -> None:
+    """A q-value is 0 to 1 in plain digits (RFC 9110 12.4.2); float() read 'inf', '1e5', '1_0' and '2' as more
+    than 1, so a media range or coding with a broken q beat the one the client ranked. Unreadable is 0."""
+    for path in ("/data?page_size=2", "/data/bitcoin/history", "/data/export?filter_by=rank<=2"):
+        for _ in range(3):
+            status, headers, _ = exchange(
+                server.base, "GET", path, {"Accept": f"text/csv;q={q}, application/x-ndjson;q=0.5"}
+            )
+            assert (status, headers["content-type"]) == (200, "application/x-ndjson"), (path, q)
+    for _ in range(3):  # the front door's, from the second on
+        status, headers, _ = exchange(server.base, "GET", "/data?page_size=50", {"Accept-Encoding": f"gzip;q={q}"})
+        assert status == 200 and "content-encoding" not in headers, q
+        status, headers, _ = exchange(server.base, "GET", "/data?page_size=50", {"Accept-Encoding": f"gzip;q={q}, *"})
+        assert status == 200 and "content-encoding" not in headers, q  # gzip named, with q 0: refused
+
+
+@pytest.mark.parametrize("q", ["1", "1.0", "1.000", "0.5", "0.001", " 0.9 "])
+def test_a_q_value_in_rfc_9110s_grammar_is_read(server: LiveServer, q: str) -> None:
+    status, headers, _ = exchange(server.base, "GET", "/data?page_size=2", {"Accept": f"application/x-ndjson;q={q}"})
+    assert (status, headers["content-type"]) == (200, "application/x-ndjson"), q
+    for _ in range(3):
+        status, headers, _ = exchange(server.base, "GET", "/data?page_size=50", {"Accept-Encoding": f"gzip;q={q}"})
+        assert status == 200 and headers.get("content-encoding") == "gzip", q
