@@ -2573,7 +2573,9 @@ class HistoryQuery:
         return INTERVALS[self.interval]
 
     def digest(self, asset_id: str) -> str:
-        key = f"{asset_id}\n{self.interval}\n{self.start}\n{self.end}\n{self.source}"
+        """What a cursor is bound to: the source as compared (any case or normal form names it), not as written."""
+        source = None if self.source is None else fold(self.source)
+        key = f"{asset_id}\n{self.interval}\n{self.start}\n{self.end}\n{source}"
         return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
     def etag(self, data_version: str, asset_id: str) -> str:

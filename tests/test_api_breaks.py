@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conftest import LiveServer, exchange
+from conftest import LiveServer, exchange, run_etl
 
 PROBLEM = "application/problem+json"
 KEPT = ("/data", "/data?page_size=2", "/data/bitcoin", "/data/bitcoin/history", "/health", "/stats", "/runs")
@@ -86,3 +86,33 @@ def test_a_q_value_in_rfc_9110s_grammar_is_read(server: LiveServer, q: str) -> N
     for _ in range(3):
         status, headers, _ = exchange(server.base, "GET", "/data?page_size=50", {"Accept-Encoding": f"gzip;q={q}"})
         assert status == 200 and headers.get("content-encoding") == "gzip", q
+
+
+@pytest.fixture
+def feed_server(live_server: Any, tmp_path: Path) -> LiveServer:
+    """A store of one CSV source named in capitals (csv:Feed) with six observations of bitcoin, an hour apart."""
+    feed = tmp_path / "Feed.csv"
+    rows = [f"bitcoin,BTC,Bitcoin,{95_000 + hour},2026-11-25T{hour:02}:00:00Z" for hour in range(6)]
+    feed.write_text("id,symbol,name,price_usd,last_updated\n" + "\n".join(rows) + "\n")
+    db = tmp_path / "feed.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr
+    return live_server(db, LOG_LEVEL="warning")
+
+
+@pytest.mark.parametrize("interval", ["raw", "1h"])
+def test_a_history_cursor_holds_for_the_source_written_in_any_case(feed_server: LiveServer, interval: str) -> None:
+    """source= names a source in any case and normal form (its points are the same), so the next_cursor of one
+    spelling pages the other and both have one ETag: the cursor was refused as issued for another source."""
+    window = f"/data/bitcoin/history?interval={interval}&from=2026-11-25T00:00:00Z&limit=2"
+    pages = {}
+    for spelling in ("csv:Feed", "csv:feed", "CSV:FEED"):
+        status, headers, body = exchange(feed_server.base, "GET", f"{window}&source={spelling}")
+        assert status == 200, body
+        first = json.loads(body)
+        pages[spelling] = (headers["etag"], first["points"], first["source"])
+        status, _, body = exchange(feed_server.base, "GET", f"{window}&source=csv:Feed&cursor={first['next_cursor']}")
+        assert status == 200, (spelling, body)
+        assert [p["price_usd" if interval == "raw" else "close"] for p in json.loads(body)["points"]] == [95002, 95003]
+    assert len(set(map(str, pages.values()))) == 1, pages
+    assert pages["csv:feed"][2] == "csv:Feed"
