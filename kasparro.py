@@ -1613,17 +1613,22 @@ PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)", re.ASCII)
 FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
 # Below 10**11, as the ETL reads seconds (longer is milliseconds); a fraction is that instant, as the ETL reads it.
 UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}(?:\.[0-9]+)?")
+SECOND_FRACTION = re.compile(r"\.[0-9]+", re.ASCII)  # of an RFC 3339 time: the one "." it may hold
 
 
-def read_rfc3339(text: str) -> datetime | None:
-    """An RFC 3339 time or date as an aware datetime (UTC when it names no offset); None when it is not one."""
+def read_rfc3339(text: str) -> tuple[int, Decimal] | None:
+    """An RFC 3339 time or date as Unix seconds (UTC when it names no offset): the whole second and the exact
+    fraction of the next (datetime keeps six digits: .0000001 would be 0); None when it is not one."""
     if not RFC3339.fullmatch(text):
         return None
+    fraction = SECOND_FRACTION.search(text)
+    plain = text if fraction is None else text[: fraction.start()] + text[fraction.end() :]
     try:
-        moment = datetime.fromisoformat(LEAP_SECOND.sub("59", text).replace("z", "Z"))
+        moment = datetime.fromisoformat(LEAP_SECOND.sub("59", plain).replace("z", "Z"))
     except ValueError:
         return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return int(moment.timestamp()), Decimal(fraction[0]) if fraction else Decimal(0)
 
 
 def digits_hint(text: str) -> str:
@@ -1657,16 +1662,14 @@ def parse_time(field: str, op: str, text: str) -> str:
     one for `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
     if UNIX_SECONDS.fullmatch(text):
         exact = Decimal(text)
-        whole = math.floor(exact)
-        fraction = format(exact - whole, "f")[1:] if exact != whole else ""  # '.5' of 1795607999.5
+        whole, part = math.floor(exact), exact - math.floor(exact)
+    elif (read := read_rfc3339(text)) is not None:
+        whole, part = read
     else:
-        moment = read_rfc3339(text)
-        if moment is None:
-            raise InvalidQuery(
-                f"filter_by: {field} needs an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}"
-            )
-        whole = int(moment.replace(microsecond=0).timestamp())
-        fraction = f".{moment.microsecond:06d}" if moment.microsecond else ""
+        raise InvalidQuery(
+            f"filter_by: {field} needs an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}"
+        )
+    fraction = format(part, "f")[1:] if part else ""  # '.5' of 1795607999.5
     seconds = within_range(f"filter_by: {field}", whole + (bool(fraction) and op in (">=", "<")), text)
     if fraction and op == ":":
         return f"{utc_text(whole)[:-1]}{fraction}Z"
@@ -2610,10 +2613,10 @@ def parse_moment(name: str, text: str, rounding: Callable[[Decimal | float], int
     `rounding`) from FIRST_SECOND to LAST_SECOND; InvalidQuery naming `name` otherwise."""
     if UNIX_SECONDS.fullmatch(text):
         return within_range(name, rounding(Decimal(text)), text)
-    moment = read_rfc3339(text)
-    if moment is None:
+    read = read_rfc3339(text)
+    if read is None:
         raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}")
-    return within_range(name, rounding(moment.timestamp()), text)
+    return within_range(name, rounding(read[0] + read[1]), text)
 
 
 @functools.lru_cache(maxsize=8_192)  # bucket starts and a run's observation times repeat across assets
