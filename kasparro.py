@@ -4781,6 +4781,19 @@ class HttpMetrics:
         self.flush()
 
 
+def problem_body(status: int, detail: str) -> bytes:
+    """An RFC 9457 problem the front door answers itself, before Falcon, with the request's id."""
+    problem = Problem(
+        type="about:blank",
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        request_id=REQUEST_ID.get(),
+        api_latency_ms=0.0,
+    )
+    return encode(problem)
+
+
 class Cors:
     """Cross-origin calls from browsers (the Fetch standard's CORS) from the origins of KASPARRO_CORS_ORIGINS:
     `*` any (the API is read-only market data, and sends no cookies), a list, or none. A request with an
@@ -4823,15 +4836,8 @@ class Cors:
         if not self.allows(origin) or method not in (b"GET", b"HEAD"):
             why = (f"method {method.decode('latin-1')[:20]!r}: only GET and HEAD" if self.allows(origin)
                    else f"origin {origin.decode('latin-1')[:100]!r} is not in KASPARRO_CORS_ORIGINS")  # fmt: skip
-            problem = Problem(
-                type="about:blank",
-                title="Forbidden",
-                status=403,
-                detail=f"cross-origin request refused: {why}",
-                request_id=REQUEST_ID.get(),
-                api_latency_ms=0.0,
-            )
-            return 403, [*self.always, (b"content-type", MEDIA_PROBLEM.encode())], encode(problem)
+            body = problem_body(403, f"cross-origin request refused: {why}")
+            return 403, [*self.always, (b"content-type", MEDIA_PROBLEM.encode())], body
         allowed = [
             (b"access-control-allow-origin", b"*" if self.any else origin),
             (b"access-control-allow-methods", self.METHODS),
@@ -4944,6 +4950,12 @@ class FrontDoor:
         self.metrics.in_flight += 1
         try:
             method = scope["method"]
+            raw_path = scope.get("raw_path") or b""
+            if b"%2f" in raw_path.lower():  # RFC 3986: a '/' inside a segment, which the decoded path turned into two
+                detail = (f"{method} {raw_path.decode('latin-1')[:200]}: not found (%2F is a '/' inside a segment,"
+                          " and no asset id or run id holds one)")  # fmt: skip
+                await self.send_problem(scope, send, 404, detail, origin)
+                return self.done(scope, None, 404, started)
             if method == "OPTIONS" and origin is not None:
                 asked = next((value for name, value in headers if name == b"access-control-request-method"), None)
                 if asked is not None:
@@ -4980,6 +4992,16 @@ class FrontDoor:
             self.done(scope, route, status, started)
         finally:
             self.metrics.in_flight -= 1
+
+    async def send_problem(
+        self, scope: dict[str, Any], send: Callable[..., Any], status: int, detail: str, origin: bytes | None
+    ) -> None:
+        """Answer the request with a problem of its own, Falcon never asked."""
+        body = problem_body(status, detail)
+        headers = [(b"x-request-id", scope[REQUEST_ID_KEY].encode()), (b"content-type", MEDIA_PROBLEM.encode()),
+                   (b"content-length", b"%d" % len(body)), *self.cors.headers(origin)]  # fmt: skip
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
     async def kept_answer(self, scope: dict[str, Any]) -> Answer | None:
         """The answer kept for this GET, if its route is open here; else, for one with no query string of such a
