@@ -1517,11 +1517,18 @@ def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
         raise InvalidQuery(f"unknown parameter {min(unknown)[:40]!r}; known: {', '.join(known) or 'none'}")
 
 
+DIGITS = re.compile(r"[0-9]+")
+
+
 def parse_int(name: str, text: str, low: int, high: int) -> int:
-    """A bounded integer parameter in digits 0-9, or InvalidQuery naming it."""
-    if not re.fullmatch(r"[0-9]{1,9}", text):
+    """A bounded integer parameter in digits 0-9 (leading zeros or not), or InvalidQuery naming it."""
+    if not DIGITS.fullmatch(text):
         raise InvalidQuery(f"{name}: expected an integer from {low} to {high}{digits_hint(text)}, got {text[:40]!r}")
-    value = int(text)
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):  # out of range, and not worth int() (which refuses 4,300 digits and more)
+        shown = digits if len(digits) <= 40 else f"{digits[:20]}…({len(digits)} digits)"
+        raise InvalidQuery(f"{name}: must be from {low} to {high}, got {shown}")
+    value = int(digits)
     if not low <= value <= high:
         raise InvalidQuery(f"{name}: must be from {low} to {high}, got {value}")
     return value

@@ -131,3 +131,27 @@ def test_an_encoded_slash_in_a_path_separates_nothing(server: LiveServer, target
         if method == "GET":
             assert "%2F" in json.loads(body)["detail"], body
     assert exchange(server.base, "GET", "/data/%62itcoin")[0] == 200  # any other escape is the character
+
+
+NUMBERS = [("/data", "page"), ("/data", "page_size"), ("/data/bitcoin/history", "limit"), ("/runs", "limit"),
+           ("/runs/compare?b=1", "a")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "name"), NUMBERS)
+def test_a_number_is_read_whatever_its_leading_zeros_and_a_long_one_is_out_of_range(
+    server: LiveServer, path: str, name: str
+) -> None:
+    """A query number is its digits 0-9, as int() reads them: limit=0000000005 was a 400 'expected an integer
+    from 1 to 100' (more than 9 digits), and page=1000000000 'expected an integer' where it is one, out of range."""
+    joined = "&" if "?" in path else "?"
+    status, headers, body = exchange(server.base, "GET", f"{path}{joined}{name}=1")
+    assert status == 200, body[:200]
+    for padded in ("01", "0" * 12 + "1", "0" * 1_000 + "1"):
+        answer = exchange(server.base, "GET", f"{path}{joined}{name}={padded}")
+        assert (answer[0], answer[1].get("etag") is None) == (200, "etag" not in headers), (padded, answer[2][:200])
+    for long in ("1" + "0" * 9, "9" * 30, "1" + "0" * 5_000):
+        status, headers, body = exchange(server.base, "GET", f"{path}{joined}{name}={long}")
+        assert (status, headers["content-type"]) == (400, PROBLEM), body[:200]
+        detail = json.loads(body)["detail"]
+        assert detail.startswith(f"{name}: must be from ") and "expected" not in detail, detail
+        assert len(detail) < 200, detail
