@@ -4955,12 +4955,14 @@ class FrontDoor:
         REQUEST_ID.set(request_id)
         scope[REQUEST_ID_KEY], scope[STARTED] = request_id, started
         self.metrics.in_flight += 1
+        responding = False  # whether a response has begun (by Falcon, or here): after that, an error is not answered
         try:
             method = scope["method"]
             raw_path = scope.get("raw_path") or b""
             if b"%2f" in raw_path.lower():  # RFC 3986: a '/' inside a segment, which the decoded path turned into two
                 detail = (f"{method} {raw_path.decode('latin-1')[:200]}: not found (%2F is a '/' inside a segment,"
                           " and no asset id or run id holds one)")  # fmt: skip
+                responding = True
                 await self.send_problem(scope, send, 404, detail, origin)
                 return self.done(scope, None, 404, started)
             if method == "OPTIONS" and origin is not None:
@@ -4968,6 +4970,7 @@ class FrontDoor:
                 if asked is not None:
                     status, cors, body = self.cors.preflight(origin, asked)
                     cors = [(b"x-request-id", request_id.encode()), *cors, (b"content-length", b"%d" % len(body))]
+                    responding = True
                     await send({"type": "http.response.start", "status": status, "headers": cors})
                     await send({"type": "http.response.body", "body": body})
                     return self.done(scope, "(preflight)", status, started)
@@ -4975,6 +4978,7 @@ class FrontDoor:
             plain = accept is None or preferred_format(accept.decode("latin-1")) == "json"
             answer = await self.kept_answer(scope) if method in READS and plain else None
             if answer is None:
+                responding = True  # Falcon answers its own errors
                 status = await self.through_falcon(scope, receive, send, origin)
                 route = scope.get(ROUTE)
             else:
@@ -4993,10 +4997,17 @@ class FrontDoor:
                         headers.append((b"content-encoding", b"gzip"))
                 if origin is not None or self.cors.always:
                     headers += self.cors.headers(origin)
+                responding = True
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
                 route = answer.route
             self.done(scope, route, status, started)
+        except Exception:
+            if responding:
+                raise
+            log.exception("unexpected error in the front door", path=scope["path"][:200])
+            await self.send_problem(scope, send, 500, "an unexpected error occurred; quote the request_id", origin)
+            self.done(scope, None, 500, started)
         finally:
             self.metrics.in_flight -= 1
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+import kasparro
 from conftest import LiveServer, exchange, run_etl
+from kasparro import Config
 
 PROBLEM = "application/problem+json"
 KEPT = ("/data", "/data?page_size=2", "/data/bitcoin", "/data/bitcoin/history", "/health", "/stats", "/runs")
@@ -155,3 +157,25 @@ def test_a_number_is_read_whatever_its_leading_zeros_and_a_long_one_is_out_of_ra
         detail = json.loads(body)["detail"]
         assert detail.startswith(f"{name}: must be from ") and "expected" not in detail, detail
         assert len(detail) < 200, detail
+
+
+def test_an_error_in_the_front_door_is_a_500_problem_with_the_request_id(
+    monkeypatch: pytest.MonkeyPatch, make_client: Any, store_path: Path
+) -> None:
+    """The front door answers kept pages itself; an error of its own (as Accept-Encoding read as UTF-8 was) escaped
+    to uvicorn, whose 500 is text/plain with no X-Request-ID. Any error before it answers is a 500 problem."""
+    client = make_client(Config(db=store_path, log_level="warning"))
+    assert client.get("/data", params={"page_size": "30"}).status_code == 200  # kept: the front door's from now
+
+    def broken(accept_encoding: str) -> bool:
+        raise RuntimeError("a fault of the front door")
+
+    monkeypatch.setattr(kasparro, "accepts_gzip", broken)
+    for method in ("GET", "HEAD"):
+        answer = client.request(method, "/data", params={"page_size": "30"}, headers={"Accept-Encoding": "gzip"})
+        assert (answer.status_code, answer.headers["content-type"]) == (500, PROBLEM), method
+        if method == "GET":
+            assert answer.json["request_id"] == answer.headers["x-request-id"]
+            assert "RuntimeError" not in answer.text and "front door" not in answer.text
+        else:
+            assert answer.content == b""
