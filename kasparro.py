@@ -4959,7 +4959,7 @@ class FrontDoor:
         try:
             method = scope["method"]
             raw_path = scope.get("raw_path") or b""
-            if b"%2f" in raw_path.lower():  # RFC 3986: a '/' inside a segment, which the decoded path turned into two
+            if b"%2" in raw_path and b"%2f" in raw_path.lower():  # RFC 3986: a '/' inside a segment, not two
                 detail = (f"{method} {raw_path.decode('latin-1')[:200]}: not found (%2F is a '/' inside a segment,"
                           " and no asset id or run id holds one)")  # fmt: skip
                 responding = True
