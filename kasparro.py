@@ -4520,7 +4520,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         body("healthy or degraded", health, example["health"]),
         **{"503": body("unhealthy: the store cannot be read", health, example["unhealthy"])},
     )
-    operation("/stats", body("ETL runs summed", stats, example["stats"]), "503")
+    operation("/stats", body("ETL runs summed", stats, example["stats"]), "400", "503")
     run_id_schema = {"type": "integer", "minimum": 1, "maximum": MAX_RUN_ID}
     limit = {
         "name": "limit",

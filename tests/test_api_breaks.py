@@ -62,6 +62,7 @@ def test_stats_refuses_a_parameter_it_does_not_take_as_its_sibling_routes_do(ser
         assert (status, headers["content-type"]) == (400, PROBLEM), body[:200]
         assert f"unknown parameter {name!r}" in json.loads(body)["detail"]
     assert exchange(server.base, "GET", "/stats?limit=")[0] == 200  # an empty parameter is an absent one
+    assert "400" in json.loads(exchange(server.base, "GET", "/openapi.json")[2])["paths"]["/stats"]["get"]["responses"]
 
 
 @pytest.mark.parametrize("q", ["inf", "1e5", "1_0", "2", "-1", "nan", "0x1", "1.5", "١"])
