@@ -1523,11 +1523,18 @@ def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
         raise InvalidQuery(f"unknown parameter {min(unknown)[:40]!r}; known: {', '.join(known) or 'none'}")
 
 
+DIGITS = re.compile(r"[0-9]+")
+
+
 def parse_int(name: str, text: str, low: int, high: int) -> int:
-    """A bounded integer parameter in digits 0-9, or InvalidQuery naming it."""
-    if not re.fullmatch(r"[0-9]{1,9}", text):
+    """A bounded integer parameter in digits 0-9 (leading zeros or not), or InvalidQuery naming it."""
+    if not DIGITS.fullmatch(text):
         raise InvalidQuery(f"{name}: expected an integer from {low} to {high}{digits_hint(text)}, got {text[:40]!r}")
-    value = int(text)
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):  # out of range, and not worth int() (which refuses 4,300 digits and more)
+        shown = digits if len(digits) <= 40 else f"{digits[:20]}…({len(digits)} digits)"
+        raise InvalidQuery(f"{name}: must be from {low} to {high}, got {shown}")
+    value = int(digits)
     if not low <= value <= high:
         raise InvalidQuery(f"{name}: must be from {low} to {high}, got {value}")
     return value
@@ -1619,17 +1626,22 @@ PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)", re.ASCII)
 FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
 # Below 10**11, as the ETL reads seconds (longer is milliseconds); a fraction is that instant, as the ETL reads it.
 UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}(?:\.[0-9]+)?")
+SECOND_FRACTION = re.compile(r"\.[0-9]+", re.ASCII)  # of an RFC 3339 time: the one "." it may hold
 
 
-def read_rfc3339(text: str) -> datetime | None:
-    """An RFC 3339 time or date as an aware datetime (UTC when it names no offset); None when it is not one."""
+def read_rfc3339(text: str) -> tuple[int, Decimal] | None:
+    """An RFC 3339 time or date as Unix seconds (UTC when it names no offset): the whole second and the exact
+    fraction of the next (datetime keeps six digits: .0000001 would be 0); None when it is not one."""
     if not RFC3339.fullmatch(text):
         return None
+    fraction = SECOND_FRACTION.search(text)
+    plain = text if fraction is None else text[: fraction.start()] + text[fraction.end() :]
     try:
-        moment = datetime.fromisoformat(LEAP_SECOND.sub("59", text).replace("z", "Z"))
+        moment = datetime.fromisoformat(LEAP_SECOND.sub("59", plain).replace("z", "Z"))
     except ValueError:
         return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return int(moment.timestamp()), Decimal(fraction[0]) if fraction else Decimal(0)
 
 
 def digits_hint(text: str) -> str:
@@ -1663,16 +1675,14 @@ def parse_time(field: str, op: str, text: str) -> str:
     one for `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
     if UNIX_SECONDS.fullmatch(text):
         exact = Decimal(text)
-        whole = math.floor(exact)
-        fraction = format(exact - whole, "f")[1:] if exact != whole else ""  # '.5' of 1795607999.5
+        whole, part = math.floor(exact), exact - math.floor(exact)
+    elif (read := read_rfc3339(text)) is not None:
+        whole, part = read
     else:
-        moment = read_rfc3339(text)
-        if moment is None:
-            raise InvalidQuery(
-                f"filter_by: {field} needs an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}"
-            )
-        whole = int(moment.replace(microsecond=0).timestamp())
-        fraction = f".{moment.microsecond:06d}" if moment.microsecond else ""
+        raise InvalidQuery(
+            f"filter_by: {field} needs an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}"
+        )
+    fraction = format(part, "f")[1:] if part else ""  # '.5' of 1795607999.5
     seconds = within_range(f"filter_by: {field}", whole + (bool(fraction) and op in (">=", "<")), text)
     if fraction and op == ":":
         return f"{utc_text(whole)[:-1]}{fraction}Z"
@@ -2579,7 +2589,9 @@ class HistoryQuery:
         return INTERVALS[self.interval]
 
     def digest(self, asset_id: str) -> str:
-        key = f"{asset_id}\n{self.interval}\n{self.start}\n{self.end}\n{self.source}"
+        """What a cursor is bound to: the source as compared (any case or normal form names it), not as written."""
+        source = None if self.source is None else fold(self.source)
+        key = f"{asset_id}\n{self.interval}\n{self.start}\n{self.end}\n{source}"
         return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
     def etag(self, data_version: str, asset_id: str) -> str:
@@ -2614,10 +2626,10 @@ def parse_moment(name: str, text: str, rounding: Callable[[Decimal | float], int
     `rounding`) from FIRST_SECOND to LAST_SECOND; InvalidQuery naming `name` otherwise."""
     if UNIX_SECONDS.fullmatch(text):
         return within_range(name, rounding(Decimal(text)), text)
-    moment = read_rfc3339(text)
-    if moment is None:
+    read = read_rfc3339(text)
+    if read is None:
         raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}")
-    return within_range(name, rounding(moment.timestamp()), text)
+    return within_range(name, rounding(read[0] + read[1]), text)
 
 
 @functools.lru_cache(maxsize=8_192)  # bucket starts and a run's observation times repeat across assets
@@ -2804,19 +2816,19 @@ VARY_FORMAT = (b"vary", b"Accept, Accept-Encoding")  # where Accept chooses the 
 Header = tuple[bytes, bytes]
 
 
+QVALUE = re.compile(r"0(\.[0-9]*)?|1(\.0*)?")  # RFC 9110 12.4.2, any number of decimals: float() takes '1e5', 'inf'
+
+
 def weighted(header: str) -> Iterator[tuple[str, float]]:
     """The items of a comma-separated header (Accept, Accept-Encoding), lower-case, each with its q (RFC 9110
-    12.4.2: 1 when absent; an unreadable one is 0)."""
+    12.4.2: 1 when absent; one that is not a number from 0 to 1 in digits 0-9 is 0)."""
     for item in header.lower().split(","):
         name, *parameters = (part.strip() for part in item.split(";"))
         q = 1.0
         for parameter in parameters:
             key, _, value = parameter.partition("=")
             if key.strip() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
+                q = float(value) if QVALUE.fullmatch(value.strip()) else 0.0
         yield name, q
 
 
@@ -3678,6 +3690,8 @@ class StatsResource(RunHistoryResource):
     """GET /stats: ETL outcomes overall, per source, and the last runs."""
 
     async def make(self, commit: Commit, params: Mapping[str, str]) -> Answer:
+        check_params(params, ())
+
         def read(
             conn: sqlite3.Connection, version: DataVersion
         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], RunRows]:
@@ -4512,7 +4526,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         body("healthy or degraded", health, example["health"]),
         **{"503": body("unhealthy: the store cannot be read", health, example["unhealthy"])},
     )
-    operation("/stats", body("ETL runs summed", stats, example["stats"]), "503")
+    operation("/stats", body("ETL runs summed", stats, example["stats"]), "400", "503")
     run_id_schema = {"type": "integer", "minimum": 1, "maximum": MAX_RUN_ID}
     limit = {
         "name": "limit",
@@ -4780,6 +4794,19 @@ class HttpMetrics:
         self.flush()
 
 
+def problem_body(status: int, detail: str) -> bytes:
+    """An RFC 9457 problem the front door answers itself, before Falcon, with the request's id."""
+    problem = Problem(
+        type="about:blank",
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        request_id=REQUEST_ID.get(),
+        api_latency_ms=0.0,
+    )
+    return encode(problem)
+
+
 class Cors:
     """Cross-origin calls from browsers (the Fetch standard's CORS) from the origins of KASPARRO_CORS_ORIGINS:
     `*` any (the API is read-only market data, and sends no cookies), a list, or none. A request with an
@@ -4822,15 +4849,8 @@ class Cors:
         if not self.allows(origin) or method not in (b"GET", b"HEAD"):
             why = (f"method {method.decode('latin-1')[:20]!r}: only GET and HEAD" if self.allows(origin)
                    else f"origin {origin.decode('latin-1')[:100]!r} is not in KASPARRO_CORS_ORIGINS")  # fmt: skip
-            problem = Problem(
-                type="about:blank",
-                title="Forbidden",
-                status=403,
-                detail=f"cross-origin request refused: {why}",
-                request_id=REQUEST_ID.get(),
-                api_latency_ms=0.0,
-            )
-            return 403, [*self.always, (b"content-type", MEDIA_PROBLEM.encode())], encode(problem)
+            body = problem_body(403, f"cross-origin request refused: {why}")
+            return 403, [*self.always, (b"content-type", MEDIA_PROBLEM.encode())], body
         allowed = [
             (b"access-control-allow-origin", b"*" if self.any else origin),
             (b"access-control-allow-methods", self.METHODS),
@@ -4869,13 +4889,28 @@ class Compression:
 
 class Router(falcon.routing.CompiledRouter):
     """Falcon's router, with HEAD mapped to the GET responder of every route that has no on_head: Falcon then
-    sends GET's status and headers, Content-Length included, and no body."""
+    sends GET's status and headers, Content-Length included, and no body. OPTIONS (not a CORS preflight, which
+    the front door answers) is a 204 whose Allow names what the route's 405 names: Falcon's own is a 200 that
+    declares JSON and sends none, and leaves OPTIONS out of its Allow."""
 
     def map_http_methods(self, resource: object, **kwargs: Any) -> dict[str, Any]:
         methods = super().map_http_methods(resource, **kwargs)
         if "GET" in methods:
             methods.setdefault("HEAD", methods["GET"])
+        if "OPTIONS" not in methods:
+            methods["OPTIONS"] = allowed_methods_responder(", ".join([*sorted(methods), "OPTIONS"]))
         return methods
+
+
+def allowed_methods_responder(allowed: str) -> Callable[..., Awaitable[None]]:
+    """A route's OPTIONS responder: 204, `allowed` in Allow, no body and no Content-Type."""
+
+    async def on_options(req: falcon.asgi.Request, resp: falcon.asgi.Response, **fields: str) -> None:
+        resp.status = falcon.HTTP_204
+        resp.set_header("Allow", allowed)
+        resp.content_type = None
+
+    return on_options
 
 
 class FrontDoor:
@@ -4926,13 +4961,22 @@ class FrontDoor:
         REQUEST_ID.set(request_id)
         scope[REQUEST_ID_KEY], scope[STARTED] = request_id, started
         self.metrics.in_flight += 1
+        responding = False  # whether a response has begun (by Falcon, or here): after that, an error is not answered
         try:
             method = scope["method"]
+            raw_path = scope.get("raw_path") or b""
+            if b"%2" in raw_path and b"%2f" in raw_path.lower():  # RFC 3986: a '/' inside a segment, not two
+                detail = (f"{method} {raw_path.decode('latin-1')[:200]}: not found (%2F is a '/' inside a segment,"
+                          " and no asset id or run id holds one)")  # fmt: skip
+                responding = True
+                await self.send_problem(scope, send, 404, detail, origin)
+                return self.done(scope, None, 404, started)
             if method == "OPTIONS" and origin is not None:
                 asked = next((value for name, value in headers if name == b"access-control-request-method"), None)
                 if asked is not None:
                     status, cors, body = self.cors.preflight(origin, asked)
                     cors = [(b"x-request-id", request_id.encode()), *cors, (b"content-length", b"%d" % len(body))]
+                    responding = True
                     await send({"type": "http.response.start", "status": status, "headers": cors})
                     await send({"type": "http.response.body", "body": body})
                     return self.done(scope, "(preflight)", status, started)
@@ -4940,10 +4984,15 @@ class FrontDoor:
             plain = accept is None or preferred_format(accept.decode("latin-1")) == "json"
             answer = await self.kept_answer(scope) if method in READS and plain else None
             if answer is None:
+                responding = True  # Falcon answers its own errors
                 status = await self.through_falcon(scope, receive, send, origin)
                 route = scope.get(ROUTE)
             else:
-                gzip = accept_encoding is not None and answer.compressible and accepts_gzip(accept_encoding.decode())
+                gzip = (
+                    accept_encoding is not None
+                    and answer.compressible
+                    and accepts_gzip(accept_encoding.decode("latin-1"))
+                )
                 status, body = answer.reply(request_id, started, if_none_match, gzip)
                 headers = [(b"x-request-id", request_id.encode()), *answer.headers]
                 if answer.etag is not None:
@@ -4954,12 +5003,29 @@ class FrontDoor:
                         headers.append((b"content-encoding", b"gzip"))
                 if origin is not None or self.cors.always:
                     headers += self.cors.headers(origin)
+                responding = True
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
                 route = answer.route
             self.done(scope, route, status, started)
+        except Exception:
+            if responding:
+                raise
+            log.exception("unexpected error in the front door", path=scope["path"][:200])
+            await self.send_problem(scope, send, 500, "an unexpected error occurred; quote the request_id", origin)
+            self.done(scope, None, 500, started)
         finally:
             self.metrics.in_flight -= 1
+
+    async def send_problem(
+        self, scope: dict[str, Any], send: Callable[..., Any], status: int, detail: str, origin: bytes | None
+    ) -> None:
+        """Answer the request with a problem of its own, Falcon never asked."""
+        body = problem_body(status, detail)
+        headers = [(b"x-request-id", scope[REQUEST_ID_KEY].encode()), (b"content-type", MEDIA_PROBLEM.encode()),
+                   (b"content-length", b"%d" % len(body)), *self.cors.headers(origin)]  # fmt: skip
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
     async def kept_answer(self, scope: dict[str, Any]) -> Answer | None:
         """The answer kept for this GET, if its route is open here; else, for one with no query string of such a

@@ -177,17 +177,19 @@ def http_get(base: str, path: str, headers: dict[str, str] | None = None) -> tup
 
 
 def exchange(
-    base: str, method: str, target: str, headers: dict[str, str] | None = None
+    base: str, method: str, target: str, headers: dict[str, str | bytes] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
     """One request on its own connection, read until the server closes it: (status, lower-cased headers,
-    every byte after the headers). A HEAD whose server sent a body shows it here."""
+    every byte after the headers). A HEAD whose server sent a body shows it here. A header value given as
+    bytes is sent as they are (a str in UTF-8)."""
     address = urlsplit(base)
     assert address.hostname and address.port
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {address.netloc}", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    lines = [f"{method} {target} HTTP/1.1".encode(), f"Host: {address.netloc}".encode(), b"Connection: close"]
+    lines += [name.encode() + b": " + (value if isinstance(value, bytes) else value.encode())
+              for name, value in (headers or {}).items()]  # fmt: skip
     received = bytearray()
     with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
-        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        conn.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
         while chunk := conn.recv(1 << 16):
             received += chunk
     head, _, body = bytes(received).partition(b"\r\n\r\n")

@@ -11,6 +11,7 @@ import unicodedata
 import urllib.parse
 from collections.abc import Callable
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,18 @@ def asset_ids(server: Any, path: str) -> set[str]:
     if path.startswith("/data/export"):  # CSV: asset_id is the first column, and no id holds a comma
         return {line.split(b",")[0].decode() for line in body.splitlines()[1:]}
     return {asset["asset_id"] for asset in json.loads(body)["data"]}
+
+
+def every_asset_id(server: Any, route: str, filter_by: str) -> set[str]:
+    """Every asset_id the route answers with filter_by: each page of /data, by its cursors, or the one export."""
+    found, path = set(), with_filter(route, filter_by)
+    while path:
+        status, _, body = server.get(path)
+        assert status == 200, body[:300]
+        found |= asset_ids(server, path)
+        cursor = json.loads(body)["next_cursor"] if path.startswith("/data?") else None
+        path = with_filter(route, filter_by) + f"&cursor={cursor}" if cursor else ""
+    return found
 
 
 def test_a_long_filter_refused_by_its_syntax_answers_at_once(live_server: Any, store_path: Path) -> None:
@@ -162,15 +175,33 @@ def test_an_updated_at_bound_with_a_fraction_compares_at_that_instant(
         expected = {a["asset_id"] for a in sample_assets if holds(datetime.fromisoformat(a["updated_at"]).timestamp())}
         assert 0 < len(expected) < len(sample_assets) or op == ":", op
         for route in ROUTES:
-            got = set()
-            path = with_filter(route, f"updated_at{op}{moment}")
-            while path:  # every page of /data (100 a page), or the one export
-                status, _, body = server.get(path)
-                assert status == 200, body[:300]
-                got |= asset_ids(server, path)
-                cursor = json.loads(body)["next_cursor"] if path.startswith("/data?") else None
-                path = with_filter(route, f"updated_at{op}{moment}") + f"&cursor={cursor}" if cursor else ""
-            assert got == expected, (route, op)
+            assert every_asset_id(server, route, f"updated_at{op}{moment}") == expected, (route, op)
+
+
+@pytest.mark.parametrize("fraction", ["0000001", "00000000001", "9999999", "99999999999"])
+def test_a_time_with_more_than_six_decimals_is_that_instant(
+    live_server: Any, store_path: Path, sample_assets: list[dict[str, Any]], fraction: str
+) -> None:
+    """RFC 3339 writes a fraction of any length, and each is that instant, as in Unix seconds: datetime keeps six
+    digits, so 12:00:00.0000001 was read as 12:00:00, before the observations of 12:00:00 it comes after (in
+    updated_at>= and <, and history's from and to, which round up)."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    second = "2026-11-25T11:59:59" if fraction[0] == "9" else "2026-11-25T12:00:00"
+    moment, at = f"{second}.{fraction}Z", Decimal(int(datetime.fromisoformat(second + "Z").timestamp()))
+    at += Decimal(f"0.{fraction}")
+    tests: dict[str, Callable[[int], bool]] = {">": lambda t: t > at, ">=": lambda t: t >= at, "<": lambda t: t < at,
+                                               "<=": lambda t: t <= at, ":": lambda t: t == at}  # fmt: skip
+    for op, holds in tests.items():
+        expected = {
+            a["asset_id"] for a in sample_assets if holds(int(datetime.fromisoformat(a["updated_at"]).timestamp()))
+        }
+        for route in ROUTES:
+            assert every_asset_id(server, route, f"updated_at{op}{moment}") == expected, (route, op)
+    newest = 1_795_608_000  # bitcoin's one observation: 2026-11-25T12:00:00Z
+    for window, holds in ((f"to={moment}", lambda t: t < at), (f"from={moment}", lambda t: t >= at)):
+        status, _, body = server.get(f"/data/bitcoin/history?interval=raw&{window}")
+        assert status == 200, body[:300]
+        assert len(json.loads(body)["points"]) == holds(newest), window
 
 
 def test_an_updated_at_bound_in_unix_seconds_is_that_moment(live_server: Any, store_path: Path) -> None:

@@ -1,0 +1,182 @@
+"""Faults found by breaking the API from outside, over the real uvicorn: each test names the rule it holds to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kasparro
+from conftest import LiveServer, exchange, run_etl
+from kasparro import Config
+
+PROBLEM = "application/problem+json"
+KEPT = ("/data", "/data?page_size=2", "/data/bitcoin", "/data/bitcoin/history", "/health", "/stats", "/runs")
+
+
+@pytest.fixture
+def server(live_server: Any, store_path: Path) -> LiveServer:
+    return live_server(store_path, LOG_LEVEL="warning")
+
+
+@pytest.mark.parametrize(
+    "header", ["Accept-Encoding", "Accept", "If-None-Match", "X-Request-ID", "Origin", "Authorization"]
+)
+def test_a_header_value_that_is_not_utf8_is_read_as_bytes_not_a_500(server: LiveServer, header: str) -> None:
+    """HTTP header values are bytes (RFC 9110 5.5: obs-text is any byte 0x80-0xFF): the front door, which answers
+    a kept answer itself from the second request on, reads them as Falcon does, never as UTF-8."""
+    for path in KEPT:
+        plain = exchange(server.base, "GET", path)
+        assert plain[0] == 200, path
+        for value in (b"\xff", b"gzip\xfe", b"text/csv;q=0.\xe9"):
+            for _ in range(3):  # the second and third are the front door's
+                status, headers, body = exchange(server.base, "GET", path, {header: value})
+                assert status == 200, (path, value, body[:200])
+                assert headers["content-type"] == plain[1]["content-type"], (path, value)
+
+
+def test_options_of_a_route_is_a_204_that_allows_what_its_405_allows(server: LiveServer) -> None:
+    """A plain OPTIONS (no preflight) says which methods the route takes, with no body: 204, not a 200 that
+    declares JSON and sends nothing, and its Allow names OPTIONS as the route's 405 does."""
+    for path in ("/", "/data", "/data/bitcoin", "/data/bitcoin/history", "/data/export", "/health", "/stats",
+                 "/runs", "/runs/1", "/runs/compare", "/metrics", "/openapi.json", "/docs"):  # fmt: skip
+        refused = exchange(server.base, "DELETE", path)
+        assert refused[0] == 405 and refused[1]["content-type"] == PROBLEM, path
+        status, headers, body = exchange(server.base, "OPTIONS", path)
+        assert (status, body) == (204, b""), path
+        assert "content-type" not in headers, path
+        allowed = {method.strip() for method in headers["allow"].split(",")}
+        assert allowed == {method.strip() for method in refused[1]["allow"].split(",")} == {"GET", "HEAD", "OPTIONS"}
+        assert headers["x-request-id"], path
+
+
+@pytest.mark.parametrize("query", ["limit=5", "source=csv:sample", "x=1", "page=2"])
+def test_stats_refuses_a_parameter_it_does_not_take_as_its_sibling_routes_do(server: LiveServer, query: str) -> None:
+    """/stats takes no parameter: one given is a 400 naming it, as on /runs, /runs/{run_id} and /runs/compare,
+    not silently ignored (/stats?limit=5 answered every recent run)."""
+    name = query.split("=")[0]
+    for _ in range(3):
+        status, headers, body = exchange(server.base, "GET", f"/stats?{query}")
+        assert (status, headers["content-type"]) == (400, PROBLEM), body[:200]
+        assert f"unknown parameter {name!r}" in json.loads(body)["detail"]
+    assert exchange(server.base, "GET", "/stats?limit=")[0] == 200  # an empty parameter is an absent one
+    assert "400" in json.loads(exchange(server.base, "GET", "/openapi.json")[2])["paths"]["/stats"]["get"]["responses"]
+
+
+@pytest.mark.parametrize("q", ["inf", "1e5", "1_0", "2", "-1", "nan", "0x1", "1.5", "١"])
+def test_a_q_value_outside_rfc_9110s_grammar_counts_as_0(server: LiveServer, q: str) -> None:
+    """A q-value is 0 to 1 in plain digits (RFC 9110 12.4.2); float() read 'inf', '1e5', '1_0' and '2' as more
+    than 1, so a media range or coding with a broken q beat the one the client ranked. Unreadable is 0."""
+    for path in ("/data?page_size=2", "/data/bitcoin/history", "/data/export?filter_by=rank<=2"):
+        for _ in range(3):
+            status, headers, _ = exchange(
+                server.base, "GET", path, {"Accept": f"text/csv;q={q}, application/x-ndjson;q=0.5"}
+            )
+            assert (status, headers["content-type"]) == (200, "application/x-ndjson"), (path, q)
+    for _ in range(3):  # the front door's, from the second on
+        status, headers, _ = exchange(server.base, "GET", "/data?page_size=50", {"Accept-Encoding": f"gzip;q={q}"})
+        assert status == 200 and "content-encoding" not in headers, q
+        status, headers, _ = exchange(server.base, "GET", "/data?page_size=50", {"Accept-Encoding": f"gzip;q={q}, *"})
+        assert status == 200 and "content-encoding" not in headers, q  # gzip named, with q 0: refused
+
+
+@pytest.mark.parametrize("q", ["1", "1.0", "1.000", "0.5", "0.001", " 0.9 "])
+def test_a_q_value_in_rfc_9110s_grammar_is_read(server: LiveServer, q: str) -> None:
+    status, headers, _ = exchange(server.base, "GET", "/data?page_size=2", {"Accept": f"application/x-ndjson;q={q}"})
+    assert (status, headers["content-type"]) == (200, "application/x-ndjson"), q
+    for _ in range(3):
+        status, headers, _ = exchange(server.base, "GET", "/data?page_size=50", {"Accept-Encoding": f"gzip;q={q}"})
+        assert status == 200 and headers.get("content-encoding") == "gzip", q
+
+
+@pytest.fixture
+def feed_server(live_server: Any, tmp_path: Path) -> LiveServer:
+    """A store of one CSV source named in capitals (csv:Feed) with six observations of bitcoin, an hour apart."""
+    feed = tmp_path / "Feed.csv"
+    rows = [f"bitcoin,BTC,Bitcoin,{95_000 + hour},2026-11-25T{hour:02}:00:00Z" for hour in range(6)]
+    feed.write_text("id,symbol,name,price_usd,last_updated\n" + "\n".join(rows) + "\n")
+    db = tmp_path / "feed.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == 0, result.stderr
+    return live_server(db, LOG_LEVEL="warning")
+
+
+@pytest.mark.parametrize("interval", ["raw", "1h"])
+def test_a_history_cursor_holds_for_the_source_written_in_any_case(feed_server: LiveServer, interval: str) -> None:
+    """source= names a source in any case and normal form (its points are the same), so the next_cursor of one
+    spelling pages the other and both have one ETag: the cursor was refused as issued for another source."""
+    window = f"/data/bitcoin/history?interval={interval}&from=2026-11-25T00:00:00Z&limit=2"
+    pages = {}
+    for spelling in ("csv:Feed", "csv:feed", "CSV:FEED"):
+        status, headers, body = exchange(feed_server.base, "GET", f"{window}&source={spelling}")
+        assert status == 200, body
+        first = json.loads(body)
+        pages[spelling] = (headers["etag"], first["points"], first["source"])
+        status, _, body = exchange(feed_server.base, "GET", f"{window}&source=csv:Feed&cursor={first['next_cursor']}")
+        assert status == 200, (spelling, body)
+        assert [p["price_usd" if interval == "raw" else "close"] for p in json.loads(body)["points"]] == [95002, 95003]
+    assert len(set(map(str, pages.values()))) == 1, pages
+    assert pages["csv:feed"][2] == "csv:Feed"
+
+
+@pytest.mark.parametrize(
+    "target", ["/data/bitcoin%2Fhistory", "/data/bitcoin%2fhistory?interval=raw", "/data%2Fexport", "/runs%2F1"]
+)
+def test_an_encoded_slash_in_a_path_separates_nothing(server: LiveServer, target: str) -> None:
+    """%2F is a '/' inside a segment (RFC 3986 2.2), and no asset id or run id holds one: /data/bitcoin%2Fhistory
+    answered bitcoin's history and /data%2Fexport the export, so a proxy's rule for one path did not see it."""
+    for method in ("GET", "GET", "GET", "HEAD"):  # the second and third: after an answer to the decoded path is kept
+        exchange(server.base, "GET", target.replace("%2F", "/").replace("%2f", "/"))
+        status, headers, body = exchange(server.base, method, target)
+        assert (status, headers["content-type"]) == (404, PROBLEM), (method, body[:200])
+        if method == "GET":
+            assert "%2F" in json.loads(body)["detail"], body
+    assert exchange(server.base, "GET", "/data/%62itcoin")[0] == 200  # any other escape is the character
+
+
+NUMBERS = [("/data", "page"), ("/data", "page_size"), ("/data/bitcoin/history", "limit"), ("/runs", "limit"),
+           ("/runs/compare?b=1", "a")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "name"), NUMBERS)
+def test_a_number_is_read_whatever_its_leading_zeros_and_a_long_one_is_out_of_range(
+    server: LiveServer, path: str, name: str
+) -> None:
+    """A query number is its digits 0-9, as int() reads them: limit=0000000005 was a 400 'expected an integer
+    from 1 to 100' (more than 9 digits), and page=1000000000 'expected an integer' where it is one, out of range."""
+    joined = "&" if "?" in path else "?"
+    status, headers, body = exchange(server.base, "GET", f"{path}{joined}{name}=1")
+    assert status == 200, body[:200]
+    for padded in ("01", "0" * 12 + "1", "0" * 1_000 + "1"):
+        answer = exchange(server.base, "GET", f"{path}{joined}{name}={padded}")
+        assert (answer[0], answer[1].get("etag") is None) == (200, "etag" not in headers), (padded, answer[2][:200])
+    for long in ("1" + "0" * 9, "9" * 30, "1" + "0" * 5_000):
+        status, headers, body = exchange(server.base, "GET", f"{path}{joined}{name}={long}")
+        assert (status, headers["content-type"]) == (400, PROBLEM), body[:200]
+        detail = json.loads(body)["detail"]
+        assert detail.startswith(f"{name}: must be from ") and "expected" not in detail, detail
+        assert len(detail) < 200, detail
+
+
+def test_an_error_in_the_front_door_is_a_500_problem_with_the_request_id(
+    monkeypatch: pytest.MonkeyPatch, make_client: Any, store_path: Path
+) -> None:
+    """The front door answers kept pages itself; an error of its own (as Accept-Encoding read as UTF-8 was) escaped
+    to uvicorn, whose 500 is text/plain with no X-Request-ID. Any error before it answers is a 500 problem."""
+    client = make_client(Config(db=store_path, log_level="warning"))
+    assert client.get("/data", params={"page_size": "30"}).status_code == 200  # kept: the front door's from now
+
+    def broken(accept_encoding: str) -> bool:
+        raise RuntimeError("a fault of the front door")
+
+    monkeypatch.setattr(kasparro, "accepts_gzip", broken)
+    for method in ("GET", "HEAD"):
+        answer = client.request(method, "/data", params={"page_size": "30"}, headers={"Accept-Encoding": "gzip"})
+        assert (answer.status_code, answer.headers["content-type"]) == (500, PROBLEM), method
+        if method == "GET":
+            assert answer.json["request_id"] == answer.headers["x-request-id"]
+            assert "RuntimeError" not in answer.text and "front door" not in answer.text
+        else:
+            assert answer.content == b""
