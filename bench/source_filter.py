@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=5)
     parser.add_argument("--api", type=Path, default=ROOT, help="the checkout whose kasparro.py reads")
     parser.add_argument("--no-as-of", action="store_true", help="leave out the as_of market (its build is long)")
-    parser.add_argument("--cases", help="comma-separated labels of the cases to read (default: all)")
+    parser.add_argument("--cases", help="labels of the cases to read, separated by ; (default: all)")
     args = parser.parse_args()
     api = load_api(args.api)
     db = sources_store(args.rows)
@@ -91,7 +91,7 @@ def main() -> None:
         "big page 200": {"filter_by": f"source:{big}", "page": "200"},
     }
     if args.cases:
-        cases = {label: params for label, params in cases.items() if label in args.cases.split(",")}
+        cases = {label: params for label, params in cases.items() if label in args.cases.split(";")}
     print(f"{db.name} with {api.__file__}")
 
     def read(conn: sqlite3.Connection, query: Any) -> Any:
