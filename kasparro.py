@@ -735,6 +735,7 @@ class Commit:
     number: int
     version: DataVersion
     counts: dict[str, int] = field(default_factory=dict)  # assets matching a filter_by, by its text
+    sources: dict[str, SourceFilter] = field(default_factory=dict)  # a filter_by's source names, by its text
     bookmarks: BookmarkSets = field(default_factory=lambda: BookmarkSets())
     facts: dict[str, Any] = field(default_factory=dict)  # reads kept by name (the metrics' store facts)
 
@@ -1848,6 +1849,18 @@ def resolve_sources(conn: sqlite3.Connection, conditions: Sequence[Condition]) -
     return SourceFilter(names, fewest <= FEW_LISTINGS)
 
 
+def kept_sources(conn: sqlite3.Connection, query: AssetQuery, commit: Commit) -> SourceFilter:
+    """resolve_sources() of the query's conditions, once per commit for a filter by source."""
+    if not any(condition.field == "source" for condition in query.conditions):
+        return SourceFilter()
+    kept, key = commit.sources, query.filter_text
+    if key not in kept:
+        if len(kept) >= COUNTS_KEPT:
+            kept.clear()
+        kept[key] = resolve_sources(conn, query.conditions)
+    return kept[key]
+
+
 def source_sql(names: Sequence[str], probe: bool) -> str:
     """A source condition resolved to stored `names` (bound in this order) as SQL: the assets of their observed
     listings, or (`probe`) a lookup of the asset's listings; the unary + keeps source_map's key (source, source_id)
@@ -1965,7 +1978,7 @@ def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
 
 # Pages of /data at any depth. Reads run on the loop or in reader threads at once: what they keep is locked.
 BOOKMARK_EVERY = 100  # a deep page starts from the nearest bookmark, at most this many rows before it
-COUNTS_KEPT = 4_096  # filters whose count a commit keeps
+COUNTS_KEPT = 4_096  # filters whose count (and source names: SourceFilter) a commit keeps
 SORT_VALUE = {field: Asset.__struct_fields__.index(field) for field in SORT_FIELDS}
 
 
@@ -2072,7 +2085,7 @@ def read_page(conn: sqlite3.Connection, version: DataVersion, query: AssetQuery,
     if version != commit.version:  # the ETL committed since the request looked: keep nothing for it
         commit = Commit(0, version)
     after = read_cursor(query, version) if query.cursor else None
-    sources = resolve_sources(conn, query.conditions)
+    sources = kept_sources(conn, query, commit)
     total = count_assets(conn, query, commit, sources)
     page_size, offset, skip, marks = query.page_size, query.offset, 0, None
     if after is None:
