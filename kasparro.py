@@ -741,6 +741,7 @@ class Commit:
     number: int
     version: DataVersion
     counts: dict[str, int] = field(default_factory=dict)  # assets matching a filter_by, by its text
+    sources: dict[str, SourceFilter] = field(default_factory=dict)  # a filter_by's source names, by its text
     bookmarks: BookmarkSets = field(default_factory=lambda: BookmarkSets())
     facts: dict[str, Any] = field(default_factory=dict)  # reads kept by name (the metrics' store facts)
 
@@ -1707,8 +1708,8 @@ def fold_sql(value: object) -> object:
 # folds to ASCII only when ß or ẞ make its 'ss' (the ETL's upper-case tickers: ẞ, or SS); otherwise an ASCII text
 # (NOCASE folds its letters) or a ticker (upper-cased as the ETL does: dotless i is I) has one spelling. The only
 # ASCII letters in the fold of a character beyond ASCII are those of ß and ẞ (ss) and of İ (i, then U+0307): a
-# contained ASCII text with no s, and no i at its end, is found by LIKE alone. A source is named after a file as it
-# is (csv:ﬁle folds to csv:file), so its names beyond ASCII are always folded too.
+# contained ASCII text with no s, and no i at its end, is found by LIKE alone. Source names are matched in Python
+# (SourceFilter).
 SHARP_S = {"s": "ßẞ", "S": "ẞ"}  # what a pair of s may be, in a folded text and in a ticker
 MAX_SPELLINGS = 64  # of one value; a value with more of them (a long run of s) is compared through fold()
 
@@ -1753,12 +1754,12 @@ def beyond_ascii(column: str) -> str:
 
 @functools.lru_cache(maxsize=1_024)  # a page reads its conditions two or three times (count, rows, nulls)
 def condition_sql(condition: Condition) -> tuple[str, tuple]:
-    """One condition as SQL; identifiers come from the allow-lists, values are bound. A name, symbol or source is
-    found through its index (ASCII letters in either case, as SQLite's NOCASE and LIKE fold them; a symbol
-    upper-case) in each spelling its folded value has; a value beyond ASCII, which no index can serve, by fold() of
-    the texts beyond ASCII."""
+    """One condition on the asset's own columns as SQL; identifiers come from the allow-lists, values are bound. A
+    name or symbol is found through its index (ASCII letters in either case, as SQLite's NOCASE and LIKE fold them;
+    a symbol upper-case) in each spelling its folded value has; a value beyond ASCII, which no index can serve, by
+    fold() of the texts beyond ASCII."""
     field, op, values = condition.field, condition.op, condition.values
-    column = "m.source" if field == "source" else field
+    column = field
     tests: list[str] = []
     patterns: list[object] = []
     folded: list[object] = []  # the values compared through fold()
@@ -1767,22 +1768,20 @@ def condition_sql(condition: Condition) -> tuple[str, tuple]:
             if value.isascii():
                 tests.append(f"{column} LIKE ? ESCAPE '\\'")
                 patterns.append("%" + re.sub(r"([\\%_])", r"\\\1", value) + "%")
-            if not value.isascii() or field == "source" or "s" in value or value.endswith("i"):
+            if not value.isascii() or "s" in value or value.endswith("i"):
                 folded.append(value)
-        if field == "source" and tests:  # a name beyond ASCII may be decomposed: é is e and U+0301 to LIKE
-            tests = [f"(NOT {beyond_ascii(column)} AND ({' OR '.join(tests)}))"]
         if folded:
             each = " OR ".join(f"instr(fold({column}), ?) > 0" for _ in folded)
             tests.append(f"({beyond_ascii(column)} AND ({each}))")
             patterns.extend(folded)
-    elif op == ":" and field in ("name", "source", "symbol"):
+    elif op == ":" and field in ("name", "symbol"):
         known: list[str] = []
         for value in map(str, values):
             if field == "symbol" or value.isascii():
                 plain = ticker(value) if field == "symbol" else value
                 found = spellings(plain, "S" if field == "symbol" else "s")
                 known.extend(found or [plain])
-                if found is None or field == "source":  # too many spellings to list, or a file's name
+                if found is None:  # too many spellings to list
                     folded.append(value)
             else:
                 folded.append(value)
@@ -1799,32 +1798,125 @@ def condition_sql(condition: Condition) -> tuple[str, tuple]:
     else:
         tests.append(f"{field} {op} ?")
         patterns.extend(values)
-    test = " OR ".join(tests)
-    if column == "m.source":
-        listed = "SELECT 1 FROM source_map m WHERE m.asset_id = asset.asset_id AND m.observed_at IS NOT NULL"
-        return f"EXISTS ({listed} AND ({test}))", tuple(patterns)
-    return f"({test})", tuple(patterns)
+    return f"({' OR '.join(tests)})", tuple(patterns)
 
 
-def where_sql(conditions: Sequence[Condition]) -> tuple[str, tuple]:
-    """All conditions ANDed into one WHERE clause ('1' when there are none)."""
+# filter_by=source reads the listings of the sources it names, after finding their stored names in Python: a store
+# has a few sources, and fold() compares their names. An asset matches when one of its listings is of a named source
+# and has been observed (source_map.observed_at). The store's names are read a seek each in source_map's key (SQLite
+# reads DISTINCT by a scan of every listing).
+SOURCE_NAMES = """
+WITH RECURSIVE named (source) AS (
+    SELECT min(source) FROM source_map
+    UNION ALL
+    SELECT (SELECT min(source) FROM source_map WHERE source > named.source) FROM named WHERE named.source IS NOT NULL
+)
+SELECT source FROM named WHERE source IS NOT NULL
+"""
+# Sources with at most this many listings drive a page: their listings' assets are read and sorted (a page costs
+# their number, however the sort orders them). Beyond it, a page walks the sort order and looks each asset's listings
+# up (a dense match fills a page at once; a rare one is found among few listings). Counting the listings stops here.
+FEW_LISTINGS = 10_000
+# The assets of one source condition alone, counted from the listings of its sources: their observed listings, less
+# those beyond the first of each asset with several (found in source_map's asset order: no set of every asset built).
+# The unary + keeps the source out of the key chosen for the lookups by asset.
+LISTED_ASSETS = """
+SELECT (SELECT count(*) FROM source_map WHERE source IN ({names}) AND observed_at IS NOT NULL)
+     - (SELECT coalesce(sum(observed - 1), 0) FROM (
+            SELECT count(*) AS observed
+            FROM (SELECT asset_id FROM source_map WHERE +source IN ({names}) GROUP BY asset_id HAVING count(*) > 1) a
+            JOIN source_map m ON m.asset_id = a.asset_id AND +m.source IN ({names}) AND m.observed_at IS NOT NULL
+            GROUP BY a.asset_id))
+"""
+
+
+@dataclass(frozen=True)
+class SourceFilter:
+    """The source conditions of a filter as one store resolves them: the stored names each matches, and whether the
+    fewest listings of one of them are FEW_LISTINGS or fewer."""
+
+    names: Mapping[Condition, tuple[str, ...]] = field(default_factory=dict)
+    few: bool = True
+
+
+def source_matches(condition: Condition, name: str) -> bool:
+    """Whether a stored source name meets a source condition, as filter_by compares texts (fold())."""
+    folded = fold(name)
+    if condition.op == ":":
+        return folded in condition.values
+    return any(str(value) in folded for value in condition.values)
+
+
+def resolve_sources(conn: sqlite3.Connection, conditions: Sequence[Condition]) -> SourceFilter:
+    """The SourceFilter of `conditions` in the store of `conn` (in its read transaction)."""
+    asked = [condition for condition in conditions if condition.field == "source"]
+    if not asked:
+        return SourceFilter()
+    stored = [name for (name,) in conn.execute(SOURCE_NAMES)]
+    names = {condition: tuple(n for n in stored if source_matches(condition, n)) for condition in asked}
+    fewest = FEW_LISTINGS + 1
+    for matched in names.values():
+        if not matched:
+            return SourceFilter(names)  # nothing matches: the filter is false, and SQLite reads nothing
+        marks = ", ".join("?" * len(matched))
+        sql = f"SELECT count(*) FROM (SELECT 1 FROM source_map WHERE source IN ({marks}) LIMIT ?)"
+        ((listings,),) = conn.execute(sql, (*matched, fewest)).fetchall()
+        fewest = min(fewest, listings)
+    return SourceFilter(names, fewest <= FEW_LISTINGS)
+
+
+def kept_sources(conn: sqlite3.Connection, query: AssetQuery, commit: Commit) -> SourceFilter:
+    """resolve_sources() of the query's conditions, once per commit for a filter by source."""
+    if not any(condition.field == "source" for condition in query.conditions):
+        return SourceFilter()
+    kept, key = commit.sources, query.filter_text
+    if key not in kept:
+        if len(kept) >= COUNTS_KEPT:
+            kept.clear()
+        kept[key] = resolve_sources(conn, query.conditions)
+    return kept[key]
+
+
+def source_sql(names: Sequence[str], probe: bool) -> str:
+    """A source condition resolved to stored `names` (bound in this order) as SQL: the assets of their observed
+    listings, or (`probe`) a lookup of the asset's listings; the unary + keeps source_map's key (source, source_id)
+    out of that lookup, where SQLite would read every listing of the source for each asset."""
+    if not names:
+        return "0"
+    marks = ", ".join("?" * len(names))
+    if probe:
+        return (
+            "EXISTS (SELECT 1 FROM source_map m WHERE m.asset_id = asset.asset_id"
+            f" AND +m.source IN ({marks}) AND m.observed_at IS NOT NULL)"
+        )
+    return f"asset_id IN (SELECT asset_id FROM source_map WHERE source IN ({marks}) AND observed_at IS NOT NULL)"
+
+
+def where_sql(conditions: Sequence[Condition], sources: SourceFilter) -> tuple[str, tuple]:
+    """All conditions ANDed into one WHERE clause ('1' when there are none), the source ones as `sources` resolves
+    them: a lookup of each asset's listings when they are not few."""
+    probe = not sources.few
     parts, params = [], []
     for condition in conditions:
-        sql, values = condition_sql(condition)
+        if condition.field == "source":
+            names = sources.names[condition]
+            sql, values = source_sql(names, probe), names
+        else:
+            sql, values = condition_sql(condition)
         parts.append(sql)
         params.extend(values)
     return " AND ".join(parts) or "1", tuple(params)
 
 
 def segment_sql(
-    query: AssetQuery, in_nulls: bool, after: CursorToken | None, limit: int, offset: int
+    query: AssetQuery, sources: SourceFilter, in_nulls: bool, after: CursorToken | None, limit: int, offset: int
 ) -> tuple[str, tuple]:
     """One ordered run of the result: rows with a sort value, or (nullable sorts) the rows without.
 
     Splitting nulls-last into two index range scans lets SQLite walk the
     (column, asset_id) index in either direction instead of sorting.
     """
-    where, params = where_sql(query.conditions)
+    where, params = where_sql(query.conditions, sources)
     sort = query.sort
     column = SORT_EXPRESSIONS[sort.field]
     direction = "DESC" if sort.descending else "ASC"
@@ -1902,7 +1994,7 @@ def read_cursor(query: AssetQuery, version: DataVersion) -> CursorToken:
 
 # Pages of /data at any depth. Reads run on the loop or in reader threads at once: what they keep is locked.
 BOOKMARK_EVERY = 100  # a deep page starts from the nearest bookmark, at most this many rows before it
-COUNTS_KEPT = 4_096  # filters whose count a commit keeps
+COUNTS_KEPT = 4_096  # filters whose count (and source names: SourceFilter) a commit keeps
 SORT_VALUE = {field: Asset.__struct_fields__.index(field) for field in SORT_FIELDS}
 
 
@@ -2009,12 +2101,13 @@ def read_page(conn: sqlite3.Connection, version: DataVersion, query: AssetQuery,
     if version != commit.version:  # the ETL committed since the request looked: keep nothing for it
         commit = Commit(0, version)
     after = read_cursor(query, version) if query.cursor else None
-    total = count_assets(conn, query, commit)
+    sources = kept_sources(conn, query, commit)
+    total = count_assets(conn, query, commit, sources)
     page_size, offset, skip, marks = query.page_size, query.offset, 0, None
     if after is None:
         marks = commit.bookmarks.get(query.digest)
-        after, skip = nearest_bookmark(conn, query, commit.bookmarks, marks, offset)
-    rows = read_rows(conn, query, after, skip, page_size + 1)
+        after, skip = nearest_bookmark(conn, query, sources, commit.bookmarks, marks, offset)
+    rows = read_rows(conn, query, sources, after, skip, page_size + 1)
     if marks is not None and len(rows) > page_size:
         commit.bookmarks.page_served(marks, offset + page_size, position_of(query, rows[page_size - 1]))
     assets = assets_of(rows[:page_size])
@@ -2040,19 +2133,32 @@ def assets_of(rows: Sequence[tuple]) -> list[Asset]:
     ]  # unpacked in the comprehension, not sliced and starred per row: half the time for a page
 
 
-def count_assets(conn: sqlite3.Connection, query: AssetQuery, commit: Commit) -> int:
-    """Assets matching the query's filter, counted once per commit."""
+def count_assets(conn: sqlite3.Connection, query: AssetQuery, commit: Commit, sources: SourceFilter) -> int:
+    """Assets matching the query's filter (its source conditions resolved as `sources`), counted once per commit."""
     counts, key = commit.counts, query.filter_text
     if key not in counts:
         if len(counts) >= COUNTS_KEPT:
             counts.clear()
-        where, params = where_sql(query.conditions)
-        ((counts[key],),) = conn.execute(f"SELECT count(*) FROM asset WHERE {where}", params).fetchall()
+        ((counts[key],),) = conn.execute(*count_sql(query.conditions, sources)).fetchall()
     return counts[key]
 
 
+def count_sql(conditions: Sequence[Condition], sources: SourceFilter) -> tuple[str, tuple]:
+    """The statement counting the assets that meet `conditions` (their source ones as `sources` resolves them)."""
+    if not sources.few and len(conditions) == 1:  # one source condition, of many listings
+        names = sources.names[conditions[0]]
+        return LISTED_ASSETS.format(names=", ".join("?" * len(names))), names * 3
+    where, params = where_sql(conditions, sources)
+    return f"SELECT count(*) FROM asset WHERE {where}", params
+
+
 def nearest_bookmark(
-    conn: sqlite3.Connection, query: AssetQuery, bookmarks: BookmarkSets, marks: Bookmarks, offset: int
+    conn: sqlite3.Connection,
+    query: AssetQuery,
+    sources: SourceFilter,
+    bookmarks: BookmarkSets,
+    marks: Bookmarks,
+    offset: int,
 ) -> tuple[CursorToken | None, int]:
     """The nearest bookmark at or before `offset` (walking to it as needed), and how many rows lie between."""
     served = marks.page_ends.get(offset)
@@ -2061,7 +2167,7 @@ def nearest_bookmark(
     wanted = offset // BOOKMARK_EVERY
     while len(marks.marks) < wanted and not marks.complete:
         known = len(marks.marks)
-        row = read_rows(conn, query, marks.marks[known - 1] if known else None, BOOKMARK_EVERY - 1, 1)
+        row = read_rows(conn, query, sources, marks.marks[known - 1] if known else None, BOOKMARK_EVERY - 1, 1)
         bookmarks.found(marks, known, position_of(query, row[0]) if row else None)
     found = min(wanted, len(marks.marks))
     if not found:
@@ -2070,23 +2176,24 @@ def nearest_bookmark(
 
 
 def read_rows(
-    conn: sqlite3.Connection, query: AssetQuery, after: CursorToken | None, skip: int, limit: int
+    conn: sqlite3.Connection, query: AssetQuery, sources: SourceFilter, after: CursorToken | None, skip: int, limit: int
 ) -> list[tuple]:
-    """`limit` rows after position `after` (the start when None), passing `skip` rows first.
+    """`limit` rows after position `after` (the start when None), passing `skip` rows first; the query's source
+    conditions as `sources` resolves them.
 
     Nulls sort last: the rows with a sort value, then those without.
     """
     if after is not None and after.in_nulls:
-        return conn.execute(*segment_sql(query, True, after, limit, skip)).fetchall()
-    rows = conn.execute(*segment_sql(query, False, after, limit, skip)).fetchall()
+        return conn.execute(*segment_sql(query, sources, True, after, limit, skip)).fetchall()
+    rows = conn.execute(*segment_sql(query, sources, False, after, limit, skip)).fetchall()
     if len(rows) < limit and query.sort.nullable:
         null_skip = 0
         if skip and not rows:  # the skip reaches past the valued rows: continue it among the nulls
-            sql, params = segment_sql(query, False, after, skip, 0)
+            sql, params = segment_sql(query, sources, False, after, skip, 0)
             keys = sql.replace(f"SELECT {PAGE_COLUMNS} FROM", "SELECT 1 FROM", 1)
             ((valued,),) = conn.execute(f"SELECT count(*) FROM ({keys})", params).fetchall()
             null_skip = skip - valued
-        rows += conn.execute(*segment_sql(query, True, None, limit - len(rows), null_skip)).fetchall()
+        rows += conn.execute(*segment_sql(query, sources, True, None, limit - len(rows), null_skip)).fetchall()
     return rows
 
 
@@ -2272,11 +2379,20 @@ FROM (SELECT asset_id, max(iif(pinned, 0, 1 << 62) + (observed_at << 30) - n), s
 
 
 MARKET_UNIFY = {tiers: market_unify_sql(tiers) for tiers in ("rh", "r", "h", "")}
-# /data's source filter reads source_map (asset_id, source, observed_at not null): the market's is its assets'
-# sources, read from their lists when a query asks.
-MARKET_SOURCES = """
-CREATE TEMP VIEW source_map AS
-SELECT a.asset_id, j.value AS source, a.updated_at AS observed_at FROM temp.asset a, json_each(a.sources) j
+# /data's source filter reads source_map (asset_id, source, observed_at not null) by source and by asset
+# (SOURCE_NAMES, source_sql): the market's holds its assets' sources, keyed the same two ways, filled when a source
+# filter first reads the market (Market.list_sources) rather than by every build, which it would lengthen by a tenth.
+MARKET_SOURCES = (
+    """
+CREATE TEMP TABLE source_map (
+    asset_id TEXT NOT NULL, source TEXT NOT NULL, observed_at TEXT, PRIMARY KEY (asset_id, source)
+) WITHOUT ROWID
+""",
+    "CREATE INDEX temp.source_map_source ON source_map (source)",
+)
+MARKET_LISTINGS = """
+INSERT OR IGNORE INTO temp.source_map
+SELECT a.asset_id, j.value, a.updated_at FROM temp.asset a, json_each(a.sources) j
 """
 MARKET_ASSETS_KEPT = 100_000  # assets in the markets a commit keeps, in all
 # A market is built in this many parts at once, each a range of assets holding about as many listings, each in a
@@ -2318,6 +2434,14 @@ class Market:
     assets: int  # rows of its asset table
     commit: Commit
     lock: threading.Lock = field(default_factory=threading.Lock)
+    listed: bool = False  # whether its source_map is filled (MARKET_LISTINGS)
+
+    def list_sources(self) -> None:
+        """Fill its source_map from its assets' sources, once."""
+        with self.lock:
+            if not self.listed:
+                self.conn.execute(MARKET_LISTINGS)
+                self.listed = True
 
 
 class MarketMoved(Exception):
@@ -2462,7 +2586,8 @@ def build_market(
                 market.deserialize(pages, name="part")
                 market.execute("INSERT INTO temp.asset SELECT * FROM part.asset")
                 market.execute("DETACH DATABASE part")
-            market.execute(MARKET_SOURCES)
+            for sql in MARKET_SOURCES:
+                market.execute(sql)
         except BaseException as error:
             market.close()
             concurrent.futures.wait(others)
@@ -2516,16 +2641,20 @@ class Markets:
             return market
 
 
-def market_at(uri: str, as_of: int, commit: Commit) -> Market:
-    """The market at `as_of`, built from the store at `uri` unless `commit` keeps it (call in a reader's thread)."""
+def market_at(uri: str, query: AssetQuery, commit: Commit) -> Market:
+    """The market at query.as_of, built from the store at `uri` unless `commit` keeps it, its source_map filled when
+    the query filters by source (call in a reader's thread)."""
+    assert query.as_of is not None
     markets = commit.facts.get("markets") or commit.facts.setdefault("markets", Markets(uri))
-    return markets.get(as_of, commit.version)
+    market = markets.get(query.as_of, commit.version)
+    if any(condition.field == "source" for condition in query.conditions):
+        market.list_sources()
+    return market
 
 
 def read_page_as_of(uri: str, query: AssetQuery, commit: Commit) -> AssetPage:
     """read_page() over the market at query.as_of (blank request_id and api_latency_ms)."""
-    assert query.as_of is not None
-    market = market_at(uri, query.as_of, commit)
+    market = market_at(uri, query, commit)
     with market.lock:
         return read_page(market.conn, market.version, query, market.commit)
 
@@ -3356,6 +3485,7 @@ class AssetExport:
         self.query = query
         self.compressor = zlib.compressobj(1, zlib.DEFLATED, 31) if gzip else None  # level 1: ~4x, and fast
         self.after: CursorToken | None = None
+        self.sources: SourceFilter | None = None  # resolved by the first read (every read sees one data version)
         self.first = True
         self.done = False
         self.watcher = asyncio.get_running_loop().create_task(self._watch(receive)) if receive else None
@@ -3398,7 +3528,9 @@ class AssetExport:
         return spooled
 
     def _next_chunk(self, conn: sqlite3.Connection, version: DataVersion) -> bytes:
-        rows = read_rows(conn, self.query, self.after, 0, self.CHUNK)
+        if self.sources is None:
+            self.sources = resolve_sources(conn, self.query.conditions)
+        rows = read_rows(conn, self.query, self.sources, self.after, 0, self.CHUNK)
         self.done = len(rows) < self.CHUNK
         if rows:
             self.after = position_of(self.query, rows[-1])
@@ -3463,8 +3595,8 @@ class AssetExportResource:
             version = snapshot.version
         else:
             commit = await self.store.watch()
-            as_of, uri = query.as_of, self.store._uri()
-            snapshot = MarketSnapshot(await self.store.read(lambda conn, version: market_at(uri, as_of, commit)))
+            uri = self.store._uri()
+            snapshot = MarketSnapshot(await self.store.read(lambda conn, version: market_at(uri, query, commit)))
             version = snapshot.version
         # The file's headers only once it will be sent: an error is no attachment.
         resp.content_type = FORMATS[query.format]
