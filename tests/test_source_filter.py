@@ -60,6 +60,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     db = folder / "store.db"
     for source in sources:  # one run each: csv:Été and csv:ÉTÉ are two names in one run's usage check
+        # A store loaded before etl.py compared names across runs holds both spellings: without the checkpoint
+        # of csv:Été it cannot tell that csv:ÉTÉ is the same source, and loads it under its own name.
+        if db.exists():
+            with sqlite3.connect(db) as conn:
+                conn.execute("DELETE FROM checkpoint")
         assert run_etl(db, source).returncode == 0
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE source_map SET observed_at = NULL, pinned = 1 WHERE source = 'csv:ghost'")
