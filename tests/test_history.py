@@ -307,9 +307,12 @@ def test_kills_during_roll_up_and_pruning_converge_to_one_clean_run(tmp_path):
     for kill in range(8):
         proc = start_etl(killed, f"csv:a={second}", LOG_LEVEL="debug", **env)
         wait_for_event(proc, "run started")
-        for _ in range(chooser.randrange(2)):
-            wait_for_event(proc, "batch committed")
-        time.sleep(chooser.uniform(0, 0.05))  # where in the batch the kill lands; not a synchronisation
+        wait_for_event(proc, "batch committed")
+        began = time.monotonic()
+        wait_for_event(proc, "batch committed", 1 + chooser.randrange(2))
+        # Where in the next batch the kill lands (not a synchronisation): within the time a batch took, so that each
+        # kill finds the run at most four batches on, however fast the machine (a fixed 50 ms was 16 batches on one).
+        time.sleep(chooser.uniform(0, (time.monotonic() - began)))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         assert proc.returncode == -signal.SIGKILL, f"kill {kill}: the run ended before it"
