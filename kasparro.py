@@ -2644,6 +2644,7 @@ def raw_sql(listings: int, after: bool) -> str:
     )
 
 
+@functools.lru_cache(maxsize=MERGED_IN_SQL)  # a statement's text for each number of listings
 def kept_candle_sql(listings: int) -> str:
     """Candles of the kept width ?n+3 of `listings` listings (?1 to ?n, in order of source and source id)
     merged by store.sql's rule, for the buckets in [?n+1, ?n+2) where the first listing has one, in time
@@ -2719,6 +2720,7 @@ def candle_sql(listings: int, kept: bool) -> str:
     )
 
 
+@functools.lru_cache(maxsize=MERGED_IN_SQL)  # a statement's text for each number of listings
 def kept_extent_sql(listings: int) -> str:
     """The first and last buckets in [?n+1, ?n+2) of the kept candles of width ?n+3 of the listings ?2 to ?n
     (NULL where a listing has none), and the bucket of each one's open candle there: a seek each."""
@@ -2732,6 +2734,7 @@ def kept_extent_sql(listings: int) -> str:
     )
 
 
+@functools.lru_cache(maxsize=MERGED_IN_SQL)  # a statement's text for each number of listings
 def kept_observations_sql(listings: int) -> str:
     """The observations in the kept candles of width ?n+3 of `listings` listings (?1 to ?n) in [?n+1, ?n+2)."""
     ids = ", ".join(f"?{number}" for number in range(1, listings + 1))
