@@ -21,6 +21,7 @@ import io
 import itertools
 import logging
 import math
+import operator
 import os
 import re
 import sqlite3
@@ -2679,10 +2680,15 @@ class MarketSnapshot:
 
 
 # An asset's history: its listings' raw observations (raw_observation) and candles (candle), by store.sql's
-# rule; times there are Unix seconds. Candles wider than an hour but not a day come from hourly ones,
-# narrower ones from raw observations: every kind is merged across listings the same way (merge_candles).
+# rule; times there are Unix seconds. Candles of a kept width are merged across listings in SQL
+# (kept_candle_sql), where every listing has a candle in the buckets of the first; others (wider than an hour
+# but not a day from hourly ones, narrower ones from raw observations) in Python (merge_candles).
 INTERVALS = {"raw": 0, "5m": 300, "15m": 900, "1h": 3_600, "4h": 14_400, "1d": 86_400}
 KEPT_WIDTHS = (3_600, 86_400)  # the candle widths store.sql keeps
+BUCKET, OBSERVATIONS = operator.itemgetter(0), operator.itemgetter(7)  # of a row of read_candles
+# The most listings whose candles kept_candle_sql merges: it joins two tables a listing (SQLite allows 64 in one
+# join) and compares each listing's times with every other's.
+MERGED_IN_SQL = 8
 HISTORY_PARAMS = ("interval", "from", "to", "source", "limit", "cursor", "format")
 HISTORY_LIMIT = 1_000
 RAW_WINDOW = 86_400  # the default window of raw points; candles: 100 intervals
@@ -2785,6 +2791,57 @@ def raw_sql(listings: int, after: bool) -> str:
     )
 
 
+@functools.lru_cache(maxsize=MERGED_IN_SQL)  # a statement's text for each number of listings
+def kept_candle_sql(listings: int) -> str:
+    """Candles of the kept width ?n+3 of `listings` listings (?1 to ?n, in order of source and source id)
+    merged by store.sql's rule, for the buckets in [?n+1, ?n+2) where the first listing has one, in time
+    order: rows of t, open, high, low, close, cap, volume and observations. Each other listing's candle of
+    the bucket is sought in candle (c), else in open_candle (o: the CASE leaves its key NULL when c has
+    it, and SQLite does not seek a NULL)."""
+    lower, upper, width = (f"?{listings + n}" for n in (1, 2, 3))
+    columns = "t, open, high, low, close, market_cap_usd, volume_24h_usd, observations, first_at, last_at"
+    first = " UNION ALL ".join(
+        f"SELECT {columns} FROM {table} WHERE listing_id = ?1 AND width = {width} AND t >= {lower} AND t < {upper}"
+        for table in ("candle", "open_candle")
+    )
+    others = range(1, listings)
+
+    def value(place: int, column: str) -> str:  # NULL where the listing has no candle in the bucket
+        return f"coalesce(c{place}.{column}, o{place}.{column})" if place else f"p.{column}"
+
+    def spread(function: str, column: str) -> str:  # of the listings with a candle
+        terms = [f"p.{column}", *(f"coalesce(c{place}.{column}, o{place}.{column}, p.{column})" for place in others)]
+        return f"{function}({', '.join(terms)})" if others else terms[0]
+
+    def pick(time: str, order: str, column: str) -> str:
+        """The column of the listing whose (time, place) is the least (order '<') or the greatest ('>')."""
+
+        def before(place: int, other: int) -> str:  # place's (time, place) comes before other's in `order`
+            ties = place < other if order == "<" else place > other  # equal times: by place
+            comparison = f"{value(place, time)} {order}{'=' * ties} {value(other, time)}"
+            return comparison if other == 0 else f"ifnull({comparison}, 1)"  # a listing with no candle comes last
+
+        chosen = (
+            f"WHEN {' AND '.join(before(place, other) for other in range(listings) if other != place)}"
+            f" THEN {value(place, column)}"
+            for place in others
+        )
+        return f"CASE {' '.join(chosen)} ELSE p.{column} END" if others else f"p.{column}"
+
+    observations = " + ".join(["p.observations", *(f"ifnull({value(place, 'observations')}, 0)" for place in others)])
+    joins = "".join(
+        f" LEFT JOIN candle c{place} ON c{place}.listing_id = ?{place + 1} AND c{place}.width = {width}"
+        f" AND c{place}.t = p.t LEFT JOIN open_candle o{place} ON o{place}.listing_id ="
+        f" CASE WHEN c{place}.t IS NULL THEN ?{place + 1} END AND o{place}.width = {width} AND o{place}.t = p.t"
+        for place in others
+    )
+    closing = ", ".join(pick("last_at", ">", column) for column in ("close", "market_cap_usd", "volume_24h_usd"))
+    return (
+        f"SELECT p.t, {pick('first_at', '<', 'open')}, {spread('max', 'high')}, {spread('min', 'low')}, {closing},"
+        f" {observations} FROM ({first}) p{joins} ORDER BY p.t"
+    )
+
+
 def candle_sql(listings: int, kept: bool) -> str:
     """The parts of candles of `listings` listings (?1 to ?n, in order of source and source id) in [?n+1, ?n+2):
     their kept candles of width ?n+3, closed and open (by bucket start), or (not kept) their priced raw
@@ -2810,13 +2867,38 @@ def candle_sql(listings: int, kept: bool) -> str:
     )
 
 
+@functools.lru_cache(maxsize=MERGED_IN_SQL)  # a statement's text for each number of listings
+def kept_extent_sql(listings: int) -> str:
+    """The first and last buckets in [?n+1, ?n+2) of the kept candles of width ?n+3 of the listings ?2 to ?n
+    (NULL where a listing has none), and the bucket of each one's open candle there: a seek each."""
+    lower, upper, width = (f"?{listings + n}" for n in (1, 2, 3))
+    where = f"width = {width} AND t >= {lower} AND t < {upper}"
+    return "SELECT " + ", ".join(
+        f"(SELECT t FROM candle WHERE listing_id = ?{place + 1} AND {where} ORDER BY t LIMIT 1),"
+        f" (SELECT t FROM candle WHERE listing_id = ?{place + 1} AND {where} ORDER BY t DESC LIMIT 1),"
+        f" (SELECT t FROM open_candle WHERE listing_id = ?{place + 1} AND {where})"
+        for place in range(1, listings)
+    )
+
+
+@functools.lru_cache(maxsize=MERGED_IN_SQL)  # a statement's text for each number of listings
+def kept_observations_sql(listings: int) -> str:
+    """The observations in the kept candles of width ?n+3 of `listings` listings (?1 to ?n) in [?n+1, ?n+2)."""
+    ids = ", ".join(f"?{number}" for number in range(1, listings + 1))
+    where = f"listing_id IN ({ids}) AND width = ?{listings + 3} AND t >= ?{listings + 1} AND t < ?{listings + 2}"
+    return (
+        f"SELECT total(observations) FROM (SELECT observations FROM candle WHERE {where}"
+        f" UNION ALL SELECT observations FROM open_candle WHERE {where})"
+    )
+
+
 CLOSED = (math.nan, 0.0, 0.0, 0.0, 0.0, None, None, 0, 0)  # a part after the last: its bucket equals no other
 
 
-def merge_candles(parts: Iterable[tuple], width: int) -> list[tuple[int, Candle]]:
-    """Candles of `width` seconds, each with its bucket's start (Unix seconds), in time order, from
-    candle_sql's parts of narrower buckets or of several listings: open of the first, close, cap and volume of
-    the one with the greatest closing key, the greatest high, the least low, the observations summed."""
+def merge_candles(parts: Iterable[tuple], width: int) -> list[tuple]:
+    """Candles of `width` seconds as kept_candle_sql's rows (the bucket's start in Unix seconds first), in time
+    order, from candle_sql's parts of narrower buckets or of several listings: open of the first, close, cap and
+    volume of the one with the greatest closing key, the greatest high, the least low, the observations summed."""
     candles = []
     bucket, first, top, bottom, last_close, last_cap, last_volume, total, last = None, *CLOSED[1:]
     for t, opening, high, low, close, cap, volume, count, closing in itertools.chain(parts, (CLOSED,)):
@@ -2831,8 +2913,7 @@ def merge_candles(parts: Iterable[tuple], width: int) -> list[tuple[int, Candle]
             total += count
             continue
         if bucket is not None:
-            candle = Candle(utc_text(bucket), first, top, bottom, last_close, last_cap, last_volume, total)
-            candles.append((bucket, candle))
+            candles.append((bucket, first, top, bottom, last_close, last_cap, last_volume, total))
         bucket, first, top, bottom, total = start, opening, high, low, count
         last, last_close, last_cap, last_volume = closing, close, cap, volume
     return candles
@@ -2878,7 +2959,10 @@ def read_history(
         position = (last[0], last[1], last[2]) if last else None
     else:
         candles = read_candles(conn, ids, query.width, start, end, after.at if after else None)
-        points = [candle for _, candle in candles[:limit]]
+        points = [
+            Candle(utc_text(t), opening, high, low, close, cap, volume, count)
+            for t, opening, high, low, close, cap, volume, count in candles[:limit]
+        ]
         position = (candles[limit - 1][0], "", "") if len(candles) > limit else None
     return AssetHistory(
         request_id="",
@@ -2898,19 +2982,46 @@ def read_history(
 
 def read_candles(
     conn: sqlite3.Connection, ids: Sequence[int], width: int, start: int, end: int, after: int | None = None
-) -> list[tuple[int, Candle]]:
-    """The candles of `width` of the listings merged, for buckets starting in [start, end) (and after `after`)."""
+) -> list[tuple]:
+    """The candles of `width` of the listings merged, for buckets starting in [start, end) (and after `after`):
+    rows of the bucket's start (Unix seconds), open, high, low, close, cap, volume and observations."""
     first, past = -(-start // width) * width, -(-end // width) * width  # the buckets that start in [start, end)
     if after is not None:
         first = min(max(first, (after // width + 1) * width), past)
     if not ids:
         return []
+    if width in KEPT_WIDTHS and len(ids) <= MERGED_IN_SQL:
+        candles = conn.execute(kept_candle_sql(len(ids)), (*ids, first, past, width)).fetchall()
+        if kept_candles_complete(conn, candles, ids, first, past, width):
+            return candles
     if width >= KEPT_WIDTHS[0]:
         kept = width if width in KEPT_WIDTHS else KEPT_WIDTHS[0]
         parts = conn.execute(candle_sql(len(ids), True), (*ids, first, past, kept))
     else:  # from raw observations, in order of time, source and source id: each one a candle of its own
         parts = conn.execute(candle_sql(len(ids), False), (*ids, first, past))
     return merge_candles(parts, width)
+
+
+def kept_candles_complete(
+    conn: sqlite3.Connection, candles: list[tuple], ids: Sequence[int], first: int, past: int, width: int
+) -> bool:
+    """Whether kept_candle_sql's candles of the listings hold every listing's candles in [first, past): whether no
+    listing after the first has a candle in a bucket where the first has none. So when the first has every bucket
+    from the others' first to their last; else (a gap, as when no run loaded an hour) when the candles hold as
+    many observations as the listings' (every candle holds some)."""
+    if len(ids) == 1:
+        return True
+    buckets = [
+        t for t in conn.execute(kept_extent_sql(len(ids)), (*ids, first, past, width)).fetchone() if t is not None
+    ]
+    if not buckets:
+        return True
+    lowest, highest = min(buckets), max(buckets)
+    held = bisect.bisect_right(candles, highest, key=BUCKET) - bisect.bisect_left(candles, lowest, key=BUCKET)
+    if held == (highest - lowest) // width + 1:
+        return True
+    (observations,) = conn.execute(kept_observations_sql(len(ids)), (*ids, first, past, width)).fetchone()
+    return sum(map(OBSERVATIONS, candles)) == observations
 
 
 def newest_observation(conn: sqlite3.Connection, ids: Sequence[int]) -> int:
