@@ -1,0 +1,69 @@
+"""History and retention as a breaker tried them (issue 17): listings of one asset whose retention horizons differ
+(one stopped, or loaded under another retention), read merged. The real etl.py and SQLite files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_history import DAY, HOUR, START, Seen, candles, load, observations, unique, write_feed
+from test_history_api import candle_dicts
+
+from conftest import SyncConductor
+from etl_support import query
+from kasparro import Config, create_app
+
+END = START + 8 * DAY
+INTERVALS = [("5m", 300), ("15m", 900), ("1h", HOUR), ("4h", 4 * HOUR), ("1d", DAY)]
+
+
+def btc(source: str, start: int, end: int, seed: int) -> list[Seen]:
+    return [o for o in observations(source, start, end, seed=seed, step=1_800) if o.asset == "BTC"]
+
+
+def day_by_day(folder: Path, db: Path, feeds: dict[str, tuple[list[Seen], dict[str, str]]]) -> None:
+    """Each source's observations loaded a day at a time, the sources in turn, each with its own retention."""
+    for day in range(8):
+        for name, (seen, env) in feeds.items():
+            part = [o for o in seen if START + day * DAY <= o.t < START + (day + 1) * DAY]
+            if part:
+                load(db, [(name, write_feed(folder / f"{name}{day}.csv", part))], **env)
+
+
+SHORT = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "3d"}
+LONG = {"KASPARRO_KEEP_RAW": "8d", "KASPARRO_KEEP_HOURLY": "8d"}
+CASES = {
+    # csv:a stops after two days; csv:b goes on and prunes past them.
+    "a listing that stopped": lambda: {"a": (btc("a", START, START + 2 * DAY, 1), SHORT),
+                                       "b": (btc("b", START, END, 2), SHORT)},
+    # Both go on, csv:a kept longer than csv:b (KASPARRO_KEEP_* differ between the runs of each source).
+    "retention that differs between runs": lambda: {"a": (btc("a", START, END, 3), LONG),
+                                                     "b": (btc("b", START, END, 4), SHORT)},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def uneven(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    folder = tmp_path_factory.mktemp("uneven")
+    feeds = CASES[request.param]()
+    db = folder / "kasparro.db"
+    day_by_day(folder, db, feeds)
+    with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
+        yield client, db, unique([o for seen, _ in feeds.values() for o in seen])
+
+
+@pytest.mark.parametrize(("interval", "width"), INTERVALS)
+def test_merged_candles_cover_only_buckets_every_listing_keeps(uneven: Any, interval: str, width: int) -> None:
+    """A merged candle is of every listing or absent: from the latest horizon of the asset's listings in the tier
+    the interval is read from (raw for 5m and 15m, hourly for 1h and 4h; daily candles are kept forever)."""
+    client, db, seen = uneven
+    horizons = query(db, "SELECT raw_before, hourly_before FROM listing")
+    assert len({h for h in horizons}) == 2, "the listings' horizons differ (the premise)"
+    kept_from = 0 if width == DAY else max(raw if width < HOUR else hourly for raw, hourly in horizons)
+    asset = client.get("/data").json["data"][0]["asset_id"]
+    body = client.get(f"/data/{asset}/history", params={"interval": interval, "from": str(START), "to": str(END)})
+    assert body.status_code == 200, body.text
+    expected = candle_dicts(candles(seen, width, "asset"), ("BTC",), max(START, kept_from), END, width)
+    assert body.json["points"] == expected
+    assert expected, "the window holds candles"
