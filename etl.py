@@ -226,10 +226,11 @@ def upstream_url(environ: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
-DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")
+DURATION = re.compile(r"\s*([0-9]+)\s*([dhms])\s*")
 DURATION_UNITS = {"d": DAY, "h": HOUR, "m": 60, "s": 1}
 # Longer than any history: a span beyond it keeps everything, as it would, and stays an integer SQLite holds.
 LONGEST_SPAN = 10_000 * 365 * DAY
+LONGEST_COUNT = len(str(LONGEST_SPAN))  # digits of a duration's number beyond which it is longer than LONGEST_SPAN
 
 
 def retention(environ: Mapping[str, str]) -> Retention:
@@ -242,9 +243,11 @@ def retention(environ: Mapping[str, str]) -> Retention:
             given[tier] = f"{spans[tier] // DAY}d, the default"
             continue
         match = DURATION.fullmatch(value)
-        if not match or int(match.group(1)) == 0:
-            raise UsageError(f"{name} must be a positive duration such as 7d, 36h or 90m, not {value!r}")
-        spans[tier] = min(int(match.group(1)) * DURATION_UNITS[match.group(2)], LONGEST_SPAN)
+        count = match.group(1).lstrip("0") if match else ""  # int() reads no more than 4,300 digits
+        if not count:
+            raise UsageError(f"{name} must be a positive duration such as 7d, 36h or 90m, not {value[:40]!r}")
+        seconds = int(count) * DURATION_UNITS[match.group(2)] if len(count) <= LONGEST_COUNT else LONGEST_SPAN
+        spans[tier] = min(seconds, LONGEST_SPAN)
         given[tier] = value
     if spans["hourly"] < spans["raw"]:
         raise UsageError(

@@ -11,7 +11,7 @@ from test_history import DAY, HOUR, START, Seen, candles, load, observations, un
 from test_history_api import candle_dicts
 
 from conftest import SyncConductor
-from etl_support import query
+from etl_support import query, run_etl
 from kasparro import Config, create_app
 
 END = START + 8 * DAY
@@ -67,3 +67,30 @@ def test_merged_candles_cover_only_buckets_every_listing_keeps(uneven: Any, inte
     expected = candle_dicts(candles(seen, width, "asset"), ("BTC",), max(START, kept_from), END, width)
     assert body.json["points"] == expected
     assert expected, "the window holds candles"
+
+
+# --- retention settings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("0" * 5_000 + "d", "must be a positive duration"),  # a zero past the 4,300 digits Python's int() reads
+        ("٧d", "must be a positive duration"),  # a digit, but not one of 0-9: '7d' is ASCII
+        ("0" * 5_000 + "7d", START - 7 * DAY),  # seven days before the newest observation's day
+        ("9" * 5_000 + "h", 0),  # longer than any history: everything kept, as 99999999999999999999d
+    ],
+    ids=["5000 zeros", "arabic-indic 7", "5000 zeros then 7", "5000 nines"],
+)
+def test_a_retention_of_any_length_is_read_or_refused_by_name(tmp_path: Path, value: str, says: str | int) -> None:
+    """A duration's number of more than 4,300 digits was once a ValueError traceback and exit 1; a refused one
+    says so, a read one sets the horizons (`says`) of a listing observed in the hour from START."""
+    feed = write_feed(tmp_path / "feed.csv", btc("a", START, START + HOUR, 5))
+    result = run_etl(tmp_path / "store.db", f"csv:a={feed}", KASPARRO_KEEP_RAW=value, KASPARRO_KEEP_HOURLY=value)
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    if isinstance(says, int):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert query(tmp_path / "store.db", "SELECT raw_before, hourly_before FROM listing") == [(says, says)]
+    else:
+        assert result.returncode == 2
+        assert f"KASPARRO_KEEP_RAW {says}" in result.stderr
