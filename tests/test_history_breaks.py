@@ -11,7 +11,7 @@ from test_history import DAY, HOUR, START, Seen, candles, load, observations, un
 from test_history_api import candle_dicts
 
 from conftest import SyncConductor
-from etl_support import query, run_etl
+from etl_support import CANDLES, query, run_etl
 from kasparro import Config, create_app
 
 END = START + 8 * DAY
@@ -94,3 +94,42 @@ def test_a_retention_of_any_length_is_read_or_refused_by_name(tmp_path: Path, va
     else:
         assert result.returncode == 2
         assert f"KASPARRO_KEEP_RAW {says}" in result.stderr
+
+
+# --- observations older than the raw history ----------------------------------------------
+
+
+def stored(db: Path, width: int) -> dict[tuple, tuple]:
+    rows = query(db, "SELECT l.source, l.source_id, c.t, c.open, c.high, c.low, c.close, c.market_cap_usd,"
+                     f" c.volume_24h_usd, c.observations FROM {CANDLES} c JOIN listing l USING (listing_id)"
+                     " WHERE c.width = ?", (width,))  # fmt: skip
+    return {(source, source_id, t): tuple(values) for source, source_id, t, *values in rows}
+
+
+GAPS = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "30d"}
+
+
+def test_a_backfill_filling_hours_of_a_day_kept_as_candles_is_rolled_up(tmp_path: Path) -> None:
+    """Observations older than the raw history, in hours that hold none yet but inside the span of their day's
+    candle, are new (hourly candles are kept there: each hour tells what it holds); once loaded, again nothing."""
+    seen = unique(btc("a", START, START + 6 * DAY, 6))
+    newest = [o for o in seen if o.t >= START + 5 * DAY]
+    even = [o for o in seen if o.t < START + 5 * DAY and o.t // HOUR % 2 == 0]
+    odd = [o for o in seen if o.t < START + 5 * DAY and o.t // HOUR % 2 == 1]
+    db = tmp_path / "store.db"
+    for name, part in (("even", even), ("newest", newest), ("odd", odd), ("again", odd + even)):
+        load(db, [("a", write_feed(tmp_path / f"{name}.csv", part))], **GAPS)
+    assert query(db, "SELECT raw_before FROM listing") == [(START + 4 * DAY,)], "the odd hours came after pruning"
+    for width in (HOUR, DAY):
+        assert stored(db, width) == candles(seen, width, "listing"), width
+
+
+def test_one_shuffled_file_in_many_batches_is_rolled_up_whole(tmp_path: Path) -> None:
+    """A file in no time order, loaded in batches: a batch's newer rows prune the raw history that older rows of
+    later batches then fall before. Two observations an hour (a 30-minute feed), so none lies inside the span of
+    its hour's candle when it comes: where a third does, it is taken for one loaded before (README, History)."""
+    seen = unique(observations("a", START, START + 6 * DAY, seed=7, step=1_800))
+    db = tmp_path / "store.db"
+    load(db, [("a", write_feed(tmp_path / "all.csv", seen))], **GAPS, KASPARRO_BATCH_ROWS="100")
+    for width in (HOUR, DAY):
+        assert stored(db, width) == candles(seen, width, "listing"), width
