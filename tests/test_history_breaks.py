@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import random
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ from test_history import DAY, HOUR, START, Seen, candles, load, observations, un
 from test_history_api import candle_dicts
 
 from conftest import SyncConductor
-from etl_support import CANDLES, query, run_etl
+from etl_support import CANDLES, query, run_etl, start_etl, store_content, wait_for_event
 from kasparro import Config, create_app
 
 END = START + 8 * DAY
@@ -133,3 +136,29 @@ def test_one_shuffled_file_in_many_batches_is_rolled_up_whole(tmp_path: Path) ->
     load(db, [("a", write_feed(tmp_path / "all.csv", seen))], **GAPS, KASPARRO_BATCH_ROWS="100")
     for width in (HOUR, DAY):
         assert stored(db, width) == candles(seen, width, "listing"), width
+
+
+def test_kills_while_late_rows_roll_up_converge_to_one_clean_run(tmp_path: Path) -> None:
+    """SIGKILL at random instants of a run of one file in no time order (its later batches' rows older than the
+    raw history its earlier ones left), after a run under another retention: a clean finish equals a clean run."""
+    first = write_feed(tmp_path / "first.csv", observations("a", START + 6 * DAY, START + 9 * DAY, seed=20))
+    second = write_feed(tmp_path / "second.csv", observations("a", START, START + 12 * DAY, seed=21))
+    before = {"KASPARRO_KEEP_RAW": "2d", "KASPARRO_KEEP_HOURLY": "4d", "KASPARRO_BATCH_ROWS": "100"}
+    env = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "2d", "KASPARRO_BATCH_ROWS": "100"}
+    clean, killed = tmp_path / "clean.db", tmp_path / "killed.db"
+    for db in (clean, killed):
+        load(db, [("a", first)], **before)
+    load(clean, [("a", second)], **env)
+    chooser = random.Random(20261202)
+    for kill in range(6):
+        proc = start_etl(killed, f"csv:a={second}", LOG_LEVEL="debug", **env)
+        wait_for_event(proc, "run started")
+        for _ in range(chooser.randrange(3)):
+            wait_for_event(proc, "batch committed")
+        time.sleep(chooser.uniform(0, 0.002))  # where in the batch the kill lands; not a synchronisation
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, f"kill {kill}: the run ended before it"
+    load(killed, [("a", second)], **env)
+    assert store_content(killed) == store_content(clean)
+    assert query(clean, "SELECT count(*) FROM raw_observation WHERE observed_at < ?", (START + 10 * DAY,)) == [(0,)]
