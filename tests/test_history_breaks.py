@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import random
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_history import DAY, HOUR, START, Seen, candles, load, observations, unique, write_feed
+from test_history import DAY, HOUR, START, Seen, candles, kill_at_random, load, observations, unique, write_feed
 from test_history_api import candle_dicts
 
 from conftest import SyncConductor
-from etl_support import CANDLES, query, run_etl, start_etl, store_content, wait_for_event
+from etl_support import CANDLES, query, run_etl, store_content
 from kasparro import Config, create_app
 
 END = START + 8 * DAY
@@ -149,16 +147,7 @@ def test_kills_while_late_rows_roll_up_converge_to_one_clean_run(tmp_path: Path)
     for db in (clean, killed):
         load(db, [("a", first)], **before)
     load(clean, [("a", second)], **env)
-    chooser = random.Random(20261202)
-    for kill in range(6):
-        proc = start_etl(killed, f"csv:a={second}", LOG_LEVEL="debug", **env)
-        wait_for_event(proc, "run started")
-        for _ in range(chooser.randrange(3)):
-            wait_for_event(proc, "batch committed")
-        time.sleep(chooser.uniform(0, 0.002))  # where in the batch the kill lands; not a synchronisation
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, f"kill {kill}: the run ended before it"
+    kill_at_random(killed, f"csv:a={second}", env, random.Random(20261202), kills=6, batches=3)
     load(killed, [("a", second)], **env)
     assert store_content(killed) == store_content(clean)
     assert query(clean, "SELECT count(*) FROM raw_observation WHERE observed_at < ?", (START + 10 * DAY,)) == [(0,)]
