@@ -226,10 +226,11 @@ def upstream_url(environ: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
-DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")
+DURATION = re.compile(r"\s*([0-9]+)\s*([dhms])\s*")
 DURATION_UNITS = {"d": DAY, "h": HOUR, "m": 60, "s": 1}
 # Longer than any history: a span beyond it keeps everything, as it would, and stays an integer SQLite holds.
 LONGEST_SPAN = 10_000 * 365 * DAY
+LONGEST_COUNT = len(str(LONGEST_SPAN))  # digits of a duration's number beyond which it is longer than LONGEST_SPAN
 
 
 def retention(environ: Mapping[str, str]) -> Retention:
@@ -242,9 +243,11 @@ def retention(environ: Mapping[str, str]) -> Retention:
             given[tier] = f"{spans[tier] // DAY}d, the default"
             continue
         match = DURATION.fullmatch(value)
-        if not match or int(match.group(1)) == 0:
-            raise UsageError(f"{name} must be a positive duration such as 7d, 36h or 90m, not {value!r}")
-        spans[tier] = min(int(match.group(1)) * DURATION_UNITS[match.group(2)], LONGEST_SPAN)
+        count = match.group(1).lstrip("0") if match else ""  # int() reads no more than 4,300 digits
+        if not count:
+            raise UsageError(f"{name} must be a positive duration such as 7d, 36h or 90m, not {value[:40]!r}")
+        seconds = int(count) * DURATION_UNITS[match.group(2)] if len(count) <= LONGEST_COUNT else LONGEST_SPAN
+        spans[tier] = min(seconds, LONGEST_SPAN)
         given[tier] = value
     if spans["hourly"] < spans["raw"]:
         raise UsageError(
@@ -2023,18 +2026,19 @@ def shown(field: str, value: object) -> object:
 
 
 # Observations older than their listing's pruned raw history (a backfill loaded after newer data): their day
-# is kept as candles only. One is new when its time lies outside its daily candle's span (or there is no such
-# candle); it then joins that candle, and its hourly one while its day's hourly candles are kept. One inside the
-# span is taken for one loaded before: a candle cannot tell (README, History). Of one time, the first line.
+# is kept as candles only. One is new when its time lies outside the span of its narrowest kept candle (hourly
+# while its day's hourly candles are kept, else daily), or there is no such candle; it then joins its daily
+# candle, and its hourly one while kept. One inside the span is taken for one loaded before: a candle cannot
+# tell (README, History). Of one time, the first line.
 STAGE_LATE = """
 INSERT INTO temp.late (listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd, hourly)
-SELECT o.listing_id, o.observed, s.price_usd, s.market_cap_usd, s.volume_24h_usd, o.observed >= o.hourly_before
+SELECT o.listing_id, o.observed, s.price_usd, s.market_cap_usd, s.volume_24h_usd, o.width = 3600
 FROM (SELECT s.listing_id, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed, min(s.line) AS line,
-             l.hourly_before
+             iif(CAST(strftime('%s', s.observed_at) AS INTEGER) >= l.hourly_before, 3600, 86400) AS width
       FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id
       WHERE s.price_usd IS NOT NULL AND observed < l.raw_before GROUP BY 1, 2) o
 JOIN temp.staging s ON s.line = o.line
-LEFT JOIN candle c ON c.listing_id = o.listing_id AND c.width = 86400 AND c.t = o.observed / 86400 * 86400
+LEFT JOIN candle c ON c.listing_id = o.listing_id AND c.width = o.width AND c.t = o.observed / o.width * o.width
 WHERE c.listing_id IS NULL OR o.observed NOT BETWEEN c.first_at AND c.last_at
 """
 

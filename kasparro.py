@@ -2773,7 +2773,7 @@ def utc_text(seconds: int) -> str:
 
 
 LISTINGS_SQL = """
-SELECT l.listing_id, l.source, l.source_id FROM source_map m
+SELECT l.listing_id, l.source, l.source_id, l.raw_before, l.hourly_before FROM source_map m
 JOIN listing l ON l.source = m.source AND l.source_id = m.source_id
 WHERE m.asset_id = ? ORDER BY l.source, l.source_id
 """
@@ -2958,7 +2958,8 @@ def read_history(
         last = rows[limit - 1] if len(rows) > limit else None
         position = (last[0], last[1], last[2]) if last else None
     else:
-        candles = read_candles(conn, ids, query.width, start, end, after.at if after else None)
+        kept_from = max(tier_horizon(listing, query.width) for listing in listings)
+        candles = read_candles(conn, ids, query.width, max(start, kept_from), end, after.at if after else None)
         points = [
             Candle(utc_text(t), opening, high, low, close, cap, volume, count)
             for t, opening, high, low, close, cap, volume, count in candles[:limit]
@@ -2978,6 +2979,15 @@ def read_history(
         else seal(encode_history_cursor(HistoryCursor(digest, *position)), version),
         data_version=str(version),
     )
+
+
+def tier_horizon(listing: Sequence, width: int) -> int:
+    """Where the tier that candles of `width` are read from begins for a listing (LISTINGS_SQL's row): raw for
+    5m and 15m, hourly for 1h and 4h, daily (kept forever) for 1d. Listings of one asset prune apart (one that
+    stopped, retention changed between runs), so a merged candle before the latest of them would lack some."""
+    if width >= KEPT_WIDTHS[1]:
+        return FIRST_SECOND
+    return listing[3] if width < KEPT_WIDTHS[0] else listing[4]
 
 
 def read_candles(
@@ -4298,8 +4308,8 @@ merged, or of one `source`'s. A candle covers the priced observations of one UTC
 the first and last price (by observed time, then source), high and low, and the last one's cap and
 volume; buckets without any are absent. Raw observations are kept for KASPARRO_KEEP_RAW, hourly candles
 for KASPARRO_KEEP_HOURLY, daily ones forever: 5m and 15m reach as far back as the raw tier, 1h and 4h as
-the hourly one. Unknown asset, or no listing of `source`: 404; `from` after `to`, a bad interval or time:
-400."""
+the hourly one, of every listing merged (a candle lacking a listing's pruned part is absent). Unknown
+asset, or no listing of `source`: 404; `from` after `to`, a bad interval or time: 400."""
 COMPARE_TEXT = """Runs a and b side by side, per source of either run: each measure (rows read, loaded and
 rejected, duration) in a, in b, and b minus a; the drift entries that appeared in b or disappeared from a.
 

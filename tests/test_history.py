@@ -294,6 +294,20 @@ def test_retention_settings_are_checked(tmp_path):
 # --- crash safety --------------------------------------------------------------------
 
 
+def kill_at_random(db: Path, source: str, env: dict[str, str], chooser: random.Random, kills: int, batches: int):
+    """Runs of `source` into `db`, each killed (SIGKILL) after fewer than `batches` committed batches and a moment."""
+    for kill in range(kills):
+        proc = start_etl(db, source, LOG_LEVEL="debug", **env)
+        wait_for_event(proc, "run started")
+        for _ in range(chooser.randrange(batches)):
+            wait_for_event(proc, "batch committed")
+        time.sleep(chooser.uniform(0, 0.002))  # where in the batch (~1.5 ms) the kill lands; not a synchronisation
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, f"kill {kill}: the run ended before it"
+        assert query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
 def test_kills_during_roll_up_and_pruning_converge_to_one_clean_run(tmp_path):
     """SIGKILL at random instants of a run whose batches roll up and prune, then a clean finish."""
     first = write_feed(tmp_path / "first.csv", observations("a", START, START + 3 * DAY, seed=20))
@@ -303,20 +317,7 @@ def test_kills_during_roll_up_and_pruning_converge_to_one_clean_run(tmp_path):
     load(clean, [("a", first), ("a", second)], **env)
     killed = tmp_path / "killed.db"
     load(killed, [("a", first)], **env)
-    chooser = random.Random(20261130)
-    for kill in range(8):
-        proc = start_etl(killed, f"csv:a={second}", LOG_LEVEL="debug", **env)
-        wait_for_event(proc, "run started")
-        wait_for_event(proc, "batch committed")
-        began = time.monotonic()
-        wait_for_event(proc, "batch committed", 1 + chooser.randrange(2))
-        # Where in the next batch the kill lands (not a synchronisation): within the time a batch took, so that each
-        # kill finds the run at most four batches on, however fast the machine (a fixed 50 ms was 16 batches on one).
-        time.sleep(chooser.uniform(0, (time.monotonic() - began)))
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, f"kill {kill}: the run ended before it"
-        assert query(killed, "PRAGMA integrity_check") == [("ok",)]
+    kill_at_random(killed, f"csv:a={second}", env, random.Random(20261130), kills=8, batches=2)
     load(killed, [("a", second)], **env)
     assert store_content(killed) == store_content(clean)
     assert_open_candles_are_the_newest(killed)

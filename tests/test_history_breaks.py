@@ -1,0 +1,153 @@
+"""History and retention as a breaker tried them (issue 17): listings of one asset whose retention horizons differ
+(one stopped, or loaded under another retention), read merged. The real etl.py and SQLite files."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_history import DAY, HOUR, START, Seen, candles, kill_at_random, load, observations, unique, write_feed
+from test_history_api import candle_dicts
+
+from conftest import SyncConductor
+from etl_support import CANDLES, query, run_etl, store_content
+from kasparro import Config, create_app
+
+END = START + 8 * DAY
+INTERVALS = [("5m", 300), ("15m", 900), ("1h", HOUR), ("4h", 4 * HOUR), ("1d", DAY)]
+
+
+def btc(source: str, start: int, end: int, seed: int) -> list[Seen]:
+    return [o for o in observations(source, start, end, seed=seed, step=1_800) if o.asset == "BTC"]
+
+
+def day_by_day(folder: Path, db: Path, feeds: dict[str, tuple[list[Seen], dict[str, str]]]) -> None:
+    """Each source's observations loaded a day at a time, the sources in turn, each with its own retention."""
+    for day in range(8):
+        for name, (seen, env) in feeds.items():
+            part = [o for o in seen if START + day * DAY <= o.t < START + (day + 1) * DAY]
+            if part:
+                load(db, [(name, write_feed(folder / f"{name}{day}.csv", part))], **env)
+
+
+SHORT = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "3d"}
+LONG = {"KASPARRO_KEEP_RAW": "8d", "KASPARRO_KEEP_HOURLY": "8d"}
+CASES = {
+    # csv:a stops after two days; csv:b goes on and prunes past them.
+    "a listing that stopped": lambda: {"a": (btc("a", START, START + 2 * DAY, 1), SHORT),
+                                       "b": (btc("b", START, END, 2), SHORT)},
+    # Both go on, csv:a kept longer than csv:b (KASPARRO_KEEP_* differ between the runs of each source).
+    "retention that differs between runs": lambda: {"a": (btc("a", START, END, 3), LONG),
+                                                     "b": (btc("b", START, END, 4), SHORT)},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def uneven(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    folder = tmp_path_factory.mktemp("uneven")
+    feeds = CASES[request.param]()
+    db = folder / "kasparro.db"
+    day_by_day(folder, db, feeds)
+    with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
+        yield client, db, unique([o for seen, _ in feeds.values() for o in seen])
+
+
+@pytest.mark.parametrize(("interval", "width"), INTERVALS)
+def test_merged_candles_cover_only_buckets_every_listing_keeps(uneven: Any, interval: str, width: int) -> None:
+    """A merged candle is of every listing or absent: from the latest horizon of the asset's listings in the tier
+    the interval is read from (raw for 5m and 15m, hourly for 1h and 4h; daily candles are kept forever)."""
+    client, db, seen = uneven
+    horizons = query(db, "SELECT raw_before, hourly_before FROM listing")
+    assert len({h for h in horizons}) == 2, "the listings' horizons differ (the premise)"
+    kept_from = 0 if width == DAY else max(raw if width < HOUR else hourly for raw, hourly in horizons)
+    asset = client.get("/data").json["data"][0]["asset_id"]
+    body = client.get(f"/data/{asset}/history", params={"interval": interval, "from": str(START), "to": str(END)})
+    assert body.status_code == 200, body.text
+    expected = candle_dicts(candles(seen, width, "asset"), ("BTC",), max(START, kept_from), END, width)
+    assert body.json["points"] == expected
+    assert expected, "the window holds candles"
+
+
+# --- retention settings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("0" * 5_000 + "d", "must be a positive duration"),  # a zero past the 4,300 digits Python's int() reads
+        ("٧d", "must be a positive duration"),  # a digit, but not one of 0-9: '7d' is ASCII
+        ("0" * 5_000 + "7d", START - 7 * DAY),  # seven days before the newest observation's day
+        ("9" * 5_000 + "h", 0),  # longer than any history: everything kept, as 99999999999999999999d
+    ],
+    ids=["5000 zeros", "arabic-indic 7", "5000 zeros then 7", "5000 nines"],
+)
+def test_a_retention_of_any_length_is_read_or_refused_by_name(tmp_path: Path, value: str, says: str | int) -> None:
+    """A duration's number of more than 4,300 digits was once a ValueError traceback and exit 1; a refused one
+    says so, a read one sets the horizons (`says`) of a listing observed in the hour from START."""
+    feed = write_feed(tmp_path / "feed.csv", btc("a", START, START + HOUR, 5))
+    result = run_etl(tmp_path / "store.db", f"csv:a={feed}", KASPARRO_KEEP_RAW=value, KASPARRO_KEEP_HOURLY=value)
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    if isinstance(says, int):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert query(tmp_path / "store.db", "SELECT raw_before, hourly_before FROM listing") == [(says, says)]
+    else:
+        assert result.returncode == 2
+        assert f"KASPARRO_KEEP_RAW {says}" in result.stderr
+
+
+# --- observations older than the raw history ----------------------------------------------
+
+
+def stored(db: Path, width: int) -> dict[tuple, tuple]:
+    rows = query(db, "SELECT l.source, l.source_id, c.t, c.open, c.high, c.low, c.close, c.market_cap_usd,"
+                     f" c.volume_24h_usd, c.observations FROM {CANDLES} c JOIN listing l USING (listing_id)"
+                     " WHERE c.width = ?", (width,))  # fmt: skip
+    return {(source, source_id, t): tuple(values) for source, source_id, t, *values in rows}
+
+
+GAPS = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "30d"}
+
+
+def test_a_backfill_filling_hours_of_a_day_kept_as_candles_is_rolled_up(tmp_path: Path) -> None:
+    """Observations older than the raw history, in hours that hold none yet but inside the span of their day's
+    candle, are new (hourly candles are kept there: each hour tells what it holds); once loaded, again nothing."""
+    seen = unique(btc("a", START, START + 6 * DAY, 6))
+    newest = [o for o in seen if o.t >= START + 5 * DAY]
+    even = [o for o in seen if o.t < START + 5 * DAY and o.t // HOUR % 2 == 0]
+    odd = [o for o in seen if o.t < START + 5 * DAY and o.t // HOUR % 2 == 1]
+    db = tmp_path / "store.db"
+    for name, part in (("even", even), ("newest", newest), ("odd", odd), ("again", odd + even)):
+        load(db, [("a", write_feed(tmp_path / f"{name}.csv", part))], **GAPS)
+    assert query(db, "SELECT raw_before FROM listing") == [(START + 4 * DAY,)], "the odd hours came after pruning"
+    for width in (HOUR, DAY):
+        assert stored(db, width) == candles(seen, width, "listing"), width
+
+
+def test_one_shuffled_file_in_many_batches_is_rolled_up_whole(tmp_path: Path) -> None:
+    """A file in no time order, loaded in batches: a batch's newer rows prune the raw history that older rows of
+    later batches then fall before. Two observations an hour (a 30-minute feed), so none lies inside the span of
+    its hour's candle when it comes: where a third does, it is taken for one loaded before (README, History)."""
+    seen = unique(observations("a", START, START + 6 * DAY, seed=7, step=1_800))
+    db = tmp_path / "store.db"
+    load(db, [("a", write_feed(tmp_path / "all.csv", seen))], **GAPS, KASPARRO_BATCH_ROWS="100")
+    for width in (HOUR, DAY):
+        assert stored(db, width) == candles(seen, width, "listing"), width
+
+
+def test_kills_while_late_rows_roll_up_converge_to_one_clean_run(tmp_path: Path) -> None:
+    """SIGKILL at random instants of a run of one file in no time order (its later batches' rows older than the
+    raw history its earlier ones left), after a run under another retention: a clean finish equals a clean run."""
+    first = write_feed(tmp_path / "first.csv", observations("a", START + 6 * DAY, START + 9 * DAY, seed=20))
+    second = write_feed(tmp_path / "second.csv", observations("a", START, START + 12 * DAY, seed=21))
+    before = {"KASPARRO_KEEP_RAW": "2d", "KASPARRO_KEEP_HOURLY": "4d", "KASPARRO_BATCH_ROWS": "100"}
+    env = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "2d", "KASPARRO_BATCH_ROWS": "100"}
+    clean, killed = tmp_path / "clean.db", tmp_path / "killed.db"
+    for db in (clean, killed):
+        load(db, [("a", first)], **before)
+    load(clean, [("a", second)], **env)
+    kill_at_random(killed, f"csv:a={second}", env, random.Random(20261202), kills=6, batches=3)
+    load(killed, [("a", second)], **env)
+    assert store_content(killed) == store_content(clean)
+    assert query(clean, "SELECT count(*) FROM raw_observation WHERE observed_at < ?", (START + 10 * DAY,)) == [(0,)]
