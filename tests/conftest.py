@@ -24,6 +24,7 @@ import falcon.testing
 import pytest
 from falcon.util import async_to_sync
 
+import kasparro
 from etl_support import ROOT, run_etl, write_csv
 from kasparro import Config, create_app
 from upstream import FakeUpstream
@@ -47,6 +48,15 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture(autouse=True)
+def log_stream_of_the_test() -> Iterator[None]:
+    """The API's log lines go to the stdout each test has: create_app points them at sys.stdout as it finds it, and
+    a test with capsys leaves them pointing at a capture closed at its end, which a later test's lines would meet."""
+    yield
+    kasparro.log_lines.flush()
+    kasparro.log_lines.stream = sys.stdout.buffer
 
 
 class SyncConductor:
