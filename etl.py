@@ -2101,15 +2101,19 @@ ROLL_UP_LATE = ROLL_UP_ROWS.format(
 
 CLOSE_STALE = "INSERT INTO candle SELECT * FROM open_candle WHERE listing_id = ?1 AND t < ?2"
 
-# The listings whose retention horizons moved (once a UTC day each): ?1 and ?2 are KEEP_RAW and KEEP_HOURLY.
-# A listing's newest observation is taken from the batch, never from a store that may hold one dated
-# in the future (loaded before such times were refused), which would prune everything current.
+# The source's listings whose retention horizons moved (once a UTC day each): ?2 and ?3 are KEEP_RAW and KEEP_HOURLY.
+# A listing's newest observation is its newest raw one up to the run's limit (?4: its start + 5 min), never one
+# dated in the future (loaded before such times were refused), which would prune everything current.
 ADVANCE_HORIZONS = """
-UPDATE listing SET raw_before = max(raw_before, (n.newest - ?1) / 86400 * 86400),
-                   hourly_before = max(hourly_before, (n.newest - ?2) / 86400 * 86400)
-FROM (SELECT listing_id, max(observed_at) AS newest FROM temp.observed GROUP BY listing_id) n
+UPDATE listing SET raw_before = max(raw_before, (n.newest - ?2) / 86400 * 86400),
+                   hourly_before = max(hourly_before, (n.newest - ?3) / 86400 * 86400)
+FROM (SELECT l.listing_id,
+             (SELECT r.observed_at FROM raw_observation r
+              WHERE r.listing_id = l.listing_id AND r.observed_at <= CAST(strftime('%s', ?4) AS INTEGER)
+              ORDER BY r.observed_at DESC LIMIT 1) AS newest
+      FROM listing l WHERE l.source = ?1) n
 WHERE listing.listing_id = n.listing_id
-  AND ((n.newest - ?1) / 86400 * 86400 > raw_before OR (n.newest - ?2) / 86400 * 86400 > hourly_before)
+  AND ((n.newest - ?2) / 86400 * 86400 > raw_before OR (n.newest - ?3) / 86400 * 86400 > hourly_before)
 RETURNING listing_id, raw_before, hourly_before
 """
 
@@ -2329,6 +2333,44 @@ def now() -> str:
     return format_time(datetime.now(UTC))
 
 
+def new_generation(conn: sqlite3.Connection) -> None:
+    """Mark the open transaction's writes as a new data version (what the API's kept answers are keyed by)."""
+    (generation,) = conn.execute(
+        "UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1 RETURNING generation",
+        (now(),),
+    ).fetchone()
+    # A follower copy (deploy/litestream/follow) gets this commit's pages written in place, in the
+    # rollback journal's mode, where readers see a change only by page 1's change counter; SQLite
+    # writes it whenever page 1 is written, which in WAL mode is not every commit (a commit into
+    # free space of existing pages leaves page 1 alone). The application id lives on page 1.
+    conn.execute(f"PRAGMA application_id = {generation % 2**31}")
+
+
+def prune_history(conn: sqlite3.Connection, run_id: int, source: str, retention: Retention) -> None:
+    """Move the retention horizons of a source's listings to their newest observations and prune what they pass, in
+    one transaction (store.sql: history). Once a source's load, not a batch's: every row a run loads is kept raw or
+    rolled up as late by the horizons the run found, whatever the order of its rows. Idempotent: what a killed run
+    left undone, the source's next run does."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        limit = future_limit(conn, run_id)
+        moved = conn.execute(ADVANCE_HORIZONS, (source, retention.raw, retention.hourly, limit)).fetchall()
+        conn.executemany("DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", [m[:2] for m in moved])
+        # An open candle older than the raw history (its listing's prices stopped) is closed: every candle
+        # a moment before the raw history reads is in candle.
+        conn.executemany(CLOSE_STALE, [m[:2] for m in moved])
+        conn.executemany("DELETE FROM open_candle WHERE listing_id = ? AND t < ?", [m[:2] for m in moved])
+        conn.executemany(
+            f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
+        )
+        if moved:
+            new_generation(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
 class Loader:
     """Writes batches of one source: identity, listings, history, unified assets, checkpoint.
 
@@ -2336,11 +2378,10 @@ class Loader:
     are built again when it does (a killed load leaves them to the next run's restore_indexes).
     """
 
-    def __init__(self, conn: sqlite3.Connection, run_id: int, source: str, retention: Retention) -> None:
+    def __init__(self, conn: sqlite3.Connection, run_id: int, source: str) -> None:
         self.conn = conn
         self.run_id = run_id
         self.source = source
-        self.retention = retention
         self.latest = future_limit(conn, run_id)
         self.rejected = 0  # in this run, committed: each counted, the first REJECTS_KEPT stored
         # Into an empty store, the sort indexes are dropped and built once at
@@ -2447,15 +2488,7 @@ class Loader:
             unified = [unify(list(group)) for _, group in itertools.groupby(listings, key=lambda row: row[0])]
             changed += conn.executemany(UPSERT_ASSET, unified).rowcount
         if loaded or changed:
-            (generation,) = conn.execute(
-                "UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1 RETURNING generation",
-                (now(),),
-            ).fetchone()
-            # A follower copy (deploy/litestream/follow) gets this commit's pages written in place, in the
-            # rollback journal's mode, where readers see a change only by page 1's change counter; SQLite
-            # writes it whenever page 1 is written, which in WAL mode is not every commit (a commit into
-            # free space of existing pages leaves page 1 alone). The application id lives on page 1.
-            conn.execute(f"PRAGMA application_id = {generation % 2**31}")
+            new_generation(conn)
         return loaded
 
     def _add_history(self, staged: list[tuple], rejects: list[tuple[int, str, str]]) -> int:
@@ -2478,17 +2511,6 @@ class Loader:
                 conn.execute(DROP_CLOSED, (width,))
                 conn.execute(ROLL_UP_OPEN, (width,))
                 conn.execute(ROLL_UP, (width,))
-            moved = conn.execute(ADVANCE_HORIZONS, (self.retention.raw, self.retention.hourly)).fetchall()
-            conn.executemany(
-                "DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", [m[:2] for m in moved]
-            )
-            # An open candle older than the raw history (its listing's prices stopped) is closed: every candle
-            # a moment before the raw history reads is in candle.
-            conn.executemany(CLOSE_STALE, [m[:2] for m in moved])
-            conn.executemany("DELETE FROM open_candle WHERE listing_id = ? AND t < ?", [m[:2] for m in moved])
-            conn.executemany(
-                f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
-            )
         conn.execute("DELETE FROM temp.late")
         late = conn.execute(STAGE_LATE).rowcount
         if late:
@@ -2650,7 +2672,7 @@ def load_csv_file(
     tally = Tally()
     headers: list[int] = []
     size = state[0]
-    with utf8_stream(original, size) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
+    with utf8_stream(original, size) as stream, Loader(conn, run_id, source.name) as loader:
         end = size if stream is original else os.fstat(stream.fileno()).st_size
         progress = Progress(source.name, end)
         row_time, undated = time_of_undated_rows(state[1], loader.latest)
@@ -2700,14 +2722,13 @@ def load_pages(
     run_id: int,
     upstream: HttpSource,
     pages: Iterator[Page],
-    retention: Retention,
     keep_raw: bool,
 ) -> Loaded:
     """Normalise and load upstream pages, each committed with its checkpoint (and raw payload)."""
     labels = [spec.label if (spec := upstream.fields.get(name)) else name for name in ROW_FIELDS]
     tally = Tally()
     batch = Batch(final=True)
-    with Loader(conn, run_id, upstream.name, retention) as loader:
+    with Loader(conn, run_id, upstream.name) as loader:
         intake = Intake(loader.latest, upstream=True, labels=labels)
         for batch in page_batches(upstream, pages, intake):
             raw = batch.payload
@@ -2826,14 +2847,26 @@ def end_run(conn: sqlite3.Connection, run_id: int, status: str, duration_ms: int
 
 
 def load_source(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> Loaded:
-    """Load one source of any kind."""
+    """Load one source of any kind, then prune its history (also after the source's own failure midway)."""
+    try:
+        loaded = load_batches(conn, run_id, source, config)
+    except SourceError:
+        with cleanup("history pruning"):
+            prune_history(conn, run_id, source.name, config.retention)
+        raise
+    prune_history(conn, run_id, source.name, config.retention)
+    return loaded
+
+
+def load_batches(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> Loaded:
+    """A source's observations, loaded batch by batch."""
     if isinstance(source, CsvSource):
         return load_csv(conn, run_id, source, config)
     if isinstance(source, ReplaySource):
         pages = stored_pages(conn, source)
-        return load_pages(conn, run_id, source.upstream, pages, config.retention, keep_raw=False)
+        return load_pages(conn, run_id, source.upstream, pages, keep_raw=False)
     try:
-        return load_pages(conn, run_id, source, fetched_pages(source), config.retention, keep_raw=True)
+        return load_pages(conn, run_id, source, fetched_pages(source), keep_raw=True)
     finally:
         with cleanup("raw payload pruning"):
             prune_raw(conn, source.name, config.raw_keep_runs)

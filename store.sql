@@ -82,13 +82,15 @@ CREATE INDEX IF NOT EXISTS source_map_identity ON source_map (symbol, name_key);
 --
 -- etl.py adds each new observation to its hourly and daily candle in the
 -- transaction that stores it. Retention is per listing and relative to the
--- newest observation loaded for it, rounded down to a UTC day: when a batch
--- brings a listing's observation at N, its raw rows before
--- day(N - KEEP_RAW) and its hourly candles before day(N - KEEP_HOURLY) are
--- deleted in that batch's transaction (so a killed run leaves both or
--- neither). Whole days go at once, so every UTC hour and day bucket is
--- either wholly in raw_observation or wholly out of it; the work is a
--- batch's own listings', however long the history.
+-- newest observation loaded for it, rounded down to a UTC day: once a
+-- source's load in a run has ended, each of its listings whose newest
+-- observation is N has its raw rows before day(N - KEEP_RAW) and its hourly
+-- candles before day(N - KEEP_HOURLY) deleted, in one transaction (so a
+-- killed run leaves both or neither, and the source's next run does it).
+-- Every row of a run is so judged by the horizons the run found, whatever
+-- the order of its rows. Whole days go at once, so every UTC hour and day
+-- bucket is either wholly in raw_observation or wholly out of it; the work
+-- is a seek for each of the source's listings, however long the history.
 --
 -- A listing's open candles (of its newest priced observation's hour and
 -- day) are rows of open_candle, keyed by listing, so that a run's candle

@@ -126,9 +126,9 @@ def test_a_backfill_filling_hours_of_a_day_kept_as_candles_is_rolled_up(tmp_path
 
 
 def test_one_shuffled_file_in_many_batches_is_rolled_up_whole(tmp_path: Path) -> None:
-    """A file in no time order, loaded in batches: a batch's newer rows prune the raw history that older rows of
-    later batches then fall before. Two observations an hour (a 30-minute feed), so none lies inside the span of
-    its hour's candle when it comes: where a third does, it is taken for one loaded before (README, History)."""
+    """A file in no time order, loaded in batches: a batch's newer rows once pruned the raw history that older rows
+    of later batches then fell before (a 30-minute feed: two observations an hour, so none lay inside the span of
+    its hour's candle when it came; for more, test_a_shuffled_file_makes_the_store_its_rows_in_time_order_make)."""
     seen = unique(observations("a", START, START + 6 * DAY, seed=7, step=1_800))
     db = tmp_path / "store.db"
     load(db, [("a", write_feed(tmp_path / "all.csv", seen))], **GAPS, KASPARRO_BATCH_ROWS="100")
@@ -151,3 +151,46 @@ def test_kills_while_late_rows_roll_up_converge_to_one_clean_run(tmp_path: Path)
     load(killed, [("a", second)], **env)
     assert store_content(killed) == store_content(clean)
     assert query(clean, "SELECT count(*) FROM raw_observation WHERE observed_at < ?", (START + 10 * DAY,)) == [(0,)]
+
+
+def sorted_feed(path: Path, shuffled: Path) -> Path:
+    """The rows of a feed written by write_feed, in time order (then line order)."""
+    header, *rows = shuffled.read_text().splitlines(keepends=True)
+    path.write_text(header + "".join(sorted(rows, key=lambda row: row.rsplit(",", 1)[1])))
+    return path
+
+
+def history(db: Path) -> dict[str, Any]:
+    """What a run of a feed makes of it, whatever the order of its rows (store_content less the checkpoint)."""
+    content = store_content(db)
+    return {key: content[key] for key in ("assets", "listings", "observations", "candles", "horizons", "rejects")}
+
+
+RETENTIONS = {
+    "raw 1d, hourly 30d": {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "30d"},
+    "raw 1d, hourly 2d": {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "2d"},
+    "raw 2h, hourly 1d": {"KASPARRO_KEEP_RAW": "2h", "KASPARRO_KEEP_HOURLY": "1d"},
+}
+
+
+@pytest.mark.parametrize("env", list(RETENTIONS.values()), ids=list(RETENTIONS))
+def test_a_shuffled_file_makes_the_store_its_rows_in_time_order_make(tmp_path: Path, env: dict[str, str]) -> None:
+    """A 10-minute feed spanning more than KASPARRO_KEEP_RAW, in no time order and loaded in batches of 100 rows:
+    a batch's newer rows once moved the raw history past older rows of later batches, and those inside the span of
+    their hour's candle (the third of an hour, and on) were taken for ones loaded before and lost. One run of it
+    makes the store one run of its rows in time order makes; a second run of either changes nothing."""
+    seen = unique(observations("a", START, START + 5 * DAY, seed=22))
+    shuffled = write_feed(tmp_path / "shuffled.csv", seen)
+    in_order = sorted_feed(tmp_path / "sorted.csv", shuffled)
+    stores = {}
+    for name, feed in (("shuffled", shuffled), ("sorted", in_order)):
+        db = tmp_path / f"{name}.db"
+        load(db, [("a", feed)], **env, KASPARRO_BATCH_ROWS="100")
+        stores[name] = history(db)
+        load(db, [("a", write_feed(tmp_path / f"{name}-again.csv", seen))], **env, KASPARRO_BATCH_ROWS="100")
+        assert history(db) == stores[name], f"{name}: a reload changed the store"
+    assert stores["shuffled"] == stores["sorted"]
+    db = tmp_path / "shuffled.db"
+    for width in (HOUR, DAY):
+        kept = [o for o in seen if width == DAY or o.t >= query(db, "SELECT max(hourly_before) FROM listing")[0][0]]
+        assert stored(db, width) == candles(kept, width, "listing"), width
