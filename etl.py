@@ -1969,14 +1969,14 @@ UPDATE temp.staging SET listing_id = (
     SELECT l.listing_id FROM listing l WHERE l.source = ?1 AND l.source_id = staging.source_id)
 """
 
-# An observation older than its listing's pruned horizon was rolled up already (or is too old to keep).
+# Every staged observation, even one older than its listing's raw history (late: it waits there for
+# prune_history, which rolls it up or drops it).
 INSERT_OBSERVATIONS = """
 INSERT OR IGNORE INTO raw_observation (listing_id, observed_at, rank, price_usd, market_cap_usd,
                                        volume_24h_usd, change_24h_pct, active)
-SELECT s.listing_id, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed, s.rank, s.price_usd,
-       s.market_cap_usd, s.volume_24h_usd, s.change_24h_pct, s.status = 'active'
-FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id
-WHERE observed >= l.raw_before ORDER BY s.line
+SELECT listing_id, CAST(strftime('%s', observed_at) AS INTEGER), rank, price_usd, market_cap_usd, volume_24h_usd,
+       change_24h_pct, status = 'active'
+FROM temp.staging WHERE true ORDER BY line
 RETURNING listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd
 """
 
@@ -2025,22 +2025,33 @@ def shown(field: str, value: object) -> object:
     return value
 
 
-# Observations older than their listing's pruned raw history (a backfill loaded after newer data): their day
-# is kept as candles only. One is new when its time lies outside the span of its narrowest kept candle (hourly
-# while its day's hourly candles are kept, else daily), or there is no such candle; it then joins its daily
-# candle, and its hourly one while kept. One inside the span is taken for one loaded before: a candle cannot
-# tell (README, History). Of one time, the first line.
-STAGE_LATE = """
-INSERT INTO temp.late (listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd, hourly)
-SELECT o.listing_id, o.observed, s.price_usd, s.market_cap_usd, s.volume_24h_usd, o.width = 3600
-FROM (SELECT s.listing_id, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed, min(s.line) AS line,
-             iif(CAST(strftime('%s', s.observed_at) AS INTEGER) >= l.hourly_before, 3600, 86400) AS width
-      FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id
-      WHERE s.price_usd IS NOT NULL AND observed < l.raw_before GROUP BY 1, 2) o
-JOIN temp.staging s ON s.line = o.line
-LEFT JOIN candle c ON c.listing_id = o.listing_id AND c.width = o.width AND c.t = o.observed / o.width * o.width
-WHERE c.listing_id IS NULL OR o.observed NOT BETWEEN c.first_at AND c.last_at
+# Observations older than their listing's pruned raw history (a backfill loaded after newer data, {rows} with its
+# listing l): their day is kept as candles only. Of those with a price, the ones that are new: their time lies
+# outside the span of their narrowest kept candle (hourly while its day's hourly candles are kept, else daily), or
+# there is no such candle; each then joins its daily candle, and its hourly one while kept. One inside the span is
+# taken for one loaded before: a candle cannot tell (README, History). The late rows of a load wait in
+# raw_observation and are judged together in prune_history, against the candles as the load found them, so their
+# order does not matter.
+NEW_LATE_ROWS = """
+SELECT o.listing_id, o.observed_at, o.price_usd, o.market_cap_usd, o.volume_24h_usd, o.width = 3600
+FROM (SELECT r.listing_id, r.observed_at, r.price_usd, r.market_cap_usd, r.volume_24h_usd,
+             iif(r.observed_at >= l.hourly_before, 3600, 86400) AS width
+      FROM {rows} WHERE r.observed_at < l.raw_before AND r.price_usd IS NOT NULL) o
+LEFT JOIN candle c ON c.listing_id = o.listing_id AND c.width = o.width AND c.t = o.observed_at / o.width * o.width
+WHERE c.listing_id IS NULL OR o.observed_at NOT BETWEEN c.first_at AND c.last_at
 """
+# How many of a batch's new raw rows are late and new (counted loaded; prune_history rolls them up).
+COUNT_NEW_LATE = f"""
+SELECT count(*) FROM ({NEW_LATE_ROWS.format(rows="temp.observed r JOIN listing l ON l.listing_id = r.listing_id")})
+"""
+# The batch's new raw rows within their listing's raw history: those its candles take now.
+NOT_LATE = """
+DELETE FROM temp.observed WHERE observed_at < (SELECT raw_before FROM listing WHERE listing_id = observed.listing_id)
+"""
+# A source's (?1) late rows that are new, and its listings that have late rows (with where their raw history starts).
+LATE_OF_SOURCE = "listing l JOIN raw_observation r ON r.listing_id = l.listing_id AND r.observed_at < l.raw_before"
+STAGE_LATE = "INSERT INTO temp.late " + NEW_LATE_ROWS.format(rows=f"{LATE_OF_SOURCE} AND l.source = ?1")
+LATE_LISTINGS = f"SELECT DISTINCT l.listing_id, l.raw_before FROM {LATE_OF_SOURCE} WHERE l.source = ?1"
 
 # Each new observation joins its candle of width ?1, by store.sql's candle rule: in open_candle when it lies in
 # its listing's open bucket, else in candle.
@@ -2105,13 +2116,15 @@ CLOSE_STALE = "INSERT INTO candle SELECT * FROM open_candle WHERE listing_id = ?
 # A listing's newest observation is its newest raw one up to the run's limit (?4: its start + 5 min), never one
 # dated in the future (loaded before such times were refused), which would prune everything current.
 ADVANCE_HORIZONS = """
+WITH n AS MATERIALIZED (
+    SELECT l.listing_id,
+           (SELECT r.observed_at FROM raw_observation r
+            WHERE r.listing_id = l.listing_id AND r.observed_at <= CAST(strftime('%s', ?4) AS INTEGER)
+            ORDER BY r.observed_at DESC LIMIT 1) AS newest
+    FROM listing l WHERE l.source = ?1)
 UPDATE listing SET raw_before = max(raw_before, (n.newest - ?2) / 86400 * 86400),
                    hourly_before = max(hourly_before, (n.newest - ?3) / 86400 * 86400)
-FROM (SELECT l.listing_id,
-             (SELECT r.observed_at FROM raw_observation r
-              WHERE r.listing_id = l.listing_id AND r.observed_at <= CAST(strftime('%s', ?4) AS INTEGER)
-              ORDER BY r.observed_at DESC LIMIT 1) AS newest
-      FROM listing l WHERE l.source = ?1) n
+FROM n
 WHERE listing.listing_id = n.listing_id
   AND ((n.newest - ?2) / 86400 * 86400 > raw_before OR (n.newest - ?3) / 86400 * 86400 > hourly_before)
 RETURNING listing_id, raw_before, hourly_before
@@ -2348,14 +2361,20 @@ def new_generation(conn: sqlite3.Connection) -> None:
 
 def prune_history(conn: sqlite3.Connection, run_id: int, source: str, retention: Retention) -> None:
     """Move the retention horizons of a source's listings to their newest observations and prune what they pass, in
-    one transaction (store.sql: history). Once a source's load, not a batch's: every row a run loads is kept raw or
-    rolled up as late by the horizons the run found, whatever the order of its rows. Idempotent: what a killed run
-    left undone, the source's next run does."""
+    one transaction (store.sql: history), after rolling up its late rows that are new (NEW_LATE_ROWS). Once a
+    source's load, not a batch's: every row a run loads is kept raw or rolled up as late by the horizons and candles
+    the run found, whatever the order of its rows. Idempotent: what a killed run left undone, the next run does."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        conn.execute("DELETE FROM temp.late")
+        late = conn.execute(STAGE_LATE, (source,)).rowcount
+        for width in (HOUR, DAY):
+            conn.execute(ROLL_UP_LATE, (width,))
+        pruned = dict(conn.execute(LATE_LISTINGS, (source,)).fetchall())
         limit = future_limit(conn, run_id)
         moved = conn.execute(ADVANCE_HORIZONS, (source, retention.raw, retention.hourly, limit)).fetchall()
-        conn.executemany("DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", [m[:2] for m in moved])
+        pruned.update(m[:2] for m in moved)
+        conn.executemany("DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", pruned.items())
         # An open candle older than the raw history (its listing's prices stopped) is closed: every candle
         # a moment before the raw history reads is in candle.
         conn.executemany(CLOSE_STALE, [m[:2] for m in moved])
@@ -2363,7 +2382,7 @@ def prune_history(conn: sqlite3.Connection, run_id: int, source: str, retention:
         conn.executemany(
             f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
         )
-        if moved:
+        if moved or late:
             new_generation(conn)
         conn.execute("COMMIT")
     except BaseException:
@@ -2492,8 +2511,8 @@ class Loader:
         return loaded
 
     def _add_history(self, staged: list[tuple], rejects: list[tuple[int, str, str]]) -> int:
-        """Store the staged observations that are new, roll them up and prune; return how many were new (those
-        older than their listing's raw history go into its candles: STAGE_LATE). Of the `staged` ones, one that
+        """Store the staged observations that are new and roll them up; return how many were new (those older than
+        their listing's raw history wait for prune_history: NEW_LATE_ROWS). Of the `staged` ones, one that
         conflicts with an observation loaded first, in values or in symbol or name, is added to `rejects`."""
         conn = self.conn
         conn.execute(INSERT_LISTING_KEYS, (self.source,))
@@ -2501,22 +2520,20 @@ class Loader:
         observed = conn.execute(INSERT_OBSERVATIONS).fetchall()
         if len(observed) < len(staged):
             rejects.extend(self._conflicts(renamed_rows(staged)))
-        if observed:
-            conn.execute("DELETE FROM temp.observed")
-            conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
-            for width in (HOUR, DAY):
-                conn.execute("DELETE FROM temp.opening")
-                conn.execute(STAGE_OPENING, (width,))
-                conn.execute(CLOSE_CANDLES, (width,))
-                conn.execute(DROP_CLOSED, (width,))
-                conn.execute(ROLL_UP_OPEN, (width,))
-                conn.execute(ROLL_UP, (width,))
-        conn.execute("DELETE FROM temp.late")
-        late = conn.execute(STAGE_LATE).rowcount
-        if late:
-            for width in (HOUR, DAY):
-                conn.execute(ROLL_UP_LATE, (width,))
-        return len(observed) + late
+        if not observed:
+            return 0
+        conn.execute("DELETE FROM temp.observed")
+        conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
+        (late,) = conn.execute(COUNT_NEW_LATE).fetchone()
+        kept = len(observed) - conn.execute(NOT_LATE).rowcount
+        for width in (HOUR, DAY):
+            conn.execute("DELETE FROM temp.opening")
+            conn.execute(STAGE_OPENING, (width,))
+            conn.execute(CLOSE_CANDLES, (width,))
+            conn.execute(DROP_CLOSED, (width,))
+            conn.execute(ROLL_UP_OPEN, (width,))
+            conn.execute(ROLL_UP, (width,))
+        return kept + late
 
     def _conflicts(self, renamed: dict[int, tuple[str, str]]) -> list[tuple[int, str, str]]:
         """Rejects (line, reason, raw) of the staged observations that differ from the one of their listing and

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from test_history import DAY, HOUR, START, Seen, candles, kill_at_random, load, 
 from test_history_api import candle_dicts
 
 from conftest import SyncConductor
-from etl_support import CANDLES, query, run_etl, store_content
+from etl_support import CANDLES, query, run_etl, start_etl, store_content, wait_for_event
 from kasparro import Config, create_app
 
 END = START + 8 * DAY
@@ -194,3 +195,60 @@ def test_a_shuffled_file_makes_the_store_its_rows_in_time_order_make(tmp_path: P
     for width in (HOUR, DAY):
         kept = [o for o in seen if width == DAY or o.t >= query(db, "SELECT max(hourly_before) FROM listing")[0][0]]
         assert stored(db, width) == candles(kept, width, "listing"), width
+
+
+@pytest.mark.parametrize("env", list(RETENTIONS.values()), ids=list(RETENTIONS))
+def test_a_shuffled_backfill_makes_the_store_its_rows_in_time_order_make(tmp_path: Path, env: dict[str, str]) -> None:
+    """The same after a run of newer observations: every row of the backfill lies before the raw history that run
+    left, so goes straight into its candles (late). A third row of an hour came inside the span its hour's candle
+    had from the run's earlier batches, was taken for one loaded before and lost."""
+    seen = unique(observations("a", START, START + 5 * DAY, seed=23))
+    newest = [o for o in seen if o.t >= START + 4 * DAY]
+    older = [o for o in seen if o.t < START + 3 * DAY]
+    shuffled = write_feed(tmp_path / "shuffled.csv", older)
+    in_order = sorted_feed(tmp_path / "sorted.csv", shuffled)
+    stores = {}
+    for name, feed in (("shuffled", shuffled), ("sorted", in_order)):
+        db = tmp_path / f"{name}.db"
+        load(db, [("a", write_feed(tmp_path / f"{name}-newest.csv", newest))], **env)
+        horizon = query(db, "SELECT min(raw_before) FROM listing")[0][0]
+        assert horizon >= START + 3 * DAY, "the backfill lies before the raw history (the premise)"
+        load(db, [("a", feed)], **env, KASPARRO_BATCH_ROWS="100")
+        stores[name] = history(db)
+        load(db, [("a", write_feed(tmp_path / f"{name}-again.csv", older))], **env, KASPARRO_BATCH_ROWS="100")
+        assert history(db) == stores[name], f"{name}: a reload changed the store"
+        assert query(db, "SELECT count(*) FROM raw_observation WHERE observed_at < ?", (horizon,)) == [(0,)]
+    assert stores["shuffled"] == stores["sorted"]
+    db = tmp_path / "shuffled.db"
+    hourly_before = query(db, "SELECT max(hourly_before) FROM listing")[0][0]
+    for width in (HOUR, DAY):
+        kept = [o for o in newest + older if width == DAY or o.t >= hourly_before]
+        assert stored(db, width) == candles(kept, width, "listing"), width
+
+
+def test_late_rows_waiting_for_their_roll_up_are_not_served(tmp_path: Path) -> None:
+    """A load's late rows wait in raw_observation, before their listing's raw history, for the end of the load: a
+    run killed meanwhile leaves them there, and the API serves neither them as raw points nor a listing's state
+    from them; the next run rolls them up (or drops them) and prunes them."""
+    seen = unique(observations("a", START, START + 5 * DAY, seed=24))
+    db = tmp_path / "store.db"
+    load(db, [("a", write_feed(tmp_path / "newest.csv", [o for o in seen if o.t >= START + 4 * DAY]))], **GAPS)
+    backfill = write_feed(tmp_path / "older.csv", [o for o in seen if o.t < START + 3 * DAY])
+    proc = start_etl(db, f"csv:a={backfill}", LOG_LEVEL="debug", **GAPS, KASPARRO_BATCH_ROWS="100")
+    wait_for_event(proc, "batch committed", count=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    waiting = (
+        "SELECT count(*) FROM raw_observation r JOIN listing l USING (listing_id) WHERE r.observed_at < l.raw_before"
+    )
+    assert query(db, waiting)[0][0] > 0, "the killed run left late rows waiting (the premise)"
+    window = {"from": str(START), "to": str(START + 3 * DAY)}
+    with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
+        for asset in ("bitcoin", "ethereum"):
+            body = client.get(f"/data/{asset}/history", params={"interval": "raw", **window})
+            assert body.status_code == 200, body.text
+            assert body.json["points"] == [], asset
+        as_of = client.get("/data", params={"as_of": str(START + 3 * DAY + HOUR), "page_size": "100"}).json["data"]
+        assert {row["asset_id"]: row["updated_at"] for row in as_of} == {}, "no state from a late row"
+    load(db, [("a", backfill)], **GAPS)
+    assert query(db, waiting) == [(0,)]
