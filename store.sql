@@ -104,9 +104,11 @@ CREATE INDEX IF NOT EXISTS source_map_identity ON source_map (symbol, name_key);
 
 -- One row per listing (a source's id of a coin) that has ever been observed.
 -- raw_before and hourly_before are how far its history has been pruned: an
--- observation older than raw_before is ignored when loaded again (its
--- bucket is already rolled up and its raw row gone), so a reload changes
--- nothing even after pruning.
+-- observation older than raw_before (late) waits in raw_observation for
+-- the end of its source's load, which rolls it up when its time lies
+-- outside the span of its candle (else it is taken for one loaded before)
+-- and deletes it, so a reload changes nothing even after pruning. Readers
+-- take no raw row before raw_before.
 CREATE TABLE IF NOT EXISTS listing (
     listing_id      INTEGER PRIMARY KEY,
     source          TEXT NOT NULL,
