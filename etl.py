@@ -1969,14 +1969,14 @@ UPDATE temp.staging SET listing_id = (
     SELECT l.listing_id FROM listing l WHERE l.source = ?1 AND l.source_id = staging.source_id)
 """
 
-# Every staged observation, even one older than its listing's raw history (late: it waits there for
-# prune_history, which rolls it up or drops it).
+# Every staged observation but the lines of ?1 (a JSON array: late ones in conflict with a candle), even one older
+# than its listing's raw history (late: it waits there for prune_history, which rolls it up or drops it).
 INSERT_OBSERVATIONS = """
 INSERT OR IGNORE INTO raw_observation (listing_id, observed_at, rank, price_usd, market_cap_usd,
                                        volume_24h_usd, change_24h_pct, active)
 SELECT listing_id, CAST(strftime('%s', observed_at) AS INTEGER), rank, price_usd, market_cap_usd, volume_24h_usd,
        change_24h_pct, status = 'active'
-FROM temp.staging WHERE true ORDER BY line
+FROM temp.staging WHERE line NOT IN (SELECT value FROM json_each(?1)) ORDER BY line
 RETURNING listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd
 """
 
@@ -1995,6 +1995,26 @@ JOIN raw_observation r ON r.listing_id = s.listing_id
 WHERE r.rank IS NOT s.rank OR r.price_usd IS NOT s.price_usd OR r.market_cap_usd IS NOT s.market_cap_usd
    OR r.volume_24h_usd IS NOT s.volume_24h_usd OR r.change_24h_pct IS NOT s.change_24h_pct
    OR r.active IS NOT (s.status = 'active') OR s.line IN (SELECT value FROM json_each(?1))
+ORDER BY s.line
+"""
+
+# Late staged observations (older than their listing's raw history) at the second of their narrowest kept candle's
+# first or last observation, with other values than the candle keeps of it: the price (open, close) and, of the
+# last, market cap and volume; CONFLICTS' columns, the values a candle does not keep taken from the row itself.
+LATE_CONFLICTS = """
+SELECT s.line, s.source_id, s.observed_at, s.symbol, s.name,
+       s.rank, iif(o.observed = c.first_at, c.open, c.close),
+       iif(o.observed = c.last_at, c.market_cap_usd, s.market_cap_usd),
+       iif(o.observed = c.last_at, c.volume_24h_usd, s.volume_24h_usd), s.change_24h_pct, s.status = 'active',
+       s.rank, s.price_usd, s.market_cap_usd, s.volume_24h_usd, s.change_24h_pct, s.status = 'active'
+FROM (SELECT s.line, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed,
+             iif(CAST(strftime('%s', s.observed_at) AS INTEGER) >= l.hourly_before, 3600, 86400) AS width
+      FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id WHERE observed < l.raw_before) o
+JOIN temp.staging s ON s.line = o.line
+JOIN candle c ON c.listing_id = s.listing_id AND c.width = o.width AND c.t = o.observed / o.width * o.width
+WHERE (o.observed = c.first_at AND c.open IS NOT s.price_usd)
+   OR (o.observed = c.last_at AND (c.close IS NOT s.price_usd OR c.market_cap_usd IS NOT s.market_cap_usd
+                                   OR c.volume_24h_usd IS NOT s.volume_24h_usd))
 ORDER BY s.line
 """
 
@@ -2517,9 +2537,16 @@ class Loader:
         conn = self.conn
         conn.execute(INSERT_LISTING_KEYS, (self.source,))
         conn.execute(STAGE_LISTING_KEYS, (self.source,))
-        observed = conn.execute(INSERT_OBSERVATIONS).fetchall()
-        if len(observed) < len(staged):
-            rejects.extend(self._conflicts(renamed_rows(staged)))
+        # A late row is compared with what its candle keeps (LATE_CONFLICTS): it has no raw twin when its twin was
+        # rolled up by an earlier run.
+        late_rejects = self._rejects(conn.execute(LATE_CONFLICTS).fetchall(), {}, "an earlier run", in_batch=False)
+        skipped = [line for line, _, _ in late_rejects]
+        rejects.extend(late_rejects)
+        observed = conn.execute(INSERT_OBSERVATIONS, (json.dumps(skipped),)).fetchall()
+        if len(observed) + len(skipped) < len(staged):
+            renamed = renamed_rows(staged)
+            found = conn.execute(CONFLICTS, (json.dumps(list(renamed)),)).fetchall()
+            rejects.extend(r for r in self._rejects(found, renamed, "an earlier batch or run") if r[0] not in skipped)
         if not observed:
             return 0
         conn.execute("DELETE FROM temp.observed")
@@ -2535,11 +2562,12 @@ class Loader:
             conn.execute(ROLL_UP, (width,))
         return kept + late
 
-    def _conflicts(self, renamed: dict[int, tuple[str, str]]) -> list[tuple[int, str, str]]:
-        """Rejects (line, reason, raw) of the staged observations that differ from the one of their listing and
-        second loaded first, in values or (`renamed`) in symbol or name: the store keeps the first (a reload
-        changes nothing), and the other is named."""
-        found = self.conn.execute(CONFLICTS, (json.dumps(list(renamed)),)).fetchall()
+    def _rejects(
+        self, found: list[tuple], renamed: dict[int, tuple[str, str]], earlier: str, in_batch: bool = True
+    ) -> list[tuple[int, str, str]]:
+        """Rejects (line, reason, raw) of the staged observations (CONFLICTS' rows) that differ from the one of their
+        listing and second loaded first (by an earlier line of the batch if `in_batch`, else `earlier`), in values or
+        (`renamed`) in symbol or name: the store keeps the first (a reload changes nothing), and the other is named."""
         if not found:
             return []
         first_lines: dict[tuple[str, str], int] = {}
@@ -2552,7 +2580,7 @@ class Loader:
         for line, source_id, observed_at, symbol, name, *values in found:
             kept, here = values[: len(COMPARED)], values[len(COMPARED) :]
             first = first_lines[source_id, observed_at]
-            where = f"{unit} {first} of this input" if first < line else "an earlier batch or run"
+            where = f"{unit} {first} of this input" if in_batch and first < line else earlier
             differences = ", ".join(
                 f"{field} {json.dumps(shown(field, a))} kept, {json.dumps(shown(field, b))} here"
                 for field, a, b in zip(
