@@ -1969,14 +1969,14 @@ UPDATE temp.staging SET listing_id = (
     SELECT l.listing_id FROM listing l WHERE l.source = ?1 AND l.source_id = staging.source_id)
 """
 
-# An observation older than its listing's pruned horizon was rolled up already (or is too old to keep).
+# Every staged observation but the lines of ?1 (a JSON array: late ones in conflict with a candle), even one older
+# than its listing's raw history (late: it waits there for prune_history, which rolls it up or drops it).
 INSERT_OBSERVATIONS = """
 INSERT OR IGNORE INTO raw_observation (listing_id, observed_at, rank, price_usd, market_cap_usd,
                                        volume_24h_usd, change_24h_pct, active)
-SELECT s.listing_id, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed, s.rank, s.price_usd,
-       s.market_cap_usd, s.volume_24h_usd, s.change_24h_pct, s.status = 'active'
-FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id
-WHERE observed >= l.raw_before ORDER BY s.line
+SELECT listing_id, CAST(strftime('%s', observed_at) AS INTEGER), rank, price_usd, market_cap_usd, volume_24h_usd,
+       change_24h_pct, status = 'active'
+FROM temp.staging WHERE line NOT IN (SELECT value FROM json_each(?1)) ORDER BY line
 RETURNING listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd
 """
 
@@ -1995,6 +1995,26 @@ JOIN raw_observation r ON r.listing_id = s.listing_id
 WHERE r.rank IS NOT s.rank OR r.price_usd IS NOT s.price_usd OR r.market_cap_usd IS NOT s.market_cap_usd
    OR r.volume_24h_usd IS NOT s.volume_24h_usd OR r.change_24h_pct IS NOT s.change_24h_pct
    OR r.active IS NOT (s.status = 'active') OR s.line IN (SELECT value FROM json_each(?1))
+ORDER BY s.line
+"""
+
+# Late staged observations (older than their listing's raw history) at the second of their narrowest kept candle's
+# first or last observation, with other values than the candle keeps of it: the price (open, close) and, of the
+# last, market cap and volume; CONFLICTS' columns, the values a candle does not keep taken from the row itself.
+LATE_CONFLICTS = """
+SELECT s.line, s.source_id, s.observed_at, s.symbol, s.name,
+       s.rank, iif(o.observed = c.first_at, c.open, c.close),
+       iif(o.observed = c.last_at, c.market_cap_usd, s.market_cap_usd),
+       iif(o.observed = c.last_at, c.volume_24h_usd, s.volume_24h_usd), s.change_24h_pct, s.status = 'active',
+       s.rank, s.price_usd, s.market_cap_usd, s.volume_24h_usd, s.change_24h_pct, s.status = 'active'
+FROM (SELECT s.line, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed,
+             iif(CAST(strftime('%s', s.observed_at) AS INTEGER) >= l.hourly_before, 3600, 86400) AS width
+      FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id WHERE observed < l.raw_before) o
+JOIN temp.staging s ON s.line = o.line
+JOIN candle c ON c.listing_id = s.listing_id AND c.width = o.width AND c.t = o.observed / o.width * o.width
+WHERE (o.observed = c.first_at AND c.open IS NOT s.price_usd)
+   OR (o.observed = c.last_at AND (c.close IS NOT s.price_usd OR c.market_cap_usd IS NOT s.market_cap_usd
+                                   OR c.volume_24h_usd IS NOT s.volume_24h_usd))
 ORDER BY s.line
 """
 
@@ -2025,22 +2045,33 @@ def shown(field: str, value: object) -> object:
     return value
 
 
-# Observations older than their listing's pruned raw history (a backfill loaded after newer data): their day
-# is kept as candles only. One is new when its time lies outside the span of its narrowest kept candle (hourly
-# while its day's hourly candles are kept, else daily), or there is no such candle; it then joins its daily
-# candle, and its hourly one while kept. One inside the span is taken for one loaded before: a candle cannot
-# tell (README, History). Of one time, the first line.
-STAGE_LATE = """
-INSERT INTO temp.late (listing_id, observed_at, price_usd, market_cap_usd, volume_24h_usd, hourly)
-SELECT o.listing_id, o.observed, s.price_usd, s.market_cap_usd, s.volume_24h_usd, o.width = 3600
-FROM (SELECT s.listing_id, CAST(strftime('%s', s.observed_at) AS INTEGER) AS observed, min(s.line) AS line,
-             iif(CAST(strftime('%s', s.observed_at) AS INTEGER) >= l.hourly_before, 3600, 86400) AS width
-      FROM temp.staging s JOIN listing l ON l.listing_id = s.listing_id
-      WHERE s.price_usd IS NOT NULL AND observed < l.raw_before GROUP BY 1, 2) o
-JOIN temp.staging s ON s.line = o.line
-LEFT JOIN candle c ON c.listing_id = o.listing_id AND c.width = o.width AND c.t = o.observed / o.width * o.width
-WHERE c.listing_id IS NULL OR o.observed NOT BETWEEN c.first_at AND c.last_at
+# Observations older than their listing's pruned raw history (a backfill loaded after newer data, {rows} with its
+# listing l): their day is kept as candles only. Of those with a price, the ones that are new: their time lies
+# outside the span of their narrowest kept candle (hourly while its day's hourly candles are kept, else daily), or
+# there is no such candle; each then joins its daily candle, and its hourly one while kept. One inside the span is
+# taken for one loaded before: a candle cannot tell (README, History). The late rows of a load wait in
+# raw_observation and are judged together in prune_history, against the candles as the load found them, so their
+# order does not matter.
+NEW_LATE_ROWS = """
+SELECT o.listing_id, o.observed_at, o.price_usd, o.market_cap_usd, o.volume_24h_usd, o.width = 3600
+FROM (SELECT r.listing_id, r.observed_at, r.price_usd, r.market_cap_usd, r.volume_24h_usd,
+             iif(r.observed_at >= l.hourly_before, 3600, 86400) AS width
+      FROM {rows} WHERE r.observed_at < l.raw_before AND r.price_usd IS NOT NULL) o
+LEFT JOIN candle c ON c.listing_id = o.listing_id AND c.width = o.width AND c.t = o.observed_at / o.width * o.width
+WHERE c.listing_id IS NULL OR o.observed_at NOT BETWEEN c.first_at AND c.last_at
 """
+# How many of a batch's new raw rows are late and new (counted loaded; prune_history rolls them up).
+COUNT_NEW_LATE = f"""
+SELECT count(*) FROM ({NEW_LATE_ROWS.format(rows="temp.observed r JOIN listing l ON l.listing_id = r.listing_id")})
+"""
+# The batch's new raw rows within their listing's raw history: those its candles take now.
+NOT_LATE = """
+DELETE FROM temp.observed WHERE observed_at < (SELECT raw_before FROM listing WHERE listing_id = observed.listing_id)
+"""
+# A source's (?1) late rows that are new, and its listings that have late rows (with where their raw history starts).
+LATE_OF_SOURCE = "listing l JOIN raw_observation r ON r.listing_id = l.listing_id AND r.observed_at < l.raw_before"
+STAGE_LATE = "INSERT INTO temp.late " + NEW_LATE_ROWS.format(rows=f"{LATE_OF_SOURCE} AND l.source = ?1")
+LATE_LISTINGS = f"SELECT DISTINCT l.listing_id, l.raw_before FROM {LATE_OF_SOURCE} WHERE l.source = ?1"
 
 # Each new observation joins its candle of width ?1, by store.sql's candle rule: in open_candle when it lies in
 # its listing's open bucket, else in candle.
@@ -2101,15 +2132,21 @@ ROLL_UP_LATE = ROLL_UP_ROWS.format(
 
 CLOSE_STALE = "INSERT INTO candle SELECT * FROM open_candle WHERE listing_id = ?1 AND t < ?2"
 
-# The listings whose retention horizons moved (once a UTC day each): ?1 and ?2 are KEEP_RAW and KEEP_HOURLY.
-# A listing's newest observation is taken from the batch, never from a store that may hold one dated
-# in the future (loaded before such times were refused), which would prune everything current.
+# The source's listings whose retention horizons moved (once a UTC day each): ?2 and ?3 are KEEP_RAW and KEEP_HOURLY.
+# A listing's newest observation is its newest raw one up to the run's limit (?4: its start + 5 min), never one
+# dated in the future (loaded before such times were refused), which would prune everything current.
 ADVANCE_HORIZONS = """
-UPDATE listing SET raw_before = max(raw_before, (n.newest - ?1) / 86400 * 86400),
-                   hourly_before = max(hourly_before, (n.newest - ?2) / 86400 * 86400)
-FROM (SELECT listing_id, max(observed_at) AS newest FROM temp.observed GROUP BY listing_id) n
+WITH n AS MATERIALIZED (
+    SELECT l.listing_id,
+           (SELECT r.observed_at FROM raw_observation r
+            WHERE r.listing_id = l.listing_id AND r.observed_at <= CAST(strftime('%s', ?4) AS INTEGER)
+            ORDER BY r.observed_at DESC LIMIT 1) AS newest
+    FROM listing l WHERE l.source = ?1)
+UPDATE listing SET raw_before = max(raw_before, (n.newest - ?2) / 86400 * 86400),
+                   hourly_before = max(hourly_before, (n.newest - ?3) / 86400 * 86400)
+FROM n
 WHERE listing.listing_id = n.listing_id
-  AND ((n.newest - ?1) / 86400 * 86400 > raw_before OR (n.newest - ?2) / 86400 * 86400 > hourly_before)
+  AND ((n.newest - ?2) / 86400 * 86400 > raw_before OR (n.newest - ?3) / 86400 * 86400 > hourly_before)
 RETURNING listing_id, raw_before, hourly_before
 """
 
@@ -2329,6 +2366,50 @@ def now() -> str:
     return format_time(datetime.now(UTC))
 
 
+def new_generation(conn: sqlite3.Connection) -> None:
+    """Mark the open transaction's writes as a new data version (what the API's kept answers are keyed by)."""
+    (generation,) = conn.execute(
+        "UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1 RETURNING generation",
+        (now(),),
+    ).fetchone()
+    # A follower copy (deploy/litestream/follow) gets this commit's pages written in place, in the
+    # rollback journal's mode, where readers see a change only by page 1's change counter; SQLite
+    # writes it whenever page 1 is written, which in WAL mode is not every commit (a commit into
+    # free space of existing pages leaves page 1 alone). The application id lives on page 1.
+    conn.execute(f"PRAGMA application_id = {generation % 2**31}")
+
+
+def prune_history(conn: sqlite3.Connection, run_id: int, source: str, retention: Retention) -> None:
+    """Move the retention horizons of a source's listings to their newest observations and prune what they pass, in
+    one transaction (store.sql: history), after rolling up its late rows that are new (NEW_LATE_ROWS). Once a
+    source's load, not a batch's: every row a run loads is kept raw or rolled up as late by the horizons and candles
+    the run found, whatever the order of its rows. Idempotent: what a killed run left undone, the next run does."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DELETE FROM temp.late")
+        late = conn.execute(STAGE_LATE, (source,)).rowcount
+        for width in (HOUR, DAY):
+            conn.execute(ROLL_UP_LATE, (width,))
+        pruned = dict(conn.execute(LATE_LISTINGS, (source,)).fetchall())
+        limit = future_limit(conn, run_id)
+        moved = conn.execute(ADVANCE_HORIZONS, (source, retention.raw, retention.hourly, limit)).fetchall()
+        pruned.update(m[:2] for m in moved)
+        conn.executemany("DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", pruned.items())
+        # An open candle older than the raw history (its listing's prices stopped) is closed: every candle
+        # a moment before the raw history reads is in candle.
+        conn.executemany(CLOSE_STALE, [m[:2] for m in moved])
+        conn.executemany("DELETE FROM open_candle WHERE listing_id = ? AND t < ?", [m[:2] for m in moved])
+        conn.executemany(
+            f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
+        )
+        if moved or late:
+            new_generation(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
 class Loader:
     """Writes batches of one source: identity, listings, history, unified assets, checkpoint.
 
@@ -2336,11 +2417,10 @@ class Loader:
     are built again when it does (a killed load leaves them to the next run's restore_indexes).
     """
 
-    def __init__(self, conn: sqlite3.Connection, run_id: int, source: str, retention: Retention) -> None:
+    def __init__(self, conn: sqlite3.Connection, run_id: int, source: str) -> None:
         self.conn = conn
         self.run_id = run_id
         self.source = source
-        self.retention = retention
         self.latest = future_limit(conn, run_id)
         self.rejected = 0  # in this run, committed: each counted, the first REJECTS_KEPT stored
         # Into an empty store, the sort indexes are dropped and built once at
@@ -2447,60 +2527,47 @@ class Loader:
             unified = [unify(list(group)) for _, group in itertools.groupby(listings, key=lambda row: row[0])]
             changed += conn.executemany(UPSERT_ASSET, unified).rowcount
         if loaded or changed:
-            (generation,) = conn.execute(
-                "UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1 RETURNING generation",
-                (now(),),
-            ).fetchone()
-            # A follower copy (deploy/litestream/follow) gets this commit's pages written in place, in the
-            # rollback journal's mode, where readers see a change only by page 1's change counter; SQLite
-            # writes it whenever page 1 is written, which in WAL mode is not every commit (a commit into
-            # free space of existing pages leaves page 1 alone). The application id lives on page 1.
-            conn.execute(f"PRAGMA application_id = {generation % 2**31}")
+            new_generation(conn)
         return loaded
 
     def _add_history(self, staged: list[tuple], rejects: list[tuple[int, str, str]]) -> int:
-        """Store the staged observations that are new, roll them up and prune; return how many were new (those
-        older than their listing's raw history go into its candles: STAGE_LATE). Of the `staged` ones, one that
+        """Store the staged observations that are new and roll them up; return how many were new (those older than
+        their listing's raw history wait for prune_history: NEW_LATE_ROWS). Of the `staged` ones, one that
         conflicts with an observation loaded first, in values or in symbol or name, is added to `rejects`."""
         conn = self.conn
         conn.execute(INSERT_LISTING_KEYS, (self.source,))
         conn.execute(STAGE_LISTING_KEYS, (self.source,))
-        observed = conn.execute(INSERT_OBSERVATIONS).fetchall()
-        if len(observed) < len(staged):
-            rejects.extend(self._conflicts(renamed_rows(staged)))
-        if observed:
-            conn.execute("DELETE FROM temp.observed")
-            conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
-            for width in (HOUR, DAY):
-                conn.execute("DELETE FROM temp.opening")
-                conn.execute(STAGE_OPENING, (width,))
-                conn.execute(CLOSE_CANDLES, (width,))
-                conn.execute(DROP_CLOSED, (width,))
-                conn.execute(ROLL_UP_OPEN, (width,))
-                conn.execute(ROLL_UP, (width,))
-            moved = conn.execute(ADVANCE_HORIZONS, (self.retention.raw, self.retention.hourly)).fetchall()
-            conn.executemany(
-                "DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", [m[:2] for m in moved]
-            )
-            # An open candle older than the raw history (its listing's prices stopped) is closed: every candle
-            # a moment before the raw history reads is in candle.
-            conn.executemany(CLOSE_STALE, [m[:2] for m in moved])
-            conn.executemany("DELETE FROM open_candle WHERE listing_id = ? AND t < ?", [m[:2] for m in moved])
-            conn.executemany(
-                f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
-            )
-        conn.execute("DELETE FROM temp.late")
-        late = conn.execute(STAGE_LATE).rowcount
-        if late:
-            for width in (HOUR, DAY):
-                conn.execute(ROLL_UP_LATE, (width,))
-        return len(observed) + late
+        # A late row is compared with what its candle keeps (LATE_CONFLICTS): it has no raw twin when its twin was
+        # rolled up by an earlier run.
+        late_rejects = self._rejects(conn.execute(LATE_CONFLICTS).fetchall(), {}, "an earlier run", in_batch=False)
+        skipped = [line for line, _, _ in late_rejects]
+        rejects.extend(late_rejects)
+        observed = conn.execute(INSERT_OBSERVATIONS, (json.dumps(skipped),)).fetchall()
+        if len(observed) + len(skipped) < len(staged):
+            renamed = renamed_rows(staged)
+            found = conn.execute(CONFLICTS, (json.dumps(list(renamed)),)).fetchall()
+            rejects.extend(r for r in self._rejects(found, renamed, "an earlier batch or run") if r[0] not in skipped)
+        if not observed:
+            return 0
+        conn.execute("DELETE FROM temp.observed")
+        conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
+        (late,) = conn.execute(COUNT_NEW_LATE).fetchone()
+        kept = len(observed) - conn.execute(NOT_LATE).rowcount
+        for width in (HOUR, DAY):
+            conn.execute("DELETE FROM temp.opening")
+            conn.execute(STAGE_OPENING, (width,))
+            conn.execute(CLOSE_CANDLES, (width,))
+            conn.execute(DROP_CLOSED, (width,))
+            conn.execute(ROLL_UP_OPEN, (width,))
+            conn.execute(ROLL_UP, (width,))
+        return kept + late
 
-    def _conflicts(self, renamed: dict[int, tuple[str, str]]) -> list[tuple[int, str, str]]:
-        """Rejects (line, reason, raw) of the staged observations that differ from the one of their listing and
-        second loaded first, in values or (`renamed`) in symbol or name: the store keeps the first (a reload
-        changes nothing), and the other is named."""
-        found = self.conn.execute(CONFLICTS, (json.dumps(list(renamed)),)).fetchall()
+    def _rejects(
+        self, found: list[tuple], renamed: dict[int, tuple[str, str]], earlier: str, in_batch: bool = True
+    ) -> list[tuple[int, str, str]]:
+        """Rejects (line, reason, raw) of the staged observations (CONFLICTS' rows) that differ from the one of their
+        listing and second loaded first (by an earlier line of the batch if `in_batch`, else `earlier`), in values or
+        (`renamed`) in symbol or name: the store keeps the first (a reload changes nothing), and the other is named."""
         if not found:
             return []
         first_lines: dict[tuple[str, str], int] = {}
@@ -2513,7 +2580,7 @@ class Loader:
         for line, source_id, observed_at, symbol, name, *values in found:
             kept, here = values[: len(COMPARED)], values[len(COMPARED) :]
             first = first_lines[source_id, observed_at]
-            where = f"{unit} {first} of this input" if first < line else "an earlier batch or run"
+            where = f"{unit} {first} of this input" if in_batch and first < line else earlier
             differences = ", ".join(
                 f"{field} {json.dumps(shown(field, a))} kept, {json.dumps(shown(field, b))} here"
                 for field, a, b in zip(
@@ -2650,7 +2717,7 @@ def load_csv_file(
     tally = Tally()
     headers: list[int] = []
     size = state[0]
-    with utf8_stream(original, size) as stream, Loader(conn, run_id, source.name, config.retention) as loader:
+    with utf8_stream(original, size) as stream, Loader(conn, run_id, source.name) as loader:
         end = size if stream is original else os.fstat(stream.fileno()).st_size
         progress = Progress(source.name, end)
         row_time, undated = time_of_undated_rows(state[1], loader.latest)
@@ -2700,14 +2767,13 @@ def load_pages(
     run_id: int,
     upstream: HttpSource,
     pages: Iterator[Page],
-    retention: Retention,
     keep_raw: bool,
 ) -> Loaded:
     """Normalise and load upstream pages, each committed with its checkpoint (and raw payload)."""
     labels = [spec.label if (spec := upstream.fields.get(name)) else name for name in ROW_FIELDS]
     tally = Tally()
     batch = Batch(final=True)
-    with Loader(conn, run_id, upstream.name, retention) as loader:
+    with Loader(conn, run_id, upstream.name) as loader:
         intake = Intake(loader.latest, upstream=True, labels=labels)
         for batch in page_batches(upstream, pages, intake):
             raw = batch.payload
@@ -2826,14 +2892,26 @@ def end_run(conn: sqlite3.Connection, run_id: int, status: str, duration_ms: int
 
 
 def load_source(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> Loaded:
-    """Load one source of any kind."""
+    """Load one source of any kind, then prune its history (also after the source's own failure midway)."""
+    try:
+        loaded = load_batches(conn, run_id, source, config)
+    except SourceError:
+        with cleanup("history pruning"):
+            prune_history(conn, run_id, source.name, config.retention)
+        raise
+    prune_history(conn, run_id, source.name, config.retention)
+    return loaded
+
+
+def load_batches(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> Loaded:
+    """A source's observations, loaded batch by batch."""
     if isinstance(source, CsvSource):
         return load_csv(conn, run_id, source, config)
     if isinstance(source, ReplaySource):
         pages = stored_pages(conn, source)
-        return load_pages(conn, run_id, source.upstream, pages, config.retention, keep_raw=False)
+        return load_pages(conn, run_id, source.upstream, pages, keep_raw=False)
     try:
-        return load_pages(conn, run_id, source, fetched_pages(source), config.retention, keep_raw=True)
+        return load_pages(conn, run_id, source, fetched_pages(source), keep_raw=True)
     finally:
         with cleanup("raw payload pruning"):
             prune_raw(conn, source.name, config.raw_keep_runs)

@@ -2308,7 +2308,7 @@ def market_states_sql(tiers: str) -> str:
     joins = [
         "LEFT JOIN main.raw_observation r ON r.listing_id = i.listing_id AND r.observed_at = CASE WHEN i.raw_before"
         " <= ?1 THEN (SELECT observed_at FROM main.raw_observation WHERE listing_id = i.listing_id AND observed_at"
-        " <= ?1 ORDER BY observed_at DESC LIMIT 1) END"
+        " <= ?1 AND observed_at >= i.raw_before ORDER BY observed_at DESC LIMIT 1) END"
     ] * raw
     if "h" in tiers:
         joins.append(
@@ -2781,10 +2781,12 @@ RAW_COLUMNS = "r.observed_at, l.source, l.source_id, r.price_usd, r.market_cap_u
 
 
 def raw_sql(listings: int, after: bool) -> str:
-    """Raw observations of `listings` listings in [?, ?), in point order; after: past a (time, source, id)."""
+    """Raw observations of `listings` listings in [?, ?), in point order; after: past a (time, source, id). Rows
+    before a listing's raw_before are a load's late ones, waiting for etl.prune_history: not yet history."""
     marks = ", ".join("?" * listings)
     return (
-        f"SELECT {RAW_COLUMNS} FROM raw_observation r JOIN listing l ON l.listing_id = r.listing_id"
+        f"SELECT {RAW_COLUMNS} FROM raw_observation r"
+        " JOIN listing l ON l.listing_id = r.listing_id AND r.observed_at >= l.raw_before"
         f" WHERE r.listing_id IN ({marks}) AND r.observed_at >= ? AND r.observed_at < ?"
         + (" AND (r.observed_at, l.source, l.source_id) > (?, ?, ?)" if after else "")
         + " ORDER BY r.observed_at, l.source, l.source_id"

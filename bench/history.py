@@ -98,8 +98,9 @@ def commit_rows(conn: etl.sqlite3.Connection, run_id: int, rows: list[tuple], la
     for source in SOURCES_AS_CSV:
         before = wal.stat().st_size if wal.exists() else 0
         batch = etl.Batch(observations=rows, read=len(rows), end=etl.ReadPosition(0, len(rows)), final=True)
-        with etl.Loader(conn, run_id, source.name, etl.Retention()) as loader:
+        with etl.Loader(conn, run_id, source.name) as loader:
             loader.commit(batch, label, batch.end, complete=True)
+        etl.prune_history(conn, run_id, source.name, etl.Retention())
         grown.append(wal.stat().st_size - before)
     return grown
 

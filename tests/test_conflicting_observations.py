@@ -14,6 +14,16 @@ from upstream import coingecko_pages, load_fixture
 HEADER = "id,symbol,name,price_usd,last_updated\n"
 
 
+def partial_run_rejects(db: Path, source: str, counts: tuple[int, int, int], **env: str) -> list[tuple[int, str]]:
+    """Run etl.py; check that it was partial with `counts` (read, loaded, rejected); return its rejects' lines and
+    reasons."""
+    result = run_etl(db, source, **env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = last_run(db)
+    assert (run["status"], run["rows_read"], run["rows_loaded"], run["rows_rejected"]) == ("partial", *counts)
+    return query(db, "SELECT line, reason FROM reject WHERE run_id = ? ORDER BY line", (run["run_id"],))
+
+
 def test_a_second_observation_of_one_instant_with_other_values_is_rejected_naming_the_first(tmp_path: Path) -> None:
     feed = tmp_path / "feed.csv"
     feed.write_text(
@@ -83,11 +93,7 @@ def test_a_corrected_file_loaded_again_keeps_what_was_loaded_and_says_which_rows
         + "ether,ETH,Ether,6,2026-11-25T12:00:00Z\n"  # corrected
         + "ether,ETH,Ether,7,2026-11-25T12:10:00Z\n"  # new
     )
-    result = run_etl(db, f"csv:{feed}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    run = last_run(db)
-    assert (run["status"], run["rows_read"], run["rows_loaded"], run["rows_rejected"]) == ("partial", 3, 1, 1)
-    assert query(db, "SELECT line, reason FROM reject WHERE run_id = ?", (run["run_id"],)) == [
+    assert partial_run_rejects(db, f"csv:{feed}", (3, 1, 1)) == [
         (3, "another observation of ether at 2026-11-25T12:00:00Z, from an earlier batch or run, was loaded first:"
             " price_usd 5.0 kept, 6.0 here"),
     ]  # fmt: skip
@@ -112,3 +118,39 @@ def test_an_upstream_record_twice_in_one_fetch_with_other_values_is_rejected_by_
     assert f"rank {record['market_cap_rank']} kept, 7 here" in reason
     assert f"price_usd {float(record['current_price'])} kept, {float(changed['current_price'])} here" in reason
     assert query(db, "SELECT price_usd FROM raw_observation") == [(float(record["current_price"]),)]
+
+
+def test_a_late_observation_with_other_values_is_rejected_naming_the_first(tmp_path: Path) -> None:
+    """Observations older than the raw history (a backfill after newer data) go into candles only: such a row at
+    the second of another with other values was counted read and dropped without a word. In the same file, the
+    first is kept and the other named; against a candle an earlier run made, its open (the first observation's
+    price) and close (the last's) name the one loaded first."""
+    db = tmp_path / "store.db"
+    env = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "30d"}
+    feed = tmp_path / "feed.csv"
+    feed.write_text(HEADER + "bitcoin,BTC,Bitcoin,200,2026-11-25T12:00:00Z\n")
+    assert run_etl(db, f"csv:a={feed}", **env).returncode == 0
+    feed.write_text(
+        HEADER
+        + "bitcoin,BTC,Bitcoin,100,2026-11-20T12:00:00Z\n"
+        + "bitcoin,BTC,Bitcoin,110,2026-11-20T12:30:00Z\n"
+        + "bitcoin,BTC,Bitcoin,101,2026-11-20T12:00:00Z\n"  # the first row's second, another price
+    )
+    assert partial_run_rejects(db, f"csv:a={feed}", (3, 2, 1), **env) == [
+        (4, "another observation of bitcoin at 2026-11-20T12:00:00Z, from line 2 of this input, was loaded first:"
+            " price_usd 100.0 kept, 101.0 here"),
+    ]  # fmt: skip
+    feed.write_text(
+        HEADER
+        + "bitcoin,BTC,Bitcoin,100,2026-11-20T12:00:00Z\n"  # the candle's first observation again: no reject
+        + "bitcoin,BTC,Bitcoin,99,2026-11-20T12:00:00Z\n"
+        + "bitcoin,BTC,Bitcoin,111,2026-11-20T12:30:00Z\n"
+    )
+    earlier = "from an earlier run, was loaded first:"
+    assert partial_run_rejects(db, f"csv:a={feed}", (3, 0, 2), **env) == [
+        (3, f"another observation of bitcoin at 2026-11-20T12:00:00Z, {earlier} price_usd 100.0 kept, 99.0 here"),
+        (4, f"another observation of bitcoin at 2026-11-20T12:30:00Z, {earlier} price_usd 110.0 kept, 111.0 here"),
+    ]
+    assert query(db, "SELECT width, open, high, low, close, observations FROM candle ORDER BY width, t") == [
+        (3600, 100.0, 110.0, 100.0, 110.0, 2), (86400, 100.0, 110.0, 100.0, 110.0, 2)
+    ]  # fmt: skip

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from test_history import DAY, HOUR, START, Seen, candles, kill_at_random, load, 
 from test_history_api import candle_dicts
 
 from conftest import SyncConductor
-from etl_support import CANDLES, query, run_etl, store_content
+from etl_support import CANDLES, query, run_etl, start_etl, store_content, wait_for_event
 from kasparro import Config, create_app
 
 END = START + 8 * DAY
@@ -126,9 +127,9 @@ def test_a_backfill_filling_hours_of_a_day_kept_as_candles_is_rolled_up(tmp_path
 
 
 def test_one_shuffled_file_in_many_batches_is_rolled_up_whole(tmp_path: Path) -> None:
-    """A file in no time order, loaded in batches: a batch's newer rows prune the raw history that older rows of
-    later batches then fall before. Two observations an hour (a 30-minute feed), so none lies inside the span of
-    its hour's candle when it comes: where a third does, it is taken for one loaded before (README, History)."""
+    """A file in no time order, loaded in batches: a batch's newer rows once pruned the raw history that older rows
+    of later batches then fell before (a 30-minute feed: two observations an hour, so none lay inside the span of
+    its hour's candle when it came; for more, test_a_shuffled_file_makes_the_store_its_rows_in_time_order_make)."""
     seen = unique(observations("a", START, START + 6 * DAY, seed=7, step=1_800))
     db = tmp_path / "store.db"
     load(db, [("a", write_feed(tmp_path / "all.csv", seen))], **GAPS, KASPARRO_BATCH_ROWS="100")
@@ -151,3 +152,103 @@ def test_kills_while_late_rows_roll_up_converge_to_one_clean_run(tmp_path: Path)
     load(killed, [("a", second)], **env)
     assert store_content(killed) == store_content(clean)
     assert query(clean, "SELECT count(*) FROM raw_observation WHERE observed_at < ?", (START + 10 * DAY,)) == [(0,)]
+
+
+def sorted_feed(path: Path, shuffled: Path) -> Path:
+    """The rows of a feed written by write_feed, in time order (then line order)."""
+    header, *rows = shuffled.read_text().splitlines(keepends=True)
+    path.write_text(header + "".join(sorted(rows, key=lambda row: row.rsplit(",", 1)[1])))
+    return path
+
+
+def history(db: Path) -> dict[str, Any]:
+    """What a run of a feed makes of it, whatever the order of its rows (store_content less the checkpoint)."""
+    content = store_content(db)
+    return {key: content[key] for key in ("assets", "listings", "observations", "candles", "horizons", "rejects")}
+
+
+RETENTIONS = {
+    "raw 1d, hourly 30d": {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "30d"},
+    "raw 1d, hourly 2d": {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "2d"},
+    "raw 2h, hourly 1d": {"KASPARRO_KEEP_RAW": "2h", "KASPARRO_KEEP_HOURLY": "1d"},
+}
+
+
+@pytest.mark.parametrize("env", list(RETENTIONS.values()), ids=list(RETENTIONS))
+def test_a_shuffled_file_makes_the_store_its_rows_in_time_order_make(tmp_path: Path, env: dict[str, str]) -> None:
+    """A 10-minute feed spanning more than KASPARRO_KEEP_RAW, in no time order and loaded in batches of 100 rows:
+    a batch's newer rows once moved the raw history past older rows of later batches, and those inside the span of
+    their hour's candle (the third of an hour, and on) were taken for ones loaded before and lost. One run of it
+    makes the store one run of its rows in time order makes; a second run of either changes nothing."""
+    seen = unique(observations("a", START, START + 5 * DAY, seed=22))
+    shuffled = write_feed(tmp_path / "shuffled.csv", seen)
+    in_order = sorted_feed(tmp_path / "sorted.csv", shuffled)
+    stores = {}
+    for name, feed in (("shuffled", shuffled), ("sorted", in_order)):
+        db = tmp_path / f"{name}.db"
+        load(db, [("a", feed)], **env, KASPARRO_BATCH_ROWS="100")
+        stores[name] = history(db)
+        load(db, [("a", write_feed(tmp_path / f"{name}-again.csv", seen))], **env, KASPARRO_BATCH_ROWS="100")
+        assert history(db) == stores[name], f"{name}: a reload changed the store"
+    assert stores["shuffled"] == stores["sorted"]
+    db = tmp_path / "shuffled.db"
+    for width in (HOUR, DAY):
+        kept = [o for o in seen if width == DAY or o.t >= query(db, "SELECT max(hourly_before) FROM listing")[0][0]]
+        assert stored(db, width) == candles(kept, width, "listing"), width
+
+
+@pytest.mark.parametrize("env", list(RETENTIONS.values()), ids=list(RETENTIONS))
+def test_a_shuffled_backfill_makes_the_store_its_rows_in_time_order_make(tmp_path: Path, env: dict[str, str]) -> None:
+    """The same after a run of newer observations: every row of the backfill lies before the raw history that run
+    left, so goes straight into its candles (late). A third row of an hour came inside the span its hour's candle
+    had from the run's earlier batches, was taken for one loaded before and lost."""
+    seen = unique(observations("a", START, START + 5 * DAY, seed=23))
+    newest = [o for o in seen if o.t >= START + 4 * DAY]
+    older = [o for o in seen if o.t < START + 3 * DAY]
+    shuffled = write_feed(tmp_path / "shuffled.csv", older)
+    in_order = sorted_feed(tmp_path / "sorted.csv", shuffled)
+    stores = {}
+    for name, feed in (("shuffled", shuffled), ("sorted", in_order)):
+        db = tmp_path / f"{name}.db"
+        load(db, [("a", write_feed(tmp_path / f"{name}-newest.csv", newest))], **env)
+        horizon = query(db, "SELECT min(raw_before) FROM listing")[0][0]
+        assert horizon >= START + 3 * DAY, "the backfill lies before the raw history (the premise)"
+        load(db, [("a", feed)], **env, KASPARRO_BATCH_ROWS="100")
+        stores[name] = history(db)
+        load(db, [("a", write_feed(tmp_path / f"{name}-again.csv", older))], **env, KASPARRO_BATCH_ROWS="100")
+        assert history(db) == stores[name], f"{name}: a reload changed the store"
+        assert query(db, "SELECT count(*) FROM raw_observation WHERE observed_at < ?", (horizon,)) == [(0,)]
+    assert stores["shuffled"] == stores["sorted"]
+    db = tmp_path / "shuffled.db"
+    hourly_before = query(db, "SELECT max(hourly_before) FROM listing")[0][0]
+    for width in (HOUR, DAY):
+        kept = [o for o in newest + older if width == DAY or o.t >= hourly_before]
+        assert stored(db, width) == candles(kept, width, "listing"), width
+
+
+def test_late_rows_waiting_for_their_roll_up_are_not_served(tmp_path: Path) -> None:
+    """A load's late rows wait in raw_observation, before their listing's raw history, for the end of the load: a
+    run killed meanwhile leaves them there, and the API serves neither them as raw points nor a listing's state
+    from them; the next run rolls them up (or drops them) and prunes them."""
+    seen = unique(observations("a", START, START + 5 * DAY, seed=24))
+    db = tmp_path / "store.db"
+    load(db, [("a", write_feed(tmp_path / "newest.csv", [o for o in seen if o.t >= START + 4 * DAY]))], **GAPS)
+    backfill = write_feed(tmp_path / "older.csv", [o for o in seen if o.t < START + 3 * DAY])
+    proc = start_etl(db, f"csv:a={backfill}", LOG_LEVEL="debug", **GAPS, KASPARRO_BATCH_ROWS="100")
+    wait_for_event(proc, "batch committed", count=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    waiting = (
+        "SELECT count(*) FROM raw_observation r JOIN listing l USING (listing_id) WHERE r.observed_at < l.raw_before"
+    )
+    assert query(db, waiting)[0][0] > 0, "the killed run left late rows waiting (the premise)"
+    window = {"from": str(START), "to": str(START + 3 * DAY)}
+    with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
+        for asset in ("bitcoin", "ethereum"):
+            body = client.get(f"/data/{asset}/history", params={"interval": "raw", **window})
+            assert body.status_code == 200, body.text
+            assert body.json["points"] == [], asset
+        as_of = client.get("/data", params={"as_of": str(START + 3 * DAY + HOUR), "page_size": "100"}).json["data"]
+        assert {row["asset_id"]: row["updated_at"] for row in as_of} == {}, "no state from a late row"
+    load(db, [("a", backfill)], **GAPS)
+    assert query(db, waiting) == [(0,)]
