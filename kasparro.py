@@ -117,16 +117,16 @@ class Config:
                     f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not how a browser sends that origin:"
                     f" write {sent!r}"
                 )
-        return cls._read(environ, keys, origins)
+        return cls._read(environ, keys, origins, level)
 
     @classmethod
-    def _read(cls, environ: Mapping[str, str], keys: tuple[str, ...], origins: tuple[str, ...]) -> Config:
+    def _read(cls, environ: Mapping[str, str], keys: tuple[str, ...], origins: tuple[str, ...], level: str) -> Config:
         return cls(
             db=Path(environ.get("KASPARRO_DB", "kasparro.db")),
             etl_max_age=setting(environ, "KASPARRO_ETL_MAX_AGE", cls.etl_max_age, (1, 10**10)),
             api_keys=keys,
             rate_limit=setting(environ, "KASPARRO_RATE_LIMIT", cls.rate_limit, (0, 10**9)),
-            log_level=environ.get("LOG_LEVEL", "").strip().lower() or "info",
+            log_level=level,
             env=environ.get("ENV", "development"),
             metrics_dir=Path(environ["PROMETHEUS_MULTIPROC_DIR"]) if environ.get("PROMETHEUS_MULTIPROC_DIR") else None,
             role=environ.get("KASPARRO_ROLE", "primary"),
@@ -1646,6 +1646,15 @@ def read_rfc3339(text: str) -> tuple[int, Decimal] | None:
     return int(moment.timestamp()), Decimal(fraction[0]) if fraction else Decimal(0)
 
 
+def read_moment(text: str) -> Decimal | None:
+    """Unix seconds or an RFC 3339 time or date (read_rfc3339) as the exact instant in Unix seconds; None when it is
+    neither."""
+    if UNIX_SECONDS.fullmatch(text):
+        return Decimal(text)
+    read = read_rfc3339(text)
+    return None if read is None else read[0] + read[1]
+
+
 def digits_hint(text: str) -> str:
     """A hint for an unreadable number written in another script's digits (Arabic-Indic, fullwidth), which int()
     and float() would read: '' for any other."""
@@ -1675,15 +1684,13 @@ def parse_time(field: str, op: str, text: str) -> str:
     """An RFC 3339 time or date, or Unix seconds, in the store's text form (so text order is time order), compared
     by `op` with stored times (whole seconds) as with the instant itself: a time between two seconds is the later
     one for `>=` and `<`, the earlier for `>` and `<=`, and for `:` a text that no stored time equals."""
-    if UNIX_SECONDS.fullmatch(text):
-        exact = Decimal(text)
-        whole, part = math.floor(exact), exact - math.floor(exact)
-    elif (read := read_rfc3339(text)) is not None:
-        whole, part = read
-    else:
+    exact = read_moment(text)
+    if exact is None:
         raise InvalidQuery(
             f"filter_by: {field} needs an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}"
         )
+    whole = math.floor(exact)
+    part = exact - whole
     fraction = format(part, "f")[1:] if part else ""  # '.5' of 1795607999.5
     seconds = within_range(f"filter_by: {field}", whole + (bool(fraction) and op in (">=", "<")), text)
     if fraction and op == ":":
@@ -2759,12 +2766,10 @@ def parse_history_query(params: Mapping[str, str]) -> HistoryQuery:
 def parse_moment(name: str, text: str, rounding: Callable[[Decimal | float], int] = math.ceil) -> int:
     """An RFC 3339 time (UTC when it names no offset) or Unix seconds, as Unix seconds (rounded up, or by
     `rounding`) from FIRST_SECOND to LAST_SECOND; InvalidQuery naming `name` otherwise."""
-    if UNIX_SECONDS.fullmatch(text):
-        return within_range(name, rounding(Decimal(text)), text)
-    read = read_rfc3339(text)
-    if read is None:
+    exact = read_moment(text)
+    if exact is None:
         raise InvalidQuery(f"{name}: expected an RFC 3339 time or Unix seconds{time_hint(text)}, got {text[:40]!r}")
-    return within_range(name, rounding(read[0] + read[1]), text)
+    return within_range(name, rounding(exact), text)
 
 
 @functools.lru_cache(maxsize=8_192)  # bucket starts and a run's observation times repeat across assets
@@ -2844,6 +2849,13 @@ def kept_candle_sql(listings: int) -> str:
     )
 
 
+def kept_candles_where(listings: int) -> str:
+    """The condition on candle and open_candle rows of `listings` listings (?1 to ?n) and the width ?n+3 whose
+    buckets start in [?n+1, ?n+2)."""
+    ids = ", ".join(f"?{number}" for number in range(1, listings + 1))
+    return f"listing_id IN ({ids}) AND width = ?{listings + 3} AND t >= ?{listings + 1} AND t < ?{listings + 2}"
+
+
 def candle_sql(listings: int, kept: bool) -> str:
     """The parts of candles of `listings` listings (?1 to ?n, in order of source and source id) in [?n+1, ?n+2):
     their kept candles of width ?n+3, closed and open (by bucket start), or (not kept) their priced raw
@@ -2853,9 +2865,9 @@ def candle_sql(listings: int, kept: bool) -> str:
     of them is made."""
     ids = [f"?{number}" for number in range(1, listings + 1)]
     place = "CASE listing_id " + " ".join(f"WHEN {mark} THEN {n}" for n, mark in enumerate(ids)) + " END"
-    lower, upper, width = (f"?{listings + n}" for n in (1, 2, 3))
+    lower, upper = (f"?{listings + n}" for n in (1, 2))
     if kept:
-        where = f"WHERE listing_id IN ({', '.join(ids)}) AND width = {width} AND t >= {lower} AND t < {upper}"
+        where = f"WHERE {kept_candles_where(listings)}"
         return (
             "SELECT t, open, high, low, close, market_cap_usd, volume_24h_usd, observations,"
             f" last_at * {listings} + {place}"
@@ -2886,8 +2898,7 @@ def kept_extent_sql(listings: int) -> str:
 @functools.lru_cache(maxsize=MERGED_IN_SQL)  # a statement's text for each number of listings
 def kept_observations_sql(listings: int) -> str:
     """The observations in the kept candles of width ?n+3 of `listings` listings (?1 to ?n) in [?n+1, ?n+2)."""
-    ids = ", ".join(f"?{number}" for number in range(1, listings + 1))
-    where = f"listing_id IN ({ids}) AND width = ?{listings + 3} AND t >= ?{listings + 1} AND t < ?{listings + 2}"
+    where = kept_candles_where(listings)
     return (
         f"SELECT total(observations) FROM (SELECT observations FROM candle WHERE {where}"
         f" UNION ALL SELECT observations FROM open_candle WHERE {where})"
