@@ -2393,12 +2393,13 @@ def prune_history(conn: sqlite3.Connection, run_id: int, source: str, retention:
         pruned = dict(conn.execute(LATE_LISTINGS, (source,)).fetchall())
         limit = future_limit(conn, run_id)
         moved = conn.execute(ADVANCE_HORIZONS, (source, retention.raw, retention.hourly, limit)).fetchall()
-        pruned.update(m[:2] for m in moved)
+        raw_starts = [m[:2] for m in moved]  # (listing_id, raw_before)
+        pruned.update(raw_starts)
         conn.executemany("DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", pruned.items())
         # An open candle older than the raw history (its listing's prices stopped) is closed: every candle
         # a moment before the raw history reads is in candle.
-        conn.executemany(CLOSE_STALE, [m[:2] for m in moved])
-        conn.executemany("DELETE FROM open_candle WHERE listing_id = ? AND t < ?", [m[:2] for m in moved])
+        conn.executemany(CLOSE_STALE, raw_starts)
+        conn.executemany("DELETE FROM open_candle WHERE listing_id = ? AND t < ?", raw_starts)
         conn.executemany(
             f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
         )
