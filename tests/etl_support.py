@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ETL = ROOT / "etl.py"
 sys.path.insert(0, str(ROOT / "bench"))
 
+import etl  # noqa: E402
 from gen_csv import write_csv  # noqa: E402
 
 __all__ = [
@@ -23,6 +27,7 @@ __all__ = [
     "ROOT",
     "etl_against",
     "etl_env",
+    "kill_mid_load",
     "query",
     "run_etl",
     "start_etl",
@@ -166,3 +171,29 @@ def wait_for_event(proc: subprocess.Popen[str], event: str, count: int = 1) -> d
             if seen == count:
                 return record
     raise AssertionError(f"etl.py ended before {event!r} #{count}: {proc.stderr.read()}")
+
+
+def kill_mid_load(db: Path, source: str, chooser: random.Random, commits: int, pace: float | None, **env: str) -> float:
+    """Start a run of the CSV `source` into `db` and SIGKILL it at a random instant of its load: once it has
+    committed `commits` batches, within `pace` seconds (what one batch takes; None: measured on this run, between its
+    next two commits). Fails unless the kill landed before the load's end; returns the pace."""
+    proc = start_etl(db, source, LOG_LEVEL="debug", **env)
+    wait_for_event(proc, "run started")
+    for _ in range(commits):
+        wait_for_event(proc, "batch committed")
+    if pace is None:
+        wait_for_event(proc, "batch committed")
+        committed = time.monotonic()
+        wait_for_event(proc, "batch committed")
+        pace = time.monotonic() - committed
+    time.sleep(chooser.uniform(0, pace))  # where in the next batch the kill lands, the commits above being the sync
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before its kill"
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    path = Path(source.removeprefix("csv:").split("=", 1)[-1])
+    with path.open("rb") as file:
+        fingerprint = etl.file_fingerprint(file, path)[0]
+    checkpoint = query(db, "SELECT complete FROM checkpoint WHERE fingerprint = ?", (fingerprint,))
+    assert checkpoint in ([], [(0,)]), "the kill landed after the load's last batch"
+    return pace
