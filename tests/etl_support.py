@@ -27,6 +27,7 @@ __all__ = [
     "ROOT",
     "etl_against",
     "etl_env",
+    "etl_of",
     "kill_mid_load",
     "query",
     "run_etl",
@@ -80,6 +81,15 @@ def etl_against(upstream: Any, db: Path, *sources: str, **env: str) -> subproces
         KASPARRO_COINPAPRIKA_URL=upstream.base_url,
         **env,
     )
+
+
+def etl_of(commit: str, workdir: Path) -> Path:
+    """The etl.py (and its store.sql) of an earlier commit, written into `workdir`."""
+    workdir.mkdir()
+    for name in ("etl.py", "store.sql"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}"], capture_output=True, check=True)
+        (workdir / name).write_bytes(shown.stdout)
+    return workdir / "etl.py"
 
 
 def start_etl(db: Path, *sources: str, **env: str) -> subprocess.Popen[str]:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import etl
-from etl_support import CANDLES, ROOT, kill_mid_load, last_run, query, run_etl, store_content
+from etl_support import CANDLES, etl_of, kill_mid_load, last_run, query, run_etl, store_content
 
 HOUR, DAY = 3_600, 86_400
 START = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())
@@ -321,15 +321,10 @@ def test_kills_during_roll_up_and_pruning_converge_to_one_clean_run(tmp_path):
 
 def load_with(commit: str, db: Path, feeds: Sequence[tuple[str, Path]], workdir: Path) -> None:
     """Load the feeds with the etl.py and store.sql of an earlier commit."""
-    workdir.mkdir()
-    for name in ("etl.py", "store.sql"):
-        text = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{commit}:{name}"], capture_output=True, text=True, check=True
-        ).stdout
-        (workdir / name).write_text(text)
+    earlier = etl_of(commit, workdir)
     for name, feed in feeds:
         made = subprocess.run(
-            [sys.executable, str(workdir / "etl.py"), "--db", str(db), f"csv:{name}={feed}"],
+            [sys.executable, str(earlier), "--db", str(db), f"csv:{name}={feed}"],
             cwd=workdir, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert made.returncode == 0, made.stderr
