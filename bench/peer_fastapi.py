@@ -22,6 +22,7 @@ from typing import Annotated
 import aiosqlite
 from fastapi import FastAPI, HTTPException, Query, Request
 from pydantic import BaseModel
+from stores import read_only_uri
 
 SCHEMA = """
 CREATE TABLE assets (
@@ -126,7 +127,7 @@ def order_clause(sort: str) -> str:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with aiosqlite.connect(f"file:{app.state.db_path}?mode=ro", uri=True) as db:
+    async with aiosqlite.connect(read_only_uri(app.state.db_path), uri=True) as db:
         db.row_factory = aiosqlite.Row
         app.state.db = db
         yield
