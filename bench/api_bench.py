@@ -30,9 +30,9 @@ from urllib.parse import quote
 import msgspec
 import peers
 from profile_summary import summarise
-from stores import read_only_uri
 
 from gen_csv import write_csv
+from stores import read_only_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

@@ -32,10 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 import history  # noqa: E402
 import history_reads  # noqa: E402
-from stores import read_only_uri  # noqa: E402
 
 import etl  # noqa: E402
 import kasparro  # noqa: E402
+from stores import read_only_uri  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "as_of"
 YEAR = 365 * etl.DAY

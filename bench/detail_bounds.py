@@ -24,6 +24,7 @@ from pathlib import Path
 
 import api_bench
 from api_bench import BY_NAME, CEILING, OUT, RESULTS, Result, Scenario, Server, load, serve
+
 from stores import read_only_uri
 
 sys.path.insert(0, str(api_bench.ROOT))  # kasparro, for its read_asset

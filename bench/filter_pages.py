@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from api_bench import OUT, ROOT, build_store
+
 from stores import read_only_uri
 
 FILTERS = (

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from api_bench import DEFAULT, HOST, OUT, ROOT, Measure, Server, build_store, parse_wrk, serve
+
 from stores import read_only_uri
 
 ROWS = 200_000

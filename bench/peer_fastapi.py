@@ -22,6 +22,7 @@ from typing import Annotated
 import aiosqlite
 from fastapi import FastAPI, HTTPException, Query, Request
 from pydantic import BaseModel
+
 from stores import read_only_uri
 
 SCHEMA = """

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 from peer_fastapi import load_csv
 from sqlite_utils.cli import cli as sqlite_utils_cli
-from stores import read_only_uri
 
 from gen_csv import write_csv
+from stores import read_only_uri
 
 # bench/api_bench.py imports this module, so this one imports api_bench only inside the check's functions.
 if TYPE_CHECKING:

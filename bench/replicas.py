@@ -35,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 
 from api_bench import Measure, parse_wrk
+
 from stores import read_only_uri
 
 ROOT = Path(__file__).resolve().parent.parent

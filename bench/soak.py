@@ -35,9 +35,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from api_bench import require
-from stores import read_only_uri
 
 from gen_csv import write_csv
+from stores import read_only_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0  # seconds uvicorn may take to answer its first request

@@ -25,6 +25,7 @@ from typing import Any
 
 from api_bench import OUT, ROOT, build_store
 from filter_pages import load_api
+
 from stores import read_only_uri
 
 AS_OF = "2026-11-25T12:01:00Z"  # after every generated observation

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import etl  # noqa: E402
 from gen_csv import write_csv  # noqa: E402
+from stores import read_only_uri  # noqa: E402
 
 __all__ = [
     "OBSERVATIONS",
@@ -106,7 +107,7 @@ def start_etl(db: Path, *sources: str, **env: str) -> subprocess.Popen[str]:
 
 def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
     """Read rows from a store through a read-only connection."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(db), uri=True)
     try:
         return conn.execute(sql, params).fetchall()
     finally:
@@ -147,7 +148,7 @@ def store_content(db: Path) -> dict[str, Any]:
 
 def last_run(db: Path) -> dict[str, Any] | None:
     """The newest etl_run row as a dict."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(db), uri=True)
     conn.row_factory = sqlite3.Row
     try:
         row = conn.execute("SELECT * FROM etl_run ORDER BY run_id DESC LIMIT 1").fetchone()

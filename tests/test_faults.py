@@ -30,6 +30,7 @@ from etl_support import (
     wait_for_event,
 )
 from kasparro import Config
+from stores import read_only_uri
 from upstream import COINGECKO_MARKETS, FakeUpstream, Reply, load_fixture
 
 GECKO_PAGES = [load_fixture("coingecko_markets_page1.json"), load_fixture("coingecko_markets_page2.json")]
@@ -191,7 +192,7 @@ def test_the_wal_is_small_after_a_run_under_read_load(tmp_path):
     reads = [0]
 
     def read_constantly() -> None:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = sqlite3.connect(read_only_uri(db), uri=True)
         while not stop.is_set():
             conn.execute("SELECT count(*) FROM asset WHERE status = 'active'").fetchone()
             reads[0] += 1

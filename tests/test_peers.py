@@ -12,9 +12,9 @@ from typing import Any
 
 import peers
 import pytest
-from stores import read_only_uri
 
 from etl_support import run_etl
+from stores import read_only_uri
 
 ROWS = 300  # several pages, and inactive assets among them (every 97th)
 
