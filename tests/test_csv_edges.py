@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import etl
@@ -123,7 +123,7 @@ def test_letters_without_an_ascii_decomposition_are_spelt_in_a_new_assets_slug(t
     assert [slugs[f"id{n}"] for n in range(len(SPELT))] == [slug for _, slug in SPELT]
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=500, deadline=None)
 @given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40))
 def test_a_name_without_such_letters_keeps_its_slug_and_made_ids_keep_theirs(earlier_etl: Any, name: str) -> None:
     """Asset ids and the source ids made for rows without one are stable: the same name makes the same slug as
