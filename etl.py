@@ -1481,6 +1481,16 @@ EARLIEST = datetime(2009, 1, 3, tzinfo=UTC)  # the genesis block
 TOO_EARLY = "before 2009-01-03, Bitcoin's genesis block"
 NOT_ALNUM = re.compile(r"[\W_]+")
 NOT_SLUG = re.compile(r"[^a-z0-9]+")
+# Latin letters that NFKD leaves whole (no ASCII letter and marks in them), in the ASCII spelling their languages
+# use for them (German, Scandinavian, Polish, Vietnamese, Icelandic, Turkish, Azerbaijani, Maltese, Sami, West
+# African): slugify dropped them, so 'Straße' made 'strae', the slug of 'Strae'.
+ASCII_LETTERS = str.maketrans({
+    "ß": "ss", "ẞ": "SS", "ı": "i", "ȷ": "j", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE",
+    "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "TH", "ħ": "h", "Ħ": "H",
+    "ŧ": "t", "Ŧ": "T", "ŋ": "ng", "Ŋ": "NG", "ĸ": "q", "ƒ": "f", "Ƒ": "F", "ə": "e", "Ə": "E", "ɛ": "e",
+    "Ɛ": "E", "ɔ": "o", "Ɔ": "O", "ɨ": "i", "Ɨ": "I", "ʉ": "u", "Ʉ": "U", "ƀ": "b", "Ƀ": "B", "ɓ": "b",
+    "Ɓ": "B", "ɗ": "d", "Ɗ": "D", "ƙ": "k", "Ƙ": "K", "ƴ": "y", "Ƴ": "Y",
+})  # fmt: skip
 
 Symbol = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
 Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -1731,7 +1741,7 @@ def name_key(name: str) -> str:
 
 def made_source_id(name: str, symbol: str) -> str:
     """The source id of a CSV row that gives none: 'Bitcoin', 'BTC' -> 'bitcoin-btc'."""
-    return f"{slugify(name, ' ') or name_key(name)}-{symbol.lower()}"
+    return f"{slugify(name, ' ', {}) or name_key(name)}-{symbol.lower()}"
 
 
 def is_made_id(source_id: str, name: str, symbol: str) -> bool:
@@ -1744,12 +1754,13 @@ def is_made_id(source_id: str, name: str, symbol: str) -> bool:
 ROUTE_WORDS = frozenset({"export"})
 
 
-def slugify(text: str, mark: str = "") -> str:
-    """ASCII slug of a name: 'Wrapped SOL' -> 'wrapped-sol', 'Pokémon' -> 'pokemon'; an accent (a combining mark
-    once decomposed) becomes `mark`. Source ids made for rows without one pass " " ('poke-mon'), their form before
-    accents were dropped, as stored listings are keyed by them."""
+def slugify(text: str, mark: str = "", letters: dict[int, str] = ASCII_LETTERS) -> str:
+    """ASCII slug of a name: 'Wrapped SOL' -> 'wrapped-sol', 'Pokémon' -> 'pokemon', 'Straße' -> 'strasse'; an accent
+    (a combining mark once decomposed) becomes `mark`, a letter of `letters` its spelling. Source ids made for rows
+    without one pass " " and no letters ('poke-mon', 'strae'), their form before accents and such letters were
+    dropped, as stored listings are keyed by them."""
     if not text.isascii():
-        decomposed = unicodedata.normalize("NFKD", text)
+        decomposed = unicodedata.normalize("NFKD", text).translate(letters)
         spaced = "".join(ch if ch.isalnum() else mark if unicodedata.combining(ch) else " " for ch in decomposed)
         text = spaced.encode("ascii", "ignore").decode()
     return NOT_SLUG.sub("-", text.lower()).strip("-")[:64].strip("-")

@@ -32,6 +32,7 @@ import peers
 from profile_summary import summarise
 
 from gen_csv import write_csv
+from stores import read_only_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -245,7 +246,7 @@ def build_store(rows: int, etl_dir: Path) -> tuple[Path, str]:
     OUT.mkdir(parents=True, exist_ok=True)  # a fresh clone has no bench/out yet
     db = OUT / f"api-{key}.db"
     if db.exists():
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(read_only_uri(db), uri=True)) as conn:
             (ms,) = conn.execute("SELECT duration_ms FROM etl_run ORDER BY run_id DESC LIMIT 1").fetchone()
         return db, f"reused {db.name} (etl.py took {ms / 1000:.1f} s when it was built)"
     for stale in OUT.glob(f"api-{rows}-*.db"):
@@ -278,7 +279,7 @@ def sample_ids(db: Path, count: int | None) -> Path:
     """A file of `count` real asset ids (all of them when None), drawn reproducibly, for random_asset.lua."""
     path = db.with_suffix(".ids" if count is not None else ".all-ids")
     if not path.exists():
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(read_only_uri(db), uri=True)) as conn:
             ids = [row[0] for row in conn.execute("SELECT asset_id FROM asset")]
         chosen = random.Random(7).sample(ids, len(ids) if count is None else min(count, len(ids)))
         path.write_text("".join(quote(asset_id, safe="") + "\n" for asset_id in chosen))
@@ -290,7 +291,7 @@ def zipf_ids(db: Path, draws: int = 1_000_000, s: float = 1.1) -> Path:
     most lookups, as they do in real traffic. random_asset.lua picks its lines uniformly."""
     path = db.with_suffix(".zipf-ids")
     if not path.exists():
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(read_only_uri(db), uri=True)) as conn:
             ids = [row[0] for row in conn.execute("SELECT asset_id FROM asset ORDER BY rank, asset_id")]
         weights = itertools.accumulate(k**-s for k in range(1, len(ids) + 1))
         chosen = random.Random(7).choices(ids, cum_weights=list(weights), k=draws)

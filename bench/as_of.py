@@ -35,6 +35,7 @@ import history_reads  # noqa: E402
 
 import etl  # noqa: E402
 import kasparro  # noqa: E402
+from stores import read_only_uri  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "as_of"
 YEAR = 365 * etl.DAY
@@ -95,7 +96,7 @@ def time_builds(db: Path, builds: int, tiers: Sequence[tuple[str, int]] = TIERS)
     """CPU (all threads), wall time and read system calls of build_market plus the first page over it, at `builds`
     distinct moments in each of `tiers`, one MarketBuilders for all as in a worker between two commits; the first
     build also makes the identity a data version's builds share, and is shown apart."""
-    uri = f"file:{db.resolve()}?mode=ro"
+    uri = read_only_uri(db)
     conn = etl.sqlite3.connect(db)
     try:
         (newest,) = conn.execute("SELECT max(observed_at) FROM raw_observation").fetchone()

@@ -18,12 +18,13 @@ from typing import Any
 
 import kasparro
 from bench import ceiling
+from bench.stores import read_only_uri
 
 READS_PER_TRANSACTION = 32
 DETAIL_PREFIX = "/data/"
 MODE = os.environ.get("BARE_READ", "composed")
 DB = os.environ["BARE_BODIES"] if MODE == "body" else os.environ["KASPARRO_DB"]
-conn = sqlite3.connect(f"file:{DB}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+conn = sqlite3.connect(read_only_uri(DB), uri=True, isolation_level=None, check_same_thread=False)
 version = kasparro.DataVersion("bare", 0)
 served = 0
 

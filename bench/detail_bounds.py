@@ -25,7 +25,10 @@ from pathlib import Path
 import api_bench
 from api_bench import BY_NAME, CEILING, OUT, RESULTS, Result, Scenario, Server, load, serve
 
+from stores import read_only_uri
+
 sys.path.insert(0, str(api_bench.ROOT))  # kasparro, for its read_asset
+
 import kasparro
 
 ASSET = BY_NAME["asset"]
@@ -40,7 +43,7 @@ def make_bodies(db: Path) -> tuple[Path, str]:
     building.unlink(missing_ok=True)
     started = time.perf_counter()
     with (
-        contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as store,
+        contextlib.closing(sqlite3.connect(read_only_uri(db), uri=True)) as store,
         contextlib.closing(sqlite3.connect(building, isolation_level=None)) as out,
     ):
         out.execute("CREATE TABLE body (asset_id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID")

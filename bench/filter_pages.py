@@ -22,6 +22,8 @@ from types import ModuleType
 
 from api_bench import OUT, ROOT, build_store
 
+from stores import read_only_uri
+
 FILTERS = (
     "name:quaneon 1|misparo 2",  # ASCII: the name index
     "name:gross 5",  # ASCII with ss: its spellings with ß and ẞ in the index
@@ -66,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     api = load_api(args.api)
     db = letters_store(args.rows)
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None, detect_types=api.COLUMN_TYPES)
+    conn = sqlite3.connect(read_only_uri(db), uri=True, isolation_level=None, detect_types=api.COLUMN_TYPES)
     api.Store._read_only(conn, 1000)
     for text in FILTERS:
         query = api.parse_asset_query({"filter_by": text.replace("100000", str(args.rows))})

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from stores import read_only_uri
+
 ROOT = Path(__file__).resolve().parent.parent
 STORE = ROOT / "bench" / "out" / "history" / "year.db"
 DAY = 86_400
@@ -32,7 +34,7 @@ def measure(db: Path, coins: int, scenario: str, reads: int) -> list[float]:
     sys.path.insert(0, str(ROOT))
     import kasparro
 
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+    conn = sqlite3.connect(read_only_uri(db), uri=True, isolation_level=None)
     (newest,) = conn.execute("SELECT max(observed_at) FROM raw_observation").fetchone()
     version = kasparro.read_version(conn)
     interval, span = SCENARIOS[scenario]

@@ -18,6 +18,8 @@ from urllib.parse import quote
 
 from api_bench import DEFAULT, HOST, OUT, ROOT, Measure, Server, build_store, parse_wrk, serve
 
+from stores import read_only_uri
+
 ROWS = 200_000
 CONNECTIONS = 64
 CHANGED = 20_000  # rows each ETL run changes (new prices, a later time)
@@ -64,7 +66,7 @@ def measure(seconds: float, writes: bool) -> Measure:
     work.mkdir(parents=True)
     store = work / "mixed.db"
     shutil.copyfile(db, store)  # the runs below write to it
-    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as conn:
+    with contextlib.closing(sqlite3.connect(read_only_uri(store), uri=True)) as conn:
         ids = [row[0] for row in conn.execute("SELECT asset_id FROM asset ORDER BY rank LIMIT 100")]
     (work / "ids.txt").write_text("".join(quote(asset_id, safe="") + "\n" for asset_id in ids))
     (work / "mixed.lua").write_text(WRK_SCRIPT)

@@ -23,6 +23,8 @@ import aiosqlite
 from fastapi import FastAPI, HTTPException, Query, Request
 from pydantic import BaseModel
 
+from stores import read_only_uri
+
 SCHEMA = """
 CREATE TABLE assets (
     asset_id       TEXT PRIMARY KEY,
@@ -126,7 +128,7 @@ def order_clause(sort: str) -> str:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with aiosqlite.connect(f"file:{app.state.db_path}?mode=ro", uri=True) as db:
+    async with aiosqlite.connect(read_only_uri(app.state.db_path), uri=True) as db:
         db.row_factory = aiosqlite.Row
         app.state.db = db
         yield

@@ -29,6 +29,7 @@ from peer_fastapi import load_csv
 from sqlite_utils.cli import cli as sqlite_utils_cli
 
 from gen_csv import write_csv
+from stores import read_only_uri
 
 # bench/api_bench.py imports this module, so this one imports api_bench only inside the check's functions.
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ def kasparro_ids(db: Path, body: bytes) -> list[str]:
     """The CSV ids of the assets of a Kasparro /data page, in order (Kasparro's asset ids are slugs of names)."""
     asset_ids = data_ids(body)
     query = "SELECT asset_id, source_id FROM source_map WHERE asset_id IN (SELECT value FROM json_each(?))"
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+    with contextlib.closing(sqlite3.connect(read_only_uri(db), uri=True)) as conn:
         csv_id = dict(conn.execute(query, (json.dumps(asset_ids),)))
     return [csv_id[asset_id] for asset_id in asset_ids]
 

@@ -36,6 +36,8 @@ from types import FrameType
 
 from api_bench import Measure, parse_wrk
 
+from stores import read_only_uri
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ROOT / ".venv" / "bin" / "python"
 LITESTREAM = ROOT / ".venv" / "bin" / "litestream"
@@ -389,7 +391,7 @@ def first_seen(demo: Demo, server: str, version: str) -> float | None:
 
 
 def primary_version(demo: Demo) -> str:
-    conn = sqlite3.connect(f"file:{demo.primary_db}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(demo.primary_db), uri=True)
     try:
         store_id, generation = conn.execute("SELECT store_id, generation FROM store_meta").fetchone()
     finally:
@@ -516,7 +518,7 @@ def act(demo: Demo, action: str) -> None:
 def integrity(demo: Demo) -> dict[str, str]:
     results = {}
     for replica in ("r1", "r2"):
-        conn = sqlite3.connect(f"file:{demo.replica_db(replica)}?mode=ro", uri=True, timeout=10)
+        conn = sqlite3.connect(read_only_uri(demo.replica_db(replica)), uri=True, timeout=10)
         try:
             results[replica] = conn.execute("PRAGMA integrity_check").fetchone()[0]
         finally:

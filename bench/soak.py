@@ -37,6 +37,7 @@ from pathlib import Path
 from api_bench import require
 
 from gen_csv import write_csv
+from stores import read_only_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0  # seconds uvicorn may take to answer its first request
@@ -98,7 +99,7 @@ def run_etl(db: Path, csv: Path) -> tuple[int, float]:
 
 
 def query(db: Path, sql: str) -> list[tuple]:
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+    with contextlib.closing(sqlite3.connect(read_only_uri(db), uri=True)) as conn:
         return conn.execute(sql).fetchall()
 
 

@@ -26,6 +26,8 @@ from typing import Any
 from api_bench import OUT, ROOT, build_store
 from filter_pages import load_api
 
+from stores import read_only_uri
+
 AS_OF = "2026-11-25T12:01:00Z"  # after every generated observation
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     api = load_api(args.api)
     db = sources_store(args.rows)
-    uri = f"file:{db}?mode=ro"
+    uri = read_only_uri(db)
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, detect_types=api.COLUMN_TYPES)
     api.Store._read_only(conn, 1000)
     big = f"csv:etl-{args.rows}"

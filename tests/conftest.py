@@ -27,6 +27,7 @@ from falcon.util import async_to_sync
 import kasparro
 from etl_support import ROOT, run_etl, write_csv
 from kasparro import Config, create_app
+from stores import read_only_uri
 from upstream import FakeUpstream
 
 __all__ = ["ROOT", "exchange", "http_get", "referenced_urls", "run_etl", "write_csv"]
@@ -149,7 +150,7 @@ def shared_client(sample_store: Path) -> Iterator[SyncConductor]:
 @pytest.fixture(scope="session")
 def sample_assets(sample_store: Path) -> list[dict[str, Any]]:
     """Every asset of the sample store with its listed sources, read directly for checking answers."""
-    conn = sqlite3.connect(f"file:{sample_store}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(sample_store), uri=True)
     conn.row_factory = sqlite3.Row
     try:
         assets = [dict(row) for row in conn.execute("SELECT * FROM asset")]

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,13 +19,17 @@ ROOT = Path(__file__).resolve().parent.parent
 ETL = ROOT / "etl.py"
 sys.path.insert(0, str(ROOT / "bench"))
 
+import etl  # noqa: E402
 from gen_csv import write_csv  # noqa: E402
+from stores import read_only_uri  # noqa: E402
 
 __all__ = [
     "OBSERVATIONS",
     "ROOT",
     "etl_against",
     "etl_env",
+    "etl_of",
+    "kill_mid_load",
     "query",
     "run_etl",
     "start_etl",
@@ -77,6 +84,15 @@ def etl_against(upstream: Any, db: Path, *sources: str, **env: str) -> subproces
     )
 
 
+def etl_of(commit: str, workdir: Path) -> Path:
+    """The etl.py (and its store.sql) of an earlier commit, written into `workdir`."""
+    workdir.mkdir()
+    for name in ("etl.py", "store.sql"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}"], capture_output=True, check=True)
+        (workdir / name).write_bytes(shown.stdout)
+    return workdir / "etl.py"
+
+
 def start_etl(db: Path, *sources: str, **env: str) -> subprocess.Popen[str]:
     """Start etl.py with its JSON log lines readable on stdout."""
     return subprocess.Popen(
@@ -91,7 +107,7 @@ def start_etl(db: Path, *sources: str, **env: str) -> subprocess.Popen[str]:
 
 def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
     """Read rows from a store through a read-only connection."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(db), uri=True)
     try:
         return conn.execute(sql, params).fetchall()
     finally:
@@ -132,7 +148,7 @@ def store_content(db: Path) -> dict[str, Any]:
 
 def last_run(db: Path) -> dict[str, Any] | None:
     """The newest etl_run row as a dict."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(db), uri=True)
     conn.row_factory = sqlite3.Row
     try:
         row = conn.execute("SELECT * FROM etl_run ORDER BY run_id DESC LIMIT 1").fetchone()
@@ -166,3 +182,29 @@ def wait_for_event(proc: subprocess.Popen[str], event: str, count: int = 1) -> d
             if seen == count:
                 return record
     raise AssertionError(f"etl.py ended before {event!r} #{count}: {proc.stderr.read()}")
+
+
+def kill_mid_load(db: Path, source: str, chooser: random.Random, commits: int, pace: float | None, **env: str) -> float:
+    """Start a run of the CSV `source` into `db` and SIGKILL it at a random instant of its load: once it has
+    committed `commits` batches, within `pace` seconds (what one batch takes; None: measured on this run, between its
+    next two commits). Fails unless the kill landed before the load's end; returns the pace."""
+    proc = start_etl(db, source, LOG_LEVEL="debug", **env)
+    wait_for_event(proc, "run started")
+    for _ in range(commits):
+        wait_for_event(proc, "batch committed")
+    if pace is None:
+        wait_for_event(proc, "batch committed")
+        committed = time.monotonic()
+        wait_for_event(proc, "batch committed")
+        pace = time.monotonic() - committed
+    time.sleep(chooser.uniform(0, pace))  # where in the next batch the kill lands, the commits above being the sync
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before its kill"
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    path = Path(source.removeprefix("csv:").split("=", 1)[-1])
+    with path.open("rb") as file:
+        fingerprint = etl.file_fingerprint(file, path)[0]
+    checkpoint = query(db, "SELECT complete FROM checkpoint WHERE fingerprint = ?", (fingerprint,))
+    assert checkpoint in ([], [(0,)]), "the kill landed after the load's last batch"
+    return pace

@@ -23,6 +23,7 @@ import kasparro
 from conftest import SyncConductor
 from etl_support import query
 from kasparro import SORTS, Config, create_app
+from stores import read_only_uri
 
 HOUR, DAY = 3_600, 86_400
 START = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())
@@ -495,7 +496,7 @@ def test_a_market_built_in_parts_equals_the_brute_force(stores: dict[str, Path],
     the brute force's: none lost or repeated at a part's edge, and none left over from the moment its connections
     built before."""
     monkeypatch.setattr(kasparro, "MARKET_PARTS", parts)
-    builders, identity = kasparro.MarketBuilders(f"file:{stores[kind]}?mode=ro"), None
+    builders, identity = kasparro.MarketBuilders(read_only_uri(stores[kind])), None
     for instant in (START + DAY // 2 + 4321, START + 2 * DAY + 777, START + 3 * DAY + 99):
         market, identity = kasparro.build_market(builders, instant, identity)
         try:
@@ -515,7 +516,7 @@ def test_a_part_read_at_another_version_builds_the_market_again(stores: dict[str
     """A commit between the reads of a market's parts (each its own connection) would mix two versions of the
     store: the part that sees the other version is refused (MarketMoved) and the whole market read again."""
     db = copy_of(stores["kept"], tmp_path / "moving.db")
-    uri = f"file:{db}?mode=ro"
+    uri = read_only_uri(db)
     monkeypatch.setattr(kasparro, "MARKET_PARTS", 2)
     instant = START + 2 * DAY + 777
     builders = kasparro.MarketBuilders(uri)

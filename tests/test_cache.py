@@ -16,6 +16,7 @@ import pytest
 import kasparro
 from conftest import run_etl, write_csv
 from kasparro import BOOKMARK_EVERY, Config
+from stores import read_only_uri
 
 PER_REQUEST = re.compile(rb'"request_id":"[^"]*","api_latency_ms":[0-9.e+-]+,')
 
@@ -88,7 +89,7 @@ def test_deep_pages_from_bookmarks_match_plain_sql(
 ):
 
     client = make_client(Config(db=big_store, reopen_interval=0, log_level="warning"))
-    conn = sqlite3.connect(f"file:{big_store}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(big_store), uri=True)
     total = conn.execute(f"SELECT count(*) FROM asset WHERE {sql_where}").fetchone()[0]
     # (102, 10) and (151, 20) start where the page before them ended: from its last row, skipping nothing.
     deep = ((1, 10), (101, 10), (102, 10), (150, 20), (151, 20), (int(total / 7) + 1, 7), (total // 3 + 1, 3))

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from etl_support import last_run, query, run_etl
+import etl
+from etl_support import etl_of, last_run, query, run_etl
 
 HEADER = "id,symbol,name,price_usd,last_updated\n"
 
@@ -85,6 +92,72 @@ def test_an_accent_does_not_split_a_new_assets_slug(tmp_path: Path) -> None:
     assert run_etl(db, f"csv:{with_ids}", f"csv:{without}").returncode == 0
     assert sorted(query(db, "SELECT asset_id FROM asset")) == [("cafe-uber",), ("pokemon",), ("uber",)]
     assert query(db, "SELECT source_id FROM source_map WHERE source = 'csv:without'") == [("cafe-u-ber-cf",)]
+
+
+# The last commit whose slugify dropped the Latin letters that NFKD leaves whole.
+LETTERS_DROPPED = "6f80c8e9a9f5d34a07e6ed5706447d34cf783649"
+SPELT = [("Straße", "strasse"), ("Strae", "strae"), ("Bıtcoin", "bitcoin"), ("Øre Coin", "ore-coin"),
+         ("Œuvre", "oeuvre"), ("Łódź", "lodz"), ("Đồng", "dong"), ("Þór", "thor"), ("Ærø", "aero"), ("Ŋa", "nga"),
+         ("Əsas", "esas"), ("GROẞ", "gross")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def earlier_etl(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """etl.py as it was before letters were spelt, imported under another name."""
+    path = etl_of(LETTERS_DROPPED, tmp_path_factory.mktemp("letters") / "etl")
+    spec = importlib.util.spec_from_file_location("etl_letters_dropped", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_letters_without_an_ascii_decomposition_are_spelt_in_a_new_assets_slug(tmp_path: Path) -> None:
+    """slugify dropped the letters that NFKD leaves whole: 'Straße' was given 'strae', the slug of 'Strae' (which then
+    took 'strae-st'), 'Bitcoin' with a dotless i 'btcoin', 'Øre Coin' 're-coin', 'Þór' 'r'."""
+    feed = tmp_path / "feed.csv"
+    rows = [f"id{n},S{n},{name},1" for n, (name, _) in enumerate(SPELT)]
+    feed.write_text("id,symbol,name,price\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    db = tmp_path / "store.db"
+    assert run_etl(db, f"csv:{feed}").returncode == 0
+    slugs = dict(query(db, "SELECT source_id, asset_id FROM source_map"))
+    assert [slugs[f"id{n}"] for n in range(len(SPELT))] == [slug for _, slug in SPELT]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40))
+def test_a_name_without_such_letters_keeps_its_slug_and_made_ids_keep_theirs(earlier_etl: Any, name: str) -> None:
+    """Asset ids and the source ids made for rows without one are stable: the same name makes the same slug as
+    before, but where it has a letter that was dropped; the made source id is the same for every name."""
+    before = earlier_etl.slugify(name)
+    if not set(unicodedata.normalize("NFKD", name)) & {chr(letter) for letter in etl.ASCII_LETTERS}:
+        assert etl.slugify(name) == before
+    assert etl.made_source_id(name, "Ab") == earlier_etl.made_source_id(name, "Ab")
+
+
+def test_a_store_made_before_keeps_its_asset_and_source_ids(tmp_path: Path) -> None:
+    """A store whose assets were named when such letters were dropped ('strae') keeps every asset id, and a file
+    without an id column still finds its listings by their made ids ('strae-two-st2'): no coin becomes two."""
+    names = [("BTC", "Bitcoin"), ("PKM", "Pokémon"), ("ST", "Straße"), ("BI", "Bıtcoin"), ("OR", "Øre Coin")]
+    with_ids, without = tmp_path / "with.csv", tmp_path / "without.csv"
+
+    def write_feeds(price: int) -> None:
+        with_ids.write_text("id,symbol,name,price\n" + "".join(f"{s.lower()},{s},{n},{price}\n" for s, n in names))
+        without.write_text("symbol,name,price\n" + "".join(f"{s}2,{n} Two,{price}\n" for s, n in names))
+
+    write_feeds(1)
+    db = tmp_path / "store.db"
+    earlier = etl_of(LETTERS_DROPPED, tmp_path / "earlier")
+    for feed in (with_ids, without):
+        made = subprocess.run([sys.executable, str(earlier), "--db", str(db), f"csv:{feed}"], cwd=earlier.parent,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert made.returncode == 0, made.stderr
+    ids = query(db, "SELECT source, source_id, asset_id FROM source_map ORDER BY 1, 2")
+    assert {("csv:with", "st", "strae"), ("csv:without", "strae-two-st2", "strae-two")} <= set(ids)
+    write_feeds(2)
+    for feed in (with_ids, without):
+        assert run_etl(db, f"csv:{feed}").returncode == 0
+    assert query(db, "SELECT source, source_id, asset_id FROM source_map ORDER BY 1, 2") == ids
+    assert query(db, "SELECT count(*), min(price_usd), max(price_usd) FROM asset") == [(2 * len(names), 2.0, 2.0)]
 
 
 def test_rows_of_empty_cells_are_blank_lines_not_rejected_rows(tmp_path: Path) -> None:

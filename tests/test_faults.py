@@ -18,8 +18,19 @@ from typing import Any
 import pytest
 
 import etl
-from etl_support import ROOT, etl_env, last_run, query, run_etl, start_etl, store_content, wait_for_event
+from etl_support import (
+    ROOT,
+    etl_env,
+    kill_mid_load,
+    last_run,
+    query,
+    run_etl,
+    start_etl,
+    store_content,
+    wait_for_event,
+)
 from kasparro import Config
+from stores import read_only_uri
 from upstream import COINGECKO_MARKETS, FakeUpstream, Reply, load_fixture
 
 GECKO_PAGES = [load_fixture("coingecko_markets_page1.json"), load_fixture("coingecko_markets_page2.json")]
@@ -40,19 +51,12 @@ def served_content(db: Path) -> dict[str, Any]:
 
 
 def test_kills_at_20_random_instants_converge_to_one_clean_run(tmp_path, big_csv, big_clean, make_client):
-    """SIGKILL after 0 or 1 committed batches plus a random pause (the instant), 20 times."""
+    """SIGKILL after 0 or 1 committed batches and within one batch's time more, 20 times, each before the load's end."""
     chooser = random.Random(20261126)
     db = tmp_path / "killed.db"
+    pace = None  # the seconds one batch takes, as the first run shows
     for kill in range(20):
-        proc = start_etl(db, f"csv:{big_csv}", LOG_LEVEL="debug", KASPARRO_BATCH_ROWS="10000")
-        wait_for_event(proc, "run started")
-        if chooser.random() < 0.5:
-            wait_for_event(proc, "batch committed")
-        time.sleep(chooser.uniform(0, 0.15))  # where in the batch the kill lands; not a synchronisation
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, f"kill {kill}: the run ended before it"
-        assert integrity(db) == "ok"
+        pace = kill_mid_load(db, f"csv:{big_csv}", chooser, chooser.randrange(2), pace, KASPARRO_BATCH_ROWS="5000")
         if kill in (0, 19):
             health = make_client(Config(db=db, reopen_interval=0, log_level="warning")).get("/health").json
             assert (health["status"], health["etl_status"]) == ("degraded", "failed")
@@ -188,7 +192,7 @@ def test_the_wal_is_small_after_a_run_under_read_load(tmp_path):
     reads = [0]
 
     def read_constantly() -> None:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = sqlite3.connect(read_only_uri(db), uri=True)
         while not stop.is_set():
             conn.execute("SELECT count(*) FROM asset WHERE status = 'active'").fetchone()
             reads[0] += 1

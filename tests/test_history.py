@@ -5,17 +5,15 @@ from __future__ import annotations
 import collections
 import json
 import random
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import etl
-from etl_support import CANDLES, ROOT, last_run, query, run_etl, start_etl, store_content, wait_for_event
+from etl_support import CANDLES, etl_of, kill_mid_load, last_run, query, run_etl, store_content
 
 HOUR, DAY = 3_600, 86_400
 START = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())
@@ -295,17 +293,11 @@ def test_retention_settings_are_checked(tmp_path):
 
 
 def kill_at_random(db: Path, source: str, env: dict[str, str], chooser: random.Random, kills: int, batches: int):
-    """Runs of `source` into `db`, each killed (SIGKILL) after fewer than `batches` committed batches and a moment."""
-    for kill in range(kills):
-        proc = start_etl(db, source, LOG_LEVEL="debug", **env)
-        wait_for_event(proc, "run started")
-        for _ in range(chooser.randrange(batches)):
-            wait_for_event(proc, "batch committed")
-        time.sleep(chooser.uniform(0, 0.002))  # where in the batch (~1.5 ms) the kill lands; not a synchronisation
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, f"kill {kill}: the run ended before it"
-        assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    """Runs of `source` into `db`, each killed (SIGKILL) after fewer than `batches` committed batches and at most one
+    more batch's time (as the first of them showed), before the load's end."""
+    pace = None
+    for _ in range(kills):
+        pace = kill_mid_load(db, source, chooser, chooser.randrange(batches), pace, **env)
 
 
 def test_kills_during_roll_up_and_pruning_converge_to_one_clean_run(tmp_path):
@@ -329,15 +321,10 @@ def test_kills_during_roll_up_and_pruning_converge_to_one_clean_run(tmp_path):
 
 def load_with(commit: str, db: Path, feeds: Sequence[tuple[str, Path]], workdir: Path) -> None:
     """Load the feeds with the etl.py and store.sql of an earlier commit."""
-    workdir.mkdir()
-    for name in ("etl.py", "store.sql"):
-        text = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{commit}:{name}"], capture_output=True, text=True, check=True
-        ).stdout
-        (workdir / name).write_text(text)
+    earlier = etl_of(commit, workdir)
     for name, feed in feeds:
         made = subprocess.run(
-            [sys.executable, str(workdir / "etl.py"), "--db", str(db), f"csv:{name}={feed}"],
+            [sys.executable, str(earlier), "--db", str(db), f"csv:{name}={feed}"],
             cwd=workdir, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert made.returncode == 0, made.stderr

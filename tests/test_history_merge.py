@@ -19,6 +19,7 @@ from test_history_api import candle_dicts
 import kasparro
 from conftest import SyncConductor
 from kasparro import Config, create_app
+from stores import read_only_uri
 
 END = START + 6 * DAY
 SHARED_GAP = (START + 2 * DAY + 12 * HOUR, START + 2 * DAY + 15 * HOUR)  # no source observed then
@@ -128,7 +129,7 @@ def test_kept_candles_of_any_listings_equal_the_merge_of_their_parts(gapped: Any
     """read_candles on random sets of the store's twelve listings (coins mixed, up to more than MERGED_IN_SQL),
     random windows and cursors: the same rows as merge_candles of candle_sql's parts."""
     db, _ = gapped
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(db), uri=True)
     listings = [row[0] for row in conn.execute("SELECT listing_id FROM listing ORDER BY source, source_id")]
     assert len(listings) == 12
     chooser = random.Random(17)

@@ -19,6 +19,7 @@ import pytest
 import etl
 from etl_support import etl_against, last_run, query, run_etl, start_etl, wait_for_event, write_csv
 from kasparro import Config
+from stores import read_only_uri
 from upstream import (
     COINGECKO_MARKETS,
     FIXTURES,
@@ -38,7 +39,7 @@ FUTURE_REASON = "in the future (later than the run's start + 5 min)"
 
 def outcome(db: Path, source: str) -> dict[str, Any]:
     """The newest run_source row of a source, drift decoded."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(db), uri=True)
     conn.row_factory = sqlite3.Row
     try:
         row = dict(conn.execute("SELECT * FROM run_source WHERE source = ? ORDER BY run_id DESC", (source,)).fetchone())

@@ -15,6 +15,7 @@ import pytest
 
 import kasparro
 from etl_support import query, run_etl
+from stores import read_only_uri
 
 BIG = 2_000  # assets of csv:big
 AS_OF = "2026-11-25T12:00:30Z"  # after every observation of the store
@@ -123,7 +124,7 @@ def ordered(records: list[dict[str, Any]], sort: str) -> list[str]:
 
 
 def connect(db: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None, detect_types=kasparro.COLUMN_TYPES)
+    conn = sqlite3.connect(read_only_uri(db), uri=True, isolation_level=None, detect_types=kasparro.COLUMN_TYPES)
     kasparro.Store._read_only(conn, 1000)
     return conn
 
@@ -182,7 +183,7 @@ def test_source_filters_as_of_equal_the_brute_force(store: Path, monkeypatch: py
     """The market at a moment: its assets' sources (from their history: csv:ghost's listing was observed then)."""
     monkeypatch.setattr(kasparro, "FEW_LISTINGS", few_listings)
     as_of = kasparro.parse_moment("as_of", AS_OF)
-    market, _ = kasparro.build_market(kasparro.MarketBuilders(f"file:{store}?mode=ro"), as_of, None)
+    market, _ = kasparro.build_market(kasparro.MarketBuilders(read_only_uri(store)), as_of, None)
     try:
         market.list_sources()
         rows = market.conn.execute(f"SELECT {', '.join(FIELDS)}, sources FROM asset")

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 import etl
 from etl_support import ROOT, etl_against, etl_env, last_run, query, run_etl
+from stores import read_only_uri
 from upstream import (
     COINGECKO_MARKETS,
     COINPAPRIKA_TICKERS,
@@ -34,7 +35,7 @@ def events(result) -> list[dict[str, Any]]:
 
 
 def source_row(db: Path, source: str) -> dict[str, Any]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(db), uri=True)
     conn.row_factory = sqlite3.Row
     try:
         row = conn.execute("SELECT * FROM run_source WHERE source = ? ORDER BY run_id DESC", (source,)).fetchone()
