@@ -3856,6 +3856,9 @@ WHERE source = ? AND run_id < ? AND status IN ('success', 'partial')
 ORDER BY run_id DESC LIMIT {PREVIOUS_RUNS}
 """
 JUDGED = ("rows_read", "rows_loaded", "duration_ms")
+# A duration flagged is also this many ms or more above its median: a run's few ms vary with the disk's syncs and
+# the machine's load more than 3 times over (1 ms against a median of 0 was "over 3 times").
+DURATION_FLOOR_MS = 100
 COMPARED = ("rows_read", "rows_loaded", "rows_rejected", "duration_ms")
 
 
@@ -4055,7 +4058,8 @@ def anomalies_of(run: Run, previous: Mapping[tuple[int, str], Sequence[dict[str,
     neither failed nor skipped it for an unchanged input, which is not judged either).
 
     Rows read or loaded are anomalous when they differ from their median over those runs by more than half
-    of it; the duration when it is over 3 times its median. A source with no previous run is not judged.
+    of it; the duration when it is over 3 times its median and DURATION_FLOOR_MS or more above it. A source with
+    no previous run is not judged.
     """
     found = []
     for part in run.outcomes:
@@ -4069,7 +4073,8 @@ def anomalies_of(run: Run, previous: Mapping[tuple[int, str], Sequence[dict[str,
                 continue
             median = statistics.median(row[name] for row in baseline)
             if name == "duration_ms":
-                flagged, rule = value > 3 * median, "is over 3 times"
+                flagged = value > 3 * median and value - median >= DURATION_FLOOR_MS
+                rule = f"is over 3 times, and {DURATION_FLOOR_MS} ms or more above,"
             else:
                 flagged, rule = abs(value - median) > median / 2, "differs by more than half from"
             if flagged:
@@ -4323,7 +4328,7 @@ volume; buckets without any are absent. Raw observations are kept for KASPARRO_K
 for KASPARRO_KEEP_HOURLY, daily ones forever: 5m and 15m reach as far back as the raw tier, 1h and 4h as
 the hourly one, of every listing merged (a candle lacking a listing's pruned part is absent). Unknown
 asset, or no listing of `source`: 404; `from` after `to`, a bad interval or time: 400."""
-COMPARE_TEXT = """Runs a and b side by side, per source of either run: each measure (rows read, loaded and
+COMPARE_TEXT = f"""Runs a and b side by side, per source of either run: each measure (rows read, loaded and
 rejected, duration) in a, in b, and b minus a; the drift entries that appeared in b or disappeared from a.
 
 `anomalies` judges each of the two runs on its own (once when a = b), each finished source of it against
@@ -4332,7 +4337,7 @@ none is not judged). A load is a run that neither failed nor skipped the source 
 unchanged ("unchanged since run N"); such a skip is not judged either:
 
 - rows read or rows loaded that differ from their median over those runs by more than half of it;
-- a duration over 3 times its median (over the runs that recorded one).
+- a duration over 3 times its median and {DURATION_FLOOR_MS} ms or more above it (over the runs that recorded one).
 
 Each anomaly names the run, source and measure, with its value, the median, and the previous runs' ids
 and values. a and b may come in either order. A run recorded as running whose process is gone reads as
