@@ -5078,12 +5078,27 @@ def problem_body(status: int, detail: str) -> bytes:
     return encode(problem)
 
 
+def inexact_path(path: str, raw_path: bytes) -> str | None:
+    """Why the route table cannot hold `path` (raw_path as sent) exactly, or None when it may: a path is routed only
+    to the template it is segment for segment. Falcon's matcher drops leading '/'s (//data was /data) and lets a
+    field match an empty segment (/data//history was the asset '') or a dot segment (/data/.. the asset '..'),
+    and %2F decodes to a '/' inside a segment (RFC 3986 2.2: /data/bitcoin%2Fhistory was bitcoin's history), each
+    behind a proxy's rule for the path it is not."""
+    if b"%2" in raw_path and b"%2f" in raw_path.lower():
+        return "%2F is a '/' inside a segment, and no asset id or run id holds one"
+    if "//" in path or (path.endswith("/") and path not in ROUTE_OF):  # ROUTE_OF: '/', '/docs/', '/redoc/'
+        return "an empty segment, and no route has one there"
+    if "/." in path and {".", ".."} & set(path.split("/")):
+        return "'.' and '..' segments name another path (RFC 3986 5.2.4), and no route has one"
+    return None
+
+
 class Cors:
     """Cross-origin calls from browsers (the Fetch standard's CORS) from the origins of KASPARRO_CORS_ORIGINS:
     `*` any (the API is read-only market data, and sends no cookies), a list, or none. A request with an
     allowed Origin gets Access-Control-Allow-Origin and the headers a client reads exposed; a preflight (OPTIONS
-    with Access-Control-Request-Method) is answered here, 204, with no API key asked (browsers send none then),
-    or 403 for another origin or a method but GET and HEAD."""
+    with Access-Control-Request-Method) to a route is answered here, 204, with no API key asked (browsers send none
+    then), or 403 for another origin or a method but GET and HEAD."""
 
     METHODS = b"GET, HEAD"
     REQUEST_HEADERS = b"Authorization, X-API-Key, X-Request-ID, If-None-Match, Accept"
@@ -5116,7 +5131,7 @@ class Cors:
         return self.any or origin in self.origins
 
     def preflight(self, origin: bytes, method: bytes) -> tuple[int, list[Header], bytes]:
-        """Status, headers and body of the answer to a preflight from `origin` for `method`."""
+        """Status, headers and body of the answer to a preflight from `origin` for `method` (to a route)."""
         if not self.allows(origin) or method not in (b"GET", b"HEAD"):
             why = (f"method {method.decode('latin-1')[:20]!r}: only GET and HEAD" if self.allows(origin)
                    else f"origin {origin.decode('latin-1')[:100]!r} is not in KASPARRO_CORS_ORIGINS")  # fmt: skip
@@ -5188,9 +5203,11 @@ class FrontDoor:
     """The ASGI layer every request passes before the Falcon app, which does not know it is there.
 
     It gives each HTTP request its id (a sane X-Request-ID is echoed, else a new UUID4) and its clock,
-    counts it and writes its one log line. A GET or HEAD of a route in `kept_routes` it answers itself:
-    from the AnswerCache, 304 included, or, with no query string, from the route's KeptResource. Every
-    other request, and every one it cannot answer (an error, a missing asset), goes through Falcon.
+    counts it and writes its one log line. A path no route holds exactly (inexact_path) is a 404 here, and so
+    is a CORS preflight to a path no route holds; a preflight to a route it answers (Cors). A GET or HEAD of a
+    route in `kept_routes` it answers itself: from the AnswerCache, 304 included, or, with no query string, from
+    the route's KeptResource. Every other request, and every one it cannot answer (an error, a missing asset),
+    goes through Falcon.
     """
 
     STALLED_CLIENT = 60.0  # seconds a client may leave a part of a streamed body unread before it is let go
@@ -5235,15 +5252,18 @@ class FrontDoor:
         responding = False  # whether a response has begun (by Falcon, or here): after that, an error is not answered
         try:
             method = scope["method"]
-            raw_path = scope.get("raw_path") or b""
-            if b"%2" in raw_path and b"%2f" in raw_path.lower():  # RFC 3986: a '/' inside a segment, not two
-                detail = (f"{method} {raw_path.decode('latin-1')[:200]}: not found (%2F is a '/' inside a segment,"
-                          " and no asset id or run id holds one)")  # fmt: skip
+            path, raw_path = scope["path"], scope.get("raw_path") or b""
+            if (why := inexact_path(path, raw_path)) is not None:  # before the answers kept by the decoded path
+                sent = (raw_path.decode("latin-1") or path)[:200]
                 responding = True
-                await self.send_problem(scope, send, 404, detail, origin)
+                await self.send_problem(scope, send, 404, f"{method} {sent}: not found ({why})", origin)
                 return self.done(scope, None, 404, started)
             if method == "OPTIONS" and origin is not None:
                 asked = next((value for name, value in headers if name == b"access-control-request-method"), None)
+                if asked is not None and self.router.find(path) is None:  # no route: any other request's 404
+                    responding = True
+                    await self.send_problem(scope, send, 404, f"{method} {path[:200]}: not found", origin)
+                    return self.done(scope, None, 404, started)
                 if asked is not None:
                     status, cors, body = self.cors.preflight(origin, asked)
                     cors = [(b"x-request-id", request_id.encode()), *cors, (b"content-length", b"%d" % len(body))]
@@ -5379,7 +5399,9 @@ def offered_api_key(req: falcon.asgi.Request) -> str:
 
 
 class ApiKeyAuth:
-    """When keys are configured, the guarded routes need one (Authorization: Bearer, or X-API-Key)."""
+    """When keys are configured, the guarded routes need one (Authorization: Bearer, or X-API-Key), but for OPTIONS:
+    it discloses only the route's Allow (as its 405 and the OpenAPI document do), and a CORS preflight, which a
+    browser sends without a key, is answered with none as well."""
 
     def __init__(self, keys: Sequence[str], guarded: frozenset[str]) -> None:
         self.keys = [key.encode() for key in keys]
@@ -5388,7 +5410,7 @@ class ApiKeyAuth:
     async def process_resource(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, params: dict
     ) -> None:
-        if req.uri_template not in self.guarded:
+        if req.uri_template not in self.guarded or req.method == "OPTIONS":
             return
         offered = offered_api_key(req)
         matches = [hmac.compare_digest(offered.encode(), key) for key in self.keys]
