@@ -3067,6 +3067,12 @@ def newest_observation(conn: sqlite3.Connection, ids: Sequence[int]) -> int:
 REQUEST_ID_KEY = "kasparro.request_id"
 STARTED = "kasparro.started"
 
+
+def latency_ms(started: float) -> float:
+    """The api_latency_ms of every answer: the time since `started` (perf_counter()), in ms to the microsecond."""
+    return round((time.perf_counter() - started) * 1e6) / 1e3  # round(x, 3) costs 3 times more
+
+
 BLANK_HEAD = b'{"request_id":"","api_latency_ms":0.0'  # how an AssetPage with blank per-request fields begins
 ANSWERS_BYTES = 16 * 1024 * 1024  # encoded answers kept per worker (pages are ~25 kB)
 ENTRY_OVERHEAD = 512  # bytes a kept answer costs beyond its body: key, node, object (tracemalloc)
@@ -3300,8 +3306,7 @@ class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
             return 304, b""
         if not self.stamped:
             return self.status, self._gzipped if gzip and self.compressible else self.body
-        latency = round((time.perf_counter() - started) * 1e6) / 1e3  # ms to the microsecond
-        head = b"".join((b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency)))
+        head = b"".join((b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency_ms(started))))
         if gzip and self.compressible:
             return self.status, self._gzip_tail.member(head)
         return self.status, b"".join((head, self._tail))
@@ -3856,6 +3861,9 @@ WHERE source = ? AND run_id < ? AND status IN ('success', 'partial')
 ORDER BY run_id DESC LIMIT {PREVIOUS_RUNS}
 """
 JUDGED = ("rows_read", "rows_loaded", "duration_ms")
+# A duration flagged is also this many ms or more above its median: a run's few ms vary with the disk's syncs and
+# the machine's load more than 3 times over (1 ms against a median of 0 was "over 3 times").
+DURATION_FLOOR_MS = 100
 COMPARED = ("rows_read", "rows_loaded", "rows_rejected", "duration_ms")
 
 
@@ -4055,7 +4063,8 @@ def anomalies_of(run: Run, previous: Mapping[tuple[int, str], Sequence[dict[str,
     neither failed nor skipped it for an unchanged input, which is not judged either).
 
     Rows read or loaded are anomalous when they differ from their median over those runs by more than half
-    of it; the duration when it is over 3 times its median. A source with no previous run is not judged.
+    of it; the duration when it is over 3 times its median and DURATION_FLOOR_MS or more above it. A source with
+    no previous run is not judged.
     """
     found = []
     for part in run.outcomes:
@@ -4069,7 +4078,8 @@ def anomalies_of(run: Run, previous: Mapping[tuple[int, str], Sequence[dict[str,
                 continue
             median = statistics.median(row[name] for row in baseline)
             if name == "duration_ms":
-                flagged, rule = value > 3 * median, "is over 3 times"
+                flagged = value > 3 * median and value - median >= DURATION_FLOOR_MS
+                rule = f"is over 3 times, and {DURATION_FLOOR_MS} ms or more above,"
             else:
                 flagged, rule = abs(value - median) > median / 2, "differs by more than half from"
             if flagged:
@@ -4323,7 +4333,7 @@ volume; buckets without any are absent. Raw observations are kept for KASPARRO_K
 for KASPARRO_KEEP_HOURLY, daily ones forever: 5m and 15m reach as far back as the raw tier, 1h and 4h as
 the hourly one, of every listing merged (a candle lacking a listing's pruned part is absent). Unknown
 asset, or no listing of `source`: 404; `from` after `to`, a bad interval or time: 400."""
-COMPARE_TEXT = """Runs a and b side by side, per source of either run: each measure (rows read, loaded and
+COMPARE_TEXT = f"""Runs a and b side by side, per source of either run: each measure (rows read, loaded and
 rejected, duration) in a, in b, and b minus a; the drift entries that appeared in b or disappeared from a.
 
 `anomalies` judges each of the two runs on its own (once when a = b), each finished source of it against
@@ -4332,7 +4342,7 @@ none is not judged). A load is a run that neither failed nor skipped the source 
 unchanged ("unchanged since run N"); such a skip is not judged either:
 
 - rows read or rows loaded that differ from their median over those runs by more than half of it;
-- a duration over 3 times its median (over the runs that recorded one).
+- a duration over 3 times its median and {DURATION_FLOOR_MS} ms or more above it (over the runs that recorded one).
 
 Each anomaly names the run, source and measure, with its value, the median, and the previous runs' ids
 and values. a and b may come in either order. A run recorded as running whose process is gone reads as
@@ -5060,25 +5070,41 @@ class HttpMetrics:
         self.flush()
 
 
-def problem_body(status: int, detail: str) -> bytes:
-    """An RFC 9457 problem the front door answers itself, before Falcon, with the request's id."""
+def problem_body(status: int, detail: str, started: float) -> bytes:
+    """An RFC 9457 problem the front door answers itself, before Falcon, with the request's id and the time since
+    it `started` (time.perf_counter), as every other answer reports it."""
     problem = Problem(
         type="about:blank",
         title=HTTPStatus(status).phrase,
         status=status,
         detail=detail,
         request_id=REQUEST_ID.get(),
-        api_latency_ms=0.0,
+        api_latency_ms=latency_ms(started),
     )
     return encode(problem)
+
+
+def inexact_path(path: str, raw_path: bytes) -> str | None:
+    """Why the route table cannot hold `path` (raw_path as sent) exactly, or None when it may: a path is routed only
+    to the template it is segment for segment. Falcon's matcher drops leading '/'s (//data was /data) and lets a
+    field match an empty segment (/data//history was the asset '') or a dot segment (/data/.. the asset '..'),
+    and %2F decodes to a '/' inside a segment (RFC 3986 2.2: /data/bitcoin%2Fhistory was bitcoin's history), each
+    behind a proxy's rule for the path it is not."""
+    if b"%2" in raw_path and b"%2f" in raw_path.lower():
+        return "%2F is a '/' inside a segment, and no asset id or run id holds one"
+    if "//" in path or (path.endswith("/") and path not in ROUTE_OF):  # ROUTE_OF: '/', '/docs/', '/redoc/'
+        return "an empty segment, and no route has one there"
+    if "/." in path and {".", ".."} & set(path.split("/")):
+        return "'.' and '..' segments name another path (RFC 3986 5.2.4), and no route has one"
+    return None
 
 
 class Cors:
     """Cross-origin calls from browsers (the Fetch standard's CORS) from the origins of KASPARRO_CORS_ORIGINS:
     `*` any (the API is read-only market data, and sends no cookies), a list, or none. A request with an
     allowed Origin gets Access-Control-Allow-Origin and the headers a client reads exposed; a preflight (OPTIONS
-    with Access-Control-Request-Method) is answered here, 204, with no API key asked (browsers send none then),
-    or 403 for another origin or a method but GET and HEAD."""
+    with Access-Control-Request-Method) to a route is answered here, 204, with no API key asked (browsers send none
+    then), or 403 for another origin or a method but GET and HEAD."""
 
     METHODS = b"GET, HEAD"
     REQUEST_HEADERS = b"Authorization, X-API-Key, X-Request-ID, If-None-Match, Accept"
@@ -5110,12 +5136,12 @@ class Cors:
     def allows(self, origin: bytes) -> bool:
         return self.any or origin in self.origins
 
-    def preflight(self, origin: bytes, method: bytes) -> tuple[int, list[Header], bytes]:
-        """Status, headers and body of the answer to a preflight from `origin` for `method`."""
+    def preflight(self, origin: bytes, method: bytes, started: float) -> tuple[int, list[Header], bytes]:
+        """Status, headers and body of the answer to a preflight from `origin` for `method` (to a route)."""
         if not self.allows(origin) or method not in (b"GET", b"HEAD"):
             why = (f"method {method.decode('latin-1')[:20]!r}: only GET and HEAD" if self.allows(origin)
                    else f"origin {origin.decode('latin-1')[:100]!r} is not in KASPARRO_CORS_ORIGINS")  # fmt: skip
-            body = problem_body(403, f"cross-origin request refused: {why}")
+            body = problem_body(403, f"cross-origin request refused: {why}", started)
             return 403, [*self.always, (b"content-type", MEDIA_PROBLEM.encode())], body
         allowed = [
             (b"access-control-allow-origin", b"*" if self.any else origin),
@@ -5183,9 +5209,11 @@ class FrontDoor:
     """The ASGI layer every request passes before the Falcon app, which does not know it is there.
 
     It gives each HTTP request its id (a sane X-Request-ID is echoed, else a new UUID4) and its clock,
-    counts it and writes its one log line. A GET or HEAD of a route in `kept_routes` it answers itself:
-    from the AnswerCache, 304 included, or, with no query string, from the route's KeptResource. Every
-    other request, and every one it cannot answer (an error, a missing asset), goes through Falcon.
+    counts it and writes its one log line. A path no route holds exactly (inexact_path) is a 404 here, and so
+    is a CORS preflight to a path no route holds; a preflight to a route it answers (Cors). A GET or HEAD of a
+    route in `kept_routes` it answers itself: from the AnswerCache, 304 included, or, with no query string, from
+    the route's KeptResource. Every other request, and every one it cannot answer (an error, a missing asset),
+    goes through Falcon.
     """
 
     STALLED_CLIENT = 60.0  # seconds a client may leave a part of a streamed body unread before it is let go
@@ -5230,17 +5258,20 @@ class FrontDoor:
         responding = False  # whether a response has begun (by Falcon, or here): after that, an error is not answered
         try:
             method = scope["method"]
-            raw_path = scope.get("raw_path") or b""
-            if b"%2" in raw_path and b"%2f" in raw_path.lower():  # RFC 3986: a '/' inside a segment, not two
-                detail = (f"{method} {raw_path.decode('latin-1')[:200]}: not found (%2F is a '/' inside a segment,"
-                          " and no asset id or run id holds one)")  # fmt: skip
+            path, raw_path = scope["path"], scope.get("raw_path") or b""
+            if (why := inexact_path(path, raw_path)) is not None:  # before the answers kept by the decoded path
+                sent = (raw_path.decode("latin-1") or path)[:200]
                 responding = True
-                await self.send_problem(scope, send, 404, detail, origin)
+                await self.send_problem(scope, send, 404, f"{method} {sent}: not found ({why})", origin)
                 return self.done(scope, None, 404, started)
             if method == "OPTIONS" and origin is not None:
                 asked = next((value for name, value in headers if name == b"access-control-request-method"), None)
+                if asked is not None and self.router.find(path) is None:  # no route: any other request's 404
+                    responding = True
+                    await self.send_problem(scope, send, 404, f"{method} {path[:200]}: not found", origin)
+                    return self.done(scope, None, 404, started)
                 if asked is not None:
-                    status, cors, body = self.cors.preflight(origin, asked)
+                    status, cors, body = self.cors.preflight(origin, asked, started)
                     cors = [(b"x-request-id", request_id.encode()), *cors, (b"content-length", b"%d" % len(body))]
                     responding = True
                     await send({"type": "http.response.start", "status": status, "headers": cors})
@@ -5287,7 +5318,7 @@ class FrontDoor:
         self, scope: dict[str, Any], send: Callable[..., Any], status: int, detail: str, origin: bytes | None
     ) -> None:
         """Answer the request with a problem of its own, Falcon never asked."""
-        body = problem_body(status, detail)
+        body = problem_body(status, detail, scope[STARTED])
         headers = [(b"x-request-id", scope[REQUEST_ID_KEY].encode()), (b"content-type", MEDIA_PROBLEM.encode()),
                    (b"content-length", b"%d" % len(body)), *self.cors.headers(origin)]  # fmt: skip
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -5374,7 +5405,9 @@ def offered_api_key(req: falcon.asgi.Request) -> str:
 
 
 class ApiKeyAuth:
-    """When keys are configured, the guarded routes need one (Authorization: Bearer, or X-API-Key)."""
+    """When keys are configured, the guarded routes need one (Authorization: Bearer, or X-API-Key), but for OPTIONS:
+    it discloses only the route's Allow (as its 405 and the OpenAPI document do), and a CORS preflight, which a
+    browser sends without a key, is answered with none as well."""
 
     def __init__(self, keys: Sequence[str], guarded: frozenset[str]) -> None:
         self.keys = [key.encode() for key in keys]
@@ -5383,7 +5416,7 @@ class ApiKeyAuth:
     async def process_resource(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, params: dict
     ) -> None:
-        if req.uri_template not in self.guarded:
+        if req.uri_template not in self.guarded or req.method == "OPTIONS":
             return
         offered = offered_api_key(req)
         matches = [hmac.compare_digest(offered.encode(), key) for key in self.keys]
@@ -5514,7 +5547,7 @@ def serialize_problem(req: falcon.asgi.Request, resp: falcon.asgi.Response, erro
         status=error.status_code,
         detail=error.description or f"{req.method} {req.path}: {phrase.lower()}",
         request_id=req.scope.get(REQUEST_ID_KEY) or str(uuid.uuid4()),
-        api_latency_ms=round((time.perf_counter() - started) * 1000, 3),
+        api_latency_ms=latency_ms(started),
     )
     resp.content_type = MEDIA_PROBLEM
     resp.data = encode(problem)

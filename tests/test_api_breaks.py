@@ -166,7 +166,8 @@ def test_an_error_in_the_front_door_is_a_500_problem_with_the_request_id(
     """The front door answers kept pages itself; an error of its own (as Accept-Encoding read as UTF-8 was) escaped
     to uvicorn, whose 500 is text/plain with no X-Request-ID. Any error before it answers is a 500 problem."""
     client = make_client(Config(db=store_path, log_level="warning"))
-    assert client.get("/data", params={"page_size": "30"}).status_code == 200  # kept: the front door's from now
+    for _ in range(2):  # kept on its second read: the front door's from now
+        assert client.get("/data", params={"page_size": "30"}).status_code == 200
 
     def broken(accept_encoding: str) -> bool:
         raise RuntimeError("a fault of the front door")
@@ -177,6 +178,114 @@ def test_an_error_in_the_front_door_is_a_500_problem_with_the_request_id(
         assert (answer.status_code, answer.headers["content-type"]) == (500, PROBLEM), method
         if method == "GET":
             assert answer.json["request_id"] == answer.headers["x-request-id"]
+            assert answer.json["api_latency_ms"] > 0  # measured, as every other answer's (it was 0.0)
             assert "RuntimeError" not in answer.text and "front door" not in answer.text
         else:
             assert answer.content == b""
+
+
+INEXACT = ["//data", "///data", "//data?page_size=2", "//data/bitcoin", "//data/bitcoin/history", "/data//history",
+           "/data//bitcoin", "/data/", "/data/bitcoin//history", "//runs/1", "/runs//1", "/runs/", "//health", "//",
+           "//docs", "/data/bitcoin%2Fhistory", "/data/..", "/data/.", "/runs/./1", "/data/bitcoin/history/.",
+           "/health/../data"]  # fmt: skip
+
+
+@pytest.mark.parametrize("target", INEXACT)
+def test_a_path_the_route_table_does_not_hold_exactly_is_a_404(live_server: Any, store_path: Path, target: str) -> None:
+    """A path is routed only when it is a route's template segment for segment, as %2F already was: Falcon's matcher
+    drops leading '/'s, so //data answered as /data (behind a proxy's rule for /data), and lets a field match an
+    empty segment, so /data//history looked up the asset '' and /runs/ the run '' (with keys set: a 401)."""
+    keyed = {"Authorization": "Bearer k1"}
+    exact = "/" + target.replace("%2F", "/").replace("/..", "").replace("/.", "").lstrip("/").replace("//", "/")
+    for keys in ("", "k1"):  # open: the front door answers kept routes itself; keyed: Falcon, after the guard
+        server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_API_KEYS=keys)
+        for method in ("GET", "GET", "GET", "HEAD"):  # the second and third: after an answer to the exact path is kept
+            exchange(server.base, "GET", exact, keyed)
+            for headers in (keyed, {}):
+                status, answered, body = exchange(server.base, method, target, headers)
+                assert (status, answered["content-type"]) == (404, PROBLEM), (keys, method, headers, body[:200])
+                if method == "GET":
+                    problem = json.loads(body)
+                    assert target.split("?")[0].replace("%2F", "/") in problem["detail"].replace("%2F", "/"), problem
+                    assert problem["request_id"] == answered["x-request-id"]
+                else:
+                    assert body == b""
+
+
+@pytest.mark.parametrize(
+    "target", ["/", "/docs/", "/redoc/", "/docs", "/data/%62itcoin", "/data/bitcoin/history", "/docs/swagger-ui.css"]
+)
+def test_a_path_the_route_table_holds_exactly_is_served(server: LiveServer, target: str) -> None:
+    for _ in range(3):
+        assert exchange(server.base, "GET", target)[0] == 200, target
+
+
+ORIGIN = "https://dash.example"
+
+
+def preflight(base: str, target: str, origin: str = ORIGIN, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    return exchange(base, "OPTIONS", target, {"Origin": origin, "Access-Control-Request-Method": method})
+
+
+@pytest.mark.parametrize("cors", ["*", ORIGIN])
+def test_a_preflight_to_a_path_no_route_holds_is_the_404_problem(live_server: Any, store_path: Path, cors: str) -> None:
+    """A preflight is answered for the routes there are: to /nowhere it was a 204 granting GET. It is the 404 any
+    other request there gets, with the CORS headers an error to an allowed origin has (so the page can read it)."""
+    server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_CORS_ORIGINS=cors, KASPARRO_API_KEYS="k1")
+    for target in ("/nowhere", "/data/bitcoin/nowhere", "//data", "/data/", "/data%2Fexport"):
+        status, headers, body = preflight(server.base, target)
+        assert (status, headers["content-type"]) == (404, PROBLEM), (target, body[:200])
+        assert headers["access-control-allow-origin"] == ("*" if cors == "*" else ORIGIN), target
+        assert "access-control-allow-methods" not in headers, target
+        assert json.loads(body)["request_id"] == headers["x-request-id"]
+    status, headers, body = preflight(server.base, "/nowhere", origin="https://other.example")
+    assert (status, headers["content-type"]) == (404, PROBLEM)
+    if cors != "*":  # another origin's error is served without the header, as any other answer to it
+        assert "access-control-allow-origin" not in headers
+    # To a route: granted, or refused for another origin (with a list) or method, as before.
+    for target in ("/data", "/data/bitcoin", "/runs/1", "/health", "/docs/"):
+        status, headers, body = preflight(server.base, target)
+        assert (status, body, headers["access-control-allow-methods"]) == (204, b"", "GET, HEAD"), target
+    assert preflight(server.base, "/data", method="DELETE")[0] == 403
+    if cors != "*":
+        status, headers, body = preflight(server.base, "/data", origin="https://other.example")
+        assert (status, headers["content-type"]) == (403, PROBLEM) and "other.example" in json.loads(body)["detail"]
+
+
+def test_a_plain_options_needs_no_api_key_as_a_preflight_does(live_server: Any, store_path: Path) -> None:
+    """OPTIONS discloses only the route's Allow, which its 405 and the OpenAPI document show anyone: with
+    KASPARRO_API_KEYS set it was a 401 on the guarded routes, where a preflight (which a browser sends without
+    a key) was answered. Both need none; every other method still does."""
+    server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_API_KEYS="k1")
+    for target in ("/data", "/data/export", "/data/bitcoin", "/data/bitcoin/history", "/stats", "/runs", "/runs/1",
+                   "/runs/compare", "/health", "/"):  # fmt: skip
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer k1"}):
+            status, answered, body = exchange(server.base, "OPTIONS", target, headers)
+            assert (status, body, answered["allow"]) == (204, b"", "GET, HEAD, OPTIONS"), (target, headers, body)
+        if target.startswith(("/data", "/stats", "/runs")):
+            assert exchange(server.base, "GET", target)[0] == 401, target
+            assert exchange(server.base, "HEAD", target)[0] == 401, target
+    assert exchange(server.base, "OPTIONS", "/nowhere")[0] == 404
+
+
+def test_a_problem_the_front_door_answers_itself_reports_its_measured_latency(
+    live_server: Any, store_path: Path
+) -> None:
+    """The front door's own problems (an encoded '/', a preflight refused or to no route) said api_latency_ms 0.0:
+    they report the time measured as every other answer does, within the duration of the request's log line."""
+    server = live_server(store_path, LOG_LEVEL="info", KASPARRO_CORS_ORIGINS=ORIGIN)
+    answers = [
+        exchange(server.base, "GET", "/data/bitcoin%2Fhistory"),
+        preflight(server.base, "/data", origin="https://other.example"),
+        preflight(server.base, "/data", method="DELETE"),
+        preflight(server.base, "/nowhere"),
+        exchange(server.base, "GET", "/nowhere"),  # Falcon's, for comparison
+    ]
+    server.process.terminate()
+    server.process.wait(timeout=10)
+    lines = [json.loads(line) for line in server.output.read_text().splitlines() if line.startswith("{")]
+    durations = {line["request_id"]: line["duration_ms"] for line in lines if line["event"] == "request"}
+    for status, headers, body in answers:
+        assert headers["content-type"] == PROBLEM, status
+        problem = json.loads(body)
+        assert 0 < problem["api_latency_ms"] <= durations[headers["x-request-id"]], (problem, durations)

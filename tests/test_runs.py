@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 import etl
+import kasparro
 from conftest import LiveServer, exchange, run_etl
 from etl_support import writer_lock_held
 from kasparro import Anomaly, Run, RunComparison, RunList, RunSourceOutcome, compare_runs
@@ -274,14 +275,26 @@ def flags(run: Run, previous_rows: list[tuple[int, int | None]]) -> set[str]:
         (151, 301, [(100, 100)] * 10, {"rows_read", "rows_loaded", "duration_ms"}),
         (49, 100, [(100, 100)] * 10, {"rows_read", "rows_loaded"}),
         (100, 100, [(10, 10)] * 4 + [(100, 100)] * 5, set()),  # the median, not the mean
-        (100, 100, [(100, 1)] * 3 + [(100, None)] * 2, {"duration_ms"}),  # runs without a duration are left out
+        (100, 101, [(100, 1)] * 3 + [(100, None)] * 2, {"duration_ms"}),  # runs without a duration are left out
         (100, 100, [], set()),  # no previous run: not judged
         (1, 0, [(0, 0)] * 3, {"rows_read", "rows_loaded"}),  # any rows against a median of none
+        (0, 0, [(0, 0)] * 3, set()),  # none against none
+        # A duration is flagged only DURATION_FLOOR_MS or more above its median: 1 ms against a median of 0 ms
+        # was "over 3 times" it. Both sides of the floor, and of 3 times where that is the higher bound.
+        (100, 1, [(100, 0)] * 10, set()),
+        (100, 99, [(100, 0)] * 10, set()),
+        (100, 100, [(100, 0)] * 10, {"duration_ms"}),
+        (100, 139, [(100, 40)] * 10, set()),  # over 3 times, 99 ms above
+        (100, 140, [(100, 40)] * 10, {"duration_ms"}),
+        (100, 150, [(100, 50)] * 10, set()),  # 100 ms above, exactly 3 times
+        (100, 151, [(100, 50)] * 10, {"duration_ms"}),
+        (100, 10_000, [(100, 5)] * 10, {"duration_ms"}),
     ],
 )
 def test_the_anomaly_rule_at_its_bounds(
     rows_read: int, duration_ms: int, previous: list[tuple[int, int | None]], flagged: set[str]
 ) -> None:
+    assert kasparro.DURATION_FLOOR_MS == 100  # the floor the bounds above are written for
     assert flags(steady_run(len(previous) + 1, rows_read, duration_ms), previous) == flagged
 
 
