@@ -3362,6 +3362,18 @@ class AnswerCache:
         self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of keys made once lately, oldest first
         self._making: dict[AnswerKey, Making] = {}
 
+    def held(self, key: AnswerKey) -> Answer | None:
+        """The answer kept for key if it holds at the commit the store was seen at this turn of the loop: lookup()
+        without a coroutine, for the front door's every request. None: not kept, or lookup() must look."""
+        answer = self.entries.get(key)
+        if answer is None:
+            return None
+        commit = self.store.seen
+        if commit is None or answer.commit != commit.number or answer.until != math.inf and time.time() >= answer.until:
+            return None
+        self.entries.move_to_end(key)
+        return answer
+
     async def lookup(self, key: AnswerKey) -> Answer | None:
         """The answer kept for key if it still holds; the store is looked at only when one is kept."""
         answer = self.entries.get(key)
@@ -5259,12 +5271,19 @@ class FrontDoor:
         try:
             method = scope["method"]
             path, raw_path = scope["path"], scope.get("raw_path") or b""
-            if (why := inexact_path(path, raw_path)) is not None:  # before the answers kept by the decoded path
+            # A record format chosen by Accept is Falcon's to negotiate (and key).
+            kept = method in READS and (accept is None or preferred_format(accept.decode("latin-1")) == "json")
+            # Answers are kept only for paths a route holds exactly: a path sent as its decoded form (no '%') that
+            # has one held needs no inexact_path, and the kept answer is sent without a coroutine.
+            answer = self.answers.held((path, scope["query_string"])) if kept and b"%" not in raw_path else None
+            if answer is not None and answer.route not in self.kept_routes:
+                answer = None
+            if answer is None and (why := inexact_path(path, raw_path)) is not None:  # before the kept answers
                 sent = (raw_path.decode("latin-1") or path)[:200]
                 responding = True
                 await self.send_problem(scope, send, 404, f"{method} {sent}: not found ({why})", origin)
                 return self.done(scope, None, 404, started)
-            if method == "OPTIONS" and origin is not None:
+            if answer is None and method == "OPTIONS" and origin is not None:
                 asked = next((value for name, value in headers if name == b"access-control-request-method"), None)
                 if asked is not None and self.router.find(path) is None:  # no route: any other request's 404
                     responding = True
@@ -5277,9 +5296,8 @@ class FrontDoor:
                     await send({"type": "http.response.start", "status": status, "headers": cors})
                     await send({"type": "http.response.body", "body": body})
                     return self.done(scope, "(preflight)", status, started)
-            # A record format chosen by Accept is Falcon's to negotiate (and key).
-            plain = accept is None or preferred_format(accept.decode("latin-1")) == "json"
-            answer = await self.kept_answer(scope) if method in READS and plain else None
+            if answer is None and kept:
+                answer = await self.kept_answer(scope)
             if answer is None:
                 responding = True  # Falcon answers its own errors
                 status = await self.through_falcon(scope, receive, send, origin)
