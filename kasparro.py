@@ -3369,7 +3369,9 @@ class AnswerCache:
         if answer is None:
             return None
         commit = self.store.seen
-        if commit is None or answer.commit != commit.number or answer.until != math.inf and time.time() >= answer.until:
+        if commit is None or answer.commit != commit.number:
+            return None
+        if answer.until != math.inf and time.time() >= answer.until:
             return None
         self.entries.move_to_end(key)
         return answer
