@@ -3294,6 +3294,17 @@ class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
         return f'W/"{self.etag}"'.encode()
 
     @functools.cached_property
+    def sent_headers(self) -> tuple[Header, ...]:
+        """The headers of a 200 reply (but X-Request-ID, Content-Length and Content-Encoding)."""
+        etag = () if self.etag is None else ((b"etag", self.etag_header),)
+        return (*self.headers, *etag, (b"content-type", self.content_type))
+
+    @functools.cached_property
+    def unchanged_headers(self) -> tuple[Header, ...]:
+        """The headers of its 304 reply (but X-Request-ID)."""
+        return (*self.headers, (b"etag", self.etag_header))
+
+    @functools.cached_property
     def _tail(self) -> memoryview:
         return memoryview(self.body)[len(BLANK_HEAD) :]
 
@@ -3306,10 +3317,10 @@ class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
             return 304, b""
         if not self.stamped:
             return self.status, self._gzipped if gzip and self.compressible else self.body
-        head = b"".join((b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency_ms(started))))
+        stamp = (b'{"request_id":', encode(request_id), b',"api_latency_ms":', encode(latency_ms(started)))
         if gzip and self.compressible:
-            return self.status, self._gzip_tail.member(head)
-        return self.status, b"".join((head, self._tail))
+            return self.status, self._gzip_tail.member(b"".join(stamp))
+        return self.status, b"".join((*stamp, self._tail))
 
 
 def send_answer(req: falcon.asgi.Request, resp: falcon.asgi.Response, answer: Answer) -> None:
@@ -5311,11 +5322,11 @@ class FrontDoor:
                     and accepts_gzip(accept_encoding.decode("latin-1"))
                 )
                 status, body = answer.reply(request_id, started, if_none_match, gzip)
-                headers = [(b"x-request-id", request_id.encode()), *answer.headers]
-                if answer.etag is not None:
-                    headers.append((b"etag", answer.etag_header))
-                if status != 304:
-                    headers += [(b"content-type", answer.content_type), (b"content-length", b"%d" % len(body))]
+                if status == 304:
+                    headers = [(b"x-request-id", request_id.encode()), *answer.unchanged_headers]
+                else:
+                    headers = [(b"x-request-id", request_id.encode()), *answer.sent_headers,
+                               (b"content-length", b"%d" % len(body))]  # fmt: skip
                     if gzip:
                         headers.append((b"content-encoding", b"gzip"))
                 if origin is not None or self.cors.always:
