@@ -2068,10 +2068,17 @@ SELECT count(*) FROM ({NEW_LATE_ROWS.format(rows="temp.observed r JOIN listing l
 NOT_LATE = """
 DELETE FROM temp.observed WHERE observed_at < (SELECT raw_before FROM listing WHERE listing_id = observed.listing_id)
 """
-# A source's (?1) late rows that are new, and its listings that have late rows (with where their raw history starts).
-LATE_OF_SOURCE = "listing l JOIN raw_observation r ON r.listing_id = l.listing_id AND r.observed_at < l.raw_before"
-STAGE_LATE = "INSERT INTO temp.late " + NEW_LATE_ROWS.format(rows=f"{LATE_OF_SOURCE} AND l.source = ?1")
-LATE_LISTINGS = f"SELECT DISTINCT l.listing_id, l.raw_before FROM {LATE_OF_SOURCE} WHERE l.source = ?1"
+# The listings that have late rows, with where their raw history starts: a seek for each listing (late rows of a
+# source other than the one just loaded are those a killed run left). Then their late rows that are new (?1: a JSON
+# array of those listings).
+LATE_LISTINGS = """
+SELECT l.listing_id, l.raw_before FROM listing l
+WHERE EXISTS (SELECT 1 FROM raw_observation r WHERE r.listing_id = l.listing_id AND r.observed_at < l.raw_before)
+"""
+STAGE_LATE = "INSERT INTO temp.late " + NEW_LATE_ROWS.format(
+    rows="listing l JOIN raw_observation r ON r.listing_id = l.listing_id AND r.observed_at < l.raw_before"
+    " AND l.listing_id IN (SELECT value FROM json_each(?1))"
+)
 
 # Each new observation joins its candle of width ?1, by store.sql's candle rule: in open_candle when it lies in
 # its listing's open bucket, else in candle.
@@ -2132,21 +2139,17 @@ ROLL_UP_LATE = ROLL_UP_ROWS.format(
 
 CLOSE_STALE = "INSERT INTO candle SELECT * FROM open_candle WHERE listing_id = ?1 AND t < ?2"
 
-# The source's listings whose retention horizons moved (once a UTC day each): ?2 and ?3 are KEEP_RAW and KEEP_HOURLY.
-# A listing's newest observation is its newest raw one up to the run's limit (?4: its start + 5 min), never one
-# dated in the future (loaded before such times were refused), which would prune everything current.
+# The store's clock, in Unix seconds: its newest observation, the newest of its listings' quotes (each one's latest
+# observation) up to the run's limit (?1: its start + 5 min), never one dated in the future (loaded before such times
+# were refused), which would prune everything current. A scan of source_map.
+STORE_CLOCK = "SELECT CAST(strftime('%s', max(observed_at)) AS INTEGER) FROM source_map WHERE observed_at <= ?1"
+
+# Every listing whose retention horizons move (once a UTC day) from the store's clock (?1), by KEEP_RAW (?2) and
+# KEEP_HOURLY (?3): loaded in this run or not (a source no longer loaded, a coin no longer listed). A scan of listing.
 ADVANCE_HORIZONS = """
-WITH n AS MATERIALIZED (
-    SELECT l.listing_id,
-           (SELECT r.observed_at FROM raw_observation r
-            WHERE r.listing_id = l.listing_id AND r.observed_at <= CAST(strftime('%s', ?4) AS INTEGER)
-            ORDER BY r.observed_at DESC LIMIT 1) AS newest
-    FROM listing l WHERE l.source = ?1)
-UPDATE listing SET raw_before = max(raw_before, (n.newest - ?2) / 86400 * 86400),
-                   hourly_before = max(hourly_before, (n.newest - ?3) / 86400 * 86400)
-FROM n
-WHERE listing.listing_id = n.listing_id
-  AND ((n.newest - ?2) / 86400 * 86400 > raw_before OR (n.newest - ?3) / 86400 * 86400 > hourly_before)
+UPDATE listing SET raw_before = max(raw_before, (?1 - ?2) / 86400 * 86400),
+                   hourly_before = max(hourly_before, (?1 - ?3) / 86400 * 86400)
+WHERE (?1 - ?2) / 86400 * 86400 > raw_before OR (?1 - ?3) / 86400 * 86400 > hourly_before
 RETURNING listing_id, raw_before, hourly_before
 """
 
@@ -2379,20 +2382,26 @@ def new_generation(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA application_id = {generation % 2**31}")
 
 
-def prune_history(conn: sqlite3.Connection, run_id: int, source: str, retention: Retention) -> None:
-    """Move the retention horizons of a source's listings to their newest observations and prune what they pass, in
-    one transaction (store.sql: history), after rolling up its late rows that are new (NEW_LATE_ROWS). Once a
-    source's load, not a batch's: every row a run loads is kept raw or rolled up as late by the horizons and candles
-    the run found, whatever the order of its rows. Idempotent: what a killed run left undone, the next run does."""
+def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention) -> None:
+    """Move every listing's retention horizons to the store's clock (STORE_CLOCK) and prune what they pass, in one
+    transaction (store.sql: history), after rolling up the late rows that are new (NEW_LATE_ROWS). Once a source's
+    load, not a batch's: every row a run loads is kept raw or rolled up as late by the horizons and candles the load
+    found, whatever the order of its rows. Every listing, loaded by the run or not, so a listing no run loads any
+    more is rolled up as the store moves on; the work is a seek for each listing, however long the history.
+    Idempotent: what a killed run left undone, the next run does."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute("DELETE FROM temp.late")
-        late = conn.execute(STAGE_LATE, (source,)).rowcount
-        for width in (HOUR, DAY):
-            conn.execute(ROLL_UP_LATE, (width,))
-        pruned = dict(conn.execute(LATE_LISTINGS, (source,)).fetchall())
-        limit = future_limit(conn, run_id)
-        moved = conn.execute(ADVANCE_HORIZONS, (source, retention.raw, retention.hourly, limit)).fetchall()
+        pruned = dict(conn.execute(LATE_LISTINGS).fetchall())
+        late = 0
+        if pruned:
+            conn.execute("DELETE FROM temp.late")
+            late = conn.execute(STAGE_LATE, (json.dumps(list(pruned)),)).rowcount
+            for width in (HOUR, DAY):
+                conn.execute(ROLL_UP_LATE, (width,))
+        (clock,) = conn.execute(STORE_CLOCK, (future_limit(conn, run_id),)).fetchone()
+        moved = (
+            [] if clock is None else conn.execute(ADVANCE_HORIZONS, (clock, retention.raw, retention.hourly)).fetchall()
+        )
         raw_starts = [m[:2] for m in moved]  # (listing_id, raw_before)
         pruned.update(raw_starts)
         conn.executemany("DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", pruned.items())
@@ -2898,9 +2907,9 @@ def load_source(conn: sqlite3.Connection, run_id: int, source: Source, config: E
         loaded = load_batches(conn, run_id, source, config)
     except SourceError:
         with cleanup("history pruning"):
-            prune_history(conn, run_id, source.name, config.retention)
+            prune_history(conn, run_id, config.retention)
         raise
-    prune_history(conn, run_id, source.name, config.retention)
+    prune_history(conn, run_id, config.retention)
     return loaded
 
 

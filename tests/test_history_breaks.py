@@ -1,5 +1,6 @@
 """History and retention as a breaker tried them (issue 17): listings of one asset whose retention horizons differ
-(one stopped, or loaded under another retention), read merged. The real etl.py and SQLite files."""
+(one first loaded under a longer retention than the others were pruned by), read merged. The real etl.py and SQLite
+files."""
 
 from __future__ import annotations
 
@@ -24,24 +25,29 @@ def btc(source: str, start: int, end: int, seed: int) -> list[Seen]:
     return [o for o in observations(source, start, end, seed=seed, step=1_800) if o.asset == "BTC"]
 
 
-def day_by_day(folder: Path, db: Path, feeds: dict[str, tuple[list[Seen], dict[str, str]]]) -> None:
-    """Each source's observations loaded a day at a time, the sources in turn, each with its own retention."""
+def day_by_day(folder: Path, db: Path, feeds: dict[str, tuple[list[Seen], dict[str, str], int]]) -> None:
+    """Each source's observations loaded a day at a time, the sources in turn, each with its own retention, from its
+    first day of loading (whose run loads every observation of the source up to that day's end)."""
     for day in range(8):
-        for name, (seen, env) in feeds.items():
-            part = [o for o in seen if START + day * DAY <= o.t < START + (day + 1) * DAY]
+        for name, (seen, env, first) in feeds.items():
+            part = [o for o in seen if day >= first and START + day * DAY <= o.t < START + (day + 1) * DAY]
+            if day == first:
+                part = [o for o in seen if o.t < START + (day + 1) * DAY]
             if part:
                 load(db, [(name, write_feed(folder / f"{name}{day}.csv", part))], **env)
 
 
 SHORT = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "3d"}
 LONG = {"KASPARRO_KEEP_RAW": "8d", "KASPARRO_KEEP_HOURLY": "8d"}
+# Every run moves every listing's horizons to the store's clock by its own retention, never back: listings' horizons
+# differ where one was first loaded under a longer retention than the runs that had pruned the others.
 CASES = {
-    # csv:a stops after two days; csv:b goes on and prunes past them.
-    "a listing that stopped": lambda: {"a": (btc("a", START, START + 2 * DAY, 1), SHORT),
-                                       "b": (btc("b", START, END, 2), SHORT)},
-    # Both go on, csv:a kept longer than csv:b (KASPARRO_KEEP_* differ between the runs of each source).
-    "retention that differs between runs": lambda: {"a": (btc("a", START, END, 3), LONG),
-                                                     "b": (btc("b", START, END, 4), SHORT)},
+    # csv:a all along; csv:b's five days loaded at once on the last day, kept longer.
+    "a listing first loaded under a longer retention": lambda: {"a": (btc("a", START, END, 1), SHORT, 0),
+                                                              "b": (btc("b", START + 3 * DAY, END, 2), LONG, 7)},
+    # csv:a stops after five days; csv:b's six days loaded at once on the last day, kept longer.
+    "a listing that stopped, then one kept longer": lambda: {"a": (btc("a", START, START + 5 * DAY, 3), SHORT, 0),
+                                                           "b": (btc("b", START + 2 * DAY, END, 4), LONG, 7)},
 }  # fmt: skip
 
 
@@ -52,7 +58,7 @@ def uneven(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     db = folder / "kasparro.db"
     day_by_day(folder, db, feeds)
     with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
-        yield client, db, unique([o for seen, _ in feeds.values() for o in seen])
+        yield client, db, unique([o for seen, *_ in feeds.values() for o in seen])
 
 
 @pytest.mark.parametrize(("interval", "width"), INTERVALS)
