@@ -2064,6 +2064,11 @@ WHERE c.listing_id IS NULL OR o.observed_at NOT BETWEEN c.first_at AND c.last_at
 COUNT_NEW_LATE = f"""
 SELECT count(*) FROM ({NEW_LATE_ROWS.format(rows="temp.observed r JOIN listing l ON l.listing_id = r.listing_id")})
 """
+# How many of a batch's new raw rows are late, and how many of those have no price (candles keep priced ones only).
+COUNT_LATE = """
+SELECT count(*), count(*) - count(r.price_usd) FROM temp.observed r JOIN listing l ON l.listing_id = r.listing_id
+WHERE r.observed_at < l.raw_before
+"""
 # The batch's new raw rows within their listing's raw history: those its candles take now.
 NOT_LATE = """
 DELETE FROM temp.observed WHERE observed_at < (SELECT raw_before FROM listing WHERE listing_id = observed.listing_id)
@@ -2433,6 +2438,10 @@ class Loader:
         self.source = source
         self.latest = future_limit(conn, run_id)
         self.rejected = 0  # in this run, committed: each counted, the first REJECTS_KEPT stored
+        # Late rows (older than their listing's raw history) read, not loaded, in this run, committed: inside the
+        # span of their kept candle (NEW_LATE_ROWS) and without a price; and the pending batch's.
+        self.late_inside = self.late_unpriced = 0
+        self.pending = (0, 0)
         # Into an empty store, the sort indexes are dropped and built once at
         # the end: random inserts into eight indexes would otherwise rewrite
         # most of their pages at every commit. Nothing is served from an empty
@@ -2460,6 +2469,7 @@ class Loader:
         """Apply one batch, its checkpoint and raw payload in one transaction; return new observations. An
         observation that conflicts with one loaded first joins batch.rejects (Loader._conflicts)."""
         conn = self.conn
+        self.pending = (0, 0)
         conn.execute("BEGIN IMMEDIATE")
         try:
             if self.bulk:
@@ -2502,17 +2512,32 @@ class Loader:
         if self.rejected <= REJECTS_KEPT < self.rejected + len(batch.rejects):
             log.warning("rejects not all stored", source=self.source, stored=REJECTS_KEPT)
         self.rejected += len(batch.rejects)
+        self.late_inside += self.pending[0]
+        self.late_unpriced += self.pending[1]
         return loaded
 
-    def rejects_note(self) -> list[str]:
-        """A note for the source's outcome when its rejects were not all stored."""
-        if self.rejected <= REJECTS_KEPT:
-            return []
+    def notes(self) -> list[str]:
+        """Notes for the source's outcome: rejects not all stored, late rows read but not loaded."""
         unit = "rows" if self.source.startswith("csv:") else "records"
-        return [
-            f"stored the first {REJECTS_KEPT:,} of {self.rejected:,} rejected {unit} in reject; the rest were counted"
-            " only"
-        ]
+        notes = []
+        if self.rejected > REJECTS_KEPT:
+            notes.append(
+                f"stored the first {REJECTS_KEPT:,} of {self.rejected:,} rejected {unit} in reject; the rest were"
+                " counted only"
+            )
+        if self.late_inside:
+            notes.append(
+                f"{self.late_inside:,} {unit} older than the raw history kept lay inside the span of a candle an"
+                " earlier run kept for them, so could not be told from ones loaded before: read, not loaded (load"
+                " history oldest first)"
+            )
+            log.warning("late rows taken for ones loaded before", source=self.source, rows=self.late_inside)
+        if self.late_unpriced:
+            notes.append(
+                f"{self.late_unpriced:,} {unit} older than the raw history kept had no price, and only candles of"
+                " prices are kept there: read, not loaded"
+            )
+        return notes
 
     def _load(self, observations: list[tuple], rejects: list[tuple[int, str, str]]) -> int:
         conn = self.conn
@@ -2562,6 +2587,8 @@ class Loader:
         conn.execute("DELETE FROM temp.observed")
         conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
         (late,) = conn.execute(COUNT_NEW_LATE).fetchone()
+        waiting, unpriced = conn.execute(COUNT_LATE).fetchone()
+        self.pending = (waiting - late - unpriced, unpriced)
         kept = len(observed) - conn.execute(NOT_LATE).rowcount
         for width in (HOUR, DAY):
             conn.execute("DELETE FROM temp.opening")
@@ -2764,7 +2791,7 @@ def load_csv_file(
     if drift:
         log.warning("schema drift", source=source.name, drift=drift)
     notes = [f"resumed from line {checkpoint[2]}"] if resume else []
-    notes += loader.rejects_note()
+    notes += loader.notes()
     if headers:
         lines_shown = ", ".join(map(str, headers[:5])) + (", ..." if len(headers) > 5 else "")
         notes.append(f"skipped {len(headers)} repeated header row{'s' * (len(headers) > 1)} (line {lines_shown})")
@@ -2795,7 +2822,7 @@ def load_pages(
     if drift:
         renames = [key for key in drift if key.startswith("likely rename")]
         log.warning("schema drift", source=upstream.name, drift=drift, likely_renames=renames)
-    notes = loader.rejects_note()
+    notes = loader.notes()
     if batch.repeated:
         page = batch.end.offset + 1
         notes.append(
