@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from test_history import DAY, HOUR, START, Seen, candles, kill_at_random, load, observations, unique, write_feed
-from test_history_api import candle_dicts
+from test_history_api import candle_dicts, utc
 
 from conftest import SyncConductor
 from etl_support import CANDLES, query, run_etl, start_etl, store_content, wait_for_event
@@ -75,6 +75,23 @@ def test_merged_candles_cover_only_buckets_every_listing_keeps(uneven: Any, inte
     expected = candle_dicts(candles(seen, width, "asset"), ("BTC",), max(START, kept_from), END, width)
     assert body.json["points"] == expected
     assert expected, "the window holds candles"
+
+
+def test_merged_raw_points_are_every_listing_s_kept_observations(uneven: Any) -> None:
+    """Raw points are observations, each named by its source, not roll-ups: merged over listings whose raw horizons
+    differ, they are every listing's observations from its own horizon on (none is part of another's point), in
+    time order, then source; before the latest horizon they are the longer-kept listing's alone."""
+    client, db, seen = uneven
+    horizons = dict(query(db, "SELECT source, raw_before FROM listing"))
+    assert len(set(horizons.values())) == 2, "the listings' raw horizons differ (the premise)"
+    asset = client.get("/data").json["data"][0]["asset_id"]
+    body = client.get(f"/data/{asset}/history", params={"interval": "raw", "from": str(START), "to": str(END)})
+    assert body.status_code == 200, body.text
+    kept = sorted((o.t, o.source, o.price, o.market_cap, o.volume) for o in seen if o.t >= horizons[o.source])
+    points = [(p["observed_at"], p["source"], p["price_usd"], p["market_cap_usd"], p["volume_24h_usd"])
+              for p in body.json["points"]]  # fmt: skip
+    assert points == [(utc(t), *rest) for t, *rest in kept]
+    assert {source for t, source, *_ in kept if t < max(horizons.values())} == {min(horizons, key=horizons.get)}
 
 
 # --- retention settings -------------------------------------------------------------------
