@@ -70,3 +70,16 @@ def test_a_listing_no_longer_loaded_is_rolled_up_as_the_store_moves_on(tmp_path:
     stopped = [o for o in loaded if o.t < START + 2 * DAY]
     assert query(db, "SELECT count(*) FROM raw_observation WHERE observed_at < ?", (START + 2 * DAY,)) == [(0,)]
     assert stopped, "the premise: what stopped was loaded"
+
+
+def test_a_shorter_retention_applies_to_every_listing_at_the_next_run_even_with_nothing_new(tmp_path: Path) -> None:
+    """Both sources kept whole (4d raw), then one run of csv:b alone, its file unchanged (nothing read), under 1d raw
+    and 2d hourly: every listing, csv:a's too, is pruned to those settings from the store's newest observation."""
+    seen = observations("a", START, START + 4 * DAY, seed=52) + observations("b", START, START + 4 * DAY, seed=53)
+    db = tmp_path / "store.db"
+    feeds = {n: write_feed(tmp_path / f"{n}.csv", [o for o in seen if o.source == f"csv:{n}"]) for n in "ab"}
+    load(db, list(feeds.items()), KASPARRO_KEEP_RAW="4d", KASPARRO_KEEP_HOURLY="4d")
+    assert query(db, "SELECT count(*) FROM raw_observation") == [(len(as_raw(seen)),)], "the premise: all kept raw"
+    load(db, [("b", feeds["b"])], **RETENTION)
+    assert query(db, "SELECT detail FROM run_source ORDER BY run_id DESC LIMIT 1")[0][0].startswith("unchanged since")
+    assert_retention(db, seen)
