@@ -2075,14 +2075,26 @@ WHERE c.listing_id IS NULL OR o.observed_at NOT BETWEEN c.first_at AND c.last_at
 COUNT_NEW_LATE = f"""
 SELECT count(*) FROM ({NEW_LATE_ROWS.format(rows="temp.observed r JOIN listing l ON l.listing_id = r.listing_id")})
 """
+# How many of a batch's new raw rows are late, and how many of those have no price (candles keep priced ones only).
+COUNT_LATE = """
+SELECT count(*), count(*) - count(r.price_usd) FROM temp.observed r JOIN listing l ON l.listing_id = r.listing_id
+WHERE r.observed_at < l.raw_before
+"""
 # The batch's new raw rows within their listing's raw history: those its candles take now.
 NOT_LATE = """
 DELETE FROM temp.observed WHERE observed_at < (SELECT raw_before FROM listing WHERE listing_id = observed.listing_id)
 """
-# A source's (?1) late rows that are new, and its listings that have late rows (with where their raw history starts).
-LATE_OF_SOURCE = "listing l JOIN raw_observation r ON r.listing_id = l.listing_id AND r.observed_at < l.raw_before"
-STAGE_LATE = "INSERT INTO temp.late " + NEW_LATE_ROWS.format(rows=f"{LATE_OF_SOURCE} AND l.source = ?1")
-LATE_LISTINGS = f"SELECT DISTINCT l.listing_id, l.raw_before FROM {LATE_OF_SOURCE} WHERE l.source = ?1"
+# The listings that have late rows, with where their raw history starts: a seek for each listing (late rows of a
+# source other than the one just loaded are those a killed run left). Then their late rows that are new (?1: a JSON
+# array of those listings).
+LATE_LISTINGS = """
+SELECT l.listing_id, l.raw_before FROM listing l
+WHERE EXISTS (SELECT 1 FROM raw_observation r WHERE r.listing_id = l.listing_id AND r.observed_at < l.raw_before)
+"""
+STAGE_LATE = "INSERT INTO temp.late " + NEW_LATE_ROWS.format(
+    rows="listing l JOIN raw_observation r ON r.listing_id = l.listing_id AND r.observed_at < l.raw_before"
+    " AND l.listing_id IN (SELECT value FROM json_each(?1))"
+)
 
 # Each new observation joins its candle of width ?1, by store.sql's candle rule: in open_candle when it lies in
 # its listing's open bucket, else in candle.
@@ -2143,21 +2155,17 @@ ROLL_UP_LATE = ROLL_UP_ROWS.format(
 
 CLOSE_STALE = "INSERT INTO candle SELECT * FROM open_candle WHERE listing_id = ?1 AND t < ?2"
 
-# The source's listings whose retention horizons moved (once a UTC day each): ?2 and ?3 are KEEP_RAW and KEEP_HOURLY.
-# A listing's newest observation is its newest raw one up to the run's limit (?4: its start + 5 min), never one
-# dated in the future (loaded before such times were refused), which would prune everything current.
+# The store's clock, in Unix seconds: its newest observation, the newest of its listings' quotes (each one's latest
+# observation) up to the run's limit (?1: its start + 5 min), never one dated in the future (loaded before such times
+# were refused), which would prune everything current. A scan of source_map.
+STORE_CLOCK = "SELECT CAST(strftime('%s', max(observed_at)) AS INTEGER) FROM source_map WHERE observed_at <= ?1"
+
+# Every listing whose retention horizons move (once a UTC day) from the store's clock (?1), by KEEP_RAW (?2) and
+# KEEP_HOURLY (?3): loaded in this run or not (a source no longer loaded, a coin no longer listed). A scan of listing.
 ADVANCE_HORIZONS = """
-WITH n AS MATERIALIZED (
-    SELECT l.listing_id,
-           (SELECT r.observed_at FROM raw_observation r
-            WHERE r.listing_id = l.listing_id AND r.observed_at <= CAST(strftime('%s', ?4) AS INTEGER)
-            ORDER BY r.observed_at DESC LIMIT 1) AS newest
-    FROM listing l WHERE l.source = ?1)
-UPDATE listing SET raw_before = max(raw_before, (n.newest - ?2) / 86400 * 86400),
-                   hourly_before = max(hourly_before, (n.newest - ?3) / 86400 * 86400)
-FROM n
-WHERE listing.listing_id = n.listing_id
-  AND ((n.newest - ?2) / 86400 * 86400 > raw_before OR (n.newest - ?3) / 86400 * 86400 > hourly_before)
+UPDATE listing SET raw_before = max(raw_before, (?1 - ?2) / 86400 * 86400),
+                   hourly_before = max(hourly_before, (?1 - ?3) / 86400 * 86400)
+WHERE (?1 - ?2) / 86400 * 86400 > raw_before OR (?1 - ?3) / 86400 * 86400 > hourly_before
 RETURNING listing_id, raw_before, hourly_before
 """
 
@@ -2390,20 +2398,26 @@ def new_generation(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA application_id = {generation % 2**31}")
 
 
-def prune_history(conn: sqlite3.Connection, run_id: int, source: str, retention: Retention) -> None:
-    """Move the retention horizons of a source's listings to their newest observations and prune what they pass, in
-    one transaction (store.sql: history), after rolling up its late rows that are new (NEW_LATE_ROWS). Once a
-    source's load, not a batch's: every row a run loads is kept raw or rolled up as late by the horizons and candles
-    the run found, whatever the order of its rows. Idempotent: what a killed run left undone, the next run does."""
+def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention) -> None:
+    """Move every listing's retention horizons to the store's clock (STORE_CLOCK) and prune what they pass, in one
+    transaction (store.sql: history), after rolling up the late rows that are new (NEW_LATE_ROWS). Once a source's
+    load, not a batch's: every row a run loads is kept raw or rolled up as late by the horizons and candles the load
+    found, whatever the order of its rows. Every listing, loaded by the run or not, so a listing no run loads any
+    more is rolled up as the store moves on; the work is a seek for each listing, however long the history.
+    Idempotent: what a killed run left undone, the next run does."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute("DELETE FROM temp.late")
-        late = conn.execute(STAGE_LATE, (source,)).rowcount
-        for width in (HOUR, DAY):
-            conn.execute(ROLL_UP_LATE, (width,))
-        pruned = dict(conn.execute(LATE_LISTINGS, (source,)).fetchall())
-        limit = future_limit(conn, run_id)
-        moved = conn.execute(ADVANCE_HORIZONS, (source, retention.raw, retention.hourly, limit)).fetchall()
+        pruned = dict(conn.execute(LATE_LISTINGS).fetchall())
+        late = 0
+        if pruned:
+            conn.execute("DELETE FROM temp.late")
+            late = conn.execute(STAGE_LATE, (json.dumps(list(pruned)),)).rowcount
+            for width in (HOUR, DAY):
+                conn.execute(ROLL_UP_LATE, (width,))
+        (clock,) = conn.execute(STORE_CLOCK, (future_limit(conn, run_id),)).fetchone()
+        moved = (
+            [] if clock is None else conn.execute(ADVANCE_HORIZONS, (clock, retention.raw, retention.hourly)).fetchall()
+        )
         raw_starts = [m[:2] for m in moved]  # (listing_id, raw_before)
         pruned.update(raw_starts)
         conn.executemany("DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", pruned.items())
@@ -2435,6 +2449,10 @@ class Loader:
         self.source = source
         self.latest = future_limit(conn, run_id)
         self.rejected = 0  # in this run, committed: each counted, the first REJECTS_KEPT stored
+        # Late rows (older than their listing's raw history) read, not loaded, in this run, committed: inside the
+        # span of their kept candle (NEW_LATE_ROWS) and without a price; and the pending batch's.
+        self.late_inside = self.late_unpriced = 0
+        self.pending = (0, 0)
         # Into an empty store, the sort indexes are dropped and built once at
         # the end: random inserts into eight indexes would otherwise rewrite
         # most of their pages at every commit. Nothing is served from an empty
@@ -2462,6 +2480,7 @@ class Loader:
         """Apply one batch, its checkpoint and raw payload in one transaction; return new observations. An
         observation that conflicts with one loaded first joins batch.rejects (Loader._conflicts)."""
         conn = self.conn
+        self.pending = (0, 0)
         conn.execute("BEGIN IMMEDIATE")
         try:
             if self.bulk:
@@ -2504,17 +2523,32 @@ class Loader:
         if self.rejected <= REJECTS_KEPT < self.rejected + len(batch.rejects):
             log.warning("rejects not all stored", source=self.source, stored=REJECTS_KEPT)
         self.rejected += len(batch.rejects)
+        self.late_inside += self.pending[0]
+        self.late_unpriced += self.pending[1]
         return loaded
 
-    def rejects_note(self) -> list[str]:
-        """A note for the source's outcome when its rejects were not all stored."""
-        if self.rejected <= REJECTS_KEPT:
-            return []
+    def notes(self) -> list[str]:
+        """Notes for the source's outcome: rejects not all stored, late rows read but not loaded."""
         unit = "rows" if self.source.startswith("csv:") else "records"
-        return [
-            f"stored the first {REJECTS_KEPT:,} of {self.rejected:,} rejected {unit} in reject; the rest were counted"
-            " only"
-        ]
+        notes = []
+        if self.rejected > REJECTS_KEPT:
+            notes.append(
+                f"stored the first {REJECTS_KEPT:,} of {self.rejected:,} rejected {unit} in reject; the rest were"
+                " counted only"
+            )
+        if self.late_inside:
+            notes.append(
+                f"{self.late_inside:,} {unit} older than the raw history kept lay inside the span of a candle an"
+                " earlier run kept for them, so could not be told from ones loaded before: read, not loaded (load"
+                " history oldest first)"
+            )
+            log.warning("late rows taken for ones loaded before", source=self.source, rows=self.late_inside)
+        if self.late_unpriced:
+            notes.append(
+                f"{self.late_unpriced:,} {unit} older than the raw history kept had no price, and only candles of"
+                " prices are kept there: read, not loaded"
+            )
+        return notes
 
     def _load(self, observations: list[tuple], rejects: list[tuple[int, str, str]]) -> int:
         conn = self.conn
@@ -2564,6 +2598,8 @@ class Loader:
         conn.execute("DELETE FROM temp.observed")
         conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
         (late,) = conn.execute(COUNT_NEW_LATE).fetchone()
+        waiting, unpriced = conn.execute(COUNT_LATE).fetchone()
+        self.pending = (waiting - late - unpriced, unpriced)
         kept = len(observed) - conn.execute(NOT_LATE).rowcount
         for width in (HOUR, DAY):
             conn.execute("DELETE FROM temp.opening")
@@ -2766,7 +2802,7 @@ def load_csv_file(
     if drift:
         log.warning("schema drift", source=source.name, drift=drift)
     notes = [f"resumed from line {checkpoint[2]}"] if resume else []
-    notes += loader.rejects_note()
+    notes += loader.notes()
     if headers:
         lines_shown = ", ".join(map(str, headers[:5])) + (", ..." if len(headers) > 5 else "")
         notes.append(f"skipped {len(headers)} repeated header row{'s' * (len(headers) > 1)} (line {lines_shown})")
@@ -2797,7 +2833,7 @@ def load_pages(
     if drift:
         renames = [key for key in drift if key.startswith("likely rename")]
         log.warning("schema drift", source=upstream.name, drift=drift, likely_renames=renames)
-    notes = loader.rejects_note()
+    notes = loader.notes()
     if batch.repeated:
         page = batch.end.offset + 1
         notes.append(
@@ -2909,9 +2945,9 @@ def load_source(conn: sqlite3.Connection, run_id: int, source: Source, config: E
         loaded = load_batches(conn, run_id, source, config)
     except SourceError:
         with cleanup("history pruning"):
-            prune_history(conn, run_id, source.name, config.retention)
+            prune_history(conn, run_id, config.retention)
         raise
-    prune_history(conn, run_id, source.name, config.retention)
+    prune_history(conn, run_id, config.retention)
     return loaded
 
 

@@ -64,6 +64,10 @@ bench-history *args:
 bench-instructions *args:
     {{py}} bench/instructions.py {{args}}
 
+# instructions of a run's retention step (prune_history) at 15,000 listings with 24 h and 96 h of history, this tree's against a commit's (--before REV, default HEAD)
+bench-retention *args:
+    {{py}} bench/retention_step.py {{args}}
+
 # CPU and instructions of an uncached history read (read_history and encoding) in process, on the store bench-history left
 bench-history-reads *args:
     {{py}} bench/history_reads.py {{args}}

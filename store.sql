@@ -81,16 +81,17 @@ CREATE INDEX IF NOT EXISTS source_map_identity ON source_map (symbol, name_key);
 --   candle width 86400   daily candles, kept forever
 --
 -- etl.py adds each new observation to its hourly and daily candle in the
--- transaction that stores it. Retention is per listing and relative to the
--- newest observation loaded for it, rounded down to a UTC day: once a
--- source's load in a run has ended, each of its listings whose newest
--- observation is N has its raw rows before day(N - KEEP_RAW) and its hourly
--- candles before day(N - KEEP_HOURLY) deleted, in one transaction (so a
--- killed run leaves both or neither, and the source's next run does it).
--- Every row of a run is so judged by the horizons the run found, whatever
--- the order of its rows. Whole days go at once, so every UTC hour and day
--- bucket is either wholly in raw_observation or wholly out of it; the work
--- is a seek for each of the source's listings, however long the history.
+-- transaction that stores it. Retention is relative to the store's newest
+-- observation N, rounded down to a UTC day: once a source's load in a run
+-- has ended, every listing (loaded by the run or not: a source no longer
+-- loaded, a coin no longer listed) has its raw rows before day(N - KEEP_RAW)
+-- and its hourly candles before day(N - KEEP_HOURLY) deleted, in one
+-- transaction (so a killed run leaves both or neither, and the next run
+-- does it). A horizon never moves back (a run with a longer retention keeps
+-- what is left). Every row of a load is so judged by the horizons the load
+-- found, whatever the order of its rows. Whole days go at once, so every UTC
+-- hour and day bucket is either wholly in raw_observation or wholly out of
+-- it; the work is a seek for each listing, however long the history.
 --
 -- A listing's open candles (of its newest priced observation's hour and
 -- day) are rows of open_candle, keyed by listing, so that a run's candle
@@ -105,7 +106,7 @@ CREATE INDEX IF NOT EXISTS source_map_identity ON source_map (symbol, name_key);
 -- One row per listing (a source's id of a coin) that has ever been observed.
 -- raw_before and hourly_before are how far its history has been pruned: an
 -- observation older than raw_before (late) waits in raw_observation for
--- the end of its source's load, which rolls it up when its time lies
+-- the end of the load, which rolls it up when its time lies
 -- outside the span of its candle (else it is taken for one loaded before)
 -- and deletes it, so a reload changes nothing even after pruning. Readers
 -- take no raw row before raw_before.

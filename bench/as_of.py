@@ -60,7 +60,7 @@ def build_store(db: Path, listings: int, end: int) -> None:
         batch = etl.Batch(observations=rows, read=len(rows), end=etl.ReadPosition(0, len(rows)), final=True)
         with etl.Loader(conn, run_id, name) as loader:
             loader.commit(batch, f"simulated {end}", batch.end, complete=True)
-        etl.prune_history(conn, run_id, name, retention)
+        etl.prune_history(conn, run_id, retention)
     etl.end_run(conn, run_id, "success", 0, None)
     raw_from = (end - retention.raw) // etl.DAY * etl.DAY
     hourly_from = (end - retention.hourly) // etl.DAY * etl.DAY

@@ -100,7 +100,7 @@ def commit_rows(conn: etl.sqlite3.Connection, run_id: int, rows: list[tuple], la
         batch = etl.Batch(observations=rows, read=len(rows), end=etl.ReadPosition(0, len(rows)), final=True)
         with etl.Loader(conn, run_id, source.name) as loader:
             loader.commit(batch, label, batch.end, complete=True)
-        etl.prune_history(conn, run_id, source.name, etl.Retention())
+        etl.prune_history(conn, run_id, etl.Retention())
         grown.append(wal.stat().st_size - before)
     return grown
 

@@ -13,7 +13,7 @@ import pytest
 from test_history import DAY, HOUR, START, candles, load, observations, unique, write_feed
 
 from conftest import LiveServer
-from etl_support import last_run
+from etl_support import last_run, query
 
 NOW = START + 20 * DAY  # the newest observation: 2026-11-21
 OLD = (START + 8 * DAY, START + 10 * DAY)  # ten days before it: past KASPARRO_KEEP_RAW (2d), within KEEP_HOURLY (30d)
@@ -63,3 +63,42 @@ def test_observations_older_than_the_raw_history_are_rolled_up_once(live_server:
     server = live_server(db, LOG_LEVEL="warning")
     for interval, width in (("1d", DAY), ("1h", HOUR)):
         assert api_candles(server, asset_id, interval) == expected(old, width), interval
+
+
+KEEP = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "3d"}
+
+
+def test_a_backfill_the_kept_candles_cannot_take_is_named_in_the_run_record(tmp_path: Path) -> None:
+    """Rows older than the raw history kept, inside the span of the candle an earlier run kept for them (their hour's
+    while hourly candles are kept, else their day's), cannot be told from rows loaded before (a candle keeps no raw
+    row), and one with no price has no candle to join: each is read, not loaded, and the source's record says how
+    many of each, so rows read = loaded + rejected + those. The rest of the backfill is loaded and rolled up."""
+    seen = unique([o for o in observations("a", START, START + 6 * DAY, seed=42) if o.asset == "BTC"])
+    first = [o for o in seen if o.t // 600 % 2 == 0]
+    backfill = [o for o in seen if o.t // 600 % 2 == 1]
+    db = tmp_path / "store.db"
+    load(db, [("a", write_feed(tmp_path / "first.csv", first))], **KEEP)
+    ((raw_before, hourly_before),) = query(db, "SELECT raw_before, hourly_before FROM listing")
+    assert hourly_before > START, "the premise: the backfill reaches the daily tier, the hourly one and the raw one"
+    spans: dict[tuple[int, int], tuple[int, int]] = {}
+    for o in first:
+        if o.price is not None:
+            for width in (HOUR, DAY):
+                lo, hi = spans.get((width, o.t // width * width), (o.t, o.t))
+                spans[width, o.t // width * width] = (min(lo, o.t), max(hi, o.t))
+    inside = unpriced = 0
+    for o in backfill:
+        if o.t < raw_before:
+            width = HOUR if o.t >= hourly_before else DAY
+            lo, hi = spans.get((width, o.t // width * width), (1, 0))
+            unpriced += o.price is None
+            inside += o.price is not None and lo <= o.t <= hi
+    assert inside and unpriced, "the premise: both kinds are in the backfill"
+
+    load(db, [("a", write_feed(tmp_path / "backfill.csv", backfill))], **KEEP)
+    run = last_run(db)
+    assert (run["rows_read"], run["rows_rejected"], run["status"]) == (len(backfill), 0, "success")
+    assert run["rows_loaded"] == len(backfill) - inside - unpriced
+    ((detail,),) = query(db, "SELECT detail FROM run_source WHERE run_id = ?", (run["run_id"],))
+    assert f"{inside:,} rows older than the raw history kept lay inside the span of a candle" in detail, detail
+    assert f"{unpriced:,} rows older than the raw history kept had no price" in detail, detail

@@ -1,5 +1,6 @@
 """History and retention as a breaker tried them (issue 17): listings of one asset whose retention horizons differ
-(one stopped, or loaded under another retention), read merged. The real etl.py and SQLite files."""
+(one first loaded under a longer retention than the others were pruned by), read merged. The real etl.py and SQLite
+files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 from test_history import DAY, HOUR, START, Seen, candles, kill_at_random, load, observations, unique, write_feed
-from test_history_api import candle_dicts
+from test_history_api import candle_dicts, utc
 
 from conftest import SyncConductor
 from etl_support import CANDLES, query, run_etl, start_etl, store_content, wait_for_event
@@ -24,24 +25,29 @@ def btc(source: str, start: int, end: int, seed: int) -> list[Seen]:
     return [o for o in observations(source, start, end, seed=seed, step=1_800) if o.asset == "BTC"]
 
 
-def day_by_day(folder: Path, db: Path, feeds: dict[str, tuple[list[Seen], dict[str, str]]]) -> None:
-    """Each source's observations loaded a day at a time, the sources in turn, each with its own retention."""
+def day_by_day(folder: Path, db: Path, feeds: dict[str, tuple[list[Seen], dict[str, str], int]]) -> None:
+    """Each source's observations loaded a day at a time, the sources in turn, each with its own retention, from its
+    first day of loading (whose run loads every observation of the source up to that day's end)."""
     for day in range(8):
-        for name, (seen, env) in feeds.items():
-            part = [o for o in seen if START + day * DAY <= o.t < START + (day + 1) * DAY]
+        for name, (seen, env, first) in feeds.items():
+            part = [o for o in seen if day >= first and START + day * DAY <= o.t < START + (day + 1) * DAY]
+            if day == first:
+                part = [o for o in seen if o.t < START + (day + 1) * DAY]
             if part:
                 load(db, [(name, write_feed(folder / f"{name}{day}.csv", part))], **env)
 
 
 SHORT = {"KASPARRO_KEEP_RAW": "1d", "KASPARRO_KEEP_HOURLY": "3d"}
 LONG = {"KASPARRO_KEEP_RAW": "8d", "KASPARRO_KEEP_HOURLY": "8d"}
+# Every run moves every listing's horizons to the store's clock by its own retention, never back: listings' horizons
+# differ where one was first loaded under a longer retention than the runs that had pruned the others.
 CASES = {
-    # csv:a stops after two days; csv:b goes on and prunes past them.
-    "a listing that stopped": lambda: {"a": (btc("a", START, START + 2 * DAY, 1), SHORT),
-                                       "b": (btc("b", START, END, 2), SHORT)},
-    # Both go on, csv:a kept longer than csv:b (KASPARRO_KEEP_* differ between the runs of each source).
-    "retention that differs between runs": lambda: {"a": (btc("a", START, END, 3), LONG),
-                                                     "b": (btc("b", START, END, 4), SHORT)},
+    # csv:a all along; csv:b's five days loaded at once on the last day, kept longer.
+    "a listing first loaded under a longer retention": lambda: {"a": (btc("a", START, END, 1), SHORT, 0),
+                                                              "b": (btc("b", START + 3 * DAY, END, 2), LONG, 7)},
+    # csv:a stops after five days; csv:b's six days loaded at once on the last day, kept longer.
+    "a listing that stopped, then one kept longer": lambda: {"a": (btc("a", START, START + 5 * DAY, 3), SHORT, 0),
+                                                           "b": (btc("b", START + 2 * DAY, END, 4), LONG, 7)},
 }  # fmt: skip
 
 
@@ -52,7 +58,7 @@ def uneven(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     db = folder / "kasparro.db"
     day_by_day(folder, db, feeds)
     with SyncConductor(create_app(Config(db=db, log_level="warning"))) as client:
-        yield client, db, unique([o for seen, _ in feeds.values() for o in seen])
+        yield client, db, unique([o for seen, *_ in feeds.values() for o in seen])
 
 
 @pytest.mark.parametrize(("interval", "width"), INTERVALS)
@@ -69,6 +75,23 @@ def test_merged_candles_cover_only_buckets_every_listing_keeps(uneven: Any, inte
     expected = candle_dicts(candles(seen, width, "asset"), ("BTC",), max(START, kept_from), END, width)
     assert body.json["points"] == expected
     assert expected, "the window holds candles"
+
+
+def test_merged_raw_points_are_every_listing_s_kept_observations(uneven: Any) -> None:
+    """Raw points are observations, each named by its source, not roll-ups: merged over listings whose raw horizons
+    differ, they are every listing's observations from its own horizon on (none is part of another's point), in
+    time order, then source; before the latest horizon they are the longer-kept listing's alone."""
+    client, db, seen = uneven
+    horizons = dict(query(db, "SELECT source, raw_before FROM listing"))
+    assert len(set(horizons.values())) == 2, "the listings' raw horizons differ (the premise)"
+    asset = client.get("/data").json["data"][0]["asset_id"]
+    body = client.get(f"/data/{asset}/history", params={"interval": "raw", "from": str(START), "to": str(END)})
+    assert body.status_code == 200, body.text
+    kept = sorted((o.t, o.source, o.price, o.market_cap, o.volume) for o in seen if o.t >= horizons[o.source])
+    points = [(p["observed_at"], p["source"], p["price_usd"], p["market_cap_usd"], p["volume_24h_usd"])
+              for p in body.json["points"]]  # fmt: skip
+    assert points == [(utc(t), *rest) for t, *rest in kept]
+    assert {source for t, source, *_ in kept if t < max(horizons.values())} == {min(horizons, key=horizons.get)}
 
 
 # --- retention settings -------------------------------------------------------------------
