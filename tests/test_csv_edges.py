@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,11 @@ def test_a_store_made_before_keeps_its_asset_and_source_ids(tmp_path: Path) -> N
     def write_feeds(price: int) -> None:
         with_ids.write_text("id,symbol,name,price\n" + "".join(f"{s.lower()},{s},{n},{price}\n" for s, n in names))
         without.write_text("symbol,name,price\n" + "".join(f"{s}2,{n} Two,{price}\n" for s, n in names))
+        # Undated rows are observed at the file's mtime: each price its own second (one second, two prices, is a
+        # conflict the second run rejects), both in the past.
+        moment = time.time() - 300 + 60 * price
+        for feed in (with_ids, without):
+            os.utime(feed, (moment, moment))
 
     write_feeds(1)
     db = tmp_path / "store.db"
