@@ -60,6 +60,10 @@ bench-runs *args:
 bench-history *args:
     {{py}} bench/history.py {{args}}
 
+# the API's req/s ratios to the bare ASGI ceiling in alternating wrk slices (ceiling, API, API, ceiling): figures minutes of drift do not move
+bench-paired *args:
+    {{py}} bench/paired.py {{args}}
+
 # the API's ratios to the bare ASGI ceiling in server instructions per response under wrk (valgrind): figures other work on the machine does not move
 bench-instructions *args:
     {{py}} bench/instructions.py {{args}}
