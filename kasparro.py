@@ -1772,7 +1772,11 @@ def condition_sql(condition: Condition) -> tuple[str, tuple]:
     patterns: list[object] = []
     folded: list[object] = []  # the values compared through fold()
     if op == "~":
+        whole: list[object] = []  # texts holding a NUL, where LIKE would end its pattern: compared whole by instr()
         for value in map(str, values):
+            if "\x00" in value:
+                whole.append(value)
+                continue
             if value.isascii():
                 tests.append(f"{column} LIKE ? ESCAPE '\\'")
                 patterns.append("%" + re.sub(r"([\\%_])", r"\\\1", value) + "%")
@@ -1782,6 +1786,8 @@ def condition_sql(condition: Condition) -> tuple[str, tuple]:
             each = " OR ".join(f"instr(fold({column}), ?) > 0" for _ in folded)
             tests.append(f"({beyond_ascii(column)} AND ({each}))")
             patterns.extend(folded)
+        tests.extend(f"instr(fold({column}), ?) > 0" for _ in whole)
+        patterns.extend(whole)
     elif op == ":" and field in ("name", "symbol"):
         known: list[str] = []
         for value in map(str, values):

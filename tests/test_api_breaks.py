@@ -180,3 +180,20 @@ def test_an_error_in_the_front_door_is_a_500_problem_with_the_request_id(
             assert "RuntimeError" not in answer.text and "front door" not in answer.text
         else:
             assert answer.content == b""
+
+
+@pytest.mark.parametrize(
+    "condition",
+    ["name~coin%00zzz", "name~%00", "symbol~c%00q", "asset_id~bitcoin%00zz", "name~zzz|coin%00zzz", "name~coin%00",
+     "name~%C3%9F%00zzz", "symbol~%00", "name~coin%00,rank<=100"],
+)  # fmt: skip
+def test_a_contained_text_holding_nul_is_that_whole_text(server: LiveServer, condition: str) -> None:
+    """`field~text` keeps what contains the whole text: SQLite's LIKE ends its pattern at a NUL, so
+    name~coin%00zzz kept every name ending in 'coin' and name~%00 every asset (wrong data). No stored name, symbol
+    or id holds a NUL."""
+    for _ in range(2):  # the second is the front door's
+        status, _, body = exchange(server.base, "GET", f"/data?filter_by={condition}")
+        assert status == 200, body[:200]
+        assert json.loads(body)["total_items"] == 0, condition
+    status, _, body = server.get(f"/data/export?filter_by={condition}&fields=asset_id")
+    assert (status, body) == (200, b"asset_id\r\n"), (condition, body[:200])
