@@ -351,6 +351,7 @@ class CsvSource:
 
 
 CSV_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -546,7 +547,16 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
                 f"source {spec!r} would be named {source.name!r}, but ',' and '|' separate names in"
                 " filter_by=source:… and in a CSV's sources cells; name it with csv:NAME=PATH"
             )
-        return source
+        stem = source.name.removeprefix("csv:")
+        if not stem:
+            problem = "an empty name"
+        elif stem != stem.strip():
+            problem = "with a space at an end, which filter_by=source:… drops (no condition could select it)"
+        elif CONTROL_CHARACTER.search(stem):
+            problem = "with a control character, which garbles log lines and a CSV's sources cells"
+        else:
+            return source
+        raise UsageError(f"source {spec!r} would be named {source.name!r}, {problem}; name it with csv:NAME=PATH")
     if spec == "coinpaprika":
         headers = {"Authorization": config.coinpaprika_key} if config.coinpaprika_key else {}
         policy = dataclasses.replace(config.http, rate=config.coinpaprika_rate)

@@ -249,3 +249,19 @@ def test_an_unknown_log_level_stops_the_api_start_naming_it(tmp_path: Path) -> N
     assert result.returncode != 0
     assert f"kasparro: LOG_LEVEL must be {LEVELS} (in any case), not 'verbose'" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stem", ["feed ", " feed", "feed\u00a0", "two\nlines", "tab\tbed", "bell\x07"])
+def test_a_csv_whose_stem_filter_by_cannot_name_must_be_named(tmp_path: Path, stem: str) -> None:
+    """filter_by reads its conditions without the spaces around them, so a source named 'csv:feed ' (a file
+    'feed .csv') loaded listings that filter_by=source: could never select; a control character in a name garbles
+    the log lines and CSV cells that show it. Such a stem is refused, before anything is written, as ',' is."""
+    feed = tmp_path / f"{stem}.csv"
+    feed.write_text("symbol,name,price\nBTC,Bitcoin,1\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == etl.EXIT_USAGE, result.stderr
+    assert result.stderr.startswith(f"etl.py: error: source {f'csv:{feed}'!r} would be named {f'csv:{stem}'!r}, ")
+    assert result.stderr.endswith("; name it with csv:NAME=PATH\n"), result.stderr
+    assert not db.exists()
+    assert run_etl(db, f"csv:feed={feed}").returncode == 0
