@@ -93,6 +93,12 @@ class Config:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Config:
         """Build the config from the variables of SPEC.md, with its defaults."""
         keys = tuple(k.strip() for k in environ.get("KASPARRO_API_KEYS", "").split(",") if k.strip())
+        for place, key in enumerate(keys, 1):  # a header's bytes are read as Latin-1: 'kéy' arrives as 'kÃ©y'
+            if not PRINTABLE_ASCII.fullmatch(key):
+                raise SystemExit(
+                    f"kasparro: KASPARRO_API_KEYS: key {place} holds a character other than printable ASCII, which"
+                    " no client can send as it is; make keys of letters, digits and punctuation"
+                )
         if environ.get("KASPARRO_ROLE", "primary") not in ROLES:
             raise SystemExit(f"kasparro: KASPARRO_ROLE must be primary or replica, not {environ['KASPARRO_ROLE']!r}")
         level = environ.get("LOG_LEVEL", "").strip().lower() or "info"
@@ -153,6 +159,7 @@ def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple
 
 ROLES = ("primary", "replica")
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port]
+PRINTABLE_ASCII = re.compile(r"[ -~]+")  # what an API key may hold: it comes back in a header, a byte a character
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -5374,9 +5381,11 @@ class RouteLabel:
 
 
 def offered_api_key(req: falcon.asgi.Request) -> str:
-    """The API key a request offers (Authorization: Bearer, else X-API-Key), or '' when none."""
+    """The API key a request offers (Authorization: Bearer, else X-API-Key), or '' when none; without the
+    whitespace at a field value's ends (RFC 9110 5.5), which uvicorn's parser keeps after it."""
     scheme, _, credentials = (req.get_header("Authorization") or "").partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" else req.get_header("X-API-Key") or ""
+    offered = credentials if scheme.lower() == "bearer" else req.get_header("X-API-Key") or ""
+    return offered.strip(" \t")
 
 
 class ApiKeyAuth:

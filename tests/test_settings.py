@@ -265,3 +265,19 @@ def test_a_csv_whose_stem_filter_by_cannot_name_must_be_named(tmp_path: Path, st
     assert result.stderr.endswith("; name it with csv:NAME=PATH\n"), result.stderr
     assert not db.exists()
     assert run_etl(db, f"csv:feed={feed}").returncode == 0
+
+
+@pytest.mark.parametrize("key", ["kéy-s3cret", "s3cret\x7f", "s3cret\x01x", "€uro-s3cret"])
+def test_an_api_key_no_client_can_send_stops_the_start_without_showing_it(tmp_path: Path, key: str) -> None:
+    """An API key beyond printable ASCII was taken at start and then refused to every client: a header's bytes
+    are read one character each (Latin-1), so 'kéy' sent in UTF-8 arrives as 'kÃ©y'. The message names the
+    variable and the key's place, never the key (a secret)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KASPARRO_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "kasparro:app", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, env={**environ, "KASPARRO_DB": str(tmp_path / "store.db"), "KASPARRO_API_KEYS": f"good,{key}"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "kasparro: KASPARRO_API_KEYS: key 2 holds a character other than printable ASCII" in result.stderr
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
