@@ -5225,9 +5225,9 @@ class FrontDoor:
         headers = scope["headers"]
         if type(headers) is not list:  # ASGI allows any iterable, even one read only once: Falcon reads it again
             headers = scope["headers"] = [(name, value) for name, value in headers]
-        for name, value in headers:
+        for name, value in headers:  # uvicorn's parser keeps the whitespace after a value (not a part of it)
             if name == b"x-request-id":
-                offered = value.decode("latin-1")
+                offered = value.rstrip(b" \t").decode("latin-1")
             elif name == b"if-none-match":
                 if_none_match = value.decode("latin-1")
             elif name == b"accept-encoding":
@@ -5235,7 +5235,7 @@ class FrontDoor:
             elif name == b"accept":
                 accept = value
             elif name == b"origin":
-                origin = value
+                origin = value.rstrip(b" \t")
         request_id = offered if offered and SANE_REQUEST_ID.fullmatch(offered) else new_request_id()
         REQUEST_ID.set(request_id)
         scope[REQUEST_ID_KEY], scope[STARTED] = request_id, started

@@ -209,3 +209,19 @@ def test_an_x_api_key_is_read_without_the_whitespace_after_it(live_server: Any, 
         status, _, body = exchange(server.base, "GET", path, {"X-API-Key": sent})
         assert status == 200, (path, body[:200])
         assert exchange(server.base, "GET", path, {"X-API-Key": b"k"})[0] == 401, path
+
+
+@pytest.mark.parametrize("after", [b" ", b"\t", b"  \t"])
+def test_origin_and_request_id_are_read_without_the_whitespace_after_them(
+    live_server: Any, store_path: Path, after: bytes
+) -> None:
+    """A field value has no whitespace at its ends (RFC 9110 5.5), but uvicorn's parser keeps what follows it: an
+    allowed Origin with a space after it was served without Access-Control-Allow-Origin, and a sane X-Request-ID
+    was replaced instead of echoed."""
+    server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_CORS_ORIGINS="https://dash.example")
+    for path in ("/data?page_size=2", "/data?page_size=2", "/health", "/nowhere", "/data?page_size=0"):
+        status, headers, _ = exchange(
+            server.base, "GET", path, {"Origin": b"https://dash.example" + after, "X-Request-ID": b"trace-42" + after}
+        )
+        assert headers.get("access-control-allow-origin") == "https://dash.example", (path, status)
+        assert headers["x-request-id"] == "trace-42", (path, status)
