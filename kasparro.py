@@ -1633,8 +1633,9 @@ PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)", re.ASCII)
 # The times the API reads, in Unix seconds: from Unix time 0 to the last second RFC 3339 can write, so that none
 # overflows a datetime and every time it answers with (a history window's from and to) is RFC 3339.
 FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
-# Below 10**11, as the ETL reads seconds (longer is milliseconds); a fraction is that instant, as the ETL reads it.
-UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}(?:\.[0-9]+)?")
+# Below 10**11, as the ETL reads seconds (more is milliseconds), whatever the leading zeros; a fraction is that
+# instant, as the ETL reads it.
+UNIX_SECONDS = re.compile(r"-?(?:0*[1-9][0-9]{0,10}|0+)(?:\.[0-9]+)?")
 SECOND_FRACTION = re.compile(r"\.[0-9]+", re.ASCII)  # of an RFC 3339 time: the one "." it may hold
 
 
@@ -1675,7 +1676,8 @@ def time_hint(text: str) -> str:
         return hint
     if read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None:
         return " (a '+' in a URL reads as a space: write the offset's + as %2B)"
-    return " (Unix seconds, not milliseconds)" if text.isascii() and text.isdigit() and 12 <= len(text) <= 14 else ""
+    milliseconds = text.isascii() and text.isdigit() and 12 <= len(text.lstrip("0")) <= 14
+    return " (Unix seconds, not milliseconds)" if milliseconds else ""
 
 
 def within_range(name: str, seconds: int, text: str) -> int:

@@ -225,3 +225,33 @@ def test_origin_and_request_id_are_read_without_the_whitespace_after_them(
         )
         assert headers.get("access-control-allow-origin") == "https://dash.example", (path, status)
         assert headers["x-request-id"] == "trace-42", (path, status)
+
+
+def same_answer(body: bytes, other: bytes) -> bool:
+    """Whether two bodies say the same, but for the request id and latency of a JSON one."""
+    if not body.startswith(b"{"):
+        return body == other
+    ours, theirs = json.loads(body), json.loads(other)
+    for answer in (ours, theirs):
+        del answer["request_id"], answer["api_latency_ms"]
+    return ours == theirs
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/data?as_of={t}&fields=asset_id,price_usd", "/data/export?as_of={t}&fields=asset_id",
+     "/data?filter_by=updated_at>={t}&fields=asset_id", "/data/bitcoin/history?interval=raw&from={t}",
+     "/data/bitcoin/history?interval=raw&to={t}"],
+)  # fmt: skip
+def test_unix_seconds_are_read_whatever_their_leading_zeros(server: LiveServer, path: str) -> None:
+    """A time in Unix seconds is its value, below 10**11, as the ETL reads one and as page= and limit= are read:
+    as_of=000000000001795608000 was a 400 'expected an RFC 3339 time or Unix seconds' though it is Unix seconds."""
+    plain = server.get(path.format(t="1795608000"))
+    assert plain[0] == 200, plain[2][:200]
+    for padded in ("01795608000", "0" * 12 + "1795608000", "0" * 30 + "1795608000.0"):
+        answer = server.get(path.format(t=padded))
+        assert answer[0] == 200, (padded, answer[2][:200])
+        assert same_answer(answer[2], plain[2]), padded
+    for milliseconds in ("0" * 5 + "1795608000000", "1795608000000"):
+        status, _, body = server.get(path.format(t=milliseconds))
+        assert status == 400 and "(Unix seconds, not milliseconds)" in json.loads(body)["detail"], body[:200]
