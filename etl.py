@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, BinaryIO, ClassVar, TypeVar
+from typing import Annotated, Any, BinaryIO, ClassVar, TypeVar
 
 import msgspec
 import structlog
@@ -3057,10 +3057,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             " Exit codes: 0 success or partial, 1 failed, 2 usage error, 75 another run holds the lock."
         ),
     )
-    parser.add_argument("--db", type=Path, help="path of the SQLite store (default: $KASPARRO_DB or kasparro.db)")
+    parser.add_argument(
+        "--db", type=Path, action=Once, help="path of the SQLite store (default: $KASPARRO_DB or kasparro.db)"
+    )
     parser.add_argument(
         "--every",
         type=interval_seconds,
+        action=Once,
         metavar="SECONDS",
         help="run now and then at every slot of SECONDS, until SIGTERM or SIGINT (then exit 0)",
     )
@@ -3068,15 +3071,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Once(argparse.Action):
+    """An option given once: argparse would keep the last of two without a word (`--db a.db --db b.db`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, *_: Any) -> None:
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, "given twice; give it once")
+        setattr(namespace, self.dest, values)
+
+
 EVERY = (SECONDS[0], 365 * DAY)  # a slot longer than a year is no schedule, and time.sleep takes no time_t past it
+DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # float()'s, in digits 0-9 with no _
 
 
 def interval_seconds(text: str) -> float:
-    """--every's value: a number of seconds within EVERY."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
+    """--every's value: a number of seconds within EVERY, in digits 0-9."""
+    seconds = float(text) if DECIMAL.fullmatch(text) else math.nan
     if not EVERY[0] <= seconds <= EVERY[1]:  # nan too
         raise argparse.ArgumentTypeError(
             f"expected a number of seconds from {EVERY[0]:g} to {EVERY[1]:,} (a year), got {text!r}"

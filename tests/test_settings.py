@@ -121,10 +121,15 @@ def test_a_replay_of_a_run_id_sqlite_cannot_hold_is_a_usage_error(tmp_path: Path
     assert not db.exists()
 
 
-@pytest.mark.parametrize("value", ["99999999999", "1e300", "0.0001", "1e-300", "0", "-1", "nan", "inf", "soon"])
+@pytest.mark.parametrize(
+    "value",
+    ["99999999999", "1e300", "0.0001", "1e-300", "0", "-1", "nan", "inf", "soon",
+     "1_0", "١٠", " 10", "10 ", "0x10", "1e3s"],
+)  # fmt: skip
 def test_an_every_out_of_range_is_a_usage_error_before_the_first_run(tmp_path: Path, value: str) -> None:
     """--every 99999999999 ran once, then ended in an OverflowError traceback (time_t) instead of waiting;
-    1e-300 ran back to back, logging skipped slots by the 10**300."""
+    1e-300 ran back to back, logging skipped slots by the 10**300. float() read '1_0' as 10 and Arabic-Indic
+    digits as digits, which the API refuses in any number ('digits 0-9 only')."""
     db = tmp_path / "store.db"
     result = run_etl(db, "--every", value)
     assert (result.returncode, result.stderr.splitlines()[-1]) == (
@@ -281,3 +286,18 @@ def test_an_api_key_no_client_can_send_stops_the_start_without_showing_it(tmp_pa
     assert result.returncode != 0
     assert "kasparro: KASPARRO_API_KEYS: key 2 holds a character other than printable ASCII" in result.stderr
     assert "s3cret" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("name", "again"), [("--db", ["--db", "other.db"]), ("--every", ["--every", "60", "--every", "60"])]
+)
+def test_an_option_given_twice_is_a_usage_error_naming_it(tmp_path: Path, name: str, again: list[str]) -> None:
+    """argparse keeps the last of a repeated option: `--db a.db --db b.db` loaded b.db without a word (a script
+    that adds its own --db to a cron line's), where a query parameter given twice is a 400 on the API."""
+    db = tmp_path / "store.db"
+    result = run_etl(db, *(str(tmp_path / word) if word.endswith(".db") else word for word in again))
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: argument {name}: given twice; give it once",
+    )
+    assert sorted(tmp_path.iterdir()) == []
