@@ -541,6 +541,11 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
             if not path:
                 raise UsageError(f"source {spec!r} names no file: expected csv:NAME=PATH")
             return CsvSource(Path(path), label)
+        if named and "/" not in label and not Path(rest).exists():  # a typing error, not a file that is missing
+            raise UsageError(
+                f"source {spec!r}: {label[:70]!r} is no NAME of csv:NAME=PATH (letters, digits, '.', '_' and '-',"
+                f" from a letter or digit, at most 64), and no file is named {rest!r}"
+            )
         source = CsvSource(Path(rest))
         if "," in source.name or "|" in source.name:
             raise UsageError(

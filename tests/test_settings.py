@@ -301,3 +301,21 @@ def test_an_option_given_twice_is_a_usage_error_naming_it(tmp_path: Path, name: 
         f"etl.py: error: argument {name}: given twice; give it once",
     )
     assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("label", ["a b", "\u00e9t\u00e9", "-x", ".", "", "x" * 65, "a,b"])
+def test_a_csv_name_that_is_no_name_is_a_usage_error_not_a_missing_file(tmp_path: Path, label: str) -> None:
+    """csv:NAME=PATH with a NAME out of its syntax was read as the path 'NAME=PATH': the run was recorded failed
+    ('cannot read a b=…: No such file or directory', exit 1, /health degraded) for what is a typing error. A
+    path holding '=' still reads as a path when it is one (test_real_inputs) or is written with a '/' first."""
+    feed = tmp_path / "feed.csv"
+    feed.write_text("symbol,name,price\nBTC,Bitcoin,1\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{label}={feed}")
+    assert result.returncode == etl.EXIT_USAGE, result.stderr
+    assert result.stderr == (
+        f"etl.py: error: source {f'csv:{label}={feed}'!r}: {label!r} is no NAME of csv:NAME=PATH (letters,"
+        " digits, '.', '_' and '-', from a letter or digit, at most 64), and no file is named"
+        f" {f'{label}={feed}'!r}\n"
+    )
+    assert not db.exists()
