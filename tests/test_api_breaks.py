@@ -185,7 +185,7 @@ def test_an_error_in_the_front_door_is_a_500_problem_with_the_request_id(
 @pytest.mark.parametrize(
     "condition",
     ["name~coin%00zzz", "name~%00", "symbol~c%00q", "asset_id~bitcoin%00zz", "name~zzz|coin%00zzz", "name~coin%00",
-     "name~%C3%9F%00zzz", "symbol~%00", "name~coin%00,rank<=100"],
+     "name~%C3%9F%00zzz", "symbol~%00", "name~coin%00,rank<=100", "name~coin%00zzz&as_of=2030-01-01"],
 )  # fmt: skip
 def test_a_contained_text_holding_nul_is_that_whole_text(server: LiveServer, condition: str) -> None:
     """`field~text` keeps what contains the whole text: SQLite's LIKE ends its pattern at a NUL, so
