@@ -1506,7 +1506,7 @@ def parse_fields(text: str | None, known: Sequence[str]) -> tuple[str, ...]:
     """fields: comma-separated names of `known`, each once, kept in the order given; absent: () (all)."""
     if not text:
         return ()
-    names = tuple(name.strip() for name in text.split(","))
+    names = tuple(name.strip(" ") for name in text.split(","))  # spaces around a name, as filter_by takes them
     for at, name in enumerate(names):
         if name not in known:
             what = f"unknown field {name[:40]!r}" if name else "an empty name (two commas in a row, or one at an end)"
@@ -1514,6 +1514,13 @@ def parse_fields(text: str | None, known: Sequence[str]) -> tuple[str, ...]:
         if name in names[:at]:
             raise InvalidQuery(f"fields: {name!r} given twice")
     return names
+
+
+def fields_pattern(known: Sequence[str]) -> str:
+    """The syntax of `fields` that parse_fields reads, for the OpenAPI document (ECMA-262): names of `known`
+    separated by commas, spaces around each."""
+    name = f" *(?:{'|'.join(known)}) *"
+    return f"^(?:{name}(?:,{name})*)?$"
 
 
 def parse_format(text: str | None, formats: Sequence[str]) -> str:
@@ -4650,12 +4657,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
         },
         if_none_match,
     ]
-    fields_alternatives = "|".join(ASSET_FIELDS)
     fields_parameter = {
         "name": "fields",
         "in": "query",
         "description": "keep only these fields of each record, in this order, each once; unknown field: 400",
-        "schema": {"type": "string", "pattern": f"^(?:(?:{fields_alternatives})(?:,(?:{fields_alternatives}))*)?$"},
+        "schema": {"type": "string", "pattern": fields_pattern(ASSET_FIELDS)},
         "example": "asset_id,symbol,price_usd",
     }
 
@@ -4728,7 +4734,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         {
             **fields_parameter,
             "description": fields_parameter["description"],
-            "schema": {"type": "string", "pattern": "^(?:(?:{0})(?:,(?:{0}))*)?$".format("|".join(DETAIL_FIELDS))},
+            "schema": {"type": "string", "pattern": fields_pattern(DETAIL_FIELDS)},
         },
         if_none_match,
     ]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -255,3 +257,35 @@ def test_unix_seconds_are_read_whatever_their_leading_zeros(server: LiveServer, 
     for milliseconds in ("0" * 5 + "1795608000000", "1795608000000"):
         status, _, body = server.get(path.format(t=milliseconds))
         assert status == 400 and "(Unix seconds, not milliseconds)" in json.loads(body)["detail"], body[:200]
+
+
+FIELDS_VALUES = [
+    "asset_id,symbol",
+    "asset_id, symbol",
+    " asset_id ,symbol ",
+    "asset_id,\tsymbol",
+    "asset_id\n",
+    "asset_id,\u00a0symbol",
+    " ",
+    "asset_id,,symbol",
+    "asset_id,",
+    "quotes",
+    "price_usd,quotes",
+]
+
+
+@pytest.mark.parametrize("path", ["/data", "/data/export", "/data/bitcoin"])
+def test_the_published_fields_pattern_is_exactly_as_strict_as_the_api(server: LiveServer, path: str) -> None:
+    """The OpenAPI document's pattern of `fields` is the API's rule: the API read 'asset_id, symbol' (spaces, as
+    filter_by takes them) and also tabs, line breaks and no-break spaces around a name, all of which the pattern
+    refused, so a client that validates by it refused what the API takes."""
+    document = json.loads(exchange(server.base, "GET", "/openapi.json")[2])
+    (parameter,) = [p for p in document["paths"][path.replace("bitcoin", "{asset_id}")]["get"]["parameters"]
+                    if p["name"] == "fields"]  # fmt: skip
+    anchored = parameter["schema"]["pattern"]
+    assert anchored.startswith("^") and anchored.endswith("$"), anchored
+    pattern = re.compile(anchored[1:-1])  # fullmatch: Python's $ also matches before a last line break
+    for value in FIELDS_VALUES:
+        status, _, body = server.get(f"{path}?fields={quote(value, safe=',')}")
+        assert status in (200, 400), body[:200]
+        assert (status == 200) == (pattern.fullmatch(value) is not None), (value, status, body[:200])
