@@ -158,14 +158,15 @@ def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple
 
 
 ROLES = ("primary", "replica")
-ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port]
+ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port], the scheme in any case
 PRINTABLE_ASCII = re.compile(r"[ -~]+")  # what an API key may hold: it comes back in a header, a byte a character
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 def browser_origin(text: str) -> str | None:
     """An origin as a browser sends it in Origin (RFC 6454: host lower-case and in punycode, no user, no default
-    port), or None when `text` is no origin (no scheme or host, a path, a port that is not one)."""
+    port, the scheme lower-case), or None when `text` is no origin (no scheme or host, a path, a port that is not
+    one)."""
     if not ORIGIN.fullmatch(text):
         return None
     try:
@@ -174,7 +175,7 @@ def browser_origin(text: str) -> str | None:
         host = host if host is None or host.isascii() else host.encode("idna").decode()
     except (ValueError, UnicodeError):
         return None
-    if not host:
+    if not host or port == 0:  # no page is served from port 0
         return None
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS.get(parts.scheme)) else f":{port}")
