@@ -4032,7 +4032,10 @@ class RunResource(RunHistoryResource):
     async def make(self, commit: Commit, params: Mapping[str, str], run_id: str) -> Answer:
         check_params(params, ())
         if not RUN_ID.fullmatch(run_id):
-            raise falcon.HTTPNotFound(description=f"no run {run_id[:40]!r}: a run id is an integer from 1")
+            raise falcon.HTTPNotFound(
+                description=f"no run {run_id[:40]!r}: a run id is written in digits 0-9, from 1 to {MAX_RUN_ID} with"
+                " no leading zero, as GET /runs lists them"
+            )
         rows = await self.store.read(lambda conn, version: read_run(conn, version, int(run_id)))
         return self.answer_of(commit, rows, lambda runs: runs[0])
 
