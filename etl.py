@@ -591,9 +591,12 @@ def parse_sources(specs: Sequence[str], config: EtlConfig) -> list[Source]:
     named: dict[str, str] = {}
     for spec, source in zip(specs, sources, strict=True):
         if (key := source_key(source.name)) in named:
+            both = f"sources {named[key]!r} and {spec!r} are both named {source.name!r}"
+            if not isinstance(source, CsvSource):  # a CSV's name begins csv:, so the other is an upstream too
+                raise UsageError(f"{both}: an upstream loads once a run (a replay of it is that upstream too)")
             raise UsageError(
-                f"sources {named[key]!r} and {spec!r} are both named {source.name!r} (in any case and Unicode form,"
-                " as filter_by=source:… compares names); give a CSV source its own name with csv:NAME=PATH"
+                f"{both} (in any case and Unicode form, as filter_by=source:… compares names); give a CSV source its"
+                " own name with csv:NAME=PATH"
             )
         named[key] = spec
     return sources
