@@ -3111,7 +3111,8 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         db = args.db or config.db
         sources = parse_sources(args.sources or config.sources, config)
         if not db.parent.is_dir():
-            raise UsageError(f"directory of the store does not exist: {db.parent}")
+            what = "is a file, not a directory" if db.parent.exists() else "does not exist"
+            raise UsageError(f"the directory of the store, {str(db.parent)!r}, {what}")
         if db.is_dir() or (db.exists() and not db.is_file()):  # '' names the current directory
             what = "is a directory" if db.is_dir() else "is not a regular file"
             raise UsageError(f"the store {str(db)!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)")

@@ -157,6 +157,21 @@ def test_a_store_path_that_cannot_be_a_file_is_a_usage_error(tmp_path: Path, whe
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_store_under_a_file_is_a_usage_error_saying_so(tmp_path: Path) -> None:
+    """--db data/sample.csv/kasparro.db said 'directory of the store does not exist: data/sample.csv', which does."""
+    parent = tmp_path / "feed.csv"
+    parent.write_text("symbol,name\n")
+    for missing in (False, True):
+        folder = tmp_path / "nowhere" if missing else parent
+        result = run_etl(folder / "store.db")
+        what = "does not exist" if missing else "is a file, not a directory"
+        assert (result.returncode, result.stderr) == (
+            etl.EXIT_USAGE,
+            f"etl.py: error: the directory of the store, {str(folder)!r}, {what}\n",
+        )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["feed.csv"]
+
+
 @pytest.mark.parametrize("name", [":memory:", "store#1?.db", "100%.db"])
 def test_a_store_path_is_one_file_for_the_etl_and_the_api_whatever_its_characters(
     live_server: Any, tmp_path: Path, name: str
