@@ -3089,12 +3089,12 @@ class Once(argparse.Action):
 
 
 EVERY = (SECONDS[0], 365 * DAY)  # a slot longer than a year is no schedule, and time.sleep takes no time_t past it
-DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # float()'s, in digits 0-9 with no _
+EVERY_SYNTAX = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # float()'s, in digits 0-9 with no _
 
 
 def interval_seconds(text: str) -> float:
     """--every's value: a number of seconds within EVERY, in digits 0-9."""
-    seconds = float(text) if DECIMAL.fullmatch(text) else math.nan
+    seconds = float(text) if EVERY_SYNTAX.fullmatch(text) else math.nan
     if not EVERY[0] <= seconds <= EVERY[1]:  # nan too
         raise argparse.ArgumentTypeError(
             f"expected a number of seconds from {EVERY[0]:g} to {EVERY[1]:,} (a year), got {text!r}"
