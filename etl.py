@@ -172,6 +172,7 @@ class EtlConfig:
 Number = TypeVar("Number", int, float)
 COUNT = (1, 1_000_000_000)
 SECONDS = (0.001, DAY)
+ASCII_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # a setting's syntax
 
 
 def setting(environ: Mapping[str, str], name: str, default: Number, bounds: tuple[float, float]) -> Number:
@@ -184,8 +185,8 @@ def setting(environ: Mapping[str, str], name: str, default: Number, bounds: tupl
     if not text:
         return default
     low, high = bounds
-    try:
-        value = type(default)(text)
+    try:  # int() and float() also read '_' between digits, and other scripts' digits
+        value = type(default)(text) if ASCII_NUMBER.fullmatch(text) else None
     except ValueError:
         value = None
     if value is None or not low <= value <= high:

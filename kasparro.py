@@ -147,8 +147,8 @@ def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple
     text = environ.get(name, "").strip()
     if not text:
         return default
-    try:
-        value = type(default)(text)
+    try:  # int() and float() also read '_' between digits, and other scripts' digits
+        value = type(default)(text) if NUMBER.fullmatch(text) else None
     except ValueError:
         value = None
     if value is None or not bounds[0] <= value <= bounds[1]:

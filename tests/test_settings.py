@@ -39,6 +39,10 @@ COUNT = "a whole number from 1 to 1,000,000,000"
         ("KASPARRO_RAW_KEEP_RUNS", "99999999999999999999", "a whole number from 0 to 1,000,000,000"),  # OverflowError
         ("KASPARRO_BATCH_ROWS", "-5", COUNT),  # quietly 1 row a transaction
         ("KASPARRO_COINGECKO_RATE", "fast", "a number from 0.001 to 1,000,000,000"),
+        # int() and float() read '_' between digits and other scripts' digits, which no other number here takes
+        ("KASPARRO_BATCH_ROWS", "1_000", COUNT),
+        ("KASPARRO_HTTP_MAX_REQUESTS", "\u0661\u0660", COUNT),
+        ("KASPARRO_COINGECKO_RATE", "3_0", "a number from 0.001 to 1,000,000,000"),
     ],
 )
 def test_a_numeric_setting_out_of_range_is_a_usage_error_naming_it(
@@ -217,6 +221,8 @@ def test_a_csv_whose_stem_cannot_be_a_source_name_must_be_named(tmp_path: Path, 
     ("name", "value", "expected"),
     [
         ("KASPARRO_RATE_LIMIT", "nan", "a number from 0 to 1,000,000,000"),  # was a ValueError traceback at start
+        ("KASPARRO_RATE_LIMIT", "1_0", "a number from 0 to 1,000,000,000"),  # float() reads '_' between digits
+        ("KASPARRO_ETL_MAX_AGE", "\u0666\u0660", "a whole number from 1 to 10,000,000,000"),  # and other digits
         ("KASPARRO_RATE_LIMIT", "-1", "a number from 0 to 1,000,000,000"),
         ("KASPARRO_ETL_MAX_AGE", "-5", "a whole number from 1 to 10,000,000,000"),  # taken: /health always degraded
         ("KASPARRO_ETL_MAX_AGE", "6h", "a whole number from 1 to 10,000,000,000"),  # 'invalid literal for int()'
