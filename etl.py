@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, BinaryIO, ClassVar, TypeVar
+from typing import Annotated, Any, BinaryIO, ClassVar, TypeVar
 
 import msgspec
 import structlog
@@ -172,6 +172,7 @@ class EtlConfig:
 Number = TypeVar("Number", int, float)
 COUNT = (1, 1_000_000_000)
 SECONDS = (0.001, DAY)
+ASCII_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # a setting's syntax
 
 
 def setting(environ: Mapping[str, str], name: str, default: Number, bounds: tuple[float, float]) -> Number:
@@ -184,8 +185,8 @@ def setting(environ: Mapping[str, str], name: str, default: Number, bounds: tupl
     if not text:
         return default
     low, high = bounds
-    try:
-        value = type(default)(text)
+    try:  # int() and float() also read '_' between digits, and other scripts' digits
+        value = type(default)(text) if ASCII_NUMBER.fullmatch(text) else None
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
@@ -351,6 +352,7 @@ class CsvSource:
 
 
 CSV_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -540,13 +542,27 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
             if not path:
                 raise UsageError(f"source {spec!r} names no file: expected csv:NAME=PATH")
             return CsvSource(Path(path), label)
+        if named and "/" not in label and not Path(rest).exists():  # a typing error, not a file that is missing
+            raise UsageError(
+                f"source {spec!r}: {label[:70]!r} is no NAME of csv:NAME=PATH (letters, digits, '.', '_' and '-',"
+                f" from a letter or digit, at most 64), and no file is named {rest!r}"
+            )
         source = CsvSource(Path(rest))
         if "," in source.name or "|" in source.name:
             raise UsageError(
                 f"source {spec!r} would be named {source.name!r}, but ',' and '|' separate names in"
                 " filter_by=source:… and in a CSV's sources cells; name it with csv:NAME=PATH"
             )
-        return source
+        stem = source.name.removeprefix("csv:")
+        if not stem:
+            problem = "an empty name"
+        elif stem != stem.strip():
+            problem = "with a space at an end, which filter_by=source:… drops (no condition could select it)"
+        elif CONTROL_CHARACTER.search(stem):
+            problem = "with a control character, which garbles log lines and a CSV's sources cells"
+        else:
+            return source
+        raise UsageError(f"source {spec!r} would be named {source.name!r}, {problem}; name it with csv:NAME=PATH")
     if spec == "coinpaprika":
         headers = {"Authorization": config.coinpaprika_key} if config.coinpaprika_key else {}
         policy = dataclasses.replace(config.http, rate=config.coinpaprika_rate)
@@ -576,9 +592,12 @@ def parse_sources(specs: Sequence[str], config: EtlConfig) -> list[Source]:
     named: dict[str, str] = {}
     for spec, source in zip(specs, sources, strict=True):
         if (key := source_key(source.name)) in named:
+            both = f"sources {named[key]!r} and {spec!r} are both named {source.name!r}"
+            if not isinstance(source, CsvSource):  # a CSV's name begins csv:, so the other is an upstream too
+                raise UsageError(f"{both}: an upstream loads once a run (a replay of it is that upstream too)")
             raise UsageError(
-                f"sources {named[key]!r} and {spec!r} are both named {source.name!r} (in any case and Unicode form,"
-                " as filter_by=source:… compares names); give a CSV source its own name with csv:NAME=PATH"
+                f"{both} (in any case and Unicode form, as filter_by=source:… compares names); give a CSV source its"
+                " own name with csv:NAME=PATH"
             )
         named[key] = spec
     return sources
@@ -3094,10 +3113,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             " Exit codes: 0 success or partial, 1 failed, 2 usage error, 75 another run holds the lock."
         ),
     )
-    parser.add_argument("--db", type=Path, help="path of the SQLite store (default: $KASPARRO_DB or kasparro.db)")
+    parser.add_argument(
+        "--db", type=Path, action=Once, help="path of the SQLite store (default: $KASPARRO_DB or kasparro.db)"
+    )
     parser.add_argument(
         "--every",
         type=interval_seconds,
+        action=Once,
         metavar="SECONDS",
         help="run now and then at every slot of SECONDS, until SIGTERM or SIGINT (then exit 0)",
     )
@@ -3105,15 +3127,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Once(argparse.Action):
+    """An option given once: argparse would keep the last of two without a word (`--db a.db --db b.db`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, *_: Any) -> None:
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, "given twice; give it once")
+        setattr(namespace, self.dest, values)
+
+
 EVERY = (SECONDS[0], 365 * DAY)  # a slot longer than a year is no schedule, and time.sleep takes no time_t past it
+EVERY_SYNTAX = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # float()'s, in digits 0-9 with no _
 
 
 def interval_seconds(text: str) -> float:
-    """--every's value: a number of seconds within EVERY."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
+    """--every's value: a number of seconds within EVERY, in digits 0-9."""
+    seconds = float(text) if EVERY_SYNTAX.fullmatch(text) else math.nan
     if not EVERY[0] <= seconds <= EVERY[1]:  # nan too
         raise argparse.ArgumentTypeError(
             f"expected a number of seconds from {EVERY[0]:g} to {EVERY[1]:,} (a year), got {text!r}"
@@ -3130,7 +3159,8 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         db = args.db or config.db
         sources = parse_sources(args.sources or config.sources, config)
         if not db.parent.is_dir():
-            raise UsageError(f"directory of the store does not exist: {db.parent}")
+            what = "is a file, not a directory" if db.parent.exists() else "does not exist"
+            raise UsageError(f"the directory of the store, {str(db.parent)!r}, {what}")
         if db.is_dir() or (db.exists() and not db.is_file()):  # '' names the current directory
             what = "is a directory" if db.is_dir() else "is not a regular file"
             raise UsageError(f"the store {str(db)!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)")

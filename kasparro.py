@@ -93,6 +93,12 @@ class Config:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Config:
         """Build the config from the variables of SPEC.md, with its defaults."""
         keys = tuple(k.strip() for k in environ.get("KASPARRO_API_KEYS", "").split(",") if k.strip())
+        for place, key in enumerate(keys, 1):  # a header's bytes are read as Latin-1: 'kéy' arrives as 'kÃ©y'
+            if not PRINTABLE_ASCII.fullmatch(key):
+                raise SystemExit(
+                    f"kasparro: KASPARRO_API_KEYS: key {place} holds a character other than printable ASCII, which"
+                    " no client can send as it is; make keys of letters, digits and punctuation"
+                )
         if environ.get("KASPARRO_ROLE", "primary") not in ROLES:
             raise SystemExit(f"kasparro: KASPARRO_ROLE must be primary or replica, not {environ['KASPARRO_ROLE']!r}")
         level = environ.get("LOG_LEVEL", "").strip().lower() or "info"
@@ -141,8 +147,8 @@ def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple
     text = environ.get(name, "").strip()
     if not text:
         return default
-    try:
-        value = type(default)(text)
+    try:  # int() and float() also read '_' between digits, and other scripts' digits
+        value = type(default)(text) if NUMBER.fullmatch(text) else None
     except ValueError:
         value = None
     if value is None or not bounds[0] <= value <= bounds[1]:
@@ -152,13 +158,15 @@ def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple
 
 
 ROLES = ("primary", "replica")
-ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port]
+ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port], the scheme in any case
+PRINTABLE_ASCII = re.compile(r"[ -~]+")  # what an API key may hold: it comes back in a header, a byte a character
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 def browser_origin(text: str) -> str | None:
     """An origin as a browser sends it in Origin (RFC 6454: host lower-case and in punycode, no user, no default
-    port), or None when `text` is no origin (no scheme or host, a path, a port that is not one)."""
+    port, the scheme lower-case), or None when `text` is no origin (no scheme or host, a path, a port that is not
+    one)."""
     if not ORIGIN.fullmatch(text):
         return None
     try:
@@ -167,7 +175,7 @@ def browser_origin(text: str) -> str | None:
         host = host if host is None or host.isascii() else host.encode("idna").decode()
     except (ValueError, UnicodeError):
         return None
-    if not host:
+    if not host or port == 0:  # no page is served from port 0
         return None
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS.get(parts.scheme)) else f":{port}")
@@ -1499,7 +1507,7 @@ def parse_fields(text: str | None, known: Sequence[str]) -> tuple[str, ...]:
     """fields: comma-separated names of `known`, each once, kept in the order given; absent: () (all)."""
     if not text:
         return ()
-    names = tuple(name.strip() for name in text.split(","))
+    names = tuple(name.strip(" ") for name in text.split(","))  # spaces around a name, as filter_by takes them
     for at, name in enumerate(names):
         if name not in known:
             what = f"unknown field {name[:40]!r}" if name else "an empty name (two commas in a row, or one at an end)"
@@ -1507,6 +1515,13 @@ def parse_fields(text: str | None, known: Sequence[str]) -> tuple[str, ...]:
         if name in names[:at]:
             raise InvalidQuery(f"fields: {name!r} given twice")
     return names
+
+
+def fields_pattern(known: Sequence[str]) -> str:
+    """The syntax of `fields` that parse_fields reads, for the OpenAPI document (ECMA-262): names of `known`
+    separated by commas, spaces around each."""
+    name = f" *(?:{'|'.join(known)}) *"
+    return f"^(?:{name}(?:,{name})*)?$"
 
 
 def parse_format(text: str | None, formats: Sequence[str]) -> str:
@@ -1626,8 +1641,9 @@ PLUS_AS_SPACE = re.compile(r"(?<=\d\d:\d\d) (?=\d\d:\d\d$)", re.ASCII)
 # The times the API reads, in Unix seconds: from Unix time 0 to the last second RFC 3339 can write, so that none
 # overflows a datetime and every time it answers with (a history window's from and to) is RFC 3339.
 FIRST_SECOND, LAST_SECOND = 0, 253_402_300_799
-# Below 10**11, as the ETL reads seconds (longer is milliseconds); a fraction is that instant, as the ETL reads it.
-UNIX_SECONDS = re.compile(r"-?[0-9]{1,11}(?:\.[0-9]+)?")
+# Below 10**11, as the ETL reads seconds (more is milliseconds), whatever the leading zeros; a fraction is that
+# instant, as the ETL reads it.
+UNIX_SECONDS = re.compile(r"-?(?:0*[1-9][0-9]{0,10}|0+)(?:\.[0-9]+)?")
 SECOND_FRACTION = re.compile(r"\.[0-9]+", re.ASCII)  # of an RFC 3339 time: the one "." it may hold
 
 
@@ -1668,7 +1684,8 @@ def time_hint(text: str) -> str:
         return hint
     if read_rfc3339(PLUS_AS_SPACE.sub("+", text)) is not None:
         return " (a '+' in a URL reads as a space: write the offset's + as %2B)"
-    return " (Unix seconds, not milliseconds)" if text.isascii() and text.isdigit() and 12 <= len(text) <= 14 else ""
+    milliseconds = text.isascii() and text.isdigit() and 12 <= len(text.lstrip("0")) <= 14
+    return " (Unix seconds, not milliseconds)" if milliseconds else ""
 
 
 def within_range(name: str, seconds: int, text: str) -> int:
@@ -1772,7 +1789,11 @@ def condition_sql(condition: Condition) -> tuple[str, tuple]:
     patterns: list[object] = []
     folded: list[object] = []  # the values compared through fold()
     if op == "~":
+        whole: list[object] = []  # texts holding a NUL, where LIKE would end its pattern: compared whole by instr()
         for value in map(str, values):
+            if "\x00" in value:
+                whole.append(value)
+                continue
             if value.isascii():
                 tests.append(f"{column} LIKE ? ESCAPE '\\'")
                 patterns.append("%" + re.sub(r"([\\%_])", r"\\\1", value) + "%")
@@ -1782,6 +1803,8 @@ def condition_sql(condition: Condition) -> tuple[str, tuple]:
             each = " OR ".join(f"instr(fold({column}), ?) > 0" for _ in folded)
             tests.append(f"({beyond_ascii(column)} AND ({each}))")
             patterns.extend(folded)
+        tests.extend(f"instr(fold({column}), ?) > 0" for _ in whole)
+        patterns.extend(whole)
     elif op == ":" and field in ("name", "symbol"):
         known: list[str] = []
         for value in map(str, values):
@@ -4042,7 +4065,10 @@ class RunResource(RunHistoryResource):
     async def make(self, commit: Commit, params: Mapping[str, str], run_id: str) -> Answer:
         check_params(params, ())
         if not RUN_ID.fullmatch(run_id):
-            raise falcon.HTTPNotFound(description=f"no run {run_id[:40]!r}: a run id is an integer from 1")
+            raise falcon.HTTPNotFound(
+                description=f"no run {run_id[:40]!r}: a run id is written in digits 0-9, from 1 to {MAX_RUN_ID} with"
+                " no leading zero, as GET /runs lists them"
+            )
         rows = await self.store.read(lambda conn, version: read_run(conn, version, int(run_id)))
         return self.answer_of(commit, rows, lambda runs: runs[0])
 
@@ -4670,12 +4696,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
         },
         if_none_match,
     ]
-    fields_alternatives = "|".join(ASSET_FIELDS)
     fields_parameter = {
         "name": "fields",
         "in": "query",
         "description": "keep only these fields of each record, in this order, each once; unknown field: 400",
-        "schema": {"type": "string", "pattern": f"^(?:(?:{fields_alternatives})(?:,(?:{fields_alternatives}))*)?$"},
+        "schema": {"type": "string", "pattern": fields_pattern(ASSET_FIELDS)},
         "example": "asset_id,symbol,price_usd",
     }
 
@@ -4748,7 +4773,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         {
             **fields_parameter,
             "description": fields_parameter["description"],
-            "schema": {"type": "string", "pattern": "^(?:(?:{0})(?:,(?:{0}))*)?$".format("|".join(DETAIL_FIELDS))},
+            "schema": {"type": "string", "pattern": fields_pattern(DETAIL_FIELDS)},
         },
         if_none_match,
     ]
@@ -5265,9 +5290,9 @@ class FrontDoor:
         headers = scope["headers"]
         if type(headers) is not list:  # ASGI allows any iterable, even one read only once: Falcon reads it again
             headers = scope["headers"] = [(name, value) for name, value in headers]
-        for name, value in headers:
+        for name, value in headers:  # uvicorn's parser keeps the whitespace after a value (not a part of it)
             if name == b"x-request-id":
-                offered = value.decode("latin-1")
+                offered = value.rstrip(b" \t").decode("latin-1")
             elif name == b"if-none-match":
                 if_none_match = value.decode("latin-1")
             elif name == b"accept-encoding":
@@ -5275,7 +5300,7 @@ class FrontDoor:
             elif name == b"accept":
                 accept = value
             elif name == b"origin":
-                origin = value
+                origin = value.rstrip(b" \t")
         request_id = offered if offered and SANE_REQUEST_ID.fullmatch(offered) else new_request_id()
         REQUEST_ID.set(request_id)
         scope[REQUEST_ID_KEY], scope[STARTED] = request_id, started
@@ -5430,9 +5455,11 @@ class RouteLabel:
 
 
 def offered_api_key(req: falcon.asgi.Request) -> str:
-    """The API key a request offers (Authorization: Bearer, else X-API-Key), or '' when none."""
+    """The API key a request offers (Authorization: Bearer, else X-API-Key), or '' when none; without the
+    whitespace at a field value's ends (RFC 9110 5.5), which uvicorn's parser keeps after it."""
     scheme, _, credentials = (req.get_header("Authorization") or "").partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" else req.get_header("X-API-Key") or ""
+    offered = credentials if scheme.lower() == "bearer" else req.get_header("X-API-Key") or ""
+    return offered.strip(" \t")
 
 
 class ApiKeyAuth:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -289,3 +291,110 @@ def test_a_problem_the_front_door_answers_itself_reports_its_measured_latency(
         assert headers["content-type"] == PROBLEM, status
         problem = json.loads(body)
         assert 0 < problem["api_latency_ms"] <= durations[headers["x-request-id"]], (problem, durations)
+
+
+@pytest.mark.parametrize(
+    "condition",
+    ["name~coin%00zzz", "name~%00", "symbol~c%00q", "asset_id~bitcoin%00zz", "name~zzz|coin%00zzz", "name~coin%00",
+     "name~%C3%9F%00zzz", "symbol~%00", "name~coin%00,rank<=100", "name~coin%00zzz&as_of=2030-01-01"],
+)  # fmt: skip
+def test_a_contained_text_holding_nul_is_that_whole_text(server: LiveServer, condition: str) -> None:
+    """`field~text` keeps what contains the whole text: SQLite's LIKE ends its pattern at a NUL, so
+    name~coin%00zzz kept every name ending in 'coin' and name~%00 every asset (wrong data). No stored name, symbol
+    or id holds a NUL."""
+    for _ in range(2):  # the second is the front door's
+        status, _, body = exchange(server.base, "GET", f"/data?filter_by={condition}")
+        assert status == 200, body[:200]
+        assert json.loads(body)["total_items"] == 0, condition
+    status, _, body = server.get(f"/data/export?filter_by={condition}&fields=asset_id")
+    assert (status, body) == (200, b"asset_id\r\n"), (condition, body[:200])
+
+
+@pytest.mark.parametrize("sent", [b"k1 ", b"k1\t", b"k1  \t "])
+def test_an_x_api_key_is_read_without_the_whitespace_after_it(live_server: Any, store_path: Path, sent: bytes) -> None:
+    """A field value has no whitespace at its ends (RFC 9110 5.5); uvicorn's parser keeps what follows it, so
+    'X-API-Key: k1 ' was refused where 'Authorization: Bearer k1 ' was taken."""
+    server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_API_KEYS="k1")
+    for path in ("/data", "/stats", "/runs"):
+        assert exchange(server.base, "GET", path, {"Authorization": b"Bearer " + sent})[0] == 200, path
+        status, _, body = exchange(server.base, "GET", path, {"X-API-Key": sent})
+        assert status == 200, (path, body[:200])
+        assert exchange(server.base, "GET", path, {"X-API-Key": b"k"})[0] == 401, path
+
+
+@pytest.mark.parametrize("after", [b" ", b"\t", b"  \t"])
+def test_origin_and_request_id_are_read_without_the_whitespace_after_them(
+    live_server: Any, store_path: Path, after: bytes
+) -> None:
+    """A field value has no whitespace at its ends (RFC 9110 5.5), but uvicorn's parser keeps what follows it: an
+    allowed Origin with a space after it was served without Access-Control-Allow-Origin, and a sane X-Request-ID
+    was replaced instead of echoed."""
+    server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_CORS_ORIGINS="https://dash.example")
+    for path in ("/data?page_size=2", "/data?page_size=2", "/health", "/nowhere", "/data?page_size=0"):
+        status, headers, _ = exchange(
+            server.base, "GET", path, {"Origin": b"https://dash.example" + after, "X-Request-ID": b"trace-42" + after}
+        )
+        assert headers.get("access-control-allow-origin") == "https://dash.example", (path, status)
+        assert headers["x-request-id"] == "trace-42", (path, status)
+
+
+def same_answer(body: bytes, other: bytes) -> bool:
+    """Whether two bodies say the same, but for the request id and latency of a JSON one."""
+    if not body.startswith(b"{"):
+        return body == other
+    ours, theirs = json.loads(body), json.loads(other)
+    for answer in (ours, theirs):
+        del answer["request_id"], answer["api_latency_ms"]
+    return ours == theirs
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/data?as_of={t}&fields=asset_id,price_usd", "/data/export?as_of={t}&fields=asset_id",
+     "/data?filter_by=updated_at>={t}&fields=asset_id", "/data/bitcoin/history?interval=raw&from={t}",
+     "/data/bitcoin/history?interval=raw&to={t}"],
+)  # fmt: skip
+def test_unix_seconds_are_read_whatever_their_leading_zeros(server: LiveServer, path: str) -> None:
+    """A time in Unix seconds is its value, below 10**11, as the ETL reads one and as page= and limit= are read:
+    as_of=000000000001795608000 was a 400 'expected an RFC 3339 time or Unix seconds' though it is Unix seconds."""
+    plain = server.get(path.format(t="1795608000"))
+    assert plain[0] == 200, plain[2][:200]
+    for padded in ("01795608000", "0" * 12 + "1795608000", "0" * 30 + "1795608000.0"):
+        answer = server.get(path.format(t=padded))
+        assert answer[0] == 200, (padded, answer[2][:200])
+        assert same_answer(answer[2], plain[2]), padded
+    for milliseconds in ("0" * 5 + "1795608000000", "1795608000000"):
+        status, _, body = server.get(path.format(t=milliseconds))
+        assert status == 400 and "(Unix seconds, not milliseconds)" in json.loads(body)["detail"], body[:200]
+
+
+FIELDS_VALUES = [
+    "asset_id,symbol",
+    "asset_id, symbol",
+    " asset_id ,symbol ",
+    "asset_id,\tsymbol",
+    "asset_id\n",
+    "asset_id,\u00a0symbol",
+    " ",
+    "asset_id,,symbol",
+    "asset_id,",
+    "quotes",
+    "price_usd,quotes",
+]
+
+
+@pytest.mark.parametrize("path", ["/data", "/data/export", "/data/bitcoin"])
+def test_the_published_fields_pattern_is_exactly_as_strict_as_the_api(server: LiveServer, path: str) -> None:
+    """The OpenAPI document's pattern of `fields` is the API's rule: the API read 'asset_id, symbol' (spaces, as
+    filter_by takes them) and also tabs, line breaks and no-break spaces around a name, all of which the pattern
+    refused, so a client that validates by it refused what the API takes."""
+    document = json.loads(exchange(server.base, "GET", "/openapi.json")[2])
+    (parameter,) = [p for p in document["paths"][path.replace("bitcoin", "{asset_id}")]["get"]["parameters"]
+                    if p["name"] == "fields"]  # fmt: skip
+    anchored = parameter["schema"]["pattern"]
+    assert anchored.startswith("^") and anchored.endswith("$"), anchored
+    pattern = re.compile(anchored[1:-1])  # fullmatch: Python's $ also matches before a last line break
+    for value in FIELDS_VALUES:
+        status, _, body = server.get(f"{path}?fields={quote(value, safe=',')}")
+        assert status in (200, 400), body[:200]
+        assert (status == 200) == (pattern.fullmatch(value) is not None), (value, status, body[:200])

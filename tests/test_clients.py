@@ -284,6 +284,8 @@ def test_an_origin_a_browser_cannot_send_is_refused_at_start(origins: str) -> No
         ("https://user@a.example", "https://a.example"),
         ("https://ä.example", "https://xn--4ca.example"),
         ("http://[::1]:08080", "http://[::1]:8080"),
+        ("HTTPS://a.example", "https://a.example"),  # was 'not an origin': a browser lower-cases the scheme too
+        ("Http://A.example:80", "http://a.example"),
     ],
 )
 def test_an_origin_written_otherwise_than_a_browser_sends_it_is_refused_naming_that(origin: str, sent: str) -> None:
@@ -296,8 +298,11 @@ def test_an_origin_written_otherwise_than_a_browser_sends_it_is_refused_naming_t
     )
 
 
-@pytest.mark.parametrize("origins", ["https://a.example:99999", "https://a.example:x", "https://[::1", "http://:80"])
+@pytest.mark.parametrize(
+    "origins", ["https://a.example:99999", "https://a.example:x", "https://[::1", "http://:80", "https://a.example:0"]
+)
 def test_an_origin_with_no_host_or_a_bad_port_is_refused(origins: str) -> None:
+    """Port 0 is no port a page can be served from (a browser refuses to fetch it)."""
     with pytest.raises(SystemExit, match=r"KASPARRO_CORS_ORIGINS: .* is not an origin"):
         Config.from_env({"KASPARRO_CORS_ORIGINS": origins})
 

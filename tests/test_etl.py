@@ -208,14 +208,19 @@ def test_a_missing_file_fails_the_source_clearly(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
-    [(["coinbase"], "unknown source 'coinbase'"), (["--db", "/no/such/dir/x.db"], "does not exist"), (["--bogus"], "")],
+    ("db", "args", "message"),
+    [
+        ("x.db", ["coinbase"], "unknown source 'coinbase'"),
+        ("no/such/dir/x.db", [], "does not exist"),
+        ("x.db", ["--bogus"], ""),
+        ("x.db", ["--db", "/no/such/dir/x.db"], "argument --db: given twice"),  # argparse took the last one
+    ],
 )
-def test_usage_errors_exit_2(tmp_path, args, message):
-    result = run_etl(tmp_path / "x.db", *args)
+def test_usage_errors_exit_2(tmp_path, db, args, message):
+    result = run_etl(tmp_path / db, *args)
     assert result.returncode == etl.EXIT_USAGE
     assert message in result.stderr
-    assert not (tmp_path / "x.db").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_older_store_is_migrated_in_place(tmp_path):

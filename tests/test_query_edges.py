@@ -430,10 +430,14 @@ def test_a_number_in_other_digits_than_0_to_9_is_a_400_naming_the_parameter(
 
 
 def test_a_run_id_in_other_digits_than_0_to_9_is_an_unknown_run(live_server: Any, store_path: Path) -> None:
-    """SPEC: an unknown run is a 404; /runs/٣ answers as /runs/abc does, not as /runs/3."""
+    """SPEC: an unknown run is a 404; /runs/٣ answers as /runs/abc does, not as /runs/3. The detail says how a run
+    id is written: 'a run id is an integer from 1' was said of '01' and '1000000000', which are."""
     server = live_server(store_path, LOG_LEVEL="warning")
     assert server.get("/runs/1")[0] == 200
-    for run_id in ("abc", "٣", "１", "१", "+1", "1٠"):
+    for run_id in ("abc", "٣", "１", "१", "+1", "1٠", "01", "1000000000", "0"):
         status, headers, body = server.get(f"/runs/{urllib.parse.quote(run_id)}")
         assert (status, headers["content-type"]) == (404, "application/problem+json"), run_id
-        assert json.loads(body)["detail"] == f"no run {run_id!r}: a run id is an integer from 1", run_id
+        assert json.loads(body)["detail"] == (
+            f"no run {run_id!r}: a run id is written in digits 0-9, from 1 to 999999999 with no leading zero, as"
+            " GET /runs lists them"
+        ), run_id

@@ -39,6 +39,10 @@ COUNT = "a whole number from 1 to 1,000,000,000"
         ("KASPARRO_RAW_KEEP_RUNS", "99999999999999999999", "a whole number from 0 to 1,000,000,000"),  # OverflowError
         ("KASPARRO_BATCH_ROWS", "-5", COUNT),  # quietly 1 row a transaction
         ("KASPARRO_COINGECKO_RATE", "fast", "a number from 0.001 to 1,000,000,000"),
+        # int() and float() read '_' between digits and other scripts' digits, which no other number here takes
+        ("KASPARRO_BATCH_ROWS", "1_000", COUNT),
+        ("KASPARRO_HTTP_MAX_REQUESTS", "\u0661\u0660", COUNT),
+        ("KASPARRO_COINGECKO_RATE", "3_0", "a number from 0.001 to 1,000,000,000"),
     ],
 )
 def test_a_numeric_setting_out_of_range_is_a_usage_error_naming_it(
@@ -121,10 +125,15 @@ def test_a_replay_of_a_run_id_sqlite_cannot_hold_is_a_usage_error(tmp_path: Path
     assert not db.exists()
 
 
-@pytest.mark.parametrize("value", ["99999999999", "1e300", "0.0001", "1e-300", "0", "-1", "nan", "inf", "soon"])
+@pytest.mark.parametrize(
+    "value",
+    ["99999999999", "1e300", "0.0001", "1e-300", "0", "-1", "nan", "inf", "soon",
+     "1_0", "١٠", " 10", "10 ", "0x10", "1e3s"],
+)  # fmt: skip
 def test_an_every_out_of_range_is_a_usage_error_before_the_first_run(tmp_path: Path, value: str) -> None:
     """--every 99999999999 ran once, then ended in an OverflowError traceback (time_t) instead of waiting;
-    1e-300 ran back to back, logging skipped slots by the 10**300."""
+    1e-300 ran back to back, logging skipped slots by the 10**300. float() read '1_0' as 10 and Arabic-Indic
+    digits as digits, which the API refuses in any number ('digits 0-9 only')."""
     db = tmp_path / "store.db"
     result = run_etl(db, "--every", value)
     assert (result.returncode, result.stderr.splitlines()[-1]) == (
@@ -150,6 +159,21 @@ def test_a_store_path_that_cannot_be_a_file_is_a_usage_error(tmp_path: Path, whe
             f"etl.py: error: the store {shown!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)\n",
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_under_a_file_is_a_usage_error_saying_so(tmp_path: Path) -> None:
+    """--db data/sample.csv/kasparro.db said 'directory of the store does not exist: data/sample.csv', which does."""
+    parent = tmp_path / "feed.csv"
+    parent.write_text("symbol,name\n")
+    for missing in (False, True):
+        folder = tmp_path / "nowhere" if missing else parent
+        result = run_etl(folder / "store.db")
+        what = "does not exist" if missing else "is a file, not a directory"
+        assert (result.returncode, result.stderr) == (
+            etl.EXIT_USAGE,
+            f"etl.py: error: the directory of the store, {str(folder)!r}, {what}\n",
+        )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["feed.csv"]
 
 
 @pytest.mark.parametrize("name", [":memory:", "store#1?.db", "100%.db"])
@@ -197,6 +221,8 @@ def test_a_csv_whose_stem_cannot_be_a_source_name_must_be_named(tmp_path: Path, 
     ("name", "value", "expected"),
     [
         ("KASPARRO_RATE_LIMIT", "nan", "a number from 0 to 1,000,000,000"),  # was a ValueError traceback at start
+        ("KASPARRO_RATE_LIMIT", "1_0", "a number from 0 to 1,000,000,000"),  # float() reads '_' between digits
+        ("KASPARRO_ETL_MAX_AGE", "\u0666\u0660", "a whole number from 1 to 10,000,000,000"),  # and other digits
         ("KASPARRO_RATE_LIMIT", "-1", "a number from 0 to 1,000,000,000"),
         ("KASPARRO_ETL_MAX_AGE", "-5", "a whole number from 1 to 10,000,000,000"),  # taken: /health always degraded
         ("KASPARRO_ETL_MAX_AGE", "6h", "a whole number from 1 to 10,000,000,000"),  # 'invalid literal for int()'
@@ -249,3 +275,68 @@ def test_an_unknown_log_level_stops_the_api_start_naming_it(tmp_path: Path) -> N
     assert result.returncode != 0
     assert f"kasparro: LOG_LEVEL must be {LEVELS} (in any case), not 'verbose'" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stem", ["feed ", " feed", "feed\u00a0", "two\nlines", "tab\tbed", "bell\x07"])
+def test_a_csv_whose_stem_filter_by_cannot_name_must_be_named(tmp_path: Path, stem: str) -> None:
+    """filter_by reads its conditions without the spaces around them, so a source named 'csv:feed ' (a file
+    'feed .csv') loaded listings that filter_by=source: could never select; a control character in a name garbles
+    the log lines and CSV cells that show it. Such a stem is refused, before anything is written, as ',' is."""
+    feed = tmp_path / f"{stem}.csv"
+    feed.write_text("symbol,name,price\nBTC,Bitcoin,1\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{feed}")
+    assert result.returncode == etl.EXIT_USAGE, result.stderr
+    assert result.stderr.startswith(f"etl.py: error: source {f'csv:{feed}'!r} would be named {f'csv:{stem}'!r}, ")
+    assert result.stderr.endswith("; name it with csv:NAME=PATH\n"), result.stderr
+    assert not db.exists()
+    assert run_etl(db, f"csv:feed={feed}").returncode == 0
+
+
+@pytest.mark.parametrize("key", ["kéy-s3cret", "s3cret\x7f", "s3cret\x01x", "€uro-s3cret"])
+def test_an_api_key_no_client_can_send_stops_the_start_without_showing_it(tmp_path: Path, key: str) -> None:
+    """An API key beyond printable ASCII was taken at start and then refused to every client: a header's bytes
+    are read one character each (Latin-1), so 'kéy' sent in UTF-8 arrives as 'kÃ©y'. The message names the
+    variable and the key's place, never the key (a secret)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KASPARRO_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "kasparro:app", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, env={**environ, "KASPARRO_DB": str(tmp_path / "store.db"), "KASPARRO_API_KEYS": f"good,{key}"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "kasparro: KASPARRO_API_KEYS: key 2 holds a character other than printable ASCII" in result.stderr
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("name", "again"), [("--db", ["--db", "other.db"]), ("--every", ["--every", "60", "--every", "60"])]
+)
+def test_an_option_given_twice_is_a_usage_error_naming_it(tmp_path: Path, name: str, again: list[str]) -> None:
+    """argparse keeps the last of a repeated option: `--db a.db --db b.db` loaded b.db without a word (a script
+    that adds its own --db to a cron line's), where a query parameter given twice is a 400 on the API."""
+    db = tmp_path / "store.db"
+    result = run_etl(db, *(str(tmp_path / word) if word.endswith(".db") else word for word in again))
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: argument {name}: given twice; give it once",
+    )
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("label", ["a b", "\u00e9t\u00e9", "-x", ".", "", "x" * 65, "a,b"])
+def test_a_csv_name_that_is_no_name_is_a_usage_error_not_a_missing_file(tmp_path: Path, label: str) -> None:
+    """csv:NAME=PATH with a NAME out of its syntax was read as the path 'NAME=PATH': the run was recorded failed
+    ('cannot read a b=…: No such file or directory', exit 1, /health degraded) for what is a typing error. A
+    path holding '=' still reads as a path when it is one (test_real_inputs) or is written with a '/' first."""
+    feed = tmp_path / "feed.csv"
+    feed.write_text("symbol,name,price\nBTC,Bitcoin,1\n")
+    db = tmp_path / "store.db"
+    result = run_etl(db, f"csv:{label}={feed}")
+    assert result.returncode == etl.EXIT_USAGE, result.stderr
+    assert result.stderr == (
+        f"etl.py: error: source {f'csv:{label}={feed}'!r}: {label!r} is no NAME of csv:NAME=PATH (letters,"
+        " digits, '.', '_' and '-', from a letter or digit, at most 64), and no file is named"
+        f" {f'{label}={feed}'!r}\n"
+    )
+    assert not db.exists()
