@@ -3396,31 +3396,28 @@ class AnswerCache:
         self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of keys made once lately, oldest first
         self._making: dict[AnswerKey, Making] = {}
 
-    def held(self, key: AnswerKey) -> Answer | None:
-        """The answer kept for key if it holds at the commit the store was seen at this turn of the loop: lookup()
-        without a coroutine, for the front door's every request. None: not kept, or lookup() must look."""
+    def held(self, key: AnswerKey, commit: Commit | None = None) -> Answer | None:
+        """The answer kept for key if it holds at `commit` (by default the one the store was seen at this turn of
+        the loop): lookup() without a coroutine, for the front door's every request. One that no longer holds is
+        let go. None: not kept, or the store was not seen this turn (lookup() looks)."""
         answer = self.entries.get(key)
         if answer is None:
             return None
-        commit = self.store.seen
-        if commit is None or answer.commit != commit.number:
-            return None
-        if answer.until != math.inf and time.time() >= answer.until:
+        if commit is None:
+            commit = self.store.seen
+            if commit is None:
+                return None
+        if answer.commit != commit.number or (answer.until != math.inf and time.time() >= answer.until):
+            self.size -= self.entries.pop(key).size
             return None
         self.entries.move_to_end(key)
         return answer
 
     async def lookup(self, key: AnswerKey) -> Answer | None:
         """The answer kept for key if it still holds; the store is looked at only when one is kept."""
-        answer = self.entries.get(key)
-        if answer is None:
+        if key not in self.entries:
             return None
-        commit = self.store.seen or await self.store.watch()
-        if answer.commit != commit.number or (answer.until != math.inf and time.time() >= answer.until):
-            self.size -= self.entries.pop(key).size
-            return None
-        self.entries.move_to_end(key)
-        return answer
+        return self.held(key, self.store.seen or await self.store.watch())
 
     async def read(self, key: AnswerKey, route: str, make: Make) -> Answer | None:
         """The answer to key: kept, else the one being made for it at this commit, else make(commit)'s, which is
