@@ -172,7 +172,8 @@ class EtlConfig:
 Number = TypeVar("Number", int, float)
 COUNT = (1, 1_000_000_000)
 SECONDS = (0.001, DAY)
-ASCII_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # a setting's syntax
+UNSIGNED_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"  # float()'s, in digits 0-9 with no '_'
+ASCII_NUMBER = re.compile(rf"[+-]?{UNSIGNED_NUMBER}")  # a setting's syntax
 
 
 def setting(environ: Mapping[str, str], name: str, default: Number, bounds: tuple[float, float]) -> Number:
@@ -3137,7 +3138,7 @@ class Once(argparse.Action):
 
 
 EVERY = (SECONDS[0], 365 * DAY)  # a slot longer than a year is no schedule, and time.sleep takes no time_t past it
-EVERY_SYNTAX = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # float()'s, in digits 0-9 with no _
+EVERY_SYNTAX = re.compile(UNSIGNED_NUMBER)
 
 
 def interval_seconds(text: str) -> float:
