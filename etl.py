@@ -130,7 +130,7 @@ class EtlConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> EtlConfig:
         """Build the config from the variables of SPEC.md (and a few HTTP knobs), with defaults."""
-        sources = tuple(s.strip() for s in environ.get("KASPARRO_SOURCES", "").split(",") if s.strip())
+        sources = source_list(environ)
         plan = environ.get("KASPARRO_COINGECKO_PLAN", "").strip().lower() or "demo"
         if plan not in ("demo", "pro"):  # another word would send a paid key in the demo header, to the public URL
             raise UsageError(f"KASPARRO_COINGECKO_PLAN must be demo or pro, not {environ['KASPARRO_COINGECKO_PLAN']!r}")
@@ -166,6 +166,21 @@ class EtlConfig:
             batch_rows=setting(environ, "KASPARRO_BATCH_ROWS", cls.batch_rows, COUNT),
             http=http,
         )
+
+
+def source_list(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """KASPARRO_SOURCES' comma-separated items, stripped; unset or blank is none (the sample), an empty item a
+    UsageError: dropping it would turn ',' into no sources at all, and so into the shipped sample."""
+    text = environ.get("KASPARRO_SOURCES", "")
+    if not text.strip():
+        return ()
+    items = tuple(item.strip() for item in text.split(","))
+    if "" in items:
+        raise UsageError(
+            f"KASPARRO_SOURCES {text!r} has an empty item (item {items.index('') + 1} of {len(items)}): separate its"
+            " sources with single commas, as in 'coingecko,coinpaprika', or leave it empty for the shipped sample"
+        )
+    return items
 
 
 # The ranges of numeric settings, inclusive: a whole count of things, and seconds a wait may last.
@@ -582,6 +597,10 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
             if int(run) > MAX_RUN_ID:
                 raise UsageError(f"source {spec!r}: no run has an id over {MAX_RUN_ID} (SQLite's largest integer)")
             return ReplaySource(int(run), parse_source(name, config))  # type: ignore[arg-type]
+    if not spec.strip():
+        raise UsageError(
+            f"source {spec!r} is empty: give csv:PATH, csv:NAME=PATH, coinpaprika, coingecko or replay:NAME@RUN_ID"
+        )
     raise UsageError(
         f"unknown source {spec!r}: expected csv:PATH, csv:NAME=PATH, coinpaprika, coingecko or replay:NAME@RUN_ID"
     )
@@ -3158,7 +3177,7 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         config = config or EtlConfig.from_env()
         configure_logging(config.log_level)
         db = args.db or config.db
-        sources = parse_sources(args.sources or config.sources, config)
+        sources = command_sources(args.sources, config)
         if not db.parent.is_dir():
             what = "is a file, not a directory" if db.parent.exists() else "does not exist"
             raise UsageError(f"the directory of the store, {str(db.parent)!r}, {what}")
@@ -3190,6 +3209,16 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
     finally:
         with cleanup("writer lock release"):
             os.close(lock)
+
+
+def command_sources(arguments: Sequence[str], config: EtlConfig) -> list[Source]:
+    """The SOURCE arguments, else KASPARRO_SOURCES (its errors naming it), else the shipped sample."""
+    if arguments:
+        return parse_sources(arguments, config)
+    try:
+        return parse_sources(config.sources, config)
+    except UsageError as error:
+        raise UsageError(f"KASPARRO_SOURCES: {error}") from None
 
 
 def store_unusable(error: sqlite3.Error | OSError, config: EtlConfig) -> int:
