@@ -3094,25 +3094,107 @@ def elapsed_ms(started: float) -> int:
 # --- CLI ------------------------------------------------------------------
 
 
+def lock_path(db: Path) -> Path:
+    """The writer lock's file: one per store file, whatever path (a symlink) names it."""
+    real = Path(os.path.realpath(db))
+    return real.with_name(real.name + ".etl-lock")
+
+
 def acquire_lock(db: Path) -> int:
     """Take the store's single-writer lock, or raise BlockingIOError with the holder's pid.
 
     A POSIX record lock (not flock): the kernel drops it when the process dies,
     and the API can test for it with F_GETLK without ever taking it.
     """
-    real = Path(os.path.realpath(db))  # one lock per store file, whatever path (a symlink) names it
-    fd = os.open(real.with_name(real.name + ".etl-lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise BlockingIOError(f"another ETL run (pid {holder}) is writing to {db}; try again when it ends") from None
+    path = lock_path(db)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BlockingIOError(
+                f"another ETL run (pid {holder}) is writing to {db}; try again when it ends"
+            ) from None
+        if same_file(fd, path):
+            break
+        os.close(fd)  # a run that ended early removed the file it had locked (remove_created): lock the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the open file `fd`."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def store_files(db: Path) -> list[Path]:
+    """The store's file and those SQLite keeps beside it."""
+    real = Path(os.path.realpath(db))
+    return [real, *(real.with_name(real.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
+
+
+def run_made(db: Path, lock_existed: bool) -> list[Path]:
+    """The files a run about to begin makes (its lock file, unless `lock_existed`; a new store's), to remove should
+    it never begin. Called under the lock: no other run makes the store meanwhile."""
+    made = [] if lock_existed else [lock_path(db)]
+    return made + ([] if db.exists() else [path for path in store_files(db) if not path.exists()])
+
+
+def remove_created(paths: Sequence[Path]) -> None:
+    """Remove the files a run that never began created (under the writer lock, before letting it go)."""
+    for path in paths:
+        with cleanup(f"removing {path}"):
+            path.unlink(missing_ok=True)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def refuse_foreign_file(db: Path) -> None:
+    """UsageError when `db` is a file with something in it but no SQLite header (a CSV named as the store).
+
+    Only its first bytes are read: SQLite would call it corrupt, and the run would leave a lock file beside it.
+    An empty file is a new store, as SQLite makes it one.
+    """
+    try:
+        with db.open("rb") as file:
+            head = file.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    if head and head != SQLITE_HEADER:
+        begins = head.decode("utf-8", errors="replace").rstrip("\x00")
+        raise UsageError(
+            f"the store {str(db)!r} is not an SQLite database, so not a Kasparro store (it begins {begins!r}):"
+            " name the store's file with --db or KASPARRO_DB (where none is, a new store is made); if it was the"
+            " store, its first bytes are damaged: restore it from a backup"
+        )
+
+
+def refuse_foreign_store(conn: sqlite3.Connection, db: Path) -> None:
+    """UsageError when the SQLite database at `db` holds tables but no run records: another program's."""
+    tables = [
+        name
+        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        if not name.startswith("sqlite_")
+    ]
+    if tables and "etl_run" not in tables:
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        raise UsageError(
+            f"the store {str(db)!r} is an SQLite database but not a Kasparro store (it holds the"
+            f" table{'s' if len(tables) > 1 else ''} {shown} and no run records): name the store's file with --db"
+            " or KASPARRO_DB"
+        )
 
 
 # Held from the end of a run's loading until its end is recorded: a stop in between would leave it 'running'.
@@ -3184,8 +3266,10 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         if db.is_dir() or (db.exists() and not db.is_file()):  # '' names the current directory
             what = "is a directory" if db.is_dir() else "is not a regular file"
             raise UsageError(f"the store {str(db)!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)")
+        refuse_foreign_file(db)
         if args.every is not None:
             return every(args.every, db, sources, config)
+        lock_existed = lock_path(db).exists()
         lock = acquire_lock(db)
     except UsageError as error:
         print(f"etl.py: error: {error}", file=sys.stderr)
@@ -3195,16 +3279,20 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         return EXIT_LOCKED
     except OSError as error:  # the lock file sits beside the store: a read-only or full disk shows here first
         return store_unusable(error, dataclasses.replace(config, db=db))
+    created = run_made(db, lock_existed)
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(db, sources, config)
     except (Interrupted, KeyboardInterrupt) as stop:  # before the run was recorded as started
+        remove_created(created)
         print(f"etl.py: error: {str(stop) or 'interrupted'} before the run began", file=sys.stderr)
         return EXIT_FAILED
     except UsageError as error:
+        remove_created(created)
         print(f"etl.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except sqlite3.Error as error:  # the run could not begin: an unreadable store, a full disk, a writer's lock
+        remove_created(created)
         return store_unusable(error, dataclasses.replace(config, db=db))
     finally:
         with cleanup("writer lock release"):
@@ -3235,6 +3323,7 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
     config = dataclasses.replace(config, db=db)
     conn = connect(db, config.busy_timeout)
     try:
+        refuse_foreign_store(conn, db)
         apply_schema(conn)
         sources = stored_names(conn, sources)
         run_id = start_run(conn, sources)
@@ -3351,6 +3440,7 @@ def every(seconds: float, db: Path, sources: Sequence[Source], config: EtlConfig
 def scheduled_run(db: Path, sources: Sequence[Source], config: EtlConfig) -> None:
     """One run of the schedule; a held lock or an unusable store is logged and the schedule goes on."""
     try:
+        lock_existed = lock_path(db).exists()
         lock = acquire_lock(db)
     except BlockingIOError as error:
         log.warning("run skipped", reason=str(error))
@@ -3358,10 +3448,15 @@ def scheduled_run(db: Path, sources: Sequence[Source], config: EtlConfig) -> Non
     except OSError as error:
         log.error("run skipped", reason=f"cannot take the writer lock next to {db}: {error.strerror}")
         return
+    created = run_made(db, lock_existed)
     try:
         run(db, sources, config)
     except sqlite3.Error as error:
+        remove_created(created)
         log.error("store unusable", db=str(db), error=f"{type(error).__name__}: {error}")
+    except UsageError:  # it ends the schedule
+        remove_created(created)
+        raise
     finally:
         os.close(lock)
 
