@@ -544,9 +544,14 @@ class ReplaySource:
     def name(self) -> str:
         return self.upstream.name
 
+    @property
+    def spec(self) -> str:
+        return f"replay:{self.name}@{self.run_id}"
+
 
 Source = CsvSource | HttpSource | ReplaySource
 MAX_RUN_ID = 2**63 - 1
+UPSTREAMS = ("coinpaprika", "coingecko")  # what replay:NAME@RUN_ID can name
 
 
 def parse_source(spec: str, config: EtlConfig) -> Source:
@@ -592,8 +597,12 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
         policy = dataclasses.replace(config.http, rate=config.coingecko_rate)
         return CoinGecko(config.coingecko_url, headers, policy, config.coingecko_max_pages)
     if kind == "replay" and sep:
-        name, _, run = rest.rpartition("@")
-        if name in ("coinpaprika", "coingecko") and run.isascii() and run.isdigit():
+        name, at, run = rest.rpartition("@")
+        if not at and rest in UPSTREAMS:
+            raise UsageError(f"source {spec!r}: it names no run: expected replay:NAME@RUN_ID")
+        if name in UPSTREAMS:
+            if not (run.isascii() and run.isdigit()) or int(run) == 0:
+                raise UsageError(f"source {spec!r}: RUN_ID must be a run's id, a whole number from 1, not {run!r}")
             if int(run) > MAX_RUN_ID:
                 raise UsageError(f"source {spec!r}: no run has an id over {MAX_RUN_ID} (SQLite's largest integer)")
             return ReplaySource(int(run), parse_source(name, config))  # type: ignore[arg-type]
@@ -3197,6 +3206,21 @@ def refuse_foreign_store(conn: sqlite3.Connection, db: Path) -> None:
         )
 
 
+def refuse_missing_replays(conn: sqlite3.Connection, db: Path, sources: Sequence[Source], keep_runs: int) -> None:
+    """UsageError for a replay of a run the store does not hold, or whose raw payloads it no longer keeps."""
+    for source in sources:
+        if not isinstance(source, ReplaySource):
+            continue
+        if not conn.execute("SELECT 1 FROM etl_run WHERE run_id = ?", (source.run_id,)).fetchone():
+            raise UsageError(f"source {source.spec!r}: the store {str(db)!r} holds no run {source.run_id}")
+        kept = "SELECT 1 FROM raw_payload WHERE source = ? AND run_id = ? LIMIT 1"
+        if not conn.execute(kept, (source.name, source.run_id)).fetchone():
+            raise UsageError(
+                f"source {source.spec!r}: run {source.run_id} kept no raw payload of {source.name}: only a run that"
+                f" fetched it keeps them, and only its newest KASPARRO_RAW_KEEP_RUNS ({keep_runs}) runs' stay"
+            )
+
+
 # Held from the end of a run's loading until its end is recorded: a stop in between would leave it 'running'.
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
@@ -3267,6 +3291,9 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
             what = "is a directory" if db.is_dir() else "is not a regular file"
             raise UsageError(f"the store {str(db)!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)")
         refuse_foreign_file(db)
+        replays = [source for source in sources if isinstance(source, ReplaySource)]
+        if replays and not db.exists():
+            raise UsageError(f"source {replays[0].spec!r} replays a run of the store {str(db)!r}, which does not exist")
         if args.every is not None:
             return every(args.every, db, sources, config)
         lock_existed = lock_path(db).exists()
@@ -3326,6 +3353,7 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
         refuse_foreign_store(conn, db)
         apply_schema(conn)
         sources = stored_names(conn, sources)
+        refuse_missing_replays(conn, db, sources, config.raw_keep_runs)
         run_id = start_run(conn, sources)
         outcomes: list[SourceOutcome] = []
         try:

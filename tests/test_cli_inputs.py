@@ -59,13 +59,13 @@ def test_an_unset_or_empty_kasparro_sources_loads_the_shipped_sample(tmp_path: P
     assert query(db, "SELECT source, rows_loaded FROM run_source") == [("csv:sample", 255)]
 
 
-@pytest.mark.parametrize("value", ["coingecko,binance", f"{SAMPLE}, binance"])
+@pytest.mark.parametrize("value", ["coingecko,binance", f"{SAMPLE}, replay:coingecko@0"])
 def test_a_bad_item_of_kasparro_sources_is_a_usage_error_naming_the_setting(tmp_path: Path, value: str) -> None:
     db = tmp_path / "store.db"
     result = run_bare(db, KASPARRO_SOURCES=value)
     assert result.returncode == etl.EXIT_USAGE, result.stderr
     assert result.stderr.startswith("etl.py: error: KASPARRO_SOURCES: "), result.stderr
-    assert "'binance'" in result.stderr
+    assert ("'binance'" if "binance" in value else "'replay:coingecko@0'") in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -77,6 +77,50 @@ def test_an_empty_source_argument_is_a_usage_error_saying_so(tmp_path: Path, spe
         etl.EXIT_USAGE,
         f"etl.py: error: source {spec!r} is empty: give csv:PATH, csv:NAME=PATH, coinpaprika, coingecko or"
         " replay:NAME@RUN_ID\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- source arguments refused before anything is written --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("replay:coingecko@0", "RUN_ID must be a run's id, a whole number from 1, not '0'"),
+        ("replay:coinpaprika@000", "RUN_ID must be a run's id, a whole number from 1, not '000'"),
+        ("replay:coingecko@", "RUN_ID must be a run's id, a whole number from 1, not ''"),
+        ("replay:coingecko@-1", "RUN_ID must be a run's id, a whole number from 1, not '-1'"),
+        ("replay:coingecko@1.0", "RUN_ID must be a run's id, a whole number from 1, not '1.0'"),
+        ("replay:coingecko@ 1", "RUN_ID must be a run's id, a whole number from 1, not ' 1'"),
+        ("replay:coingecko@١", "RUN_ID must be a run's id, a whole number from 1, not '١'"),
+        ("replay:coingecko", "it names no run: expected replay:NAME@RUN_ID"),
+        ("replay:coingecko@99", "holds no run 99"),
+        ("replay:coinpaprika@1", "run 1 kept no raw payload of coinpaprika"),
+        ("coingecko:x", "unknown source"),
+        ("coingecko@1", "unknown source"),
+        ("CoinGecko", "unknown source"),
+        (" coinpaprika", "unknown source"),
+        ("replay:binance@1", "unknown source"),
+        ("replay:csv:sample@1", "unknown source"),
+    ],
+)
+def test_a_bad_source_argument_is_a_usage_error_that_writes_nothing(store_path: Path, spec: str, problem: str) -> None:
+    """replay:coingecko@0 made a failed run (exit 1, a run row) out of a run id no run can have."""
+    before = folder_state(store_path.parent)
+    result = run_etl(store_path, spec)
+    assert result.returncode == etl.EXIT_USAGE, result.stderr
+    assert result.stderr.startswith("etl.py: error: ") and problem in result.stderr, result.stderr
+    assert spec in result.stderr
+    assert folder_state(store_path.parent) == before
+
+
+def test_a_replay_against_a_store_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    result = run_etl(db, "replay:coingecko@1")
+    assert (result.returncode, result.stderr) == (
+        etl.EXIT_USAGE,
+        f"etl.py: error: source 'replay:coingecko@1' replays a run of the store {str(db)!r}, which does not exist\n",
     )
     assert list(tmp_path.iterdir()) == []
 
