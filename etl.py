@@ -130,7 +130,7 @@ class EtlConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> EtlConfig:
         """Build the config from the variables of SPEC.md (and a few HTTP knobs), with defaults."""
-        sources = tuple(s.strip() for s in environ.get("KASPARRO_SOURCES", "").split(",") if s.strip())
+        sources = source_list(environ)
         plan = environ.get("KASPARRO_COINGECKO_PLAN", "").strip().lower() or "demo"
         if plan not in ("demo", "pro"):  # another word would send a paid key in the demo header, to the public URL
             raise UsageError(f"KASPARRO_COINGECKO_PLAN must be demo or pro, not {environ['KASPARRO_COINGECKO_PLAN']!r}")
@@ -166,6 +166,21 @@ class EtlConfig:
             batch_rows=setting(environ, "KASPARRO_BATCH_ROWS", cls.batch_rows, COUNT),
             http=http,
         )
+
+
+def source_list(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """KASPARRO_SOURCES' comma-separated items, stripped; unset or blank is none (the sample), an empty item a
+    UsageError: dropping it would turn ',' into no sources at all, and so into the shipped sample."""
+    text = environ.get("KASPARRO_SOURCES", "")
+    if not text.strip():
+        return ()
+    items = tuple(item.strip() for item in text.split(","))
+    if "" in items:
+        raise UsageError(
+            f"KASPARRO_SOURCES {text!r} has an empty item (item {items.index('') + 1} of {len(items)}): separate its"
+            " sources with single commas, as in 'coingecko,coinpaprika', or leave it empty for the shipped sample"
+        )
+    return items
 
 
 # The ranges of numeric settings, inclusive: a whole count of things, and seconds a wait may last.
@@ -529,9 +544,14 @@ class ReplaySource:
     def name(self) -> str:
         return self.upstream.name
 
+    @property
+    def spec(self) -> str:
+        return f"replay:{self.name}@{self.run_id}"
+
 
 Source = CsvSource | HttpSource | ReplaySource
 MAX_RUN_ID = 2**63 - 1
+UPSTREAMS = ("coinpaprika", "coingecko")  # what replay:NAME@RUN_ID can name
 
 
 def parse_source(spec: str, config: EtlConfig) -> Source:
@@ -577,11 +597,19 @@ def parse_source(spec: str, config: EtlConfig) -> Source:
         policy = dataclasses.replace(config.http, rate=config.coingecko_rate)
         return CoinGecko(config.coingecko_url, headers, policy, config.coingecko_max_pages)
     if kind == "replay" and sep:
-        name, _, run = rest.rpartition("@")
-        if name in ("coinpaprika", "coingecko") and run.isascii() and run.isdigit():
+        name, at, run = rest.rpartition("@")
+        if not at and rest in UPSTREAMS:
+            raise UsageError(f"source {spec!r}: it names no run: expected replay:NAME@RUN_ID")
+        if name in UPSTREAMS:
+            if not (run.isascii() and run.isdigit()) or int(run) == 0:
+                raise UsageError(f"source {spec!r}: RUN_ID must be a run's id, a whole number from 1, not {run!r}")
             if int(run) > MAX_RUN_ID:
                 raise UsageError(f"source {spec!r}: no run has an id over {MAX_RUN_ID} (SQLite's largest integer)")
             return ReplaySource(int(run), parse_source(name, config))  # type: ignore[arg-type]
+    if not spec.strip():
+        raise UsageError(
+            f"source {spec!r} is empty: give csv:PATH, csv:NAME=PATH, coinpaprika, coingecko or replay:NAME@RUN_ID"
+        )
     raise UsageError(
         f"unknown source {spec!r}: expected csv:PATH, csv:NAME=PATH, coinpaprika, coingecko or replay:NAME@RUN_ID"
     )
@@ -3075,25 +3103,122 @@ def elapsed_ms(started: float) -> int:
 # --- CLI ------------------------------------------------------------------
 
 
+def lock_path(db: Path) -> Path:
+    """The writer lock's file: one per store file, whatever path (a symlink) names it."""
+    real = Path(os.path.realpath(db))
+    return real.with_name(real.name + ".etl-lock")
+
+
 def acquire_lock(db: Path) -> int:
     """Take the store's single-writer lock, or raise BlockingIOError with the holder's pid.
 
     A POSIX record lock (not flock): the kernel drops it when the process dies,
     and the API can test for it with F_GETLK without ever taking it.
     """
-    real = Path(os.path.realpath(db))  # one lock per store file, whatever path (a symlink) names it
-    fd = os.open(real.with_name(real.name + ".etl-lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise BlockingIOError(f"another ETL run (pid {holder}) is writing to {db}; try again when it ends") from None
+    path = lock_path(db)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BlockingIOError(
+                f"another ETL run (pid {holder}) is writing to {db}; try again when it ends"
+            ) from None
+        if same_file(fd, path):
+            break
+        os.close(fd)  # a run that ended early removed the file it had locked (remove_created): lock the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the open file `fd`."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def store_files(db: Path) -> list[Path]:
+    """The store's file and those SQLite keeps beside it."""
+    real = Path(os.path.realpath(db))
+    return [real, *(real.with_name(real.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
+
+
+def run_made(db: Path, lock_existed: bool) -> list[Path]:
+    """The files a run about to begin makes (its lock file, unless `lock_existed`; a new store's), to remove should
+    it never begin. Called under the lock: no other run makes the store meanwhile."""
+    made = [] if lock_existed else [lock_path(db)]
+    return made + ([] if db.exists() else [path for path in store_files(db) if not path.exists()])
+
+
+def remove_created(paths: Sequence[Path]) -> None:
+    """Remove the files a run that never began created (under the writer lock, before letting it go)."""
+    for path in paths:
+        with cleanup(f"removing {path}"):
+            path.unlink(missing_ok=True)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def refuse_foreign_file(db: Path) -> None:
+    """UsageError when `db` is a file with something in it but no SQLite header (a CSV named as the store).
+
+    Only its first bytes are read: SQLite would call it corrupt, and the run would leave a lock file beside it.
+    An empty file is a new store, as SQLite makes it one.
+    """
+    try:
+        with db.open("rb") as file:
+            head = file.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    if head and head != SQLITE_HEADER:
+        begins = head.decode("utf-8", errors="replace").rstrip("\x00")
+        raise UsageError(
+            f"the store {str(db)!r} is not an SQLite database, so not a Kasparro store (it begins {begins!r}):"
+            " name the store's file with --db or KASPARRO_DB (where none is, a new store is made); if it was the"
+            " store, its first bytes are damaged: restore it from a backup"
+        )
+
+
+def refuse_foreign_store(conn: sqlite3.Connection, db: Path) -> None:
+    """UsageError when the SQLite database at `db` holds tables but no run records: another program's."""
+    tables = [
+        name
+        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        if not name.startswith("sqlite_")
+    ]
+    if tables and "etl_run" not in tables:
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        raise UsageError(
+            f"the store {str(db)!r} is an SQLite database but not a Kasparro store (it holds the"
+            f" table{'s' if len(tables) > 1 else ''} {shown} and no run records): name the store's file with --db"
+            " or KASPARRO_DB"
+        )
+
+
+def refuse_missing_replays(conn: sqlite3.Connection, db: Path, sources: Sequence[Source], keep_runs: int) -> None:
+    """UsageError for a replay of a run the store does not hold, or whose raw payloads it no longer keeps."""
+    for source in sources:
+        if not isinstance(source, ReplaySource):
+            continue
+        if not conn.execute("SELECT 1 FROM etl_run WHERE run_id = ?", (source.run_id,)).fetchone():
+            raise UsageError(f"source {source.spec!r}: the store {str(db)!r} holds no run {source.run_id}")
+        kept = "SELECT 1 FROM raw_payload WHERE source = ? AND run_id = ? LIMIT 1"
+        if not conn.execute(kept, (source.name, source.run_id)).fetchone():
+            raise UsageError(
+                f"source {source.spec!r}: run {source.run_id} kept no raw payload of {source.name}: only a run that"
+                f" fetched it keeps them, and only its newest KASPARRO_RAW_KEEP_RUNS ({keep_runs}) runs' stay"
+            )
 
 
 # Held from the end of a run's loading until its end is recorded: a stop in between would leave it 'running'.
@@ -3158,15 +3283,20 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         config = config or EtlConfig.from_env()
         configure_logging(config.log_level)
         db = args.db or config.db
-        sources = parse_sources(args.sources or config.sources, config)
+        sources = command_sources(args.sources, config)
         if not db.parent.is_dir():
             what = "is a file, not a directory" if db.parent.exists() else "does not exist"
             raise UsageError(f"the directory of the store, {str(db.parent)!r}, {what}")
         if db.is_dir() or (db.exists() and not db.is_file()):  # '' names the current directory
             what = "is a directory" if db.is_dir() else "is not a regular file"
             raise UsageError(f"the store {str(db)!r} {what}: name its file with --db or KASPARRO_DB (kasparro.db)")
+        refuse_foreign_file(db)
+        replays = [source for source in sources if isinstance(source, ReplaySource)]
+        if replays and not db.exists():
+            raise UsageError(f"source {replays[0].spec!r} replays a run of the store {str(db)!r}, which does not exist")
         if args.every is not None:
             return every(args.every, db, sources, config)
+        lock_existed = lock_path(db).exists()
         lock = acquire_lock(db)
     except UsageError as error:
         print(f"etl.py: error: {error}", file=sys.stderr)
@@ -3176,20 +3306,34 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         return EXIT_LOCKED
     except OSError as error:  # the lock file sits beside the store: a read-only or full disk shows here first
         return store_unusable(error, dataclasses.replace(config, db=db))
+    created = run_made(db, lock_existed)
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(db, sources, config)
     except (Interrupted, KeyboardInterrupt) as stop:  # before the run was recorded as started
+        remove_created(created)
         print(f"etl.py: error: {str(stop) or 'interrupted'} before the run began", file=sys.stderr)
         return EXIT_FAILED
     except UsageError as error:
+        remove_created(created)
         print(f"etl.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except sqlite3.Error as error:  # the run could not begin: an unreadable store, a full disk, a writer's lock
+        remove_created(created)
         return store_unusable(error, dataclasses.replace(config, db=db))
     finally:
         with cleanup("writer lock release"):
             os.close(lock)
+
+
+def command_sources(arguments: Sequence[str], config: EtlConfig) -> list[Source]:
+    """The SOURCE arguments, else KASPARRO_SOURCES (its errors naming it), else the shipped sample."""
+    if arguments:
+        return parse_sources(arguments, config)
+    try:
+        return parse_sources(config.sources, config)
+    except UsageError as error:
+        raise UsageError(f"KASPARRO_SOURCES: {error}") from None
 
 
 def store_unusable(error: sqlite3.Error | OSError, config: EtlConfig) -> int:
@@ -3206,8 +3350,10 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
     config = dataclasses.replace(config, db=db)
     conn = connect(db, config.busy_timeout)
     try:
+        refuse_foreign_store(conn, db)
         apply_schema(conn)
         sources = stored_names(conn, sources)
+        refuse_missing_replays(conn, db, sources, config.raw_keep_runs)
         run_id = start_run(conn, sources)
         outcomes: list[SourceOutcome] = []
         try:
@@ -3322,6 +3468,7 @@ def every(seconds: float, db: Path, sources: Sequence[Source], config: EtlConfig
 def scheduled_run(db: Path, sources: Sequence[Source], config: EtlConfig) -> None:
     """One run of the schedule; a held lock or an unusable store is logged and the schedule goes on."""
     try:
+        lock_existed = lock_path(db).exists()
         lock = acquire_lock(db)
     except BlockingIOError as error:
         log.warning("run skipped", reason=str(error))
@@ -3329,10 +3476,15 @@ def scheduled_run(db: Path, sources: Sequence[Source], config: EtlConfig) -> Non
     except OSError as error:
         log.error("run skipped", reason=f"cannot take the writer lock next to {db}: {error.strerror}")
         return
+    created = run_made(db, lock_existed)
     try:
         run(db, sources, config)
     except sqlite3.Error as error:
+        remove_created(created)
         log.error("store unusable", db=str(db), error=f"{type(error).__name__}: {error}")
+    except UsageError:  # it ends the schedule
+        remove_created(created)
+        raise
     finally:
         os.close(lock)
 

@@ -25,7 +25,7 @@ import pytest
 from falcon.util import async_to_sync
 
 import kasparro
-from etl_support import ROOT, run_etl, write_csv
+from etl_support import ROOT, SmallDisk, run_etl, write_csv
 from kasparro import Config, create_app
 from stores import read_only_uri
 from upstream import FakeUpstream
@@ -262,3 +262,17 @@ def live_server(tmp_path: Path) -> Iterator[Any]:
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A 3 MB tmpfs: room for the sample store, not for the feed (needs the right to mount)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()!r}); the page-limit case still runs")
+    try:
+        yield SmallDisk(folder)
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from stores import read_only_uri  # noqa: E402
 __all__ = [
     "OBSERVATIONS",
     "ROOT",
+    "SmallDisk",
     "etl_against",
     "etl_env",
     "etl_of",
@@ -208,3 +211,25 @@ def kill_mid_load(db: Path, source: str, chooser: random.Random, commits: int, p
     checkpoint = query(db, "SELECT complete FROM checkpoint WHERE fingerprint = ?", (fingerprint,))
     assert checkpoint in ([], [(0,)]), "the kill landed after the load's last batch"
     return pace
+
+
+@dataclass
+class SmallDisk:
+    """A tmpfs mounted for one test."""
+
+    folder: Path
+
+    def fill(self) -> None:
+        """Take every free byte: no file on the disk can grow."""
+        fd = os.open(self.folder / "ballast", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, bytes(65536)):
+                pass
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+
+    def remount(self, options: str) -> None:
+        """Change the mount's options: `size=64m`, `ro`, `rw`."""
+        subprocess.run(["mount", "-o", f"remount,{options}", str(self.folder)], check=True)

@@ -323,11 +323,13 @@ def test_raw_payloads_are_kept_bounded_and_replayable(upstream, tmp_path):
     assert query(replayed, assets) == query(db, assets)
 
 
-def test_replay_of_a_run_without_payloads_fails_clearly(tmp_path):
+def test_replay_of_a_run_without_payloads_is_a_usage_error_before_anything_is_written(tmp_path):
     db = tmp_path / "store.db"
     assert run_etl(db, f"csv:{SAMPLE}").returncode == 0
-    assert run_etl(db, "replay:coinpaprika@1").returncode == etl.EXIT_FAILED
-    assert "no raw payload of coinpaprika kept for run 1" in source_row(db, "coinpaprika")["error"]
+    result = run_etl(db, "replay:coinpaprika@1")
+    assert result.returncode == etl.EXIT_USAGE
+    assert "run 1 kept no raw payload of coinpaprika" in result.stderr
+    assert query(db, "SELECT count(*) FROM etl_run") == [(1,)]
 
 
 @pytest.mark.parametrize("spec", ["replay:coingecko", "replay:binance@1", "coinpaprika:x", "csv:"])

@@ -7,14 +7,11 @@ reads the result the ways an operator does: exit code and message, log lines, th
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from test_faults import integrity, write_transaction_held
 
 import etl
 import kasparro
-from etl_support import ROOT, etl_env, query, run_etl, store_content, write_csv
+from etl_support import ROOT, SmallDisk, etl_env, query, run_etl, store_content, write_csv
 from kasparro import Config
 
 FAULTY_ETL = ROOT / "tests" / "faulty_etl.py"
@@ -139,42 +136,6 @@ def assert_next_run_completes(db: Path, feed: Path, loaded: Path) -> None:
 
 
 # --- a full disk ------------------------------------------------------------------------------
-
-
-@dataclass
-class SmallDisk:
-    """A tmpfs mounted for one test."""
-
-    folder: Path
-
-    def fill(self) -> None:
-        """Take every free byte: no file on the disk can grow."""
-        fd = os.open(self.folder / "ballast", os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(fd, bytes(65536)):
-                pass
-        except OSError as error:
-            assert error.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
-
-    def remount(self, options: str) -> None:
-        """Change the mount's options: `size=64m`, `ro`, `rw`."""
-        subprocess.run(["mount", "-o", f"remount,{options}", str(self.folder)], check=True)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    """A 3 MB tmpfs: room for the sample store, not for the feed (needs the right to mount)."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()!r}); the page-limit case still runs")
-    try:
-        yield SmallDisk(folder)
-    finally:
-        subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 def test_a_full_disk_fails_the_run_saying_so_and_the_next_run_loads(
@@ -308,14 +269,18 @@ def garble_pages(db: Path) -> None:
     db.write_bytes(bytes(data))
 
 
+def damage_header(db: Path) -> None:
+    """Keep the header's 'SQLite format 3', garble the page size after it: SQLite says it is no database."""
+    data = bytearray(db.read_bytes())
+    data[16:18] = b"\x00\x03"
+    db.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     ("damage", "sqlite_says"),
-    [
-        (lambda db: db.write_bytes(b"not a store at all " * 1000), "file is not a database"),
-        (garble_pages, "database disk image is malformed"),
-    ],
+    [(damage_header, "file is not a database"), (garble_pages, "database disk image is malformed")],
     ids=["not-a-database", "garbled-pages"],
-)
+)  # a file with no SQLite header at all is named by mistake, not damaged: tests/test_cli_inputs.py
 def test_a_corrupt_store_fails_the_run_saying_it_is_corrupt(
     store_path: Path, sample_store: Path, damage: Any, sqlite_says: str
 ) -> None:
