@@ -3113,7 +3113,7 @@ QVALUE = re.compile(r"0(\.[0-9]*)?|1(\.0*)?")  # RFC 9110 12.4.2, any number of 
 
 def weighted(header: str) -> Iterator[tuple[str, float]]:
     """The items of a comma-separated header (Accept, Accept-Encoding), lower-case, each with its q (RFC 9110
-    12.4.2: 1 when absent; one that is not a number from 0 to 1 in digits 0-9 is 0)."""
+    12.4.2: 1 when absent; one that is not a number from 0 to 1 in digits 0-9 is 0; a later q= is an extension)."""
     for item in header.lower().split(","):
         name, *parameters = (part.strip() for part in item.split(";"))
         q = 1.0
@@ -3121,6 +3121,7 @@ def weighted(header: str) -> Iterator[tuple[str, float]]:
             key, _, value = parameter.partition("=")
             if key.strip() == "q":
                 q = float(value) if QVALUE.fullmatch(value.strip()) else 0.0
+                break
         yield name, q
 
 
@@ -3149,17 +3150,29 @@ MEDIA_RANGES = {
 
 
 @functools.lru_cache(maxsize=256)
-def preferred_format(accept: str, formats: tuple[str, ...] = PAGE_FORMATS) -> str:
-    """The format of `formats` an Accept header prefers: each gets the q of the most specific range naming it,
-    the highest q wins, ties and headers naming none go to the first (the default)."""
+def preferred_format(accept: str, formats: tuple[str, ...] = PAGE_FORMATS) -> str | None:
+    """The format of `formats` an Accept header prefers (RFC 9110 12.5.1): each gets the q of the most specific range
+    naming it, and one whose q is 0 is refused; of the rest the highest q wins, ties and formats the header does not
+    name going to the first in `formats` (the default). None: the header refuses every one (a 406)."""
     quality: dict[str, tuple[int, float]] = {}  # format: (specificity of the range that set it, q)
     for media, q in weighted(accept):
         specificity = 2 - media.count("*")
         for name in MEDIA_RANGES.get(media, ()):
             if quality.get(name, (-1, 0.0))[0] < specificity:
                 quality[name] = (specificity, q)
-    best = max(formats, key=lambda name: (quality.get(name, (0, 0.0))[1], -formats.index(name)))
-    return best if quality.get(best, (0, 0.0))[1] > 0 else formats[0]
+    offered = [name for name in formats if quality.get(name, (0, None))[1] != 0]
+    if not offered:
+        return None
+    return max(offered, key=lambda name: (quality.get(name, (0, 0.0))[1], -formats.index(name)))
+
+
+def refused_formats(formats: Sequence[str]) -> falcon.HTTPNotAcceptable:
+    """The 406 of a request whose Accept refuses every format of `formats` (and names no `format`)."""
+    return falcon.HTTPNotAcceptable(
+        description=f"Accept refuses every format of this resource ({', '.join(FORMATS[f] for f in formats)});"
+        f" accept one, or name it with format= ({'|'.join(formats)})",
+        headers={"Vary": "Accept, Accept-Encoding"},
+    )
 
 
 class GzipTail:
@@ -3526,6 +3539,8 @@ class KeptResource:
         accept = req.get_header("Accept")
         if self.formats and accept and "format" not in params:
             chosen = preferred_format(accept)
+            if chosen is None:
+                raise refused_formats(PAGE_FORMATS)
             if chosen != "json":  # the same answer as to the query with format=chosen: kept under that key
                 key = (key[0], key[1] + (b"&" if key[1] else b"") + b"format=" + chosen.encode())
                 params = {**params, "format": chosen}
@@ -3765,7 +3780,10 @@ class AssetExportResource:
         params = req.params
         accept = req.get_header("Accept")
         if accept and "format" not in params:
-            params = {**params, "format": preferred_format(accept, EXPORT_FORMATS)}
+            chosen = preferred_format(accept, EXPORT_FORMATS)
+            if chosen is None:
+                raise refused_formats(EXPORT_FORMATS)
+            params = {**params, "format": chosen}
         query = parse_asset_query(params, EXPORT_PARAMS, EXPORT_FORMATS)
         gzip = accepts_gzip(req.get_header("Accept-Encoding") or "")
         resp.vary = ("Accept", "Accept-Encoding")
@@ -4544,6 +4562,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             {"WWW-Authenticate": {"required": True, "schema": string}},
         ),
         "NotFound": (404, "no such asset or run, or no such path", {}),
+        "NotAcceptable": (406, "Accept refuses (q=0) every format of the records, and no format= names one", {}),
         "MethodNotAllowed": (
             405,
             "the path does not answer this method",
@@ -4621,6 +4640,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "400": "BadRequest",
             "401": "Unauthorized",
             "404": "NotFound",
+            "406": "NotAcceptable",
             "503": "ServiceUnavailable",
         }
         answers = {"200": ok, **more, **{status: refer(names[status]) for status in errors}}
@@ -4779,6 +4799,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "/data/{asset_id}",
         body("the asset with the latest quote of each source", detail_schema, example["detail"], **etag),
         "400",
+        "406",
         "503",
         "404",
         parameters=detail_parameters,
@@ -4838,6 +4859,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             **{"X-Data-Version": paging["X-Data-Version"]},
         ),
         "400",
+        "406",
         "503",
         "404",
         parameters=history_parameters,
@@ -4870,6 +4892,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "/runs/compare",
         body("runs a and b compared", comparison, example["comparison"]),
         "400",
+        "406",
         "503",
         "404",
         parameters=[
