@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import importlib.util
 import io
+import ipaddress
 import itertools
 import logging
 import math
@@ -116,7 +117,8 @@ class Config:
             if sent is None:
                 raise SystemExit(
                     f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not an origin; expected '*' or origins"
-                    " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path)"
+                    " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path; a"
+                    " host of non-empty labels with no final dot, or an IP address, IPv6 in []; a port 1-65535)"
                 )
             if sent != origin:
                 raise SystemExit(
@@ -159,6 +161,9 @@ def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple
 
 ROLES = ("primary", "replica")
 ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port], the scheme in any case
+NETLOC = re.compile(r"(?:[^@]*@)?(?:\[[^\]]*\]|[^:@\[\]]*)(?::[0-9]*)?")  # [user@]host[:port]; an IPv6 host in []
+HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # of a DNS name in a URL, after IDNA (RFC 1035's 63 octets)
+IPV4_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # a last label a browser reads as (part of) an IPv4 address
 PRINTABLE_ASCII = re.compile(r"[ -~]+")  # what an API key may hold: it comes back in a header, a byte a character
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -166,7 +171,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 def browser_origin(text: str) -> str | None:
     """An origin as a browser sends it in Origin (RFC 6454: host lower-case and in punycode, no user, no default
     port, the scheme lower-case), or None when `text` is no origin (no scheme or host, a path, a port that is not
-    one)."""
+    one, a host a browser would not send: url_host)."""
     if not ORIGIN.fullmatch(text):
         return None
     try:
@@ -175,10 +180,38 @@ def browser_origin(text: str) -> str | None:
         host = host if host is None or host.isascii() else host.encode("idna").decode()
     except (ValueError, UnicodeError):
         return None
-    if not host or port == 0:  # no page is served from port 0
+    if not host or port == 0 or not NETLOC.fullmatch(parts.netloc):  # no page is served from port 0
         return None
-    host = f"[{host}]" if ":" in host else host
+    host = url_host(host, ipv6="[" in parts.netloc)
+    if host is None:
+        return None
     return f"{parts.scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS.get(parts.scheme)) else f":{port}")
+
+
+def url_host(host: str, ipv6: bool) -> str | None:
+    """A URL's host (lower-case, ASCII) as a browser writes it: an IPv6 address in RFC 5952's form in brackets (no
+    zone), an IPv4 address in dotted decimal, or a DNS name of labels of 1 to 63 letters, digits, '-' and '_', 253
+    characters at most and no final dot (another origin than without it); None for any other."""
+    if ipv6:
+        try:
+            return None if "%" in host else f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            return None
+    labels = host.split(".")
+    if IPV4_LABEL.fullmatch(labels[-1]):
+        try:
+            return str(ipaddress.IPv4Address(host))  # dotted decimal, no leading zeros
+        except ValueError:
+            return None
+    return host if len(host) <= 253 and all(map(HOST_LABEL.fullmatch, labels)) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def sent_by_browser(origin: bytes) -> bool:
+    """Whether an Origin header's value is one a browser sends: `null` (an opaque origin: a sandboxed frame, a
+    file) or an origin as browser_origin writes it."""
+    text = origin.decode("latin-1")
+    return text == "null" or browser_origin(text) == text
 
 
 # --- logs -----------------------------------------------------------------
@@ -5196,21 +5229,23 @@ class Cors:
         }
 
     def headers(self, origin: bytes | None) -> list[Header]:
-        """The CORS headers of a response to a request from `origin` (None: no Origin header)."""
+        """The CORS headers of a response to a request from `origin` (None: no Origin header; one no browser sends
+        is allowed nowhere)."""
         if origin is None:
             return self.always
         if self.any:
-            return self._any
+            return self._any if sent_by_browser(origin) else self.always
         return self._of.get(origin, self.always)
 
     def allows(self, origin: bytes) -> bool:
-        return self.any or origin in self.origins
+        return origin in self.origins or (self.any and sent_by_browser(origin))
 
     def preflight(self, origin: bytes, method: bytes, started: float) -> tuple[int, list[Header], bytes]:
         """Status, headers and body of the answer to a preflight from `origin` for `method` (to a route)."""
         if not self.allows(origin) or method not in (b"GET", b"HEAD"):
             why = (f"method {method.decode('latin-1')[:20]!r}: only GET and HEAD" if self.allows(origin)
-                   else f"origin {origin.decode('latin-1')[:100]!r} is not in KASPARRO_CORS_ORIGINS")  # fmt: skip
+                   else f"origin {origin.decode('latin-1')[:100]!r} is not"
+                   + (" one a browser sends" if self.any else " in KASPARRO_CORS_ORIGINS"))  # fmt: skip
             body = problem_body(403, f"cross-origin request refused: {why}", started)
             return 403, [*self.always, (b"content-type", MEDIA_PROBLEM.encode())], body
         allowed = [

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import LiveServer, exchange
-from kasparro import preferred_format
+from conftest import ROOT, LiveServer, exchange
+from kasparro import Config, browser_origin, preferred_format
 
 PROBLEM = "application/problem+json"
 CSV, NDJSON, JSON = "text/csv; charset=utf-8", "application/x-ndjson", "application/json"
@@ -115,3 +118,91 @@ def test_gzip_weighed_0_is_never_sent(server: LiveServer, accept_encoding: str, 
         assert status == 200 and (headers.get("content-encoding") == "gzip") == gzipped, (path, accept_encoding)
         if gzipped and path != "/data/export":  # the export is chunked on the wire
             assert gzip.decompress(body)
+
+
+# --- CORS origins -----------------------------------------------------------------------------------------------
+
+NOT_ORIGINS = [
+    "https://a..example",  # the fault: an empty DNS label
+    "https://.a.example",
+    "https://a.example.",  # a trailing dot: another origin than without it, and surely not the one meant
+    "https://a.example..",
+    "https://a.example:65536",
+    "https://a.example:0",
+    "https://a.example?x=1",
+    "https://a.example#top",
+    "https://a.example/",
+    f"https://{'a' * 64}.example",  # a DNS label is at most 63 octets
+    f"https://{'a.' * 127}example",  # a name at most 253
+    "https://a b.example",
+    "https://a!b.example",
+    "https://1.2.3",  # an IPv4 address a browser would read otherwise, or none
+    "https://256.1.1.1",
+    "https://01.2.3.4",
+    "https://0x7f.0.0.1",
+    "http://[1::2::3]",
+    "http://[::1%25eth0]",  # a zone id: no browser sends one
+    "http://[fe80::1%eth0]",
+    "http://[127.0.0.1]",
+    "http://[::1]x",
+]
+
+
+@pytest.mark.parametrize("origin", NOT_ORIGINS)
+def test_an_origin_with_a_host_no_browser_sends_stops_the_start_naming_it(origin: str) -> None:
+    assert browser_origin(origin) is None
+    with pytest.raises(SystemExit) as stopped:
+        Config.from_env({"KASPARRO_CORS_ORIGINS": f"https://ok.example,{origin}"})
+    assert str(stopped.value).startswith(f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not an origin")
+
+
+@pytest.mark.parametrize(
+    ("origin", "sent"),
+    [("http://[0:0::1]", "http://[::1]"), ("http://[2001:DB8::1]:8080", "http://[2001:db8::1]:8080")],
+)
+def test_an_ipv6_origin_is_written_as_a_browser_sends_it(origin: str, sent: str) -> None:
+    with pytest.raises(SystemExit, match=re.escape(f"is not how a browser sends that origin: write {sent!r}")):
+        Config.from_env({"KASPARRO_CORS_ORIGINS": origin})
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://a-b.example:65535", "http://127.0.0.1:8080", "http://[2001:db8::1]", "https://s_1.a.example",
+     "http://localhost:1", "https://xn--4ca.example", "app://desk"],
+)  # fmt: skip
+def test_origins_with_a_valid_host_and_port_are_taken(origin: str) -> None:
+    assert browser_origin(origin) == origin
+    assert Config.from_env({"KASPARRO_CORS_ORIGINS": origin}).cors_origins == (origin,)
+
+
+def test_the_service_does_not_start_on_an_origin_with_an_empty_label(store_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "KASPARRO_DB": str(store_path), "KASPARRO_CORS_ORIGINS": "https://a..example"}
+    started = subprocess.run(
+        [sys.executable, "-c", "import kasparro"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 1
+    assert "kasparro: KASPARRO_CORS_ORIGINS: 'https://a..example' is not an origin" in started.stderr
+    assert "Traceback" not in started.stderr
+
+
+BAD_ORIGINS = [b"https://a..example", b"https://A.example", b"https://a.example/", b"https://a.example:443",
+               b"garbage", b"http://[::1", b"https://a.example.", b"\xff", b"https://u@a.example"]  # fmt: skip
+
+
+@pytest.mark.parametrize("cors", ["*", "https://a.example"])
+def test_an_origin_header_no_browser_sends_gets_no_cors_headers(live_server: Any, store_path: Path, cors: str) -> None:
+    """Never a 500: no CORS headers on an answer, a 403 problem to a preflight; a sound Origin is still served."""
+    server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_CORS_ORIGINS=cors)
+    for origin in BAD_ORIGINS:
+        for path in ("/data?page_size=2", "/data?page_size=2", "/data/nowhere", "/health"):
+            status, headers, _ = exchange(server.base, "GET", path, {"Origin": origin})
+            assert status in (200, 404), (origin, path)
+            assert not [name for name in headers if name.startswith("access-control-")], (origin, path, headers)
+        preflight = {"Origin": origin, "Access-Control-Request-Method": "GET"}
+        status, headers, body = exchange(server.base, "OPTIONS", "/data", preflight)
+        assert (status, headers["content-type"]) == (403, PROBLEM), (origin, body)
+        assert "access-control-allow-origin" not in headers
+    status, headers, _ = exchange(server.base, "GET", "/data?page_size=2", {"Origin": "https://a.example"})
+    assert headers["access-control-allow-origin"] == ("*" if cors == "*" else "https://a.example")
+    if cors == "*":  # a page of an opaque origin (a sandboxed frame, a file) sends null
+        assert exchange(server.base, "GET", "/health", {"Origin": "null"})[1]["access-control-allow-origin"] == "*"
