@@ -5574,7 +5574,9 @@ class QueryParameters:
 class RateLimit:
     """Token buckets per API key, or per client address when no valid key is offered (KASPARRO_RATE_LIMIT): each
     refills at `rate` requests a second up to a burst of max(1, 2 * rate), per worker process. The MAX_BUCKETS
-    clients seen last are kept (an evicted bucket was full or nearly). Headers: the IETF draft's RateLimit-*."""
+    clients seen last are kept (an evicted bucket was full or nearly). Headers: the IETF draft's RateLimit-*. Every
+    method counts but OPTIONS, plain or a CORS preflight (which the front door answers): it only says what a route
+    allows, as it does without an API key."""
 
     MAX_BUCKETS = 10_000
 
@@ -5598,7 +5600,7 @@ class RateLimit:
         return known or f"address {req.remote_addr}"
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if req.path in self.exempt:
+        if req.path in self.exempt or req.method == "OPTIONS":
             return
         client, now = self.client(req), self.clock()
         tokens, then = self.buckets.pop(client, (self.burst, now))

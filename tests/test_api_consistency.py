@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import ROOT, LiveServer, exchange
-from kasparro import Config, browser_origin, preferred_format
+from kasparro import Config, browser_origin, create_app, preferred_format
 
 PROBLEM = "application/problem+json"
 CSV, NDJSON, JSON = "text/csv; charset=utf-8", "application/x-ndjson", "application/json"
@@ -206,3 +206,36 @@ def test_an_origin_header_no_browser_sends_gets_no_cors_headers(live_server: Any
     assert headers["access-control-allow-origin"] == ("*" if cors == "*" else "https://a.example")
     if cors == "*":  # a page of an opaque origin (a sandboxed frame, a file) sends null
         assert exchange(server.base, "GET", "/health", {"Origin": "null"})[1]["access-control-allow-origin"] == "*"
+
+
+# --- rate limit -------------------------------------------------------------------------------------------------
+
+
+def test_options_never_counts_against_the_rate_limit_and_every_other_method_does(
+    make_client: Any, store_path: Path
+) -> None:
+    """OPTIONS only says what a route allows (as without a key): plain or a CORS preflight, it is never limited
+    and carries no RateLimit-*; GET, HEAD and a method the route refuses each take a token."""
+    config = Config(db=store_path, rate_limit=1, log_level="warning", cors_origins=("*",))  # a burst of 2
+    client = make_client(config, create_app(config, clock=lambda: 1_000.0))  # the clock stands: no refill
+    preflight = {"Origin": "https://a.example", "Access-Control-Request-Method": "GET"}
+    for _ in range(5):
+        for path in ("/data", "/data/bitcoin/history", "/data/export", "/stats", "/nowhere"):
+            plain = client.request("OPTIONS", path)
+            assert plain.status_code in (204, 404) and "ratelimit-limit" not in plain.headers, path
+            asked = client.request("OPTIONS", path, headers=preflight)
+            assert asked.status_code in (204, 404) and "ratelimit-limit" not in asked.headers, path
+    assert client.request("HEAD", "/data").headers["ratelimit-remaining"] == "1"
+    refused = client.request("DELETE", "/data")
+    assert (refused.status_code, refused.headers["ratelimit-remaining"]) == (405, "0")
+    assert client.get("/data").status_code == 429
+    assert client.request("OPTIONS", "/data").status_code == 204
+
+
+def test_options_passes_a_spent_limit_over_the_real_server(live_server: Any, store_path: Path) -> None:
+    server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_RATE_LIMIT="0.01")  # a burst of 1, 100 s a token
+    assert exchange(server.base, "GET", "/data")[0] == 200
+    assert exchange(server.base, "GET", "/data")[0] == 429
+    for _ in range(3):
+        status, headers, _ = exchange(server.base, "OPTIONS", "/data")
+        assert (status, "ratelimit-limit" in headers) == (204, False)
