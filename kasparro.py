@@ -1400,6 +1400,7 @@ STATUSES = ("active", "inactive")
 DATA_PARAMS = ("page", "page_size", "filter_by", "sort", "cursor", "as_of", "fields", "format")
 # The selection of /data, not its paging: an export with as_of reads the moment's market (MarketSnapshot).
 EXPORT_PARAMS = ("filter_by", "sort", "as_of", "fields", "format")
+LIST_PARAMS = frozenset({"filter_by", "fields"})  # comma-separated, with spaces allowed around each item
 # The media types of records: `format` names one, else the Accept header chooses (preferred_format).
 FORMATS = {"json": falcon.MEDIA_JSON, "csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 PAGE_FORMATS = ("json", "csv", "ndjson")  # the first is the default
@@ -1567,10 +1568,17 @@ def parse_format(text: str | None, formats: Sequence[str]) -> str:
 
 
 def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
-    """InvalidQuery naming the first parameter not in `known` (in sorted order)."""
+    """InvalidQuery naming the first parameter not in `known` (in sorted order), else one whose value has whitespace
+    at an end: no value is trimmed, but the items of the lists (LIST_PARAMS), which spaces may surround."""
     unknown = [name for name in params if name not in known]
     if unknown:
         raise InvalidQuery(f"unknown parameter {min(unknown)[:40]!r}; known: {', '.join(known) or 'none'}")
+    for name, value in params.items():
+        if (value[:1].isspace() or value[-1:].isspace()) and name not in LIST_PARAMS:
+            raise InvalidQuery(
+                f"{name}: {value[:40]!r} has whitespace at an end; send the value alone (a '+' in a URL reads as a"
+                " space)"
+            )
 
 
 DIGITS = re.compile(r"[0-9]+")

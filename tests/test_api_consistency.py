@@ -12,10 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
-from conftest import ROOT, LiveServer, exchange
+from conftest import ROOT, LiveServer, exchange, run_etl
 from kasparro import Config, browser_origin, create_app, preferred_format
 
 PROBLEM = "application/problem+json"
@@ -239,3 +240,84 @@ def test_options_passes_a_spent_limit_over_the_real_server(live_server: Any, sto
     for _ in range(3):
         status, headers, _ = exchange(server.base, "OPTIONS", "/data")
         assert (status, "ratelimit-limit" in headers) == (204, False)
+
+
+# --- whitespace around a value ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def feed_server(live_server: Any, tmp_path: Path) -> LiveServer:
+    """The sample, and csv:feed: six observations of bitcoin, an hour apart."""
+    feed, db = tmp_path / "feed.csv", tmp_path / "feed.db"
+    hours = "".join(f"bitcoin,BTC,Bitcoin,{95_000 + h},2026-11-25T{h:02}:00:00Z\n" for h in range(6))
+    feed.write_text(f"id,symbol,name,price_usd,last_updated\n{hours}")
+    assert run_etl(db, f"csv:{ROOT / 'data' / 'sample.csv'}", f"csv:{feed}").returncode == 0
+    return live_server(db, LOG_LEVEL="warning")
+
+
+def first_cursor(server: LiveServer, path: str) -> str:
+    status, _, body = exchange(server.base, "GET", path)
+    assert status == 200, body
+    return json.loads(body)["next_cursor"]
+
+
+def single_values(server: LiveServer) -> list[tuple[str, str, str]]:
+    """(path, parameter, a valid value) for every parameter of /data, /data/export and history that takes one
+    value, and of /runs and /runs/compare."""
+    data_cursor = first_cursor(server, "/data?page_size=2")
+    history_cursor = first_cursor(server, "/data/bitcoin/history?interval=raw&from=0&limit=1&source=csv:feed")
+    history = "/data/bitcoin/history?interval=raw&from=0&limit=1"
+    return [
+        ("/data?page_size=2", "page", "2"),
+        ("/data", "page_size", "3"),
+        ("/data", "sort", "-rank"),
+        ("/data?page_size=2", "cursor", data_cursor),
+        ("/data", "as_of", "2026-11-25T12:00:00Z"),
+        ("/data", "as_of", "1795607999"),
+        ("/data", "format", "csv"),
+        ("/data/export", "sort", "name"),
+        ("/data/export", "as_of", "2026-11-25T12:00:00Z"),
+        ("/data/export", "format", "ndjson"),
+        ("/data/bitcoin/history", "interval", "1d"),
+        ("/data/bitcoin/history", "from", "2026-11-01T00:00:00Z"),
+        ("/data/bitcoin/history", "to", "1795608000"),
+        ("/data/bitcoin/history", "source", "csv:feed"),  # the fault: it matched no listing, and said nothing
+        ("/data/bitcoin/history", "limit", "5"),
+        (f"{history}&source=csv:feed", "cursor", history_cursor),
+        ("/data/bitcoin/history", "format", "ndjson"),
+        ("/runs", "limit", "1"),
+        ("/runs/compare?b=1", "a", "1"),
+    ]
+
+
+def test_a_single_value_with_whitespace_around_it_is_a_400_naming_its_parameter(feed_server: LiveServer) -> None:
+    server = feed_server
+    for path, name, value in single_values(server):
+        target = f"{path}{'&' if '?' in path else '?'}{name}="
+        assert exchange(server.base, "GET", target + quote(value, safe=":"))[0] == 200, (path, name)
+        for spaced in (f" {value}", f"{value} ", f"\t{value}", f"{value}\u00a0", f"  {value}  "):
+            for method in ("GET", "GET", "HEAD"):
+                status, headers, body = exchange(server.base, method, target + quote(spaced, safe=":"))
+                assert (status, headers["content-type"]) == (400, PROBLEM), (path, name, spaced, body[:200])
+                if method == "GET":
+                    detail = json.loads(body)["detail"]
+                    assert detail.startswith(f"{name}: ") and "whitespace" in detail, detail
+    for path in ("/", "/health", "/metrics", "/openapi.json"):  # they ignore parameters, for monitors that add some
+        assert exchange(server.base, "GET", f"{path}?probe=%201%20")[0] == 200, path
+
+
+@pytest.mark.parametrize(
+    ("path", "spaced", "plain"),
+    [
+        ("/data", "filter_by=%20symbol:btc%20,%20active%20", "filter_by=symbol:btc,active"),
+        ("/data", "fields=%20symbol%20,rank%20", "fields=symbol,rank"),
+        ("/data/export", "filter_by=%20rank<=3%20&fields=%20symbol%20", "filter_by=rank<=3&fields=symbol"),
+        ("/data/bitcoin", "fields=%20symbol%20", "fields=symbol"),
+    ],
+)
+def test_the_lists_take_spaces_around_their_items(server: LiveServer, path: str, spaced: str, plain: str) -> None:
+    """filter_by and fields are lists whose published syntax lets plain spaces surround each item (and so them)."""
+    expected = exchange(server.base, "GET", f"{path}?{plain}")
+    assert expected[0] == 200
+    answer = exchange(server.base, "GET", f"{path}?{spaced}")
+    assert (answer[0], answer[1].get("etag")) == (200, expected[1].get("etag")), answer[2][:200]
