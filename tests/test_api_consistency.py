@@ -321,3 +321,18 @@ def test_the_lists_take_spaces_around_their_items(server: LiveServer, path: str,
     assert expected[0] == 200
     answer = exchange(server.base, "GET", f"{path}?{spaced}")
     assert (answer[0], answer[1].get("etag")) == (200, expected[1].get("etag")), answer[2][:200]
+
+
+# --- README -----------------------------------------------------------------------------------------------------
+
+
+def test_the_readmes_first_data_version_is_what_a_fresh_store_answers(live_server: Any, tmp_path: Path) -> None:
+    """The quick start loads the sample into a fresh store: its data_version ends in that store's generation."""
+    db = tmp_path / "fresh.db"
+    assert run_etl(db).returncode == 0
+    status, _, body = exchange(live_server(db, LOG_LEVEL="warning").base, "GET", "/data")
+    assert status == 200
+    generation = json.loads(body)["data_version"].rsplit("-", 1)[1]
+    readme = (ROOT / "README.md").read_text()
+    first = re.search(r'"data_version": ?"[0-9a-f]{12}-([0-9]+)"', readme)
+    assert first is not None and first.group(1) == generation, (first and first.group(0), generation)
