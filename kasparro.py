@@ -4792,6 +4792,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "/data",
         with_records(body("a page of assets", page, example["page"], **etag), csv_example, ndjson_example, **paging),
         "400",
+        "406",
         "503",
         parameters=data_parameters,
         description="As CSV or NDJSON the body holds the page's records alone; the paging is in headers.",
@@ -4817,6 +4818,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "/data/export",
         export,
         "400",
+        "406",
         "503",
         parameters=[
             *(p for p in data_parameters if p["name"] in EXPORT_PARAMS and p["name"] != "format"),
@@ -4840,7 +4842,6 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "/data/{asset_id}",
         body("the asset with the latest quote of each source", detail_schema, example["detail"], **etag),
         "400",
-        "406",
         "503",
         "404",
         parameters=detail_parameters,
@@ -4933,7 +4934,6 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "/runs/compare",
         body("runs a and b compared", comparison, example["comparison"]),
         "400",
-        "406",
         "503",
         "404",
         parameters=[
