@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import importlib.util
 import io
+import ipaddress
 import itertools
 import logging
 import math
@@ -116,7 +117,8 @@ class Config:
             if sent is None:
                 raise SystemExit(
                     f"kasparro: KASPARRO_CORS_ORIGINS: {origin[:100]!r} is not an origin; expected '*' or origins"
-                    " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path)"
+                    " such as https://dash.example.com or http://localhost:3000 (scheme://host[:port], no path; a"
+                    " host of non-empty labels with no final dot, or an IP address, IPv6 in []; a port 1-65535)"
                 )
             if sent != origin:
                 raise SystemExit(
@@ -159,6 +161,9 @@ def setting(environ: Mapping[str, str], name: str, default: float, bounds: tuple
 
 ROLES = ("primary", "replica")
 ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port], the scheme in any case
+NETLOC = re.compile(r"(?:[^@]*@)?(?:\[[^\]]*\]|[^:@\[\]]*)(?::[0-9]*)?")  # [user@]host[:port]; an IPv6 host in []
+HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # of a DNS name in a URL, after IDNA (RFC 1035's 63 octets)
+IPV4_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # a last label a browser reads as (part of) an IPv4 address
 PRINTABLE_ASCII = re.compile(r"[ -~]+")  # what an API key may hold: it comes back in a header, a byte a character
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -166,7 +171,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 def browser_origin(text: str) -> str | None:
     """An origin as a browser sends it in Origin (RFC 6454: host lower-case and in punycode, no user, no default
     port, the scheme lower-case), or None when `text` is no origin (no scheme or host, a path, a port that is not
-    one)."""
+    one, a host a browser would not send: url_host)."""
     if not ORIGIN.fullmatch(text):
         return None
     try:
@@ -175,10 +180,38 @@ def browser_origin(text: str) -> str | None:
         host = host if host is None or host.isascii() else host.encode("idna").decode()
     except (ValueError, UnicodeError):
         return None
-    if not host or port == 0:  # no page is served from port 0
+    if not host or port == 0 or not NETLOC.fullmatch(parts.netloc):  # no page is served from port 0
         return None
-    host = f"[{host}]" if ":" in host else host
+    host = url_host(host, ipv6="[" in parts.netloc)
+    if host is None:
+        return None
     return f"{parts.scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS.get(parts.scheme)) else f":{port}")
+
+
+def url_host(host: str, ipv6: bool) -> str | None:
+    """A URL's host (lower-case, ASCII) as a browser writes it: an IPv6 address in RFC 5952's form in brackets (no
+    zone), an IPv4 address in dotted decimal, or a DNS name of labels of 1 to 63 letters, digits, '-' and '_', 253
+    characters at most and no final dot (another origin than without it); None for any other."""
+    if ipv6:
+        try:
+            return None if "%" in host else f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            return None
+    labels = host.split(".")
+    if IPV4_LABEL.fullmatch(labels[-1]):
+        try:
+            return str(ipaddress.IPv4Address(host))  # dotted decimal, no leading zeros
+        except ValueError:
+            return None
+    return host if len(host) <= 253 and all(map(HOST_LABEL.fullmatch, labels)) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def sent_by_browser(origin: bytes) -> bool:
+    """Whether an Origin header's value is one a browser sends: `null` (an opaque origin: a sandboxed frame, a
+    file) or an origin as browser_origin writes it."""
+    text = origin.decode("latin-1")
+    return text == "null" or browser_origin(text) == text
 
 
 # --- logs -----------------------------------------------------------------
@@ -1367,6 +1400,7 @@ STATUSES = ("active", "inactive")
 DATA_PARAMS = ("page", "page_size", "filter_by", "sort", "cursor", "as_of", "fields", "format")
 # The selection of /data, not its paging: an export with as_of reads the moment's market (MarketSnapshot).
 EXPORT_PARAMS = ("filter_by", "sort", "as_of", "fields", "format")
+LIST_PARAMS = frozenset({"filter_by", "fields"})  # comma-separated, with spaces allowed around each item
 # The media types of records: `format` names one, else the Accept header chooses (preferred_format).
 FORMATS = {"json": falcon.MEDIA_JSON, "csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 PAGE_FORMATS = ("json", "csv", "ndjson")  # the first is the default
@@ -1534,10 +1568,17 @@ def parse_format(text: str | None, formats: Sequence[str]) -> str:
 
 
 def check_params(params: Mapping[str, str], known: Sequence[str]) -> None:
-    """InvalidQuery naming the first parameter not in `known` (in sorted order)."""
+    """InvalidQuery naming the first parameter not in `known` (in sorted order), else one whose value has whitespace
+    at an end: no value is trimmed, but the items of the lists (LIST_PARAMS), which spaces may surround."""
     unknown = [name for name in params if name not in known]
     if unknown:
         raise InvalidQuery(f"unknown parameter {min(unknown)[:40]!r}; known: {', '.join(known) or 'none'}")
+    for name, value in params.items():
+        if (value[:1].isspace() or value[-1:].isspace()) and name not in LIST_PARAMS:
+            raise InvalidQuery(
+                f"{name}: {value[:40]!r} has whitespace at an end; send the value alone (a '+' in a URL reads as a"
+                " space)"
+            )
 
 
 DIGITS = re.compile(r"[0-9]+")
@@ -3113,7 +3154,7 @@ QVALUE = re.compile(r"0(\.[0-9]*)?|1(\.0*)?")  # RFC 9110 12.4.2, any number of 
 
 def weighted(header: str) -> Iterator[tuple[str, float]]:
     """The items of a comma-separated header (Accept, Accept-Encoding), lower-case, each with its q (RFC 9110
-    12.4.2: 1 when absent; one that is not a number from 0 to 1 in digits 0-9 is 0)."""
+    12.4.2: 1 when absent; one that is not a number from 0 to 1 in digits 0-9 is 0; a later q= is an extension)."""
     for item in header.lower().split(","):
         name, *parameters = (part.strip() for part in item.split(";"))
         q = 1.0
@@ -3121,6 +3162,7 @@ def weighted(header: str) -> Iterator[tuple[str, float]]:
             key, _, value = parameter.partition("=")
             if key.strip() == "q":
                 q = float(value) if QVALUE.fullmatch(value.strip()) else 0.0
+                break
         yield name, q
 
 
@@ -3149,17 +3191,29 @@ MEDIA_RANGES = {
 
 
 @functools.lru_cache(maxsize=256)
-def preferred_format(accept: str, formats: tuple[str, ...] = PAGE_FORMATS) -> str:
-    """The format of `formats` an Accept header prefers: each gets the q of the most specific range naming it,
-    the highest q wins, ties and headers naming none go to the first (the default)."""
+def preferred_format(accept: str, formats: tuple[str, ...] = PAGE_FORMATS) -> str | None:
+    """The format of `formats` an Accept header prefers (RFC 9110 12.5.1): each gets the q of the most specific range
+    naming it, and one whose q is 0 is refused; of the rest the highest q wins, ties and formats the header does not
+    name going to the first in `formats` (the default). None: the header refuses every one (a 406)."""
     quality: dict[str, tuple[int, float]] = {}  # format: (specificity of the range that set it, q)
     for media, q in weighted(accept):
         specificity = 2 - media.count("*")
         for name in MEDIA_RANGES.get(media, ()):
             if quality.get(name, (-1, 0.0))[0] < specificity:
                 quality[name] = (specificity, q)
-    best = max(formats, key=lambda name: (quality.get(name, (0, 0.0))[1], -formats.index(name)))
-    return best if quality.get(best, (0, 0.0))[1] > 0 else formats[0]
+    offered = [name for name in formats if quality.get(name, (0, None))[1] != 0]
+    if not offered:
+        return None
+    return max(offered, key=lambda name: (quality.get(name, (0, 0.0))[1], -formats.index(name)))
+
+
+def refused_formats(formats: Sequence[str]) -> falcon.HTTPNotAcceptable:
+    """The 406 of a request whose Accept refuses every format of `formats` (and names no `format`)."""
+    return falcon.HTTPNotAcceptable(
+        description=f"Accept refuses every format of this resource ({', '.join(FORMATS[f] for f in formats)});"
+        f" accept one, or name it with format= ({'|'.join(formats)})",
+        headers={"Vary": "Accept, Accept-Encoding"},
+    )
 
 
 class GzipTail:
@@ -3526,6 +3580,8 @@ class KeptResource:
         accept = req.get_header("Accept")
         if self.formats and accept and "format" not in params:
             chosen = preferred_format(accept)
+            if chosen is None:
+                raise refused_formats(PAGE_FORMATS)
             if chosen != "json":  # the same answer as to the query with format=chosen: kept under that key
                 key = (key[0], key[1] + (b"&" if key[1] else b"") + b"format=" + chosen.encode())
                 params = {**params, "format": chosen}
@@ -3765,7 +3821,10 @@ class AssetExportResource:
         params = req.params
         accept = req.get_header("Accept")
         if accept and "format" not in params:
-            params = {**params, "format": preferred_format(accept, EXPORT_FORMATS)}
+            chosen = preferred_format(accept, EXPORT_FORMATS)
+            if chosen is None:
+                raise refused_formats(EXPORT_FORMATS)
+            params = {**params, "format": chosen}
         query = parse_asset_query(params, EXPORT_PARAMS, EXPORT_FORMATS)
         gzip = accepts_gzip(req.get_header("Accept-Encoding") or "")
         resp.vary = ("Accept", "Accept-Encoding")
@@ -4544,6 +4603,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             {"WWW-Authenticate": {"required": True, "schema": string}},
         ),
         "NotFound": (404, "no such asset or run, or no such path", {}),
+        "NotAcceptable": (406, "Accept refuses (q=0) every format of the records, and no format= names one", {}),
         "MethodNotAllowed": (
             405,
             "the path does not answer this method",
@@ -4621,6 +4681,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "400": "BadRequest",
             "401": "Unauthorized",
             "404": "NotFound",
+            "406": "NotAcceptable",
             "503": "ServiceUnavailable",
         }
         answers = {"200": ok, **more, **{status: refer(names[status]) for status in errors}}
@@ -4731,6 +4792,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "/data",
         with_records(body("a page of assets", page, example["page"], **etag), csv_example, ndjson_example, **paging),
         "400",
+        "406",
         "503",
         parameters=data_parameters,
         description="As CSV or NDJSON the body holds the page's records alone; the paging is in headers.",
@@ -4756,6 +4818,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "/data/export",
         export,
         "400",
+        "406",
         "503",
         parameters=[
             *(p for p in data_parameters if p["name"] in EXPORT_PARAMS and p["name"] != "format"),
@@ -4838,6 +4901,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             **{"X-Data-Version": paging["X-Data-Version"]},
         ),
         "400",
+        "406",
         "503",
         "404",
         parameters=history_parameters,
@@ -5173,21 +5237,23 @@ class Cors:
         }
 
     def headers(self, origin: bytes | None) -> list[Header]:
-        """The CORS headers of a response to a request from `origin` (None: no Origin header)."""
+        """The CORS headers of a response to a request from `origin` (None: no Origin header; one no browser sends
+        is allowed nowhere)."""
         if origin is None:
             return self.always
         if self.any:
-            return self._any
+            return self._any if sent_by_browser(origin) else self.always
         return self._of.get(origin, self.always)
 
     def allows(self, origin: bytes) -> bool:
-        return self.any or origin in self.origins
+        return origin in self.origins or (self.any and sent_by_browser(origin))
 
     def preflight(self, origin: bytes, method: bytes, started: float) -> tuple[int, list[Header], bytes]:
         """Status, headers and body of the answer to a preflight from `origin` for `method` (to a route)."""
         if not self.allows(origin) or method not in (b"GET", b"HEAD"):
             why = (f"method {method.decode('latin-1')[:20]!r}: only GET and HEAD" if self.allows(origin)
-                   else f"origin {origin.decode('latin-1')[:100]!r} is not in KASPARRO_CORS_ORIGINS")  # fmt: skip
+                   else f"origin {origin.decode('latin-1')[:100]!r} is not"
+                   + (" one a browser sends" if self.any else " in KASPARRO_CORS_ORIGINS"))  # fmt: skip
             body = problem_body(403, f"cross-origin request refused: {why}", started)
             return 403, [*self.always, (b"content-type", MEDIA_PROBLEM.encode())], body
         allowed = [
@@ -5516,7 +5582,9 @@ class QueryParameters:
 class RateLimit:
     """Token buckets per API key, or per client address when no valid key is offered (KASPARRO_RATE_LIMIT): each
     refills at `rate` requests a second up to a burst of max(1, 2 * rate), per worker process. The MAX_BUCKETS
-    clients seen last are kept (an evicted bucket was full or nearly). Headers: the IETF draft's RateLimit-*."""
+    clients seen last are kept (an evicted bucket was full or nearly). Headers: the IETF draft's RateLimit-*. Every
+    method counts but OPTIONS, plain or a CORS preflight (which the front door answers): it only says what a route
+    allows, as it does without an API key."""
 
     MAX_BUCKETS = 10_000
 
@@ -5540,7 +5608,7 @@ class RateLimit:
         return known or f"address {req.remote_addr}"
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if req.path in self.exempt:
+        if req.path in self.exempt or req.method == "OPTIONS":
             return
         client, now = self.client(req), self.clock()
         tokens, then = self.buckets.pop(client, (self.burst, now))

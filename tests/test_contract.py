@@ -107,8 +107,10 @@ def test_every_path_and_parameter_is_documented(document: dict[str, Any]) -> Non
     for word in ("field:value", "field~text", ">=", "a|b", "updated_at", "price_usd", "source"):
         assert word in data["filter_by"]["description"]
     responses = document["paths"]["/data"]["get"]["responses"]
-    assert set(responses) == {"200", "304", "400", "500", "503"}
-    for name in ("BadRequest", "Unauthorized", "NotFound", "MethodNotAllowed", "ServiceUnavailable",
+    assert set(responses) == {"200", "304", "400", "406", "500", "503"}  # 406: Accept refuses every format
+    for path in ("/data/export", "/data/{asset_id}/history"):
+        assert "406" in document["paths"][path]["get"]["responses"]
+    for name in ("BadRequest", "Unauthorized", "NotFound", "NotAcceptable", "MethodNotAllowed", "ServiceUnavailable",
                  "InternalServerError"):  # fmt: skip
         assert set(document["components"]["responses"][name]["content"]) == {PROBLEM}
 
