@@ -47,9 +47,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds of ceiling, API, API, ceiling")
     parser.add_argument("--slice", type=float, default=3, help="seconds of each wrk slice")
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="only these (repeatable)")
+    parser.add_argument("--etl-rev", help="build the store with etl.py as of this commit (default: the work tree)")
     args = parser.parse_args()
     require("wrk")
-    db, etl_note = build_store(args.rows, etl_source(None))
+    db, etl_note = build_store(args.rows, etl_source(args.etl_rev))
     env: dict[str, str] = {}
     api_env = {"KASPARRO_DB": str(db), "KASPARRO_ETL_MAX_AGE": str(10 * 365 * 86_400)}
     rows = []
