@@ -2150,15 +2150,16 @@ FROM {NEW_ROWS} WHERE r.price_usd IS NOT NULL GROUP BY r.listing_id
 """
 
 # An open candle whose bucket a new observation has passed is closed: it moves to candle (which holds no candle
-# of that bucket: only buckets older than the open one go there).
+# of that bucket: only buckets older than the open one go there). CROSS JOIN keeps the batch's listings outermost,
+# a seek into open_candle each: the planner, which knows no table's size, would scan open_candle.
 CLOSE_CANDLES = """
-INSERT INTO candle SELECT o.* FROM temp.opening g JOIN open_candle o ON o.listing_id = g.listing_id AND o.width = ?1
-WHERE o.t < g.t
+INSERT INTO candle SELECT o.* FROM temp.opening g CROSS JOIN open_candle o
+WHERE o.listing_id = g.listing_id AND o.width = ?1 AND o.t < g.t
 """
 DROP_CLOSED = """
 DELETE FROM open_candle WHERE width = ?1 AND listing_id IN (
-    SELECT g.listing_id FROM temp.opening g JOIN open_candle o ON o.listing_id = g.listing_id AND o.width = ?1
-    WHERE o.t < g.t)
+    SELECT g.listing_id FROM temp.opening g CROSS JOIN open_candle o
+    WHERE o.listing_id = g.listing_id AND o.width = ?1 AND o.t < g.t)
 """
 ROLL_UP_OPEN = ROLL_UP_ROWS.format(
     table="open_candle", key=OPEN_KEY, rows=f"{NEW_ROWS} JOIN temp.opening g ON g.listing_id = r.listing_id",
