@@ -2178,15 +2178,16 @@ FROM {NEW_ROWS} WHERE r.price_usd IS NOT NULL GROUP BY r.listing_id
 """
 
 # An open candle whose bucket a new observation has passed is closed: it moves to candle (which holds no candle
-# of that bucket: only buckets older than the open one go there).
+# of that bucket: only buckets older than the open one go there). CROSS JOIN keeps the batch's listings outermost,
+# a seek into open_candle each: the planner, which knows no table's size, would scan open_candle.
 CLOSE_CANDLES = """
-INSERT INTO candle SELECT o.* FROM temp.opening g JOIN open_candle o ON o.listing_id = g.listing_id AND o.width = ?1
-WHERE o.t < g.t
+INSERT INTO candle SELECT o.* FROM temp.opening g CROSS JOIN open_candle o
+WHERE o.listing_id = g.listing_id AND o.width = ?1 AND o.t < g.t
 """
 DROP_CLOSED = """
 DELETE FROM open_candle WHERE width = ?1 AND listing_id IN (
-    SELECT g.listing_id FROM temp.opening g JOIN open_candle o ON o.listing_id = g.listing_id AND o.width = ?1
-    WHERE o.t < g.t)
+    SELECT g.listing_id FROM temp.opening g CROSS JOIN open_candle o
+    WHERE o.listing_id = g.listing_id AND o.width = ?1 AND o.t < g.t)
 """
 ROLL_UP_OPEN = ROLL_UP_ROWS.format(
     table="open_candle", key=OPEN_KEY, rows=f"{NEW_ROWS} JOIN temp.opening g ON g.listing_id = r.listing_id",
@@ -2208,14 +2209,16 @@ CLOSE_STALE = "INSERT INTO candle SELECT * FROM open_candle WHERE listing_id = ?
 # were refused), which would prune everything current. A scan of source_map.
 STORE_CLOCK = "SELECT CAST(strftime('%s', max(observed_at)) AS INTEGER) FROM source_map WHERE observed_at <= ?1"
 
-# Every listing whose retention horizons move (once a UTC day) from the store's clock (?1), by KEEP_RAW (?2) and
-# KEEP_HOURLY (?3): loaded in this run or not (a source no longer loaded, a coin no longer listed). A scan of listing.
+# The raw and hourly horizons of the store's clock (?1) by KEEP_RAW (?2) and KEEP_HOURLY (?3), in Unix seconds.
+HORIZONS = "SELECT (?1 - ?2) / 86400 * 86400, (?1 - ?3) / 86400 * 86400"
+# Every listing whose retention horizons move (once a UTC day) to HORIZONS: loaded in this run or not (a source no
+# longer loaded, a coin no longer listed). A scan of listing. MOVED_HORIZONS returns each one's new horizons.
 ADVANCE_HORIZONS = """
 UPDATE listing SET raw_before = max(raw_before, (?1 - ?2) / 86400 * 86400),
                    hourly_before = max(hourly_before, (?1 - ?3) / 86400 * 86400)
 WHERE (?1 - ?2) / 86400 * 86400 > raw_before OR (?1 - ?3) / 86400 * 86400 > hourly_before
-RETURNING listing_id, raw_before, hourly_before
 """
+MOVED_HORIZONS = ADVANCE_HORIZONS + "RETURNING listing_id, raw_before, hourly_before\n"
 
 
 UNIFIED_COLUMNS = ("symbol", "name", "rank", "price_usd", "market_cap_usd", "volume_24h_usd",
@@ -2327,6 +2330,7 @@ class Loaded:
     tally: Tally
     detail: str | None = None  # e.g. 'unchanged since run 3'
     drift: dict[str, int] = field(default_factory=dict)  # what was counted -> how often
+    oldest: float | None = None  # Loader.oldest
 
 
 def store_uri(db: Path) -> str:
@@ -2446,13 +2450,14 @@ def new_generation(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA application_id = {generation % 2**31}")
 
 
-def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention) -> None:
+def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention, oldest: float | None = None) -> None:
     """Move every listing's retention horizons to the store's clock (STORE_CLOCK) and prune what they pass, in one
     transaction (store.sql: history), after rolling up the late rows that are new (NEW_LATE_ROWS). Once a source's
     load, not a batch's: every row a run loads is kept raw or rolled up as late by the horizons and candles the load
     found, whatever the order of its rows. Every listing, loaded by the run or not, so a listing no run loads any
     more is rolled up as the store moves on; the work is a seek for each listing, however long the history.
-    Idempotent: what a killed run left undone, the next run does."""
+    Idempotent: what a killed run left undone, the next run does. `oldest` (Loader.oldest), when given, is the
+    earliest time in the store's history: horizons that pass none of it move without a seek for each listing."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         pruned = dict(conn.execute(LATE_LISTINGS).fetchall())
@@ -2463,9 +2468,15 @@ def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention) -
             for width in (HOUR, DAY):
                 conn.execute(ROLL_UP_LATE, (width,))
         (clock,) = conn.execute(STORE_CLOCK, (future_limit(conn, run_id),)).fetchone()
-        moved = (
-            [] if clock is None else conn.execute(ADVANCE_HORIZONS, (clock, retention.raw, retention.hourly)).fetchall()
-        )
+        spans = (clock, retention.raw, retention.hourly)
+        moved, advanced = [], 0
+        if clock is None:
+            pass
+        elif oldest is not None and max(conn.execute(HORIZONS, spans).fetchone()) <= oldest:
+            # Nothing lies before the new horizons: no raw row, open or hourly candle goes.
+            advanced = conn.execute(ADVANCE_HORIZONS, spans).rowcount
+        else:
+            moved = conn.execute(MOVED_HORIZONS, spans).fetchall()
         raw_starts = [m[:2] for m in moved]  # (listing_id, raw_before)
         pruned.update(raw_starts)
         conn.executemany("DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", pruned.items())
@@ -2476,7 +2487,7 @@ def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention) -
         conn.executemany(
             f"DELETE FROM candle WHERE listing_id = ? AND width = {HOUR} AND t < ?", [(m[0], m[2]) for m in moved]
         )
-        if moved or late:
+        if moved or advanced or late:
             new_generation(conn)
         conn.execute("COMMIT")
     except BaseException:
@@ -2507,6 +2518,11 @@ class Loader:
         # store meanwhile.
         indexes = {row[0] for row in conn.execute(ASSET_INDEXES)}
         self.bulk = not conn.execute("SELECT 1 FROM asset LIMIT 1").fetchone() or indexes != set(sort_indexes())
+        # Into a store with no history yet (so every listing's horizons are 0 while it loads), the earliest
+        # observation stored (Unix seconds; inf before the first), for prune_history; None into any other store.
+        history = ("listing", "raw_observation", "candle", "open_candle")
+        empty = not any(conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() for table in history)
+        self.oldest: float | None = math.inf if empty else None
 
     def __enter__(self) -> Loader:
         return self
@@ -2643,6 +2659,8 @@ class Loader:
             rejects.extend(r for r in self._rejects(found, renamed, "an earlier batch or run") if r[0] not in skipped)
         if not observed:
             return 0
+        if self.oldest is not None:
+            self.oldest = min(self.oldest, min(map(operator.itemgetter(1), observed)))
         conn.execute("DELETE FROM temp.observed")
         conn.executemany("INSERT INTO temp.observed VALUES (?, ?, ?, ?, ?)", observed)
         (late,) = conn.execute(COUNT_NEW_LATE).fetchone()
@@ -2855,7 +2873,7 @@ def load_csv_file(
         lines_shown = ", ".join(map(str, headers[:5])) + (", ..." if len(headers) > 5 else "")
         notes.append(f"skipped {len(headers)} repeated header row{'s' * (len(headers) > 1)} (line {lines_shown})")
         log.warning("repeated header rows skipped", source=source.name, lines=headers[:100], count=len(headers))
-    return Loaded(tally, "; ".join(notes) or None, drift)
+    return Loaded(tally, "; ".join(notes) or None, drift, loader.oldest)
 
 
 def load_pages(
@@ -2893,7 +2911,7 @@ def load_pages(
         pages_read = batch.end.offset
         notes.append(f"stopped at the page limit, {pages_read} pages ({upstream.page_limit}): more listings may follow")
         log.warning("paging stopped at the page limit", source=upstream.name, pages=pages_read)
-    return Loaded(tally, "; ".join(notes) or None, drift)
+    return Loaded(tally, "; ".join(notes) or None, drift, loader.oldest)
 
 
 def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:
@@ -2995,7 +3013,7 @@ def load_source(conn: sqlite3.Connection, run_id: int, source: Source, config: E
         with cleanup("history pruning"):
             prune_history(conn, run_id, config.retention)
         raise
-    prune_history(conn, run_id, config.retention)
+    prune_history(conn, run_id, config.retention, loaded.oldest)
     return loaded
 
 

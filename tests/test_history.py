@@ -250,6 +250,23 @@ def test_retention_keeps_the_store_bounded_while_candles_stay_exact(tmp_path):
     assert after == before
 
 
+def test_a_first_load_into_an_empty_store_prunes_what_its_own_rows_pass(tmp_path):
+    """One run of six days into an empty store (small batches), and one of its newest day only: each ends with the
+    horizons, raw rows and candles that loading the days one run at a time leaves."""
+    seen = observations("a", START, START + 6 * DAY, seed=21)
+    for name, rows in (("span", seen), ("recent", [o for o in seen if o.t >= START + 5 * DAY])):
+        db = tmp_path / f"{name}.db"
+        load(db, [("a", write_feed(tmp_path / f"{name}.csv", rows))], KASPARRO_BATCH_ROWS="97", **RETENTION)
+        newest = max(o.t for o in rows)
+        raw_from, hourly_from = (newest - DAY) // DAY * DAY, (newest - 2 * DAY) // DAY * DAY
+        assert query(db, "SELECT DISTINCT raw_before, hourly_before FROM listing") == [(raw_from, hourly_from)]
+        assert kept_raw(db) == as_raw(o for o in rows if o.t >= raw_from)
+        hourly = candles(rows, HOUR, "listing")
+        assert stored_candles(db, HOUR) == {k: v for k, v in hourly.items() if k[2] >= hourly_from}
+        assert stored_candles(db, DAY) == candles(rows, DAY, "listing")
+        assert_open_candles_are_the_newest(db)
+
+
 def test_open_candles_of_a_listing_whose_prices_stopped_close_as_its_raw_history_passes_them(tmp_path):
     """A coin priced for two days, then observed without a price for four: its last priced hour and day leave
     open_candle when raw retention passes them, and every candle stays exact and in one of the two tables."""
