@@ -2469,14 +2469,13 @@ def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention, o
                 conn.execute(ROLL_UP_LATE, (width,))
         (clock,) = conn.execute(STORE_CLOCK, (future_limit(conn, run_id),)).fetchone()
         spans = (clock, retention.raw, retention.hourly)
-        moved, advanced = [], 0
-        if clock is None:
-            pass
+        if clock is None:  # nothing observed yet: no horizon to move
+            moved, advanced = [], 0
         elif oldest is not None and max(conn.execute(HORIZONS, spans).fetchone()) <= oldest:
             # Nothing lies before the new horizons: no raw row, open or hourly candle goes.
-            advanced = conn.execute(ADVANCE_HORIZONS, spans).rowcount
+            moved, advanced = [], conn.execute(ADVANCE_HORIZONS, spans).rowcount
         else:
-            moved = conn.execute(MOVED_HORIZONS, spans).fetchall()
+            moved, advanced = conn.execute(MOVED_HORIZONS, spans).fetchall(), 0
         raw_starts = [m[:2] for m in moved]  # (listing_id, raw_before)
         pruned.update(raw_starts)
         conn.executemany("DELETE FROM raw_observation WHERE listing_id = ? AND observed_at < ?", pruned.items())
@@ -3123,7 +3122,7 @@ def elapsed_ms(started: float) -> int:
 
 def lock_path(db: Path) -> Path:
     """The writer lock's file: one per store file, whatever path (a symlink) names it."""
-    real = Path(os.path.realpath(db))
+    real = db.resolve()
     return real.with_name(real.name + ".etl-lock")
 
 
@@ -3167,7 +3166,7 @@ def same_file(fd: int, path: Path) -> bool:
 
 def store_files(db: Path) -> list[Path]:
     """The store's file and those SQLite keeps beside it."""
-    real = Path(os.path.realpath(db))
+    real = db.resolve()
     return [real, *(real.with_name(real.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
 
 

@@ -974,7 +974,7 @@ class Store:
     def lock_path(self) -> Path:
         """The file the ETL holds an exclusive POSIX lock on while it runs: beside the store's own file, whatever
         path (a symlink) names it, as etl.acquire_lock takes it."""
-        real = Path(os.path.realpath(self.path))
+        real = self.path.resolve()
         return real.with_name(real.name + ".etl-lock")
 
     async def open(self) -> None:
@@ -3195,25 +3195,33 @@ def preferred_format(accept: str, formats: tuple[str, ...] = PAGE_FORMATS) -> st
     """The format of `formats` an Accept header prefers (RFC 9110 12.5.1): each gets the q of the most specific range
     naming it, and one whose q is 0 is refused; of the rest the highest q wins, ties and formats the header does not
     name going to the first in `formats` (the default). None: the header refuses every one (a 406)."""
-    quality: dict[str, tuple[int, float]] = {}  # format: (specificity of the range that set it, q)
+    ranked: dict[str, tuple[int, float]] = {}  # format: (specificity of the range that set its q, q)
     for media, q in weighted(accept):
         specificity = 2 - media.count("*")
         for name in MEDIA_RANGES.get(media, ()):
-            if quality.get(name, (-1, 0.0))[0] < specificity:
-                quality[name] = (specificity, q)
-    offered = [name for name in formats if quality.get(name, (0, None))[1] != 0]
+            if ranked.get(name, (-1, 0.0))[0] < specificity:
+                ranked[name] = (specificity, q)
+    unnamed = (0, UNNAMED_Q)
+    quality = {name: ranked.get(name, unnamed)[1] for name in formats}
+    offered = [name for name in formats if quality[name] != 0]
     if not offered:
         return None
-    return max(offered, key=lambda name: (quality.get(name, (0, 0.0))[1], -formats.index(name)))
+    return max(offered, key=lambda name: (quality[name], -formats.index(name)))
 
 
-def refused_formats(formats: Sequence[str]) -> falcon.HTTPNotAcceptable:
-    """The 406 of a request whose Accept refuses every format of `formats` (and names no `format`)."""
-    return falcon.HTTPNotAcceptable(
-        description=f"Accept refuses every format of this resource ({', '.join(FORMATS[f] for f in formats)});"
-        f" accept one, or name it with format= ({'|'.join(formats)})",
-        headers={"Vary": "Accept, Accept-Encoding"},
-    )
+UNNAMED_Q = 1e-9  # a format the Accept header does not name: below every q it can give (q has 3 decimals), above 0
+
+
+def accepted_format(accept: str, formats: tuple[str, ...]) -> str:
+    """The format of `formats` an Accept header prefers (preferred_format); 406 when it refuses every one."""
+    chosen = preferred_format(accept, formats)
+    if chosen is None:
+        raise falcon.HTTPNotAcceptable(
+            description=f"Accept refuses every format of this resource ({', '.join(FORMATS[f] for f in formats)});"
+            f" accept one, or name it with format= ({'|'.join(formats)})",
+            headers={"Vary": "Accept, Accept-Encoding"},
+        )
+    return chosen
 
 
 class GzipTail:
@@ -3579,9 +3587,7 @@ class KeptResource:
         key, params = answer_key(req.scope), req.params
         accept = req.get_header("Accept")
         if self.formats and accept and "format" not in params:
-            chosen = preferred_format(accept)
-            if chosen is None:
-                raise refused_formats(PAGE_FORMATS)
+            chosen = accepted_format(accept, PAGE_FORMATS)
             if chosen != "json":  # the same answer as to the query with format=chosen: kept under that key
                 key = (key[0], key[1] + (b"&" if key[1] else b"") + b"format=" + chosen.encode())
                 params = {**params, "format": chosen}
@@ -3821,10 +3827,7 @@ class AssetExportResource:
         params = req.params
         accept = req.get_header("Accept")
         if accept and "format" not in params:
-            chosen = preferred_format(accept, EXPORT_FORMATS)
-            if chosen is None:
-                raise refused_formats(EXPORT_FORMATS)
-            params = {**params, "format": chosen}
+            params = {**params, "format": accepted_format(accept, EXPORT_FORMATS)}
         query = parse_asset_query(params, EXPORT_PARAMS, EXPORT_FORMATS)
         gzip = accepts_gzip(req.get_header("Accept-Encoding") or "")
         resp.vary = ("Accept", "Accept-Encoding")
