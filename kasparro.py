@@ -5231,21 +5231,21 @@ class Cors:
     def __init__(self, origins: Sequence[str]) -> None:
         self.any = "*" in origins
         self.origins = frozenset(origin.encode() for origin in origins)
-        # Sent on every response: with a list, what is sent depends on Origin, and caches must know.
-        self.always: list[Header] = [] if self.any or not origins else [(b"vary", b"Origin")]
         exposed = (b"access-control-expose-headers", self.EXPOSED)
-        self._any = [(b"access-control-allow-origin", b"*"), exposed]
+        # With a list, what an answer carries depends on Origin: every answer says so, for caches.
+        self.vary: list[Header] = [] if self.any or not origins else [(b"vary", b"Origin")]
+        # Sent on every answer (and every answer with an Origin not allowed): under `*`, the grant itself, the same
+        # whatever the Origin, so that a shared cache may hand an answer to a request without one (a server, a
+        # cache's revalidation) to a browser page.
+        self.always: list[Header] = [(b"access-control-allow-origin", b"*"), exposed] if self.any else self.vary
         self._of: dict[bytes, list[Header]] = {
-            origin: [*self.always, (b"access-control-allow-origin", origin), exposed] for origin in self.origins
+            origin: [*self.vary, (b"access-control-allow-origin", origin), exposed] for origin in self.origins
         }
 
     def headers(self, origin: bytes | None) -> list[Header]:
-        """The CORS headers of a response to a request from `origin` (None: no Origin header; one no browser sends
-        is allowed nowhere)."""
-        if origin is None:
+        """The CORS headers of an answer to a request from `origin` (None: no Origin header)."""
+        if origin is None or self.any:
             return self.always
-        if self.any:
-            return self._any if sent_by_browser(origin) else self.always
         return self._of.get(origin, self.always)
 
     def allows(self, origin: bytes) -> bool:
@@ -5258,14 +5258,14 @@ class Cors:
                    else f"origin {origin.decode('latin-1')[:100]!r} is not"
                    + (" one a browser sends" if self.any else " in KASPARRO_CORS_ORIGINS"))  # fmt: skip
             body = problem_body(403, f"cross-origin request refused: {why}", started)
-            return 403, [*self.always, (b"content-type", MEDIA_PROBLEM.encode())], body
+            return 403, [*self.vary, (b"content-type", MEDIA_PROBLEM.encode())], body
         allowed = [
             (b"access-control-allow-origin", b"*" if self.any else origin),
             (b"access-control-allow-methods", self.METHODS),
             (b"access-control-allow-headers", self.REQUEST_HEADERS),
             (b"access-control-max-age", self.MAX_AGE),
         ]
-        return 204, [*self.always, *allowed], b""
+        return 204, [*self.vary, *allowed], b""
 
 
 class Compression:

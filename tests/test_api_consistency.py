@@ -6,18 +6,19 @@ parameter, and the README's data versions are what a fresh store answers."""
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 
 from conftest import ROOT, LiveServer, exchange, run_etl
-from kasparro import Config, browser_origin, create_app, preferred_format
+from kasparro import Config, Cors, browser_origin, create_app, preferred_format
 
 PROBLEM = "application/problem+json"
 CSV, NDJSON, JSON = "text/csv; charset=utf-8", "application/x-ndjson", "application/json"
@@ -186,19 +187,79 @@ def test_the_service_does_not_start_on_an_origin_with_an_empty_label(store_path:
     assert "Traceback" not in started.stderr
 
 
+def cors_fields(base: str, method: str, target: str, headers: dict[str, str]) -> tuple[int, set[tuple[str, str]]]:
+    """Status, and the CORS fields of the response with each Vary token on its own: what a cache keys and keeps."""
+    address = urlsplit(base)
+    conn = http.client.HTTPConnection(address.hostname or "", address.port, timeout=10)
+    try:
+        conn.request(method, target, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        fields = {(name.lower(), value) for name, value in response.getheaders()}
+    finally:
+        conn.close()
+    vary = {("vary", token.strip().lower()) for name, value in fields if name == "vary" for token in value.split(",")}
+    return response.status, {(n, v) for n, v in fields if n.startswith("access-control-")} | vary - {("vary", "")}
+
+
+# Requests of every kind of answer: kept, streamed, conditional, HEAD, errors of the resource, the front door's
+# and Falcon's, the docs.
+CACHED_KINDS = [
+    ("GET", "/data?page_size=2", {}), ("GET", "/data/bitcoin", {}), ("HEAD", "/data?page_size=2", {}),
+    ("GET", "/data/nowhere", {}), ("GET", "/data?page_size=0", {}), ("GET", "/nowhere", {}),
+    ("GET", "/data/export?filter_by=rank<=2", {}), ("GET", "/health", {}), ("GET", "/openapi.json", {}),
+    ("GET", "/docs/", {}), ("GET", "/stats", {}), ("GET", "/data?page_size=2", {"Accept-Encoding": "gzip"}),
+    ("GET", "/data?page_size=2", {"Accept": "text/csv"}), ("POST", "/data", {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cors", ["*", "https://a.example,https://b.example", ""])
+def test_a_cache_can_hand_any_answer_to_any_origin(live_server: Any, store_path: Path, cors: str) -> None:
+    """A shared cache keys an answer on its URL and the fields Vary names. Under `*` an answer to a request with no
+    Origin (a server, curl, a cache's revalidation) had no Access-Control-Allow-Origin and no Vary: Origin, so a
+    cache could hand it to a browser page, which then refused it. Now every answer under `*` carries the same CORS
+    fields whatever the Origin; with a list, every answer says Vary: Origin; with none, none carries them."""
+    server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_CORS_ORIGINS=cors)
+    any_origin = [("access-control-allow-origin", "*"), ("access-control-expose-headers", Cors.EXPOSED.decode())]
+    for method, target, headers in CACHED_KINDS:
+        seen = {}
+        for origin in (None, "https://a.example", "https://c.example", "null", "garbage"):
+            sent = headers if origin is None else {**headers, "Origin": origin}
+            status, fields = cors_fields(server.base, method, target, sent)
+            seen[origin] = fields
+            if cors == "*":
+                assert set(any_origin) <= fields, (method, target, origin, status, fields)
+            elif cors:
+                assert ("vary", "origin") in fields, (method, target, origin, status, fields)
+            else:
+                assert not {f for f in fields if f[0].startswith("access-control-")}, (method, target, origin, fields)
+        if cors != "https://a.example,https://b.example":  # with a list, only the allowed origin gets the grant
+            assert len({frozenset(fields) for fields in seen.values()}) == 1, (method, target, seen)
+        else:
+            assert ("access-control-allow-origin", "https://a.example") in seen["https://a.example"], (target, seen)
+        etag = exchange(server.base, "GET", target, headers)[1].get("etag") if method == "GET" else None
+        if etag:  # a cache's revalidation (no Origin), and its 304
+            status, fields = cors_fields(server.base, "GET", target, {**headers, "If-None-Match": etag})
+            assert status == 304 and fields == seen[None], (target, fields, seen[None])
+
+
 BAD_ORIGINS = [b"https://a..example", b"https://A.example", b"https://a.example/", b"https://a.example:443",
                b"garbage", b"http://[::1", b"https://a.example.", b"\xff", b"https://u@a.example"]  # fmt: skip
 
 
 @pytest.mark.parametrize("cors", ["*", "https://a.example"])
-def test_an_origin_header_no_browser_sends_gets_no_cors_headers(live_server: Any, store_path: Path, cors: str) -> None:
-    """Never a 500: no CORS headers on an answer, a 403 problem to a preflight; a sound Origin is still served."""
+def test_an_origin_header_no_browser_sends_is_granted_nothing(live_server: Any, store_path: Path, cors: str) -> None:
+    """Never a 500: an answer carries what one without Origin does (under `*` the grant every answer carries, with
+    a list none), a preflight gets a 403 problem; a sound Origin is still served."""
     server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_CORS_ORIGINS=cors)
     for origin in BAD_ORIGINS:
         for path in ("/data?page_size=2", "/data?page_size=2", "/data/nowhere", "/health"):
             status, headers, _ = exchange(server.base, "GET", path, {"Origin": origin})
             assert status in (200, 404), (origin, path)
-            assert not [name for name in headers if name.startswith("access-control-")], (origin, path, headers)
+            granted = {name: value for name, value in headers.items() if name.startswith("access-control-")}
+            without = {name: value for name, value in exchange(server.base, "GET", path)[1].items()
+                       if name.startswith("access-control-")}  # fmt: skip
+            assert granted == without and bool(granted) == (cors == "*"), (origin, path, headers)
         preflight = {"Origin": origin, "Access-Control-Request-Method": "GET"}
         status, headers, body = exchange(server.base, "OPTIONS", "/data", preflight)
         assert (status, headers["content-type"]) == (403, PROBLEM), (origin, body)
