@@ -226,12 +226,31 @@ def referenced_urls(html: bytes) -> list[str]:
     return parser.urls
 
 
+BIND_TRIES = 3  # a free port is found by binding port 0, then given to uvicorn: another process may take it between
+
+
 @pytest.fixture
 def live_server(tmp_path: Path) -> Iterator[Any]:
     """Factory: start uvicorn over a store with extra arguments and environment; ready once /health answers."""
     started: list[LiveServer] = []
 
     def start(db: Path, *args: str, ready_within: float = 30.0, **env: str) -> LiveServer:
+        for _ in range(BIND_TRIES):
+            server = launch(db, args, env)
+            started.append(server)
+            deadline = time.monotonic() + ready_within
+            while server.process.poll() is None:
+                assert time.monotonic() < deadline, f"server not ready in {ready_within} s\n{server.output.read_text()}"
+                try:
+                    if server.get("/health")[0] == 200:
+                        return server
+                except OSError:
+                    threading.Event().wait(0.05)  # poll interval while the port opens
+            log = server.output.read_text()
+            assert "address already in use" in log, log  # another process took the free port first: try another
+        raise AssertionError(f"no free port taken in {BIND_TRIES} tries")
+
+    def launch(db: Path, args: tuple[str, ...], env: dict[str, str]) -> LiveServer:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -242,17 +261,7 @@ def live_server(tmp_path: Path) -> Iterator[Any]:
                 [sys.executable, "-m", "uvicorn", "kasparro:app", "--host", "127.0.0.1", "--port", str(port), *args],
                 cwd=ROOT, env={**environ, "KASPARRO_DB": str(db), **env}, stdout=sink, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        server = LiveServer(f"http://127.0.0.1:{port}", process, output)
-        started.append(server)
-        deadline = time.monotonic() + ready_within
-        while True:
-            assert process.poll() is None, output.read_text()
-            assert time.monotonic() < deadline, f"server not ready in {ready_within} s\n{output.read_text()}"
-            try:
-                if server.get("/health")[0] == 200:
-                    return server
-            except OSError:
-                threading.Event().wait(0.05)  # poll interval while the port opens
+        return LiveServer(f"http://127.0.0.1:{port}", process, output)
 
     yield start
     for server in started:

@@ -1,7 +1,8 @@
 """One rule for each class of request detail, over the real uvicorn: a weight of 0 in Accept or Accept-Encoding
 refuses (RFC 9110 12.4.2, 12.5.1), an origin is scheme://host[:port] with a host DNS or IP could name (RFC 6454),
-OPTIONS never counts against the rate limit, a single value with whitespace around it is a 400 naming its
-parameter, and the README's data versions are what a fresh store answers."""
+an answer's CORS fields let a shared cache hand it to any origin (Fetch 3.2.5), OPTIONS never counts against the
+rate limit, a single value with whitespace around it is a 400 naming its parameter, and the README's data versions
+are what a fresh store answers."""
 
 from __future__ import annotations
 
