@@ -3201,15 +3201,11 @@ def preferred_format(accept: str, formats: tuple[str, ...] = PAGE_FORMATS) -> st
         for name in MEDIA_RANGES.get(media, ()):
             if ranked.get(name, (-1, 0.0))[0] < specificity:
                 ranked[name] = (specificity, q)
-    unnamed = (0, UNNAMED_Q)
-    quality = {name: ranked.get(name, unnamed)[1] for name in formats}
-    offered = [name for name in formats if quality[name] != 0]
+    quality = {name: q for name, (_, q) in ranked.items()}  # the formats the header names
+    offered = [name for name in formats if quality.get(name) != 0]  # one it does not name is not refused ...
     if not offered:
         return None
-    return max(offered, key=lambda name: (quality[name], -formats.index(name)))
-
-
-UNNAMED_Q = 1e-9  # a format the Accept header does not name: below every q it can give (q has 3 decimals), above 0
+    return max(offered, key=lambda name: (quality.get(name, 0.0), -formats.index(name)))  # ... but ranks last
 
 
 def accepted_format(accept: str, formats: tuple[str, ...]) -> str:
@@ -5234,7 +5230,7 @@ class Cors:
         exposed = (b"access-control-expose-headers", self.EXPOSED)
         # With a list, what an answer carries depends on Origin: every answer says so, for caches.
         self.vary: list[Header] = [] if self.any or not origins else [(b"vary", b"Origin")]
-        # Sent on every answer (and every answer with an Origin not allowed): under `*`, the grant itself, the same
+        # Sent on every answer but one to an allowed origin of a list. Under `*` that is the grant itself, the same
         # whatever the Origin, so that a shared cache may hand an answer to a request without one (a server, a
         # cache's revalidation) to a browser page.
         self.always: list[Header] = [(b"access-control-allow-origin", b"*"), exposed] if self.any else self.vary

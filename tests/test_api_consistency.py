@@ -59,6 +59,9 @@ NEGOTIATED = [
     *((path, "application/*;q=0, text/*;q=0", 406) for path in RECORDS),
     *((path, "application/json;q=x, text/csv;q=0, application/x-ndjson;q=0", 406) for path in RECORDS),
     *((path, "text/html, */*;q=0.8", JSON) for path in RECORDS),  # a browser's
+    # Any weight above 0, however small (the grammar allows 3 decimals; more are read too), ranks a named format
+    # above those the header does not name.
+    *((path, f"text/csv;q={q}", CSV) for path in RECORDS for q in ("0.001", "0.0000000001")),
 ]
 
 
