@@ -930,6 +930,12 @@ class Snapshot:
                 release()
 
 
+# The page cache of each connection of the Store (pooled readers, the loop's, snapshots), in KiB. The OS page cache
+# holds the store's file already, and SQLite drops a connection's cache whenever another has committed: SQLite's
+# default (2 MiB each) held 8 MB more RSS after random pages and lookups, and made none of them measurably faster.
+READER_CACHE_KIB = 256
+
+
 class Store:
     """The store, read-only: every read goes through read(), on a pooled reader's thread or on the event
     loop's own connection; the store is opened when first needed and reopened when replaced or broken.
@@ -1290,6 +1296,7 @@ class Store:
     def _read_only(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
         conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
         conn.execute("PRAGMA query_only = 1")
+        conn.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
         conn.create_function("fold", 1, fold_sql, deterministic=True)
         conn.set_authorizer(authorize_read)
 
