@@ -3126,20 +3126,29 @@ def lock_path(db: Path) -> Path:
     return real.with_name(real.name + ".etl-lock")
 
 
-def acquire_lock(db: Path) -> int:
-    """Take the store's single-writer lock, or raise BlockingIOError with the holder's pid.
+def acquire_lock(db: Path) -> tuple[int, bool]:
+    """Take the store's single-writer lock: its file's descriptor, and whether this call made that file. Raise
+    BlockingIOError with the holder's pid when another run holds it.
 
     A POSIX record lock (not flock): the kernel drops it when the process dies,
     and the API can test for it with F_GETLK without ever taking it.
     """
     path = lock_path(db)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, made = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                if not path.is_symlink():
+                    continue  # a run that ended early removed it meanwhile (remove_created): make it again
+                fd, made = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False  # a dangling symlink's target
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EACCES, errno.EAGAIN):
-                os.close(fd)
+                os.close(fd)  # the file stays: unlocked, another run may hold it by now, and the next run locks it
                 raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
@@ -3151,7 +3160,7 @@ def acquire_lock(db: Path) -> int:
         os.close(fd)  # a run that ended early removed the file it had locked (remove_created): lock the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
+    return fd, made
 
 
 def same_file(fd: int, path: Path) -> bool:
@@ -3170,10 +3179,10 @@ def store_files(db: Path) -> list[Path]:
     return [real, *(real.with_name(real.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
 
 
-def run_made(db: Path, lock_existed: bool) -> list[Path]:
-    """The files a run about to begin makes (its lock file, unless `lock_existed`; a new store's), to remove should
+def run_made(db: Path, lock_made: bool) -> list[Path]:
+    """The files a run about to begin makes (its lock file when acquire_lock made it; a new store's), to remove should
     it never begin. Called under the lock: no other run makes the store meanwhile."""
-    made = [] if lock_existed else [lock_path(db)]
+    made = [lock_path(db)] if lock_made else []
     return made + ([] if db.exists() else [path for path in store_files(db) if not path.exists()])
 
 
@@ -3313,8 +3322,7 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
             raise UsageError(f"source {replays[0].spec!r} replays a run of the store {str(db)!r}, which does not exist")
         if args.every is not None:
             return every(args.every, db, sources, config)
-        lock_existed = lock_path(db).exists()
-        lock = acquire_lock(db)
+        lock, lock_made = acquire_lock(db)
     except UsageError as error:
         print(f"etl.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -3323,7 +3331,7 @@ def main(argv: Sequence[str] | None = None, config: EtlConfig | None = None) -> 
         return EXIT_LOCKED
     except OSError as error:  # the lock file sits beside the store: a read-only or full disk shows here first
         return store_unusable(error, dataclasses.replace(config, db=db))
-    created = run_made(db, lock_existed)
+    created = run_made(db, lock_made)
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(db, sources, config)
@@ -3485,15 +3493,14 @@ def every(seconds: float, db: Path, sources: Sequence[Source], config: EtlConfig
 def scheduled_run(db: Path, sources: Sequence[Source], config: EtlConfig) -> None:
     """One run of the schedule; a held lock or an unusable store is logged and the schedule goes on."""
     try:
-        lock_existed = lock_path(db).exists()
-        lock = acquire_lock(db)
+        lock, lock_made = acquire_lock(db)
     except BlockingIOError as error:
         log.warning("run skipped", reason=str(error))
         return
     except OSError as error:
         log.error("run skipped", reason=f"cannot take the writer lock next to {db}: {error.strerror}")
         return
-    created = run_made(db, lock_existed)
+    created = run_made(db, lock_made)
     try:
         run(db, sources, config)
     except sqlite3.Error as error:

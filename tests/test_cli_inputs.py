@@ -7,10 +7,12 @@ exactly what it held before (no store, lock file, -wal or -shm it made, no file 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_store_faults import garble_pages
@@ -190,6 +192,39 @@ def test_another_programs_database_ends_a_schedule_as_a_usage_error_leaving_no_l
     assert result.returncode == etl.EXIT_USAGE, result.stderr
     assert "is an SQLite database but not a Kasparro store" in result.stderr
     assert folder_state(tmp_path) == before
+
+
+def test_the_writer_lock_says_whether_it_made_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run removes the lock file it made when it ends before it begins, and only that one: it learnt whether it
+    made the file by looking before it locked, and a file another run removed in between (ending early itself) was
+    made again, taken for the one seen, and left behind."""
+    db = tmp_path / "kasparro.db"
+    lock = etl.lock_path(db)
+    fd, made = etl.acquire_lock(db)
+    os.close(fd)
+    assert made and lock.exists()
+    fd, made = etl.acquire_lock(db)
+    os.close(fd)
+    assert not made and lock not in etl.run_made(db, made)
+    real_open = os.open
+
+    def removed_once_seen(path: Any, flags: int, *args: Any) -> int:  # the other run's remove_created, at that moment
+        try:
+            return real_open(path, flags, *args)
+        except FileExistsError:
+            os.unlink(path)
+            raise
+
+    monkeypatch.setattr(etl.os, "open", removed_once_seen)
+    fd, made = etl.acquire_lock(db)
+    monkeypatch.undo()
+    os.close(fd)
+    assert made and lock in etl.run_made(db, made)
+    lock.unlink()
+    lock.symlink_to(tmp_path / "elsewhere.lock")  # dangling: its target is made, and is not the run's to remove
+    fd, made = etl.acquire_lock(db)
+    os.close(fd)
+    assert not made and (tmp_path / "elsewhere.lock").read_text() == str(os.getpid())
 
 
 def test_a_store_newer_than_the_etl_is_refused_leaving_no_lock_file(store_path: Path) -> None:
