@@ -126,7 +126,7 @@ def test_a_body_cut_short_is_fetched_again(upstream: Any, tmp_path: Path) -> Non
 
 
 DOCUMENT = json.dumps(markets()).encode()
-CUT_GZIP = gzip.compress(DOCUMENT)[:-30]  # the deflate stream's end and the gzip trailer are missing
+CUT_GZIP = gzip.compress(DOCUMENT, mtime=0)[:-30]  # the deflate stream's end and the gzip trailer are missing
 
 
 @pytest.mark.parametrize(
@@ -154,11 +154,12 @@ def test_a_body_always_cut_short_fails_the_source_saying_so(
 @pytest.mark.parametrize(
     ("coding", "body"),
     [
-        ("x-gzip", gzip.compress(DOCUMENT)),  # gzip's old name (RFC 9110 8.4.1.3: read it as gzip)
+        ("x-gzip", gzip.compress(DOCUMENT, mtime=0)),  # gzip's old name (RFC 9110 8.4.1.3: read it as gzip)
         ("deflate", zlib.compress(DOCUMENT)),
-        ("gzip, gzip", gzip.compress(gzip.compress(DOCUMENT))),  # applied in order, undone in reverse
+        ("gzip, gzip", gzip.compress(gzip.compress(DOCUMENT, mtime=0), mtime=0)),  # applied in order, undone in reverse
         ("Identity", DOCUMENT),
     ],
+    ids=["x-gzip", "deflate", "gzip-twice", "Identity"],  # xdist's workers must collect the same names
 )
 def test_a_body_in_another_http_coding_loads(upstream: Any, tmp_path: Path, coding: str, body: bytes) -> None:
     """Only 'gzip' was inflated: an x-gzip or deflate body failed the source as 'not valid JSON ... starting
