@@ -3175,15 +3175,19 @@ def weighted(header: str) -> Iterator[tuple[str, float]]:
 
 @functools.lru_cache(maxsize=256)
 def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding header allows gzip: gzip (or x-gzip) with q > 0, else `*` with q > 0."""
-    gzip_q = any_q = None
+    """Whether an Accept-Encoding header allows gzip: gzip (or its alias x-gzip) with q > 0, else `*` with q > 0.
+    Either name with q = 0 refuses it whatever the other says: a body the client cannot read is worse than a
+    larger one."""
+    gzip_qs: list[float] = []
+    any_q = None
     for name, q in weighted(accept_encoding):
         if name in ("gzip", "x-gzip"):
-            gzip_q = q if gzip_q is None else max(gzip_q, q)
+            gzip_qs.append(q)
         elif name == "*":
             any_q = q
-    chosen = gzip_q if gzip_q is not None else any_q
-    return chosen is not None and chosen > 0
+    if gzip_qs:
+        return min(gzip_qs) > 0
+    return any_q is not None and any_q > 0
 
 
 # Which format each media range of an Accept header names (a range names the formats it covers).
@@ -3200,13 +3204,15 @@ MEDIA_RANGES = {
 @functools.lru_cache(maxsize=256)
 def preferred_format(accept: str, formats: tuple[str, ...] = PAGE_FORMATS) -> str | None:
     """The format of `formats` an Accept header prefers (RFC 9110 12.5.1): each gets the q of the most specific range
-    naming it, and one whose q is 0 is refused; of the rest the highest q wins, ties and formats the header does not
-    name going to the first in `formats` (the default). None: the header refuses every one (a 406)."""
+    naming it (of one named twice, the first, or 0 if either is), and one whose q is 0 is refused; of the rest the
+    highest q wins, ties and formats the header does not name going to the first in `formats` (the default).
+    None: the header refuses every one (a 406)."""
     ranked: dict[str, tuple[int, float]] = {}  # format: (specificity of the range that set its q, q)
     for media, q in weighted(accept):
         specificity = 2 - media.count("*")
         for name in MEDIA_RANGES.get(media, ()):
-            if ranked.get(name, (-1, 0.0))[0] < specificity:
+            held, _ = ranked.get(name, (-1, 0.0))
+            if held < specificity or (held == specificity and q == 0):  # a range named twice: q = 0 stands
                 ranked[name] = (specificity, q)
     quality = {name: q for name, (_, q) in ranked.items()}  # the formats the header names
     offered = [name for name in formats if quality.get(name) != 0]  # one it does not name is not refused ...

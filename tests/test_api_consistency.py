@@ -94,6 +94,10 @@ def test_a_format_accept_weighs_0_is_never_sent(server: LiveServer, path: str, a
         ("*/*;q=0, application/x-ndjson;q=0.001", ("csv", "ndjson"), "ndjson"),
         ("*/*;q=0, text/*;q=1", ("json", "csv", "ndjson"), "csv"),
         ("*/*;q=0", ("json", "csv", "ndjson"), None),
+        ("text/csv, text/csv;q=0", ("json", "csv"), "json"),  # a range named twice: a refusal stands, in either order
+        ("text/csv;q=0, TEXT/CSV", ("json", "csv"), "json"),
+        ("application/json;q=0.1, text/csv;q=0.5, application/json", ("json", "csv"), "csv"),  # else the first q
+        ("application/*;q=0, application/json", ("json", "ndjson"), "json"),  # the more specific range decides
     ],
 )
 def test_preferred_format_reads_weights_by_the_most_specific_range(
@@ -111,6 +115,10 @@ def test_preferred_format_reads_weights_by_the_most_specific_range(
         ("*;q=0", False),
         ("gzip;q=abc, *", False),  # gzip named, its weight unreadable: 0
         ("x-gzip;q=0", False),
+        ("gzip;q=0, x-gzip", False),  # the alias does not undo a refusal, in either order
+        ("x-gzip, gzip;q=0", False),
+        ("x-gzip;q=0, gzip;q=1, *", False),
+        ("gzip;q=0.5, x-gzip;q=0.001", True),
         ("identity, *;q=0", False),
         ("gzip;q=0.001", True),
         ("*;q=0.1", True),
