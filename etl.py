@@ -2358,7 +2358,7 @@ def connect(db: Path, busy_timeout: float) -> sqlite3.Connection:
 
 # The system errors that mean the same as an SQLite result code, for files beside the store.
 OS_FAULTS = {errno.ENOSPC: sqlite3.SQLITE_FULL, errno.EDQUOT: sqlite3.SQLITE_FULL, errno.EROFS: sqlite3.SQLITE_READONLY,
-             errno.EACCES: sqlite3.SQLITE_READONLY, errno.EPERM: sqlite3.SQLITE_READONLY}  # fmt: skip
+             errno.EACCES: sqlite3.SQLITE_PERM, errno.EPERM: sqlite3.SQLITE_PERM}  # fmt: skip
 
 
 def store_fault(error: sqlite3.Error | OSError, config: EtlConfig) -> str:
@@ -2378,11 +2378,14 @@ def store_fault(error: sqlite3.Error | OSError, config: EtlConfig) -> str:
     causes = {
         sqlite3.SQLITE_FULL: f"the disk holding {db} is full: free space, then run again",
         sqlite3.SQLITE_READONLY: f"the store {db} is read-only: make it and its directory writable for the ETL",
+        sqlite3.SQLITE_PERM: f"the ETL's user may not open {db} or a file beside it: let that user read and write"
+        " the store and its directory",
         sqlite3.SQLITE_BUSY: f"the store {db} is locked by another writer for longer than KASPARRO_BUSY_TIMEOUT"
         f" ({config.busy_timeout:g} s): end that process, or raise the timeout",
         sqlite3.SQLITE_CORRUPT: f"the store {db} is corrupt: restore it from a backup, or move it away to load anew",
         sqlite3.SQLITE_IOERR: f"the disk holding {db} failed a read or write",
-        sqlite3.SQLITE_CANTOPEN: f"the store {db} cannot be opened: check that it and its directory exist",
+        sqlite3.SQLITE_CANTOPEN: f"the store {db} cannot be opened: check that it and its directory exist and that"
+        " the ETL's user may read and write them",
     }
     causes[sqlite3.SQLITE_LOCKED] = causes[sqlite3.SQLITE_BUSY]
     causes[sqlite3.SQLITE_NOTADB] = causes[sqlite3.SQLITE_CORRUPT]

@@ -334,3 +334,22 @@ def test_a_full_or_read_only_disk_under_a_read_is_a_503_never_a_500(
     monkeypatch.setattr(kasparro, "dict_rows", real_rows)
     assert client.get("/stats").status_code == 200
     assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (PermissionError(13, "Permission denied", "x.db.etl-lock"), "the ETL's user may not open x.db or a file"),
+        (PermissionError(1, "Operation not permitted", "x.db"), "the ETL's user may not open x.db or a file"),
+        (OSError(30, "Read-only file system", "x.db.etl-lock"), "the store x.db is read-only"),
+        (OSError(28, "No space left on device", "x.db-wal"), "the disk holding x.db is full"),
+        (sqlite3.OperationalError("unable to open database file"), "the store x.db cannot be opened"),
+    ],
+)
+def test_a_store_fault_names_its_class_beside_the_original(error: Exception, cause: str) -> None:
+    """A file the ETL's user may not open was called read-only, and its fix (make it writable) did not cover an
+    unreadable one. (Permission is not tested with a real run: the suite runs as root, whom it does not bind.)"""
+    if isinstance(error, sqlite3.Error):
+        error.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN
+    message = etl.store_fault(error, etl.EtlConfig(db=Path("x.db")))
+    assert message.startswith(cause) and message.endswith(f" ({'SQLite: ' * isinstance(error, sqlite3.Error)}{error})")
