@@ -226,6 +226,11 @@ def referenced_urls(html: bytes) -> list[str]:
     return parser.urls
 
 
+# Debian's chromium, headless, with every host but 127.0.0.1 unresolvable and none of its own traffic.
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # fmt: skip
+
 BIND_TRIES = 3  # a free port is found by binding port 0, then given to uvicorn: another process may take it between
 
 

@@ -10,14 +10,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from conftest import ROOT, LiveServer, exchange, referenced_urls
+from conftest import BROWSER_FLAGS, ROOT, LiveServer, exchange, referenced_urls
 
 PAGES = {"/docs": "/redoc", "/redoc": "/docs"}  # each docs page and the other one it links to
 MEDIA = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".txt": "text/plain"}
 REDOC = ROOT / "vendor" / "redoc"
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # fmt: skip
 
 
 class Endpoints(HTMLParser):
