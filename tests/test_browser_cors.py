@@ -6,15 +6,13 @@ import html
 import json
 import shutil
 import subprocess
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import BROWSER_FLAGS, exchange
+from upstream import FakeUpstream, Reply
 
 # What the page asks, in order, each with its API key: under a rate limit of one request per key (refilled in
 # 1,000 s), the second request with a1 is a 429 with Retry-After. /health is not limited and needs no key.
@@ -45,45 +43,21 @@ main().catch(error => { out.error = String(error); }).finally(() => {
 """
 
 
-class Page(BaseHTTPRequestHandler):
-    body = b""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def page_server() -> Iterator[tuple[str, type[Page]]]:
-    """A page on 127.0.0.1 at a port of its own: another origin than the API's."""
-    handler = type("ThisPage", (Page,), {})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("allowed", ["*", "the page's origin"])
 def test_a_page_of_another_origin_reads_every_header_and_sends_no_credentials(
-    live_server: Any, store_path: Path, tmp_path: Path, page_server: tuple[str, type[Page]], allowed: str
+    live_server: Any, store_path: Path, tmp_path: Path, upstream: FakeUpstream, allowed: str
 ) -> None:
+    """The page is served by a stdlib server on 127.0.0.1 at a port of its own: another origin than the API's."""
     browser = shutil.which("chromium")
     assert browser, "chromium is not installed: apt-get install -y chromium (.ci/run does)"
-    origin, handler = page_server
+    origin = upstream.base_url
     origins = "*" if allowed == "*" else origin
     keys = "a1,a2,b1,b2"  # a* for the page, b* for the same requests sent from here
     server = live_server(store_path, LOG_LEVEL="warning", KASPARRO_API_KEYS=keys, KASPARRO_RATE_LIMIT="0.001",
                          KASPARRO_CORS_ORIGINS=origins)  # fmt: skip
     script = SCRIPT % {"api": json.dumps(server.base), "steps": json.dumps(STEPS)}
-    handler.body = f'<!doctype html><pre id="out"></pre><script>{script}</script>'.encode()
+    page = f'<!doctype html><pre id="out"></pre><script>{script}</script>'
+    upstream.route("/", Reply(body=page, headers={"Content-Type": "text/html; charset=utf-8"}))
     command = [browser, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000",
                "--dump-dom", f"{origin}/"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
