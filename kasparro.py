@@ -3178,16 +3178,14 @@ def accepts_gzip(accept_encoding: str) -> bool:
     """Whether an Accept-Encoding header allows gzip: gzip (or its alias x-gzip) with q > 0, else `*` with q > 0.
     Either name with q = 0 refuses it whatever the other says: a body the client cannot read is worse than a
     larger one."""
-    gzip_qs: list[float] = []
-    any_q = None
+    gzip_q = any_q = None
     for name, q in weighted(accept_encoding):
         if name in ("gzip", "x-gzip"):
-            gzip_qs.append(q)
+            gzip_q = q if gzip_q is None else min(gzip_q, q)
         elif name == "*":
             any_q = q
-    if gzip_qs:
-        return min(gzip_qs) > 0
-    return any_q is not None and any_q > 0
+    chosen = gzip_q if gzip_q is not None else any_q
+    return chosen is not None and chosen > 0
 
 
 # Which format each media range of an Accept header names (a range names the formats it covers).
@@ -5235,7 +5233,7 @@ class Cors:
     # Every header the API sends (ETag, X-Request-ID, Retry-After, RateLimit-*, Link, X-Total-Count, X-Data-Version,
     # Content-Disposition): the Fetch standard's wildcard, which holds for requests without credentials, the only
     # ones a browser lets through here (no answer says Access-Control-Allow-Credentials). Under `*` every answer
-    # carries it, and uvicorn checks each byte of each header: the 144-byte list of names was ~6 % of /health.
+    # carries it, and uvicorn checks each byte of each header in Python: a short value costs less on every answer.
     EXPOSED = b"*"
     MAX_AGE = b"600"  # seconds a browser may keep a preflight's answer
 
