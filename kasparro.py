@@ -3151,9 +3151,20 @@ ENTRY_OVERHEAD = 512  # bytes a kept answer costs beyond its body: key, node, ob
 
 GZIP_MIN = 1024  # bytes of body from which it is compressed when the client accepts gzip
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no time, OS unknown (RFC 1952)
-VARY_ENCODING = (b"vary", b"Accept-Encoding")  # on every kept answer: gzip or not, by Accept-Encoding
+VARY_ENCODING = (b"vary", b"Accept-Encoding")  # gzip or not, by Accept-Encoding
 VARY_FORMAT = (b"vary", b"Accept, Accept-Encoding")  # where Accept chooses the format too
 Header = tuple[bytes, bytes]
+# A body below GZIP_MIN is the same whatever Accept-Encoding says, and a Vary naming it would have shared caches keep
+# a copy for each value clients send: such an answer's Vary names only what else chose it.
+UNCOMPRESSED_VARY: dict[Header, Header | None] = {VARY_ENCODING: None, VARY_FORMAT: (b"vary", b"Accept")}
+
+
+def vary_by_size(headers: Sequence[Header], size: int) -> tuple[Header, ...]:
+    """`headers` as an answer with `size` bytes of body sends them: without Accept-Encoding in Vary below GZIP_MIN."""
+    if size >= GZIP_MIN:
+        return tuple(headers)
+    kept = (UNCOMPRESSED_VARY.get(header, header) for header in headers)
+    return tuple(header for header in kept if header is not None)
 
 
 QVALUE = re.compile(r"0(\.[0-9]*)?|1(\.0*)?")  # RFC 9110 12.4.2, any number of decimals: float() takes '1e5', 'inf'
@@ -3226,7 +3237,7 @@ def accepted_format(accept: str, formats: tuple[str, ...]) -> str:
         raise falcon.HTTPNotAcceptable(
             description=f"Accept refuses every format of this resource ({', '.join(FORMATS[f] for f in formats)});"
             f" accept one, or name it with format= ({'|'.join(formats)})",
-            headers={"Vary": "Accept, Accept-Encoding"},
+            headers={"Vary": "Accept"},  # and no Accept-Encoding: a problem is below GZIP_MIN (vary_by_size)
         )
     return chosen
 
@@ -3360,7 +3371,7 @@ class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
     until: float = math.inf
     route: str = ""  # the route template it answers (AnswerCache sets it): the front door's label and check
     content_type: bytes = b"application/json"
-    headers: tuple[Header, ...] = (VARY_ENCODING,)  # sent with it (but Content-Type, -Length and ETag)
+    headers: tuple[Header, ...] = (VARY_ENCODING,)  # sent with it (but Content-Type, -Length and ETag), by vary_by_size
 
     def __post_init__(self) -> None:
         assert not self.stamped or self.body.startswith(BLANK_HEAD), "a stamped answer starts with BLANK_HEAD"
@@ -3386,15 +3397,20 @@ class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
         return f'W/"{self.etag}"'.encode()
 
     @functools.cached_property
+    def own_headers(self) -> tuple[Header, ...]:
+        """`headers` as sent: Vary names Accept-Encoding only when the body may be compressed (vary_by_size)."""
+        return vary_by_size(self.headers, len(self.body))
+
+    @functools.cached_property
     def sent_headers(self) -> tuple[Header, ...]:
         """The headers of a 200 reply (but X-Request-ID, Content-Length and Content-Encoding)."""
         etag = () if self.etag is None else ((b"etag", self.etag_header),)
-        return (*self.headers, *etag, (b"content-type", self.content_type))
+        return (*self.own_headers, *etag, (b"content-type", self.content_type))
 
     @functools.cached_property
     def unchanged_headers(self) -> tuple[Header, ...]:
-        """The headers of its 304 reply (but X-Request-ID)."""
-        return (*self.headers, (b"etag", self.etag_header))
+        """The headers of its 304 reply (but X-Request-ID): those of its 200 that RFC 9110 names, Vary included."""
+        return (*self.own_headers, (b"etag", self.etag_header))
 
     @functools.cached_property
     def _tail(self) -> memoryview:
@@ -3422,7 +3438,7 @@ def send_answer(req: falcon.asgi.Request, resp: falcon.asgi.Response, answer: An
     resp.status = status
     if answer.etag is not None:
         resp.etag = f'W/"{answer.etag}"'
-    for name, value in answer.headers:
+    for name, value in answer.own_headers:
         resp.append_header(name.decode(), value.decode())
     if status != 304:
         resp.content_type = answer.content_type.decode()
@@ -5289,10 +5305,10 @@ class Compression:
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, req_succeeded: bool
     ) -> None:
         data = resp.data
-        if data is None or resp.get_header("Vary"):  # a kept answer's: send_answer has seen to it
+        if data is None or len(data) < GZIP_MIN or resp.get_header("Vary"):  # a kept answer's: send_answer's Vary
             return
         resp.append_header("Vary", "Accept-Encoding")
-        if len(data) < GZIP_MIN or not accepts_gzip(req.get_header("Accept-Encoding") or ""):
+        if not accepts_gzip(req.get_header("Accept-Encoding") or ""):
             return
         if getattr(resource, "constant_bodies", False):
             kept = self.constants.get(id(data))
