@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import os
 import shutil
 import signal
 import sqlite3
@@ -645,6 +646,22 @@ def test_request_ids_made_in_batches_are_distinct_canonical_uuid4s() -> None:
     for text in ids:
         made = uuid.UUID(text)
         assert (made.version, made.variant, str(made)) == (4, uuid.RFC_4122, text)
+
+
+def test_a_forked_worker_makes_request_ids_of_its_own() -> None:
+    """A batch made before a fork (a preloading server's workers) is not handed out again in the child."""
+    new_request_id()  # a batch is ready, most of it not handed out
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.write(write, "\n".join(new_request_id() for _ in range(RequestIds.BATCH)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        in_child = set(pipe.read().decode().split())
+    os.waitpid(child, 0)
+    in_parent = {new_request_id() for _ in range(RequestIds.BATCH)}
+    assert len(in_child) == RequestIds.BATCH and not in_child & in_parent
 
 
 # --- reads on the loop: one queue, in the order asked for --------------------
