@@ -68,6 +68,10 @@ bench-paired *args:
 bench-instructions *args:
     {{py}} bench/instructions.py {{args}}
 
+# instructions per request of kasparro.py alone (ASGI calls in one process, no server; valgrind), e.g. --path /health --path '/data/{ids}': to compare two versions
+bench-app-instructions *args:
+    {{py}} bench/app_instructions.py {{args}}
+
 # instructions of a run's retention step (prune_history) at 15,000 listings with 24 h and 96 h of history, this tree's against a commit's (--before REV, default HEAD)
 bench-retention *args:
     {{py}} bench/retention_step.py {{args}}
