@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, BinaryIO, ClassVar, Generic, Literal, TypeVar, overload
 
 import aiosqlite
 import falcon
@@ -60,6 +60,29 @@ __version__ = "0.3.0"
 
 log = structlog.get_logger("kasparro.api")
 T = TypeVar("T")
+
+
+class cached_property(Generic[T]):  # lower case, as the functools one it stands in for
+    """functools.cached_property as Python 3.12 made it: computed on the first read, then kept in the instance's
+    __dict__, which later reads find first. 3.11's takes an RLock on each first read, and an answer made for one
+    request reads several once each. Two threads reading one first may both compute it, to the same value."""
+
+    def __init__(self, compute: Callable[[Any], T]) -> None:
+        self.compute = compute
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> cached_property[T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> T: ...
+    def __get__(self, instance: object | None, owner: type | None = None) -> T | cached_property[T]:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
 
 
 # --- config ---------------------------------------------------------------
@@ -759,7 +782,7 @@ class DataVersion:
     def __str__(self) -> str:
         return self.text
 
-    @functools.cached_property
+    @cached_property
     def text(self) -> str:
         return f"{self.store_id}-{self.generation}"
 
@@ -1500,7 +1523,7 @@ class AssetQuery:
     fields: tuple[str, ...] = ()  # of each record, in this order; () all
     format: str = "json"
 
-    @functools.cached_property
+    @cached_property
     def filter_text(self) -> str:
         return ",".join(map(str, self.conditions))
 
@@ -1509,7 +1532,7 @@ class AssetQuery:
         """Rows before the page (of `page`; a cursor's page starts after its key instead)."""
         return (self.page - 1) * self.page_size
 
-    @functools.cached_property
+    @cached_property
     def digest(self) -> str:
         """Fingerprint of filter, sort and as_of: what a cursor is bound to."""
         key = f"{self.filter_text}\n{self.sort}" + ("" if self.as_of is None else f"\n{self.as_of}")
@@ -3380,11 +3403,11 @@ class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
     def compressible(self) -> bool:
         return len(self.body) >= GZIP_MIN
 
-    @functools.cached_property
+    @cached_property
     def _gzip_tail(self) -> GzipTail:
         return GzipTail(self._tail if self.stamped else self.body)
 
-    @functools.cached_property
+    @cached_property
     def _gzipped(self) -> bytes:
         return self._gzip_tail.member(b"")
 
@@ -3392,27 +3415,27 @@ class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
     def size(self) -> int:
         return len(self.body) + ENTRY_OVERHEAD
 
-    @functools.cached_property
+    @cached_property
     def etag_header(self) -> bytes:
         return f'W/"{self.etag}"'.encode()
 
-    @functools.cached_property
+    @cached_property
     def own_headers(self) -> tuple[Header, ...]:
         """`headers` as sent: Vary names Accept-Encoding only when the body may be compressed (vary_by_size)."""
         return vary_by_size(self.headers, len(self.body))
 
-    @functools.cached_property
+    @cached_property
     def sent_headers(self) -> tuple[Header, ...]:
         """The headers of a 200 reply (but X-Request-ID, Content-Length and Content-Encoding)."""
         etag = () if self.etag is None else ((b"etag", self.etag_header),)
         return (*self.own_headers, *etag, (b"content-type", self.content_type))
 
-    @functools.cached_property
+    @cached_property
     def unchanged_headers(self) -> tuple[Header, ...]:
         """The headers of its 304 reply (but X-Request-ID): those of its 200 that RFC 9110 names, Vary included."""
         return (*self.own_headers, (b"etag", self.etag_header))
 
-    @functools.cached_property
+    @cached_property
     def _tail(self) -> memoryview:
         return memoryview(self.body)[len(BLANK_HEAD) :]
 
