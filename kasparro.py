@@ -3178,7 +3178,8 @@ VARY_ENCODING = (b"vary", b"Accept-Encoding")  # gzip or not, by Accept-Encoding
 VARY_FORMAT = (b"vary", b"Accept, Accept-Encoding")  # where Accept chooses the format too
 Header = tuple[bytes, bytes]
 # A body below GZIP_MIN is the same whatever Accept-Encoding says, and a Vary naming it would have shared caches keep
-# a copy for each value clients send: such an answer's Vary names only what else chose it.
+# a copy for each value clients send: such an answer's Vary names only what else chose it. A stamped answer is
+# measured as kept, with a blank request_id and api_latency_ms: the same choice for every request of it.
 UNCOMPRESSED_VARY: dict[Header, Header | None] = {VARY_ENCODING: None, VARY_FORMAT: (b"vary", b"Accept")}
 
 
@@ -3459,6 +3460,7 @@ def send_answer(req: falcon.asgi.Request, resp: falcon.asgi.Response, answer: An
     gzip = answer.compressible and accepts_gzip(req.get_header("Accept-Encoding") or "")
     status, body = answer.reply(req.scope[REQUEST_ID_KEY], req.scope[STARTED], req.get_header("If-None-Match"), gzip)
     resp.status = status
+    resp.context.kept_answer = True  # Compression leaves it as it is: coded (or not) by its stored size
     if answer.etag is not None:
         resp.etag = f'W/"{answer.etag}"'
     for name, value in answer.own_headers:
@@ -5003,8 +5005,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "description": "Unified crypto-asset market data, loaded by the ETL and served read-only.\n\n"
             "Every GET path answers HEAD too: the same status and headers, no body. An empty query parameter"
             " is an absent one; filter_by given twice means both; any other parameter given twice is a 400.\n\n"
-            "A body of 1 kB or more is gzip-compressed when Accept-Encoding allows it (Vary: Accept-Encoding, which"
-            " a smaller body does not name; the ETag, weak, is the same either way). Browser pages may call the API"
+            "A body of 1 kB or more (without its request_id and api_latency_ms) is gzip-compressed when"
+            " Accept-Encoding allows it (Vary: Accept-Encoding, which a smaller body does not name; the ETag, weak, is"
+            " the same either way). Browser pages may call the API"
             " from the origins of"
             " KASPARRO_CORS_ORIGINS: an OPTIONS preflight is answered 204 (403 for another origin or a method but"
             " GET and HEAD), and every header of an answer (ETag, X-Request-ID, Retry-After, RateLimit-*, Link,"
@@ -5336,8 +5339,8 @@ class Compression:
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, req_succeeded: bool
     ) -> None:
         data = resp.data
-        if data is None or len(data) < GZIP_MIN or resp.get_header("Vary"):  # a kept answer's: send_answer's Vary
-            return
+        if data is None or len(data) < GZIP_MIN or resp.context.get("kept_answer") or resp.get_header("Vary"):
+            return  # a kept answer's (send_answer), or a responder's that chose its own coding
         resp.append_header("Vary", "Accept-Encoding")
         if not accepts_gzip(req.get_header("Accept-Encoding") or ""):
             return

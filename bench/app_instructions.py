@@ -3,8 +3,9 @@ without uvicorn, a socket or wrk, under cachegrind.
 
 bench/instructions.py counts a whole server under wrk (minutes a scenario); this counts what kasparro.py itself
 does for one request (half a minute), to compare two versions of it: run it on each. The figure is the
-difference of two runs of `--requests` and five times as many, divided by the difference in requests, so
-starting Python, opening the store and warming the answer cache cancel out. The log line is written (to
+difference of two runs of `--requests` and five times as many, each after the same warm-up (up to 2,000
+requests), divided by the difference in requests, so starting Python, opening the store and warming the
+answer cache cancel out. The log line is written (to
 /dev/null) and flushed once per turn of the loop, every BATCH requests, as under load. A path of /data/{asset_id}
 may name `{ids}`: each request then takes the next id of the store, in a shuffled order (most are made, not
 kept).
