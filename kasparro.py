@@ -3183,10 +3183,8 @@ Header = tuple[bytes, bytes]
 UNCOMPRESSED_VARY: dict[Header, Header | None] = {VARY_ENCODING: None, VARY_FORMAT: (b"vary", b"Accept")}
 
 
-def vary_by_size(headers: Sequence[Header], size: int) -> tuple[Header, ...]:
-    """`headers` as an answer with `size` bytes of body sends them: without Accept-Encoding in Vary below GZIP_MIN."""
-    if size >= GZIP_MIN:
-        return tuple(headers)
+def uncompressed_vary(headers: Sequence[Header]) -> tuple[Header, ...]:
+    """`headers` as an answer below GZIP_MIN sends them: without Accept-Encoding in its Vary."""
     kept = (UNCOMPRESSED_VARY.get(header, header) for header in headers)
     return tuple(header for header in kept if header is not None)
 
@@ -3261,7 +3259,7 @@ def accepted_format(accept: str, formats: tuple[str, ...]) -> str:
         raise falcon.HTTPNotAcceptable(
             description=f"Accept refuses every format of this resource ({', '.join(FORMATS[f] for f in formats)});"
             f" accept one, or name it with format= ({'|'.join(formats)})",
-            headers={"Vary": "Accept"},  # and no Accept-Encoding: a problem is below GZIP_MIN (vary_by_size)
+            headers={"Vary": "Accept"},  # and no Accept-Encoding: a problem is below GZIP_MIN (uncompressed_vary)
         )
     return chosen
 
@@ -3395,7 +3393,7 @@ class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
     until: float = math.inf
     route: str = ""  # the route template it answers (AnswerCache sets it): the front door's label and check
     content_type: bytes = b"application/json"
-    headers: tuple[Header, ...] = (VARY_ENCODING,)  # sent with it (but Content-Type, -Length and ETag), by vary_by_size
+    headers: tuple[Header, ...] = (VARY_ENCODING,)  # sent with it (but Content-Type, -Length and ETag), as own_headers
 
     def __post_init__(self) -> None:
         assert not self.stamped or self.body.startswith(BLANK_HEAD), "a stamped answer starts with BLANK_HEAD"
@@ -3422,8 +3420,8 @@ class Answer(msgspec.Struct, frozen=True, eq=False, dict=True):
 
     @cached_property
     def own_headers(self) -> tuple[Header, ...]:
-        """`headers` as sent: Vary names Accept-Encoding only when the body may be compressed (vary_by_size)."""
-        return vary_by_size(self.headers, len(self.body))
+        """`headers` as sent: Vary names Accept-Encoding only when the body may be compressed (uncompressed_vary)."""
+        return self.headers if self.compressible else uncompressed_vary(self.headers)
 
     @cached_property
     def sent_headers(self) -> tuple[Header, ...]:
@@ -5007,8 +5005,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             " is an absent one; filter_by given twice means both; any other parameter given twice is a 400.\n\n"
             "A body of 1 kB or more (without its request_id and api_latency_ms) is gzip-compressed when"
             " Accept-Encoding allows it (Vary: Accept-Encoding, which a smaller body does not name; the ETag, weak, is"
-            " the same either way). Browser pages may call the API"
-            " from the origins of"
+            " the same either way). Browser pages may call the API from the origins of"
             " KASPARRO_CORS_ORIGINS: an OPTIONS preflight is answered 204 (403 for another origin or a method but"
             " GET and HEAD), and every header of an answer (ETag, X-Request-ID, Retry-After, RateLimit-*, Link,"
             " X-Total-Count, X-Data-Version, Content-Disposition) is exposed: Access-Control-Expose-Headers: *, for"
