@@ -49,6 +49,7 @@ MIN_RESPONSES = 1_000  # fewer in a measured run are shown next to the figures
 SETTLE_TIMEOUT = 300.0  # seconds a server may stay busy after wrk has stopped
 WRK_TIMEOUT = 10  # seconds; slower responses count as socket errors and leave wrk's percentiles
 RSS_LIMIT_MB = 100
+PAGE_CACHE_STATES = {"warm": "read whole into the page cache", "cold": "dropped from the page cache"}
 EXPORT_GROWTH_MB = 50  # the most an export of every asset may add to the server's RSS (flat: a chunk at a time)
 
 
@@ -461,6 +462,19 @@ def load(
     return measure
 
 
+def set_page_cache(db: Path, state: str) -> None:
+    """Leave the store's file in the kernel's page cache as it is, read it all in (warm), or drop its pages
+    (cold: POSIX_FADV_DONTNEED, which drops the clean pages no process maps, as a kernel's reclaim would)."""
+    if state == "as-is":
+        return
+    with db.open("rb", buffering=0) as store:
+        if state == "cold":
+            os.posix_fadvise(store.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            return
+        while store.read(1 << 20):
+            pass
+
+
 def profile_path(scenario: Scenario) -> Path:
     return OUT / f"profile-{scenario.name}.txt"
 
@@ -688,6 +702,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="py-spy the API during each measured run")
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the FastAPI and Datasette peers")
     parser.add_argument(
+        "--page-cache",
+        choices=("as-is", *PAGE_CACHE_STATES),
+        default="as-is",
+        help="the store's file before each API wrk scenario's warm-up: as the page cache holds it, read, or dropped",
+    )
+    parser.add_argument(
         "--no-quiet", dest="quiet", action="store_false", help="skip each scenario's run at LOG_LEVEL=warning"
     )
     return parser.parse_args(argv)
@@ -728,6 +748,8 @@ def main(argv: list[str] | None = None) -> None:
 
             return mixed_load.measure(2 * args.duration, writes=scenario.mixed)
         scenario_env = {**env, "BENCH_IDS": str(ids_files[scenario.ids])}
+        if not scenario.on_ceiling:
+            set_page_cache(db, args.page_cache)
         return load(server, scenario, args.warmup, args.duration, scenario_env, args.profile)
 
     # The machine's speed drifts by up to ±10 % within minutes (other tenants), so the ceiling is
@@ -763,6 +785,8 @@ def main(argv: list[str] | None = None) -> None:
         f" a file), then at LOG_LEVEL=warning; uvicorn 1 worker, uvloop + httptools; {os.cpu_count()} CPUs shared"
         f" by wrk and server; {etl_note}"
     )
+    if args.page_cache != "as-is":
+        setup += f"; the store's file {PAGE_CACHE_STATES[args.page_cache]} before each API wrk scenario's warm-up"
     lines = [header, "", setup, "", *table(results, memory, pages)]
     if args.peers and any(r.scenario.name in peers.KASPARRO_PATHS for r in results):
         lines += ["", "Peers over the same rows, each from the store it loads itself (bench/peers.py):", ""]
