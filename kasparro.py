@@ -3208,17 +3208,19 @@ def weighted(header: str) -> Iterator[tuple[str, float]]:
 
 @functools.lru_cache(maxsize=256)
 def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding header allows gzip: gzip (or its alias x-gzip) with q > 0, else `*` with q > 0.
-    Either name with q = 0 refuses it whatever the other says: a body the client cannot read is worse than a
-    larger one."""
-    gzip_q = any_q = None
+    """Whether an Accept-Encoding header has gzip sent: gzip (or its alias x-gzip) with q > 0, else `*` with q > 0,
+    and not below the q it gives identity by name (the client prefers the body as it is). Either name with q = 0
+    refuses gzip whatever the other says: a body the client cannot read is worse than a larger one."""
+    gzip_q = any_q = identity_q = None
     for name, q in weighted(accept_encoding):
         if name in ("gzip", "x-gzip"):
             gzip_q = q if gzip_q is None else min(gzip_q, q)
         elif name == "*":
             any_q = q
+        elif name == "identity":
+            identity_q = q
     chosen = gzip_q if gzip_q is not None else any_q
-    return chosen is not None and chosen > 0
+    return chosen is not None and chosen > 0 and (identity_q is None or chosen >= identity_q)
 
 
 # Which format each media range of an Accept header names (a range names the formats it covers).
@@ -5412,15 +5414,19 @@ class FrontDoor:
         headers = scope["headers"]
         if type(headers) is not list:  # ASGI allows any iterable, even one read only once: Falcon reads it again
             headers = scope["headers"] = [(name, value) for name, value in headers]
-        for name, value in headers:  # uvicorn's parser keeps the whitespace after a value (not a part of it)
+        # uvicorn's parser keeps the whitespace after a value (not a part of it). A list header sent on several lines
+        # is one list (RFC 9110, 5.3), as Falcon reads it too: the lines are joined.
+        for name, value in headers:
             if name == b"x-request-id":
                 offered = value.rstrip(b" \t").decode("latin-1")
             elif name == b"if-none-match":
-                if_none_match = value.decode("latin-1")
+                if_none_match = (
+                    value.decode("latin-1") if if_none_match is None else f"{if_none_match}, {value.decode('latin-1')}"
+                )
             elif name == b"accept-encoding":
-                accept_encoding = value
+                accept_encoding = value if accept_encoding is None else b"%s, %s" % (accept_encoding, value)
             elif name == b"accept":
-                accept = value
+                accept = value if accept is None else b"%s, %s" % (accept, value)
             elif name == b"origin":
                 origin = value.rstrip(b" \t")
         request_id = offered if offered and SANE_REQUEST_ID.fullmatch(offered) else new_request_id()

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -188,16 +188,21 @@ def http_get(base: str, path: str, headers: dict[str, str] | None = None) -> tup
 
 
 def exchange(
-    base: str, method: str, target: str, headers: dict[str, str | bytes] | None = None
+    base: str,
+    method: str,
+    target: str,
+    headers: dict[str, str | bytes] | Sequence[tuple[str, str | bytes]] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """One request on its own connection, read until the server closes it: (status, lower-cased headers,
     every byte after the headers). A HEAD whose server sent a body shows it here. A header value given as
-    bytes is sent as they are (a str in UTF-8)."""
+    bytes is sent as they are (a str in UTF-8); headers given as (name, value) pairs may repeat a name, a line
+    each."""
     address = urlsplit(base)
     assert address.hostname and address.port
     lines = [f"{method} {target} HTTP/1.1".encode(), f"Host: {address.netloc}".encode(), b"Connection: close"]
+    pairs = headers.items() if isinstance(headers, dict) else headers or ()
     lines += [name.encode() + b": " + (value if isinstance(value, bytes) else value.encode())
-              for name, value in (headers or {}).items()]  # fmt: skip
+              for name, value in pairs]  # fmt: skip
     received = bytearray()
     with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
         conn.sendall(b"\r\n".join(lines) + b"\r\n\r\n")

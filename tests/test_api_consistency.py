@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from conftest import ROOT, LiveServer, exchange, run_etl
-from kasparro import Config, Cors, browser_origin, create_app, preferred_format
+from kasparro import Config, Cors, accepts_gzip, browser_origin, create_app, preferred_format
 
 PROBLEM = "application/problem+json"
 CSV, NDJSON, JSON = "text/csv; charset=utf-8", "application/x-ndjson", "application/json"
@@ -132,6 +132,68 @@ def test_gzip_weighed_0_is_never_sent(server: LiveServer, accept_encoding: str, 
         assert status == 200 and (headers.get("content-encoding") == "gzip") == gzipped, (path, accept_encoding)
         if gzipped and path != "/data/export":  # the export is chunked on the wire
             assert gzip.decompress(body)
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzipped"),
+    [
+        ("gzip;q=0.5, identity", False),  # the client prefers the body as it is
+        ("identity;q=1, gzip;q=0.999", False),
+        ("IDENTITY, *;q=0.5", False),
+        ("identity;q=0.5, gzip", True),
+        ("gzip, identity", True),  # an even weight: the smaller body
+        ("identity;q=0, gzip;q=0.1", True),
+        ("gzip", True),  # identity not named: it is acceptable, not preferred
+    ],
+)
+def test_gzip_is_not_sent_to_a_client_that_weighs_identity_higher(accept_encoding: str, gzipped: bool) -> None:
+    assert accepts_gzip(accept_encoding) is gzipped
+
+
+# A list header sent on several lines means the lines joined by commas (RFC 9110 5.3): the same answer whether it
+# is kept or made. CURRENT stands for the ETag of the path's answer. What each must do on the first page is given
+# as (status, format, gzip).
+CURRENT = "(current)"
+SPLIT_HEADERS = [
+    ("Accept", ("text/csv", "application/json;q=0.1"), (200, CSV, False)),
+    ("Accept", ("application/json;q=0", "application/x-ndjson;q=0.5, text/csv;q=0.1"), (200, NDJSON, False)),
+    ("Accept", ("text/html", "*/*;q=0.8"), (200, JSON, False)),
+    ("Accept-Encoding", ("gzip", "br"), (200, JSON, True)),
+    ("Accept-Encoding", ("br", "gzip;q=0"), (200, JSON, False)),
+    ("Accept-Encoding", ("gzip;q=0.5", "identity"), (200, JSON, False)),
+    ("If-None-Match", (CURRENT, 'W/"other"'), (304, None, False)),
+    ("If-None-Match", ('W/"other"', CURRENT), (304, None, False)),
+    ("If-None-Match", ('"a"', '"b"'), (200, JSON, False)),
+]
+SPLIT_PATHS = ("/data?page_size=100", "/data/bitcoin", "/data/bitcoin/history?interval=1d", "/stats", "/health")
+
+
+@pytest.mark.parametrize(("name", "lines", "expected"), SPLIT_HEADERS)
+def test_a_list_header_on_several_lines_is_one_list_kept_or_not(
+    live_server: Any, store_path: Path, name: str, lines: tuple[str, ...], expected: tuple[int, str | None, bool]
+) -> None:
+    scout = live_server(store_path, LOG_LEVEL="warning")  # learns each path's ETag, keeping nothing in `server`
+    server = live_server(store_path, LOG_LEVEL="warning")
+
+    def seen(reply: tuple[int, dict[str, str], bytes]) -> tuple[Any, ...]:
+        status, headers, _ = reply
+        fields = ("content-type", "content-encoding", "etag", "vary")  # the length: a latency may take a digit more
+        return (status, *(headers.get(field) for field in fields))
+
+    for path in SPLIT_PATHS:
+        etag = exchange(scout.base, "GET", path)[1].get("etag", '"none"')
+        values = [etag if line == CURRENT else line for line in lines]
+        split = [(name, value) for value in values]
+        made = exchange(server.base, "GET", path, split)  # nothing kept for the path yet
+        assert exchange(server.base, "GET", path)[0] == 200  # a plain request keeps the answer
+        kept = exchange(server.base, "GET", path, split)
+        joined = exchange(server.base, "GET", path, {name: ", ".join(values)})
+        assert seen(made) == seen(kept) == seen(joined), (path, split)
+        if path == SPLIT_PATHS[0]:
+            status, media_type, gzipped = expected
+            assert made[0] == status, split
+            assert media_type is None or made[1]["content-type"] == media_type, split
+            assert (made[1].get("content-encoding") == "gzip") == gzipped, split
 
 
 # --- CORS origins -----------------------------------------------------------------------------------------------
