@@ -95,6 +95,27 @@ def test_candles_equal_an_independent_computation(
     assert expected, "the window holds candles"
 
 
+@pytest.mark.parametrize(
+    ("interval", "width"), [("5m", 300), ("15m", 900), ("1h", HOUR), ("4h", 4 * HOUR), ("1d", DAY)]
+)
+def test_a_window_takes_the_whole_candles_whose_bucket_starts_in_it(
+    history_client: Any, market: Any, interval: str, width: int
+) -> None:
+    """from and to cut buckets: a candle is in the window by its start t, and is its whole bucket's, observations
+    after `to` included (from ≤ t < to; the README's rule)."""
+    _, seen = market
+    eth = asset_id(history_client, "ETH")
+    start, end = START + 13 * HOUR + 7 * 60 + 30, START + 30 * HOUR + 15 * 60 + 1
+    body = history_client.get(f"/data/{eth}/history", params={"interval": interval, "from": str(start), "to": str(end)})
+    assert body.status_code == 200, body.text
+    expected = candle_dicts(candles(seen, width, "asset"), ("ETH",), start, end, width)
+    assert body.json["points"] == expected
+    assert expected, "the window holds candles"
+    last = datetime.fromisoformat(expected[-1]["t"]).timestamp()
+    if width >= HOUR:  # its bucket holds observations after `to`, which it takes
+        assert any(o.asset == "ETH" and end <= o.t < last + width for o in seen), "the last bucket is cut by to"
+
+
 def test_paging_by_cursor_returns_the_same_points_as_one_page(history_client: Any) -> None:
     sol = asset_id(history_client, "SOL")
     for interval in ("raw", "15m", "1h"):
