@@ -441,3 +441,38 @@ def test_a_run_id_in_other_digits_than_0_to_9_is_an_unknown_run(live_server: Any
             f"no run {run_id!r}: a run id is written in digits 0-9, from 1 to 999999999 with no leading zero, as"
             " GET /runs lists them"
         ), run_id
+
+
+NOT_UTF8 = ["%FF", "%80", "%C0%80", "%E2%82", "%ED%A0%80", "%F4%90%80%80", "%C3%28", "ok%FE"]  # stray byte, lone
+# continuation, overlong, cut short, surrogate, past U+10FFFF, a lead byte followed by ASCII, text then a stray byte
+UTF8_ROUTES = (  # a parameter each route reads, and the value that follows the escapes
+    ("/data?filter_by=name:", ""),
+    ("/data?page_size=5&as_of=2026-11-25T12:00:00Z&filter_by=symbol:", ""),
+    ("/data/export?fields=asset_id,", ""),
+    ("/data/bitcoin/history?source=", ""),
+    ("/data?sort=", ""),
+    ("/runs?limit=", ""),
+)
+
+
+def test_a_query_that_is_not_utf8_is_a_400_naming_its_parameter(live_server: Any, store_path: Path) -> None:
+    """Falcon reads each byte that begins no UTF-8 character as U+FFFD: name:%FF was a filter for 'name:\ufffd',
+    answered 200 with nothing. Every route refuses it, naming the parameter, the bytes and where they are."""
+    server = live_server(store_path, LOG_LEVEL="warning")
+    for route, tail in UTF8_ROUTES:
+        name = route.rpartition("?")[2].rpartition("&")[2].partition("=")[0]
+        for escapes in NOT_UTF8:
+            detail = problem(server, route + escapes + tail)
+            assert detail.startswith(f"{name}: not UTF-8 text once its %-escapes are decoded ("), (route, escapes)
+            assert re.search(r"\(%[0-9A-F]{2}(?:%[0-9A-F]{2})* at byte \d+\)", detail), detail
+    assert problem(server, "/data?%FF=1").startswith("a parameter's name: not UTF-8 text")
+    for lenient in ("/health?x=%FF", "/metrics?%C0%80=1", "/?x=%80"):  # routes that ignore parameters ignore these
+        assert server.get(lenient)[0] == 200, lenient
+    assert problem(server, "/data?page_size=5&filter_by=name:%C3%28").startswith("filter_by: not UTF-8")
+    # Text that is UTF-8, escaped or as + for a space, is read as before.
+    status, _, body = server.get("/data?filter_by=name:bit%63oin")
+    assert status == 200 and [a["name"] for a in json.loads(body)["data"]] == ["Bitcoin"], body[:300]
+    plus = "/data?page_size=100&filter_by=name~%C3%BCber|bit+coin"
+    assert (
+        asset_ids(server, plus) == asset_ids(server, with_filter("/data?page_size=100", "name~über|bit coin")) != set()
+    )
