@@ -3208,9 +3208,10 @@ def weighted(header: str) -> Iterator[tuple[str, float]]:
 
 @functools.lru_cache(maxsize=256)
 def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding header has gzip sent: gzip (or its alias x-gzip) with q > 0, else `*` with q > 0,
-    and not below the q it gives identity by name (the client prefers the body as it is). Either name with q = 0
-    refuses gzip whatever the other says: a body the client cannot read is worse than a larger one."""
+    """Whether an Accept-Encoding header lets gzip be sent: gzip (or its alias x-gzip) with q > 0, else `*` with
+    q > 0, and not below the q it gives identity by name (the client prefers the body as it is). A name given twice
+    (gzip and x-gzip are one) weighs its lowest q: either gzip name with q = 0 refuses gzip whatever the other says,
+    a body the client cannot read being worse than a larger one."""
     gzip_q = any_q = identity_q = None
     for name, q in weighted(accept_encoding):
         if name in ("gzip", "x-gzip"):
@@ -3218,7 +3219,7 @@ def accepts_gzip(accept_encoding: str) -> bool:
         elif name == "*":
             any_q = q
         elif name == "identity":
-            identity_q = q
+            identity_q = q if identity_q is None else min(identity_q, q)
     chosen = gzip_q if gzip_q is not None else any_q
     return chosen is not None and chosen > 0 and (identity_q is None or chosen >= identity_q)
 
@@ -5638,7 +5639,11 @@ class QueryParameters:
     ) -> None:
         query = req.scope.get("query_string") or b""
         # find: bytes `in` raises inside (FrontDoor). The routes that ignore parameters (for monitors) ignore these.
-        if (query.find(b"%") >= 0 or not query.isascii()) and req.uri_template.startswith(READING_PARAMETERS):
+        if (
+            (query.find(b"%") >= 0 or not query.isascii())
+            and req.method in READS
+            and req.uri_template.startswith(READING_PARAMETERS)
+        ):
             not_utf8(query)
         for name, value in list(req.params.items()):
             if type(value) is not list:
@@ -5656,9 +5661,12 @@ READING_PARAMETERS = ("/data", "/stats", "/runs")  # the routes that refuse a pa
 
 def not_utf8(query: bytes) -> None:
     """InvalidQuery naming the first parameter of a query string whose name or value, %-escapes decoded (and '+' a
-    space), is not UTF-8: a stray byte, an overlong form, a surrogate, a code point past U+10FFFF."""
+    space), is not UTF-8: a stray byte, an overlong form, a surrogate, a code point past U+10FFFF. A parameter with an
+    empty value is absent (Falcon drops it), whatever its name."""
     for part in query.split(b"&"):
         name, _, value = part.partition(b"=")
+        if not value:
+            continue
         for piece, what in ((name, "a parameter's name"), (value, None)):
             try:
                 urllib.parse.unquote_to_bytes(piece.replace(b"+", b" ")).decode()

@@ -147,6 +147,8 @@ def test_gzip_weighed_0_is_never_sent(server: LiveServer, accept_encoding: str, 
         ("gzip, identity", True),  # an even weight: the smaller body
         ("identity;q=0, gzip;q=0.1", True),
         ("gzip", True),  # identity not named: it is acceptable, not preferred
+        ("identity, identity;q=0, gzip;q=0.5", True),  # a name given twice weighs its lowest q
+        ("gzip;q=0.5, x-gzip, identity;q=0.8", False),  # gzip and x-gzip are one name
     ],
 )
 def test_gzip_is_not_sent_to_a_client_that_weighs_identity_higher(accept_encoding: str, gzipped: bool) -> None:
@@ -237,9 +239,18 @@ def test_a_list_header_on_several_lines_is_one_list_in_the_front_doors_turn(
                 assert status == 200
             assert app.answers.entries, "nothing kept"
             split = [(name, headers["etag"] if line == CURRENT else line) for line in lines]
+            looked_up = app.kept_answer
+
+            async def spied(scope: dict[str, Any]) -> Any:  # the way to a kept answer when the front door has none
+                looked_up_for.append(dict(scope["headers"]).get(name.lower().encode()))
+                return await looked_up(scope)
+
+            app.kept_answer = spied
             return list(await asyncio.gather(asgi_get(app, path), asgi_get(app, path, split)))
 
+    looked_up_for: list[bytes | None] = []
     _, (status, headers) = asyncio.run(requests())
+    assert looked_up_for == [None], "the plain request looks its answer up; the split one is sent by the front door"
     assert (status, headers.get("content-encoding") == "gzip") == (expected[0], expected[2])
     assert expected[1] is None or headers["content-type"] == expected[1]
 

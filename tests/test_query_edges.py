@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from conftest import exchange
 from etl_support import query, run_etl
 
 AS_OF = "2026-11-25T12:00:00Z"  # the sample's time: the moment's market is the whole sample
@@ -445,13 +446,13 @@ def test_a_run_id_in_other_digits_than_0_to_9_is_an_unknown_run(live_server: Any
 
 NOT_UTF8 = ["%FF", "%80", "%C0%80", "%E2%82", "%ED%A0%80", "%F4%90%80%80", "%C3%28", "ok%FE"]  # stray byte, lone
 # continuation, overlong, cut short, surrogate, past U+10FFFF, a lead byte followed by ASCII, text then a stray byte
-UTF8_ROUTES = (  # a parameter each route reads, and the value that follows the escapes
-    ("/data?filter_by=name:", ""),
-    ("/data?page_size=5&as_of=2026-11-25T12:00:00Z&filter_by=symbol:", ""),
-    ("/data/export?fields=asset_id,", ""),
-    ("/data/bitcoin/history?source=", ""),
-    ("/data?sort=", ""),
-    ("/runs?limit=", ""),
+UTF8_ROUTES = (  # each ends in a parameter it reads, the escapes to follow
+    "/data?filter_by=name:",
+    "/data?page_size=5&as_of=2026-11-25T12:00:00Z&filter_by=symbol:",
+    "/data/export?fields=asset_id,",
+    "/data/bitcoin/history?source=",
+    "/data?sort=",
+    "/runs?limit=",
 )
 
 
@@ -459,15 +460,17 @@ def test_a_query_that_is_not_utf8_is_a_400_naming_its_parameter(live_server: Any
     """Falcon reads each byte that begins no UTF-8 character as U+FFFD: name:%FF was a filter for 'name:\ufffd',
     answered 200 with nothing. Every route refuses it, naming the parameter, the bytes and where they are."""
     server = live_server(store_path, LOG_LEVEL="warning")
-    for route, tail in UTF8_ROUTES:
+    for route in UTF8_ROUTES:
         name = route.rpartition("?")[2].rpartition("&")[2].partition("=")[0]
         for escapes in NOT_UTF8:
-            detail = problem(server, route + escapes + tail)
+            detail = problem(server, route + escapes)
             assert detail.startswith(f"{name}: not UTF-8 text once its %-escapes are decoded ("), (route, escapes)
             assert re.search(r"\(%[0-9A-F]{2}(?:%[0-9A-F]{2})* at byte \d+\)", detail), detail
     assert problem(server, "/data?%FF=1").startswith("a parameter's name: not UTF-8 text")
     for lenient in ("/health?x=%FF", "/metrics?%C0%80=1", "/?x=%80"):  # routes that ignore parameters ignore these
         assert server.get(lenient)[0] == 200, lenient
+    assert server.get("/data?%FF=&page_size=1")[0] == 200  # an empty parameter is absent, whatever its name
+    assert exchange(server.base, "OPTIONS", "/data?x=%FF")[0] == 204  # OPTIONS reads no parameter
     assert problem(server, "/data?page_size=5&filter_by=name:%C3%28").startswith("filter_by: not UTF-8")
     # Text that is UTF-8, escaped or as + for a space, is read as before.
     status, _, body = server.get("/data?filter_by=name:bit%63oin")
