@@ -5410,8 +5410,8 @@ class FrontDoor:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        offered, if_none_match = "", None
-        accept = accept_encoding = origin = None
+        offered = ""
+        accept = accept_encoding = if_none_match = origin = None  # each as sent, its lines joined
         headers = scope["headers"]
         if type(headers) is not list:  # ASGI allows any iterable, even one read only once: Falcon reads it again
             headers = scope["headers"] = [(name, value) for name, value in headers]
@@ -5421,9 +5421,7 @@ class FrontDoor:
             if name == b"x-request-id":
                 offered = value.rstrip(b" \t").decode("latin-1")
             elif name == b"if-none-match":
-                if_none_match = (
-                    value.decode("latin-1") if if_none_match is None else f"{if_none_match}, {value.decode('latin-1')}"
-                )
+                if_none_match = value if if_none_match is None else b"%s, %s" % (if_none_match, value)
             elif name == b"accept-encoding":
                 accept_encoding = value if accept_encoding is None else b"%s, %s" % (accept_encoding, value)
             elif name == b"accept":
@@ -5476,7 +5474,8 @@ class FrontDoor:
                     and answer.compressible
                     and accepts_gzip(accept_encoding.decode("latin-1"))
                 )
-                status, body = answer.reply(request_id, started, if_none_match, gzip)
+                validators = None if if_none_match is None else if_none_match.decode("latin-1")
+                status, body = answer.reply(request_id, started, validators, gzip)
                 if status == 304:
                     headers = [(b"x-request-id", request_id.encode()), *answer.unchanged_headers]
                 else:
