@@ -10,6 +10,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from api_bench import runtime_python
+
 from gen_csv import write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +65,9 @@ def main() -> None:
         write_csv(csv, args.rows)
 
     db = fresh(OUT / "etl-bench.db")
-    first, first_rss = timed([sys.executable, "etl.py", "--db", str(db), f"csv:{csv}"])
-    again, again_rss = timed([sys.executable, "etl.py", "--db", str(db), f"csv:{csv}"])
+    python = runtime_python()  # as the README installs it
+    first, first_rss = timed([python, "etl.py", "--db", str(db), f"csv:{csv}"])
+    again, again_rss = timed([python, "etl.py", "--db", str(db), f"csv:{csv}"])
     bare = fresh(OUT / "import-bench.db")
     script = f"{IMPORT_SCHEMA}\n.import --csv --skip 1 {csv} asset\n"
     imported, import_rss = timed(["sqlite3", str(bare)], stdin=script)

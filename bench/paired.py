@@ -79,7 +79,8 @@ def main() -> None:
     header = f"### bench-paired, {args.rows:,} rows, commit {commit_id()}, {datetime.now(UTC):%Y-%m-%d %H:%M}Z"
     setup = (
         f"{args.rounds} rounds of wrk slices of {args.slice:g} s: ceiling, API, API, ceiling; the API as the README"
-        f" runs it (default log level, a JSON line per request to a file); {etl_note}"
+        f" runs it (default log level, a JSON line per request to a file, from a venv of requirements.txt alone);"
+        f" {etl_note}"
     )
     lines = [
         header, "", setup, "",
