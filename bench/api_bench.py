@@ -730,6 +730,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def random_pages(rows: int) -> int:
+    """The pages random_page.lua draws from: 1..RANDOM_PAGES, fewer on a small store."""
+    return max(1, min(RANDOM_PAGES, rows // PAGE_SIZE))
+
+
+def scenario_envs(db: Path, rows: int) -> dict[str, dict[str, str]]:
+    """wrk's environment for the scenarios of each `ids` (Scenario.ids): the pages and ids files their scripts read."""
+    ids_files = {"sample": sample_ids(db, SAMPLE_IDS), "all": sample_ids(db, None), "zipf": zipf_ids(db)}
+    return {ids: {"BENCH_PAGES": str(random_pages(rows)), "BENCH_IDS": str(path)} for ids, path in ids_files.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
@@ -746,11 +757,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.etl_rev:
         etl_note += f" (etl.py as of {args.etl_rev})"
     print(etl_note, flush=True)
-    pages = max(1, min(RANDOM_PAGES, args.rows // PAGE_SIZE))
-    env = {
-        "BENCH_PAGES": str(pages),
-    }
-    ids_files = {"sample": sample_ids(db, SAMPLE_IDS), "all": sample_ids(db, None), "zipf": zipf_ids(db)}
+    pages = random_pages(args.rows)
+    envs = scenario_envs(db, args.rows)
     results: list[Result] = []
     memory = None
 
@@ -764,10 +772,9 @@ def main(argv: list[str] | None = None) -> None:
             import mixed_load  # it builds on this module: imported once this one is whole
 
             return mixed_load.measure(2 * args.duration, writes=scenario.mixed)
-        scenario_env = {**env, "BENCH_IDS": str(ids_files[scenario.ids])}
         if not scenario.on_ceiling:
             set_page_cache(db, args.page_cache)
-        return load(server, scenario, args.warmup, args.duration, scenario_env, args.profile)
+        return load(server, scenario, args.warmup, args.duration, envs[scenario.ids], args.profile)
 
     # The machine's speed drifts by up to ±10 % within minutes (other tenants), so the ceiling is
     # measured again right before each wrk scenario and the scenario's ratio is to that measurement.
