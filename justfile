@@ -60,7 +60,7 @@ bench-runs *args:
 bench-history *args:
     {{py}} bench/history.py {{args}}
 
-# the API's req/s ratios to the bare ASGI ceiling in alternating wrk slices (ceiling, API, API, ceiling): figures minutes of drift do not move
+# the API's req/s ratios to the bare ASGI ceiling (and its p99s) in alternating wrk slices (ceiling, API, API, ceiling): figures minutes of drift do not move
 bench-paired *args:
     {{py}} bench/paired.py {{args}}
 
