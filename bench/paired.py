@@ -22,6 +22,7 @@ from api_bench import (
     BY_NAME,
     CEILING,
     DEFAULT,
+    OUT,
     PAGE_CACHE_STATES,
     RESULTS,
     Measure,
@@ -45,7 +46,10 @@ def slice_of(server: Server, name: str, seconds: float, env: dict[str, str], see
     draws with `seed`, so no slice replays another's requests."""
     measure = wrk(server, BY_NAME[name], seconds, {**env, "BENCH_SEED": str(seed)}, "paired")
     if measure.non_2xx or measure.socket_errors:
-        raise SystemExit(f"{server.name}: {measure.non_2xx} non-2xx and {measure.socket_errors} socket errors")
+        output = OUT / f"wrk-{name}-paired.txt"  # wrk's own account: which socket errors
+        raise SystemExit(
+            f"{server.name}: {measure.non_2xx} non-2xx and {measure.socket_errors} socket errors; see {output}"
+        )
     return measure
 
 
