@@ -360,8 +360,12 @@ def runtime_python() -> str:
     if not made.exists():
         print(f"making {venv.name} (pip install -r requirements.txt) ...", flush=True)
         shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)], check=True)
+        for argv in (
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
+        ):
+            if subprocess.run(argv, check=False).returncode != 0:
+                sys.exit(f"could not make {venv} for the API to run from: `{' '.join(argv[1:])}` failed (above)")
         made.touch()
     return str(python)
 
