@@ -13,7 +13,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -201,28 +200,6 @@ def test_a_list_header_on_several_lines_is_one_list_kept_or_not(
             assert (made[1].get("content-encoding") == "gzip") == gzipped, split
 
 
-async def asgi_get(app: Any, target: str, headers: Sequence[tuple[str, str]] = ()) -> tuple[int, dict[str, str]]:
-    """One GET straight into the ASGI app, its header lines as given: (status, lower-cased response headers)."""
-    path, _, query = target.partition("?")
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
-        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
-        "headers": [(b"host", b"127.0.0.1:8000"), *((n.lower().encode(), v.encode()) for n, v in headers)],
-    }  # fmt: skip
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    start = next(message for message in sent if message["type"] == "http.response.start")
-    return start["status"], {n.decode().lower(): v.decode() for n, v in start["headers"]}
-
-
 @pytest.mark.parametrize(("name", "lines", "expected"), SPLIT_HEADERS)
 def test_a_list_header_on_several_lines_is_one_list_in_the_front_doors_turn(
     store_path: Path, name: str, lines: tuple[str, ...], expected: tuple[int, str | None, bool]
@@ -231,14 +208,14 @@ def test_a_list_header_on_several_lines_is_one_list_in_the_front_doors_turn(
     a request right behind another, as under load. Here the split request is that one."""
     path = SPLIT_PATHS[0]
 
-    async def requests() -> list[tuple[int, dict[str, str]]]:
+    async def requests() -> list[falcon.testing.Result]:
         app = create_app(Config(db=store_path, log_level="warning"))
-        async with falcon.testing.ASGIConductor(app):  # its lifespan: started, then shut down
+        async with falcon.testing.ASGIConductor(app) as conductor:  # its lifespan: started, then shut down
             for _ in range(2):  # an answer is kept when it is made a second time
-                status, headers = await asgi_get(app, path)
-                assert status == 200
+                kept = await conductor.simulate_get(path)
+                assert kept.status_code == 200
             assert app.answers.entries, "nothing kept"
-            split = [(name, headers["etag"] if line == CURRENT else line) for line in lines]
+            split = [(name, kept.headers["etag"] if line == CURRENT else line) for line in lines]
             looked_up = app.kept_answer
 
             async def spied(scope: dict[str, Any]) -> Any:  # the way to a kept answer when the front door has none
@@ -246,13 +223,13 @@ def test_a_list_header_on_several_lines_is_one_list_in_the_front_doors_turn(
                 return await looked_up(scope)
 
             app.kept_answer = spied
-            return list(await asyncio.gather(asgi_get(app, path), asgi_get(app, path, split)))
+            return list(await asyncio.gather(conductor.simulate_get(path), conductor.simulate_get(path, headers=split)))
 
     looked_up_for: list[bytes | None] = []
-    _, (status, headers) = asyncio.run(requests())
+    _, result = asyncio.run(requests())
     assert looked_up_for == [None], "the plain request looks its answer up; the split one is sent by the front door"
-    assert (status, headers.get("content-encoding") == "gzip") == (expected[0], expected[2])
-    assert expected[1] is None or headers["content-type"] == expected[1]
+    assert (result.status_code, result.headers.get("content-encoding") == "gzip") == (expected[0], expected[2])
+    assert expected[1] is None or result.headers["content-type"] == expected[1]
 
 
 # --- CORS origins -----------------------------------------------------------------------------------------------
