@@ -126,6 +126,10 @@ class Scenario:
     headers: tuple[str, ...] = ()  # sent with every request by wrk
     export: bool = False  # one GET of `path`, streamed and counted by a Python client, the server's RSS sampled
 
+    def shown_title(self, pages: int) -> str:
+        """The title with the pages random_page.lua draws from (random_pages) and the ids of SAMPLE_IDS written in."""
+        return self.title.replace("PAGES", str(pages)).replace("SAMPLE", f"{SAMPLE_IDS:,}")
+
 
 SCENARIOS = (
     Scenario("ceiling", "ceiling: bare ASGI, constant JSON", on_ceiling=True),
@@ -649,7 +653,7 @@ def table(results: list[Result], memory: tuple[float, float] | None, pages: int)
         verdict = ("PASS" if scenario.target.met(measure, ceiling) else "FAIL") if scenario.target else ""
         if scenario.target and scenario.target.min_ratio is not None and not result.ceiling and not base:
             verdict = "(no ceiling)"
-        title = scenario.title.replace("PAGES", str(pages)).replace("SAMPLE", f"{SAMPLE_IDS:,}")
+        title = scenario.shown_title(pages)
         if result.before is not None:
             title = f"{title}, before {result.before.name}"
         title = f"{title} ({measure.note})" if measure.note else title

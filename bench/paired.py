@@ -96,7 +96,7 @@ def main() -> None:
                 totals[1] += answered
                 p99s += [measure.p99_ms for measure in api_slices]
             rate, ceiling_rate = totals[1] / (2 * args.rounds), totals[0] / (2 * args.rounds)
-            title = scenario.title.replace("PAGES", str(random_pages(args.rows)))
+            title = scenario.shown_title(random_pages(args.rows))
             rows.append(
                 f"| {title} | {rate:,.0f} | {ceiling_rate:,.0f} | {statistics.median(ratios):.1%} |"
                 f" {min(ratios):.1%} to {max(ratios):.1%} | {totals[1] / totals[0]:.1%} |"
