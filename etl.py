@@ -2278,14 +2278,9 @@ def restore_indexes(conn: sqlite3.Connection, event: str = "indexes restored") -
     present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     missing = {name: sql for name, sql in schema_indexes().items() if name not in present}
     if missing:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             for statement in missing.values():
                 conn.execute(statement)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         log.info(event, indexes=sorted(missing))
     return sorted(missing)
 
@@ -2420,6 +2415,28 @@ def rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE, COMMIT when the block ends, ROLLBACK when it raises: every write of the ETL but the schema
+    script's (apply_schema) is in one of these.
+
+    Each commit writes page 1. A follower copy (deploy/litestream/follow) gets a commit's pages written in place in
+    the rollback journal's mode, where a reader sees that the file changed only by page 1's change counter (which
+    Litestream renews when it writes page 1): a commit without page 1 would be read through stale cached pages,
+    mixed with new ones. SQLite writes page 1 in WAL mode only when a commit changes it (a new page, a schema
+    change), so every transaction sets the application id, which lives there, to what it is.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+        conn.execute(f"PRAGMA application_id = {int(application_id)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
 def apply_schema(conn: sqlite3.Connection) -> None:
     """Create the store, or check that an existing one has a version this ETL knows."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -2428,10 +2445,12 @@ def apply_schema(conn: sqlite3.Connection) -> None:
     if version < SCHEMA_VERSION:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA_PATH.read_text()}\nCOMMIT;")
-    conn.execute(
-        "INSERT OR IGNORE INTO store_meta (id, store_id, generation, committed_at) VALUES (1, ?, 0, ?)",
-        (uuid.uuid4().hex[:12], now()),
-    )
+    if conn.execute("SELECT 1 FROM store_meta WHERE id = 1").fetchone() is None:
+        with transaction(conn):
+            conn.execute(
+                "INSERT OR IGNORE INTO store_meta (id, store_id, generation, committed_at) VALUES (1, ?, 0, ?)",
+                (uuid.uuid4().hex[:12], now()),
+            )
     restore_indexes(conn)
     conn.executescript(STAGING_DDL)
 
@@ -2442,15 +2461,7 @@ def now() -> str:
 
 def new_generation(conn: sqlite3.Connection) -> None:
     """Mark the open transaction's writes as a new data version (what the API's kept answers are keyed by)."""
-    (generation,) = conn.execute(
-        "UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1 RETURNING generation",
-        (now(),),
-    ).fetchone()
-    # A follower copy (deploy/litestream/follow) gets this commit's pages written in place, in the
-    # rollback journal's mode, where readers see a change only by page 1's change counter; SQLite
-    # writes it whenever page 1 is written, which in WAL mode is not every commit (a commit into
-    # free space of existing pages leaves page 1 alone). The application id lives on page 1.
-    conn.execute(f"PRAGMA application_id = {generation % 2**31}")
+    conn.execute("UPDATE store_meta SET generation = generation + 1, committed_at = ? WHERE id = 1", (now(),))
 
 
 def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention, oldest: float | None = None) -> None:
@@ -2461,8 +2472,7 @@ def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention, o
     more is rolled up as the store moves on; the work is a seek for each listing, however long the history.
     Idempotent: what a killed run left undone, the next run does. `oldest` (Loader.oldest), when given, is the
     earliest time in the store's history: horizons that pass none of it move without a seek for each listing."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         pruned = dict(conn.execute(LATE_LISTINGS).fetchall())
         late = 0
         if pruned:
@@ -2491,10 +2501,6 @@ def prune_history(conn: sqlite3.Connection, run_id: int, retention: Retention, o
         )
         if moved or advanced or late:
             new_generation(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        rollback(conn)
-        raise
 
 
 class Loader:
@@ -2547,8 +2553,7 @@ class Loader:
         observation that conflicts with one loaded first joins batch.rejects (Loader._conflicts)."""
         conn = self.conn
         self.pending = (0, 0)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             if self.bulk:
                 for (name,) in conn.execute(ASSET_INDEXES).fetchall():
                     conn.execute(f'DROP INDEX "{name}"')
@@ -2582,10 +2587,6 @@ class Loader:
                 " rows_rejected = rows_rejected + ? WHERE run_id = ? AND source = ?",
                 (*counts, self.run_id, self.source),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback(conn)
-            raise
         if self.rejected <= REJECTS_KEPT < self.rejected + len(batch.rejects):
             log.warning("rejects not all stored", source=self.source, stored=REJECTS_KEPT)
         self.rejected += len(batch.rejects)
@@ -2918,11 +2919,12 @@ def load_pages(
 
 def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:
     """Keep the raw payloads of the newest `keep_runs` runs of a source."""
-    conn.execute(
-        "DELETE FROM raw_payload WHERE source = ?1 AND run_id NOT IN ("
-        " SELECT DISTINCT run_id FROM raw_payload WHERE source = ?1 ORDER BY run_id DESC LIMIT ?2)",
-        (source, keep_runs),
-    )
+    with transaction(conn):
+        conn.execute(
+            "DELETE FROM raw_payload WHERE source = ?1 AND run_id NOT IN ("
+            " SELECT DISTINCT run_id FROM raw_payload WHERE source = ?1 ORDER BY run_id DESC LIMIT ?2)",
+            (source, keep_runs),
+        )
 
 
 # --- run records ----------------------------------------------------------
@@ -2931,12 +2933,8 @@ def prune_raw(conn: sqlite3.Connection, source: str, keep_runs: int) -> None:
 def start_run(conn: sqlite3.Connection, sources: Sequence[Source]) -> int:
     """Close runs whose process died, then record this run as running."""
     started = now()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         run_id, dead = record_start(conn, sources, started)
-    except BaseException:
-        rollback(conn)
-        raise
     if dead:
         log.warning("found dead runs", run_ids=dead)
     return run_id
@@ -2966,7 +2964,6 @@ def record_start(conn: sqlite3.Connection, sources: Sequence[Source], started: s
         "INSERT INTO run_source (run_id, source, started_at, status) VALUES (?, ?, ?, 'running')",
         [(run_id, s.name, started) for s in sources],
     )
-    conn.execute("COMMIT")
     return run_id, dead
 
 
@@ -2984,27 +2981,37 @@ class SourceOutcome:
 
 
 def end_source(conn: sqlite3.Connection, run_id: int, outcome: SourceOutcome) -> None:
-    conn.execute(
-        "UPDATE run_source SET status = ?, ended_at = ?, duration_ms = ?, detail = ?, error = ?, drift = ?"
-        " WHERE run_id = ? AND source = ?",
-        (
-            outcome.status,
-            now(),
-            outcome.duration_ms,
-            outcome.detail,
-            outcome.error,
-            json.dumps(outcome.drift) if outcome.drift else None,
-            run_id,
-            outcome.source,
-        ),
-    )
+    with transaction(conn):
+        conn.execute(
+            "UPDATE run_source SET status = ?, ended_at = ?, duration_ms = ?, detail = ?, error = ?, drift = ?"
+            " WHERE run_id = ? AND source = ?",
+            (
+                outcome.status,
+                now(),
+                outcome.duration_ms,
+                outcome.detail,
+                outcome.error,
+                json.dumps(outcome.drift) if outcome.drift else None,
+                run_id,
+                outcome.source,
+            ),
+        )
 
 
 def end_run(conn: sqlite3.Connection, run_id: int, status: str, duration_ms: int, error: str | None) -> None:
-    conn.execute(
-        "UPDATE etl_run SET status = ?, ended_at = ?, duration_ms = ?, error = ? WHERE run_id = ?",
-        (status, now(), duration_ms, error, run_id),
-    )
+    """Record the run's end; when it failed, the end of each of its sources still running too (an interruption)."""
+    ended = now()
+    with transaction(conn):
+        if status == "failed":
+            conn.execute(
+                "UPDATE run_source SET status = 'failed', ended_at = ?, error = ?"
+                " WHERE run_id = ? AND status = 'running'",
+                (ended, error, run_id),
+            )
+        conn.execute(
+            "UPDATE etl_run SET status = ?, ended_at = ?, duration_ms = ?, error = ? WHERE run_id = ?",
+            (status, ended, duration_ms, error, run_id),
+        )
 
 
 def load_source(conn: sqlite3.Connection, run_id: int, source: Source, config: EtlConfig) -> Loaded:
@@ -3393,11 +3400,6 @@ def run(db: Path, sources: Sequence[Source], config: EtlConfig) -> int:
             reason = str(stop) or "interrupted"
             log.error("run interrupted", reason=reason)
             try:
-                conn.execute(
-                    "UPDATE run_source SET status = 'failed', ended_at = ?, error = ?"
-                    " WHERE run_id = ? AND status = 'running'",
-                    (now(), reason, run_id),
-                )
                 end_run(conn, run_id, "failed", elapsed_ms(started), reason)
             except sqlite3.Error as fault:
                 return record_lost(run_id, reason, store_fault(fault, config))

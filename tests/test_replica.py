@@ -30,8 +30,9 @@ import pytest
 from test_clients import dechunk, read_csv
 
 import etl
-from etl_support import ROOT, query, run_etl, store_content
+from etl_support import ROOT, etl_against, query, run_etl, start_etl, store_content, wait_for_event, write_csv
 from kasparro import Config, Store, age_seconds
+from upstream import COINPAPRIKA_TICKERS, FakeUpstream, Reply, load_fixture
 
 LITESTREAM = Path(sys.executable).parent / "litestream"
 FOLLOW = ROOT / "deploy" / "litestream" / "follow"
@@ -39,6 +40,7 @@ PRIMARY_CONFIG = ROOT / "deploy" / "litestream" / "primary.yml"
 # Seconds from the end of an ETL run to the replica serving its commit. The configs aim at about
 # 1 s; this bound leaves room for a loaded CI machine (`just replicas` measures the percentiles).
 LAG_BOUND = 15.0
+PAPRIKA = load_fixture("coinpaprika_tickers.json")
 # Pages compared between the primary's API and the replica's: answers made of the store alone.
 COMPARED = (
     "/data?page_size=100",
@@ -156,10 +158,16 @@ def test_a_replica_serves_the_primarys_commits_within_the_bound(
             primary, replica = primary_api.get(path), replica_api.get(path)
             assert (replica[0], comparable(replica[2])) == (primary[0], comparable(primary[2])), path
 
-    # A run's end is a commit of its own after its last data commit (data_version stays): it comes within the bound
-    health = json.loads(primary_api.get("/health")[2])
-    assert (health["status"], health["etl_status"]) == ("healthy", "success")
-    lags.append(poll(lambda: json.loads(replica_api.get("/health")[2]) == health, LAG_BOUND, "the run's end"))
+    # A run's end is a commit of its own after its last data commit (data_version stays), and a run of a file
+    # unchanged commits nothing but its records: each comes within the bound, in place of what the replica read
+    for run in ("the run's end", "a run that changed no data"):
+        if run != "the run's end":
+            replication.commit(market, 5)
+        health, runs = json.loads(primary_api.get("/health")[2]), comparable(primary_api.get("/runs")[2])
+        assert (health["status"], health["etl_status"]) == ("healthy", "success")
+        lags.append(poll(lambda: json.loads(replica_api.get("/health")[2]) == health  # noqa: B023
+                         and comparable(replica_api.get("/runs")[2]) == runs, LAG_BOUND, run))  # noqa: B023  # fmt: skip
+    assert "unchanged since run" in runs["runs"][0]["outcomes"][0]["detail"]
     assert replication.log("follow").count("entering follow mode") == 2, replication.log("follow")
     assert replication.log("follow").count("did not stop cleanly") == 1
     assert max(lags) < LAG_BOUND
@@ -182,6 +190,88 @@ def test_a_follower_starts_before_the_primary_ships_anything(replication: Replic
                       KASPARRO_DB=str(replication.primary))  # fmt: skip
     poll(replication.follower.exists, 60, "the follower's first restore")
     assert store_content(replication.follower) == store_content(replication.primary)
+
+
+# --- every commit of the ETL reaches a follower's readers ------------------
+
+
+def wal_commits(db: Path) -> list[list[int]]:
+    """The pages each commit in the store's WAL wrote, oldest first (SQLite's WAL format: a 32-byte header, then
+    frames of a 24-byte header and a page; a frame whose salts are not the header's is left from before a reset)."""
+    wal = Path(f"{db}-wal").read_bytes()
+    if len(wal) < 32:
+        return []
+    page_size, salts = int.from_bytes(wal[8:12], "big"), wal[16:24]
+    commits: list[list[int]] = []
+    pages: list[int] = []
+    for offset in range(32, len(wal) - 24 - page_size + 1, 24 + page_size):
+        if wal[offset + 8 : offset + 16] != salts:
+            break
+        pages.append(int.from_bytes(wal[offset : offset + 4], "big"))
+        if int.from_bytes(wal[offset + 4 : offset + 8], "big"):  # the size of the database after a commit
+            commits.append(pages)
+            pages = []
+    return commits
+
+
+@contextlib.contextmanager
+def commits_of(db: Path) -> Iterator[list[list[int]]]:
+    """The pages of each commit made meanwhile: a read transaction held open keeps any checkpoint from resetting
+    the WAL (and the ETL's last close from removing it), so the WAL holds every one of them."""
+    made: list[list[int]] = []
+    reader = sqlite3.connect(db, isolation_level=None)
+    try:
+        reader.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM etl_run").fetchone()
+        yield made
+        made.extend(wal_commits(db))
+    finally:
+        reader.close()
+
+
+def test_every_commit_of_a_run_writes_page_one(tmp_path: Path, big_csv: Path, upstream: FakeUpstream) -> None:
+    """A follower's readers see a commit only through page 1's change counter (etl.transaction): every commit of
+    every kind of run must write page 1, or a replica serves stale pages mixed with new ones."""
+    db = tmp_path / "store.db"
+    conn = etl.connect(db, busy_timeout=5)
+    etl.apply_schema(conn)  # an empty store: the first load drops the sort indexes and builds them at its end
+    conn.close()
+    small = write_csv(tmp_path / "small.csv", 300, bad_every=7)
+    upstream.route(COINPAPRIKA_TICKERS, Reply(body=PAPRIKA), Reply(body=PAPRIKA), Reply(401, {"error": "no key"}))
+    runs: list[tuple[str, Any]] = [
+        ("a first load stopped midway", lambda: stop_midway(db, big_csv)),
+        ("the load resumed, its indexes restored", lambda: run_etl(db, f"csv:{big_csv}", **PASSIVE)),
+        ("a file unchanged since", lambda: run_etl(db, f"csv:{big_csv}", **PASSIVE)),
+        ("a file with rejects, after a dead run", lambda: (mark_running(db), run_etl(db, f"csv:{small}", **PASSIVE))),
+        ("an upstream, its raw pages kept", lambda: etl_against(upstream, db, "coinpaprika", **PASSIVE)),
+        ("an upstream, older raw pages pruned", lambda: etl_against(upstream, db, "coinpaprika", **PASSIVE,
+                                                                   KASPARRO_RAW_KEEP_RUNS="1")),
+        ("an upstream that fails", lambda: etl_against(upstream, db, "coinpaprika", **PASSIVE)),
+    ]  # fmt: skip
+    for what, run in runs:
+        with commits_of(db) as commits:
+            run()
+        assert len(commits) >= 3, (what, commits)  # the run's start, its source's end, its end at least
+        without = [(n, pages) for n, pages in enumerate(commits) if 1 not in pages]
+        assert not without, (what, without)
+    statuses = query(db, "SELECT status FROM etl_run ORDER BY run_id")
+    assert [s for (s,) in statuses] == ["failed", "partial", "success", "failed", "partial", *["success"] * 2, "failed"]
+
+
+PASSIVE = {"KASPARRO_WAL_CHECKPOINT": "passive"}  # as beside Litestream: the test's reader would hold a truncate
+
+
+def stop_midway(db: Path, csv: Path) -> None:
+    """A run of `csv` stopped by SIGTERM after its first batch."""
+    proc = start_etl(db, f"csv:{csv}", LOG_LEVEL="debug", KASPARRO_BATCH_ROWS="2000", **PASSIVE)
+    wait_for_event(proc, "batch committed")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate()
+    assert proc.returncode == etl.EXIT_FAILED
+    assert query(db, "SELECT status, error FROM etl_run ORDER BY run_id DESC LIMIT 1") == [
+        ("failed", "stopped by SIGTERM")
+    ]
 
 
 # --- the replica role -------------------------------------------------------
