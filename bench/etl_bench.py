@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from api_bench import runtime_python
+from runtime import runtime_python
 
 from gen_csv import write_csv
 
