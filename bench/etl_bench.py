@@ -35,7 +35,8 @@ CREATE INDEX asset_updated ON asset (last_updated);
 
 
 def timed(argv: list[str], stdin: str | None = None) -> tuple[float, int]:
-    """Run a command; return its wall seconds and peak RSS in MB."""
+    """Run a command; return its wall seconds and peak RSS in MB. The peak is at least this process's own (16 MB):
+    Linux carries a process's peak RSS across exec, and the child runs in this process's memory until its exec."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     if stdin is not None:
