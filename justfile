@@ -96,6 +96,10 @@ bench-detail *args:
 bench-detail-cost *args:
     {{py}} bench/detail_cost.py {{args}}
 
+# how many of the Zipf lookups miss the answer cache (kasparro.AnswerCache replayed over the bench's draws), beside the fewest any cache of its size could
+bench-answer-misses *args:
+    {{py}} bench/answer_misses.py {{args}}
+
 # fuzz the running service ($KASPARRO_PORT) against its OpenAPI document, as tests/test_contract.py does (its .schemathesis/ cache goes in a temporary folder)
 schemathesis:
     cd "$(mktemp -d)" && trap 'rm -rf "$PWD"' EXIT && {{py}} -m schemathesis.cli run http://127.0.0.1:{{port}}/openapi.json --checks all --exclude-checks positive_data_acceptance --max-examples 150
