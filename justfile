@@ -96,7 +96,7 @@ bench-detail *args:
 bench-detail-cost *args:
     {{py}} bench/detail_cost.py {{args}}
 
-# how many of the Zipf lookups miss the answer cache (kasparro.AnswerCache replayed over the bench's draws), beside the fewest any cache of its size could
+# how many of the Zipf lookups miss the answer cache (kasparro.AnswerCache replayed over the bench's draws), beside the fewest a cache of its size could miss without knowing the next draws
 bench-answer-misses *args:
     {{py}} bench/answer_misses.py {{args}}
 

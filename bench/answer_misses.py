@@ -1,11 +1,12 @@
-"""How many Zipf lookups miss the answer cache, and how many any cache of the same size could save.
+"""How many Zipf lookups miss the answer cache, and how few a cache of the same size could miss at best.
 
 Replays the draws wrk makes in the `asset-zipf` scenario (a line of the bench's .zipf-ids file, uniformly, as
 bench/random_asset.lua picks them) through kasparro.AnswerCache itself: its budget (kasparro.ANSWERS_BYTES), its
 admission and each answer's real size (the detail body the API encodes for that asset, plus ENTRY_OVERHEAD).
 Beside it, for as many answers as the cache held at the end: the misses of a cache that kept the most-asked ids
-from the start (no policy misses fewer over these draws), and the cache itself at twice the budget. Misses are
-counted after --warm draws. Prints one line per figure; `just bench-answer-misses` runs it.
+from the start (the draws are independent, so a cache that cannot see the next ones misses no fewer; the counts
+are of these same draws, so the figure errs low), and the cache itself at twice the budget. Misses are counted
+after --warm draws. Prints one line per figure; `just bench-answer-misses` runs it.
 """
 
 from __future__ import annotations
